@@ -1,0 +1,70 @@
+//! The chunk model: FastCDC 2020 boundaries, BLAKE3 names, one zstd frame per stored chunk.
+//!
+//! A chunk is named by the BLAKE3 hash of its uncompressed bytes, so every store is idempotent
+//! and every read can be verified against the name it was asked for.
+
+mod chunker;
+mod hash;
+
+pub use chunker::{ChunkParams, Chunker};
+pub use hash::ChunkHash;
+
+use crate::error::{Error, Result};
+
+/// The zstd level used when nothing else is configured: fast enough that ingest is bound by
+/// hashing, and still well compressed.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Compresses a chunk into one zstd frame (with the frame's content size, so readers can size
+/// their buffer exactly).
+pub fn compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
+    zstd::bulk::compress(data, level).map_err(|err| Error::internal(format!("zstd compression failed: {err}")))
+}
+
+/// Decompresses one stored chunk and checks it against its name and length; bytes that fail
+/// verification are never returned.
+pub fn decompress_verified(frame: &[u8], expected: &ChunkHash, expected_len: usize) -> Result<Vec<u8>> {
+    let data = zstd::bulk::decompress(frame, expected_len)
+        .map_err(|err| Error::corrupt(format!("chunk {expected} does not decompress: {err}")))?;
+    if data.len() != expected_len {
+        return Err(Error::corrupt(format!(
+            "chunk {expected} decompresses to {} bytes, expected {expected_len}",
+            data.len()
+        )));
+    }
+    let actual = ChunkHash::of(&data);
+    if &actual != expected {
+        return Err(Error::corrupt(format!("chunk {expected} has content hashing to {actual}")));
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn compress_roundtrip_verifies() {
+        let data: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let hash = ChunkHash::of(&data);
+        let frame = compress(&data, DEFAULT_ZSTD_LEVEL).unwrap();
+        assert!(frame.len() < data.len());
+        assert_eq!(decompress_verified(&frame, &hash, data.len()).unwrap(), data);
+    }
+
+    #[test]
+    fn corrupt_frames_are_refused() {
+        let data = b"hello chunk".repeat(100);
+        let hash = ChunkHash::of(&data);
+        let frame = compress(&data, 1).unwrap();
+        let other = ChunkHash::of(b"other");
+        assert_eq!(decompress_verified(&frame, &other, data.len()).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(decompress_verified(&frame, &hash, data.len() - 1).unwrap_err().kind(), ErrorKind::Corrupt);
+        let mut flipped = frame.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0xff;
+        assert_eq!(decompress_verified(&flipped, &hash, data.len()).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(decompress_verified(b"garbage", &hash, data.len()).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+}

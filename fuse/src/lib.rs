@@ -1,0 +1,1 @@
+//! The lazy FUSE store of the runner. Not implemented yet: see issue 3 and the README.

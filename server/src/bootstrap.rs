@@ -1,0 +1,108 @@
+//! The zero-configuration first start: a config with a fresh token secret, local storage under
+//! the data directory, a cache named `main`, and an admin token printed once.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use flywheel_core::nix::SigningKey;
+
+use crate::auth::{AtticClaim, Claims, Permissions, TokenAuthority};
+use crate::config::{ServerConfig, StorageConfig};
+use crate::storage::{now, CacheRecord, Storage};
+
+/// Name of the cache created on first start.
+pub const DEFAULT_CACHE: &str = "main";
+
+/// File name of the generated config inside the data directory.
+pub const CONFIG_FILE: &str = "server.toml";
+
+/// What a first start produced.
+pub struct FirstStart {
+    /// Where the config was written.
+    pub config_path: PathBuf,
+    /// A token with every permission on every cache, valid for ten years.
+    pub admin_token: String,
+    /// The public key of the `main` cache.
+    pub public_key: String,
+}
+
+/// Loads `data_dir/server.toml`, writing it first if it does not exist. Returns the config and,
+/// on first start, what was created.
+pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(ServerConfig, Option<PathBuf>)> {
+    let config_path = data_dir.join(CONFIG_FILE);
+    if config_path.exists() {
+        return Ok((ServerConfig::load(&config_path)?, None));
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize().with_context(|| format!("resolving {}", data_dir.display()))?;
+    let config = ServerConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
+        token_hs256_secret_base64: TokenAuthority::generate_secret(),
+        storage: StorageConfig::Local { path: data_dir.join("storage") },
+        chunking: Default::default(),
+        zstd_level: flywheel_core::chunk::DEFAULT_ZSTD_LEVEL,
+        api_endpoint: None,
+        chunk_parallelism: 16,
+    };
+    let text = format!(
+        "# Written by `flywheel serve` on first start. The token secret signs every token: keep it private.\n{}",
+        toml::to_string_pretty(&config).context("rendering the config")?
+    );
+    write_private(&config_path, text.as_bytes())?;
+    Ok((config, Some(config_path)))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Creates the `main` cache if it does not exist and mints an admin token.
+pub async fn create_default_cache(config: &ServerConfig, config_path: PathBuf) -> anyhow::Result<FirstStart> {
+    let storage = Storage::new(config.open_store()?);
+    let key = match storage.get_cache(DEFAULT_CACHE).await? {
+        Some(existing) => SigningKey::parse(&existing.signing_key)?,
+        None => {
+            let key = SigningKey::generate(&format!("{DEFAULT_CACHE}-1"))?;
+            storage
+                .put_cache(&CacheRecord {
+                    name: DEFAULT_CACHE.into(),
+                    signing_key: key.to_nix_string(),
+                    is_public: false,
+                    store_dir: flywheel_core::nix::DEFAULT_STORE_DIR.into(),
+                    priority: 41,
+                    upstream_cache_key_names: vec!["cache.nixos.org-1".into()],
+                    retention_period: None,
+                })
+                .await?;
+            key
+        }
+    };
+    let admin_token = mint(config, "admin", 10 * 365 * 24 * 3600, vec![("*".into(), Permissions::all())])?;
+    Ok(FirstStart { config_path, admin_token, public_key: key.verifying_key().to_nix_string() })
+}
+
+/// Mints a token for `sub`, valid `validity_secs` from now, with the given pattern permissions.
+pub fn mint(
+    config: &ServerConfig,
+    sub: &str,
+    validity_secs: u64,
+    caches: Vec<(String, Permissions)>,
+) -> anyhow::Result<String> {
+    let authority = TokenAuthority::from_base64(&config.token_hs256_secret_base64)?;
+    let claims = Claims {
+        sub: sub.to_string(),
+        exp: now() + validity_secs,
+        nbf: None,
+        attic: AtticClaim { caches: caches.into_iter().collect() },
+    };
+    Ok(authority.mint(&claims)?)
+}

@@ -1,0 +1,195 @@
+//! The server's TOML configuration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flywheel_core::chunk::{ChunkParams, DEFAULT_ZSTD_LEVEL};
+use object_store::ObjectStore;
+use serde::{Deserialize, Serialize};
+
+/// Everything `flywheel serve` reads from its config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServerConfig {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Base64 of the HS256 secret that signs tokens (as Attic's `token-hs256-secret-base64`).
+    pub token_hs256_secret_base64: String,
+    /// Where chunks, manifests and path records live.
+    pub storage: StorageConfig,
+    /// FastCDC chunk sizes.
+    #[serde(default)]
+    pub chunking: ChunkParams,
+    /// zstd level of stored chunks.
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+    /// The URL clients use to reach this server, for `cache-config` answers. Defaults to the
+    /// request's `Host`.
+    #[serde(default)]
+    pub api_endpoint: Option<String>,
+    /// Chunks written or fetched in parallel per request.
+    #[serde(default = "default_parallelism")]
+    pub chunk_parallelism: usize,
+}
+
+/// The object store behind the server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", rename_all_fields = "kebab-case", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// A local directory.
+    Local {
+        /// The directory; created if missing.
+        path: PathBuf,
+    },
+    /// An S3-compatible bucket (AWS, RustFS, MinIO, s3s-fs).
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Region; S3-compatible servers usually accept anything.
+        #[serde(default = "default_region")]
+        region: String,
+        /// Endpoint URL, e.g. `http://127.0.0.1:9000`; AWS when absent.
+        #[serde(default)]
+        endpoint: Option<String>,
+        /// Access key id; taken from `AWS_ACCESS_KEY_ID` when absent.
+        #[serde(default)]
+        access_key_id: Option<String>,
+        /// Secret key; taken from `secret-access-key-file` or `AWS_SECRET_ACCESS_KEY` when absent.
+        #[serde(default)]
+        secret_access_key: Option<String>,
+        /// A file holding the secret key, so that it never sits in the config.
+        #[serde(default)]
+        secret_access_key_file: Option<PathBuf>,
+        /// Path-style addressing (`endpoint/bucket/key`), which RustFS and s3s-fs need.
+        #[serde(default = "default_true")]
+        path_style: bool,
+        /// Allow plain `http://` endpoints.
+        #[serde(default)]
+        allow_http: bool,
+    },
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_zstd_level() -> i32 {
+    DEFAULT_ZSTD_LEVEL
+}
+fn default_parallelism() -> usize {
+    16
+}
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+impl ServerConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let config: ServerConfig =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        config.check().with_context(|| format!("checking config {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.chunking.validate()?;
+        if !(1..=19).contains(&self.zstd_level) {
+            anyhow::bail!("zstd-level must be between 1 and 19, not {}", self.zstd_level);
+        }
+        if self.chunk_parallelism == 0 || self.chunk_parallelism > 1024 {
+            anyhow::bail!("chunk-parallelism must be between 1 and 1024");
+        }
+        crate::auth::TokenAuthority::from_base64(&self.token_hs256_secret_base64)?;
+        if let StorageConfig::S3 { secret_access_key: Some(_), secret_access_key_file: Some(_), .. } = &self.storage {
+            anyhow::bail!("give the S3 secret key either inline or as a file, not both");
+        }
+        Ok(())
+    }
+
+    /// Opens the configured object store.
+    pub fn open_store(&self) -> anyhow::Result<Arc<dyn ObjectStore>> {
+        use anyhow::Context;
+        match &self.storage {
+            StorageConfig::Local { path } => {
+                std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+                let store = object_store::local::LocalFileSystem::new_with_prefix(path)
+                    .with_context(|| format!("opening local storage at {}", path.display()))?;
+                Ok(Arc::new(store))
+            }
+            StorageConfig::S3 {
+                bucket,
+                region,
+                endpoint,
+                access_key_id,
+                secret_access_key,
+                secret_access_key_file,
+                path_style,
+                allow_http,
+            } => {
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_region(region)
+                    .with_virtual_hosted_style_request(!path_style)
+                    .with_allow_http(*allow_http);
+                if let Some(endpoint) = endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                if let Some(id) = access_key_id {
+                    builder = builder.with_access_key_id(id);
+                }
+                if let Some(secret) = secret_access_key {
+                    builder = builder.with_secret_access_key(secret);
+                }
+                if let Some(file) = secret_access_key_file {
+                    let secret = std::fs::read_to_string(file)
+                        .with_context(|| format!("reading S3 secret key from {}", file.display()))?;
+                    builder = builder.with_secret_access_key(secret.trim());
+                }
+                Ok(Arc::new(builder.build().context("configuring S3 storage")?))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_local_and_s3_and_refuses_unknown_fields() {
+        let local: ServerConfig = toml::from_str(
+            "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\n[storage]\ntype = 'local'\npath = '/tmp/x'\n",
+        )
+        .unwrap();
+        assert!(matches!(local.storage, StorageConfig::Local { .. }));
+        assert_eq!(local.listen, default_listen());
+        local.check().unwrap();
+        let s3: ServerConfig = toml::from_str(
+            "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\n[storage]\ntype = 's3'\nbucket = 'b'\nendpoint = 'http://127.0.0.1:9000'\nallow-http = true\n",
+        )
+        .unwrap();
+        assert!(matches!(s3.storage, StorageConfig::S3 { path_style: true, .. }));
+        assert!(toml::from_str::<ServerConfig>(
+            "token-hs256-secret-base64 = 'x'\nbogus = 1\n[storage]\ntype = 'local'\npath = '/tmp/x'\n"
+        )
+        .is_err());
+        assert!(toml::from_str::<ServerConfig>(
+            "token-hs256-secret-base64 = 'x'\n[storage]\ntype = 'ftp'\npath = '/tmp/x'\n"
+        )
+        .is_err());
+        let mut bad = local.clone();
+        bad.zstd_level = 40;
+        assert!(bad.check().is_err());
+        let mut bad = local;
+        bad.token_hs256_secret_base64 = "not base64!".into();
+        assert!(bad.check().is_err());
+    }
+}

@@ -1,0 +1,410 @@
+//! A NAR stream in; verified, deduplicated, compressed chunks and a manifest out.
+//!
+//! The pipeline keeps memory bounded whatever the NAR's size: one blocking thread decodes the
+//! upload, hashes it (SHA-256), validates and indexes it as a NAR, and cuts chunks; a bounded
+//! queue hands chunks to tasks that name them (BLAKE3), skip those already stored, compress the
+//! rest and write them in parallel.
+//!
+//! A failed upload must leave storage as it found it: the chunks it created are deleted again,
+//! unless another upload in this process is using them (see [`ChunkClaims`]).
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use flywheel_core::chunk::{self, ChunkHash, ChunkParams, Chunker};
+use flywheel_core::manifest::{ChunkRef, Manifest, MANIFEST_VERSION};
+use flywheel_core::nar::{self, ParsedNar};
+use flywheel_core::nix::Sha256Hash;
+use flywheel_core::{Error, Result};
+use futures::{Stream, StreamExt};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::storage::Storage;
+
+/// How an uploaded NAR is compressed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// A plain NAR.
+    None,
+    /// xz (Nix's default for `nix copy --to http://`).
+    Xz,
+    /// zstd.
+    Zstd,
+    /// bzip2.
+    Bzip2,
+    /// Brotli.
+    Brotli,
+}
+
+impl Compression {
+    /// From the name of a file Nix PUTs (`....nar.xz`, `....nar.zst`, ...).
+    pub fn from_file_name(name: &str) -> Result<Self> {
+        let ext = name
+            .rsplit_once(".nar")
+            .map(|(_, ext)| ext)
+            .ok_or_else(|| Error::invalid(format!("{name:?} is not a NAR file name")))?;
+        match ext {
+            "" => Ok(Compression::None),
+            ".xz" => Ok(Compression::Xz),
+            ".zst" => Ok(Compression::Zstd),
+            ".bz2" => Ok(Compression::Bzip2),
+            ".br" => Ok(Compression::Brotli),
+            other => Err(Error::invalid(format!(
+                "unsupported NAR compression {other:?}: use xz, zstd, bzip2, br or none"
+            ))),
+        }
+    }
+
+    fn decoder<R: Read + Send + 'static>(self, reader: R) -> io::Result<Box<dyn Read + Send>> {
+        Ok(match self {
+            Compression::None => Box::new(reader),
+            Compression::Xz => Box::new(DecodeErrors(xz2::read::XzDecoder::new_multi_decoder(reader))),
+            Compression::Zstd => Box::new(DecodeErrors(zstd::stream::read::Decoder::new(reader)?)),
+            Compression::Bzip2 => Box::new(DecodeErrors(bzip2::read::MultiBzDecoder::new(reader))),
+            Compression::Brotli => Box::new(DecodeErrors(brotli::Decompressor::new(reader, 64 * 1024))),
+        })
+    }
+}
+
+/// Reports a decoder's failure as bad input, which it is.
+struct DecodeErrors<R>(R);
+
+impl<R: Read> Read for DecodeErrors<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|err| {
+            if err.get_ref().is_some_and(|inner| inner.is::<Error>()) || err.kind() == io::ErrorKind::UnexpectedEof {
+                err
+            } else {
+                io::Error::new(io::ErrorKind::InvalidData, format!("the upload does not decompress: {err}"))
+            }
+        })
+    }
+}
+
+/// Blocking `Read` over body pieces that an async task forwards.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(bytes)) => self.current = bytes,
+                Some(Err(err)) => return Err(err),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+/// Hashes what the NAR reader consumes and, when chunking, cuts it into chunks.
+struct Tee<R> {
+    inner: R,
+    sha: Sha256,
+    chunker: Option<(Chunker, mpsc::Sender<Vec<u8>>)>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        if let Some((chunker, out)) = &mut self.chunker {
+            chunker.push(&buf[..n], &mut |chunk| send_chunk(out, chunk))?;
+        }
+        Ok(n)
+    }
+}
+
+fn send_chunk(out: &mpsc::Sender<Vec<u8>>, chunk: Vec<u8>) -> io::Result<()> {
+    out.blocking_send(chunk).map_err(|_| io::Error::other("chunk storage stopped"))
+}
+
+/// Reads a NAR from `body` on a blocking thread: validates it, hashes it, and, given a sender,
+/// cuts it into chunks.
+fn spawn_nar_reader(
+    body: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
+    compression: Compression,
+    chunks: Option<(ChunkParams, mpsc::Sender<Vec<u8>>)>,
+) -> tokio::task::JoinHandle<Result<(ParsedNar, Sha256Hash)>> {
+    let (body_tx, body_rx) = mpsc::channel::<io::Result<Bytes>>(32);
+    tokio::spawn(async move {
+        let mut body = std::pin::pin!(body);
+        while let Some(item) = body.next().await {
+            if body_tx.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::task::spawn_blocking(move || {
+        let reader = ChannelReader { rx: body_rx, current: Bytes::new() };
+        let decoded = compression.decoder(reader)?;
+        let mut tee = Tee {
+            inner: decoded,
+            sha: Sha256::new(),
+            chunker: chunks.map(|(params, tx)| (Chunker::new(params), tx)),
+        };
+        let parsed = nar::parse(&mut tee)?;
+        if let Some((chunker, out)) = tee.chunker.take() {
+            chunker.finish(&mut |chunk| send_chunk(&out, chunk))?;
+        }
+        let digest: [u8; 32] = tee.sha.finalize().into();
+        Ok((parsed, Sha256Hash(digest)))
+    })
+}
+
+fn join_error(err: tokio::task::JoinError) -> Error {
+    Error::internal(format!("NAR reader task failed: {err}"))
+}
+
+/// Chunks in use by uploads of this process, so that a failed upload never deletes a chunk that
+/// another upload counts on.
+#[derive(Default)]
+pub struct ChunkClaims {
+    entries: Mutex<HashMap<ChunkHash, ClaimEntry>>,
+}
+
+#[derive(Default)]
+struct ClaimEntry {
+    holders: usize,
+    /// A path using the chunk has been published (or its manifest stored): never delete it.
+    committed: bool,
+}
+
+/// The chunks one upload holds a claim on.
+struct ClaimSet {
+    claims: Arc<ChunkClaims>,
+    held: Mutex<Vec<ChunkHash>>,
+    created: Mutex<Vec<ChunkHash>>,
+}
+
+impl ClaimSet {
+    fn claim(&self, hash: ChunkHash) {
+        self.claims.entries.lock().entry(hash).or_default().holders += 1;
+        self.held.lock().push(hash);
+    }
+
+    /// Releases every claim; returns the chunks this upload created that nobody else holds
+    /// and no published path uses, which the caller deletes.
+    fn release(&self, committed: bool) -> Vec<ChunkHash> {
+        let held = std::mem::take(&mut *self.held.lock());
+        let created: std::collections::HashSet<ChunkHash> = self.created.lock().drain(..).collect();
+        let mut orphans = Vec::new();
+        let mut entries = self.claims.entries.lock();
+        for hash in held {
+            let Some(entry) = entries.get_mut(&hash) else { continue };
+            entry.committed |= committed;
+            entry.holders -= 1;
+            if entry.holders == 0 {
+                if !entry.committed && created.contains(&hash) {
+                    orphans.push(hash);
+                }
+                entries.remove(&hash);
+            }
+        }
+        orphans
+    }
+}
+
+/// Numbers about one ingested NAR.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IngestStats {
+    /// Chunks in the NAR.
+    pub chunks: usize,
+    /// Chunks that were not stored before.
+    pub new_chunks: usize,
+    /// Compressed bytes newly written.
+    pub new_stored_bytes: u64,
+    /// Uncompressed bytes of chunks that were stored already.
+    pub deduplicated_bytes: u64,
+}
+
+/// A NAR whose chunks are stored, and whose manifest is not yet.
+pub struct Ingested {
+    /// The manifest to store once the caller has checked the NAR against its metadata.
+    pub manifest: Manifest,
+    /// Numbers.
+    pub stats: IngestStats,
+    claims: ClaimSet,
+    storage: Storage,
+}
+
+impl Ingested {
+    /// Stores the manifest; from then on the chunks belong to it.
+    pub async fn commit(self) -> Result<(Manifest, IngestStats)> {
+        match self.storage.put_manifest(&self.manifest).await {
+            Ok(()) => {
+                self.claims.release(true);
+                Ok((self.manifest, self.stats))
+            }
+            Err(err) => {
+                delete_orphans(&self.storage, self.claims.release(false)).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Gives the upload up, deleting the chunks that only it had stored.
+    pub async fn abort(self) {
+        delete_orphans(&self.storage, self.claims.release(false)).await;
+    }
+}
+
+async fn delete_orphans(storage: &Storage, orphans: Vec<ChunkHash>) {
+    if !orphans.is_empty() {
+        debug!(count = orphans.len(), "deleting chunks of a failed upload");
+    }
+    for hash in orphans {
+        if let Err(err) = storage.delete_chunk(&hash).await {
+            warn!(chunk = %hash, error = %err, "could not delete a chunk of a failed upload; GC will");
+        }
+    }
+}
+
+/// Turns NAR uploads into stored chunks.
+#[derive(Clone)]
+pub struct Ingester {
+    storage: Storage,
+    params: ChunkParams,
+    zstd_level: i32,
+    parallelism: usize,
+    claims: Arc<ChunkClaims>,
+}
+
+impl Ingester {
+    /// An ingester writing to `storage`.
+    pub fn new(storage: Storage, params: ChunkParams, zstd_level: i32, parallelism: usize) -> Self {
+        Ingester { storage, params, zstd_level, parallelism, claims: Arc::default() }
+    }
+
+    /// Reads a NAR from `body`, stores its missing chunks, and returns its manifest (not yet
+    /// stored). On any failure, the chunks it stored are removed again.
+    pub async fn ingest(
+        &self,
+        body: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
+        compression: Compression,
+    ) -> Result<Ingested> {
+        let (chunk_tx, chunk_rx) = mpsc::channel::<Vec<u8>>(self.parallelism);
+        let reader = spawn_nar_reader(body, compression, Some((self.params, chunk_tx)));
+        let claims = ClaimSet { claims: self.claims.clone(), held: Mutex::default(), created: Mutex::default() };
+
+        let mut refs = Vec::new();
+        let mut stats = IngestStats::default();
+        let mut store_error = None;
+        {
+            let stored = futures::stream::unfold(chunk_rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+                .map(|data| self.store_chunk(data, &claims))
+                .buffered(self.parallelism);
+            let mut stored = std::pin::pin!(stored);
+            while let Some(result) = stored.next().await {
+                match result {
+                    Ok((chunk_ref, new_bytes)) => {
+                        stats.chunks += 1;
+                        match new_bytes {
+                            Some(bytes) => {
+                                stats.new_chunks += 1;
+                                stats.new_stored_bytes += bytes;
+                            }
+                            None => stats.deduplicated_bytes += u64::from(chunk_ref.size),
+                        }
+                        refs.push(chunk_ref);
+                    }
+                    Err(err) => {
+                        store_error = Some(err);
+                        break;
+                    }
+                }
+            }
+        }
+        let read = reader.await.map_err(join_error).and_then(|r| r);
+        let failed = |err: Error| async {
+            delete_orphans(&self.storage, claims.release(false)).await;
+            Err(err)
+        };
+        let (parsed, nar_hash) = match (store_error, read) {
+            (Some(err), _) => return failed(err).await,
+            (None, Err(err)) => return failed(err).await,
+            (None, Ok(read)) => read,
+        };
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            nar_hash,
+            nar_size: parsed.nar_size,
+            chunks: refs,
+            root: parsed.root,
+        };
+        if let Err(err) = manifest.validate() {
+            return failed(Error::internal(format!("ingest built an inconsistent manifest: {err}"))).await;
+        }
+        Ok(Ingested { manifest, stats, claims, storage: self.storage.clone() })
+    }
+
+    /// Names a chunk, and stores it unless it is stored already; returns its reference and the
+    /// compressed bytes written, if any.
+    async fn store_chunk(&self, data: Vec<u8>, claims: &ClaimSet) -> Result<(ChunkRef, Option<u64>)> {
+        let (hash, data) = tokio::task::spawn_blocking(move || (ChunkHash::of(&data), data))
+            .await
+            .map_err(|e| Error::internal(format!("hashing task failed: {e}")))?;
+        let chunk_ref = ChunkRef { hash, size: data.len() as u32 };
+        claims.claim(hash);
+        if self.storage.chunk_size(&hash).await?.is_some() {
+            return Ok((chunk_ref, None));
+        }
+        claims.created.lock().push(hash);
+        let level = self.zstd_level;
+        let frame = tokio::task::spawn_blocking(move || chunk::compress(&data, level))
+            .await
+            .map_err(|e| Error::internal(format!("compression task failed: {e}")))??;
+        let stored = frame.len() as u64;
+        self.storage.put_chunk(&hash, Bytes::from(frame)).await?;
+        Ok((chunk_ref, Some(stored)))
+    }
+
+    /// Rebuilds a NAR from stored chunks and checks it, for a commit through the chunk API:
+    /// every chunk must be stored and verify, and the whole must be a valid NAR.
+    pub async fn verify_chunks(&self, refs: Vec<ChunkRef>) -> Result<Manifest> {
+        let storage = self.storage.clone();
+        let chunks = verified_chunks(storage, refs.clone(), self.parallelism)
+            .map(|item| item.map(|(_, data)| data).map_err(io::Error::from));
+        let reader = spawn_nar_reader(chunks, Compression::None, None);
+        let (parsed, nar_hash) = reader.await.map_err(join_error)??;
+        let manifest =
+            Manifest { version: MANIFEST_VERSION, nar_hash, nar_size: parsed.nar_size, chunks: refs, root: parsed.root };
+        manifest.validate()?;
+        Ok(manifest)
+    }
+}
+
+/// The chunks of `refs` in order, each fetched and verified; yields the stored frame and the
+/// uncompressed bytes. Fetches run `parallelism` ahead.
+pub fn verified_chunks(
+    storage: Storage,
+    refs: Vec<ChunkRef>,
+    parallelism: usize,
+) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
+    futures::stream::iter(refs)
+        .map(move |chunk_ref| {
+            let storage = storage.clone();
+            async move {
+                let frame = storage.get_chunk(&chunk_ref.hash).await?;
+                let checked = frame.clone();
+                let data = tokio::task::spawn_blocking(move || {
+                    chunk::decompress_verified(&checked, &chunk_ref.hash, chunk_ref.size as usize)
+                })
+                .await
+                .map_err(|e| Error::internal(format!("verification task failed: {e}")))??;
+                Ok((frame, Bytes::from(data)))
+            }
+        })
+        .buffered(parallelism)
+}

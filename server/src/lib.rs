@@ -1,0 +1,34 @@
+//! The flywheel cache server: an Attic-compatible Nix binary cache that stores NARs as
+//! deduplicated, zstd-compressed FastCDC chunks in an object store.
+//!
+//! - [`config`]: the TOML configuration.
+//! - [`storage`]: chunks, manifests, path records and cache configs over `object_store`.
+//! - [`ingest`]: a NAR stream in, chunks and a manifest out.
+//! - [`auth`]: Attic-compatible JWT tokens.
+//! - [`routes`]: the HTTP frontends (Nix binary cache, Attic API, chunk API).
+//! - [`bootstrap`]: the zero-configuration first start.
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod bootstrap;
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod routes;
+pub mod state;
+pub mod storage;
+
+pub use config::ServerConfig;
+pub use state::AppState;
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::new(config)?;
+    let app = routes::router(state);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}

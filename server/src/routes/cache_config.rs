@@ -1,0 +1,150 @@
+//! `GET|POST|PATCH|DELETE /_api/v1/cache-config/{cache}`.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use flywheel_core::api::v1::cache_config::{CacheConfig, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig};
+use flywheel_core::api::v1::validate_cache_name;
+use flywheel_core::nix::SigningKey;
+use flywheel_core::{Error, ErrorKind};
+
+use super::{authorize, Caller};
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::storage::CacheRecord;
+
+fn signing_key(keypair: &KeypairConfig, cache: &str) -> Result<String, Error> {
+    Ok(match keypair {
+        KeypairConfig::Generate => SigningKey::generate(cache)?.to_nix_string(),
+        KeypairConfig::Keypair(secret) => SigningKey::parse(secret)?.to_nix_string(),
+    })
+}
+
+fn check_store_dir(store_dir: &str) -> Result<(), Error> {
+    let ok = store_dir.starts_with('/') && !store_dir.ends_with('/') && !store_dir.contains(['\n', ' ']);
+    if ok { Ok(()) } else { Err(Error::invalid(format!("invalid store_dir {store_dir:?}"))) }
+}
+
+/// `GET`: the cache's public settings.
+pub async fn read(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(cache): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<CacheConfig>, ApiError> {
+    let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
+    let api_endpoint = state.config.api_endpoint.clone().unwrap_or_else(|| {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+        format!("http://{host}/")
+    });
+    let public_key = SigningKey::parse(&record.signing_key)
+        .map_err(|e| Error::internal(format!("cache signing key: {e}")))?
+        .verifying_key()
+        .to_nix_string();
+    Ok(Json(CacheConfig {
+        keypair: None,
+        substituter_endpoint: Some(format!("{api_endpoint}{cache}")),
+        api_endpoint: Some(api_endpoint),
+        public_key: Some(public_key),
+        is_public: Some(record.is_public),
+        store_dir: Some(record.store_dir),
+        priority: Some(record.priority),
+        upstream_cache_key_names: Some(record.upstream_cache_key_names),
+        retention_period: Some(match record.retention_period {
+            None => RetentionPeriodConfig::Global,
+            Some(seconds) => RetentionPeriodConfig::Period(seconds),
+        }),
+    }))
+}
+
+/// `POST`: creates a cache.
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(cache): Path<String>,
+    Json(request): Json<CreateCacheRequest>,
+) -> Result<StatusCode, ApiError> {
+    validate_cache_name(&cache)?;
+    if !caller.permissions_for(&cache).create_cache {
+        let kind = if caller.0.is_some() { ErrorKind::Forbidden } else { ErrorKind::Unauthorized };
+        return Err(Error::new(kind, format!("creating cache {cache:?} needs the create-cache permission")).into());
+    }
+    if state.storage.get_cache(&cache).await?.is_some() {
+        return Err(ApiError::named(
+            Error::new(ErrorKind::AlreadyExists, format!("cache {cache:?} exists already")),
+            "CacheAlreadyExists",
+        ));
+    }
+    check_store_dir(&request.store_dir)?;
+    let record = CacheRecord {
+        name: cache.clone(),
+        signing_key: signing_key(&request.keypair, &cache)?,
+        is_public: request.is_public,
+        store_dir: request.store_dir,
+        priority: request.priority,
+        upstream_cache_key_names: request.upstream_cache_key_names,
+        retention_period: None,
+    };
+    state.storage.put_cache(&record).await?;
+    tracing::info!(cache = %cache, "cache created");
+    Ok(StatusCode::OK)
+}
+
+/// `PATCH`: changes the fields that are set.
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(cache): Path<String>,
+    Json(patch): Json<CacheConfig>,
+) -> Result<StatusCode, ApiError> {
+    let mut record = authorize(&state, &caller, &cache, "configure", |p| p.configure_cache).await?;
+    if patch.retention_period.is_some() && !caller.permissions_for(&cache).configure_cache_retention {
+        return Err(Error::new(ErrorKind::Forbidden, "changing retention needs the configure-cache-retention permission").into());
+    }
+    let mut changed = false;
+    if let Some(keypair) = &patch.keypair {
+        record.signing_key = signing_key(keypair, &cache)?;
+        changed = true;
+    }
+    if let Some(is_public) = patch.is_public {
+        record.is_public = is_public;
+        changed = true;
+    }
+    if let Some(store_dir) = patch.store_dir {
+        check_store_dir(&store_dir)?;
+        record.store_dir = store_dir;
+        changed = true;
+    }
+    if let Some(priority) = patch.priority {
+        record.priority = priority;
+        changed = true;
+    }
+    if let Some(names) = patch.upstream_cache_key_names {
+        record.upstream_cache_key_names = names;
+        changed = true;
+    }
+    if let Some(retention) = patch.retention_period {
+        record.retention_period = match retention {
+            RetentionPeriodConfig::Global => None,
+            RetentionPeriodConfig::Period(seconds) => Some(seconds),
+        };
+        changed = true;
+    }
+    if !changed {
+        return Err(Error::invalid("no modifiable fields were set").into());
+    }
+    state.storage.put_cache(&record).await?;
+    Ok(StatusCode::OK)
+}
+
+/// `DELETE`: destroys the cache and its paths (chunks go with the next GC).
+pub async fn destroy(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(cache): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    authorize(&state, &caller, &cache, "destroy", |p| p.destroy_cache).await?;
+    state.storage.delete_cache(&cache).await?;
+    tracing::info!(cache = %cache, "cache destroyed");
+    Ok(StatusCode::OK)
+}

@@ -1,0 +1,217 @@
+//! flywheel's chunk API under `/_flywheel/v1/{cache}/`: what runners use to move only the
+//! chunks they lack. Wire types and framing are in `flywheel_core::api::v1::chunks`.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use flywheel_core::api::v1::chunks::{ChunkList, ChunkRefList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
+use flywheel_core::chunk::ChunkHash;
+use flywheel_core::nix::{Sha256Hash, StorePath};
+use flywheel_core::Error;
+use futures::TryStreamExt;
+use tracing::instrument;
+
+use super::binary_cache::render_narinfo;
+use super::publish::PathMetadata;
+use super::{authorize, Caller};
+use crate::error::ApiError;
+use crate::ingest::verified_chunks;
+use crate::state::AppState;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn parse_chunk(hash: &str) -> Result<ChunkHash, Error> {
+    hash.parse()
+}
+
+fn check_count(n: usize) -> Result<(), Error> {
+    if n > MAX_CHUNKS_PER_REQUEST {
+        return Err(Error::invalid(format!("at most {MAX_CHUNKS_PER_REQUEST} chunks per request")));
+    }
+    Ok(())
+}
+
+/// `GET manifest/{hash}`: a path's narinfo fields, chunks and file index.
+#[instrument(skip_all, fields(cache = %cache, hash = %hash))]
+pub async fn manifest(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((cache, hash)): Path<(String, String)>,
+) -> ApiResult<Json<PathManifest>> {
+    let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
+    flywheel_core::nix::store_path::parse_hash_part(&hash)?;
+    let path = state
+        .storage
+        .get_path(&cache, &hash)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("{hash} is not in cache {cache:?}")))?;
+    let manifest = state
+        .storage
+        .get_manifest(&path.nar_hash)
+        .await?
+        .ok_or_else(|| Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
+    // The signatures are those of the narinfo, including the cache's own.
+    let narinfo = flywheel_core::nix::NarInfo::parse(&render_narinfo(&path, &record)?, &record.store_dir)?;
+    let store_dir = &record.store_dir;
+    let absolute = |base: &str| StorePath::from_base_name(base).map(|p| p.to_absolute(store_dir));
+    Ok(Json(PathManifest {
+        store_path: absolute(&path.store_path)?,
+        references: path.references.iter().map(|r| absolute(r)).collect::<Result<_, _>>()?,
+        deriver: path.deriver.as_deref().map(absolute).transpose()?,
+        sigs: narinfo.sigs,
+        ca: path.ca,
+        manifest,
+    }))
+}
+
+/// `GET chunk/{hash}`: one verified chunk as its zstd frame.
+pub async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((cache, hash)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
+    let hash = parse_chunk(&hash)?;
+    if state.storage.chunk_size(&hash).await?.is_none() {
+        return Err(Error::not_found(format!("chunk {hash} is not stored")).into());
+    }
+    let frame = state.storage.get_chunk(&hash).await?;
+    let checked = frame.clone();
+    let max = state.config.chunking.max_size as usize;
+    tokio::task::spawn_blocking(move || {
+        let data = zstd::bulk::decompress(&checked, max).map_err(|e| Error::corrupt(format!("chunk {hash}: {e}")))?;
+        if ChunkHash::of(&data) != hash {
+            return Err(Error::corrupt(format!("stored chunk {hash} does not match its name")));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::internal(e.to_string()))??;
+    Ok(([(header::CONTENT_TYPE, "application/zstd")], frame).into_response())
+}
+
+/// `POST chunks`: many verified chunks, each framed as an 8-byte little-endian length and the
+/// zstd frame, in request order.
+pub async fn get_many(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(cache): Path<String>,
+    Json(request): Json<ChunkRefList>,
+) -> ApiResult<Response> {
+    authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
+    check_count(request.chunks.len())?;
+    let stream = verified_chunks(state.storage.clone(), request.chunks, state.config.chunk_parallelism)
+        .map_ok(|(frame, _)| {
+            let mut framed = Vec::with_capacity(8 + frame.len());
+            framed.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+            framed.extend_from_slice(&frame);
+            Bytes::from(framed)
+        })
+        .map_err(std::io::Error::other);
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+}
+
+/// `POST missing-chunks`: which of these chunks are not stored.
+pub async fn missing(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(cache): Path<String>,
+    Json(request): Json<ChunkList>,
+) -> ApiResult<Json<ChunkList>> {
+    authorize(&state, &caller, &cache, "push", |p| p.push).await?;
+    check_count(request.chunks.len())?;
+    let present = state.storage.chunks_present(request.chunks.clone(), state.config.chunk_parallelism).await?;
+    let chunks = request.chunks.iter().zip(present).filter(|(_, present)| !present).map(|(h, _)| *h).collect();
+    Ok(Json(ChunkList { chunks }))
+}
+
+/// `PUT chunk/{hash}`: stores one chunk given as a zstd frame, after checking it decompresses to
+/// bytes with that name.
+pub async fn put_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((cache, hash)): Path<(String, String)>,
+    frame: Bytes,
+) -> ApiResult<StatusCode> {
+    authorize(&state, &caller, &cache, "push", |p| p.push).await?;
+    let hash = parse_chunk(&hash)?;
+    let max = state.config.chunking.max_size as usize;
+    let checked = frame.clone();
+    tokio::task::spawn_blocking(move || {
+        let data = zstd::bulk::decompress(&checked, max)
+            .map_err(|e| Error::invalid(format!("chunk {hash} is not a zstd frame of at most {max} bytes: {e}")))?;
+        if ChunkHash::of(&data) != hash {
+            return Err(Error::invalid(format!("chunk content does not hash to {hash}")));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::internal(e.to_string()))??;
+    if state.storage.chunk_size(&hash).await?.is_none() {
+        state.storage.put_chunk(&hash, frame).await?;
+    }
+    Ok(StatusCode::OK)
+}
+
+/// `POST commit`: publishes a path from stored chunks, after rebuilding its NAR from them and
+/// checking hash, size and structure.
+#[instrument(skip_all, fields(cache = %cache))]
+pub async fn commit(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(cache): Path<String>,
+    Json(request): Json<CommitRequest>,
+) -> ApiResult<StatusCode> {
+    let record = authorize(&state, &caller, &cache, "push", |p| p.push).await?;
+    check_count(request.chunks.len())?;
+    let nar_hash = Sha256Hash::parse(&request.nar_hash)?;
+    let (_, path) = PathMetadata {
+        store_path: &request.store_path,
+        store_dir: &record.store_dir,
+        nar_hash,
+        nar_size: request.nar_size,
+        references: &request.references,
+        deriver: request.deriver.as_deref(),
+        system: None,
+        sigs: &request.sigs,
+        ca: request.ca.as_deref(),
+    }
+    .into_record()?;
+    let max = state.config.chunking.max_size;
+    if request.chunks.iter().any(|c| c.size == 0 || c.size > max) {
+        return Err(Error::invalid(format!("chunk sizes must be between 1 and {max}")).into());
+    }
+    let total: u64 = request.chunks.iter().map(|c| u64::from(c.size)).sum();
+    if total != request.nar_size {
+        return Err(Error::invalid(format!("chunks add up to {total} bytes, not narSize {}", request.nar_size)).into());
+    }
+    let hashes = request.chunks.iter().map(|c| c.hash).collect();
+    let present = state.storage.chunks_present(hashes, state.config.chunk_parallelism).await?;
+    let missing: Vec<String> =
+        request.chunks.iter().zip(present).filter(|(_, present)| !present).map(|(c, _)| c.hash.to_string()).collect();
+    if !missing.is_empty() {
+        return Err(Error::invalid(format!(
+            "{} chunks are not stored; upload them first (first: {})",
+            missing.len(),
+            missing[0]
+        ))
+        .into());
+    }
+    let manifest = state.ingester.verify_chunks(request.chunks).await.map_err(|err| match err.kind() {
+        flywheel_core::ErrorKind::Corrupt => err,
+        _ => Error::invalid(format!("the chunks do not make a valid NAR: {err}")),
+    })?;
+    if (manifest.nar_hash, manifest.nar_size) != (nar_hash, request.nar_size) {
+        return Err(Error::invalid(format!(
+            "the chunks make a NAR with hash {} and size {}, not {} and {}",
+            manifest.nar_hash, manifest.nar_size, nar_hash, request.nar_size
+        ))
+        .into());
+    }
+    state.storage.put_manifest(&manifest).await?;
+    state.storage.put_path(&cache, &path).await?;
+    tracing::info!(store_path = %path.store_path, "published through chunk commit");
+    Ok(StatusCode::OK)
+}

@@ -1,0 +1,104 @@
+//! The HTTP frontends: the Nix binary cache, Attic's API and the chunk API.
+
+mod binary_cache;
+mod cache_config;
+mod chunks;
+mod get_missing_paths;
+mod publish;
+mod upload_path;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts};
+use axum::http::request::Parts;
+use axum::routing::{get, post, put};
+use axum::Router;
+use flywheel_core::api::v1::validate_cache_name;
+use flywheel_core::{Error, ErrorKind};
+
+use crate::auth::{Claims, Permissions};
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::storage::CacheRecord;
+
+/// Largest JSON or narinfo body accepted.
+pub const MAX_METADATA_BODY: usize = 16 * 1024 * 1024;
+
+/// All routes of the server.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(|| async { "flywheel cache server\n" }))
+        .route("/_api/v1/get-missing-paths", post(get_missing_paths::handle))
+        .route("/_api/v1/upload-path", put(upload_path::handle))
+        .route(
+            "/_api/v1/cache-config/{cache}",
+            get(cache_config::read).post(cache_config::create).patch(cache_config::update).delete(cache_config::destroy),
+        )
+        .route("/_flywheel/v1/{cache}/manifest/{hash}", get(chunks::manifest))
+        .route("/_flywheel/v1/{cache}/chunk/{hash}", get(chunks::get_one).put(chunks::put_one))
+        .route("/_flywheel/v1/{cache}/chunks", post(chunks::get_many))
+        .route("/_flywheel/v1/{cache}/missing-chunks", post(chunks::missing))
+        .route("/_flywheel/v1/{cache}/commit", post(chunks::commit))
+        .route("/{cache}/nix-cache-info", get(binary_cache::cache_info).put(binary_cache::put_cache_info))
+        .route("/{cache}/nar/{file}", get(binary_cache::get_nar).put(binary_cache::put_nar))
+        .route("/{cache}/{file}", get(binary_cache::get_file).put(binary_cache::put_file))
+        .layer(DefaultBodyLimit::max(MAX_METADATA_BODY))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                tracing::info_span!("request", http.method = %req.method(), http.path = %req.uri().path())
+            }),
+        )
+        .with_state(state)
+}
+
+/// Who is calling: the verified claims of their token, if they sent one.
+pub struct Caller(pub Option<Claims>);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
+        Ok(Caller(state.tokens.authenticate(header)?))
+    }
+}
+
+impl Caller {
+    fn permissions_for(&self, cache: &str) -> Permissions {
+        self.0.as_ref().map(|c| c.permissions_for(cache)).unwrap_or_default()
+    }
+}
+
+/// Loads a cache and checks that the caller holds the permission `need` picks. Callers that
+/// may not even know of the cache get 401 whether it exists or not.
+pub async fn authorize(
+    state: &AppState,
+    caller: &Caller,
+    cache: &str,
+    what: &str,
+    need: fn(&Permissions) -> bool,
+) -> Result<CacheRecord, ApiError> {
+    validate_cache_name(cache)?;
+    let mut perms = caller.permissions_for(cache);
+    let record = state.storage.get_cache(cache).await?;
+    if let Some(record) = &record {
+        if record.is_public {
+            perms.pull = true;
+        }
+    }
+    let denied = |perms: &Permissions| -> ApiError {
+        if caller.0.is_none() {
+            Error::new(ErrorKind::Unauthorized, format!("{what} on cache {cache:?} needs a token")).into()
+        } else if perms.can_discover() {
+            Error::new(ErrorKind::Forbidden, format!("the token does not allow {what} on cache {cache:?}")).into()
+        } else {
+            Error::new(ErrorKind::Unauthorized, format!("the token grants nothing on cache {cache:?}")).into()
+        }
+    };
+    match record {
+        None if perms.can_discover() => {
+            Err(ApiError::named(Error::not_found(format!("cache {cache:?} does not exist")), "NoSuchCache"))
+        }
+        None => Err(denied(&perms)),
+        Some(record) if need(&perms) => Ok(record),
+        Some(_) => Err(denied(&perms)),
+    }
+}

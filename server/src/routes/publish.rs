@@ -1,0 +1,89 @@
+//! Turning client-supplied metadata into a path record, shared by every upload route.
+
+use flywheel_core::nix::{Sha256Hash, StorePath};
+use flywheel_core::{Error, Result};
+
+use crate::storage::{now, PathRecord};
+
+/// Most references a path may have.
+const MAX_REFERENCES: usize = 10_000;
+/// Most signatures kept per path.
+const MAX_SIGS: usize = 64;
+/// Longest signature or CA string kept.
+const MAX_FIELD_LEN: usize = 4096;
+
+/// Metadata of a path as a client sent it, before checks.
+pub struct PathMetadata<'a> {
+    pub store_path: &'a str,
+    pub store_dir: &'a str,
+    pub nar_hash: Sha256Hash,
+    pub nar_size: u64,
+    pub references: &'a [String],
+    pub deriver: Option<&'a str>,
+    pub system: Option<&'a str>,
+    pub sigs: &'a [String],
+    pub ca: Option<&'a str>,
+}
+
+/// A store path given as a base name or as a full path in `store_dir`.
+pub fn parse_store_path(s: &str, store_dir: &str) -> Result<StorePath> {
+    if s.starts_with('/') {
+        StorePath::from_absolute(s, store_dir)
+    } else {
+        StorePath::from_base_name(s)
+    }
+}
+
+impl PathMetadata<'_> {
+    /// Checks every field and builds the record.
+    pub fn into_record(self) -> Result<(StorePath, PathRecord)> {
+        let store_path = parse_store_path(self.store_path, self.store_dir)?;
+        if self.references.len() > MAX_REFERENCES {
+            return Err(Error::invalid(format!("more than {MAX_REFERENCES} references")));
+        }
+        let mut references = self
+            .references
+            .iter()
+            .map(|r| parse_store_path(r, self.store_dir).map(|p| p.base_name()))
+            .collect::<Result<Vec<_>>>()?;
+        references.sort();
+        references.dedup();
+        let deriver = match self.deriver {
+            None | Some("") | Some("unknown-deriver") => None,
+            Some(d) => Some(parse_store_path(d, self.store_dir)?.base_name()),
+        };
+        if self.sigs.len() > MAX_SIGS {
+            return Err(Error::invalid(format!("more than {MAX_SIGS} signatures")));
+        }
+        for sig in self.sigs {
+            let well_formed = sig.len() <= MAX_FIELD_LEN
+                && sig.split_once(':').is_some_and(|(name, value)| !name.is_empty() && !value.is_empty())
+                && !sig.contains(char::is_whitespace);
+            if !well_formed {
+                return Err(Error::invalid(format!("malformed signature {sig:?}")));
+            }
+        }
+        for (field, value) in [("CA", self.ca), ("System", self.system)] {
+            if let Some(value) = value {
+                if value.len() > MAX_FIELD_LEN || value.contains(['\n', '\r']) {
+                    return Err(Error::invalid(format!("malformed {field} field")));
+                }
+            }
+        }
+        if self.nar_size == 0 {
+            return Err(Error::invalid("NarSize must not be 0"));
+        }
+        let record = PathRecord {
+            store_path: store_path.base_name(),
+            nar_hash: self.nar_hash,
+            nar_size: self.nar_size,
+            references,
+            deriver,
+            system: self.system.map(str::to_string),
+            sigs: self.sigs.to_vec(),
+            ca: self.ca.filter(|c| !c.is_empty()).map(str::to_string),
+            created_at: now(),
+        };
+        Ok((store_path, record))
+    }
+}

@@ -1,0 +1,291 @@
+//! What the server keeps in the object store, the source of truth.
+//!
+//! Layout (all keys relative to the store's root):
+//! - `chunks/{hh}/{blake3}`: one zstd frame per chunk, `hh` the first two hex digits;
+//! - `manifests/{narhash}.json`: the manifest of a NAR, named by its nixbase32 SHA-256;
+//! - `caches/{cache}/config.json`: a cache's settings and signing key;
+//! - `caches/{cache}/paths/{hash}.json`: a published store path;
+//! - `caches/{cache}/pending/{narhash}`: a NAR received through a Nix PUT, awaiting its narinfo.
+//!
+//! Writes go chunks, then manifest, then path record, so a reader that finds a path record
+//! finds everything it needs.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use flywheel_core::chunk::ChunkHash;
+use flywheel_core::manifest::Manifest;
+use flywheel_core::nix::Sha256Hash;
+use flywheel_core::{Error, Result};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// A cache's settings as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheRecord {
+    /// The cache name.
+    pub name: String,
+    /// Secret signing key, Nix format.
+    pub signing_key: String,
+    /// Whether anyone may pull without a token.
+    pub is_public: bool,
+    /// Store directory of the cache's paths.
+    pub store_dir: String,
+    /// Priority announced in `nix-cache-info`.
+    pub priority: i32,
+    /// Key names of upstream caches.
+    pub upstream_cache_key_names: Vec<String>,
+    /// Retention in seconds; `None` means the server default.
+    #[serde(default)]
+    pub retention_period: Option<u32>,
+}
+
+/// A published store path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathRecord {
+    /// Base name `hash-name`.
+    pub store_path: String,
+    /// NAR hash; names the manifest.
+    pub nar_hash: Sha256Hash,
+    /// NAR size.
+    pub nar_size: u64,
+    /// References, base names, sorted.
+    pub references: Vec<String>,
+    /// Deriver, base name.
+    #[serde(default)]
+    pub deriver: Option<String>,
+    /// System it was built for.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// Signatures received with the path (the cache's own is added when served).
+    #[serde(default)]
+    pub sigs: Vec<String>,
+    /// Content address.
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// Seconds since the epoch when it was published.
+    pub created_at: u64,
+}
+
+/// Typed access to the object store.
+#[derive(Clone)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+}
+
+fn storage_error(err: object_store::Error, what: &str) -> Error {
+    match err {
+        object_store::Error::NotFound { .. } => Error::not_found(format!("{what} not found")),
+        other => Error::unavailable(format!("storage failed on {what}: {other}")),
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Storage {
+    /// Wraps an object store.
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Storage { store }
+    }
+
+    /// The object store underneath.
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    fn chunk_key(hash: &ChunkHash) -> Path {
+        let hex = hash.to_hex();
+        Path::from(format!("chunks/{}/{hex}", &hex[..2]))
+    }
+
+    fn manifest_key(nar_hash: &Sha256Hash) -> Path {
+        Path::from(format!("manifests/{}.json", nar_hash.to_base32_bare()))
+    }
+
+    fn cache_key(cache: &str) -> Path {
+        Path::from(format!("caches/{cache}/config.json"))
+    }
+
+    fn path_key(cache: &str, hash_part: &str) -> Path {
+        Path::from(format!("caches/{cache}/paths/{hash_part}.json"))
+    }
+
+    fn pending_key(cache: &str, nar_hash: &Sha256Hash) -> Path {
+        Path::from(format!("caches/{cache}/pending/{}", nar_hash.to_base32_bare()))
+    }
+
+    async fn get_bytes(&self, key: &Path, what: &str) -> Result<Option<Bytes>> {
+        match self.store.get(key).await {
+            Ok(result) => Ok(Some(result.bytes().await.map_err(|e| storage_error(e, what))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(storage_error(err, what)),
+        }
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, key: &Path, what: &str) -> Result<Option<T>> {
+        let Some(bytes) = self.get_bytes(key, what).await? else { return Ok(None) };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|err| Error::corrupt(format!("stored {what} at {key} does not parse: {err}")))
+    }
+
+    async fn put_json<T: Serialize>(&self, key: &Path, value: &T, what: &str) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|err| Error::internal(format!("serializing {what}: {err}")))?;
+        self.store.put(key, PutPayload::from(bytes)).await.map_err(|e| storage_error(e, what))?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &Path, what: &str) -> Result<()> {
+        match self.store.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(err) => Err(storage_error(err, what)),
+        }
+    }
+
+    /// Stored size of a chunk, or `None` if it is not stored.
+    pub async fn chunk_size(&self, hash: &ChunkHash) -> Result<Option<u64>> {
+        match self.store.head(&Self::chunk_key(hash)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(storage_error(err, "chunk")),
+        }
+    }
+
+    /// Which of `hashes` are stored, in order, asking `parallelism` at a time.
+    pub async fn chunks_present(&self, hashes: Vec<ChunkHash>, parallelism: usize) -> Result<Vec<bool>> {
+        futures::stream::iter(hashes)
+            .map(|hash| {
+                let storage = self.clone();
+                async move { storage.chunk_size(&hash).await.map(|size| size.is_some()) }
+            })
+            .buffered(parallelism)
+            .try_collect()
+            .await
+    }
+
+    /// Stores a chunk's zstd frame.
+    pub async fn put_chunk(&self, hash: &ChunkHash, frame: Bytes) -> Result<()> {
+        self.store.put(&Self::chunk_key(hash), PutPayload::from(frame)).await.map_err(|e| storage_error(e, "chunk"))?;
+        Ok(())
+    }
+
+    /// A chunk's stored zstd frame, unverified.
+    pub async fn get_chunk(&self, hash: &ChunkHash) -> Result<Bytes> {
+        self.get_bytes(&Self::chunk_key(hash), "chunk")
+            .await?
+            .ok_or_else(|| Error::corrupt(format!("chunk {hash} is missing from storage")))
+    }
+
+    /// Removes a chunk.
+    pub async fn delete_chunk(&self, hash: &ChunkHash) -> Result<()> {
+        self.delete(&Self::chunk_key(hash), "chunk").await
+    }
+
+    /// A NAR's manifest.
+    pub async fn get_manifest(&self, nar_hash: &Sha256Hash) -> Result<Option<Manifest>> {
+        self.get_json(&Self::manifest_key(nar_hash), "manifest").await
+    }
+
+    /// Whether a NAR's manifest is stored.
+    pub async fn has_manifest(&self, nar_hash: &Sha256Hash) -> Result<bool> {
+        match self.store.head(&Self::manifest_key(nar_hash)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(err) => Err(storage_error(err, "manifest")),
+        }
+    }
+
+    /// Stores a manifest, after all of its chunks.
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
+        self.put_json(&Self::manifest_key(&manifest.nar_hash), manifest, "manifest").await
+    }
+
+    /// A cache's settings.
+    pub async fn get_cache(&self, cache: &str) -> Result<Option<CacheRecord>> {
+        self.get_json(&Self::cache_key(cache), "cache config").await
+    }
+
+    /// Stores a cache's settings.
+    pub async fn put_cache(&self, record: &CacheRecord) -> Result<()> {
+        self.put_json(&Self::cache_key(&record.name), record, "cache config").await
+    }
+
+    /// Removes a cache: its settings first, so it disappears at once, then its paths.
+    pub async fn delete_cache(&self, cache: &str) -> Result<()> {
+        self.delete(&Self::cache_key(cache), "cache config").await?;
+        let prefix = Path::from(format!("caches/{cache}"));
+        let keys: Vec<Path> = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|e| storage_error(e, "cache listing"))?;
+        for key in keys {
+            self.delete(&key, "cache entry").await?;
+        }
+        Ok(())
+    }
+
+    /// A published path by its hash part.
+    pub async fn get_path(&self, cache: &str, hash_part: &str) -> Result<Option<PathRecord>> {
+        self.get_json(&Self::path_key(cache, hash_part), "path record").await
+    }
+
+    /// Whether a path is published.
+    pub async fn has_path(&self, cache: &str, hash_part: &str) -> Result<bool> {
+        match self.store.head(&Self::path_key(cache, hash_part)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(err) => Err(storage_error(err, "path record")),
+        }
+    }
+
+    /// Which of the paths named by `hash_parts` are published in `cache`, in order.
+    pub async fn paths_present(&self, cache: &str, hash_parts: Vec<String>, parallelism: usize) -> Result<Vec<bool>> {
+        futures::stream::iter(hash_parts)
+            .map(|hash_part| {
+                let storage = self.clone();
+                let cache = cache.to_string();
+                async move { storage.has_path(&cache, &hash_part).await }
+            })
+            .buffered(parallelism)
+            .try_collect()
+            .await
+    }
+
+    /// Publishes a path; its manifest and chunks must be stored already.
+    pub async fn put_path(&self, cache: &str, record: &PathRecord) -> Result<()> {
+        let hash_part = record.store_path.get(..32).ok_or_else(|| Error::internal("short store path"))?;
+        self.put_json(&Self::path_key(cache, hash_part), record, "path record").await
+    }
+
+    /// Notes that a NAR arrived through a Nix PUT, so its narinfo may publish it.
+    pub async fn put_pending(&self, cache: &str, nar_hash: &Sha256Hash) -> Result<()> {
+        self.store
+            .put(&Self::pending_key(cache, nar_hash), PutPayload::from(now().to_string().into_bytes()))
+            .await
+            .map_err(|e| storage_error(e, "pending upload"))?;
+        Ok(())
+    }
+
+    /// Whether a NAR arrived through a Nix PUT to this cache.
+    pub async fn has_pending(&self, cache: &str, nar_hash: &Sha256Hash) -> Result<bool> {
+        match self.store.head(&Self::pending_key(cache, nar_hash)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(err) => Err(storage_error(err, "pending upload")),
+        }
+    }
+
+    /// Forgets a pending NAR once its path is published.
+    pub async fn delete_pending(&self, cache: &str, nar_hash: &Sha256Hash) -> Result<()> {
+        self.delete(&Self::pending_key(cache, nar_hash), "pending upload").await
+    }
+}

@@ -1,0 +1,182 @@
+//! `flywheel`: one binary, a subcommand per role. It parses arguments and wires the libraries
+//! together; the work lives in the crates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use flywheel_server::auth::Permissions;
+use flywheel_server::{bootstrap, ServerConfig};
+
+#[derive(Parser)]
+#[command(name = "flywheel", version, about = "Nix store accelerator for CI runners")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the cache server.
+    Serve(ServeArgs),
+    /// Manage tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Config file. Without one, the config in --data-dir is used, and written on first start.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Where the zero-configuration server keeps its config and data.
+    #[arg(long, default_value = "./flywheel-data")]
+    data_dir: PathBuf,
+    /// Address to listen on, overriding the config.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Check the config and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new token, like `atticadm make-token`.
+    Mint(MintArgs),
+}
+
+#[derive(Args)]
+struct MintArgs {
+    /// The server's config file (its token secret signs the token).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Who the token is for.
+    #[arg(long)]
+    sub: String,
+    /// How long it is valid, e.g. `30d`, `12h`, `1y`.
+    #[arg(long)]
+    validity: humantime::Duration,
+    /// Cache patterns (`*` matches any run of characters) the holder may pull from.
+    #[arg(long, value_name = "PATTERN")]
+    pull: Vec<String>,
+    /// Cache patterns the holder may push to.
+    #[arg(long, value_name = "PATTERN")]
+    push: Vec<String>,
+    /// Cache patterns the holder may delete paths from.
+    #[arg(long, value_name = "PATTERN")]
+    delete: Vec<String>,
+    /// Cache patterns the holder may create.
+    #[arg(long, value_name = "PATTERN")]
+    create_cache: Vec<String>,
+    /// Cache patterns the holder may configure.
+    #[arg(long, value_name = "PATTERN")]
+    configure_cache: Vec<String>,
+    /// Cache patterns whose retention the holder may change.
+    #[arg(long, value_name = "PATTERN")]
+    configure_cache_retention: Vec<String>,
+    /// Cache patterns the holder may destroy.
+    #[arg(long, value_name = "PATTERN")]
+    destroy_cache: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Token(TokenCommand::Mint(args)) => mint(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (mut config, first_start) = match &args.config {
+        Some(path) => (ServerConfig::load(path)?, None),
+        None => bootstrap::load_or_create(&args.data_dir)?,
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if args.check_config {
+        config.open_store().context("opening storage")?;
+        println!("config is valid");
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        if let Some(config_path) = first_start {
+            let created = bootstrap::create_default_cache(&config, config_path).await?;
+            println!("First start: wrote {}", created.config_path.display());
+            println!("Created cache '{}' with public key {}", bootstrap::DEFAULT_CACHE, created.public_key);
+            println!("Admin token (shown once, keep it safe):\n{}", created.admin_token);
+        }
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        tracing::info!(listen = %config.listen, "serving");
+        println!("Listening on http://{}", listener.local_addr()?);
+        flywheel_server::serve(config, listener, shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn mint(args: MintArgs) -> anyhow::Result<()> {
+    let config = ServerConfig::load(&args.config)?;
+    let mut caches: Vec<(String, Permissions)> = Vec::new();
+    let grants: [(&Vec<String>, fn(&mut Permissions)); 7] = [
+        (&args.pull, |p| p.pull = true),
+        (&args.push, |p| p.push = true),
+        (&args.delete, |p| p.delete = true),
+        (&args.create_cache, |p| p.create_cache = true),
+        (&args.configure_cache, |p| p.configure_cache = true),
+        (&args.configure_cache_retention, |p| p.configure_cache_retention = true),
+        (&args.destroy_cache, |p| p.destroy_cache = true),
+    ];
+    for (patterns, grant) in grants {
+        for pattern in patterns {
+            validate_pattern(pattern)?;
+            match caches.iter_mut().find(|(p, _)| p == pattern) {
+                Some((_, perms)) => grant(perms),
+                None => {
+                    let mut perms = Permissions::default();
+                    grant(&mut perms);
+                    caches.push((pattern.clone(), perms));
+                }
+            }
+        }
+    }
+    if caches.is_empty() {
+        anyhow::bail!("grant at least one permission (--pull, --push, ...)");
+    }
+    let validity = args.validity.as_secs();
+    let token = bootstrap::mint(&config, &args.sub, validity, caches)?;
+    println!("{token}");
+    Ok(())
+}
+
+fn validate_pattern(pattern: &str) -> anyhow::Result<()> {
+    let ok = !pattern.is_empty()
+        && pattern.len() <= 50
+        && pattern.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '+' | '*'));
+    if !ok {
+        anyhow::bail!("invalid cache pattern {pattern:?}: letters, digits, '-', '_', '+' and '*' only");
+    }
+    Ok(())
+}
