@@ -8,7 +8,7 @@ use flywheel_core::api::v1::validate_cache_name;
 use flywheel_core::nix::SigningKey;
 use flywheel_core::{Error, ErrorKind};
 
-use super::{authorize, Caller};
+use super::{authorize, ApiJson, Caller};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::storage::CacheRecord;
@@ -62,7 +62,7 @@ pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Path(cache): Path<String>,
-    Json(request): Json<CreateCacheRequest>,
+    ApiJson(request): ApiJson<CreateCacheRequest>,
 ) -> Result<StatusCode, ApiError> {
     validate_cache_name(&cache)?;
     if !caller.permissions_for(&cache).create_cache {
@@ -95,7 +95,7 @@ pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
     Path(cache): Path<String>,
-    Json(patch): Json<CacheConfig>,
+    ApiJson(patch): ApiJson<CacheConfig>,
 ) -> Result<StatusCode, ApiError> {
     let mut record = authorize(&state, &caller, &cache, "configure", |p| p.configure_cache).await?;
     if patch.retention_period.is_some() && !caller.permissions_for(&cache).configure_cache_retention {

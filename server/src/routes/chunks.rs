@@ -15,7 +15,7 @@ use tracing::instrument;
 
 use super::binary_cache::render_narinfo;
 use super::publish::PathMetadata;
-use super::{authorize, Caller};
+use super::{authorize, ApiJson, Caller};
 use crate::error::ApiError;
 use crate::ingest::verified_chunks;
 use crate::state::AppState;
@@ -98,7 +98,7 @@ pub async fn get_many(
     State(state): State<AppState>,
     caller: Caller,
     Path(cache): Path<String>,
-    Json(request): Json<ChunkRefList>,
+    ApiJson(request): ApiJson<ChunkRefList>,
 ) -> ApiResult<Response> {
     authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
     check_count(request.chunks.len())?;
@@ -118,7 +118,7 @@ pub async fn missing(
     State(state): State<AppState>,
     caller: Caller,
     Path(cache): Path<String>,
-    Json(request): Json<ChunkList>,
+    ApiJson(request): ApiJson<ChunkList>,
 ) -> ApiResult<Json<ChunkList>> {
     authorize(&state, &caller, &cache, "push", |p| p.push).await?;
     check_count(request.chunks.len())?;
@@ -162,7 +162,7 @@ pub async fn commit(
     State(state): State<AppState>,
     caller: Caller,
     Path(cache): Path<String>,
-    Json(request): Json<CommitRequest>,
+    ApiJson(request): ApiJson<CommitRequest>,
 ) -> ApiResult<StatusCode> {
     let record = authorize(&state, &caller, &cache, "push", |p| p.push).await?;
     check_count(request.chunks.len())?;

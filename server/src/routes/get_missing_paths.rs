@@ -6,7 +6,7 @@ use flywheel_core::api::v1::get_missing_paths::{GetMissingPathsRequest, GetMissi
 use flywheel_core::nix::store_path::parse_hash_part;
 use flywheel_core::Error;
 
-use super::{authorize, Caller};
+use super::{authorize, ApiJson, Caller};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -17,7 +17,7 @@ const MAX_HASHES: usize = 100_000;
 pub async fn handle(
     State(state): State<AppState>,
     caller: Caller,
-    Json(request): Json<GetMissingPathsRequest>,
+    ApiJson(request): ApiJson<GetMissingPathsRequest>,
 ) -> Result<Json<GetMissingPathsResponse>, ApiError> {
     authorize(&state, &caller, &request.cache, "push", |p| p.push).await?;
     if request.store_path_hashes.len() > MAX_HASHES {

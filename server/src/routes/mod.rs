@@ -49,6 +49,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A JSON body whose rejections come back as Attic-style 400s with the reason.
+pub struct ApiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| Error::invalid(format!("reading the body: {}", e.body_text())))?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| Error::invalid(format!("the body is not the expected JSON: {e}")).into())
+    }
+}
+
 /// Who is calling: the verified claims of their token, if they sent one.
 pub struct Caller(pub Option<Claims>);
 

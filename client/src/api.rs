@@ -1,0 +1,194 @@
+//! HTTP client of the chunk API (`/_flywheel/v1/{cache}/...`) and of the narinfo files the
+//! dump of a closure needs. Wire types come from `flywheel_core::api::v1`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_core::api::v1::chunks::{ChunkRefList, PathManifest};
+use flywheel_core::api::v1::ErrorBody;
+use flywheel_core::chunk::decompress_verified;
+use flywheel_core::manifest::ChunkRef;
+use flywheel_core::nix::NarInfo;
+use flywheel_core::{Error, ErrorKind, Result};
+use reqwest::StatusCode;
+use tracing::instrument;
+
+/// Where the server is and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Base URL of the server, such as `http://cache.example:8080`.
+    pub server: String,
+    /// The cache name.
+    pub cache: String,
+    /// A bearer token (JWT), if the cache needs one.
+    pub token: Option<String>,
+    /// Longest time one request may take, connecting included. A request that takes longer
+    /// fails with [`ErrorKind::Unavailable`], so readers see an error instead of a hang.
+    pub timeout: Duration,
+}
+
+/// A chunk as fetched: the stored zstd frame, and its verified contents.
+#[derive(Debug, Clone)]
+pub struct FetchedChunk {
+    /// The zstd frame, as the cache keeps it.
+    pub frame: Vec<u8>,
+    /// The uncompressed bytes, verified against the chunk's name and size.
+    pub data: Arc<[u8]>,
+}
+
+/// A client of one cache on one server. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    cache: String,
+    token: Option<String>,
+}
+
+/// Largest zstd frame accepted for a chunk of `size` bytes: zstd never expands incompressible
+/// data by more than a small bound, so anything larger is not a chunk of that size.
+fn max_frame_len(size: u32) -> u64 {
+    u64::from(size) + u64::from(size) / 64 + 1024
+}
+
+impl ApiClient {
+    /// Builds a client; no request is sent yet.
+    pub fn new(config: ClientConfig) -> Result<Self> {
+        flywheel_core::api::v1::validate_cache_name(&config.cache)?;
+        let base = config.server.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(Error::invalid(format!("server URL {base:?} must start with http:// or https://")));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .timeout(config.timeout)
+            .pool_max_idle_per_host(16)
+            .build()
+            .map_err(|e| Error::internal(format!("building the HTTP client: {e}")))?;
+        Ok(ApiClient { http, base, cache: config.cache, token: config.token })
+    }
+
+    /// The cache this client reads.
+    pub fn cache(&self) -> &str {
+        &self.cache
+    }
+
+    fn request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let builder = self.http.request(method, url);
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    fn api_url(&self, rest: &str) -> String {
+        format!("{}/_flywheel/v1/{}/{rest}", self.base, self.cache)
+    }
+
+    /// Fetches the manifest of the path whose hash part is `hash_part`.
+    #[instrument(skip_all, err, fields(store_path.hash = %hash_part))]
+    pub async fn manifest(&self, hash_part: &str) -> Result<PathManifest> {
+        flywheel_core::nix::store_path::parse_hash_part(hash_part)?;
+        let response = send(self.request(reqwest::Method::GET, self.api_url(&format!("manifest/{hash_part}")))).await?;
+        let bytes = response.bytes().await.map_err(transport)?;
+        let manifest: PathManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(format!("manifest of {hash_part} from the server does not parse: {e}")))?;
+        manifest.manifest.validate().map_err(|e| Error::corrupt(e.message().to_string()))?;
+        Ok(manifest)
+    }
+
+    /// Fetches one chunk with `GET chunk/{hash}` and verifies it.
+    #[instrument(skip_all, err, fields(chunk = %chunk.hash))]
+    pub async fn chunk(&self, chunk: ChunkRef) -> Result<FetchedChunk> {
+        let response =
+            send(self.request(reqwest::Method::GET, self.api_url(&format!("chunk/{}", chunk.hash)))).await?;
+        let frame = response.bytes().await.map_err(transport)?.to_vec();
+        if frame.len() as u64 > max_frame_len(chunk.size) {
+            return Err(Error::corrupt(format!("chunk {} arrived as an oversized frame", chunk.hash)));
+        }
+        verify(chunk, frame)
+    }
+
+    /// Fetches many chunks with one `POST chunks` and verifies each; the result is in request
+    /// order.
+    #[instrument(skip_all, err, fields(chunks = chunks.len()))]
+    pub async fn chunks(&self, chunks: &[ChunkRef]) -> Result<Vec<FetchedChunk>> {
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let body = ChunkRefList { chunks: chunks.to_vec() };
+        let response = send(self.request(reqwest::Method::POST, self.api_url("chunks")).json(&body)).await?;
+        let body = response.bytes().await.map_err(transport)?;
+        let mut rest: &[u8] = &body;
+        let mut out = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let Some((len, after)) = rest.split_first_chunk::<8>() else {
+                return Err(Error::unavailable(format!("chunk stream ended before chunk {}", chunk.hash)));
+            };
+            let len = u64::from_le_bytes(*len);
+            if len > max_frame_len(chunk.size) || len > after.len() as u64 {
+                return Err(Error::unavailable(format!("chunk stream is cut or malformed at chunk {}", chunk.hash)));
+            }
+            let (frame, after) = after.split_at(len as usize);
+            out.push(verify(*chunk, frame.to_vec())?);
+            rest = after;
+        }
+        if !rest.is_empty() {
+            return Err(Error::corrupt("chunk stream has bytes after the last chunk"));
+        }
+        Ok(out)
+    }
+
+    /// The store directory the cache serves, from its `nix-cache-info`.
+    pub async fn store_dir(&self) -> Result<String> {
+        let url = format!("{}/{}/nix-cache-info", self.base, self.cache);
+        let text = send(self.request(reqwest::Method::GET, url)).await?.text().await.map_err(transport)?;
+        Ok(text
+            .lines()
+            .find_map(|line| line.strip_prefix("StoreDir:"))
+            .map(|dir| dir.trim().to_string())
+            .unwrap_or_else(|| flywheel_core::nix::DEFAULT_STORE_DIR.to_string()))
+    }
+
+    /// Fetches and parses the narinfo of the path whose hash part is `hash_part`.
+    #[instrument(skip_all, err, fields(store_path.hash = %hash_part))]
+    pub async fn narinfo(&self, hash_part: &str, store_dir: &str) -> Result<NarInfo> {
+        flywheel_core::nix::store_path::parse_hash_part(hash_part)?;
+        let url = format!("{}/{}/{hash_part}.narinfo", self.base, self.cache);
+        let text = send(self.request(reqwest::Method::GET, url)).await?.text().await.map_err(transport)?;
+        NarInfo::parse(&text, store_dir).map_err(|e| e.context(format!("narinfo of {hash_part}")))
+    }
+}
+
+fn verify(chunk: ChunkRef, frame: Vec<u8>) -> Result<FetchedChunk> {
+    let data = decompress_verified(&frame, &chunk.hash, chunk.size as usize)?;
+    Ok(FetchedChunk { frame, data: data.into() })
+}
+
+fn transport(err: reqwest::Error) -> Error {
+    let what = if err.is_timeout() { "timed out" } else { "failed" };
+    Error::unavailable(format!("request to the server {what}: {err}")).with_source(err)
+}
+
+/// Sends a request and turns every non-success answer into an error of the matching kind.
+async fn send(builder: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+    let response = builder.send().await.map_err(transport)?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let kind = match status {
+        StatusCode::NOT_FOUND => ErrorKind::NotFound,
+        StatusCode::UNAUTHORIZED => ErrorKind::Unauthorized,
+        StatusCode::FORBIDDEN => ErrorKind::Forbidden,
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => ErrorKind::InvalidInput,
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
+    };
+    let body = response.bytes().await.unwrap_or_default();
+    let message = match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(body) => body.message,
+        Err(_) => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+    };
+    Err(Error::new(kind, format!("server answered {status}: {message}")))
+}

@@ -1,0 +1,495 @@
+//! The local chunk cache: zstd frames in a sled database, within a byte quota, evicted least
+//! recently used first, verified on every read.
+//!
+//! One sled tree holds three key spaces, always changed together in one atomic batch so that a
+//! `kill -9` at any moment leaves them consistent:
+//! - `d` + hash: the zstd frame;
+//! - `m` + hash: the entry's access sequence number (8 bytes, big endian) and frame length;
+//! - `l` + sequence + hash: empty; iterating this space visits entries oldest access first.
+//!
+//! Manifests of the paths seen so far live in a second tree, keyed by hash part. They are small
+//! metadata and are not counted against the quota.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use flywheel_core::api::v1::chunks::PathManifest;
+use flywheel_core::chunk::{decompress_verified, ChunkHash};
+use flywheel_core::manifest::ChunkRef;
+use flywheel_core::{Error, ErrorKind, Result};
+use parking_lot::Mutex;
+
+/// Bytes counted for an entry on top of its frame: its keys and sled's per-entry overhead.
+const ENTRY_OVERHEAD: u64 = 128;
+
+/// Accesses newer than this many sequence numbers are not recorded again; it spares a write for
+/// every read of a chunk that is hot anyway.
+const BUMP_SLACK: u64 = 64;
+
+/// How to open a [`ChunkCache`].
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// The directory of the sled database; created if missing.
+    pub dir: PathBuf,
+    /// Most bytes of chunk entries kept (frames plus a fixed per-entry overhead).
+    pub quota: u64,
+    /// Memory sled may use for its page cache.
+    pub memory: u64,
+}
+
+impl CacheConfig {
+    /// A config with sled's page cache kept small, since the mount has its own hot-chunk cache.
+    pub fn new(dir: impl Into<PathBuf>, quota: u64) -> Self {
+        CacheConfig { dir: dir.into(), quota, memory: 16 * 1024 * 1024 }
+    }
+}
+
+/// Counters of what the cache did since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Reads answered from the cache.
+    pub hits: u64,
+    /// Reads of chunks not in the cache.
+    pub misses: u64,
+    /// Entries that failed verification and were dropped.
+    pub corrupt: u64,
+    /// Entries evicted to stay within the quota.
+    pub evictions: u64,
+    /// Writes that failed (a full disk, for instance); the chunk was served without caching.
+    pub write_failures: u64,
+}
+
+/// The sled-backed chunk cache. Share it behind an `Arc`; every method takes `&self`.
+pub struct ChunkCache {
+    db: sled::Db,
+    chunks: sled::Tree,
+    manifests: sled::Tree,
+    quota: u64,
+    used: AtomicU64,
+    next_seq: AtomicU64,
+    /// Serializes changes to the `l` and `m` spaces, so the byte count and the LRU order stay
+    /// exact; reads of frames do not take it.
+    write_lock: Mutex<()>,
+    write_failed: AtomicBool,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    corrupt: AtomicU64,
+    evictions: AtomicU64,
+    write_failures: AtomicU64,
+}
+
+impl std::fmt::Debug for ChunkCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkCache").field("quota", &self.quota).field("used", &self.used_bytes()).finish()
+    }
+}
+
+fn key(space: u8, hash: &ChunkHash) -> [u8; 33] {
+    let mut key = [0u8; 33];
+    key[0] = space;
+    key[1..].copy_from_slice(&hash.0);
+    key
+}
+
+fn lru_key(seq: u64, hash: &ChunkHash) -> [u8; 41] {
+    let mut key = [0u8; 41];
+    key[0] = b'l';
+    key[1..9].copy_from_slice(&seq.to_be_bytes());
+    key[9..].copy_from_slice(&hash.0);
+    key
+}
+
+fn meta_value(seq: u64, frame_len: u64) -> [u8; 16] {
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&seq.to_be_bytes());
+    value[8..].copy_from_slice(&frame_len.to_be_bytes());
+    value
+}
+
+fn parse_meta(value: &[u8]) -> Option<(u64, u64)> {
+    let seq = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let len = u64::from_be_bytes(value.get(8..16)?.try_into().ok()?);
+    Some((seq, len))
+}
+
+fn storage_error(err: sled::Error) -> Error {
+    Error::internal(format!("chunk cache: {err}"))
+}
+
+impl ChunkCache {
+    /// Opens (or creates) the cache in `config.dir`, counting the bytes already there.
+    ///
+    /// Fails with [`ErrorKind::AlreadyExists`] when another process holds the database.
+    pub fn open(config: &CacheConfig) -> Result<Self> {
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|e| Error::internal(format!("creating cache dir {}: {e}", config.dir.display())))?;
+        let db = sled::Config::new()
+            .path(&config.dir)
+            .cache_capacity(config.memory)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|err| open_error(&config.dir, err))?;
+        let chunks = db.open_tree("chunks").map_err(storage_error)?;
+        let manifests = db.open_tree("manifests").map_err(storage_error)?;
+        let mut used = 0u64;
+        for item in chunks.scan_prefix(b"m") {
+            let (_, value) = item.map_err(storage_error)?;
+            if let Some((_, len)) = parse_meta(&value) {
+                used += len + ENTRY_OVERHEAD;
+            }
+        }
+        let next_seq = match chunks.scan_prefix(b"l").next_back() {
+            Some(item) => {
+                let (key, _) = item.map_err(storage_error)?;
+                key.get(1..9).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0) + 1
+            }
+            None => 0,
+        };
+        let cache = ChunkCache {
+            db,
+            chunks,
+            manifests,
+            quota: config.quota,
+            used: AtomicU64::new(used),
+            next_seq: AtomicU64::new(next_seq),
+            write_lock: Mutex::new(()),
+            write_failed: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            write_failures: AtomicU64::new(0),
+        };
+        // A quota lowered since the last run takes effect at once.
+        {
+            let _guard = cache.write_lock.lock();
+            cache.evict_until(0)?;
+        }
+        tracing::info!(dir = %config.dir.display(), used = cache.used_bytes(), quota = cache.quota, "chunk cache opened");
+        Ok(cache)
+    }
+
+    /// The quota in bytes.
+    pub fn quota(&self) -> u64 {
+        self.quota
+    }
+
+    /// Bytes counted against the quota now.
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// What the cache did since it was opened.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            corrupt: self.corrupt.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            write_failures: self.write_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the cache holds an entry for `hash`, without verifying it.
+    pub fn contains(&self, hash: &ChunkHash) -> bool {
+        self.chunks.contains_key(key(b'm', hash)).unwrap_or(false)
+    }
+
+    /// The verified contents of a chunk, or `None` when it is not cached. An entry that fails
+    /// verification is removed and reported as `None`, so the caller fetches it again.
+    pub fn get(&self, chunk: &ChunkRef) -> Option<Vec<u8>> {
+        let frame = match self.chunks.get(key(b'd', &chunk.hash)) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Err(err) => {
+                tracing::warn!(chunk = %chunk.hash, "reading the chunk cache failed: {err}");
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        };
+        match decompress_verified(&frame, &chunk.hash, chunk.size as usize) {
+            Ok(data) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                self.touch(&chunk.hash);
+                Some(data)
+            }
+            Err(err) => {
+                tracing::warn!(chunk = %chunk.hash, "dropping a corrupted cache entry: {err}");
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+                let _guard = self.write_lock.lock();
+                if let Err(err) = self.remove_locked(&chunk.hash) {
+                    tracing::warn!(chunk = %chunk.hash, "removing a corrupted cache entry failed: {err}");
+                }
+                None
+            }
+        }
+    }
+
+    /// Stores a chunk's zstd frame, evicting the least recently used entries to make room.
+    ///
+    /// The frame is not checked here: reads check it. A write that fails (a full disk, for
+    /// instance) is counted and logged, never returned: the chunk is simply not cached.
+    pub fn insert(&self, hash: &ChunkHash, frame: &[u8]) {
+        if let Err(err) = self.try_insert(hash, frame) {
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+            // Log the first failure loudly and the rest quietly: on a full disk every insert fails.
+            if !self.write_failed.swap(true, Ordering::Relaxed) {
+                tracing::warn!(chunk = %hash, "chunk cache write failed, serving without caching: {err}");
+            } else {
+                tracing::debug!(chunk = %hash, "chunk cache write failed: {err}");
+            }
+        }
+    }
+
+    fn try_insert(&self, hash: &ChunkHash, frame: &[u8]) -> Result<()> {
+        let cost = frame.len() as u64 + ENTRY_OVERHEAD;
+        if cost > self.quota {
+            return Ok(());
+        }
+        let _guard = self.write_lock.lock();
+        // Replacing an entry (a repair after corruption, say) first drops the old one.
+        self.remove_locked(hash)?;
+        self.evict_until(cost)?;
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut batch = sled::Batch::default();
+        batch.insert(&key(b'd', hash)[..], frame);
+        batch.insert(&key(b'm', hash)[..], &meta_value(seq, frame.len() as u64)[..]);
+        batch.insert(&lru_key(seq, hash)[..], &[][..]);
+        self.chunks.apply_batch(batch).map_err(storage_error)?;
+        self.used.fetch_add(cost, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records an access, moving the entry to the young end of the LRU order.
+    fn touch(&self, hash: &ChunkHash) {
+        let _guard = self.write_lock.lock();
+        let Ok(Some(meta)) = self.chunks.get(key(b'm', hash)) else { return };
+        let Some((old_seq, len)) = parse_meta(&meta) else { return };
+        if old_seq + BUMP_SLACK >= self.next_seq.load(Ordering::Relaxed) {
+            return;
+        }
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut batch = sled::Batch::default();
+        batch.remove(&lru_key(old_seq, hash)[..]);
+        batch.insert(&lru_key(seq, hash)[..], &[][..]);
+        batch.insert(&key(b'm', hash)[..], &meta_value(seq, len)[..]);
+        if let Err(err) = self.chunks.apply_batch(batch) {
+            tracing::debug!(chunk = %hash, "recording a cache access failed: {err}");
+        }
+    }
+
+    /// Removes one entry; the caller holds `write_lock`.
+    fn remove_locked(&self, hash: &ChunkHash) -> Result<bool> {
+        let Some(meta) = self.chunks.get(key(b'm', hash)).map_err(storage_error)? else {
+            return Ok(false);
+        };
+        let Some((seq, len)) = parse_meta(&meta) else {
+            return Err(Error::corrupt(format!("cache metadata of chunk {hash} is malformed")));
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(&key(b'd', hash)[..]);
+        batch.remove(&key(b'm', hash)[..]);
+        batch.remove(&lru_key(seq, hash)[..]);
+        self.chunks.apply_batch(batch).map_err(storage_error)?;
+        self.used.fetch_sub((len + ENTRY_OVERHEAD).min(self.used_bytes()), Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Evicts the oldest entries until `incoming` more bytes fit; the caller holds `write_lock`.
+    fn evict_until(&self, incoming: u64) -> Result<()> {
+        while self.used_bytes() + incoming > self.quota {
+            let Some(item) = self.chunks.scan_prefix(b"l").next() else {
+                // Nothing left to evict: the count drifted (it cannot, but never loop forever).
+                self.used.store(0, Ordering::Relaxed);
+                return Ok(());
+            };
+            let (lkey, _) = item.map_err(storage_error)?;
+            let hash = lkey
+                .get(9..41)
+                .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                .map(ChunkHash)
+                .ok_or_else(|| Error::corrupt("malformed LRU key in the chunk cache"))?;
+            if !self.remove_locked(&hash)? {
+                // An LRU key without metadata; drop it so the loop moves on.
+                self.chunks.remove(lkey).map_err(storage_error)?;
+            }
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The manifest of a path seen before, by hash part.
+    pub fn get_manifest(&self, hash_part: &str) -> Option<PathManifest> {
+        let bytes = self.manifests.get(hash_part.as_bytes()).ok()??;
+        match serde_json::from_slice::<PathManifest>(&bytes) {
+            Ok(manifest) if manifest.manifest.validate().is_ok() => Some(manifest),
+            _ => {
+                tracing::warn!(store_path.hash = hash_part, "dropping a corrupted cached manifest");
+                let _ = self.manifests.remove(hash_part.as_bytes());
+                None
+            }
+        }
+    }
+
+    /// Remembers a path's manifest; failures are logged, like chunk writes.
+    pub fn put_manifest(&self, hash_part: &str, manifest: &PathManifest) {
+        let result = serde_json::to_vec(manifest)
+            .map_err(|e| Error::internal(e.to_string()))
+            .and_then(|bytes| self.manifests.insert(hash_part.as_bytes(), bytes).map_err(storage_error));
+        if let Err(err) = result {
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(store_path.hash = hash_part, "caching a manifest failed: {err}");
+        }
+    }
+
+    /// Hash parts of every path whose manifest is cached.
+    pub fn manifest_hashes(&self) -> Vec<String> {
+        self.manifests
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter_map(|k| String::from_utf8(k.to_vec()).ok())
+            .collect()
+    }
+
+    /// Writes everything to disk; sled also does this on its own every half second.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(storage_error)
+    }
+}
+
+fn open_error(dir: &Path, err: sled::Error) -> Error {
+    match &err {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) => {
+            Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "chunk cache {} is in use by another process (sled holds an exclusive lock); \
+                     give each process its own --cache-dir",
+                    dir.display()
+                ),
+            )
+        }
+        _ => Error::internal(format!("opening chunk cache {}: {err}", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flywheel_core::chunk::compress;
+    use rand::RngCore;
+
+    fn chunk(seed: u64, len: usize) -> (ChunkRef, Vec<u8>) {
+        let mut data = vec![0u8; len];
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+        rng.fill_bytes(&mut data);
+        let hash = ChunkHash::of(&data);
+        let frame = compress(&data, 1).unwrap();
+        (ChunkRef { hash, size: len as u32 }, frame)
+    }
+
+    fn dir_size(path: &Path) -> u64 {
+        let mut total = 0;
+        for entry in std::fs::read_dir(path).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            total += if meta.is_dir() { dir_size(&entry.path()) } else { meta.len() };
+        }
+        total
+    }
+
+    #[test]
+    fn roundtrip_and_persistence() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CacheConfig::new(dir.path().join("db"), 10 << 20);
+        let (c, frame) = chunk(1, 100_000);
+        {
+            let cache = ChunkCache::open(&config).unwrap();
+            assert!(cache.get(&c).is_none());
+            cache.insert(&c.hash, &frame);
+            assert_eq!(cache.get(&c).unwrap().len(), 100_000);
+            assert_eq!(cache.used_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
+            cache.flush().unwrap();
+        }
+        let cache = ChunkCache::open(&config).unwrap();
+        assert_eq!(cache.used_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
+        assert!(cache.get(&c).is_some());
+    }
+
+    #[test]
+    fn second_process_gets_a_clear_error() {
+        // sled's lock is a POSIX lock, which a process always gets again; the lock is tested
+        // across processes in the FUSE integration tests. Here: the error mapping compiles to
+        // the right kind for EWOULDBLOCK.
+        let err = open_error(Path::new("/x"), sled::Error::Io(std::io::Error::from_raw_os_error(11)));
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    }
+
+    #[test]
+    fn corrupted_entries_are_detected_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(&CacheConfig::new(dir.path(), 10 << 20)).unwrap();
+        let (c, frame) = chunk(2, 50_000);
+        let (_, other_frame) = chunk(3, 50_000);
+        // A frame of other content under this name, and a frame with flipped bits.
+        cache.insert(&c.hash, &other_frame);
+        assert!(cache.get(&c).is_none());
+        assert_eq!(cache.stats().corrupt, 1);
+        assert!(!cache.contains(&c.hash));
+        assert_eq!(cache.used_bytes(), 0);
+        let mut flipped = frame.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x55;
+        cache.insert(&c.hash, &flipped);
+        assert!(cache.get(&c).is_none());
+        assert_eq!(cache.stats().corrupt, 2);
+        cache.insert(&c.hash, &frame);
+        assert_eq!(cache.get(&c).unwrap(), {
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(2);
+            let mut d = vec![0u8; 50_000];
+            rng.fill_bytes(&mut d);
+            d
+        });
+    }
+
+    #[test]
+    fn quota_holds_under_a_larger_workload_and_evicts_lru() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = 4 << 20;
+        let cache = ChunkCache::open(&CacheConfig::new(dir.path(), quota)).unwrap();
+        let chunks: Vec<_> = (0..200).map(|i| chunk(100 + i, 64 * 1024)).collect();
+        let (hot, hot_frame) = chunk(7, 64 * 1024);
+        cache.insert(&hot.hash, &hot_frame);
+        let mut max_used = 0;
+        for (i, (c, frame)) in chunks.iter().enumerate() {
+            cache.insert(&c.hash, frame);
+            max_used = max_used.max(cache.used_bytes());
+            if i % 8 == 0 {
+                // Keep one chunk hot: LRU must keep it through the whole workload.
+                assert!(cache.get(&hot).is_some(), "hot chunk evicted at step {i}");
+            }
+        }
+        // 200 chunks of 64 KiB = 12.8 MiB went through a 4 MiB cache.
+        assert!(max_used <= quota, "used {max_used} > quota {quota}");
+        assert!(cache.stats().evictions > 100);
+        assert!(cache.get(&chunks[0].0).is_none(), "the oldest chunk should be evicted");
+        assert!(cache.get(&chunks[199].0).is_some(), "the newest chunk should be kept");
+        let kept = chunks.iter().filter(|(c, _)| cache.contains(&c.hash)).count() as u64;
+        let frame_len = chunks[0].1.len() as u64 + ENTRY_OVERHEAD;
+        assert_eq!(kept + 1, cache.used_bytes() / frame_len);
+        cache.flush().unwrap();
+        drop(cache);
+        // Reopened with a smaller quota, it shrinks at once.
+        let cache = ChunkCache::open(&CacheConfig::new(dir.path(), quota / 2)).unwrap();
+        assert!(cache.used_bytes() <= quota / 2);
+        cache.flush().unwrap();
+        // What is on disk stays within a small multiple of the quota; sled is log-structured.
+        let on_disk = dir_size(dir.path());
+        eprintln!("on disk: {on_disk} bytes for quota {quota}");
+        assert!(on_disk <= 3 * quota, "sled uses {on_disk} bytes on disk for a {quota}-byte quota");
+    }
+}

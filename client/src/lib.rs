@@ -1,0 +1,26 @@
+//! The runner side of flywheel's chunk API.
+//!
+//! - [`ApiClient`] talks to a flywheel server: it fetches path manifests, narinfo files and
+//!   chunks (one per `GET`, or many per `POST chunks`), and verifies every chunk against its
+//!   BLAKE3 name before handing it out.
+//! - [`ChunkCache`] is the local chunk cache on the runner's persistent volume: a sled database
+//!   of zstd frames with a byte quota and LRU eviction. Entries are verified on every read, so a
+//!   corrupted entry is dropped and fetched again rather than served. The database also keeps
+//!   the manifests of paths seen before, so a restarted mount knows them without the server.
+//! - [`ChunkStore`] puts the two together: chunks come from the cache when present and from the
+//!   server otherwise, concurrent requests for the same chunk share one fetch, and fetched
+//!   chunks are cached.
+//!
+//! The FUSE mount and the local substituter both build on [`ChunkStore`].
+//!
+//! A sled database is held by one process at a time: a second process opening the same cache
+//! directory gets [`flywheel_core::ErrorKind::AlreadyExists`] with a message naming the lock.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod cache;
+pub mod store;
+
+pub use api::{ApiClient, ClientConfig, FetchedChunk};
+pub use cache::{CacheConfig, CacheStats, ChunkCache};
+pub use store::ChunkStore;

@@ -1,0 +1,374 @@
+//! Shared harness of the end-to-end tests: real Nix 2.8, the real `flywheel` binary, and
+//! `s3s-fs` as the S3 server, all on 127.0.0.1. A missing prerequisite fails the test: nothing
+//! here skips.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+
+pub const FLYWHEEL: &str = env!("CARGO_BIN_EXE_flywheel");
+
+/// The path of a tool the tests need, or a failure that says how to get it.
+pub fn require_tool(name: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/local/bin", "/root/.cargo/bin"]) {
+        let candidate = Path::new(dir).join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("`{name}` is not installed; run `./scripts/test.sh`, which installs what the tests need");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on port {port}");
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique seed per corpus, so tests never share store paths by accident.
+pub fn unique_seed(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{tag}-{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+/// Real Nix, run as root with a store root per test and no shared caches.
+pub struct Nix {
+    pub dir: tempfile::TempDir,
+}
+
+/// Store path metadata as `nix path-info --json` gives it.
+#[derive(Debug, Clone)]
+pub struct PathInfo {
+    pub path: String,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub references: Vec<String>,
+    pub deriver: Option<String>,
+}
+
+impl Nix {
+    pub fn new() -> Nix {
+        require_tool("nix");
+        require_tool("nix-store");
+        assert!(Path::new("/bin/busybox").is_file(), "/bin/busybox missing: run ./scripts/test.sh (busybox-static)");
+        Nix { dir: tempfile::tempdir().unwrap() }
+    }
+
+    /// A store root below this test's directory.
+    pub fn store(&self, name: &str) -> String {
+        self.dir.path().join(name).to_string_lossy().into_owned()
+    }
+
+    /// A command for a Nix program with the test settings and a fresh cache directory.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        let xdg = self.dir.path().join(format!("xdg-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        cmd.env("NIX_CONFIG", "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nnarinfo-cache-negative-ttl = 0\nsandbox-paths = /bin/sh=/bin/busybox /bin/busybox=/bin/busybox\n")
+            .env("XDG_CACHE_HOME", xdg)
+            .env_remove("NIX_REMOTE");
+        cmd
+    }
+
+    /// Runs a command, failing the test with its output if it fails.
+    pub fn run(&self, cmd: &mut Command) -> String {
+        let out = cmd.output().expect("spawning a nix command");
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed with {}:\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Builds attributes of tests/corpus.nix in `store`; returns their out paths.
+    pub fn build(&self, store: &str, seed: &str, attrs: &[&str]) -> Vec<String> {
+        let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus.nix");
+        let mut cmd = self.cmd("nix-build");
+        cmd.args(["--store", store, "--no-out-link", corpus, "--argstr", "seed", seed]);
+        for attr in attrs {
+            cmd.args(["-A", attr]);
+        }
+        let out = self.run(&mut cmd);
+        let paths: Vec<String> = out.lines().map(str::to_string).collect();
+        assert_eq!(paths.len(), attrs.len(), "nix-build printed {out}");
+        paths
+    }
+
+    pub fn path_info(&self, store: &str, path: &str) -> PathInfo {
+        let out = self.run(self.cmd("nix").args(["path-info", "--json", "--store", store, path]));
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let info = &json[0];
+        PathInfo {
+            path: info["path"].as_str().unwrap().to_string(),
+            nar_hash: info["narHash"].as_str().unwrap().to_string(),
+            nar_size: info["narSize"].as_u64().unwrap(),
+            references: info["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect(),
+            deriver: info["deriver"].as_str().map(str::to_string),
+        }
+    }
+
+    /// The NAR of a path, as `nix-store --dump` writes it.
+    pub fn dump(&self, store: &str, path: &str) -> Vec<u8> {
+        let physical = format!("{store}{path}");
+        let out = self.cmd("nix-store").args(["--dump", &physical]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    /// `nix copy --to`, with credentials from `netrc`.
+    pub fn copy_to(&self, store: &str, url: &str, netrc: &Path, paths: &[String]) -> std::process::Output {
+        self.cmd("nix")
+            .args(["copy", "--store", store, "--to", url, "--option", "netrc-file"])
+            .arg(netrc)
+            .args(paths)
+            .output()
+            .unwrap()
+    }
+
+    /// `nix copy --from` into `store`, requiring signatures by `trusted_key`.
+    pub fn copy_from(&self, store: &str, url: &str, netrc: &Path, trusted_key: &str, paths: &[String]) -> std::process::Output {
+        self.cmd("nix")
+            .args(["copy", "--store", store, "--from", url, "--option", "netrc-file"])
+            .arg(netrc)
+            .args(["--option", "require-sigs", "true", "--option", "trusted-public-keys", trusted_key])
+            .args(paths)
+            .output()
+            .unwrap()
+    }
+
+    /// Whether Nix holds `path` as valid in `store`, with contents matching its hash.
+    pub fn verify(&self, store: &str, path: &str) -> bool {
+        self.cmd("nix-store").args(["--store", store, "--verify-path", path]).status().unwrap().success()
+    }
+}
+
+/// Which object store the server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Local,
+    S3,
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A running `flywheel serve` on 127.0.0.1, with its storage.
+pub struct Server {
+    child: Option<KillOnDrop>,
+    _s3: Option<KillOnDrop>,
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub config: PathBuf,
+    /// The directory where stored objects appear as files (the local store, or s3s-fs's bucket).
+    pub objects: PathBuf,
+    pub backend: Backend,
+}
+
+impl Server {
+    pub fn start(backend: Backend) -> Server {
+        Self::start_with(backend, "")
+    }
+
+    /// Starts a server; `extra` is appended to the top level of its config.
+    pub fn start_with(backend: Backend, extra: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, rand::random::<[u8; 32]>());
+        let (storage, objects, s3) = match backend {
+            Backend::Local => {
+                let path = dir.path().join("storage");
+                (format!("[storage]\ntype = \"local\"\npath = \"{}\"\n", path.display()), path, None)
+            }
+            Backend::S3 => {
+                let s3s = require_tool("s3s-fs");
+                let root = dir.path().join("s3");
+                std::fs::create_dir_all(root.join("flywheel")).unwrap();
+                let port = free_port();
+                let mut child = Command::new(s3s)
+                    .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "testkey", "--secret-key", "testsecret"])
+                    .arg(&root)
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(dir.path().join("s3s.log")).unwrap())
+                    .spawn()
+                    .expect("starting s3s-fs");
+                wait_for_port(port, &mut child, "s3s-fs");
+                let config = format!(
+                    "[storage]\ntype = \"s3\"\nbucket = \"flywheel\"\nendpoint = \"http://127.0.0.1:{port}\"\naccess-key-id = \"testkey\"\nsecret-access-key = \"testsecret\"\nallow-http = true\n"
+                );
+                (config, root.join("flywheel"), Some(KillOnDrop(child)))
+            }
+        };
+        let config = dir.path().join("server.toml");
+        std::fs::write(&config, format!("token-hs256-secret-base64 = \"{secret}\"\n{extra}\n{storage}")).unwrap();
+        let mut server = Server {
+            child: None,
+            _s3: s3,
+            url: String::new(),
+            config,
+            objects,
+            backend,
+            dir,
+        };
+        server.launch("127.0.0.1:0");
+        server
+    }
+
+    fn launch(&mut self, listen: &str) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let mut child = Command::new(FLYWHEEL)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .args(["--listen", listen])
+            .env("RUST_LOG", "info,tower_http=warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("starting flywheel serve");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("Listening on ") {
+                        break url.to_string();
+                    }
+                }
+                _ => panic!("flywheel serve exited before listening; see {}", self.log_path().display()),
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.url = url;
+        self.child = Some(KillOnDrop(child));
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// Stops the server (storage stays).
+    pub fn stop(&mut self) {
+        self.child = None;
+    }
+
+    /// Starts it again on the same address.
+    pub fn restart(&mut self) {
+        self.stop();
+        let listen = self.url.trim_start_matches("http://").to_string();
+        self.launch(&listen);
+    }
+
+    /// `flywheel token mint` with these permission flags.
+    pub fn mint(&self, flags: &[&str]) -> String {
+        let out = Command::new(FLYWHEEL)
+            .args(["token", "mint", "--config"])
+            .arg(&self.config)
+            .args(["--sub", "test", "--validity", "1h"])
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn admin_token(&self) -> String {
+        self.mint(&[
+            "--pull", "*", "--push", "*", "--delete", "*", "--create-cache", "*", "--configure-cache", "*",
+            "--configure-cache-retention", "*", "--destroy-cache", "*",
+        ])
+    }
+
+    /// Creates a cache through Attic's API; returns its public key.
+    pub fn create_cache(&self, name: &str, public: bool) -> String {
+        let client = reqwest::blocking::Client::new();
+        let token = self.admin_token();
+        let resp = client
+            .post(format!("{}/_api/v1/cache-config/{name}", self.url))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({
+                "keypair": "Generate", "is_public": public, "store_dir": "/nix/store",
+                "priority": 40, "upstream_cache_key_names": []
+            }))
+            .send()
+            .unwrap();
+        assert!(resp.status().is_success(), "creating cache: {} {}", resp.status(), resp.text().unwrap());
+        let config: serde_json::Value = client
+            .get(format!("{}/_api/v1/cache-config/{name}", self.url))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        config["public_key"].as_str().unwrap().to_string()
+    }
+
+    /// A netrc file holding `token` for 127.0.0.1.
+    pub fn netrc(&self, token: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("netrc-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        std::fs::write(&path, format!("machine 127.0.0.1 password {token}\n")).unwrap();
+        path
+    }
+
+    /// Bytes of all chunk objects in storage.
+    pub fn chunk_bytes(&self) -> u64 {
+        dir_files(&self.objects.join("chunks")).values().map(|(size, _)| size).sum()
+    }
+
+    /// Every stored object, with its size and SHA-256. (s3s-fs keeps sidecar files of deleted
+    /// objects outside the bucket directory; they are not objects.)
+    pub fn storage_snapshot(&self) -> BTreeMap<String, (u64, [u8; 32])> {
+        dir_files(&self.objects)
+    }
+}
+
+fn dir_files(root: &Path) -> BTreeMap<String, (u64, [u8; 32])> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+                out.insert(path.strip_prefix(root).unwrap().to_string_lossy().into_owned(), (bytes.len() as u64, digest));
+            }
+        }
+    }
+    out
+}
+
+/// The hash part of a store path.
+pub fn hash_part(path: &str) -> &str {
+    &path.trim_start_matches("/nix/store/")[..32]
+}

@@ -1,0 +1,403 @@
+//! The cache server against real Nix 2.8: `nix copy` both ways, Attic's upload API, dedup,
+//! tokens and bad input, each on local storage and on S3 (`s3s-fs`).
+
+mod common;
+
+use common::{hash_part, Backend, Nix, Server};
+use flywheel_core::nar::NarWriter;
+use reqwest::blocking::Client;
+use reqwest::StatusCode;
+
+/// The corpus paths, dependencies first: a several-MB path, a single file, symlinks and
+/// executables, an empty directory, and a path with references.
+const CORPUS: [&str; 5] = ["big", "single", "tree", "empty", "withRefs"];
+
+fn nix_copy_roundtrip(backend: Backend) {
+    let nix = Nix::new();
+    let server = Server::start(backend);
+    let key = server.create_cache("ci", false);
+    let other_key = server.create_cache("other", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("copy"), &CORPUS);
+    let url = format!("{}/ci", server.url);
+
+    let push = server.netrc(&server.mint(&["--push", "ci", "--pull", "ci"]));
+    let out = nix.copy_to(&src, &url, &push, &paths);
+    assert!(out.status.success(), "nix copy --to failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    let pull = server.netrc(&server.mint(&["--pull", "ci"]));
+    let dst = nix.store("dst");
+    let out = nix.copy_from(&dst, &url, &pull, &key, &paths);
+    assert!(out.status.success(), "nix copy --from failed: {}", String::from_utf8_lossy(&out.stderr));
+    for path in &paths {
+        assert!(nix.verify(&dst, path), "{path} does not verify after substitution");
+        let (a, b) = (nix.path_info(&src, path), nix.path_info(&dst, path));
+        assert_eq!((a.nar_hash, a.nar_size, a.references), (b.nar_hash, b.nar_size, b.references));
+    }
+    let tree = &paths[2];
+    let run = std::path::PathBuf::from(format!("{dst}{tree}/bin/run"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&run).unwrap().permissions());
+    assert!(mode & 0o100 != 0, "executable bit lost");
+    assert_eq!(std::fs::read_link(format!("{dst}{tree}/share/link")).unwrap().to_str(), Some("../bin/run"));
+    let empty = std::fs::read_dir(format!("{dst}{}", paths[3])).unwrap().count();
+    assert_eq!(empty, 0);
+
+    // Signed by a key Nix does not trust: refused.
+    let out = nix.copy_from(&nix.store("dst-wrong-key"), &url, &pull, &other_key, &paths[..1]);
+    assert!(!out.status.success(), "substitution with an untrusted key succeeded");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("signature"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn nix_copy_roundtrip_local() {
+    nix_copy_roundtrip(Backend::Local);
+}
+
+#[test]
+fn nix_copy_roundtrip_s3() {
+    nix_copy_roundtrip(Backend::S3);
+}
+
+/// Uploads one path through `upload-path`, in the header form or the preamble form.
+fn upload_path(
+    client: &Client,
+    server: &Server,
+    token: &str,
+    info: &serde_json::Value,
+    nar: Vec<u8>,
+    preamble: bool,
+) -> reqwest::blocking::Response {
+    let request = client.put(format!("{}/_api/v1/upload-path", server.url)).bearer_auth(token);
+    let request = if preamble {
+        let json = serde_json::to_vec(info).unwrap();
+        let mut body = json.clone();
+        body.extend_from_slice(&nar);
+        request.header("X-Attic-Nar-Info-Preamble-Size", json.len().to_string()).body(body)
+    } else {
+        request.header("X-Attic-Nar-Info", info.to_string()).body(nar)
+    };
+    request.send().unwrap()
+}
+
+fn upload_info(nix: &Nix, store: &str, path: &str, cache: &str) -> serde_json::Value {
+    let info = nix.path_info(store, path);
+    serde_json::json!({
+        "cache": cache,
+        "store_path_hash": hash_part(path),
+        "store_path": path,
+        "references": info.references.iter().map(|r| r.trim_start_matches("/nix/store/")).collect::<Vec<_>>(),
+        "system": null,
+        "deriver": info.deriver.as_deref().map(|d| d.trim_start_matches("/nix/store/")),
+        "sigs": [],
+        "ca": null,
+        "nar_hash": info.nar_hash,
+        "nar_size": info.nar_size,
+    })
+}
+
+fn missing_paths(client: &Client, server: &Server, token: &str, paths: &[String]) -> Vec<String> {
+    let resp: serde_json::Value = client
+        .post(format!("{}/_api/v1/get-missing-paths", server.url))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"cache": "ci", "store_path_hashes": paths.iter().map(|p| hash_part(p)).collect::<Vec<_>>()}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    resp["missing_paths"].as_array().unwrap().iter().map(|h| h.as_str().unwrap().to_string()).collect()
+}
+
+fn attic_upload(backend: Backend) {
+    let nix = Nix::new();
+    let server = Server::start(backend);
+    let key = server.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("attic"), &CORPUS);
+    let client = Client::new();
+    let token = server.mint(&["--push", "ci", "--pull", "ci"]);
+
+    assert_eq!(missing_paths(&client, &server, &token, &paths).len(), paths.len());
+    for (i, path) in paths.iter().enumerate() {
+        let info = upload_info(&nix, &src, path, "ci");
+        let resp = upload_path(&client, &server, &token, &info, nix.dump(&src, path), i % 2 == 1);
+        assert_eq!(resp.status(), StatusCode::OK, "{path}: {}", resp.text().unwrap());
+        let result: serde_json::Value = resp.json().unwrap();
+        assert_eq!(result["kind"], "Uploaded", "{result}");
+    }
+    assert!(missing_paths(&client, &server, &token, &paths).is_empty());
+
+    // The same NAR again: nothing new is stored.
+    let info = upload_info(&nix, &src, &paths[0], "ci");
+    let before = server.chunk_bytes();
+    let resp = upload_path(&client, &server, &token, &info, nix.dump(&src, &paths[0]), false);
+    let result: serde_json::Value = resp.json().unwrap();
+    assert_eq!(result["kind"], "Deduplicated", "{result}");
+    assert_eq!(server.chunk_bytes(), before);
+
+    let pull = server.netrc(&server.mint(&["--pull", "ci"]));
+    let dst = nix.store("dst");
+    let out = nix.copy_from(&dst, &format!("{}/ci", server.url), &pull, &key, &paths);
+    assert!(out.status.success(), "nix copy --from failed: {}", String::from_utf8_lossy(&out.stderr));
+    for path in &paths {
+        assert!(nix.verify(&dst, path), "{path} does not verify");
+    }
+}
+
+#[test]
+fn attic_upload_local() {
+    attic_upload(Backend::Local);
+}
+
+#[test]
+fn attic_upload_s3() {
+    attic_upload(Backend::S3);
+}
+
+fn dedup(backend: Backend) {
+    let nix = Nix::new();
+    let server = Server::start(backend);
+    server.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("dedup"), &["big", "bigNext"]);
+    let push = server.netrc(&server.mint(&["--push", "ci", "--pull", "ci"]));
+    let url = format!("{}/ci", server.url);
+
+    let out = nix.copy_to(&src, &url, &push, &paths[..1]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first = server.chunk_bytes();
+    assert!(first > 5_000_000, "version one stored only {first} bytes");
+
+    let out = nix.copy_to(&src, &url, &push, &paths[1..]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let added = server.chunk_bytes() - first;
+    // One insertion changes the chunk around it (FastCDC: at most a few chunks of <= 256 KiB).
+    assert!(added > 0, "version two stored nothing");
+    assert!(added < 800_000, "version two stored {added} new bytes of {first}");
+
+    // Through Attic's API the response says how much was already there.
+    let client = Client::new();
+    let token = server.mint(&["--push", "ci"]);
+    server.create_cache("ci2", false);
+    let info = upload_info(&nix, &src, &paths[1], "ci2");
+    let resp = upload_path(&client, &server, &server.admin_token(), &info, nix.dump(&src, &paths[1]), false);
+    let result: serde_json::Value = resp.json().unwrap();
+    assert!(result["frac_deduplicated"].as_f64().unwrap() > 0.99, "{result}");
+    let _ = token;
+}
+
+#[test]
+fn dedup_local() {
+    dedup(Backend::Local);
+}
+
+#[test]
+fn dedup_s3() {
+    dedup(Backend::S3);
+}
+
+fn tokens(backend: Backend) {
+    let nix = Nix::new();
+    let server = Server::start(backend);
+    server.create_cache("ci", false);
+    server.create_cache("other", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("tokens"), &["single"]);
+    let admin = server.admin_token();
+    let client = Client::new();
+    let info = upload_info(&nix, &src, &paths[0], "ci");
+    let nar = nix.dump(&src, &paths[0]);
+    assert_eq!(upload_path(&client, &server, &admin, &info, nar.clone(), false).status(), StatusCode::OK);
+
+    // A token signed with another server's secret.
+    let foreign_config = server.dir.path().join("foreign.toml");
+    std::fs::write(
+        &foreign_config,
+        std::fs::read_to_string(&server.config)
+            .unwrap()
+            .lines()
+            .map(|l| if l.starts_with("token-hs256") { "token-hs256-secret-base64 = \"AAAAaaaaBBBBbbbbCCCCccccDDDDddddEEEEeeeeFFFF\"".to_string() } else { l.to_string() })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::FLYWHEEL)
+        .args(["token", "mint", "--config"])
+        .arg(&foreign_config)
+        .args(["--sub", "x", "--validity", "1h", "--pull", "*", "--push", "*"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let foreign = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let for_other = server.mint(&["--pull", "other", "--push", "other"]);
+    let pull_only = server.mint(&["--pull", "ci"]);
+
+    let hash = hash_part(&paths[0]);
+    let narinfo_url = format!("{}/ci/{hash}.narinfo", server.url);
+    let nar_url = format!("{}/ci/nar/{hash}.nar.zst", server.url);
+    for (label, token) in [("none", None), ("foreign", Some(&foreign)), ("other cache", Some(&for_other))] {
+        let auth = |r: reqwest::blocking::RequestBuilder| match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        };
+        let reads = [
+            auth(client.get(&narinfo_url)).send().unwrap().status(),
+            auth(client.get(&nar_url)).send().unwrap().status(),
+            auth(client.get(format!("{}/ci/nix-cache-info", server.url))).send().unwrap().status(),
+        ];
+        let writes = [
+            auth(client.put(&narinfo_url).body("StorePath: x\n")).send().unwrap().status(),
+            auth(client.put(format!("{}/ci/nar/x.nar", server.url)).body(nar.clone())).send().unwrap().status(),
+            auth(client.put(format!("{}/_api/v1/upload-path", server.url)).header("X-Attic-Nar-Info", info.to_string()).body(nar.clone()))
+                .send()
+                .unwrap()
+                .status(),
+            auth(client.post(format!("{}/_api/v1/get-missing-paths", server.url)).json(&serde_json::json!({"cache": "ci", "store_path_hashes": [hash]})))
+                .send()
+                .unwrap()
+                .status(),
+        ];
+        for status in reads.iter().chain(writes.iter()) {
+            assert!(
+                *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN,
+                "token {label}: got {status} (reads {reads:?}, writes {writes:?})"
+            );
+        }
+    }
+    // Basic auth carries the token as Nix's netrc does; a pull token cannot push.
+    let resp = client.get(&narinfo_url).basic_auth("anyone", Some(&pull_only)).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = upload_path(&client, &server, &pull_only, &info, nar, false);
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let body: serde_json::Value = resp.json().unwrap();
+    assert_eq!(body["code"], 403);
+    assert_eq!(body["error"], "AccessError");
+}
+
+#[test]
+fn tokens_local() {
+    tokens(Backend::Local);
+}
+
+#[test]
+fn tokens_s3() {
+    tokens(Backend::S3);
+}
+
+/// A NAR of one directory with entries named as given, in the order given.
+fn nar_with_names(names: &[&[u8]]) -> Vec<u8> {
+    let mut w = NarWriter::new(Vec::new()).unwrap();
+    w.start_directory().unwrap();
+    for name in names {
+        w.entry(name).unwrap();
+        w.regular(false, 3, &mut &b"abc"[..]).unwrap();
+        w.end_entry().unwrap();
+    }
+    w.end_directory().unwrap();
+    w.into_inner()
+}
+
+fn bad_input(backend: Backend) {
+    let nix = Nix::new();
+    let server = Server::start(backend);
+    server.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("bad"), &["big", "single"]);
+    let token = server.admin_token();
+    let client = Client::new();
+    let big_info = upload_info(&nix, &src, &paths[0], "ci");
+    let big_nar = nix.dump(&src, &paths[0]);
+    let single_info = upload_info(&nix, &src, &paths[1], "ci");
+    let single_nar = nix.dump(&src, &paths[1]);
+    // Some stored state that bad input must leave alone.
+    assert_eq!(upload_path(&client, &server, &token, &single_info, single_nar.clone(), false).status(), StatusCode::OK);
+    let before = server.storage_snapshot();
+
+    let with_nar = |nar: Vec<u8>| {
+        let mut info = big_info.clone();
+        info["nar_size"] = serde_json::json!(nar.len());
+        info["nar_hash"] = serde_json::json!(format!("sha256:{}", hex_sha256(&nar)));
+        upload_path(&client, &server, &token, &info, nar, false)
+    };
+    let mut cases: Vec<(&str, reqwest::blocking::Response, &str)> = Vec::new();
+    cases.push(("garbage NAR", with_nar(b"this is not a NAR at all".to_vec()), "NAR"));
+    cases.push(("truncated NAR", with_nar(big_nar[..big_nar.len() / 2 + 3].to_vec()), "truncated"));
+    cases.push(("name ..", with_nar(nar_with_names(&[b".."])), "invalid file name"));
+    cases.push(("name with /", with_nar(nar_with_names(&[b"a/b"])), "invalid file name"));
+    cases.push(("name with NUL", with_nar(nar_with_names(&[b"a\0b"])), "invalid file name"));
+    cases.push(("unsorted", with_nar(nar_with_names(&[b"b", b"a"])), "sorted"));
+    let mut wrong_hash = big_info.clone();
+    wrong_hash["nar_hash"] = single_info["nar_hash"].clone();
+    cases.push(("wrong narHash", upload_path(&client, &server, &token, &wrong_hash, big_nar.clone(), false), "does not match"));
+    let mut wrong_size = big_info.clone();
+    wrong_size["nar_size"] = serde_json::json!(big_nar.len() + 8);
+    cases.push(("wrong narSize", upload_path(&client, &server, &token, &wrong_size, big_nar.clone(), true), "does not match"));
+    let mut wrong_hash_part = single_info.clone();
+    wrong_hash_part["store_path_hash"] = serde_json::json!("00000000000000000000000000000000");
+    cases.push(("store_path_hash", upload_path(&client, &server, &token, &wrong_hash_part, single_nar.clone(), false), "does not match"));
+    let put = |path: String, body: Vec<u8>| client.put(format!("{}{path}", server.url)).bearer_auth(&token).body(body).send().unwrap();
+    cases.push(("truncated NAR through Nix's PUT", put("/ci/nar/x.nar".into(), big_nar[..big_nar.len() - 100].to_vec()), "truncated"));
+    cases.push(("bad xz", put("/ci/nar/x.nar.xz".into(), b"not xz data at all".to_vec()), "decompress"));
+    cases.push(("unknown compression", put("/ci/nar/x.nar.gz".into(), single_nar.clone()), "compression"));
+    let hash = hash_part(&paths[0]);
+    cases.push(("malformed narinfo", put(format!("/ci/{hash}.narinfo"), b"this is no narinfo".to_vec()), "narinfo"));
+    let narinfo = format!(
+        "StorePath: {}\nURL: nar/x.nar\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: \n",
+        paths[0], big_info["nar_hash"].as_str().unwrap(), big_nar.len()
+    );
+    cases.push(("narinfo without its NAR", put(format!("/ci/{hash}.narinfo"), narinfo.into_bytes()), "has not been uploaded"));
+    cases.push((
+        "malformed JSON",
+        client.post(format!("{}/_api/v1/get-missing-paths", server.url)).bearer_auth(&token).body("{\"cache\": ").send().unwrap(),
+        "JSON",
+    ));
+    cases.push((
+        "malformed upload info",
+        client.put(format!("{}/_api/v1/upload-path", server.url)).bearer_auth(&token).header("X-Attic-Nar-Info", "{nope").body(single_nar.clone()).send().unwrap(),
+        "JSON",
+    ));
+    cases.push(("unknown cache", client.get(format!("{}/nosuchcache/{hash}.narinfo", server.url)).bearer_auth(&token).send().unwrap(), "does not exist"));
+    let huge = format!("{{\"pad\": \"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    let resp = client.put(format!("{}/_api/v1/upload-path", server.url)).bearer_auth(&token).header("X-Attic-Nar-Info", huge).body(single_nar.clone()).send();
+    let huge_status = match resp {
+        Ok(resp) => resp.status(),
+        // The server may close the connection on a header this large; that is a refusal too.
+        Err(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+    };
+    assert!(huge_status.is_client_error(), "oversized header: {huge_status}");
+
+    for (label, resp, needle) in cases {
+        let status = resp.status();
+        let text = resp.text().unwrap();
+        assert!(status.is_client_error(), "{label}: expected a 4xx, got {status}: {text}");
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{label}: body is not JSON: {text}"));
+        assert_eq!(body["code"], status.as_u16(), "{label}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{label}: message {message:?} lacks {needle:?}");
+    }
+    let after = server.storage_snapshot();
+    let changed: Vec<_> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .collect();
+    assert!(changed.is_empty(), "bad input changed storage: {changed:?}");
+
+    // And the stored path still substitutes.
+    let resp = client.get(format!("{}/ci/{}.narinfo", server.url, hash_part(&paths[1]))).bearer_auth(&token).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn bad_input_local() {
+    bad_input(Backend::Local);
+}
+
+#[test]
+fn bad_input_s3() {
+    bad_input(Backend::S3);
+}
