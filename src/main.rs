@@ -23,6 +23,10 @@ enum Command {
     /// Manage tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Mount a cache as a lazy, read-only store directory (FUSE).
+    Mount(MountArgs),
+    /// Print the registration of a closure for `nix-store --load-db`.
+    DumpDb(DumpDbArgs),
 }
 
 #[derive(Args)]
@@ -93,6 +97,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Token(TokenCommand::Mint(args)) => mint(args),
+        Command::Mount(args) => mount(args),
+        Command::DumpDb(args) => dump_db(args),
     }
 }
 
@@ -178,5 +184,86 @@ fn validate_pattern(pattern: &str) -> anyhow::Result<()> {
     if !ok {
         anyhow::bail!("invalid cache pattern {pattern:?}: letters, digits, '-', '_', '+' and '*' only");
     }
+    Ok(())
+}
+
+/// Where a runner-side command finds the server.
+#[derive(Args)]
+struct ServerArgs {
+    /// Base URL of the server, e.g. `http://cache:8080`.
+    #[arg(long)]
+    server: String,
+    /// Cache name.
+    #[arg(long)]
+    cache: String,
+    /// File holding a token (JWT) that may pull from the cache.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.token_file else { return Ok(None) };
+        let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Some(token.trim().to_string()))
+    }
+}
+
+#[derive(Args)]
+struct MountArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Directory of the local chunk cache (a sled database); one process at a time.
+    #[arg(long, default_value = "/var/cache/flywheel")]
+    cache_dir: PathBuf,
+    /// Byte quota of the local chunk cache.
+    #[arg(long, default_value_t = 10 << 30)]
+    cache_size: u64,
+    /// Seconds to wait for the server before a read fails with EIO.
+    #[arg(long, default_value_t = 10)]
+    offline_timeout: u64,
+    /// Where to mount.
+    mountpoint: PathBuf,
+}
+
+fn mount(args: MountArgs) -> anyhow::Result<()> {
+    let mut config = flywheel_fuse::MountConfig::new(args.server.server.clone(), args.server.cache.clone(), args.mountpoint);
+    config.token = args.server.token()?;
+    config.cache_dir = args.cache_dir;
+    config.cache_size = args.cache_size;
+    config.offline_timeout = std::time::Duration::from_secs(args.offline_timeout.max(1));
+    flywheel_fuse::mount(config)?;
+    Ok(())
+}
+
+#[derive(Args)]
+struct DumpDbArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Seconds to wait for the server per request.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// Store paths (full paths or base names) whose closure to register.
+    #[arg(required = true)]
+    paths: Vec<String>,
+}
+
+fn dump_db(args: DumpDbArgs) -> anyhow::Result<()> {
+    use flywheel_client::dump_db;
+    let api = flywheel_client::ApiClient::new(flywheel_client::ClientConfig {
+        server: args.server.server.clone(),
+        cache: args.server.cache.clone(),
+        token: args.server.token()?,
+        timeout: std::time::Duration::from_secs(args.timeout.max(1)),
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let text = runtime.block_on(async {
+        let store_dir = api.store_dir().await?;
+        let roots = args.paths.iter().map(|p| dump_db::parse_path_arg(p, &store_dir)).collect::<Result<Vec<_>, _>>()?;
+        let infos = dump_db::closure(&api, &roots, &store_dir).await?;
+        Ok::<_, flywheel_core::Error>(dump_db::render(&infos, &store_dir))
+    })?;
+    use std::io::Write;
+    std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
 }

@@ -100,8 +100,9 @@ impl ApiClient {
     /// Fetches one chunk with `GET chunk/{hash}` and verifies it.
     #[instrument(skip_all, err, fields(chunk = %chunk.hash))]
     pub async fn chunk(&self, chunk: ChunkRef) -> Result<FetchedChunk> {
-        let response =
-            send(self.request(reqwest::Method::GET, self.api_url(&format!("chunk/{}", chunk.hash)))).await?;
+        let response = send(self.request(reqwest::Method::GET, self.api_url(&format!("chunk/{}", chunk.hash))))
+            .await
+            .map_err(lost_chunk)?;
         let frame = response.bytes().await.map_err(transport)?.to_vec();
         if frame.len() as u64 > max_frame_len(chunk.size) {
             return Err(Error::corrupt(format!("chunk {} arrived as an oversized frame", chunk.hash)));
@@ -117,7 +118,8 @@ impl ApiClient {
             return Ok(Vec::new());
         }
         let body = ChunkRefList { chunks: chunks.to_vec() };
-        let response = send(self.request(reqwest::Method::POST, self.api_url("chunks")).json(&body)).await?;
+        let response =
+            send(self.request(reqwest::Method::POST, self.api_url("chunks")).json(&body)).await.map_err(lost_chunk)?;
         let body = response.bytes().await.map_err(transport)?;
         let mut rest: &[u8] = &body;
         let mut out = Vec::with_capacity(chunks.len());
@@ -163,6 +165,16 @@ impl ApiClient {
 fn verify(chunk: ChunkRef, frame: Vec<u8>) -> Result<FetchedChunk> {
     let data = decompress_verified(&frame, &chunk.hash, chunk.size as usize)?;
     Ok(FetchedChunk { frame, data: data.into() })
+}
+
+/// A chunk named by a manifest that the server cannot find is damage on the server, not a
+/// missing file: readers must see an I/O error.
+fn lost_chunk(err: Error) -> Error {
+    if err.kind() == ErrorKind::NotFound {
+        Error::corrupt(format!("the server lost a chunk: {}", err.message()))
+    } else {
+        err
+    }
 }
 
 fn transport(err: reqwest::Error) -> Error {

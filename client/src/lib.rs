@@ -11,7 +11,8 @@
 //!   server otherwise, concurrent requests for the same chunk share one fetch, and fetched
 //!   chunks are cached.
 //!
-//! The FUSE mount and the local substituter both build on [`ChunkStore`].
+//! The FUSE mount and the local substituter both build on [`ChunkStore`]; [`dump_db`] renders a
+//! closure's registration for `nix-store --load-db`.
 //!
 //! A sled database is held by one process at a time: a second process opening the same cache
 //! directory gets [`flywheel_core::ErrorKind::AlreadyExists`] with a message naming the lock.
@@ -19,6 +20,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod dump_db;
 pub mod store;
 
 pub use api::{ApiClient, ClientConfig, FetchedChunk};

@@ -1,1 +1,143 @@
-//! The lazy FUSE store of the runner. Not implemented yet: see issue 3 and the README.
+//! The lazy FUSE store of the runner.
+//!
+//! [`mount`] serves a read-only Nix store directory. Any `<hash>-<name>` of the cache can be
+//! looked up at once (its manifest comes from the local cache or the server); listing the
+//! directory shows the paths known locally. Inside a path, the tree is exactly the NAR's.
+//! File contents are fetched on first read, only the chunks covering the read, verified, kept
+//! in the sled chunk cache of `flywheel-client` and in an in-memory LRU of hot chunks.
+//!
+//! Combined with a kernel overlayfs (the mount as lower layer) and `flywheel dump-db`, it makes
+//! a Nix store whose paths are valid at once and whose bytes arrive on demand.
+#![warn(missing_docs)]
+
+mod errno;
+mod fs;
+mod tree;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_client::{ApiClient, CacheConfig, ChunkCache, ChunkStore, ClientConfig};
+use flywheel_core::{Error, Result};
+
+pub use fs::{FlywheelFs, FsConfig};
+
+/// Everything `flywheel mount` needs.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Base URL of the server.
+    pub server: String,
+    /// Cache name.
+    pub cache: String,
+    /// Bearer token, if the cache needs one.
+    pub token: Option<String>,
+    /// Directory of the sled chunk cache.
+    pub cache_dir: PathBuf,
+    /// Byte quota of the chunk cache.
+    pub cache_size: u64,
+    /// Longest wait for the server; past it, reads fail with EIO.
+    pub offline_timeout: Duration,
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Bytes of decompressed chunks kept in memory.
+    pub hot_bytes: usize,
+}
+
+impl MountConfig {
+    /// Defaults for everything but the server, cache and mountpoint.
+    pub fn new(server: String, cache: String, mountpoint: PathBuf) -> Self {
+        MountConfig {
+            server,
+            cache,
+            token: None,
+            cache_dir: PathBuf::from("/var/cache/flywheel"),
+            cache_size: 10 << 30,
+            offline_timeout: Duration::from_secs(10),
+            mountpoint,
+            threads: 4,
+            hot_bytes: 32 << 20,
+        }
+    }
+}
+
+/// Mounts and serves until the filesystem is unmounted or the process gets SIGTERM or SIGINT,
+/// which unmount it (lazily if it is busy, so open files keep being answered).
+pub fn mount(config: MountConfig) -> Result<()> {
+    let cache = Arc::new(ChunkCache::open(&CacheConfig::new(&config.cache_dir, config.cache_size))?);
+    let api = ApiClient::new(ClientConfig {
+        server: config.server.clone(),
+        cache: config.cache.clone(),
+        token: config.token.clone(),
+        timeout: config.offline_timeout,
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads.max(2))
+        .thread_name("flywheel-fetch")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::internal(format!("starting the runtime: {e}")))?;
+    let store = ChunkStore::new(api, cache.clone());
+    let fs = FlywheelFs::new(
+        store,
+        runtime.handle().clone(),
+        FsConfig { offline_timeout: config.offline_timeout, hot_bytes: config.hot_bytes },
+    );
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        fuser::MountOption::FSName(format!("flywheel:{}", config.cache)),
+        fuser::MountOption::Subtype("flywheel".into()),
+        fuser::MountOption::RO,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::Exec,
+        fuser::MountOption::NoAtime,
+        fuser::MountOption::DefaultPermissions,
+    ];
+    // Builders and nix-daemon run as other users than the mount.
+    options.acl = fuser::SessionACL::All;
+    options.n_threads = Some(config.threads.max(1));
+    options.clone_fd = true;
+    let mut session = fuser::Session::new(fs, &config.mountpoint, &options)
+        .map_err(|e| Error::internal(format!("mounting on {}: {e}", config.mountpoint.display())))?;
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = config.mountpoint.clone();
+    runtime.spawn(async move {
+        wait_for_signal().await;
+        tracing::info!(mountpoint = %mountpoint.display(), "signal received, unmounting");
+        if let Err(err) = unmounter.unmount() {
+            tracing::warn!("unmount failed ({err}); detaching lazily");
+            lazy_unmount(&mountpoint);
+        }
+    });
+    tracing::info!(mountpoint = %config.mountpoint.display(), "mounted");
+    let result = session.run().map_err(|e| Error::internal(format!("FUSE session failed: {e}")));
+    if let Err(err) = cache.flush() {
+        tracing::warn!("flushing the chunk cache failed: {err}");
+    }
+    drop(runtime);
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn lazy_unmount(mountpoint: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()) else { return };
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    if rc != 0 {
+        tracing::warn!("lazy unmount failed: {}", std::io::Error::last_os_error());
+    }
+}

@@ -18,13 +18,46 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 /// Compresses a chunk into one zstd frame (with the frame's content size, so readers can size
 /// their buffer exactly).
 pub fn compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
-    zstd::bulk::compress(data, level).map_err(|err| Error::internal(format!("zstd compression failed: {err}")))
+    thread_local! {
+        // A compression context per thread and level: setting one up costs about as much as
+        // compressing a small chunk.
+        static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+            }
+            match slot.as_mut() {
+                Some((_, compressor)) => compressor.compress(data),
+                None => Err(std::io::Error::other("no compressor")),
+            }
+        })
+        .map_err(|err| Error::internal(format!("zstd compression failed: {err}")))
 }
 
 /// Decompresses one stored chunk and checks it against its name and length; bytes that fail
 /// verification are never returned.
 pub fn decompress_verified(frame: &[u8], expected: &ChunkHash, expected_len: usize) -> Result<Vec<u8>> {
-    let data = zstd::bulk::decompress(frame, expected_len)
+    thread_local! {
+        // A decompression context per thread: making one per chunk costs more than small
+        // chunks take to decompress.
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let data = DECOMPRESSOR
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(zstd::bulk::Decompressor::new()?);
+            }
+            match slot.as_mut() {
+                Some(decompressor) => decompressor.decompress(frame, expected_len),
+                None => Err(std::io::Error::other("no decompressor")),
+            }
+        })
         .map_err(|err| Error::corrupt(format!("chunk {expected} does not decompress: {err}")))?;
     if data.len() != expected_len {
         return Err(Error::corrupt(format!(

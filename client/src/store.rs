@@ -1,0 +1,152 @@
+//! Chunks from the local cache when present, from the server otherwise.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use flywheel_core::chunk::ChunkHash;
+use flywheel_core::manifest::ChunkRef;
+use flywheel_core::{Error, ErrorKind, Result};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use parking_lot::Mutex;
+
+use crate::api::ApiClient;
+use crate::cache::ChunkCache;
+
+/// Up to this many missing chunks are fetched with one `GET` each (in parallel); more go in
+/// `POST chunks` batches. Single GETs are what a small read needs, and they show up one per chunk
+/// in the server's request log.
+const SINGLE_GET_LIMIT: usize = 2;
+
+/// Chunks per `POST chunks` request: about 1 MiB at the average chunk size, so one request
+/// never needs long, and several run at once.
+const BATCH: usize = 16;
+
+/// A fetch's result, cloneable so concurrent waiters can share it.
+type SharedResult = Result<Arc<[u8]>, (ErrorKind, String)>;
+type InFlight = Shared<BoxFuture<'static, SharedResult>>;
+
+/// Chunks from the cache, or else from the server (then cached). Cheap to clone.
+#[derive(Clone)]
+pub struct ChunkStore {
+    api: ApiClient,
+    cache: Arc<ChunkCache>,
+    in_flight: Arc<Mutex<HashMap<ChunkHash, InFlight>>>,
+}
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore").field("cache", &self.cache).finish()
+    }
+}
+
+impl ChunkStore {
+    /// Combines a client and a cache.
+    pub fn new(api: ApiClient, cache: Arc<ChunkCache>) -> Self {
+        ChunkStore { api, cache, in_flight: Arc::default() }
+    }
+
+    /// The server client.
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+
+    /// The local cache.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// The verified contents of `chunks`, in order.
+    ///
+    /// Chunks missing locally are fetched from the server, in parallel, and cached; a chunk
+    /// another caller is already fetching is waited for instead of fetched twice.
+    pub async fn get_many(&self, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
+        let mut out: Vec<Option<Arc<[u8]>>> = vec![None; chunks.len()];
+        let mut missing = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            match self.cache.get(chunk) {
+                Some(data) => out[i] = Some(data.into()),
+                None => missing.push(i),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out.into_iter().flatten().collect());
+        }
+        // Claim the chunks nobody is fetching; wait for the others.
+        let mut waits: Vec<(usize, InFlight)> = Vec::new();
+        let mut claimed: Vec<ChunkRef> = Vec::new();
+        {
+            let mut in_flight = self.in_flight.lock();
+            let mut claimed_index: HashMap<ChunkHash, usize> = HashMap::new();
+            let mut pending: Vec<(usize, ChunkHash)> = Vec::new();
+            for &i in &missing {
+                let chunk = chunks[i];
+                if let Some(fetch) = in_flight.get(&chunk.hash) {
+                    waits.push((i, fetch.clone()));
+                } else {
+                    if !claimed_index.contains_key(&chunk.hash) {
+                        claimed_index.insert(chunk.hash, claimed.len());
+                        claimed.push(chunk);
+                    }
+                    pending.push((i, chunk.hash));
+                }
+            }
+            if !claimed.is_empty() {
+                let store = self.clone();
+                let hashes: Vec<ChunkHash> = claimed.iter().map(|c| c.hash).collect();
+                let fetch = self.clone().fetch_claimed(claimed.clone());
+                // The fetch itself clears its in-flight entries, so they go even when the
+                // claimant stops waiting (a timed-out read) and another waiter finishes it.
+                let batch = async move {
+                    let result = fetch.await;
+                    let mut in_flight = store.in_flight.lock();
+                    for hash in &hashes {
+                        in_flight.remove(hash);
+                    }
+                    result
+                }
+                .boxed()
+                .shared();
+                for (n, chunk) in claimed.iter().enumerate() {
+                    let one: InFlight = batch
+                        .clone()
+                        .map(move |all| all.and_then(|v: Vec<Arc<[u8]>>| Ok(v[n].clone())))
+                        .boxed()
+                        .shared();
+                    in_flight.insert(chunk.hash, one);
+                }
+                for (i, hash) in pending {
+                    if let Some(fetch) = in_flight.get(&hash) {
+                        waits.push((i, fetch.clone()));
+                    }
+                }
+            }
+        }
+        let results = futures::future::join_all(waits.into_iter().map(|(i, f)| f.map(move |r| (i, r)))).await;
+        for (i, result) in results {
+            out[i] = Some(result.map_err(|(kind, message)| Error::new(kind, message))?);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Fetches chunks from the server, verifies and caches them.
+    async fn fetch_claimed(self, chunks: Vec<ChunkRef>) -> Result<Vec<Arc<[u8]>>, (ErrorKind, String)> {
+        let fetched = if chunks.len() <= SINGLE_GET_LIMIT {
+            futures::future::try_join_all(chunks.iter().map(|c| self.api.chunk(*c))).await
+        } else {
+            let batches = futures::future::try_join_all(chunks.chunks(BATCH).map(|b| self.api.chunks(b))).await;
+            batches.map(|b| b.into_iter().flatten().collect())
+        };
+        let fetched = fetched.map_err(|e| (e.kind(), e.to_string()))?;
+        let cache = self.cache.clone();
+        let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.hash).collect();
+        let frames: Vec<Vec<u8>> = fetched.iter().map(|f| f.frame.clone()).collect();
+        // sled writes can block on I/O; keep them off the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            for (hash, frame) in hashes.iter().zip(frames) {
+                cache.insert(hash, &frame);
+            }
+        })
+        .await;
+        Ok(fetched.into_iter().map(|f| f.data).collect())
+    }
+}

@@ -1,0 +1,510 @@
+//! The FUSE filesystem: a read-only store directory whose paths appear on lookup and whose
+//! file contents arrive chunk by chunk on first read.
+//!
+//! Inode numbers: 1 is the store directory; node `n` of the `p`-th path registered is
+//! `(p + 1) << 32 | n`. Paths are immutable and never unregistered, so an inode number stays
+//! valid for the life of the mount and `forget` has nothing to do.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use flywheel_client::ChunkStore;
+use flywheel_core::chunk::ChunkHash;
+use flywheel_core::manifest::ChunkRef;
+use flywheel_core::nix::StorePath;
+use flywheel_core::{Error, ErrorKind, Result};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+};
+use parking_lot::{Mutex, RwLock};
+use tracing::{debug_span, info_span, warn, Instrument};
+
+use crate::errno::errno;
+use crate::tree::{NodeKind, PathTree};
+
+/// Store paths never change, so the kernel may keep what it learns about them for long.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The store directory's own attributes change as paths are registered.
+const ROOT_TTL: Duration = Duration::from_secs(1);
+/// A path missing now may be pushed in a moment.
+const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+/// How far ahead of a sequential reader chunks are fetched.
+const READAHEAD: u64 = 8 * 1024 * 1024;
+/// Nix's canonical modification time.
+fn mtime() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1)
+}
+
+/// Settings of the filesystem itself.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// Longest wait for the server on any operation.
+    pub offline_timeout: Duration,
+    /// Bytes of decompressed chunks kept in memory.
+    pub hot_bytes: usize,
+}
+
+/// Decompressed chunks in memory, least recently used dropped first, bounded in bytes.
+struct HotChunks {
+    map: lru::LruCache<ChunkHash, Arc<[u8]>>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl HotChunks {
+    fn get(&mut self, hash: &ChunkHash) -> Option<Arc<[u8]>> {
+        self.map.get(hash).cloned()
+    }
+
+    fn put(&mut self, hash: ChunkHash, data: Arc<[u8]>) {
+        if data.len() > self.limit {
+            return;
+        }
+        self.bytes += data.len();
+        if let Some(old) = self.map.put(hash, data) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > self.limit {
+            match self.map.pop_lru() {
+                Some((_, old)) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+}
+
+/// Per open file: how far a sequential reader got, and how far readahead reached.
+#[derive(Default)]
+struct OpenFile {
+    last_end: AtomicU64,
+    prefetched_to: AtomicU64,
+}
+
+struct Inner {
+    store: ChunkStore,
+    runtime: tokio::runtime::Handle,
+    config: FsConfig,
+    paths: RwLock<Vec<Arc<PathTree>>>,
+    by_hash: RwLock<HashMap<String, usize>>,
+    hot: Mutex<HotChunks>,
+    open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    next_fh: AtomicU64,
+}
+
+/// The filesystem. Hand it to `fuser`; every operation takes `&self`, so a multi-threaded
+/// session serves concurrent requests in parallel, and reads that wait for the network run on
+/// the tokio runtime without holding a FUSE thread.
+pub struct FlywheelFs {
+    inner: Arc<Inner>,
+}
+
+fn ino(path: usize, node: u32) -> INodeNo {
+    INodeNo(((path as u64 + 1) << 32) | u64::from(node))
+}
+
+fn split_ino(ino: INodeNo) -> Option<(usize, u32)> {
+    let path = (ino.0 >> 32).checked_sub(1)?;
+    Some((path as usize, ino.0 as u32))
+}
+
+fn attr(ino: INodeNo, kind: &NodeKind) -> FileAttr {
+    let (kind, perm, size, nlink) = match kind {
+        NodeKind::Directory { children } => (FileType::Directory, 0o555, 0, 2 + children.len() as u32),
+        NodeKind::File { size, executable, .. } => {
+            (FileType::RegularFile, if *executable { 0o555 } else { 0o444 }, *size, 1)
+        }
+        NodeKind::Symlink { target } => (FileType::Symlink, 0o777, target.len() as u64, 1),
+    };
+    FileAttr {
+        ino,
+        size,
+        blocks: size.div_ceil(512),
+        atime: mtime(),
+        mtime: mtime(),
+        ctime: mtime(),
+        crtime: mtime(),
+        kind,
+        perm,
+        nlink,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn root_attr() -> FileAttr {
+    let mut attr = attr(INodeNo::ROOT, &NodeKind::Directory { children: Vec::new() });
+    attr.perm = 0o555;
+    attr
+}
+
+fn negative_entry() -> FileAttr {
+    let mut attr = root_attr();
+    attr.ino = INodeNo(0);
+    attr
+}
+
+impl FlywheelFs {
+    /// A filesystem over `store`, running network work on `runtime`.
+    pub fn new(store: ChunkStore, runtime: tokio::runtime::Handle, config: FsConfig) -> Self {
+        let limit = config.hot_bytes;
+        FlywheelFs {
+            inner: Arc::new(Inner {
+                store,
+                runtime,
+                config,
+                paths: RwLock::default(),
+                by_hash: RwLock::default(),
+                hot: Mutex::new(HotChunks { map: lru::LruCache::unbounded(), bytes: 0, limit }),
+                open_files: Mutex::default(),
+                next_fh: AtomicU64::new(1),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn node(&self, ino: INodeNo) -> Option<(Arc<PathTree>, usize, u32)> {
+        let (path, node) = split_ino(ino)?;
+        let tree = self.paths.read().get(path)?.clone();
+        if (node as usize) < tree.nodes.len() {
+            Some((tree, path, node))
+        } else {
+            None
+        }
+    }
+
+    fn registered(&self, hash_part: &str) -> Option<(usize, Arc<PathTree>)> {
+        let index = *self.by_hash.read().get(hash_part)?;
+        Some((index, self.paths.read()[index].clone()))
+    }
+
+    /// Makes a path known to the mount; idempotent.
+    fn register(&self, hash_part: &str, base_name: String, manifest: &flywheel_core::api::v1::chunks::PathManifest) -> (usize, Arc<PathTree>) {
+        let mut by_hash = self.by_hash.write();
+        if let Some(&index) = by_hash.get(hash_part) {
+            return (index, self.paths.read()[index].clone());
+        }
+        let tree = PathTree::build(base_name, manifest);
+        let mut paths = self.paths.write();
+        paths.push(tree.clone());
+        by_hash.insert(hash_part.to_string(), paths.len() - 1);
+        (paths.len() - 1, tree)
+    }
+
+    /// Finds a store path by base name: already registered, in the local cache, or on the
+    /// server. `NotFound` when the server does not have it (or has it under another name).
+    async fn resolve(&self, base_name: &str) -> Result<(usize, Arc<PathTree>)> {
+        let path = StorePath::from_base_name(base_name)?;
+        let hash_part = path.hash_part();
+        if let Some((index, tree)) = self.registered(&hash_part) {
+            return if tree.base_name == base_name { Ok((index, tree)) } else { Err(Error::not_found(base_name)) };
+        }
+        let manifest = match self.store.cache().get_manifest(&hash_part) {
+            Some(manifest) => manifest,
+            None => {
+                let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.api().manifest(&hash_part))
+                    .await
+                    .map_err(|_| Error::unavailable("the server did not answer within the offline timeout"))??;
+                self.store.cache().put_manifest(&hash_part, &fetched);
+                fetched
+            }
+        };
+        let served_name = manifest.store_path.rsplit('/').next().unwrap_or_default();
+        if served_name != base_name {
+            return Err(Error::not_found(format!("{base_name} is not in the cache (its hash names {served_name})")));
+        }
+        Ok(self.register(&hash_part, base_name.to_string(), &manifest))
+    }
+
+    /// Registers every path whose manifest the local cache holds, for a listing of the root.
+    fn register_cached(&self) {
+        for hash_part in self.store.cache().manifest_hashes() {
+            if self.by_hash.read().contains_key(&hash_part) {
+                continue;
+            }
+            if let Some(manifest) = self.store.cache().get_manifest(&hash_part) {
+                if let Some(base_name) = manifest.store_path.rsplit('/').next() {
+                    self.register(&hash_part, base_name.to_string(), &manifest);
+                }
+            }
+        }
+    }
+
+    /// Chunks from memory when there, else from the store (cache or server), bounded by the
+    /// offline timeout.
+    async fn chunks(&self, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
+        let mut out: Vec<Option<Arc<[u8]>>> = {
+            let mut hot = self.hot.lock();
+            chunks.iter().map(|c| hot.get(&c.hash)).collect()
+        };
+        let missing: Vec<ChunkRef> =
+            chunks.iter().zip(&out).filter(|(_, d)| d.is_none()).map(|(c, _)| *c).collect();
+        if !missing.is_empty() {
+            let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.get_many(&missing))
+                .await
+                .map_err(|_| Error::unavailable("chunks did not arrive within the offline timeout"))??;
+            let mut hot = self.hot.lock();
+            let mut fetched = missing.iter().zip(fetched);
+            for slot in out.iter_mut().filter(|d| d.is_none()) {
+                if let Some((chunk, data)) = fetched.next() {
+                    hot.put(chunk.hash, data.clone());
+                    *slot = Some(data);
+                }
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Copies file bytes out of the covering chunks.
+    fn assemble(chunks: &[Arc<[u8]>], first_offset: u64, start: u64, end: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity((end - start) as usize);
+        let mut at = first_offset;
+        for chunk in chunks {
+            let chunk_end = at + chunk.len() as u64;
+            let from = start.max(at);
+            let to = end.min(chunk_end);
+            if from < to {
+                out.extend_from_slice(&chunk[(from - at) as usize..(to - at) as usize]);
+            }
+            at = chunk_end;
+        }
+        out
+    }
+
+    /// Fetches, in the background, the chunks of the next [`READAHEAD`] bytes of a file that is
+    /// read sequentially.
+    fn readahead(self: &Arc<Self>, tree: &Arc<PathTree>, open: &OpenFile, from: u64, file_end: u64) {
+        let reached = open.prefetched_to.load(Ordering::Relaxed).max(from);
+        if reached >= file_end || reached > from + READAHEAD / 2 {
+            return;
+        }
+        let to = (from + READAHEAD).min(file_end);
+        open.prefetched_to.store(to, Ordering::Relaxed);
+        let (chunks, _) = tree.covering(reached, to);
+        let wanted: Vec<ChunkRef> = {
+            let mut hot = self.hot.lock();
+            chunks.iter().filter(|c| hot.get(&c.hash).is_none() && !self.store.cache().contains(&c.hash)).copied().collect()
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        let inner = self.clone();
+        let span = debug_span!("readahead", store_path = %tree.base_name, chunks = wanted.len());
+        self.runtime.spawn(
+            async move {
+                if let Err(err) = inner.chunks(&wanted).await {
+                    tracing::debug!("readahead failed: {err}");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+impl Filesystem for FlywheelFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1024 * 1024);
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+        if parent == INodeNo::ROOT {
+            if StorePath::from_base_name(name).is_err() {
+                return reply.entry(&NEGATIVE_TTL, &negative_entry(), Generation(0));
+            }
+            let inner = self.inner.clone();
+            let name = name.to_string();
+            let span = info_span!("lookup", store_path = %name);
+            self.inner.runtime.spawn(async move {
+                match inner.resolve(&name).await {
+                    Ok((index, tree)) => reply.entry(&TTL, &attr(ino(index, 0), &tree.nodes[0].kind), Generation(0)),
+                    Err(err) if err.kind() == ErrorKind::NotFound || err.kind() == ErrorKind::InvalidInput => {
+                        reply.entry(&NEGATIVE_TTL, &negative_entry(), Generation(0))
+                    }
+                    Err(err) => {
+                        warn!("lookup of {name} failed: {err}");
+                        reply.error(errno(err.kind()))
+                    }
+                }
+            }.instrument(span));
+            return;
+        }
+        let Some((tree, path, node)) = self.inner.node(parent) else { return reply.error(Errno::ENOENT) };
+        let NodeKind::Directory { children } = &tree.nodes[node as usize].kind else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        match children.binary_search_by(|(child, _)| child.as_str().cmp(name)) {
+            Ok(i) => {
+                let child = children[i].1;
+                reply.entry(&TTL, &attr(ino(path, child), &tree.nodes[child as usize].kind), Generation(0))
+            }
+            Err(_) => reply.entry(&TTL, &negative_entry(), Generation(0)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino_: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino_ == INodeNo::ROOT {
+            return reply.attr(&ROOT_TTL, &root_attr());
+        }
+        match self.inner.node(ino_) {
+            Some((tree, _, node)) => reply.attr(&TTL, &attr(ino_, &tree.nodes[node as usize].kind)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino_: INodeNo, reply: ReplyData) {
+        match self.inner.node(ino_) {
+            Some((tree, _, node)) => match &tree.nodes[node as usize].kind {
+                NodeKind::Symlink { target } => reply.data(target.as_bytes()),
+                _ => reply.error(Errno::EINVAL),
+            },
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino_: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let Some((tree, _, node)) = self.inner.node(ino_) else { return reply.error(Errno::ENOENT) };
+        if !matches!(tree.nodes[node as usize].kind, NodeKind::File { .. }) {
+            return reply.error(Errno::EISDIR);
+        }
+        let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.inner.open_files.lock().insert(fh, Arc::default());
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        self.inner.open_files.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino_: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some((tree, _, node)) = self.inner.node(ino_) else { return reply.error(Errno::ENOENT) };
+        let NodeKind::File { size: file_size, nar_offset, .. } = tree.nodes[node as usize].kind else {
+            return reply.error(Errno::EISDIR);
+        };
+        let end = offset.saturating_add(u64::from(size)).min(file_size);
+        if offset >= end {
+            return reply.data(&[]);
+        }
+        let (start_nar, end_nar) = (nar_offset + offset, nar_offset + end);
+        if let Some(open) = self.inner.open_files.lock().get(&fh.0).cloned() {
+            // Sequential: this read starts where the last one ended.
+            if open.last_end.swap(end, Ordering::Relaxed) == offset && offset > 0 {
+                self.inner.readahead(&tree, &open, end_nar, nar_offset + file_size);
+            }
+        }
+        let (covering, first_offset) = tree.covering(start_nar, end_nar);
+        let covering = covering.to_vec();
+        // Hot chunks are answered on this thread; anything else waits on the runtime.
+        let hot: Option<Vec<Arc<[u8]>>> = {
+            let mut hot = self.inner.hot.lock();
+            covering.iter().map(|c| hot.get(&c.hash)).collect()
+        };
+        if let Some(chunks) = hot {
+            return reply.data(&Inner::assemble(&chunks, first_offset, start_nar, end_nar));
+        }
+        let inner = self.inner.clone();
+        let span = debug_span!("read", store_path = %tree.base_name, rq.inode = ino_.0, offset, size);
+        self.inner.runtime.spawn(async move {
+            match inner.chunks(&covering).await {
+                Ok(chunks) => reply.data(&Inner::assemble(&chunks, first_offset, start_nar, end_nar)),
+                Err(err) => {
+                    warn!(store_path = %tree.base_name, "read failed: {err}");
+                    reply.error(errno(err.kind()))
+                }
+            }
+        }.instrument(span));
+    }
+
+    fn opendir(&self, _req: &Request, ino_: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino_ == INodeNo::ROOT {
+            return reply.opened(FileHandle(0), FopenFlags::empty());
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR);
+    }
+
+    fn readdir(&self, _req: &Request, ino_: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let mut entries: Vec<(INodeNo, FileType, String)> = Vec::new();
+        if ino_ == INodeNo::ROOT {
+            self.inner.register_cached();
+            entries.push((INodeNo::ROOT, FileType::Directory, ".".into()));
+            entries.push((INodeNo::ROOT, FileType::Directory, "..".into()));
+            let paths = self.inner.paths.read();
+            let mut listed: Vec<(INodeNo, FileType, String)> = paths
+                .iter()
+                .enumerate()
+                .map(|(i, tree)| (ino(i, 0), file_type(&tree.nodes[0].kind), tree.base_name.clone()))
+                .collect();
+            listed.sort_by(|a, b| a.2.cmp(&b.2));
+            entries.extend(listed);
+        } else {
+            let Some((tree, path, node)) = self.inner.node(ino_) else { return reply.error(Errno::ENOENT) };
+            let NodeKind::Directory { children } = &tree.nodes[node as usize].kind else {
+                return reply.error(Errno::ENOTDIR);
+            };
+            let parent = tree.nodes[node as usize].parent;
+            let parent_ino = if node == 0 { INodeNo::ROOT } else { ino(path, parent) };
+            entries.push((ino_, FileType::Directory, ".".into()));
+            entries.push((parent_ino, FileType::Directory, "..".into()));
+            for (name, child) in children {
+                entries.push((ino(path, *child), file_type(&tree.nodes[*child as usize].kind), name.clone()));
+            }
+        }
+        for (i, (entry_ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(entry_ino, (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // Answered from counters only: `df` on a runner must not wait for the network.
+        let cache = self.inner.store.cache();
+        let block = 4096u64;
+        let blocks = cache.quota() / block;
+        let free = cache.quota().saturating_sub(cache.used_bytes()) / block;
+        let files = self.inner.paths.read().iter().map(|t| t.nodes.len() as u64).sum::<u64>();
+        reply.statfs(blocks, free, free, files, 0, block as u32, 255, block as u32);
+    }
+}
+
+fn file_type(kind: &NodeKind) -> FileType {
+    match kind {
+        NodeKind::Directory { .. } => FileType::Directory,
+        NodeKind::File { .. } => FileType::RegularFile,
+        NodeKind::Symlink { .. } => FileType::Symlink,
+    }
+}

@@ -1,0 +1,24 @@
+# Store paths for the FUSE tests: a static busybox as a real executable, and a path of more
+# than 50 MB with small files beside a big one.
+{ seed ? "0" }:
+let
+  bb = "/bin/busybox";
+  mk = name: script: derivation {
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  };
+in {
+  busybox = mk "busybox-${seed}" ''
+    ${bb} mkdir -p $out/bin
+    ${bb} cp ${bb} $out/bin/busybox
+    ${bb} chmod 555 $out/bin/busybox
+  '';
+  huge = mk "huge-${seed}" ''
+    ${bb} mkdir -p $out/data $out/etc
+    ${bb} dd if=/dev/urandom of=$out/data/blob bs=1048576 count=52 2>/dev/null
+    echo "small config ${seed}" > $out/etc/config
+    ${bb} dd if=/dev/urandom of=$out/data/tail bs=1024 count=3 2>/dev/null
+  '';
+}

@@ -1,0 +1,287 @@
+//! Harness of the FUSE tests: a real server with pushed paths, `flywheel mount` processes, and
+//! a counting TCP proxy between mount and server. Missing prerequisites fail, never skip.
+#![allow(dead_code)]
+
+#[path = "../common/mod.rs"]
+pub mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use common::{Backend, Nix, Server, FLYWHEEL};
+
+pub const CACHE: &str = "lazy";
+
+/// Fails the test unless FUSE can be used here.
+pub fn require_fuse() {
+    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: FUSE tests need it");
+    common::require_tool("fusermount3");
+}
+
+/// A server holding pushed paths, and the store root they were built in.
+pub struct Setup {
+    pub nix: Nix,
+    pub server: Server,
+    pub token: String,
+    pub token_file: PathBuf,
+    pub store_root: String,
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        require_fuse();
+        let nix = Nix::new();
+        let server = Server::start(Backend::Local);
+        server.create_cache(CACHE, false);
+        let token = server.mint(&["--pull", "*", "--push", "*"]);
+        let token_file = server.dir.path().join("token");
+        std::fs::write(&token_file, &token).unwrap();
+        let store_root = nix.store("build");
+        Setup { nix, server, token, token_file, store_root }
+    }
+
+    /// Builds attributes of tests/corpus.nix and pushes them (with their closure).
+    pub fn push_corpus(&self, attrs: &[&str]) -> Vec<String> {
+        let paths = self.nix.build(&self.store_root, &common::unique_seed("fuse"), attrs);
+        self.push(&paths);
+        paths
+    }
+
+    /// Builds attributes of tests/common_fuse/corpus.nix and pushes them.
+    pub fn push_fuse_corpus(&self, attrs: &[&str]) -> Vec<String> {
+        let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common_fuse/corpus.nix");
+        let seed = common::unique_seed("fusec");
+        let mut cmd = self.nix.cmd("nix-build");
+        cmd.args(["--store", &self.store_root, "--no-out-link", corpus, "--argstr", "seed", &seed]);
+        for attr in attrs {
+            cmd.args(["-A", attr]);
+        }
+        let paths: Vec<String> = self.nix.run(&mut cmd).lines().map(str::to_string).collect();
+        assert_eq!(paths.len(), attrs.len());
+        self.push(&paths);
+        paths
+    }
+
+    fn push(&self, paths: &[String]) {
+        let netrc = self.server.netrc(&self.token);
+        let out = self.nix.copy_to(&self.store_root, &format!("{}/{CACHE}", self.server.url), &netrc, paths);
+        assert!(out.status.success(), "nix copy failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Where a built path's files are on disk, for comparing with the mount.
+    pub fn physical(&self, path: &str) -> PathBuf {
+        PathBuf::from(format!("{}{path}", self.store_root))
+    }
+
+    /// The narinfo's NarHash of a path, from the server.
+    pub fn narinfo_hash(&self, path: &str) -> String {
+        let text = reqwest::blocking::Client::new()
+            .get(format!("{}/{CACHE}/{}.narinfo", self.server.url, common::hash_part(path)))
+            .bearer_auth(&self.token)
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines().find_map(|l| l.strip_prefix("NarHash: ")).expect("narinfo has a NarHash").to_string()
+    }
+
+    /// Starts `flywheel mount` against `url` (the server or a proxy in front of it).
+    pub fn mount(&self, url: &str, cache_dir: &Path, extra: &[&str]) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let mountpoint = dir.path().join("store");
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let log = dir.path().join("mount.log");
+        let child = Command::new(FLYWHEEL)
+            .args(["mount", "--server", url, "--cache", CACHE, "--token-file"])
+            .arg(&self.token_file)
+            .arg("--cache-dir")
+            .arg(cache_dir)
+            .args(extra)
+            .arg(&mountpoint)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting flywheel mount");
+        let mut mount = Mount { child: Some(child), mountpoint, log, _dir: dir };
+        mount.wait_mounted();
+        mount
+    }
+}
+
+/// Whether `path` is a mount point now.
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = path.to_string_lossy();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(&*path))
+}
+
+/// A running `flywheel mount`; dropping it sends SIGTERM and waits.
+pub struct Mount {
+    child: Option<Child>,
+    pub mountpoint: PathBuf,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mount {
+    fn wait_mounted(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&self.mountpoint) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("flywheel mount exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "mount did not appear: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn path(&self, store_path: &str) -> PathBuf {
+        self.mountpoint.join(store_path.trim_start_matches("/nix/store/"))
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").args([sig, &child.id().to_string()]).status();
+        }
+    }
+
+    /// SIGTERM; returns whether the process exited successfully and the mount is gone.
+    pub fn terminate(&mut self) -> bool {
+        self.signal("-TERM");
+        let ok = match self.child.take() {
+            Some(mut child) => wait_timeout(&mut child, Duration::from_secs(20)).is_some_and(|s| s.success()),
+            None => true,
+        };
+        ok && !is_mounted(&self.mountpoint)
+    }
+
+    /// SIGKILL, then detaches the dead mount.
+    pub fn kill9(&mut self) {
+        self.signal("-KILL");
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.terminate();
+        }
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        }
+    }
+}
+
+/// A TCP proxy in front of the server that counts the chunks asked for: one per
+/// `GET .../chunk/<hash>` and one per `"hash"` field in `POST .../chunks` bodies (the only
+/// request bodies a mount sends). Counting the bytes on the wire cannot miss a request.
+pub struct CountingProxy {
+    pub url: String,
+    chunk_gets: Arc<AtomicU64>,
+    hash_fields: Arc<AtomicU64>,
+}
+
+impl CountingProxy {
+    pub fn start(target: &str) -> CountingProxy {
+        let target = target.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let chunk_gets = Arc::new(AtomicU64::new(0));
+        let hash_fields = Arc::new(AtomicU64::new(0));
+        let (gets, fields) = (chunk_gets.clone(), hash_fields.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&target) else { continue };
+                let (gets, fields) = (gets.clone(), fields.clone());
+                let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let mut tail: Vec<u8> = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match c_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        // Scan with the end of the previous read, so a pattern split across
+                        // reads is counted once.
+                        let mut scan = std::mem::take(&mut tail);
+                        let keep_from = scan.len();
+                        scan.extend_from_slice(&buf[..n]);
+                        gets.fetch_add(count_new(&scan, b"GET /_flywheel/v1/lazy/chunk/", keep_from), Ordering::SeqCst);
+                        fields.fetch_add(count_new(&scan, b"\"hash\"", keep_from), Ordering::SeqCst);
+                        tail = scan[scan.len().saturating_sub(64)..].to_vec();
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_read, mut c_write) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        CountingProxy { url, chunk_gets, hash_fields }
+    }
+
+    /// Chunks requested so far.
+    pub fn chunks_requested(&self) -> u64 {
+        self.chunk_gets.load(Ordering::SeqCst) + self.hash_fields.load(Ordering::SeqCst)
+    }
+}
+
+/// Occurrences of `pattern` in `hay` that end after `old_len` (were not seen in the last scan).
+fn count_new(hay: &[u8], pattern: &[u8], old_len: usize) -> u64 {
+    hay.windows(pattern.len())
+        .enumerate()
+        .filter(|(i, w)| *w == pattern && i + pattern.len() > old_len)
+        .count() as u64
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    hex_string(&sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+pub fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Total size of the files below `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    for entry in entries.flatten() {
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() { dir_size(&entry.path()) } else { meta.len() };
+    }
+    total
+}

@@ -1,0 +1,230 @@
+//! The lazy FUSE store against the real server, real FUSE and real Nix 2.8.
+
+mod common_fuse;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common_fuse::{common, dir_size, sha256_file, CountingProxy, Setup};
+use flywheel_client::{CacheConfig, ChunkCache};
+use flywheel_core::nix::Sha256Hash;
+
+fn nar_hash_of(setup: &Setup, path: &std::path::Path) -> Sha256Hash {
+    let out = setup.nix.run(setup.nix.cmd("nix").args(["hash", "path", "--type", "sha256", "--base32"]).arg(path));
+    Sha256Hash::parse(&format!("sha256:{}", out.trim())).unwrap()
+}
+
+#[test]
+fn fuse_nar_hashes_tree_and_executables() {
+    let setup = Setup::new();
+    let paths = setup.push_corpus(&["single", "tree", "withRefs", "big", "empty"]);
+    let busybox = setup.push_fuse_corpus(&["busybox"]).remove(0);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &[]);
+    for path in paths.iter().chain([&busybox]) {
+        let hash = nar_hash_of(&setup, &mount.path(path));
+        assert_eq!(hash, Sha256Hash::parse(&setup.narinfo_hash(path)).unwrap(), "NAR hash of {path} through the mount");
+    }
+    // The tree is the NAR's: exec bits, symlinks, directories.
+    let tree = mount.path(&paths[1]);
+    assert_eq!(std::fs::metadata(tree.join("bin/run")).unwrap().permissions().mode() & 0o777, 0o555);
+    assert_eq!(std::fs::metadata(tree.join("share/doc/README")).unwrap().permissions().mode() & 0o777, 0o444);
+    assert_eq!(std::fs::read_link(tree.join("share/link")).unwrap().to_str(), Some("../bin/run"));
+    assert_eq!(std::fs::read_link(tree.join("dangling")).unwrap().to_str(), Some("/nonexistent/target"));
+    assert_eq!(std::fs::read_to_string(tree.join("share/doc/README")).unwrap(), "doc\n");
+    // The root lists the paths looked up.
+    let listed: Vec<String> =
+        std::fs::read_dir(&mount.mountpoint).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    for path in &paths {
+        assert!(listed.contains(&path.trim_start_matches("/nix/store/").to_string()), "{path} not listed: {listed:?}");
+    }
+    // Unknown and malformed names do not exist; writes are refused.
+    assert!(!mount.mountpoint.join("00000000000000000000000000000000-nope").exists());
+    assert!(!mount.mountpoint.join("not-a-store-path").exists());
+    assert!(std::fs::write(tree.join("new"), b"x").is_err());
+    // A static busybox runs from the mount.
+    let out = Command::new(mount.path(&busybox).join("bin/busybox")).args(["echo", "ran from fuse"]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ran from fuse\n");
+    // statfs answers.
+    let out = Command::new("stat").args(["-f", "-c", "%b"]).arg(&mount.mountpoint).output().unwrap();
+    assert!(out.status.success());
+    assert!(mount.terminate(), "SIGTERM must unmount cleanly and exit 0");
+}
+
+#[test]
+fn fuse_small_read_of_huge_path_fetches_at_most_two_chunks() {
+    let setup = Setup::new();
+    let huge = setup.push_fuse_corpus(&["huge"]).remove(0);
+    let proxy = CountingProxy::start(&setup.server.url);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mount = setup.mount(&proxy.url, cache_dir.path(), &[]);
+    let size = std::fs::metadata(setup.physical(&huge).join("data/blob")).unwrap().len();
+    assert!(size >= 50 << 20);
+    let config = std::fs::read_to_string(mount.path(&huge).join("etc/config")).unwrap();
+    assert!(config.starts_with("small config "), "{config}");
+    let fetched = proxy.chunks_requested();
+    assert!((1..=2).contains(&fetched), "reading a small file fetched {fetched} chunks");
+    // Repeat reads never touch the network, even after the page cache is dropped.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(std::fs::read_to_string(mount.path(&huge).join("etc/config")).unwrap(), config);
+    assert_eq!(proxy.chunks_requested(), fetched);
+}
+
+#[test]
+fn fuse_server_down_cached_reads_work_uncached_fail_with_eio() {
+    let mut setup = Setup::new();
+    let paths = setup.push_corpus(&["tree", "big"]);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mount = setup.mount(&setup.server.url, cache_dir.path(), &["--offline-timeout", "3"]);
+    let readme = mount.path(&paths[0]).join("share/doc/README");
+    assert_eq!(std::fs::read_to_string(&readme).unwrap(), "doc\n");
+    // Look the big path up (its manifest is then known) but read none of it.
+    let blob = mount.path(&paths[1]).join("blob");
+    assert!(std::fs::metadata(&blob).unwrap().len() > 1 << 20);
+    setup.server.stop();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(std::fs::read_to_string(&readme).unwrap(), "doc\n", "cached read with the server down");
+    let err = std::fs::read(&blob).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "uncached read with the server down: {err}");
+    // An unknown path fails instead of hanging.
+    assert!(std::fs::metadata(mount.mountpoint.join("0000000000000000000000000000000a-gone")).is_err());
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+#[test]
+fn fuse_corrupted_entry_is_refetched_and_cache_survives_kill9() {
+    let setup = Setup::new();
+    let big = setup.push_corpus(&["big"]).remove(0);
+    let proxy = CountingProxy::start(&setup.server.url);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let expected = sha256_file(&setup.physical(&big).join("blob"));
+    let mut mount = setup.mount(&proxy.url, cache_dir.path(), &[]);
+    assert_eq!(sha256_file(&mount.path(&big).join("blob")), expected);
+    let first = proxy.chunks_requested();
+    assert!(first > 10);
+    // sled flushes every 500 ms; give it time, then crash.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    mount.kill9();
+    let hash_part = common::hash_part(&big).to_string();
+    let corrupted = {
+        let cache = ChunkCache::open(&CacheConfig::new(cache_dir.path(), 10 << 30)).unwrap();
+        let manifest = cache.get_manifest(&hash_part).expect("the manifest survived kill -9");
+        let victim = manifest.manifest.chunks[manifest.manifest.chunks.len() / 2];
+        assert!(cache.contains(&victim.hash), "chunks survived kill -9");
+        cache.insert(&victim.hash, b"\x28\xb5\x2f\xfd garbage");
+        cache.flush().unwrap();
+        victim
+    };
+    let mut mount = setup.mount(&proxy.url, cache_dir.path(), &[]);
+    assert_eq!(sha256_file(&mount.path(&big).join("blob")), expected, "bytes after corruption");
+    assert_eq!(proxy.chunks_requested() - first, 1, "only the corrupted chunk is fetched again");
+    assert!(mount.terminate());
+    let cache = ChunkCache::open(&CacheConfig::new(cache_dir.path(), 10 << 30)).unwrap();
+    assert!(cache.get(&corrupted).is_some(), "the repaired entry verifies");
+}
+
+#[test]
+fn fuse_quota_holds_and_concurrent_readers_get_correct_bytes() {
+    let setup = Setup::new();
+    let big = setup.push_corpus(&["big"]).remove(0);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let quota: u64 = 2 << 20;
+    let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &["--cache-size", &quota.to_string()]);
+    let expected = std::fs::read(setup.physical(&big).join("blob")).unwrap();
+    let blob = mount.path(&big).join("blob");
+    let readers: Vec<_> = (0..8)
+        .map(|i| {
+            let blob = blob.clone();
+            std::thread::spawn(move || {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut file = std::fs::File::open(&blob).unwrap();
+                // Each reader starts at another place and wraps around.
+                let len = file.metadata().unwrap().len();
+                let start = len / 8 * i;
+                let mut out = vec![0u8; len as usize];
+                file.seek(SeekFrom::Start(start)).unwrap();
+                file.read_exact(&mut out[start as usize..]).unwrap();
+                file.seek(SeekFrom::Start(0)).unwrap();
+                file.read_exact(&mut out[..start as usize]).unwrap();
+                out
+            })
+        })
+        .collect();
+    for reader in readers {
+        assert!(reader.join().unwrap() == expected, "a concurrent reader got wrong bytes");
+    }
+    assert!(expected.len() as u64 > 2 * quota);
+    assert!(dir_size(&cache_dir.path().join("chunks")) <= quota, "chunk files exceed the quota");
+    assert!(mount.terminate());
+    let cache = ChunkCache::open(&CacheConfig::new(cache_dir.path(), quota)).unwrap();
+    assert!(cache.used_bytes() <= quota);
+    assert!(cache.used_bytes() > quota / 2, "the cache is used");
+}
+
+#[test]
+fn fuse_lazy_mode_overlay_dump_db_build() {
+    let setup = Setup::new();
+    let paths = setup.push_corpus(&["withRefs"]);
+    // The closure: withRefs refers to single and tree.
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mount = setup.mount(&setup.server.url, cache_dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    let store_dir = root.join("nix/store");
+    let (upper, ovl_work) = (work.path().join("upper"), work.path().join("work"));
+    for dir in [&store_dir, &upper, &ovl_work] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let status = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={},upperdir={},workdir={}", mount.mountpoint.display(), upper.display(), ovl_work.display()))
+        .arg(&store_dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting the overlay");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _overlay = Unmount(store_dir.clone());
+    let dump = Command::new(common::FLYWHEEL)
+        .args(["dump-db", "--server", &setup.server.url, "--cache", common_fuse::CACHE, "--token-file"])
+        .arg(&setup.token_file)
+        .args(&paths)
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "dump-db: {}", String::from_utf8_lossy(&dump.stderr));
+    let text = String::from_utf8(dump.stdout).unwrap();
+    assert_eq!(text.lines().filter(|l| l.starts_with("/nix/store/") && l.len() > 44).count() >= 3, true, "{text}");
+    let store = format!("local?root={}", root.display());
+    let mut load = setup.nix.cmd("nix-store");
+    load.args(["--store", &store, "--load-db"]).stdin(std::process::Stdio::piped());
+    let mut child = load.spawn().unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    assert!(child.wait().unwrap().success(), "nix-store --load-db");
+    let info = setup.nix.path_info(&store, &paths[0]);
+    assert_eq!(info.references.len(), 2, "{info:?}");
+    for path in std::iter::once(&paths[0]).chain(info.references.iter()) {
+        assert!(setup.nix.verify(&store, path), "nix-store --verify-path {path}");
+    }
+    // A derivation reading a lazily served path builds.
+    let tree = info.references.iter().find(|r| r.contains("-tree-")).unwrap().clone();
+    let expr = format!(
+        "derivation {{ name = \"reader\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
+         args = [ \"-c\" \"/bin/busybox cat ${{builtins.storePath \"{tree}\"}}/share/doc/README > $out\" ]; }}"
+    );
+    let out = setup.nix.run(setup.nix.cmd("nix-build").args(["--store", &store, "--no-out-link", "-E", &expr]));
+    let built = out.trim();
+    assert_eq!(std::fs::read_to_string(format!("{}{built}", root.display())).unwrap(), "doc\n");
+    // What Nix wrote went to the upper layer.
+    assert!(upper.join(built.trim_start_matches("/nix/store/")).exists());
+}
