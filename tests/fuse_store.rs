@@ -228,3 +228,28 @@ fn fuse_lazy_mode_overlay_dump_db_build() {
     // What Nix wrote went to the upper layer.
     assert!(upper.join(built.trim_start_matches("/nix/store/")).exists());
 }
+
+#[test]
+fn fuse_full_disk_serves_without_caching() {
+    let setup = Setup::new();
+    let big = setup.push_corpus(&["big"]).remove(0);
+    let disk = tempfile::tempdir().unwrap();
+    // A 2 MiB filesystem under a cache whose quota is far larger: writes fail with ENOSPC.
+    let status = Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(disk.path()).status().unwrap();
+    assert!(status.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _tmpfs = Unmount(disk.path().to_path_buf());
+    let mut mount = setup.mount(&setup.server.url, &disk.path().join("cache"), &["--cache-size", "1000000000"]);
+    let expected = sha256_file(&setup.physical(&big).join("blob"));
+    assert_eq!(sha256_file(&mount.path(&big).join("blob")), expected, "bytes with a full disk");
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(sha256_file(&mount.path(&big).join("blob")), expected, "bytes again with a full disk");
+    let log = std::fs::read_to_string(&mount.log).unwrap();
+    assert!(log.contains("serving without caching"), "the full disk was not hit: {log}");
+    assert!(mount.terminate(), "the mount survives a full disk and exits cleanly");
+}

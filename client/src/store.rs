@@ -83,8 +83,8 @@ impl ChunkStore {
                 if let Some(fetch) = in_flight.get(&chunk.hash) {
                     waits.push((i, fetch.clone()));
                 } else {
-                    if !claimed_index.contains_key(&chunk.hash) {
-                        claimed_index.insert(chunk.hash, claimed.len());
+                    if let std::collections::hash_map::Entry::Vacant(slot) = claimed_index.entry(chunk.hash) {
+                        slot.insert(claimed.len());
                         claimed.push(chunk);
                     }
                     pending.push((i, chunk.hash));
@@ -109,7 +109,7 @@ impl ChunkStore {
                 for (n, chunk) in claimed.iter().enumerate() {
                     let one: InFlight = batch
                         .clone()
-                        .map(move |all| all.and_then(|v: Vec<Arc<[u8]>>| Ok(v[n].clone())))
+                        .map(move |all| all.map(|v: Vec<Arc<[u8]>>| v[n].clone()))
                         .boxed()
                         .shared();
                     in_flight.insert(chunk.hash, one);

@@ -269,6 +269,18 @@ impl Server {
         self.child = Some(KillOnDrop(child));
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.0.id()).expect("server is running")
+    }
+
+    /// Peak resident memory of the server so far, in bytes (VmHWM).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("server.log")
     }

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The end-to-end benchmark: installs the reference tools (nginx, zstd, curl) and the test
+# prerequisites, then runs `cargo bench --bench e2e`, which writes BENCHMARKS.md.
+# Pass section names (e.g. `server`) to run only those.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+for tool in nginx:nginx-light zstd:zstd curl:curl nix-store:nix-bin fusermount3:fuse3; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+[ -x /bin/busybox ] || missing+=(busybox-static)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# nginx's package starts a service on port 80; the benchmark runs its own instance.
+systemctl stop nginx 2>/dev/null || service nginx stop 2>/dev/null || true
+cargo bench --bench e2e -- "$@"
