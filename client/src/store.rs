@@ -60,14 +60,8 @@ impl ChunkStore {
     /// Chunks missing locally are fetched from the server, in parallel, and cached; a chunk
     /// another caller is already fetching is waited for instead of fetched twice.
     pub async fn get_many(&self, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
-        let mut out: Vec<Option<Arc<[u8]>>> = vec![None; chunks.len()];
-        let mut missing = Vec::new();
-        for (i, chunk) in chunks.iter().enumerate() {
-            match self.cache.get(chunk) {
-                Some(data) => out[i] = Some(data.into()),
-                None => missing.push(i),
-            }
-        }
+        let mut out = self.cached(chunks).await;
+        let missing: Vec<usize> = (0..chunks.len()).filter(|&i| out[i].is_none()).collect();
         if missing.is_empty() {
             return Ok(out.into_iter().flatten().collect());
         }
@@ -129,6 +123,31 @@ impl ChunkStore {
     }
 
     /// Fetches chunks from the server, verifies and caches them.
+    /// Looks chunks up in the local cache. Reading and verifying a cached chunk is disk I/O and
+    /// decompression, so it runs on the blocking pool, split over a few tasks when there are many
+    /// (readahead asks for dozens at once): the cores decompress in parallel and the runtime's
+    /// workers stay free.
+    async fn cached(&self, chunks: &[ChunkRef]) -> Vec<Option<Arc<[u8]>>> {
+        const PER_TASK: usize = 8;
+        let tasks = chunks.chunks(PER_TASK).map(|group| {
+            let cache = self.cache.clone();
+            let group = group.to_vec();
+            tokio::task::spawn_blocking(move || {
+                group.iter().map(|chunk| cache.get(chunk).map(Arc::<[u8]>::from)).collect::<Vec<_>>()
+            })
+        });
+        let groups = futures::future::join_all(tasks).await;
+        let mut out = Vec::with_capacity(chunks.len());
+        for (group, chunk_group) in groups.into_iter().zip(chunks.chunks(PER_TASK)) {
+            match group {
+                Ok(found) => out.extend(found),
+                // A panicked lookup counts as a miss: the chunk is fetched again.
+                Err(_) => out.extend(chunk_group.iter().map(|_| None)),
+            }
+        }
+        out
+    }
+
     async fn fetch_claimed(self, chunks: Vec<ChunkRef>) -> Result<Vec<Arc<[u8]>>, (ErrorKind, String)> {
         let fetched = if chunks.len() <= SINGLE_GET_LIMIT {
             futures::future::try_join_all(chunks.iter().map(|c| self.api.chunk(*c))).await

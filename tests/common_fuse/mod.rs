@@ -141,6 +141,11 @@ impl Mount {
         }
     }
 
+    /// The mount daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn path(&self, store_path: &str) -> PathBuf {
         self.mountpoint.join(store_path.trim_start_matches("/nix/store/"))
     }
