@@ -278,8 +278,8 @@ impl Inner {
         out
     }
 
-    /// Fetches, in the background, the chunks of the next [`READAHEAD`] bytes of a file that is
-    /// read sequentially.
+    /// Loads, in the background, the chunks of the next [`READAHEAD`] bytes of a file that is
+    /// read sequentially, from the local cache or the server, into the hot chunks.
     fn readahead(self: &Arc<Self>, tree: &Arc<PathTree>, open: &OpenFile, from: u64, file_end: u64) {
         let reached = open.prefetched_to.load(Ordering::Relaxed).max(from);
         if reached >= file_end || reached > from + READAHEAD / 2 {
@@ -290,7 +290,9 @@ impl Inner {
         let (chunks, _) = tree.covering(reached, to);
         let wanted: Vec<ChunkRef> = {
             let mut hot = self.hot.lock();
-            chunks.iter().filter(|c| hot.get(&c.hash).is_none() && !self.store.cache().contains(&c.hash)).copied().collect()
+            // Chunks in the local cache count too: loading them into memory ahead of the reader
+            // (decompressed and verified, in parallel) is what makes warm reads fast.
+            chunks.iter().filter(|c| hot.get(&c.hash).is_none()).copied().collect()
         };
         if wanted.is_empty() {
             return;
