@@ -38,6 +38,7 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(ServerConfig, Option<P
     let config = ServerConfig {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
         token_hs256_secret_base64: TokenAuthority::generate_secret(),
+        token_hs256_secret_base64_file: None,
         storage: StorageConfig::Local { path: data_dir.join("storage") },
         chunking: Default::default(),
         zstd_level: flywheel_core::chunk::DEFAULT_ZSTD_LEVEL,

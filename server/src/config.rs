@@ -16,7 +16,13 @@ pub struct ServerConfig {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// Base64 of the HS256 secret that signs tokens (as Attic's `token-hs256-secret-base64`).
+    /// Give either this or `token-hs256-secret-base64-file`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token_hs256_secret_base64: String,
+    /// A file holding the base64 secret, so that the config itself holds no secret (and can
+    /// live in the Nix store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_hs256_secret_base64_file: Option<PathBuf>,
     /// Where chunks, manifests and path records live.
     pub storage: StorageConfig,
     /// FastCDC chunk sizes.
@@ -92,10 +98,28 @@ impl ServerConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context;
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let config: ServerConfig =
+        let mut config: ServerConfig =
             toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        config.read_secret_files().with_context(|| format!("reading the secrets of config {}", path.display()))?;
         config.check().with_context(|| format!("checking config {}", path.display()))?;
         Ok(config)
+    }
+
+    /// Reads `token-hs256-secret-base64-file` into the inline secret.
+    pub fn read_secret_files(&mut self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        match (&self.token_hs256_secret_base64_file, self.token_hs256_secret_base64.is_empty()) {
+            (Some(_), false) => {
+                anyhow::bail!("give token-hs256-secret-base64 or token-hs256-secret-base64-file, not both")
+            }
+            (Some(file), true) => {
+                let secret = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading the token secret from {}", file.display()))?;
+                self.token_hs256_secret_base64 = secret.trim().to_string();
+                Ok(())
+            }
+            (None, _) => Ok(()),
+        }
     }
 
     /// Checks values that parse but cannot work.
@@ -106,6 +130,9 @@ impl ServerConfig {
         }
         if self.chunk_parallelism == 0 || self.chunk_parallelism > 1024 {
             anyhow::bail!("chunk-parallelism must be between 1 and 1024");
+        }
+        if self.token_hs256_secret_base64.is_empty() {
+            anyhow::bail!("set token-hs256-secret-base64 or token-hs256-secret-base64-file");
         }
         crate::auth::TokenAuthority::from_base64(&self.token_hs256_secret_base64)?;
         if let StorageConfig::S3 { secret_access_key: Some(_), secret_access_key_file: Some(_), .. } = &self.storage {
@@ -166,14 +193,14 @@ mod tests {
     #[test]
     fn parses_local_and_s3_and_refuses_unknown_fields() {
         let local: ServerConfig = toml::from_str(
-            "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\n[storage]\ntype = 'local'\npath = '/tmp/x'\n",
+            "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\n[storage]\ntype = 'local'\npath = '/tmp/x'\n",
         )
         .unwrap();
         assert!(matches!(local.storage, StorageConfig::Local { .. }));
         assert_eq!(local.listen, default_listen());
         local.check().unwrap();
         let s3: ServerConfig = toml::from_str(
-            "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\n[storage]\ntype = 's3'\nbucket = 'b'\nendpoint = 'http://127.0.0.1:9000'\nallow-http = true\n",
+            "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\n[storage]\ntype = 's3'\nbucket = 'b'\nendpoint = 'http://127.0.0.1:9000'\nallow-http = true\n",
         )
         .unwrap();
         assert!(matches!(s3.storage, StorageConfig::S3 { path_style: true, .. }));
@@ -188,8 +215,32 @@ mod tests {
         let mut bad = local.clone();
         bad.zstd_level = 40;
         assert!(bad.check().is_err());
-        let mut bad = local;
+        let mut bad = local.clone();
         bad.token_hs256_secret_base64 = "not base64!".into();
         assert!(bad.check().is_err());
+        let mut missing = local.clone();
+        missing.token_hs256_secret_base64.clear();
+        assert!(missing.check().is_err());
+
+        // The secret may come from a file instead.
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, format!("{}\n", local.token_hs256_secret_base64)).unwrap();
+        let config_file = dir.path().join("server.toml");
+        std::fs::write(
+            &config_file,
+            format!("token-hs256-secret-base64-file = {:?}\n[storage]\ntype = 'local'\npath = '/tmp/x'\n", secret_file),
+        )
+        .unwrap();
+        assert_eq!(ServerConfig::load(&config_file).unwrap().token_hs256_secret_base64, local.token_hs256_secret_base64);
+        std::fs::write(
+            &config_file,
+            format!(
+                "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\ntoken-hs256-secret-base64-file = {:?}\n[storage]\ntype = 'local'\npath = '/tmp/x'\n",
+                secret_file
+            ),
+        )
+        .unwrap();
+        assert!(ServerConfig::load(&config_file).is_err());
     }
 }
