@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::metrics::Metrics;
 use crate::storage::Storage;
 
 /// How an uploaded NAR is compressed on the wire.
@@ -281,12 +282,13 @@ pub struct Ingester {
     zstd_level: i32,
     parallelism: usize,
     claims: Arc<ChunkClaims>,
+    metrics: Arc<Metrics>,
 }
 
 impl Ingester {
     /// An ingester writing to `storage`.
-    pub fn new(storage: Storage, params: ChunkParams, zstd_level: i32, parallelism: usize) -> Self {
-        Ingester { storage, params, zstd_level, parallelism, claims: Arc::default() }
+    pub fn new(storage: Storage, params: ChunkParams, zstd_level: i32, parallelism: usize, metrics: Arc<Metrics>) -> Self {
+        Ingester { storage, params, zstd_level, parallelism, claims: Arc::default(), metrics }
     }
 
     /// Reads a NAR from `body`, stores its missing chunks, and returns its manifest (not yet
@@ -352,6 +354,7 @@ impl Ingester {
         if let Err(err) = manifest.validate() {
             return failed(Error::internal(format!("ingest built an inconsistent manifest: {err}"))).await;
         }
+        self.metrics.nar_bytes_in.fetch_add(manifest.nar_size, std::sync::atomic::Ordering::Relaxed);
         Ok(Ingested { manifest, stats, claims, storage: self.storage.clone() })
     }
 
@@ -361,6 +364,7 @@ impl Ingester {
         let chunk_ref = ChunkRef { hash, size: data.len() as u32 };
         claims.claim(hash);
         if self.storage.chunk_size(&hash).await?.is_some() {
+            self.metrics.chunks_deduplicated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok((chunk_ref, None));
         }
         claims.created.lock().push(hash);
@@ -369,6 +373,8 @@ impl Ingester {
         let frame = chunk::compress(&data, self.zstd_level)?;
         let stored = frame.len() as u64;
         self.storage.put_chunk(&hash, Bytes::from(frame)).await?;
+        self.metrics.chunks_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.stored_bytes.fetch_add(stored, std::sync::atomic::Ordering::Relaxed);
         Ok((chunk_ref, Some(stored)))
     }
 
@@ -376,7 +382,7 @@ impl Ingester {
     /// every chunk must be stored and verify, and the whole must be a valid NAR.
     pub async fn verify_chunks(&self, refs: Vec<ChunkRef>) -> Result<Manifest> {
         let storage = self.storage.clone();
-        let chunks = verified_chunks(storage, refs.clone(), self.parallelism)
+        let chunks = verified_chunks(storage, refs.clone(), self.parallelism, self.metrics.clone())
             .map(|item| item.map(|(_, data)| data).map_err(io::Error::from));
         let reader = spawn_nar_reader(chunks, Compression::None, None);
         let (parsed, nar_hash) = reader.await.map_err(join_error)??;
@@ -393,15 +399,20 @@ pub fn verified_chunks(
     storage: Storage,
     refs: Vec<ChunkRef>,
     parallelism: usize,
+    metrics: Arc<Metrics>,
 ) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
     futures::stream::iter(refs)
         .map(move |chunk_ref| {
             let storage = storage.clone();
+            let metrics = metrics.clone();
             // A task per chunk spreads verification over the worker threads; the work is short
             // enough not to need the blocking pool.
             let task = tokio::spawn(async move {
+                let started = std::time::Instant::now();
                 let frame = storage.get_chunk(&chunk_ref.hash).await?;
                 let data = chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
+                metrics.chunk_fetch_seconds.observe(started.elapsed());
+                metrics.chunks_fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok::<_, Error>((frame, Bytes::from(data)))
             });
             async move { task.await.map_err(|e| Error::internal(format!("chunk task failed: {e}")))? }

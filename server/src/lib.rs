@@ -6,6 +6,7 @@
 //! - [`ingest`]: a NAR stream in, chunks and a manifest out.
 //! - [`auth`]: Attic-compatible JWT tokens.
 //! - [`routes`]: the HTTP frontends (Nix binary cache, Attic API, chunk API).
+//! - [`metrics`]: Prometheus counters at `/metrics`.
 //! - [`bootstrap`]: the zero-configuration first start.
 #![warn(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod ingest;
+pub mod metrics;
 pub mod routes;
 pub mod state;
 pub mod storage;

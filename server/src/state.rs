@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::auth::TokenAuthority;
 use crate::config::ServerConfig;
 use crate::ingest::Ingester;
+use crate::metrics::Metrics;
 use crate::storage::Storage;
 
 /// Shared state of the server.
@@ -18,6 +19,8 @@ pub struct AppState {
     pub tokens: TokenAuthority,
     /// NAR ingestion.
     pub ingester: Ingester,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -26,8 +29,14 @@ impl AppState {
         config.check()?;
         let storage = Storage::new(config.open_store()?);
         let tokens = TokenAuthority::from_base64(&config.token_hs256_secret_base64)?;
-        let ingester =
-            Ingester::new(storage.clone(), config.chunking, config.zstd_level, config.chunk_parallelism);
-        Ok(AppState { config: Arc::new(config), storage, tokens, ingester })
+        let metrics = Arc::new(Metrics::default());
+        let ingester = Ingester::new(
+            storage.clone(),
+            config.chunking,
+            config.zstd_level,
+            config.chunk_parallelism,
+            metrics.clone(),
+        );
+        Ok(AppState { config: Arc::new(config), storage, tokens, ingester, metrics })
     }
 }

@@ -247,6 +247,11 @@ impl Storage {
         }
     }
 
+    /// Takes a path out of a cache.
+    pub async fn delete_path(&self, cache: &str, hash_part: &str) -> Result<()> {
+        self.delete(&Self::path_key(cache, hash_part), "path record").await
+    }
+
     /// Which of the paths named by `hash_parts` are published in `cache`, in order.
     pub async fn paths_present(&self, cache: &str, hash_parts: Vec<String>, parallelism: usize) -> Result<Vec<bool>> {
         futures::stream::iter(hash_parts)

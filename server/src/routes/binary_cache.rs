@@ -156,6 +156,24 @@ pub async fn put_file(
     Ok(StatusCode::OK)
 }
 
+/// `DELETE /{cache}/{hash}.narinfo`: takes one path out of the cache (Attic has no such
+/// call). Its chunks stay until garbage collection finds nothing else uses them.
+#[instrument(skip_all, fields(cache = %cache, file = %file))]
+pub async fn delete_file(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((cache, file)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    authorize(&state, &caller, &cache, "delete", |p| p.delete).await?;
+    let Some(hash_part) = file.strip_suffix(".narinfo") else {
+        return Err(Error::invalid(format!("cannot delete {file:?}: name a path as {{hash}}.narinfo")).into());
+    };
+    path_record(&state, &cache, hash_part).await?;
+    state.storage.delete_path(&cache, hash_part).await?;
+    tracing::info!(hash = hash_part, "path deleted");
+    Ok(StatusCode::OK)
+}
+
 /// `GET|HEAD /{cache}/nar/{hash}.nar.zst` (stored zstd frames as they are) and
 /// `/{cache}/nar/{hash}.nar` (decompressed). Every chunk is verified before it is sent; the first
 /// chunks are fetched before the status line, so a missing first chunk is a 5xx, not a short 200.
@@ -183,14 +201,25 @@ pub async fn get_nar(
         .get_manifest(&path.nar_hash)
         .await?
         .ok_or_else(|| Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
-    let mut chunks = Box::pin(verified_chunks(state.storage.clone(), manifest.chunks, state.config.chunk_parallelism));
+    let mut chunks = Box::pin(verified_chunks(
+        state.storage.clone(),
+        manifest.chunks,
+        state.config.chunk_parallelism,
+        state.metrics.clone(),
+    ));
     let first = chunks.next().await.transpose()?;
-    let pick = move |(frame, data): (Bytes, Bytes)| if compressed { frame } else { data };
+    let metrics = state.metrics.clone();
+    let pick = move |(frame, data): (Bytes, Bytes)| {
+        let piece = if compressed { frame } else { data };
+        metrics.bytes_out.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        piece
+    };
+    let first_pick = pick.clone();
     let rest = chunks.map_ok(pick).map_err(|err| {
         tracing::error!(error = %err, "NAR stream failed after its start");
         std::io::Error::other(err)
     });
-    let stream = futures::stream::iter(first.map(|c| Ok(pick(c)))).chain(rest);
+    let stream = futures::stream::iter(first.map(|c| Ok(first_pick(c)))).chain(rest);
     let mut response = Response::new(Body::from_stream(stream));
     let content_type = if compressed { "application/zstd" } else { "application/x-nix-nar" };
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));

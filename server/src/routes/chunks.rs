@@ -89,6 +89,8 @@ pub async fn get_one(
     })
     .await
     .map_err(|e| Error::internal(e.to_string()))??;
+    state.metrics.chunks_fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.bytes_out.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
     Ok(([(header::CONTENT_TYPE, "application/zstd")], frame).into_response())
 }
 
@@ -102,8 +104,10 @@ pub async fn get_many(
 ) -> ApiResult<Response> {
     authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
     check_count(request.chunks.len())?;
-    let stream = verified_chunks(state.storage.clone(), request.chunks, state.config.chunk_parallelism)
-        .map_ok(|(frame, _)| {
+    let metrics = state.metrics.clone();
+    let stream = verified_chunks(state.storage.clone(), request.chunks, state.config.chunk_parallelism, metrics.clone())
+        .map_ok(move |(frame, _)| {
+            metrics.bytes_out.fetch_add(8 + frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let mut framed = Vec::with_capacity(8 + frame.len());
             framed.extend_from_slice(&(frame.len() as u64).to_le_bytes());
             framed.extend_from_slice(&frame);

@@ -26,6 +26,7 @@ pub const MAX_METADATA_BODY: usize = 16 * 1024 * 1024;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(|| async { "flywheel cache server\n" }))
+        .route("/metrics", get(metrics))
         .route("/_api/v1/get-missing-paths", post(get_missing_paths::handle))
         .route("/_api/v1/upload-path", put(upload_path::handle))
         .route(
@@ -39,14 +40,41 @@ pub fn router(state: AppState) -> Router {
         .route("/_flywheel/v1/{cache}/commit", post(chunks::commit))
         .route("/{cache}/nix-cache-info", get(binary_cache::cache_info).put(binary_cache::put_cache_info))
         .route("/{cache}/nar/{file}", get(binary_cache::get_nar).put(binary_cache::put_nar))
-        .route("/{cache}/{file}", get(binary_cache::get_file).put(binary_cache::put_file))
+        .route(
+            "/{cache}/{file}",
+            get(binary_cache::get_file).put(binary_cache::put_file).delete(binary_cache::delete_file),
+        )
         .layer(DefaultBodyLimit::max(MAX_METADATA_BODY))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
                 tracing::info_span!("request", http.method = %req.method(), http.path = %req.uri().path())
             }),
         )
         .with_state(state)
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+/// Counts every request by its route template (never the raw path, which would make a series
+/// per store path), method and status.
+async fn count_requests(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    state.metrics.count_request(&route, &method, response.status().as_u16());
+    response
 }
 
 /// A JSON body whose rejections come back as Attic-style 400s with the reason.

@@ -1,0 +1,120 @@
+//! Prometheus metrics of the server, rendered in the text exposition format at `/metrics`.
+//!
+//! Hand-rolled on atomics: a handful of counters and one latency histogram do not need a
+//! registry, and the hot paths (chunk fetches, NAR streams) pay one atomic add each.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+/// Upper bounds (seconds) of the chunk fetch latency buckets.
+const LATENCY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// A latency histogram with fixed buckets.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bucket, bound) in self.buckets.iter().zip(LATENCY_BUCKETS) {
+            if seconds <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bucket, bound) in self.buckets.iter().zip(LATENCY_BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Ordering::Relaxed));
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Everything the server counts.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    /// Uncompressed NAR bytes received by uploads.
+    pub nar_bytes_in: AtomicU64,
+    /// Bytes of NARs and chunks sent to clients.
+    pub bytes_out: AtomicU64,
+    /// Chunks an upload found stored already.
+    pub chunks_deduplicated: AtomicU64,
+    /// Chunks an upload had to store.
+    pub chunks_stored: AtomicU64,
+    /// Compressed bytes written for new chunks.
+    pub stored_bytes: AtomicU64,
+    /// Chunks read from storage (each verified).
+    pub chunks_fetched: AtomicU64,
+    /// Latency of reading and verifying one chunk from storage.
+    pub chunk_fetch_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Counts a finished request by route template, method and status.
+    pub fn count_request(&self, route: &str, method: &str, status: u16) {
+        *self.requests.lock().entry((route.to_string(), method.to_string(), status)).or_default() += 1;
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP flywheel_http_requests_total Requests by route, method and status.\n# TYPE flywheel_http_requests_total counter"
+        );
+        for ((route, method, status), n) in self.requests.lock().iter() {
+            let route = route.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "flywheel_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}");
+        }
+        let counters: [(&str, &str, &AtomicU64); 6] = [
+            ("flywheel_nar_bytes_received_total", "Uncompressed NAR bytes received by uploads.", &self.nar_bytes_in),
+            ("flywheel_bytes_sent_total", "Bytes of NARs and chunks sent.", &self.bytes_out),
+            ("flywheel_chunks_deduplicated_total", "Uploaded chunks that were stored already.", &self.chunks_deduplicated),
+            ("flywheel_chunks_stored_total", "Uploaded chunks that were new.", &self.chunks_stored),
+            ("flywheel_stored_bytes_total", "Compressed bytes written for new chunks.", &self.stored_bytes),
+            ("flywheel_chunks_fetched_total", "Chunks read from storage and verified.", &self.chunks_fetched),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+        }
+        self.chunk_fetch_seconds.render(&mut out, "flywheel_chunk_fetch_seconds", "Time to read and verify one chunk from storage.");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histogram() {
+        let metrics = Metrics::default();
+        metrics.count_request("/{cache}/{file}", "GET", 200);
+        metrics.count_request("/{cache}/{file}", "GET", 200);
+        metrics.chunk_fetch_seconds.observe(Duration::from_millis(3));
+        metrics.nar_bytes_in.fetch_add(42, Ordering::Relaxed);
+        let text = metrics.render();
+        assert!(text.contains("flywheel_http_requests_total{route=\"/{cache}/{file}\",method=\"GET\",status=\"200\"} 2"));
+        assert!(text.contains("flywheel_nar_bytes_received_total 42"));
+        assert!(text.contains("flywheel_chunk_fetch_seconds_bucket{le=\"0.0025\"} 0"));
+        assert!(text.contains("flywheel_chunk_fetch_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("flywheel_chunk_fetch_seconds_count 1"));
+    }
+}
