@@ -7,6 +7,7 @@
 //! - [`auth`]: Attic-compatible JWT tokens.
 //! - [`routes`]: the HTTP frontends (Nix binary cache, Attic API, chunk API).
 //! - [`metrics`]: Prometheus counters at `/metrics`.
+//! - [`fsck`]: finding missing or corrupt chunks and taking damaged paths out of service.
 //! - [`bootstrap`]: the zero-configuration first start.
 #![warn(missing_docs)]
 
@@ -14,8 +15,10 @@ pub mod auth;
 pub mod bootstrap;
 pub mod config;
 pub mod error;
+pub mod fsck;
 pub mod ingest;
 pub mod metrics;
+pub mod preflight;
 pub mod routes;
 pub mod state;
 pub mod storage;

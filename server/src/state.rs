@@ -6,6 +6,7 @@ use crate::auth::TokenAuthority;
 use crate::config::ServerConfig;
 use crate::ingest::Ingester;
 use crate::metrics::Metrics;
+use crate::preflight::VerifiedChunks;
 use crate::storage::Storage;
 
 /// Shared state of the server.
@@ -21,6 +22,8 @@ pub struct AppState {
     pub ingester: Ingester,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Chunk versions checked lately, for the check before a NAR is sent.
+    pub verified: Arc<VerifiedChunks>,
 }
 
 impl AppState {
@@ -37,6 +40,6 @@ impl AppState {
             config.chunk_parallelism,
             metrics.clone(),
         );
-        Ok(AppState { config: Arc::new(config), storage, tokens, ingester, metrics })
+        Ok(AppState { config: Arc::new(config), storage, tokens, ingester, metrics, verified: Arc::default() })
     }
 }

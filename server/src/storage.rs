@@ -83,6 +83,13 @@ fn storage_error(err: object_store::Error, what: &str) -> Error {
     }
 }
 
+fn version_of(meta: &object_store::ObjectMeta) -> String {
+    match &meta.e_tag {
+        Some(tag) => tag.clone(),
+        None => format!("{}-{}", meta.size, meta.last_modified.timestamp_nanos_opt().unwrap_or(0)),
+    }
+}
+
 /// Seconds since the epoch.
 pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -169,6 +176,30 @@ impl Storage {
             .await
     }
 
+    /// A token that changes whenever a chunk object is rewritten (its e-tag, or its size and
+    /// modification time), or `None` if it is not stored.
+    pub async fn chunk_version(&self, hash: &ChunkHash) -> Result<Option<String>> {
+        match self.store.head(&Self::chunk_key(hash)).await {
+            Ok(meta) => Ok(Some(version_of(&meta))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(storage_error(err, "chunk")),
+        }
+    }
+
+    /// A chunk's stored frame with its version token (see [`Storage::chunk_version`]).
+    pub async fn get_chunk_versioned(&self, hash: &ChunkHash) -> Result<(Bytes, String)> {
+        let result = match self.store.get(&Self::chunk_key(hash)).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::corrupt(format!("chunk {hash} is missing from storage")))
+            }
+            Err(err) => return Err(storage_error(err, "chunk")),
+        };
+        let version = version_of(&result.meta);
+        let bytes = result.bytes().await.map_err(|e| storage_error(e, "chunk"))?;
+        Ok((bytes, version))
+    }
+
     /// Stores a chunk's zstd frame.
     pub async fn put_chunk(&self, hash: &ChunkHash, frame: Bytes) -> Result<()> {
         self.store.put(&Self::chunk_key(hash), PutPayload::from(frame)).await.map_err(|e| storage_error(e, "chunk"))?;
@@ -231,6 +262,32 @@ impl Storage {
             self.delete(&key, "cache entry").await?;
         }
         Ok(())
+    }
+
+    /// The names of all caches.
+    pub async fn list_caches(&self) -> Result<Vec<String>> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&Path::from("caches")))
+            .await
+            .map_err(|e| storage_error(e, "cache listing"))?;
+        Ok(listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect())
+    }
+
+    /// The hash parts of all paths published in `cache`.
+    pub async fn list_paths(&self, cache: &str) -> Result<Vec<String>> {
+        let prefix = Path::from(format!("caches/{cache}/paths"));
+        let keys: Vec<Path> = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|e| storage_error(e, "path listing"))?;
+        Ok(keys
+            .iter()
+            .filter_map(|key| key.filename()?.strip_suffix(".json").map(str::to_string))
+            .collect())
     }
 
     /// A published path by its hash part.

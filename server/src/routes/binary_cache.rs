@@ -175,8 +175,9 @@ pub async fn delete_file(
 }
 
 /// `GET|HEAD /{cache}/nar/{hash}.nar.zst` (stored zstd frames as they are) and
-/// `/{cache}/nar/{hash}.nar` (decompressed). Every chunk is verified before it is sent; the first
-/// chunks are fetched before the status line, so a missing first chunk is a 5xx, not a short 200.
+/// `/{cache}/nar/{hash}.nar` (decompressed). Every chunk is checked before the status line (see
+/// [`crate::preflight`]), so a missing or corrupt chunk is a 5xx, never a 200 cut short; and every
+/// chunk is verified again as it is sent.
 #[instrument(skip_all, fields(cache = %cache, file = %file))]
 pub async fn get_nar(
     State(state): State<AppState>,
@@ -201,6 +202,7 @@ pub async fn get_nar(
         .get_manifest(&path.nar_hash)
         .await?
         .ok_or_else(|| Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
+    state.verified.check(&state.storage, &manifest.nar_hash, &manifest.chunks, state.config.chunk_parallelism).await?;
     let mut chunks = Box::pin(verified_chunks(
         state.storage.clone(),
         manifest.chunks,
