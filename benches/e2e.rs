@@ -6,6 +6,9 @@
 #[path = "../tests/common_fuse/mod.rs"]
 #[allow(dead_code)]
 mod common_fuse;
+#[path = "../tests/substituter_common/mod.rs"]
+#[allow(dead_code)]
+mod substituter_common;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -467,6 +470,193 @@ fn fuse_section(report: &mut Report, work: &Path) {
     );
 }
 
+/// A TCP proxy that limits the server-to-client direction to `bytes_per_sec`, shared by all
+/// connections: a runner's link to the cache node, which loopback does not have.
+struct Link {
+    port: u16,
+}
+
+impl Link {
+    fn start(target: &str, bytes_per_sec: f64) -> Link {
+        use std::io::{Read, Write};
+        let target = target.trim_start_matches("http://").to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let clock = std::sync::Arc::new(parking_lot::Mutex::new(Instant::now()));
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let Ok(mut server) = std::net::TcpStream::connect(&target) else { continue };
+                let (mut client_r, mut server_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut client_r, &mut server_w);
+                    let _ = server_w.shutdown(std::net::Shutdown::Write);
+                });
+                let clock = clock.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        // Reserve this piece's time on the shared link, then wait for it.
+                        let due = {
+                            let mut next = clock.lock();
+                            let start = (*next).max(Instant::now());
+                            *next = start + std::time::Duration::from_secs_f64(n as f64 / bytes_per_sec);
+                            *next
+                        };
+                        let wait = due.saturating_duration_since(Instant::now());
+                        std::thread::sleep(wait);
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Link { port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn substituter_section(report: &mut Report, work: &Path) {
+    use substituter_common::{CountingProxy, Setup, StaticCache, Substitute};
+    let setup = Setup::new("ci");
+    let mut paths = setup.build("bench", &["big", "tree", "single", "withRefs", "bigNext"]);
+    let next = paths.pop().unwrap();
+    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output().unwrap();
+    let lib = PathBuf::from(String::from_utf8(sysroot.stdout).unwrap().trim()).join("lib");
+    let out = setup.nix.run(setup.nix.cmd("nix-store").args(["--store", &setup.src, "--add"]).arg(&lib));
+    paths.push(out.trim().to_string());
+    let nar_bytes: u64 = paths.iter().map(|p| setup.nix.path_info(&setup.src, p).nar_size).sum();
+
+    // Push: the whole corpus, then the next version of `big` through a counting proxy.
+    let (push_all, out) = timed(|| setup.push(&setup.server.url, &paths, &[]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let proxy = CountingProxy::start(&setup.server.url, "ci", None);
+    let (push_next, out) = timed(|| setup.push(&proxy.url, &[next.clone()], &[]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sent = proxy.bytes_up();
+    let (old_nar, new_nar) = (setup.nix.dump(&setup.src, &paths[0]), setup.nix.dump(&setup.src, &next));
+    let (_, new_bytes) = substituter_common::new_chunks(&old_nar, &new_nar);
+    // The reference: the same new version as one whole NAR through upload-path.
+    let whole_server = Server::start(Backend::Local);
+    whole_server.create_cache("bench", false);
+    let whole_token = whole_server.admin_token();
+    let nar_file = work.join("next.nar");
+    std::fs::write(&nar_file, &new_nar).unwrap();
+    let info = setup.nix.path_info(&setup.src, &next);
+    let hex = {
+        let out = Command::new("sha256sum").arg(&nar_file).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()[..64].to_string()
+    };
+    let whole_time = upload_path(&whole_server, &whole_token, &nar_file, &hex, info.nar_size);
+
+    // Substitution into fresh stores: straight from the server and from a plain file:// cache
+    // (both on loopback and through a 1 Gbit/s link), and through our substituter.
+    let static_cache = StaticCache::new(&setup.nix, &setup.src, &paths);
+    let realise = |name: &str, subs: &str, key: &str| -> f64 {
+        let dst = setup.nix.store(name);
+        let (t, out) = timed(|| setup.realise(&dst, &[subs], &[key], &paths));
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        t
+    };
+    let server_url = format!("{}/ci", setup.server.url);
+    let link = Link::start(&setup.server.url, 125e6);
+    let linked_url = format!("{}/ci", link.url());
+    let direct = median((0..RUNS).map(|i| realise(&format!("direct-{i}"), &server_url, &setup.key)).collect());
+    let direct_link = median((0..RUNS).map(|i| realise(&format!("direct-link-{i}"), &linked_url, &setup.key)).collect());
+    let plain = median((0..RUNS).map(|i| realise(&format!("static-{i}"), &static_cache.url, &static_cache.public_key)).collect());
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for i in 0..RUNS {
+        let cache_dir = tempfile::tempdir_in(work).unwrap();
+        let sub = Substitute::start(&link.url(), "ci", &setup.token_file, cache_dir.path());
+        cold.push(realise(&format!("cold-{i}"), &sub.url, &setup.key));
+        warm.push(realise(&format!("warm-{i}"), &sub.url, &setup.key));
+    }
+    let (cold, warm) = (median(cold), median(warm));
+
+    // Hook latency, with a push daemon running.
+    let socket = work.join("push.sock");
+    let mut daemon = setup
+        .nix
+        .cmd(common::FLYWHEEL)
+        .args(["push-daemon", "--server", &setup.server.url, "--cache", "ci", "--token-file"])
+        .arg(&setup.token_file)
+        .args(["--store", &format!("local?root={}", setup.src), "--socket"])
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let drv = setup.nix.run(setup.nix.cmd("nix-store").args(["--store", &setup.src, "-q", "--deriver", &paths[0]]));
+    let hook = median(
+        (0..21)
+            .map(|_| {
+                time_cmd(
+                    Command::new(common::FLYWHEEL).args(["hook", "--socket"]).arg(&socket).env("DRV_PATH", drv.trim()).env("OUT_PATHS", ""),
+                )
+            })
+            .collect(),
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+
+    let mb = |b: f64| b / MB;
+    report.section(
+        "Runner substituter and push",
+        &format!(
+            "Corpus: {} paths, {:.0} MB of NAR (the toolchain's `lib`, a 6 MB random path, small paths). `nix-store --realise` \
+             of the corpus into a fresh store by substitution only, signatures required, {RUNS} runs each. \"Link\": the \
+             server behind a proxy limited to 125 MB/s (1 Gbit/s) shared by all connections, as a runner's link to the \
+             cache node; loopback has none. Our substituter reaches the server through that link.",
+            paths.len(),
+            mb(nar_bytes as f64)
+        ),
+    );
+    report.row(
+        "substitution, our substituter, warm cache",
+        format!("{warm:.2} s"),
+        format!("server direct: loopback {direct:.2} s, link {direct_link:.2} s; plain `file://` cache {plain:.2} s"),
+        format!("{:.1}x faster than cold from the server (link); {:.1}x (loopback)", direct_link / warm, direct / warm),
+        ">= 3x faster than cold from the server",
+    );
+    report.row(
+        "substitution, our substituter, cold cache",
+        format!("{cold:.2} s"),
+        format!("server direct over the link: {direct_link:.2} s"),
+        format!("{:.2}x", cold / direct_link),
+        "",
+    );
+    report.row(
+        "push of a new version (`big` with bytes inserted)",
+        format!("{} bytes sent, {:.2} s", sent, push_next),
+        format!("new chunk bytes {new_bytes}; whole NAR through upload-path: {} bytes, {:.2} s", new_nar.len(), whole_time),
+        format!("{:.1}% over the new chunk bytes", 100.0 * (sent as f64 - new_bytes as f64) / new_bytes as f64),
+        "<= new chunk bytes + 5%",
+    );
+    report.row("push of the whole corpus to an empty cache", format!("{push_all:.2} s"), String::new(), String::new(), "");
+    report.row(
+        "post-build hook",
+        format!("{:.1} ms (median of 21)", hook * 1e3),
+        String::new(),
+        String::new(),
+        "< 50 ms",
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument picks sections.
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -488,6 +678,9 @@ fn main() {
     }
     if wants("fuse") {
         fuse_section(&mut report, work.path());
+    }
+    if wants("substituter") {
+        substituter_section(&mut report, work.path());
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
     std::fs::write(&path, &report.out).unwrap();

@@ -8,6 +8,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flywheel_server::auth::Permissions;
 use flywheel_server::{bootstrap, ServerConfig};
+use runner::{FlushArgs, HookArgs, PushArgs, PushDaemonArgs, SubstituteArgs};
+
+mod ops;
+mod runner;
 
 #[derive(Parser)]
 #[command(name = "flywheel", version, about = "Nix store accelerator for CI runners")]
@@ -27,6 +31,20 @@ enum Command {
     Mount(MountArgs),
     /// Print the registration of a closure for `nix-store --load-db`.
     DumpDb(DumpDbArgs),
+    /// Run the local substituter: a binary cache for nix-daemon backed by the chunk cache.
+    Substitute(SubstituteArgs),
+    /// Push store paths (and their closure), uploading only the chunks the server lacks.
+    Push(PushArgs),
+    /// Run the push daemon that `flywheel hook` hands built paths to.
+    PushDaemon(PushDaemonArgs),
+    /// Post-build hook: hand the built paths to the push daemon and exit 0 at once.
+    Hook(HookArgs),
+    /// Wait until the push daemon has pushed everything queued.
+    Flush(FlushArgs),
+    /// Check every stored chunk; take paths with missing or corrupt chunks out of service.
+    Fsck(ops::FsckArgs),
+    /// Expire paths past their retention and delete unreferenced manifests and chunks.
+    Gc(ops::GcArgs),
 }
 
 #[derive(Args)]
@@ -99,6 +117,13 @@ fn main() -> anyhow::Result<()> {
         Command::Token(TokenCommand::Mint(args)) => mint(args),
         Command::Mount(args) => mount(args),
         Command::DumpDb(args) => dump_db(args),
+        Command::Substitute(args) => runner::substitute(args),
+        Command::Push(args) => runner::push(args),
+        Command::PushDaemon(args) => runner::push_daemon(args),
+        Command::Hook(args) => runner::hook(args),
+        Command::Flush(args) => runner::flush(args),
+        Command::Fsck(args) => ops::fsck(args),
+        Command::Gc(args) => ops::gc(args),
     }
 }
 
@@ -213,7 +238,8 @@ impl ServerArgs {
 struct MountArgs {
     #[command(flatten)]
     server: ServerArgs,
-    /// Directory of the local chunk cache (a sled database); one process at a time.
+    /// Directory of the local chunk cache (a sled database); shared with other processes
+    /// opening it (the first owns it, the others go through its socket).
     #[arg(long, default_value = "/var/cache/flywheel")]
     cache_dir: PathBuf,
     /// Byte quota of the local chunk cache.

@@ -119,3 +119,229 @@ fn delete_path_local() {
 fn delete_path_s3() {
     delete_path(Backend::S3);
 }
+
+fn damaged_chunks(backend: Backend) {
+    let nix = Nix::new();
+    let server = Server::start(backend);
+    let key = server.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("fsck"), &["big", "single"]);
+    let push = server.netrc(&server.mint(&["--push", "ci", "--pull", "ci"]));
+    let url = format!("{}/ci", server.url);
+    let out = nix.copy_to(&src, &url, &push, &paths);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let client = Client::new();
+    let admin = server.admin_token();
+    let big = hash_part(&paths[0]);
+    let manifest: serde_json::Value = client
+        .get(format!("{}/_flywheel/v1/ci/manifest/{big}", server.url))
+        .bearer_auth(&admin)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let chunks: Vec<String> =
+        manifest["manifest"]["chunks"].as_array().unwrap().iter().map(|c| c["hash"].as_str().unwrap().to_string()).collect();
+    assert!(chunks.len() > 10, "the big path has {} chunks", chunks.len());
+    let object = |hash: &str| server.objects.join("chunks").join(&hash[..2]).join(hash);
+    let (lost, rotten) = (&chunks[chunks.len() / 2], &chunks[chunks.len() - 2]);
+    std::fs::remove_file(object(lost)).unwrap();
+    let garbage = zstd_frame_of(b"these are not the bytes you are looking for");
+    std::fs::write(object(rotten), garbage).unwrap();
+
+    // A missing or corrupt chunk anywhere in the NAR is a 5xx before any NAR byte.
+    for suffix in [".nar.zst", ".nar"] {
+        let resp = client.get(format!("{url}/nar/{big}{suffix}")).bearer_auth(&admin).send().unwrap();
+        let status = resp.status();
+        let body = resp.text().unwrap();
+        assert!(status.is_server_error(), "{suffix}: got {status}");
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{suffix}: body is not an error: {} bytes", body.len()));
+        assert_eq!(error["code"], status.as_u16());
+    }
+
+    let fsck = |extra: &[&str]| {
+        let out = std::process::Command::new(common::FLYWHEEL).args(["fsck", "--config"]).arg(&server.config).args(extra).output().unwrap();
+        assert!(out.status.success(), "fsck failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let narinfo = |hash: &str| client.get(format!("{url}/{hash}.narinfo")).bearer_auth(&admin).send().unwrap().status();
+    let report = fsck(&["--dry-run"]);
+    assert!(report.contains(&format!("missing chunk {lost}")), "{report}");
+    assert!(report.contains(&format!("corrupt chunk {rotten}")), "{report}");
+    assert!(report.contains(&paths[0]), "{report}");
+    assert!(!report.contains(&paths[1]), "{report}");
+    assert_eq!(narinfo(big), StatusCode::OK, "a dry run changed nothing");
+
+    let report = fsck(&[]);
+    assert!(report.contains("taken out of service"), "{report}");
+    assert_eq!(narinfo(big), StatusCode::NOT_FOUND);
+    assert_eq!(narinfo(hash_part(&paths[1])), StatusCode::OK);
+    assert!(!object(rotten).exists(), "the corrupt chunk is still stored");
+    let clean = fsck(&["--dry-run"]);
+    assert!(!clean.contains("missing chunk") && !clean.contains("corrupt chunk"), "{clean}");
+
+    // An ordinary re-push repairs the path.
+    let out = nix.copy_to(&src, &url, &push, &paths[..1]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pull = server.netrc(&server.mint(&["--pull", "ci"]));
+    let dst = nix.store("dst");
+    let out = nix.copy_from(&dst, &url, &pull, &key, &paths);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(nix.verify(&dst, &paths[0]));
+}
+
+fn zstd_frame_of(data: &[u8]) -> Vec<u8> {
+    flywheel_core::chunk::compress(data, 3).unwrap()
+}
+
+#[test]
+fn damaged_chunks_local() {
+    damaged_chunks(Backend::Local);
+}
+
+#[test]
+fn damaged_chunks_s3() {
+    damaged_chunks(Backend::S3);
+}
+
+/// Runs `flywheel gc`, returning its report.
+fn run_gc(server: &Server, extra: &[&str]) -> String {
+    let out = std::process::Command::new(common::FLYWHEEL).args(["gc", "--config"]).arg(&server.config).args(extra).output().unwrap();
+    assert!(out.status.success(), "gc failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Stored bytes of the chunks a published path lists, read through the chunk API.
+fn chunk_files(server: &Server, token: &str, cache: &str, path: &str) -> std::collections::BTreeSet<String> {
+    let manifest: serde_json::Value = Client::new()
+        .get(format!("{}/_flywheel/v1/{cache}/manifest/{}", server.url, hash_part(path)))
+        .bearer_auth(token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    manifest["manifest"]["chunks"].as_array().unwrap().iter().map(|c| c["hash"].as_str().unwrap().to_string()).collect()
+}
+
+fn stored_chunks(server: &Server) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for dir in std::fs::read_dir(server.objects.join("chunks")).unwrap() {
+        for file in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            out.insert(file.unwrap().file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
+
+fn retention_and_gc(backend: Backend) {
+    let nix = Nix::new();
+    // No grace: this test wants unreferenced data gone at once. Access records on every read.
+    let server = Server::start_with(backend, "[gc]\ninterval = 0\ngrace-period = 0\naccess-record-interval = 0\n");
+    let key = server.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("gc"), &["big", "bigNext", "single"]);
+    let push = server.netrc(&server.mint(&["--push", "ci", "--pull", "ci"]));
+    let url = format!("{}/ci", server.url);
+    let out = nix.copy_to(&src, &url, &push, &paths);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let client = Client::new();
+    let admin = server.admin_token();
+    let chunks: Vec<_> = paths.iter().map(|p| chunk_files(&server, &admin, "ci", p)).collect();
+    // An orphan chunk, uploaded but never committed.
+    let orphan = flywheel_core::chunk::ChunkHash::of(b"an orphan chunk");
+    let frame = flywheel_core::chunk::compress(b"an orphan chunk", 3).unwrap();
+    let resp = client.put(format!("{}/_flywheel/v1/ci/chunk/{orphan}", server.url)).bearer_auth(&admin).body(frame).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // Nothing referenced goes; the orphan does.
+    let report = run_gc(&server, &["--dry-run"]);
+    assert!(report.contains("would free 0 paths, 0 manifests, 1 chunks"), "{report}");
+    assert!(stored_chunks(&server).contains(&orphan.to_string()), "a dry run deleted");
+    run_gc(&server, &[]);
+    let all: std::collections::BTreeSet<String> = chunks.iter().flatten().cloned().collect();
+    assert_eq!(stored_chunks(&server), all);
+
+    // Retention of 2 s: `big` and `single` are read now, `bigNext` is not.
+    let resp = client
+        .patch(format!("{}/_api/v1/cache-config/ci", server.url))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"retention_period": {"Period": 2}}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{}", resp.text().unwrap());
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    for path in [&paths[0], &paths[2]] {
+        let resp = client.get(format!("{url}/{}.narinfo", hash_part(path))).bearer_auth(&admin).send().unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let report = run_gc(&server, &[]);
+    assert!(report.contains(&format!("expired: ci {}", paths[1].trim_start_matches("/nix/store/"))), "{report}");
+    assert_eq!(client.get(format!("{url}/{}.narinfo", hash_part(&paths[1]))).bearer_auth(&admin).send().unwrap().status(), StatusCode::NOT_FOUND);
+    // Exactly the chunks only `bigNext` used are gone.
+    let kept: std::collections::BTreeSet<String> = chunks[0].union(&chunks[2]).cloned().collect();
+    assert_eq!(stored_chunks(&server), kept);
+    assert!(chunks[1].difference(&kept).count() >= 1);
+
+    // What stays still substitutes.
+    let pull = server.netrc(&server.mint(&["--pull", "ci"]));
+    let out = nix.copy_from(&nix.store("dst"), &url, &pull, &key, &[paths[0].clone(), paths[2].clone()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn retention_and_gc_local() {
+    retention_and_gc(Backend::Local);
+}
+
+#[test]
+fn retention_and_gc_s3() {
+    retention_and_gc(Backend::S3);
+}
+
+fn push_during_gc(backend: Backend) {
+    let nix = Nix::new();
+    // The default grace period: chunks of an upload in flight are young.
+    let server = Server::start_with(backend, "[gc]\ninterval = 0\n");
+    let key = server.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("gcpush"), &["big", "withRefs"]);
+    let push = server.netrc(&server.mint(&["--push", "ci", "--pull", "ci"]));
+    let url = format!("{}/ci", server.url);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let collector = {
+        let stop = stop.clone();
+        let config = server.config.clone();
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || runs == 0 {
+                let status = std::process::Command::new(common::FLYWHEEL).args(["gc", "--config"]).arg(&config).output().unwrap();
+                assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+                runs += 1;
+            }
+            runs
+        })
+    };
+    let out = nix.copy_to(&src, &url, &push, &paths);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let runs = collector.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(runs >= 1);
+    run_gc(&server, &[]);
+    let pull = server.netrc(&server.mint(&["--pull", "ci"]));
+    let dst = nix.store("dst");
+    let out = nix.copy_from(&dst, &url, &pull, &key, &paths);
+    assert!(out.status.success(), "after {runs} collections during the push: {}", String::from_utf8_lossy(&out.stderr));
+    for path in &paths {
+        assert!(nix.verify(&dst, path));
+    }
+}
+
+#[test]
+fn push_during_gc_local() {
+    push_during_gc(Backend::Local);
+}
+
+#[test]
+fn push_during_gc_s3() {
+    push_during_gc(Backend::S3);
+}

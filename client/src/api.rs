@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flywheel_core::api::v1::chunks::{ChunkRefList, PathManifest};
+use flywheel_core::api::v1::chunks::{ChunkList, ChunkRefList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
+use flywheel_core::api::v1::get_missing_paths::{GetMissingPathsRequest, GetMissingPathsResponse};
+use flywheel_core::chunk::ChunkHash;
 use flywheel_core::api::v1::ErrorBody;
 use flywheel_core::chunk::decompress_verified;
 use flywheel_core::manifest::ChunkRef;
@@ -141,6 +143,55 @@ impl ApiClient {
         Ok(out)
     }
 
+    /// Which of these store paths (hash parts) the cache lacks, with Attic's
+    /// `get-missing-paths`.
+    #[instrument(skip_all, err, fields(paths = hash_parts.len()))]
+    pub async fn missing_paths(&self, hash_parts: &[String]) -> Result<Vec<String>> {
+        let body = GetMissingPathsRequest { cache: self.cache.clone(), store_path_hashes: hash_parts.to_vec() };
+        let url = format!("{}/_api/v1/get-missing-paths", self.base);
+        let response = send(self.request(reqwest::Method::POST, url).json(&body)).await?;
+        let bytes = response.bytes().await.map_err(transport)?;
+        let parsed: GetMissingPathsResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(format!("get-missing-paths answer from the server does not parse: {e}")))?;
+        Ok(parsed.missing_paths)
+    }
+
+    /// Which of these chunks the server does not store (`POST missing-chunks`).
+    #[instrument(skip_all, err, fields(chunks = chunks.len()))]
+    pub async fn missing_chunks(&self, chunks: &[ChunkHash]) -> Result<Vec<ChunkHash>> {
+        let mut missing = Vec::new();
+        for batch in chunks.chunks(MAX_CHUNKS_PER_REQUEST) {
+            let body = ChunkList { chunks: batch.to_vec() };
+            let request = zstd_json(self.request(reqwest::Method::POST, self.api_url("missing-chunks")), &body)?;
+            let response = send(request).await?;
+            let bytes = response.bytes().await.map_err(transport)?;
+            let parsed: ChunkList = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::corrupt(format!("missing-chunks answer from the server does not parse: {e}")))?;
+            let asked: std::collections::HashSet<&ChunkHash> = batch.iter().collect();
+            if let Some(odd) = parsed.chunks.iter().find(|h| !asked.contains(h)) {
+                return Err(Error::corrupt(format!("the server reports chunk {odd} missing, which was not asked about")));
+            }
+            missing.extend(parsed.chunks);
+        }
+        Ok(missing)
+    }
+
+    /// Uploads one chunk as its zstd frame (`PUT chunk/{hash}`); the server verifies it.
+    #[instrument(skip_all, err, fields(chunk = %hash))]
+    pub async fn put_chunk(&self, hash: &ChunkHash, frame: Vec<u8>) -> Result<()> {
+        let url = self.api_url(&format!("chunk/{hash}"));
+        send(self.request(reqwest::Method::PUT, url).header(reqwest::header::CONTENT_TYPE, "application/zstd").body(frame))
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes a path whose chunks are all stored (`POST commit`).
+    #[instrument(skip_all, err, fields(store_path = %request.store_path))]
+    pub async fn commit(&self, request: &CommitRequest) -> Result<()> {
+        send(zstd_json(self.request(reqwest::Method::POST, self.api_url("commit")), request)?).await?;
+        Ok(())
+    }
+
     /// The store directory the cache serves, from its `nix-cache-info`.
     pub async fn store_dir(&self) -> Result<String> {
         let url = format!("{}/{}/nix-cache-info", self.base, self.cache);
@@ -203,4 +254,15 @@ async fn send(builder: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         Err(_) => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
     };
     Err(Error::new(kind, format!("server answered {status}: {message}")))
+}
+
+/// A JSON body compressed with zstd: the chunk lists of a push are mostly hex, which halves,
+/// and they would otherwise be a sizeable share of what a small change sends.
+fn zstd_json(request: reqwest::RequestBuilder, body: &impl serde::Serialize) -> Result<reqwest::RequestBuilder> {
+    let json = serde_json::to_vec(body).map_err(|e| Error::internal(format!("serializing a request: {e}")))?;
+    let compressed = flywheel_core::chunk::compress(&json, 19)?;
+    Ok(request
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(reqwest::header::CONTENT_ENCODING, "zstd")
+        .body(compressed))
 }

@@ -68,8 +68,8 @@ pub struct CacheStats {
     pub write_failures: u64,
 }
 
-/// The sled-backed chunk cache. Share it behind an `Arc`; every method takes `&self`.
-pub struct ChunkCache {
+/// The sled-backed chunk cache as its owning process holds it.
+pub(crate) struct LocalCache {
     db: sled::Db,
     frames: PathBuf,
     chunks: sled::Tree,
@@ -89,9 +89,9 @@ pub struct ChunkCache {
     write_failures: AtomicU64,
 }
 
-impl std::fmt::Debug for ChunkCache {
+impl std::fmt::Debug for LocalCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChunkCache").field("quota", &self.quota).field("used", &self.used_bytes()).finish()
+        f.debug_struct("LocalCache").field("quota", &self.quota).field("used", &self.used_bytes()).finish()
     }
 }
 
@@ -127,7 +127,7 @@ fn storage_error(err: sled::Error) -> Error {
     Error::internal(format!("chunk cache: {err}"))
 }
 
-impl ChunkCache {
+impl LocalCache {
     /// Opens (or creates) the cache in `config.dir`, counting the bytes already there.
     ///
     /// Fails with [`ErrorKind::AlreadyExists`] when another process holds the database.
@@ -158,7 +158,7 @@ impl ChunkCache {
             }
             None => 0,
         };
-        let cache = ChunkCache {
+        let cache = LocalCache {
             db,
             frames,
             chunks,
@@ -447,6 +447,8 @@ fn open_error(dir: &Path, err: sled::Error) -> Error {
     }
 }
 
+pub use crate::share::ChunkCache;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,24 +480,25 @@ mod tests {
         let config = CacheConfig::new(dir.path().join("db"), 10 << 20);
         let (c, frame) = chunk(1, 100_000);
         {
-            let cache = ChunkCache::open(&config).unwrap();
+            let cache = LocalCache::open(&config).unwrap();
             assert!(cache.get(&c).is_none());
             cache.insert(&c.hash, &frame);
             assert_eq!(cache.get(&c).unwrap().len(), 100_000);
             assert_eq!(cache.used_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
             cache.flush().unwrap();
         }
-        let cache = ChunkCache::open(&config).unwrap();
+        let cache = LocalCache::open(&config).unwrap();
         assert_eq!(cache.used_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
         assert!(cache.get(&c).is_some());
     }
 
     #[test]
-    fn second_process_gets_a_clear_error() {
+    fn the_database_lock_is_exclusive() {
+        // `ChunkCache::open` relies on this to pick the owner; see `crate::share`.
         let dir = tempfile::tempdir().unwrap();
         let config = CacheConfig::new(dir.path(), 1 << 20);
-        let _first = ChunkCache::open(&config).unwrap();
-        let err = ChunkCache::open(&config).unwrap_err();
+        let _first = LocalCache::open(&config).unwrap();
+        let err = LocalCache::open(&config).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
         assert!(err.to_string().contains("in use by another process"), "{err}");
     }
@@ -503,7 +506,7 @@ mod tests {
     #[test]
     fn corrupted_entries_are_detected_and_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = ChunkCache::open(&CacheConfig::new(dir.path(), 10 << 20)).unwrap();
+        let cache = LocalCache::open(&CacheConfig::new(dir.path(), 10 << 20)).unwrap();
         let (c, frame) = chunk(2, 50_000);
         let (_, other_frame) = chunk(3, 50_000);
         // A frame file that went missing behind the index's back is a miss, not an error.
@@ -536,7 +539,7 @@ mod tests {
     fn quota_holds_under_a_larger_workload_and_evicts_lru() {
         let dir = tempfile::tempdir().unwrap();
         let quota = 4 << 20;
-        let cache = ChunkCache::open(&CacheConfig::new(dir.path(), quota)).unwrap();
+        let cache = LocalCache::open(&CacheConfig::new(dir.path(), quota)).unwrap();
         let chunks: Vec<_> = (0..200).map(|i| chunk(100 + i, 64 * 1024)).collect();
         let (hot, hot_frame) = chunk(7, 64 * 1024);
         cache.insert(&hot.hash, &hot_frame);
@@ -560,7 +563,7 @@ mod tests {
         cache.flush().unwrap();
         drop(cache);
         // Reopened with a smaller quota, it shrinks at once.
-        let cache = ChunkCache::open(&CacheConfig::new(dir.path(), quota / 2)).unwrap();
+        let cache = LocalCache::open(&CacheConfig::new(dir.path(), quota / 2)).unwrap();
         assert!(cache.used_bytes() <= quota / 2);
         cache.flush().unwrap();
         // The frames on disk are within the quota.
@@ -572,7 +575,7 @@ mod tests {
         let orphan_path = cache.frame_path(&orphan.hash);
         assert!(orphan_path.exists());
         drop(cache);
-        let cache = ChunkCache::open(&CacheConfig::new(dir.path(), quota / 2)).unwrap();
+        let cache = LocalCache::open(&CacheConfig::new(dir.path(), quota / 2)).unwrap();
         assert!(!orphan_path.exists());
         assert!(cache.get(&chunks[199].0).is_some());
     }

@@ -14,13 +14,15 @@
 //! The FUSE mount and the local substituter both build on [`ChunkStore`]; [`dump_db`] renders a
 //! closure's registration for `nix-store --load-db`.
 //!
-//! A sled database is held by one process at a time: a second process opening the same cache
-//! directory gets [`flywheel_core::ErrorKind::AlreadyExists`] with a message naming the lock.
+//! Several processes can share one cache directory: the first to open it owns the sled
+//! database and answers the others over a unix socket in the directory (see [`share`]); when
+//! the owner exits, another process takes over.
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod cache;
 pub mod dump_db;
+pub mod share;
 pub mod store;
 
 pub use api::{ApiClient, ClientConfig, FetchedChunk};

@@ -44,6 +44,7 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(ServerConfig, Option<P
         zstd_level: flywheel_core::chunk::DEFAULT_ZSTD_LEVEL,
         api_endpoint: None,
         chunk_parallelism: 16,
+        gc: Default::default(),
     };
     let text = format!(
         "# Written by `flywheel serve` on first start. The token secret signs every token: keep it private.\n{}",

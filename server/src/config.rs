@@ -38,6 +38,50 @@ pub struct ServerConfig {
     /// Chunks written or fetched in parallel per request.
     #[serde(default = "default_parallelism")]
     pub chunk_parallelism: usize,
+    /// Garbage collection and retention.
+    #[serde(default)]
+    pub gc: GcConfig,
+}
+
+/// When paths expire and unused data is swept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GcConfig {
+    /// Seconds a path is kept after its last access, for caches without their own retention
+    /// period; 0 keeps paths forever (Attic's meaning).
+    #[serde(default)]
+    pub default_retention_period: u64,
+    /// Seconds between garbage collections in the server; 0 runs none (use `flywheel gc`).
+    #[serde(default = "default_gc_interval")]
+    pub interval: u64,
+    /// Unreferenced chunks and manifests younger than this many seconds are kept, so that an
+    /// upload still in flight never loses what it stored.
+    #[serde(default = "default_grace")]
+    pub grace_period: u64,
+    /// Seconds between two access records of one path (each is a small write).
+    #[serde(default = "default_access_interval")]
+    pub access_record_interval: u64,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            default_retention_period: 0,
+            interval: default_gc_interval(),
+            grace_period: default_grace(),
+            access_record_interval: default_access_interval(),
+        }
+    }
+}
+
+fn default_gc_interval() -> u64 {
+    12 * 3600
+}
+fn default_grace() -> u64 {
+    6 * 3600
+}
+fn default_access_interval() -> u64 {
+    3600
 }
 
 /// The object store behind the server.

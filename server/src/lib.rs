@@ -7,6 +7,7 @@
 //! - [`auth`]: Attic-compatible JWT tokens.
 //! - [`routes`]: the HTTP frontends (Nix binary cache, Attic API, chunk API).
 //! - [`metrics`]: Prometheus counters at `/metrics`.
+//! - [`gc`]: retention and garbage collection.
 //! - [`fsck`]: finding missing or corrupt chunks and taking damaged paths out of service.
 //! - [`bootstrap`]: the zero-configuration first start.
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod fsck;
+pub mod gc;
 pub mod ingest;
 pub mod metrics;
 pub mod preflight;
@@ -33,6 +35,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = AppState::new(config)?;
+    tokio::spawn(gc::periodic(state.storage.clone(), state.config.gc.clone()));
     let app = routes::router(state);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())

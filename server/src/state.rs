@@ -24,9 +24,33 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Chunk versions checked lately, for the check before a NAR is sent.
     pub verified: Arc<VerifiedChunks>,
+    /// When each path's access was last recorded by this process.
+    recorded_access: Arc<parking_lot::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>>,
 }
 
 impl AppState {
+    /// Records that a path was read, for retention: at most once per `access-record-interval`
+    /// per path and process, so reads cost a write only rarely. A failed write is logged, not
+    /// returned: serving the read matters more.
+    pub async fn record_access(&self, cache: &str, hash_part: &str) {
+        let interval = std::time::Duration::from_secs(self.config.gc.access_record_interval);
+        let key = (cache.to_string(), hash_part.to_string());
+        {
+            let mut recorded = self.recorded_access.lock();
+            if recorded.get(&key).is_some_and(|at| at.elapsed() < interval) {
+                return;
+            }
+            // Bounded: forget everything rather than grow without end.
+            if recorded.len() > 1_000_000 {
+                recorded.clear();
+            }
+            recorded.insert(key, std::time::Instant::now());
+        }
+        if let Err(err) = self.storage.put_access(cache, hash_part).await {
+            tracing::warn!(cache, hash_part, error = %err, "could not record an access");
+        }
+    }
+
     /// Opens storage and sets everything up from a config.
     pub fn new(config: ServerConfig) -> anyhow::Result<Self> {
         config.check()?;
@@ -40,6 +64,14 @@ impl AppState {
             config.chunk_parallelism,
             metrics.clone(),
         );
-        Ok(AppState { config: Arc::new(config), storage, tokens, ingester, metrics, verified: Arc::default() })
+        Ok(AppState {
+            config: Arc::new(config),
+            storage,
+            tokens,
+            ingester,
+            metrics,
+            verified: Arc::default(),
+            recorded_access: Arc::default(),
+        })
     }
 }

@@ -306,7 +306,41 @@ impl Storage {
 
     /// Takes a path out of a cache.
     pub async fn delete_path(&self, cache: &str, hash_part: &str) -> Result<()> {
-        self.delete(&Self::path_key(cache, hash_part), "path record").await
+        self.delete(&Self::path_key(cache, hash_part), "path record").await?;
+        self.delete(&Self::access_key(cache, hash_part), "access record").await
+    }
+
+    fn access_key(cache: &str, hash_part: &str) -> Path {
+        Path::from(format!("caches/{cache}/access/{hash_part}"))
+    }
+
+    /// Records that a path was accessed now.
+    pub async fn put_access(&self, cache: &str, hash_part: &str) -> Result<()> {
+        self.store
+            .put(&Self::access_key(cache, hash_part), PutPayload::from(now().to_string().into_bytes()))
+            .await
+            .map_err(|e| storage_error(e, "access record"))?;
+        Ok(())
+    }
+
+    /// When a path was last recorded as accessed, in seconds since the epoch.
+    pub async fn get_access(&self, cache: &str, hash_part: &str) -> Result<Option<u64>> {
+        let bytes = self.get_bytes(&Self::access_key(cache, hash_part), "access record").await?;
+        Ok(bytes.and_then(|b| std::str::from_utf8(&b).ok()?.trim().parse().ok()))
+    }
+
+    /// Every object under `prefix`, with its metadata.
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<object_store::ObjectMeta>> {
+        self.store
+            .list(Some(&Path::from(prefix)))
+            .try_collect()
+            .await
+            .map_err(|e| storage_error(e, "listing"))
+    }
+
+    /// Deletes an object by its key, as listed.
+    pub async fn delete_object(&self, key: &Path) -> Result<()> {
+        self.delete(key, "object").await
     }
 
     /// Which of the paths named by `hash_parts` are published in `cache`, in order.

@@ -78,6 +78,7 @@ pub async fn get_file(
     if let Some(hash_part) = file.strip_suffix(".narinfo") {
         let path = path_record(&state, &cache, hash_part).await?;
         let text = render_narinfo(&path, &record)?;
+        state.record_access(&cache, hash_part).await;
         return Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response());
     }
     if let Some(hash_part) = file.strip_suffix(".ls") {
@@ -202,6 +203,7 @@ pub async fn get_nar(
         .get_manifest(&path.nar_hash)
         .await?
         .ok_or_else(|| Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
+    state.record_access(&cache, hash_part).await;
     state.verified.check(&state.storage, &manifest.nar_hash, &manifest.chunks, state.config.chunk_parallelism).await?;
     let mut chunks = Box::pin(verified_chunks(
         state.storage.clone(),

@@ -52,6 +52,7 @@ pub async fn manifest(
         .get_manifest(&path.nar_hash)
         .await?
         .ok_or_else(|| Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
+    state.record_access(&cache, &hash).await;
     // The signatures are those of the narinfo, including the cache's own.
     let narinfo = flywheel_core::nix::NarInfo::parse(&render_narinfo(&path, &record)?, &record.store_dir)?;
     let store_dir = &record.store_dir;

@@ -84,9 +84,32 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let encoding = req.headers().get(axum::http::header::CONTENT_ENCODING).cloned();
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| Error::invalid(format!("reading the body: {}", e.body_text())))?;
+        let bytes = match encoding.as_ref().map(|v| v.as_bytes()) {
+            None | Some(b"identity") => bytes,
+            // Chunk lists are long runs of hex: compressed, a push's metadata stays small.
+            Some(b"zstd") => {
+                use std::io::Read;
+                let mut decoded = Vec::new();
+                zstd::stream::read::Decoder::new(&bytes[..])
+                    .and_then(|d| d.take(MAX_METADATA_BODY as u64 + 1).read_to_end(&mut decoded))
+                    .map_err(|e| Error::invalid(format!("the zstd body does not decompress: {e}")))?;
+                if decoded.len() > MAX_METADATA_BODY {
+                    return Err(Error::invalid(format!("the body decompresses to more than {MAX_METADATA_BODY} bytes")).into());
+                }
+                axum::body::Bytes::from(decoded)
+            }
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "unsupported Content-Encoding {:?}: use zstd or none",
+                    String::from_utf8_lossy(other)
+                ))
+                .into())
+            }
+        };
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| Error::invalid(format!("the body is not the expected JSON: {e}")).into())

@@ -1,0 +1,406 @@
+# `services.flywheel.runner`: a CI runner. The FUSE mount and the local substituter share one
+# chunk cache on the runner's persistent volume (the first to open it owns it, the other goes
+# through its socket); nix-daemon lists the local substituter first; a post-build hook hands
+# built paths to the push daemon; optionally the store becomes an overlay whose lower layer is
+# the FUSE mount (lazy mode). The token is a systemd credential (`%d/token`), never in the store.
+{ config, lib, pkgs, ... }:
+let
+  inherit (lib) mkOption mkEnableOption mkIf mkMerge mkBefore types literalExpression optional optionals optionalString;
+  cfg = config.services.flywheel.runner;
+  server = config.services.flywheel.server;
+  flywheel = "${config.services.flywheel.package}/bin/flywheel";
+  arg = import ./exec-args.nix { inherit lib; };
+  # An ExecStart line: the program, then arguments escaped for systemd, except `{ raw = ...; }`
+  # ones (systemd specifiers).
+  tokenArgs = optionals (cfg.tokenFile != null) [ "--token-file" { raw = "%d/token"; } ];
+  render = a: if builtins.isAttrs a && a ? raw then a.raw else arg a;
+  execLine' = args: lib.concatStringsSep " " ([ flywheel ] ++ map render args);
+  serverArgs = [ "--server" (toString cfg.serverUrl) "--cache" cfg.cache ] ++ tokenArgs;
+  credential = optional (cfg.tokenFile != null) "token:${toString cfg.tokenFile}";
+
+  pushSocket = "/run/flywheel-push/push.sock";
+  substituterUrl = "http://127.0.0.1:${toString cfg.substituter.port}";
+  serverListen = builtins.match ".*:([0-9]+)" server.settings.listen;
+  serverPort = if serverListen == null then null else lib.toInt (builtins.head serverListen);
+  inStore = p: p != null && lib.hasPrefix "${builtins.storeDir}/" (toString p);
+
+  mountCommand = execLine' ([ "mount" ] ++ serverArgs ++ [
+    "--cache-dir" cfg.cacheDir
+    "--cache-size" (toString cfg.cacheSize)
+    "--offline-timeout" (toString cfg.mount.offlineTimeout)
+    cfg.mount.mountPoint
+  ]);
+  substituteCommand = execLine' ([ "substitute" ] ++ serverArgs ++ [
+    "--listen" "127.0.0.1:${toString cfg.substituter.port}"
+    "--cache-dir" cfg.cacheDir
+    "--cache-size" (toString cfg.cacheSize)
+    "--priority" (toString cfg.substituter.priority)
+    "--narinfo-timeout" (toString cfg.substituter.narinfoTimeout)
+  ]);
+  pushDaemonCommand = execLine' ([ "push-daemon" ] ++ serverArgs
+    ++ lib.concatMap (k: [ "--ignore-upstream-key" k ]) cfg.push.ignoreUpstreamKeys
+    ++ [ "--socket" pushSocket ]);
+
+  # nix-daemon runs the hook after every build, as root. It hands the paths over and exits 0:
+  # a failing hook would fail the build.
+  postBuildHook = pkgs.writeShellScript "flywheel-post-build-hook" ''
+    ${flywheel} hook --socket ${pushSocket} || echo "flywheel post-build hook failed; the build goes on" >&2
+    exit 0
+  '';
+
+  mountPoint = cfg.mount.mountPoint;
+  util = "${pkgs.util-linux}/bin";
+  coreutils = "${pkgs.coreutils}/bin";
+  lazyStart = pkgs.writeShellScript "flywheel-lazy-store-start" ''
+    set -eu
+    # The mount service is up once its FUSE file system is mounted.
+    i=0
+    until ${util}/mountpoint -q ${mountPoint}; do
+      i=$((i + 1))
+      if [ "$i" -gt 600 ]; then echo "flywheel-lazy-store: ${mountPoint} is not mounted" >&2; exit 1; fi
+      ${coreutils}/sleep 0.1
+    done
+    ${coreutils}/mkdir -p ${cfg.lazy.upperDir} ${cfg.lazy.workDir}
+    if ! ${util}/findmnt -n -t overlay ${builtins.storeDir} > /dev/null; then
+      # The local store stays the first lower layer: the system's own paths win.
+      ${util}/mount -t overlay overlay \
+        -o lowerdir=${builtins.storeDir}:${mountPoint},upperdir=${cfg.lazy.upperDir},workdir=${cfg.lazy.workDir} \
+        ${builtins.storeDir}
+    fi
+    ${optionalString (cfg.lazy.paths != [ ]) ''
+      # Register the closures with their known hashes: Nix sees them valid at once.
+      ${lib.escapeShellArgs [ flywheel "dump-db" "--server" (toString cfg.serverUrl) "--cache" cfg.cache ]} \
+        ${optionalString (cfg.tokenFile != null) ''--token-file "$CREDENTIALS_DIRECTORY/token"''} \
+        ${lib.escapeShellArgs cfg.lazy.paths} > "$RUNTIME_DIRECTORY/db"
+      ${config.nix.package}/bin/nix-store --load-db < "$RUNTIME_DIRECTORY/db"
+    ''}
+  '';
+  lazyStop = pkgs.writeShellScript "flywheel-lazy-store-stop" ''
+    if ${util}/findmnt -n -t overlay ${builtins.storeDir} > /dev/null; then
+      ${util}/umount -l ${builtins.storeDir}
+    fi
+  '';
+
+  # Hardening for services that may live in their own mount namespace.
+  sandboxed = {
+    NoNewPrivileges = true;
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [ "@system-service" "~@privileged" ];
+    CapabilityBoundingSet = "";
+    UMask = "0077";
+  };
+in
+{
+  options.services.flywheel.runner = {
+    enable = mkEnableOption "the flywheel runner side: FUSE mount, local substituter, push daemon and Nix settings";
+
+    serverUrl = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "http://cache.example.org:8080";
+      description = "Required. Base URL of the flywheel cache server.";
+    };
+
+    cache = mkOption {
+      type = types.str;
+      default = "main";
+      description = "Name of the cache on the server.";
+    };
+
+    tokenFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/flywheel-token";
+      description = ''
+        A file holding a token (JWT, e.g. from `flywheel token mint`) that may pull from the
+        cache, and push to it if `push.enable`. Passed to the services as a systemd credential;
+        never copied into the Nix store (give a string, not a Nix path literal). Null: anonymous
+        (a public cache).
+      '';
+    };
+
+    dataDir = mkOption {
+      type = types.str;
+      default = "/var/lib/flywheel-runner";
+      example = "/pvc/flywheel";
+      description = "The runner's persistent volume (PVC) directory, which holds the chunk cache and the lazy store's upper layer.";
+    };
+
+    cacheDir = mkOption {
+      type = types.str;
+      default = "${cfg.dataDir}/cache";
+      defaultText = literalExpression ''"''${config.services.flywheel.runner.dataDir}/cache"'';
+      description = "Directory of the local chunk cache, shared by the FUSE mount and the local substituter.";
+    };
+
+    cacheSize = mkOption {
+      type = types.ints.positive;
+      default = 10737418240;
+      description = "Byte quota of the local chunk cache (LRU eviction beyond it); 10 GiB by default.";
+    };
+
+    configureNix = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Whether to set `nix.settings`: the local substituter first in `substituters`,
+        `trustedPublicKeys`, `narinfo-cache-negative-ttl` and the post-build hook.
+      '';
+    };
+
+    trustedPublicKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "main-1:su4pov7yoc5lV0pmcvVr6ZhwoE2SXYet+dEpco+aPQY=" ];
+      description = "Public keys of the cache (`flywheel serve` prints it; `GET /_api/v1/cache-config/NAME` answers it), added to `nix.settings.trusted-public-keys`.";
+    };
+
+    narinfoCacheNegativeTtl = mkOption {
+      type = types.ints.unsigned;
+      default = 30;
+      description = "Seconds Nix remembers that a path was missing (`narinfo-cache-negative-ttl`), so that paths pushed by other runners are found soon.";
+    };
+
+    mount = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Whether to run the lazy FUSE store (`flywheel mount`).";
+      };
+      mountPoint = mkOption {
+        type = types.str;
+        default = "/run/flywheel/store";
+        description = "Where the FUSE store is mounted (outside the Nix store).";
+      };
+      offlineTimeout = mkOption {
+        type = types.ints.positive;
+        default = 10;
+        description = "Seconds to wait for the server before a read of uncached content fails with EIO.";
+      };
+    };
+
+    substituter = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Whether to run the local substituter (`flywheel substitute`) on 127.0.0.1.";
+      };
+      port = mkOption {
+        type = types.port;
+        default = 37515;
+        description = "Port of the local substituter on 127.0.0.1.";
+      };
+      priority = mkOption {
+        type = types.ints.unsigned;
+        default = 30;
+        description = "Substituter priority announced to Nix (lower is tried first; cache.nixos.org has 40).";
+      };
+      narinfoTimeout = mkOption {
+        type = types.ints.positive;
+        default = 3;
+        description = "Seconds a narinfo request may wait for the server before the substituter answers 404 and Nix moves on.";
+      };
+    };
+
+    push = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Whether to push every build: the push daemon (`flywheel push-daemon`) and nix-daemon's post-build hook (`flywheel hook`). Needs `tokenFile` with push permission. `flywheel flush` waits for the queue (end of a CI job).";
+      };
+      ignoreUpstreamKeys = mkOption {
+        type = types.listOf types.str;
+        default = [ "cache.nixos.org-1" ];
+        description = "Key names of upstream caches whose paths are not pushed.";
+      };
+    };
+
+    lazy = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Whether to overlay the Nix store: lower layers the local store and the FUSE mount, upper
+          layer on `dataDir`; paths registered with `flywheel dump-db | nix-store --load-db`
+          are valid at once and their bytes arrive on first read. Needs `mount.enable`.
+        '';
+      };
+      upperDir = mkOption {
+        type = types.str;
+        default = "${cfg.dataDir}/overlay/upper";
+        defaultText = literalExpression ''"''${config.services.flywheel.runner.dataDir}/overlay/upper"'';
+        description = "Upper layer of the store overlay (where builds write).";
+      };
+      workDir = mkOption {
+        type = types.str;
+        default = "${cfg.dataDir}/overlay/work";
+        defaultText = literalExpression ''"''${config.services.flywheel.runner.dataDir}/overlay/work"'';
+        description = "Work directory of the store overlay, on the same file system as `upperDir`.";
+      };
+      paths = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "/nix/store/...-ci-toolchain" ];
+        description = "Store paths whose closures are registered in Nix's database when the overlay comes up.";
+      };
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions = [
+        {
+          assertion = cfg.serverUrl != null;
+          message = "services.flywheel.runner.serverUrl must be set: the URL of the flywheel cache server, e.g. http://cache.example.org:8080.";
+        }
+        {
+          assertion = cfg.serverUrl == null || builtins.match "https?://.+" cfg.serverUrl != null;
+          message = "services.flywheel.runner.serverUrl must start with http:// or https://, not \"${toString cfg.serverUrl}\".";
+        }
+        {
+          assertion = !cfg.lazy.enable || cfg.mount.enable;
+          message = "services.flywheel.runner.lazy.enable needs services.flywheel.runner.mount.enable: the FUSE mount is the lower layer of the lazy store overlay.";
+        }
+        {
+          assertion = !cfg.push.enable || cfg.tokenFile != null;
+          message = "services.flywheel.runner.push.enable needs services.flywheel.runner.tokenFile: pushing needs a token with push permission.";
+        }
+        {
+          assertion = !inStore cfg.tokenFile;
+          message = "services.flywheel.runner.tokenFile must not be in the Nix store, which every user can read; give its path as a string.";
+        }
+        {
+          assertion = !(cfg.substituter.enable && server.enable && serverPort == cfg.substituter.port);
+          message = "services.flywheel.runner.substituter.port (${toString cfg.substituter.port}) collides with the port of services.flywheel.server.settings.listen (${server.settings.listen}) on this machine.";
+        }
+        {
+          assertion = !lib.hasPrefix "${builtins.storeDir}/" "${mountPoint}/";
+          message = "services.flywheel.runner.mount.mountPoint (${mountPoint}) must be outside ${builtins.storeDir}.";
+        }
+      ];
+
+      environment.systemPackages = [ config.services.flywheel.package ];
+      boot.kernelModules = [ "fuse" ] ++ optional cfg.lazy.enable "overlay";
+      systemd.tmpfiles.rules = [
+        "d ${cfg.dataDir} 0755 root root - -"
+        "d ${cfg.cacheDir} 0700 root root - -"
+      ];
+    }
+
+    (mkIf cfg.configureNix {
+      nix.settings = {
+        substituters = mkIf cfg.substituter.enable (mkBefore [ substituterUrl ]);
+        trusted-public-keys = cfg.trustedPublicKeys;
+        narinfo-cache-negative-ttl = cfg.narinfoCacheNegativeTtl;
+        post-build-hook = mkIf cfg.push.enable "${postBuildHook}";
+      };
+    })
+
+    (mkIf cfg.mount.enable {
+      systemd.tmpfiles.rules = [ "d ${mountPoint} 0755 root root - -" ];
+      # In the host's mount namespace (or the mount would be invisible): none of the hardening
+      # options that create a mount namespace. Root, for /dev/fuse and mount(2).
+      systemd.services.flywheel-mount = {
+        description = "flywheel lazy FUSE store at ${mountPoint}";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" "systemd-tmpfiles-setup.service" ];
+        serviceConfig = {
+          ExecStart = mountCommand;
+          ExecStopPost = "-${util}/umount -l ${mountPoint}";
+          Restart = "on-failure";
+          RestartSec = 2;
+          LoadCredential = credential;
+          NoNewPrivileges = true;
+          RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          SystemCallArchitectures = "native";
+          CapabilityBoundingSet = "CAP_SYS_ADMIN CAP_DAC_READ_SEARCH";
+        };
+      };
+    })
+
+    (mkIf cfg.substituter.enable {
+      systemd.services.flywheel-substituter = {
+        description = "flywheel local substituter on ${substituterUrl}";
+        wantedBy = [ "multi-user.target" ];
+        before = [ "nix-daemon.service" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" "systemd-tmpfiles-setup.service" ] ++ optional cfg.mount.enable "flywheel-mount.service";
+        serviceConfig = sandboxed // {
+          ExecStart = substituteCommand;
+          Restart = "always";
+          RestartSec = 1;
+          LoadCredential = credential;
+          ReadWritePaths = [ cfg.cacheDir ];
+        };
+      };
+    })
+
+    (mkIf cfg.push.enable {
+      environment.variables.FLYWHEEL_PUSH_SOCKET = pushSocket;
+      # Reads the store through nix-daemon, so it needs no privileges of its own.
+      systemd.services.flywheel-push-daemon = {
+        description = "flywheel push daemon (fed by nix-daemon's post-build hook)";
+        wantedBy = [ "multi-user.target" ];
+        before = [ "nix-daemon.service" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" ];
+        path = [ config.nix.package ];
+        environment = {
+          NIX_REMOTE = "daemon";
+          XDG_CACHE_HOME = "/var/cache/flywheel-push";
+        };
+        serviceConfig = sandboxed // {
+          ExecStart = pushDaemonCommand;
+          Restart = "always";
+          RestartSec = 1;
+          DynamicUser = true;
+          RuntimeDirectory = "flywheel-push";
+          CacheDirectory = "flywheel-push";
+          RuntimeDirectoryMode = "0755";
+          UMask = "0011";
+          LoadCredential = credential;
+        };
+      };
+    })
+
+    (mkIf cfg.lazy.enable {
+      systemd.services.flywheel-lazy-store = {
+        description = "flywheel lazy store: ${builtins.storeDir} as an overlay over the FUSE mount";
+        wantedBy = [ "multi-user.target" ];
+        before = [ "nix-daemon.service" "nix-daemon.socket" ];
+        requires = [ "flywheel-mount.service" ];
+        after = [ "flywheel-mount.service" ];
+        restartIfChanged = false;
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = "${lazyStart}";
+          ExecStop = "${lazyStop}";
+          RuntimeDirectory = "flywheel-lazy-store";
+          LoadCredential = credential;
+        };
+      };
+    })
+  ]);
+}

@@ -1,0 +1,270 @@
+# `services.flywheel.server`: the cache host. `settings` mirrors the TOML that `flywheel serve`
+# reads (server/src/config.rs, kebab-case keys); the module renders it into the store without
+# secrets, and the service's start script prepends the token secret (a systemd credential) into
+# a file under /run that only the service user can read. The S3 secret key stays in its file:
+# the config names the credential's path.
+{ config, lib, pkgs, ... }:
+let
+  inherit (lib) mkOption mkEnableOption mkIf types literalExpression optional optionalAttrs;
+  cfg = config.services.flywheel.server;
+  s = cfg.settings;
+  st = s.storage;
+  toTOML = import ./toml.nix { inherit lib; };
+
+  stateDir = "/var/lib/flywheel";
+  unit = "flywheel-server";
+  isS3 = st.type == "s3";
+  s3Only = { inherit (st) bucket endpoint access-key-id secret-access-key-file path-style allow-http; };
+  s3OnlySet = builtins.filter (n: s3Only.${n} != null) (builtins.attrNames s3Only);
+
+  listenMatch = builtins.match "(\\[[0-9A-Fa-f:.]+]|[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+):([0-9]+)" s.listen;
+  port = if listenMatch == null then null else lib.toInt (builtins.elemAt listenMatch 1);
+  lowPort = port != null && port < 1024;
+  localOutside = !isS3 && !lib.hasPrefix "${stateDir}/" st.path;
+
+  # Everything but the secrets. The start script prepends the token secret (a top-level key, so
+  # it may come first) and appends the S3 secret key's file, which lives in
+  # $CREDENTIALS_DIRECTORY, to the [storage] table, which is rendered last for that.
+  settingsToml =
+    toTOML {
+      inherit (s) listen zstd-level chunk-parallelism api-endpoint;
+      chunking = { inherit (s.chunking) min-size avg-size max-size; };
+    }
+    + "\n[storage]\n"
+    + toTOML (if isS3 then {
+        type = "s3";
+        inherit (st) bucket region endpoint access-key-id path-style allow-http;
+      } else {
+        type = "local";
+        inherit (st) path;
+      });
+  settingsFile = pkgs.writeText "flywheel-server.toml" settingsToml;
+  s3SecretFile = isS3 && st.secret-access-key-file != null;
+
+  # Runs as the service user: $CREDENTIALS_DIRECTORY and $RUNTIME_DIRECTORY come from systemd.
+  # Extra arguments go to `flywheel serve` (e.g. `--check-config`).
+  startScript = pkgs.writeShellScript "flywheel-server-start" ''
+    set -eu
+    umask 077
+    secret_file="$CREDENTIALS_DIRECTORY/token-hs256-secret-base64"
+    secret=
+    read -r secret < "$secret_file" || true
+    case "$secret" in
+      "" | *[!A-Za-z0-9+/=_-]*)
+        echo "flywheel-server: ${toString cfg.tokenSecretFile} must hold the base64 token secret on its first line" >&2
+        exit 1 ;;
+    esac
+    config="$RUNTIME_DIRECTORY/server.toml"
+    {
+      printf 'token-hs256-secret-base64 = "%s"\n' "$secret"
+      ${pkgs.coreutils}/bin/cat ${settingsFile}
+      ${lib.optionalString s3SecretFile ''printf 'secret-access-key-file = "%s/s3-secret-access-key"\n' "$CREDENTIALS_DIRECTORY"''}
+    } > "$config.tmp"
+    ${pkgs.coreutils}/bin/mv -f "$config.tmp" "$config"
+    exec ${config.services.flywheel.package}/bin/flywheel serve --config "$config" "$@"
+  '';
+
+  inStore = p: p != null && lib.hasPrefix "${builtins.storeDir}/" (toString p);
+  nullOrStr = description: mkOption { type = types.nullOr types.str; default = null; inherit description; };
+in
+{
+  options.services.flywheel.server = {
+    enable = mkEnableOption "the flywheel binary cache server (`flywheel serve`)";
+
+    tokenSecretFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/flywheel-token-secret";
+      description = ''
+        Required. A file holding base64 of at least 32 random bytes (Attic's
+        `token-hs256-secret-base64`), e.g. made by `openssl rand -base64 48`. It signs every
+        token. Read at service start through systemd's `LoadCredential`; never copied into the
+        Nix store (give a string, not a Nix path literal).
+      '';
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/flywheel-s3.env";
+      description = ''
+        A systemd `EnvironmentFile` read at service start, e.g. with `AWS_ACCESS_KEY_ID=` and
+        `AWS_SECRET_ACCESS_KEY=` for S3 storage.
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Whether to open the port of `settings.listen` in the firewall.";
+    };
+
+    settings = {
+      listen = mkOption {
+        type = types.str;
+        default = "127.0.0.1:8080";
+        example = "[::]:8080";
+        description = "IP address and port to listen on (`listen`).";
+      };
+      zstd-level = mkOption {
+        type = types.ints.between 1 19;
+        default = 3;
+        description = "zstd level of stored chunks (`zstd-level`).";
+      };
+      chunk-parallelism = mkOption {
+        type = types.ints.between 1 1024;
+        default = 16;
+        description = "Chunks stored or fetched at once per request (`chunk-parallelism`).";
+      };
+      api-endpoint = nullOrStr ''
+        The URL clients reach the server at, for `cache-config` answers (`api-endpoint`); null:
+        the request's Host header.
+      '';
+      chunking = {
+        min-size = mkOption { type = types.ints.positive; default = 16384; description = "FastCDC minimum chunk size in bytes (`chunking.min-size`, Attic's default)."; };
+        avg-size = mkOption { type = types.ints.positive; default = 65536; description = "FastCDC average chunk size in bytes (`chunking.avg-size`, Attic's default)."; };
+        max-size = mkOption { type = types.ints.positive; default = 262144; description = "FastCDC maximum chunk size in bytes (`chunking.max-size`, Attic's default)."; };
+      };
+      storage = {
+        type = mkOption {
+          type = types.enum [ "local" "s3" ];
+          default = "local";
+          description = "Where chunks, manifests and path records live: a local directory or an S3 bucket (`storage.type`).";
+        };
+        path = mkOption {
+          type = types.str;
+          default = "${stateDir}/storage";
+          description = "Directory of `local` storage (`storage.path`); created if missing.";
+        };
+        bucket = nullOrStr "S3 bucket (`storage.bucket`); required when `type` is `s3`.";
+        region = mkOption {
+          type = types.str;
+          default = "us-east-1";
+          description = "S3 region (`storage.region`); S3-compatible servers usually accept any.";
+        };
+        endpoint = nullOrStr "S3 endpoint URL, e.g. `http://127.0.0.1:9000` (`storage.endpoint`); null: AWS.";
+        access-key-id = nullOrStr "S3 access key id (`storage.access-key-id`); null: `AWS_ACCESS_KEY_ID` from `environmentFile`.";
+        secret-access-key-file = mkOption {
+          type = types.nullOr types.path;
+          default = null;
+          example = "/run/secrets/flywheel-s3-secret";
+          description = ''
+            A file holding the S3 secret key, passed to the server as a systemd credential and
+            never copied into the Nix store; null: `AWS_SECRET_ACCESS_KEY` from
+            `environmentFile`.
+          '';
+        };
+        path-style = mkOption {
+          type = types.nullOr types.bool;
+          default = null;
+          description = "Path-style S3 addressing (`storage.path-style`), which RustFS and s3s-fs need; null: the server's default (true).";
+        };
+        allow-http = mkOption {
+          type = types.nullOr types.bool;
+          default = null;
+          description = "Allow a plain `http://` S3 endpoint (`storage.allow-http`); null: the server's default (false).";
+        };
+      };
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.tokenSecretFile != null;
+        message = "services.flywheel.server.tokenSecretFile must be set: a file holding base64 of at least 32 random bytes (e.g. `openssl rand -base64 48`), which signs the server's tokens.";
+      }
+      {
+        assertion = !inStore cfg.tokenSecretFile && !inStore st.secret-access-key-file && !inStore cfg.environmentFile;
+        message = "services.flywheel.server: secret files (tokenSecretFile, settings.storage.secret-access-key-file, environmentFile) must not be in the Nix store, which every user can read; give their paths as strings.";
+      }
+      {
+        assertion = listenMatch != null;
+        message = "services.flywheel.server.settings.listen must be IP:PORT (e.g. 127.0.0.1:8080 or [::]:8080), not \"${s.listen}\".";
+      }
+      {
+        assertion = !isS3 || st.bucket != null;
+        message = "services.flywheel.server.settings.storage.bucket must be set when settings.storage.type is \"s3\".";
+      }
+      {
+        assertion = isS3 || s3OnlySet == [ ];
+        message = "services.flywheel.server.settings.storage.{${lib.concatStringsSep "," s3OnlySet}} only apply to S3 storage, but settings.storage.type is \"local\".";
+      }
+      {
+        assertion = !isS3 || st.endpoint == null || !lib.hasPrefix "http://" st.endpoint || st.allow-http == true;
+        message = "services.flywheel.server.settings.storage.endpoint is plain http:// (${toString st.endpoint}): set settings.storage.allow-http = true.";
+      }
+      {
+        assertion = s.chunking.min-size < s.chunking.avg-size && s.chunking.avg-size < s.chunking.max-size;
+        message = "services.flywheel.server.settings.chunking: min-size < avg-size < max-size must hold.";
+      }
+    ];
+
+    users.users.flywheel = {
+      isSystemUser = true;
+      group = "flywheel";
+      home = stateDir;
+      description = "flywheel cache server";
+    };
+    users.groups.flywheel = { };
+
+    environment.systemPackages = [ config.services.flywheel.package ];
+    networking.firewall.allowedTCPPorts = optional (cfg.openFirewall && port != null) port;
+
+    # Local storage outside the state directory: create it for the service user.
+    systemd.tmpfiles.rules = optional localOutside
+      "d ${st.path} 0750 flywheel flywheel - -";
+
+    systemd.services.${unit} = {
+      description = "flywheel binary cache server";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      environment.RUST_LOG = "info,tower_http=warn";
+      serviceConfig = {
+        ExecStart = "${startScript}";
+        Restart = "on-failure";
+        RestartSec = 5;
+        User = "flywheel";
+        Group = "flywheel";
+        StateDirectory = "flywheel";
+        StateDirectoryMode = "0750";
+        RuntimeDirectory = unit;
+        RuntimeDirectoryMode = "0700";
+        LoadCredential = [ "token-hs256-secret-base64:${toString cfg.tokenSecretFile}" ]
+          ++ optional s3SecretFile "s3-secret-access-key:${toString st.secret-access-key-file}";
+        ReadWritePaths = optional localOutside st.path;
+        UMask = "0077";
+
+        # Hardening.
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        PrivateUsers = !lowPort;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        RemoveIPC = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
+        CapabilityBoundingSet = if lowPort then "CAP_NET_BIND_SERVICE" else "";
+        AmbientCapabilities = if lowPort then "CAP_NET_BIND_SERVICE" else "";
+      } // optionalAttrs (cfg.environmentFile != null) {
+        EnvironmentFile = toString cfg.environmentFile;
+      };
+    };
+  };
+}

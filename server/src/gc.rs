@@ -1,0 +1,160 @@
+//! Retention and garbage collection.
+//!
+//! 1. **Retention**: a path not accessed within its cache's retention period (or the server's
+//!    default; 0 keeps paths forever) loses its path record. Accesses are narinfo, NAR and
+//!    manifest reads, recorded at most once per `access-record-interval` per path.
+//! 2. **Mark**: the manifests of all published paths, and of NARs staged by a Nix PUT within the
+//!    grace period, and every chunk they list, are live.
+//! 3. **Sweep**: manifests and chunks that are not live and older than the grace period are
+//!    deleted, as are stale staging markers. Before chunks go, manifests written since the mark
+//!    began are marked too, so a push that finished during the run keeps its chunks.
+//!
+//! The grace period protects uploads in flight: their chunks are younger than it. What it does
+//! not cover is an upload that reuses an old, unreferenced chunk in the moment between the mark
+//! and the sweep and publishes after the sweep; such a path reads as damaged (5xx, never wrong
+//! bytes), `flywheel fsck` takes it out of service, and a re-push repairs it.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use flywheel_core::chunk::ChunkHash;
+use flywheel_core::nix::Sha256Hash;
+use flywheel_core::Result;
+
+use crate::config::GcConfig;
+use crate::storage::{now, Storage};
+
+/// What a collection did (or, in a dry run, would do).
+#[derive(Debug, Default, Clone)]
+pub struct GcReport {
+    /// `(cache, store path)` of expired paths.
+    pub expired_paths: Vec<(String, String)>,
+    /// Manifests deleted.
+    pub manifests_deleted: usize,
+    /// Chunks deleted.
+    pub chunks_deleted: usize,
+    /// Bytes of chunk objects deleted.
+    pub chunk_bytes_freed: u64,
+    /// Chunks kept (live or within the grace period).
+    pub chunks_kept: usize,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+}
+
+/// Runs one collection over all caches.
+pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Result<GcReport> {
+    let started = now();
+    let started_ms = chrono_now_ms();
+    // Objects modified after this instant are within the grace period.
+    let grace_cutoff_ms = started_ms.saturating_sub(config.grace_period.saturating_mul(1000));
+    let young = |meta: &object_store::ObjectMeta| modified_ms(meta) > grace_cutoff_ms;
+    let mut report = GcReport { dry_run, ..Default::default() };
+
+    // Retention, then the mark of what stays.
+    let mut live_nars: HashSet<Sha256Hash> = HashSet::new();
+    for cache in storage.list_caches().await? {
+        let Some(record) = storage.get_cache(&cache).await? else { continue };
+        let period = record.retention_period.map(u64::from).unwrap_or(config.default_retention_period);
+        for hash_part in storage.list_paths(&cache).await? {
+            let Some(path) = storage.get_path(&cache, &hash_part).await? else { continue };
+            if period > 0 {
+                let accessed = storage.get_access(&cache, &hash_part).await?.unwrap_or(0);
+                let last = path.created_at.max(accessed);
+                if started.saturating_sub(last) > period {
+                    report.expired_paths.push((cache.clone(), path.store_path.clone()));
+                    if !dry_run {
+                        storage.delete_path(&cache, &hash_part).await?;
+                    }
+                    continue;
+                }
+            }
+            live_nars.insert(path.nar_hash);
+        }
+        for pending in storage.list_objects(&format!("caches/{cache}/pending")).await? {
+            let young = young(&pending);
+            match pending.location.filename().and_then(|n| Sha256Hash::parse(&format!("sha256:{n}")).ok()) {
+                Some(nar_hash) if young => {
+                    live_nars.insert(nar_hash);
+                }
+                _ if !dry_run && !young => storage.delete_object(&pending.location).await?,
+                _ => {}
+            }
+        }
+    }
+
+    // Manifests: keep the live ones; sweep the rest once past the grace period.
+    let mut live_chunks: HashSet<ChunkHash> = HashSet::new();
+    for meta in storage.list_objects("manifests").await? {
+        let Some(nar_hash) = manifest_nar_hash(&meta.location) else { continue };
+        if live_nars.contains(&nar_hash) || young(&meta) {
+            if let Some(manifest) = storage.get_manifest(&nar_hash).await? {
+                live_chunks.extend(manifest.chunks.iter().map(|c| c.hash));
+            }
+        } else {
+            report.manifests_deleted += 1;
+            if !dry_run {
+                storage.delete_object(&meta.location).await?;
+            }
+        }
+    }
+
+    // Manifests written while this ran belong to pushes that just finished.
+    for meta in storage.list_objects("manifests").await? {
+        let Some(nar_hash) = manifest_nar_hash(&meta.location) else { continue };
+        if modified_ms(&meta) >= started_ms {
+            if let Some(manifest) = storage.get_manifest(&nar_hash).await? {
+                live_chunks.extend(manifest.chunks.iter().map(|c| c.hash));
+            }
+        }
+    }
+
+    for meta in storage.list_objects("chunks").await? {
+        let Some(hash) = meta.location.filename().and_then(|n| n.parse::<ChunkHash>().ok()) else { continue };
+        if live_chunks.contains(&hash) || young(&meta) {
+            report.chunks_kept += 1;
+            continue;
+        }
+        report.chunks_deleted += 1;
+        report.chunk_bytes_freed += meta.size;
+        if !dry_run {
+            storage.delete_chunk(&hash).await?;
+        }
+    }
+    tracing::info!(
+        expired = report.expired_paths.len(),
+        manifests = report.manifests_deleted,
+        chunks = report.chunks_deleted,
+        bytes = report.chunk_bytes_freed,
+        dry_run,
+        "garbage collection finished"
+    );
+    Ok(report)
+}
+
+fn modified_ms(meta: &object_store::ObjectMeta) -> u64 {
+    u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0)
+}
+
+fn chrono_now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn manifest_nar_hash(key: &object_store::path::Path) -> Option<Sha256Hash> {
+    let name = key.filename()?.strip_suffix(".json")?;
+    Sha256Hash::parse(&format!("sha256:{name}")).ok()
+}
+
+/// Collects every `interval` until the process ends.
+pub async fn periodic(storage: Storage, config: GcConfig) {
+    if config.interval == 0 {
+        return;
+    }
+    let mut ticker = tokio::time::interval(Duration::from_secs(config.interval));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        if let Err(err) = collect(&storage, &config, false).await {
+            tracing::warn!(error = %err, "garbage collection failed; it runs again later");
+        }
+    }
+}

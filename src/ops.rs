@@ -1,0 +1,82 @@
+//! Subcommands for the operator of the cache host: `fsck` and `gc`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use flywheel_server::ServerConfig;
+
+#[derive(Args)]
+pub struct FsckArgs {
+    /// The server's config file (for its storage).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Report only; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Chunks read at once.
+    #[arg(long, default_value_t = 16)]
+    parallelism: usize,
+}
+
+/// Checks every chunk of every published path; without `--dry-run`, takes damaged paths out of
+/// service so that a re-push repairs them.
+pub fn fsck(args: FsckArgs) -> anyhow::Result<()> {
+    let config = ServerConfig::load(&args.config)?;
+    let storage = flywheel_server::storage::Storage::new(config.open_store().context("opening storage")?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime
+        .block_on(flywheel_server::fsck::fsck(&storage, args.parallelism.max(1), !args.dry_run))
+        .context("checking storage")?;
+    println!("checked {} paths and {} chunks", report.paths, report.chunks_checked);
+    for hash in &report.missing {
+        println!("missing chunk {hash}");
+    }
+    for hash in &report.corrupt {
+        println!("corrupt chunk {hash}");
+    }
+    for (cache, path) in &report.missing_manifests {
+        println!("missing manifest for {cache}: {path}");
+    }
+    let verb = if report.repaired { "taken out of service" } else { "damaged (dry run: left as is)" };
+    for (cache, path) in &report.damaged_paths {
+        println!("{verb}: {cache} /nix/store/{path}");
+    }
+    if report.repaired && !report.damaged_paths.is_empty() {
+        println!("push the paths above again to repair them");
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct GcArgs {
+    /// The server's config file (its storage and `[gc]` settings).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Report only; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Expires paths past their retention and sweeps unreferenced manifests and chunks.
+pub fn gc(args: GcArgs) -> anyhow::Result<()> {
+    let config = ServerConfig::load(&args.config)?;
+    let storage = flywheel_server::storage::Storage::new(config.open_store().context("opening storage")?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime
+        .block_on(flywheel_server::gc::collect(&storage, &config.gc, args.dry_run))
+        .context("collecting garbage")?;
+    let verb = if report.dry_run { "would free" } else { "freed" };
+    for (cache, path) in &report.expired_paths {
+        println!("expired: {cache} {path}");
+    }
+    println!(
+        "{verb} {} paths, {} manifests, {} chunks ({} bytes); kept {} chunks",
+        report.expired_paths.len(),
+        report.manifests_deleted,
+        report.chunks_deleted,
+        report.chunk_bytes_freed,
+        report.chunks_kept
+    );
+    Ok(())
+}

@@ -1,0 +1,488 @@
+//! `flywheel push`: uploads store paths, moving only the chunks the server lacks.
+//!
+//! Per path: the NAR is made from the local store's files and cut into chunks on the client
+//! (hashing it too, so a path whose files no longer match the Nix database is refused); the
+//! server is asked which chunks it lacks; the NAR is made again and only those chunks are
+//! compressed and uploaded, several at once; then the path is committed. Memory stays bounded
+//! whatever the NAR's size: only the chunk list is kept between the two passes.
+//!
+//! Paths go dependencies first, so the cache never holds a path whose references it lacks
+//! because a push stopped half-way; a push that stops leaves its uploaded chunks on the
+//! server, and the next push of the path sends only the rest.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_client::ApiClient;
+use flywheel_core::api::v1::chunks::CommitRequest;
+use flywheel_core::chunk::{compress, ChunkHash, ChunkParams, Chunker, DEFAULT_ZSTD_LEVEL};
+use flywheel_core::manifest::ChunkRef;
+use flywheel_core::nix::Sha256Hash;
+use flywheel_core::{Error, ErrorKind, Result};
+use futures::{StreamExt, TryStreamExt};
+use sha2::Digest;
+
+use crate::local_store::{LocalPathInfo, LocalStore};
+
+/// How a push behaves.
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    /// Push the closure of the given paths (the default), or only the paths.
+    pub closure: bool,
+    /// Names of upstream keys (such as `cache.nixos.org-1`): paths signed by one are skipped,
+    /// like `attic push` does, since they can be substituted from upstream.
+    pub upstream_keys: Vec<String>,
+    /// Chunk uploads in flight at once.
+    pub jobs: usize,
+    /// Paths processed at once (within one dependency level).
+    pub path_jobs: usize,
+    /// zstd level of uploaded chunks.
+    pub zstd_level: i32,
+    /// Chunk sizes; they must be the server's for chunks to deduplicate against its own.
+    pub chunking: ChunkParams,
+    /// Show a progress bar (only drawn when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            closure: true,
+            upstream_keys: vec!["cache.nixos.org-1".to_string()],
+            jobs: 8,
+            path_jobs: 4,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            chunking: ChunkParams::default(),
+            progress: true,
+        }
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushReport {
+    /// Paths considered (the closure, or the paths given).
+    pub considered: usize,
+    /// Skipped because signed by an upstream key.
+    pub skipped_upstream: usize,
+    /// Already in the cache.
+    pub already_cached: usize,
+    /// Pushed and committed by this push, full store paths.
+    pub pushed: Vec<String>,
+    /// Total NAR bytes of the pushed paths.
+    pub nar_bytes: u64,
+    /// Chunks of the pushed paths.
+    pub chunks: u64,
+    /// Chunks uploaded (the rest were on the server already).
+    pub chunks_uploaded: u64,
+    /// Uncompressed bytes of the uploaded chunks.
+    pub uploaded_bytes: u64,
+    /// Bytes of the zstd frames sent for them.
+    pub uploaded_frame_bytes: u64,
+}
+
+/// Pushes local store paths to one cache.
+#[derive(Debug, Clone)]
+pub struct Pusher {
+    api: ApiClient,
+    store: LocalStore,
+    config: PushConfig,
+}
+
+#[derive(Default)]
+struct Counters {
+    chunks: AtomicU64,
+    chunks_uploaded: AtomicU64,
+    uploaded_bytes: AtomicU64,
+    uploaded_frame_bytes: AtomicU64,
+}
+
+impl Pusher {
+    /// A pusher from `store` to the cache `api` talks to.
+    pub fn new(api: ApiClient, store: LocalStore, config: PushConfig) -> Self {
+        Pusher { api, store, config }
+    }
+
+    /// The local store paths are read from.
+    pub fn store(&self) -> &LocalStore {
+        &self.store
+    }
+
+    /// Pushes `paths` (store paths or symlinks to them) and, by default, their closure.
+    ///
+    /// Stops at the first dependency level where a path fails; paths committed before stay
+    /// committed, and uploaded chunks stay on the server for the next attempt.
+    pub async fn push(&self, paths: &[String]) -> Result<PushReport> {
+        if paths.is_empty() {
+            return Ok(PushReport::default());
+        }
+        let all = if self.config.closure { self.store.closure(paths).await? } else { paths.to_vec() };
+        let infos = self.store.path_infos(&all).await?;
+        let mut report = PushReport { considered: infos.len(), ..PushReport::default() };
+        let infos: Vec<LocalPathInfo> = infos
+            .into_iter()
+            .filter(|info| {
+                let upstream = info
+                    .signatures
+                    .iter()
+                    .any(|sig| self.config.upstream_keys.iter().any(|key| sig.strip_prefix(key.as_str()).is_some_and(|r| r.starts_with(':'))));
+                if upstream {
+                    report.skipped_upstream += 1;
+                }
+                !upstream
+            })
+            .collect();
+        let mut missing: HashSet<String> = HashSet::new();
+        for batch in infos.chunks(1000) {
+            let hashes: Vec<String> = batch.iter().map(|i| hash_part(&i.path)).collect::<Result<_>>()?;
+            missing.extend(self.api.missing_paths(&hashes).await?);
+        }
+        let todo: Vec<LocalPathInfo> = infos.into_iter().filter(|i| hash_part(&i.path).is_ok_and(|h| missing.contains(&h))).collect();
+        report.already_cached = report.considered - report.skipped_upstream - todo.len();
+        if todo.is_empty() {
+            return Ok(report);
+        }
+        let total: u64 = todo.iter().map(|i| i.nar_size).sum();
+        let bar = progress_bar(self.config.progress, total, todo.len());
+        let counters = Arc::new(Counters::default());
+        for level in dependency_levels(todo) {
+            let results: Vec<(String, u64, Result<()>)> = futures::stream::iter(level)
+                .map(|info| {
+                    let counters = counters.clone();
+                    let bar = bar.clone();
+                    async move {
+                        let result = self.push_one(&info, &counters, &bar).await;
+                        (info.path, info.nar_size, result)
+                    }
+                })
+                .buffer_unordered(self.config.path_jobs.max(1))
+                .collect()
+                .await;
+            let mut first_error = None;
+            let mut failed = 0usize;
+            for (path, size, result) in results {
+                match result {
+                    Ok(()) => {
+                        bar.set_message(short_name(&path));
+                        tracing::info!(store_path = %path, "pushed");
+                        report.pushed.push(path);
+                        report.nar_bytes += size;
+                    }
+                    Err(err) => {
+                        failed += 1;
+                        tracing::warn!(store_path = %path, "push failed: {err}");
+                        first_error.get_or_insert(err.context(format!("pushing {path}")));
+                    }
+                }
+            }
+            if let Some(err) = first_error {
+                bar.abandon();
+                let more = if failed > 1 { format!(" (and {} more paths failed)", failed - 1) } else { String::new() };
+                return Err(Error::new(err.kind(), format!("{}{more}; {} paths were pushed before", err.message(), report.pushed.len())));
+            }
+        }
+        bar.finish_and_clear();
+        report.chunks = counters.chunks.load(Ordering::Relaxed);
+        report.chunks_uploaded = counters.chunks_uploaded.load(Ordering::Relaxed);
+        report.uploaded_bytes = counters.uploaded_bytes.load(Ordering::Relaxed);
+        report.uploaded_frame_bytes = counters.uploaded_frame_bytes.load(Ordering::Relaxed);
+        Ok(report)
+    }
+
+    async fn push_one(&self, info: &LocalPathInfo, counters: &Counters, bar: &indicatif::ProgressBar) -> Result<()> {
+        let physical = self.store.physical(&info.path);
+        let expected = Sha256Hash::parse(&info.nar_hash)?;
+        // Pass 1: chunk and hash.
+        let params = self.config.chunking;
+        let (chunks, nar_hash, nar_size) = {
+            let physical = physical.clone();
+            let bar = bar.clone();
+            tokio::task::spawn_blocking(move || chunk_nar(&physical, params, &bar))
+                .await
+                .map_err(|e| Error::internal(format!("chunking task failed: {e}")))??
+        };
+        if nar_hash != expected || nar_size != info.nar_size {
+            return Err(Error::corrupt(format!(
+                "the files of {} (NAR hash {nar_hash}, {nar_size} bytes) do not match the Nix database ({}, {} bytes); \
+                 run `nix-store --verify --check-contents`",
+                info.path, info.nar_hash, info.nar_size
+            )));
+        }
+        counters.chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+        let mut unique: Vec<ChunkHash> = Vec::new();
+        let mut seen = HashSet::new();
+        for chunk in &chunks {
+            if seen.insert(chunk.hash) {
+                unique.push(chunk.hash);
+            }
+        }
+        let missing: HashSet<ChunkHash> = self.api.missing_chunks(&unique).await?.into_iter().collect();
+        if !missing.is_empty() {
+            self.upload(&physical, &chunks, missing, counters).await?;
+        }
+        let request = CommitRequest {
+            store_path: info.path.clone(),
+            nar_hash: info.nar_hash.clone(),
+            nar_size: info.nar_size,
+            references: info.references.clone(),
+            deriver: info.deriver.clone(),
+            sigs: info.signatures.clone(),
+            ca: info.ca.clone(),
+            chunks,
+        };
+        retry(|| self.api.commit(&request)).await
+    }
+
+    /// Pass 2: makes the NAR again and uploads the chunks in `missing`, `jobs` at once.
+    async fn upload(
+        &self,
+        physical: &std::path::Path,
+        chunks: &[ChunkRef],
+        missing: HashSet<ChunkHash>,
+        counters: &Counters,
+    ) -> Result<()> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkHash, usize, Vec<u8>)>(self.config.jobs.max(1));
+        let physical = physical.to_path_buf();
+        let expected: Vec<ChunkRef> = chunks.to_vec();
+        let (params, level) = (self.config.chunking, self.config.zstd_level);
+        let producer = tokio::task::spawn_blocking(move || compress_missing(&physical, params, level, &expected, missing, tx));
+        let uploads = tokio_stream_from(rx)
+            .map(|(hash, raw, frame)| async move {
+                let len = frame.len() as u64;
+                retry(|| self.api.put_chunk(&hash, frame.clone())).await?;
+                counters.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
+                counters.uploaded_bytes.fetch_add(raw as u64, Ordering::Relaxed);
+                counters.uploaded_frame_bytes.fetch_add(len, Ordering::Relaxed);
+                Ok::<_, Error>(())
+            })
+            .buffer_unordered(self.config.jobs.max(1))
+            .try_collect::<()>();
+        // An upload error drops the receiver, which stops the producer.
+        let uploaded = uploads.await;
+        let produced = producer.await.map_err(|e| Error::internal(format!("chunking task failed: {e}")))?;
+        uploaded?;
+        produced
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Retries an operation that failed for a transient reason (the server unreachable or
+/// overloaded), a few times with growing pauses.
+async fn retry<T, F, Fut>(mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(err) if err.kind() == ErrorKind::Unavailable && attempt < 3 => {
+                tracing::debug!("retrying after a transient failure: {err}");
+                tokio::time::sleep(delay).await;
+                delay *= 3;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A `Write` that hashes the NAR and cuts it into chunks.
+struct ChunkingSink<'a, F: FnMut(usize, Vec<u8>) -> std::io::Result<()>> {
+    chunker: Option<Chunker>,
+    sha: sha2::Sha256,
+    size: u64,
+    index: usize,
+    emit: F,
+    bar: Option<&'a indicatif::ProgressBar>,
+}
+
+impl<F: FnMut(usize, Vec<u8>) -> std::io::Result<()>> Write for ChunkingSink<'_, F> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sha.update(buf);
+        self.size += buf.len() as u64;
+        if let Some(bar) = self.bar {
+            bar.inc(buf.len() as u64);
+        }
+        let (index, emit) = (&mut self.index, &mut self.emit);
+        let chunker = self.chunker.as_mut().ok_or_else(|| std::io::Error::other("chunker finished"))?;
+        chunker.push(buf, &mut |chunk: Vec<u8>| {
+            let i = *index;
+            *index += 1;
+            emit(i, chunk)
+        })?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<F: FnMut(usize, Vec<u8>) -> std::io::Result<()>> ChunkingSink<'_, F> {
+    fn finish(mut self) -> std::io::Result<(Sha256Hash, u64)> {
+        let (index, emit) = (&mut self.index, &mut self.emit);
+        if let Some(chunker) = self.chunker.take() {
+            chunker.finish(&mut |chunk: Vec<u8>| {
+                let i = *index;
+                *index += 1;
+                emit(i, chunk)
+            })?;
+        }
+        Ok((Sha256Hash(self.sha.finalize().into()), self.size))
+    }
+}
+
+fn io_error(path: &std::path::Path, err: std::io::Error) -> Error {
+    let kind = if err.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Unavailable };
+    Error::new(kind, format!("making the NAR of {}: {err}", path.display()))
+}
+
+/// Pass 1: the chunk list, NAR hash and size of the path at `physical`.
+fn chunk_nar(physical: &std::path::Path, params: ChunkParams, bar: &indicatif::ProgressBar) -> Result<(Vec<ChunkRef>, Sha256Hash, u64)> {
+    let mut chunks = Vec::new();
+    let mut sink = ChunkingSink {
+        chunker: Some(Chunker::new(params)),
+        sha: sha2::Sha256::new(),
+        size: 0,
+        index: 0,
+        bar: Some(bar),
+        emit: |_, chunk: Vec<u8>| {
+            chunks.push(ChunkRef { hash: ChunkHash::of(&chunk), size: chunk.len() as u32 });
+            Ok(())
+        },
+    };
+    flywheel_core::nar::dump_path(physical, &mut sink).map_err(|e| io_error(physical, e))?;
+    let (hash, size) = sink.finish().map_err(|e| io_error(physical, e))?;
+    Ok((chunks, hash, size))
+}
+
+/// Pass 2: makes the NAR again, checks it cuts into the same chunks, and sends the missing
+/// ones compressed to the uploader; stops once the last missing chunk is sent.
+fn compress_missing(
+    physical: &std::path::Path,
+    params: ChunkParams,
+    level: i32,
+    expected: &[ChunkRef],
+    mut missing: HashSet<ChunkHash>,
+    tx: tokio::sync::mpsc::Sender<(ChunkHash, usize, Vec<u8>)>,
+) -> Result<()> {
+    const DONE: &str = "all missing chunks sent";
+    let mut failure: Option<Error> = None;
+    let mut sink = ChunkingSink {
+        chunker: Some(Chunker::new(params)),
+        sha: sha2::Sha256::new(),
+        size: 0,
+        index: 0,
+        bar: None,
+        emit: |i: usize, chunk: Vec<u8>| {
+            let hash = ChunkHash::of(&chunk);
+            if expected.get(i).map(|c| c.hash) != Some(hash) {
+                failure = Some(Error::corrupt(format!("{} changed while it was being pushed", physical.display())));
+                return Err(std::io::Error::other("changed"));
+            }
+            if missing.remove(&hash) {
+                let frame = compress(&chunk, level).map_err(std::io::Error::other)?;
+                if tx.blocking_send((hash, chunk.len(), frame)).is_err() {
+                    // The uploader stopped (an upload failed); its error is the one reported.
+                    return Err(std::io::Error::other("uploader stopped"));
+                }
+                if missing.is_empty() {
+                    return Err(std::io::Error::other(DONE));
+                }
+            }
+            Ok(())
+        },
+    };
+    let dumped = flywheel_core::nar::dump_path(physical, &mut sink).and_then(|_| sink.finish().map(|_| ()));
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    match dumped {
+        Ok(()) => Ok(()),
+        Err(err) if err.to_string() == DONE => Ok(()),
+        Err(err) if err.to_string() == "uploader stopped" => Ok(()),
+        Err(err) => Err(io_error(physical, err)),
+    }
+}
+
+/// The paths in dependency levels: every path's references (within the set) are in earlier
+/// levels. Cycles cannot occur in a Nix store (self-references are ignored).
+fn dependency_levels(infos: Vec<LocalPathInfo>) -> Vec<Vec<LocalPathInfo>> {
+    let in_set: HashSet<String> = infos.iter().map(|i| i.path.clone()).collect();
+    let mut remaining: BTreeMap<String, LocalPathInfo> = infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let mut done: HashSet<String> = HashSet::new();
+    let mut levels = Vec::new();
+    while !remaining.is_empty() {
+        let ready: Vec<String> = remaining
+            .values()
+            .filter(|i| i.references.iter().all(|r| r == &i.path || !in_set.contains(r) || done.contains(r)))
+            .map(|i| i.path.clone())
+            .collect();
+        // A cycle would be a broken database; push the rest together rather than loop.
+        let ready = if ready.is_empty() { remaining.keys().cloned().collect() } else { ready };
+        let level: Vec<LocalPathInfo> = ready.iter().filter_map(|p| remaining.remove(p)).collect();
+        done.extend(ready);
+        levels.push(level);
+    }
+    levels
+}
+
+fn hash_part(path: &str) -> Result<String> {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    let hash = base.get(..32).ok_or_else(|| Error::invalid(format!("{path:?} is not a store path")))?;
+    flywheel_core::nix::store_path::parse_hash_part(hash)?;
+    Ok(hash.to_string())
+}
+
+fn short_name(path: &str) -> String {
+    path.rsplit('/').next().unwrap_or(path).get(33..).unwrap_or(path).to_string()
+}
+
+fn progress_bar(enabled: bool, total: u64, paths: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} pushing {prefix} paths [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}) {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_prefix(paths.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(path: &str, refs: &[&str]) -> LocalPathInfo {
+        LocalPathInfo {
+            path: path.into(),
+            nar_hash: String::new(),
+            nar_size: 0,
+            references: refs.iter().map(|s| s.to_string()).collect(),
+            deriver: None,
+            signatures: vec![],
+            ca: None,
+        }
+    }
+
+    #[test]
+    fn levels_put_dependencies_first() {
+        let levels = dependency_levels(vec![info("c", &["b", "c"]), info("b", &["a", "outside"]), info("a", &[]), info("d", &[])]);
+        let names: Vec<Vec<&str>> = levels.iter().map(|l| l.iter().map(|i| i.path.as_str()).collect()).collect();
+        assert_eq!(names, vec![vec!["a", "d"], vec!["b"], vec!["c"]]);
+    }
+}

@@ -1,0 +1,302 @@
+//! `flywheel substitute`: a local HTTP binary cache for nix-daemon.
+//!
+//! - `GET /nix-cache-info`.
+//! - `GET|HEAD /{hash}.narinfo`: the path's narinfo, made from the server's manifest (whose
+//!   signatures are those of the server's narinfo, so `require-sigs` holds), pointing at an
+//!   uncompressed NAR served here. Signatures sign the fingerprint (path, NAR hash and size,
+//!   references), not the URL or compression, so rewriting those keeps them valid.
+//! - `GET /nar/{hash}.nar`: the NAR, rebuilt from the local chunk cache plus the missing chunks
+//!   only, fetched in parallel and verified, streamed window by window in bounded memory.
+//!
+//! Every failure is answered with a fast 404, so Nix moves on to its next substituter: Nix 2.8
+//! treats a 5xx or a hang on a narinfo as fatal. While the server is unreachable, narinfo
+//! requests do not wait for it: paths whose manifest and chunks are all cached are still
+//! served, the others are 404 at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use flywheel_client::{ApiClient, CacheConfig, ChunkCache, ChunkStore, ClientConfig};
+use flywheel_core::api::v1::chunks::PathManifest;
+use flywheel_core::nix::{NarInfo, StorePath};
+use flywheel_core::{Error, ErrorKind, Result};
+use futures::StreamExt;
+use parking_lot::Mutex;
+
+/// Chunks per window of a streamed NAR: about 2 MiB at the average chunk size.
+const WINDOW: usize = 32;
+
+/// Windows fetched ahead of the one being sent.
+const WINDOWS_AHEAD: usize = 3;
+
+/// Everything `flywheel substitute` needs.
+#[derive(Debug, Clone)]
+pub struct SubstituteConfig {
+    /// Base URL of the server.
+    pub server: String,
+    /// Cache name.
+    pub cache: String,
+    /// Bearer token, if the cache needs one.
+    pub token: Option<String>,
+    /// Directory of the chunk cache (may be shared with a running `flywheel mount`).
+    pub cache_dir: PathBuf,
+    /// Byte quota of the chunk cache, when this process owns it.
+    pub cache_size: u64,
+    /// The store directory announced in `nix-cache-info`.
+    pub store_dir: String,
+    /// The priority announced in `nix-cache-info` (lower is preferred).
+    pub priority: u32,
+    /// Longest wait for the server while answering a narinfo request.
+    pub narinfo_timeout: Duration,
+    /// Longest wait for one window of chunks while streaming a NAR.
+    pub chunk_timeout: Duration,
+    /// After the server failed to answer, how long narinfo requests skip it.
+    pub retry_after: Duration,
+}
+
+impl SubstituteConfig {
+    /// Defaults for everything but the server and cache.
+    pub fn new(server: String, cache: String) -> Self {
+        SubstituteConfig {
+            server,
+            cache,
+            token: None,
+            cache_dir: PathBuf::from("/var/cache/flywheel"),
+            cache_size: 10 << 30,
+            store_dir: flywheel_core::nix::DEFAULT_STORE_DIR.to_string(),
+            priority: 10,
+            narinfo_timeout: Duration::from_secs(3),
+            chunk_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The state of the running substituter. Cheap to clone.
+#[derive(Clone)]
+pub struct Substituter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: ChunkStore,
+    config: SubstituteConfig,
+    /// Until when the server counts as down.
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl Substituter {
+    /// Opens the chunk cache (or joins the process owning it) and builds the client.
+    pub fn open(config: SubstituteConfig) -> Result<Self> {
+        let cache = Arc::new(ChunkCache::open(&CacheConfig::new(&config.cache_dir, config.cache_size))?);
+        let api = ApiClient::new(ClientConfig {
+            server: config.server.clone(),
+            cache: config.cache.clone(),
+            token: config.token.clone(),
+            timeout: config.chunk_timeout,
+        })?;
+        Ok(Substituter { inner: Arc::new(Inner { store: ChunkStore::new(api, cache), config, down_until: Mutex::new(None) }) })
+    }
+
+    /// The chunk store (for statistics).
+    pub fn store(&self) -> &ChunkStore {
+        &self.inner.store
+    }
+
+    /// The HTTP routes.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/nix-cache-info", get(cache_info))
+            .route("/nar/{file}", get(nar))
+            .route("/{file}", get(file))
+            .with_state(self.clone())
+    }
+
+    fn server_down(&self) -> bool {
+        self.inner.down_until.lock().is_some_and(|until| Instant::now() < until)
+    }
+
+    fn mark_down(&self, err: &Error) {
+        tracing::warn!("the server is unreachable, answering from the local cache for {:?}: {err}", self.inner.config.retry_after);
+        *self.inner.down_until.lock() = Some(Instant::now() + self.inner.config.retry_after);
+    }
+
+    /// The manifest of a path: from the server when it answers, else from the local cache.
+    /// `need_all_chunks` (for narinfo) refuses a cached manifest whose chunks are not all
+    /// cached while the server is down, since its NAR could not be served.
+    async fn manifest(&self, hash: &str, prefer_cached: bool, need_all_chunks: bool) -> Result<PathManifest> {
+        flywheel_core::nix::store_path::parse_hash_part(hash)?;
+        let cache = self.inner.store.cache().clone();
+        let cached = {
+            let (cache, hash) = (cache.clone(), hash.to_string());
+            tokio::task::spawn_blocking(move || cache.get_manifest(&hash)).await.ok().flatten()
+        };
+        if prefer_cached {
+            if let Some(m) = &cached {
+                return Ok(m.clone());
+            }
+        }
+        if !self.server_down() {
+            let fetched = tokio::time::timeout(self.inner.config.narinfo_timeout, self.inner.store.api().manifest(hash))
+                .await
+                .unwrap_or_else(|_| Err(Error::unavailable("the server did not answer in time")));
+            match fetched {
+                Ok(manifest) => {
+                    let (cache, hash, m) = (cache.clone(), hash.to_string(), manifest.clone());
+                    let _ = tokio::task::spawn_blocking(move || cache.put_manifest(&hash, &m)).await;
+                    return Ok(manifest);
+                }
+                // The server says the path is not there: it is not.
+                Err(err) if err.kind() == ErrorKind::NotFound => return Err(err),
+                Err(err) if matches!(err.kind(), ErrorKind::Unavailable) => self.mark_down(&err),
+                Err(err) => tracing::warn!(store_path.hash = hash, "manifest from the server: {err}"),
+            }
+        }
+        let manifest = cached.ok_or_else(|| Error::unavailable(format!("{hash}: the server is unavailable and the path is not cached")))?;
+        if need_all_chunks {
+            let chunks = manifest.manifest.chunks.clone();
+            let all = tokio::task::spawn_blocking(move || chunks.iter().all(|c| cache.contains(&c.hash))).await.unwrap_or(false);
+            if !all {
+                return Err(Error::unavailable(format!("{hash}: the server is unavailable and not every chunk is cached")));
+            }
+        }
+        Ok(manifest)
+    }
+}
+
+/// Runs the substituter on `listener` until `shutdown` completes.
+pub async fn run(
+    substituter: Substituter,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let app = substituter.router();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::internal(format!("serving: {e}")))?;
+    if let Err(err) = substituter.store().cache().flush() {
+        tracing::warn!("flushing the chunk cache failed: {err}");
+    }
+    Ok(())
+}
+
+/// The address a listener ends up on, for printing.
+pub fn describe(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+/// An error as the substituter answers it: always 404, the one answer that makes Nix move on
+/// to its next substituter at once. The reason goes to the log and the body.
+struct Miss(Error);
+
+impl From<Error> for Miss {
+    fn from(err: Error) -> Self {
+        Miss(err)
+    }
+}
+
+impl IntoResponse for Miss {
+    fn into_response(self) -> Response {
+        match self.0.kind() {
+            ErrorKind::NotFound | ErrorKind::InvalidInput => tracing::debug!("miss: {}", self.0),
+            _ => tracing::warn!("answering 404: {}", self.0),
+        }
+        (StatusCode::NOT_FOUND, format!("{}\n", self.0)).into_response()
+    }
+}
+
+async fn cache_info(State(sub): State<Substituter>) -> Response {
+    let c = &sub.inner.config;
+    let body = format!("StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n", c.store_dir, c.priority);
+    ([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response()
+}
+
+async fn file(State(sub): State<Substituter>, Path(file): Path<String>) -> Result<Response, Miss> {
+    let Some(hash) = file.strip_suffix(".narinfo") else {
+        return Err(Error::not_found(format!("{file}: not served here")).into());
+    };
+    let manifest = sub.manifest(hash, false, true).await?;
+    let text = render_narinfo(&manifest, hash, &sub.inner.config.store_dir)?;
+    Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response())
+}
+
+/// The narinfo of a path served here: the server's fields and signatures, with the URL and
+/// compression of the uncompressed NAR this substituter serves.
+pub fn render_narinfo(manifest: &PathManifest, hash: &str, store_dir: &str) -> Result<String> {
+    let store_path = StorePath::from_absolute(&manifest.store_path, store_dir)?;
+    if store_path.hash_part() != hash {
+        return Err(Error::corrupt(format!("the manifest for {hash} describes {}", manifest.store_path)));
+    }
+    let info = NarInfo {
+        url: format!("nar/{hash}.nar"),
+        store_path,
+        compression: Some("none".into()),
+        file_hash: Some(manifest.manifest.nar_hash),
+        file_size: Some(manifest.manifest.nar_size),
+        nar_hash: manifest.manifest.nar_hash,
+        nar_size: manifest.manifest.nar_size,
+        references: manifest.references.iter().map(|r| StorePath::from_absolute(r, store_dir)).collect::<Result<_>>()?,
+        deriver: manifest.deriver.as_deref().map(|d| StorePath::from_absolute(d, store_dir)).transpose()?,
+        system: None,
+        sigs: manifest.sigs.clone(),
+        ca: manifest.ca.clone(),
+    };
+    Ok(info.render(store_dir))
+}
+
+async fn nar(State(sub): State<Substituter>, Path(file): Path<String>) -> Result<Response, Miss> {
+    let Some(hash) = file.strip_suffix(".nar") else {
+        return Err(Error::not_found(format!("nar/{file}: not served here")).into());
+    };
+    let manifest = sub.manifest(hash, true, false).await?;
+    let nar_size = manifest.manifest.nar_size;
+    let store = sub.inner.store.clone();
+    let timeout = sub.inner.config.chunk_timeout;
+    let windows: Vec<Vec<flywheel_core::manifest::ChunkRef>> =
+        manifest.manifest.chunks.chunks(WINDOW).map(|w| w.to_vec()).collect();
+    let mut windows = futures::stream::iter(windows)
+        .map(move |window| {
+            let store = store.clone();
+            async move {
+                tokio::time::timeout(timeout, store.get_many(&window))
+                    .await
+                    .unwrap_or_else(|_| Err(Error::unavailable("chunks did not arrive in time")))
+            }
+        })
+        .buffered(WINDOWS_AHEAD);
+    // The first window decides the status: a failure here is still a clean 404.
+    let first = match windows.next().await {
+        Some(result) => result?,
+        None => Vec::new(),
+    };
+    let hash_owned = hash.to_string();
+    let rest = windows.map(move |result| {
+        result.map_err(|err| {
+            tracing::warn!(store_path.hash = %hash_owned, "aborting a NAR stream: {err}");
+            std::io::Error::other(err.to_string())
+        })
+    });
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
+        .chain(rest)
+        .flat_map(|window: std::io::Result<Vec<Arc<[u8]>>>| {
+            let items: Vec<std::io::Result<Bytes>> = match window {
+                Ok(chunks) => chunks.into_iter().map(|c| Ok(Bytes::copy_from_slice(&c))).collect(),
+                Err(err) => vec![Err(err)],
+            };
+            futures::stream::iter(items)
+        });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-nix-nar".to_string()), (header::CONTENT_LENGTH, nar_size.to_string())],
+        Body::from_stream(body),
+    )
+        .into_response())
+}

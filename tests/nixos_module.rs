@@ -1,0 +1,515 @@
+//! The NixOS module (`nixos-module/`) and `flake.nix`, checked with real Nix 2.8 and no network.
+//! There is no nixpkgs here, so the module is evaluated against the stand-in `lib`, NixOS
+//! option declarations and `pkgs` in `tests/nixos/`. What the module renders is handed to the
+//! real `flywheel` binary: the server's start script runs with `--check-config`, and the
+//! runner's command lines are parsed by the binary's own argument parser. A missing `nix` fails
+//! these tests; nothing skips.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{require_tool, FLYWHEEL};
+use serde_json::Value;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// One evaluation sandbox: a store root for the files the module writes, a fresh cache dir,
+/// and a stand-in `flywheel` package whose `bin/flywheel` is the binary under test.
+struct Eval {
+    dir: tempfile::TempDir,
+}
+
+impl Eval {
+    fn new() -> Eval {
+        require_tool("nix");
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("package/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(FLYWHEEL, bin.join("flywheel")).unwrap();
+        Eval { dir }
+    }
+
+    fn package(&self) -> PathBuf {
+        self.dir.path().join("package")
+    }
+
+    fn store_root(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// Evaluates the module with `configuration` (a Nix module expression).
+    fn try_eval(&self, configuration: &str) -> Result<Value, String> {
+        let expr = format!(
+            "import {ROOT}/tests/nixos/eval.nix {{ configuration = {configuration}; flywheelPackage = \"{}\"; }}",
+            self.package().display()
+        );
+        let xdg = tempfile::tempdir_in(self.dir.path()).unwrap();
+        let out = Command::new("nix")
+            .args(["eval", "--impure", "--json", "--option", "substituters", "", "--store"])
+            .arg(format!("local?root={}", self.store_root().display()))
+            .args(["--expr", &expr])
+            .env("NIX_CONFIG", "experimental-features = nix-command flakes\n")
+            .env("XDG_CACHE_HOME", xdg.path())
+            .env_remove("NIX_REMOTE")
+            .env_remove("NIX_PATH")
+            .output()
+            .expect("running nix eval");
+        if out.status.success() {
+            Ok(serde_json::from_slice(&out.stdout).expect("nix eval printed JSON"))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn eval(&self, configuration: &str) -> Value {
+        self.try_eval(configuration).unwrap_or_else(|err| panic!("evaluating {configuration} failed:\n{err}"))
+    }
+
+    /// Where a store path the evaluation wrote lies on disk.
+    fn physical(&self, store_path: &str) -> PathBuf {
+        assert!(store_path.starts_with("/nix/store/"), "{store_path} is not a store path");
+        self.store_root().join(store_path.trim_start_matches('/'))
+    }
+
+    /// A script the module wrote, with its store references moved to the test's store root,
+    /// saved where `sh` can run it.
+    fn script(&self, store_path: &str) -> PathBuf {
+        let text = std::fs::read_to_string(self.physical(store_path)).unwrap();
+        assert!(text.starts_with("#!"), "{store_path} is not a script:\n{text}");
+        let moved = text.replace("/nix/store/", &format!("{}/nix/store/", self.store_root().display()));
+        let path = self.dir.path().join(store_path.rsplit('/').next().unwrap());
+        std::fs::write(&path, moved).unwrap();
+        let syntax = Command::new("sh").arg("-n").arg(&path).output().unwrap();
+        assert!(syntax.status.success(), "{store_path}: {}", String::from_utf8_lossy(&syntax.stderr));
+        path
+    }
+}
+
+fn service<'a>(eval: &'a Value, name: &str) -> &'a Value {
+    let service = &eval["services"][name];
+    assert!(service.is_object(), "no service {name} in {:?}", eval["services"].as_object().map(|s| s.keys().collect::<Vec<_>>()));
+    service
+}
+
+fn str_list(value: &Value) -> Vec<String> {
+    match value {
+        Value::Array(items) => items.iter().map(|v| v.as_str().unwrap().to_string()).collect(),
+        Value::String(s) => vec![s.clone()],
+        other => panic!("not a list of strings: {other}"),
+    }
+}
+
+/// Splits an `ExecStart=` line the way systemd does for what the module writes: words are bare,
+/// or JSON-quoted strings; `%d` is the credentials directory, `%%` a percent sign, `$$` a dollar.
+fn exec_argv(line: &str, credentials: &Path) -> Vec<String> {
+    let mut argv = Vec::new();
+    let mut rest = line.trim_start();
+    while !rest.is_empty() {
+        let (word, tail) = if rest.starts_with('"') {
+            let mut stream = serde_json::Deserializer::from_str(rest).into_iter::<String>();
+            let word = stream.next().unwrap().unwrap_or_else(|e| panic!("bad quoting in {line}: {e}"));
+            let used = stream.byte_offset();
+            (word, &rest[used..])
+        } else {
+            let end = rest.find(' ').unwrap_or(rest.len());
+            (rest[..end].to_string(), &rest[end..])
+        };
+        let expanded = word
+            .replace("%%", "\u{0}")
+            .replace("%d", &credentials.display().to_string())
+            .replace('\u{0}', "%")
+            .replace("$$", "$");
+        assert!(!expanded.contains('%'), "unexpanded specifier in {word}");
+        argv.push(expanded);
+        rest = tail.trim_start();
+    }
+    argv
+}
+
+fn random_secret() -> String {
+    use base64::Engine;
+    let mut bytes = [0u8; 48];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_nix_file_parses() {
+    require_tool("nix-instantiate");
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                if !name.starts_with('.') && !name.starts_with("target") {
+                    walk(&path, out);
+                }
+            } else if name.ends_with(".nix") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(Path::new(ROOT), &mut files);
+    for expected in ["flake.nix", "nixos-module/default.nix", "nixos-module/server.nix", "nixos-module/runner.nix", "nixos-module/package.nix", "nixos-module/vm-test.nix", "tests/nixos/lib.nix"] {
+        assert!(files.contains(&Path::new(ROOT).join(expected)), "{expected} not found");
+    }
+    for file in &files {
+        let out = Command::new("nix-instantiate").arg("--parse").arg(file).output().unwrap();
+        assert!(out.status.success(), "{} does not parse:\n{}", file.display(), String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn server_with_local_storage_renders_a_config_the_binary_accepts() {
+    let nix = Eval::new();
+    let storage = nix.dir.path().join("storage");
+    let eval = nix.eval(&format!(
+        r#"{{ services.flywheel.server = {{
+              enable = true;
+              tokenSecretFile = "/run/secrets/flywheel-token-secret";
+              openFirewall = true;
+              settings = {{ listen = "0.0.0.0:8090"; zstd-level = 5; api-endpoint = "https://cache.example.org/"; storage.path = "{}"; }};
+            }}; }}"#,
+        storage.display()
+    ));
+    let server = service(&eval, "flywheel-server");
+    let sc = &server["serviceConfig"];
+    assert_eq!(str_list(&sc["LoadCredential"]), ["token-hs256-secret-base64:/run/secrets/flywheel-token-secret"]);
+    for (key, value) in [
+        ("User", "flywheel"),
+        ("StateDirectory", "flywheel"),
+        ("RuntimeDirectory", "flywheel-server"),
+        ("ProtectSystem", "strict"),
+        ("UMask", "0077"),
+    ] {
+        assert_eq!(sc[key], value, "{key}");
+    }
+    for key in ["NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "RestrictNamespaces", "MemoryDenyWriteExecute"] {
+        assert_eq!(sc[key], true, "{key}");
+    }
+    assert_eq!(str_list(&sc["RestrictAddressFamilies"]), ["AF_INET", "AF_INET6", "AF_UNIX"]);
+    // Storage outside /var/lib/flywheel: created by tmpfiles, writable through the sandbox.
+    assert_eq!(str_list(&sc["ReadWritePaths"]), [storage.display().to_string()]);
+    assert!(str_list(&eval["tmpfiles"]).contains(&format!("d {} 0750 flywheel flywheel - -", storage.display())));
+    assert_eq!(eval["firewall"], serde_json::json!([8090]));
+    assert_eq!(eval["users"]["flywheel"]["isSystemUser"], true);
+
+    // Run the service's start script as systemd would, with --check-config passed through.
+    let script = nix.script(sc["ExecStart"].as_str().unwrap());
+    let credentials = nix.dir.path().join("credentials");
+    let runtime = nix.dir.path().join("runtime");
+    std::fs::create_dir_all(&credentials).unwrap();
+    std::fs::create_dir_all(&runtime).unwrap();
+    let secret = random_secret();
+    std::fs::write(credentials.join("token-hs256-secret-base64"), format!("{secret}\n")).unwrap();
+    let out = Command::new("sh")
+        .arg(&script)
+        .arg("--check-config")
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .env("RUNTIME_DIRECTORY", &runtime)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flywheel serve --check-config refused the rendered config:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("config is valid"));
+    assert!(storage.is_dir(), "check-config opens (creates) the local storage");
+    let rendered = std::fs::read_to_string(runtime.join("server.toml")).unwrap();
+    assert!(rendered.starts_with(&format!("token-hs256-secret-base64 = \"{secret}\"\n")), "{rendered}");
+    for line in ["listen = \"0.0.0.0:8090\"", "zstd-level = 5", "api-endpoint = \"https://cache.example.org/\"", "[chunking]", "[storage]", "type = \"local\""] {
+        assert!(rendered.lines().any(|l| l == line), "{line:?} missing from\n{rendered}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(runtime.join("server.toml")).unwrap().permissions().mode() & 0o077, 0, "rendered config readable by others");
+
+    // The secret never reached the store.
+    let mut stored = Vec::new();
+    files_under(&nix.store_root().join("nix/store"), &mut stored);
+    assert!(!stored.is_empty());
+    for file in stored {
+        let text = std::fs::read(&file).unwrap();
+        assert!(!String::from_utf8_lossy(&text).contains(&secret), "{} holds the token secret", file.display());
+    }
+
+    // A bad secret file stops the service before the server starts.
+    std::fs::write(credentials.join("token-hs256-secret-base64"), "not base64 !\n").unwrap();
+    let out = Command::new("sh")
+        .arg(&script)
+        .arg("--check-config")
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .env("RUNTIME_DIRECTORY", &runtime)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must hold the base64 token secret"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn server_with_s3_storage_renders_a_config_the_binary_accepts() {
+    let nix = Eval::new();
+    let eval = nix.eval(
+        r#"{ services.flywheel.server = {
+              enable = true;
+              tokenSecretFile = "/run/secrets/flywheel-token-secret";
+              environmentFile = "/run/secrets/flywheel.env";
+              settings.storage = {
+                type = "s3"; bucket = "flywheel"; endpoint = "http://127.0.0.1:9000"; allow-http = true;
+                region = "eu-1"; access-key-id = "flywheel"; secret-access-key-file = "/run/secrets/s3-secret";
+              };
+            }; }"#,
+    );
+    let sc = &service(&eval, "flywheel-server")["serviceConfig"];
+    assert_eq!(
+        str_list(&sc["LoadCredential"]),
+        ["token-hs256-secret-base64:/run/secrets/flywheel-token-secret", "s3-secret-access-key:/run/secrets/s3-secret"]
+    );
+    assert_eq!(sc["EnvironmentFile"], "/run/secrets/flywheel.env");
+    assert_eq!(sc["ReadWritePaths"], serde_json::json!([]));
+
+    let script = nix.script(sc["ExecStart"].as_str().unwrap());
+    let credentials = nix.dir.path().join("credentials");
+    let runtime = nix.dir.path().join("runtime");
+    std::fs::create_dir_all(&credentials).unwrap();
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::write(credentials.join("token-hs256-secret-base64"), random_secret()).unwrap();
+    std::fs::write(credentials.join("s3-secret-access-key"), "s3-secret-value\n").unwrap();
+    let out = Command::new("sh")
+        .arg(&script)
+        .arg("--check-config")
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .env("RUNTIME_DIRECTORY", &runtime)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "S3 config refused:\n{}", String::from_utf8_lossy(&out.stderr));
+    let rendered = std::fs::read_to_string(runtime.join("server.toml")).unwrap();
+    let storage = rendered.split("[storage]\n").nth(1).unwrap_or_else(|| panic!("no [storage] in\n{rendered}"));
+    for line in [
+        "type = \"s3\"".to_string(),
+        "bucket = \"flywheel\"".into(),
+        "allow-http = true".into(),
+        format!("secret-access-key-file = \"{}/s3-secret-access-key\"", credentials.display()),
+    ] {
+        assert!(storage.lines().any(|l| l == line), "{line:?} missing from [storage] of\n{rendered}");
+    }
+    assert!(!rendered.contains("s3-secret-value"));
+}
+
+#[test]
+fn runner_commands_are_accepted_by_the_binary() {
+    let nix = Eval::new();
+    let eval = nix.eval(
+        r#"{ services.flywheel.runner = {
+              enable = true;
+              serverUrl = "http://cache.internal:8080";
+              cache = "ci";
+              tokenFile = "/run/secrets/flywheel-token";
+              dataDir = "/pvc/flywheel";
+              cacheSize = 5368709120;
+              trustedPublicKeys = [ "ci-1:su4pov7yoc5lV0pmcvVr6ZhwoE2SXYet+dEpco+aPQY=" ];
+              substituter.port = 38000;
+              push.enable = true;
+              lazy = { enable = true; paths = [ "/nix/store/00000000000000000000000000000000-toolchain" ]; };
+            }; }"#,
+    );
+
+    // nix.settings: our substituter first, the key, a short negative TTL, the hook.
+    let settings = &eval["nixSettings"];
+    assert_eq!(str_list(&settings["substituters"]), ["http://127.0.0.1:38000", "https://cache.nixos.org/"]);
+    let keys = str_list(&settings["trusted-public-keys"]);
+    assert!(keys.contains(&"ci-1:su4pov7yoc5lV0pmcvVr6ZhwoE2SXYet+dEpco+aPQY=".to_string()), "{keys:?}");
+    assert!(keys.iter().any(|k| k.starts_with("cache.nixos.org-1:")), "NixOS's key is kept: {keys:?}");
+    assert_eq!(settings["narinfo-cache-negative-ttl"], 30);
+    assert_eq!(settings["post-build-hook"].as_str().map(|h| h.ends_with("-flywheel-post-build-hook")), Some(true));
+
+    let credentials = nix.dir.path().join("credentials");
+    std::fs::create_dir_all(&credentials).unwrap();
+    let flywheel = nix.package().join("bin/flywheel").display().to_string();
+    let mut checked = Vec::new();
+    for (unit, subcommand) in [("flywheel-mount", "mount"), ("flywheel-substituter", "substitute"), ("flywheel-push-daemon", "push-daemon")] {
+        let sc = &service(&eval, unit)["serviceConfig"];
+        assert_eq!(str_list(&sc["LoadCredential"]), ["token:/run/secrets/flywheel-token"], "{unit}");
+        let argv = exec_argv(sc["ExecStart"].as_str().unwrap(), &credentials);
+        assert_eq!(argv[0], flywheel, "{unit}");
+        assert_eq!(argv[1], subcommand, "{unit}");
+        let value = |flag: &str| argv.iter().position(|a| a == flag).map(|i| argv[i + 1].clone());
+        assert_eq!(value("--server").as_deref(), Some("http://cache.internal:8080"), "{unit}");
+        assert_eq!(value("--cache").as_deref(), Some("ci"), "{unit}");
+        assert_eq!(value("--token-file"), Some(credentials.join("token").display().to_string()), "{unit}");
+        // The binary's own parser: every flag known and every value valid (clap parses all of
+        // them before it acts on the trailing --help), and a wrong flag is refused.
+        let out = Command::new(&argv[0]).args(&argv[1..]).arg("--help").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{unit}: flywheel refused {:?}:\n{}",
+            &argv[1..],
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("Usage: flywheel {subcommand}")));
+        let out = Command::new(&argv[0]).args(&argv[1..]).args(["--no-such-flag", "--help"]).output().unwrap();
+        assert!(!out.status.success(), "{unit}: the check accepts anything");
+        checked.push(argv);
+    }
+    let [mount, substitute, push_daemon] = &checked[..] else { unreachable!() };
+    assert_eq!(mount.last().unwrap(), "/run/flywheel/store");
+    let flag = |argv: &[String], f: &str| argv.iter().position(|a| a == f).map(|i| argv[i + 1].clone()).unwrap();
+    assert_eq!(flag(mount, "--cache-dir"), "/pvc/flywheel/cache");
+    assert_eq!(flag(substitute, "--cache-dir"), "/pvc/flywheel/cache", "mount and substituter share the cache");
+    assert_eq!(flag(mount, "--cache-size"), "5368709120");
+    assert_eq!(flag(substitute, "--listen"), "127.0.0.1:38000");
+    assert_eq!(flag(push_daemon, "--socket"), "/run/flywheel-push/push.sock");
+    assert!(str_list(&eval["tmpfiles"]).contains(&"d /pvc/flywheel/cache 0700 root root - -".to_string()));
+
+    // Hardening: the substituter and push daemon are sandboxed; the mount must stay in the
+    // host's mount namespace, so it has no option that would create one.
+    for unit in ["flywheel-substituter", "flywheel-push-daemon"] {
+        let sc = &service(&eval, unit)["serviceConfig"];
+        assert_eq!(sc["ProtectSystem"], "strict", "{unit}");
+        assert_eq!(sc["NoNewPrivileges"], true, "{unit}");
+    }
+    let mount_sc = service(&eval, "flywheel-mount")["serviceConfig"].as_object().unwrap();
+    for key in ["ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ReadWritePaths", "PrivateMounts"] {
+        assert!(!mount_sc.contains_key(key), "flywheel-mount sets {key}, which hides the FUSE mount");
+    }
+    assert_eq!(service(&eval, "flywheel-push-daemon")["serviceConfig"]["DynamicUser"], true);
+
+    // The post-build hook exits 0 even with no daemon to talk to.
+    let hook = nix.script(settings["post-build-hook"].as_str().unwrap());
+    let out = Command::new("sh").arg(&hook).env("DRV_PATH", "/nix/store/00000000000000000000000000000000-x.drv").env("OUT_PATHS", "").output().unwrap();
+    assert!(out.status.success(), "post-build hook failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Lazy mode: an overlay over the mount, then the closure registered from dump-db.
+    let lazy = service(&eval, "flywheel-lazy-store");
+    assert_eq!(str_list(&lazy["requires"]), ["flywheel-mount.service"]);
+    let start = std::fs::read_to_string(nix.physical(lazy["serviceConfig"]["ExecStart"].as_str().unwrap())).unwrap();
+    nix.script(lazy["serviceConfig"]["ExecStart"].as_str().unwrap());
+    assert!(start.contains("lowerdir=/nix/store:/run/flywheel/store,upperdir=/pvc/flywheel/overlay/upper,workdir=/pvc/flywheel/overlay/work"), "{start}");
+    assert!(start.contains("'dump-db' '--server' 'http://cache.internal:8080' '--cache' 'ci'"), "{start}");
+    assert!(start.contains("--load-db"), "{start}");
+    assert_eq!(str_list(&eval["kernelModules"]), ["fuse", "overlay"]);
+}
+
+#[test]
+fn server_and_runner_on_one_host_and_defaults() {
+    let nix = Eval::new();
+    let eval = nix.eval(
+        r#"{ services.flywheel.server = { enable = true; tokenSecretFile = "/run/keys/flywheel"; };
+             services.flywheel.runner = { enable = true; serverUrl = "http://127.0.0.1:8080"; configureNix = false; }; }"#,
+    );
+    for unit in ["flywheel-server", "flywheel-mount", "flywheel-substituter"] {
+        service(&eval, unit);
+    }
+    assert!(eval["services"].get("flywheel-push-daemon").is_none(), "push is off by default");
+    assert!(eval["services"].get("flywheel-lazy-store").is_none(), "lazy mode is off by default");
+    assert_eq!(str_list(&eval["nixSettings"]["substituters"]), ["https://cache.nixos.org/"], "configureNix = false");
+    // Anonymous runner: no token flags, no credentials.
+    let sc = &service(&eval, "flywheel-substituter")["serviceConfig"];
+    assert!(!sc["ExecStart"].as_str().unwrap().contains("--token-file"));
+    assert_eq!(sc["LoadCredential"], serde_json::json!([]));
+}
+
+#[test]
+fn contradicting_options_fail_evaluation_with_a_clear_message() {
+    let nix = Eval::new();
+    let server = r#"enable = true; tokenSecretFile = "/run/keys/flywheel";"#;
+    let runner = r#"enable = true; serverUrl = "http://cache:8080";"#;
+    let cases = [
+        (
+            "{ services.flywheel.runner.enable = true; }".to_string(),
+            "services.flywheel.runner.serverUrl must be set",
+        ),
+        (
+            format!("{{ services.flywheel.runner = {{ {runner} mount.enable = false; lazy.enable = true; }}; }}"),
+            "services.flywheel.runner.lazy.enable needs services.flywheel.runner.mount.enable",
+        ),
+        (
+            format!("{{ services.flywheel.server = {{ {server} settings.storage.type = \"s3\"; }}; }}"),
+            "services.flywheel.server.settings.storage.bucket must be set when settings.storage.type is \"s3\"",
+        ),
+        (
+            format!("{{ services.flywheel.server = {{ {server} settings.storage.bucket = \"b\"; }}; }}"),
+            "only apply to S3 storage",
+        ),
+        (
+            format!(
+                "{{ services.flywheel.server = {{ {server} settings.storage = {{ type = \"s3\"; bucket = \"b\"; endpoint = \"http://s3:9000\"; }}; }}; }}"
+            ),
+            "set settings.storage.allow-http = true",
+        ),
+        (
+            format!(
+                "{{ services.flywheel.server = {{ {server} settings.listen = \"0.0.0.0:37515\"; }}; services.flywheel.runner = {{ {runner} }}; }}"
+            ),
+            "services.flywheel.runner.substituter.port (37515) collides with the port of services.flywheel.server.settings.listen",
+        ),
+        ("{ services.flywheel.server.enable = true; }".to_string(), "services.flywheel.server.tokenSecretFile must be set"),
+        (
+            format!("{{ services.flywheel.runner = {{ {runner} push.enable = true; }}; }}"),
+            "push.enable needs services.flywheel.runner.tokenFile",
+        ),
+        (
+            format!("{{ services.flywheel.runner = {{ {runner} tokenFile = \"/nix/store/00000000000000000000000000000000-token\"; }}; }}"),
+            "tokenFile must not be in the Nix store",
+        ),
+        (
+            format!("{{ services.flywheel.runner = {{ enable = true; serverUrl = \"cache:8080\"; }}; }}"),
+            "must start with http:// or https://",
+        ),
+        (
+            format!("{{ services.flywheel.server = {{ {server} settings.listen = \"localhost:8080\"; }}; }}"),
+            "settings.listen must be IP:PORT",
+        ),
+        (
+            format!("{{ services.flywheel.runner = {{ {runner} mount.mountPoint = \"/nix/store/fuse\"; }}; }}"),
+            "mount.mountPoint (/nix/store/fuse) must be outside /nix/store",
+        ),
+        // Not an assertion: the module system refuses unknown and mistyped options.
+        (format!("{{ services.flywheel.runner = {{ {runner} cacheSise = 1; }}; }}"), "services.flywheel.runner.cacheSise' does not exist"),
+        (
+            format!("{{ services.flywheel.server = {{ {server} settings.zstd-level = 40; }}; }}"),
+            "services.flywheel.server.settings.zstd-level' is not of type `integer between 1 and 19",
+        ),
+    ];
+    for (configuration, message) in cases {
+        let err = match nix.try_eval(&configuration) {
+            Ok(_) => panic!("{configuration} evaluated, but should fail with {message:?}"),
+            Err(err) => err,
+        };
+        assert!(err.contains(message), "{configuration} failed, but without {message:?}:\n{err}");
+    }
+}
+
+#[test]
+fn every_option_has_a_type_a_default_and_a_description() {
+    let nix = Eval::new();
+    let eval = nix.eval("{ }");
+    let options = eval["options"].as_array().unwrap();
+    assert!(options.len() > 30, "{options:?}");
+    for option in options {
+        for key in ["hasType", "hasDefault", "hasDescription"] {
+            assert_eq!(option[key], true, "{} lacks {key}", option["name"]);
+        }
+    }
+    // Nothing is configured unless enabled.
+    assert_eq!(eval["services"], serde_json::json!({}));
+}

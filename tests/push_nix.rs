@@ -1,0 +1,173 @@
+//! `flywheel push` and the post-build hook mode with real Nix 2.8 and the real server: only
+//! new chunks are sent, Nix substitutes the result, a hooked `nix-build` ends pushed after
+//! `flush`, and bad input fails clearly without losing anything.
+
+mod substituter_common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use substituter_common::{new_chunks, CountingProxy, Setup, FLYWHEEL};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it() {
+    let setup = Setup::new("ci");
+    let paths = setup.build("push-v", &["big", "bigNext", "withRefs"]);
+    let proxy = CountingProxy::start(&setup.server.url, "ci", None);
+
+    // Version N, and a path with references (its closure goes along).
+    let out = setup.push(&proxy.url, &[paths[0].clone(), paths[2].clone()], &[]);
+    assert!(out.status.success(), "push failed: {}", stderr(&out));
+    assert!(stderr(&out).contains("pushed 4 of 4 paths"), "{}", stderr(&out));
+
+    // Version N+1: only the new chunks go over the wire.
+    let (old_nar, new_nar) = (setup.nix.dump(&setup.src, &paths[0]), setup.nix.dump(&setup.src, &paths[1]));
+    let (new_count, new_bytes) = new_chunks(&old_nar, &new_nar);
+    proxy.reset();
+    let out = setup.push(&proxy.url, &paths[1..2], &[]);
+    assert!(out.status.success(), "push failed: {}", stderr(&out));
+    let sent = proxy.bytes_up();
+    eprintln!(
+        "version N+1: {sent} bytes sent for {new_count} new chunks of {new_bytes} bytes (NAR {} bytes); {}",
+        new_nar.len(),
+        stderr(&out).lines().last().unwrap_or("")
+    );
+    assert_eq!(proxy.chunk_puts(), new_count, "uploaded chunks");
+    // Chunk frames, plus the metadata requests (missing-chunks, commit: ~70 bytes per chunk
+    // of the NAR, and HTTP headers).
+    let metadata_allowance = 200 * substituter_common::chunks_of(&new_nar).len() as u64 + 8 * 1024;
+    assert!(sent <= new_bytes + new_bytes / 20 + metadata_allowance, "sent {sent} bytes for {new_bytes} new bytes");
+    assert!(sent < new_nar.len() as u64 / 4, "sent {sent} of a {}-byte NAR", new_nar.len());
+
+    // Pushing again sends nothing but the question.
+    proxy.reset();
+    let out = setup.push(&proxy.url, &paths, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(proxy.chunk_puts(), 0);
+    assert!(stderr(&out).contains("pushed 0 of"), "{}", stderr(&out));
+
+    // Real Nix substitutes what was pushed, signatures required.
+    let netrc = setup.server.netrc(&setup.token);
+    let dst = setup.nix.store("dst");
+    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, &paths);
+    assert!(out.status.success(), "nix copy --from failed: {}", stderr(&out));
+    for path in &paths {
+        assert!(setup.nix.verify(&dst, path), "{path} does not verify");
+        let (a, b) = (setup.nix.path_info(&setup.src, path), setup.nix.path_info(&dst, path));
+        assert_eq!((a.nar_hash, a.references, a.deriver), (b.nar_hash, b.references, b.deriver));
+    }
+}
+
+#[test]
+fn push_hook_pushes_a_real_nix_build_by_flush() {
+    let setup = Setup::new("ci");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("push.sock");
+    let store = format!("local?root={}", setup.src);
+    let log = dir.path().join("daemon.log");
+    let mut daemon = setup
+        .nix
+        .cmd(FLYWHEEL)
+        .args(["push-daemon", "--server", &setup.server.url, "--cache", "ci", "--token-file"])
+        .arg(&setup.token_file)
+        .args(["--store", &store, "--socket"])
+        .arg(&socket)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "daemon did not listen: {}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let hook = dir.path().join("hook.sh");
+    std::fs::write(&hook, format!("#!/bin/sh\nexec {FLYWHEEL} hook --socket {}\n", socket.display())).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus.nix");
+    let seed = substituter_common::common::unique_seed("hook");
+    let mut cmd = setup.nix.cmd("nix-build");
+    cmd.args(["--store", &store, "--no-out-link", corpus, "--argstr", "seed", &seed, "-A", "withRefs"])
+        .args(["--option", "post-build-hook"])
+        .arg(&hook);
+    let out = setup.nix.run(&mut cmd);
+    let built = out.trim().to_string();
+    assert!(built.starts_with("/nix/store/"), "{out}");
+
+    let flush = Command::new(FLYWHEEL).args(["flush", "--socket"]).arg(&socket).output().unwrap();
+    assert!(flush.status.success(), "flush failed: {}\n{}", stderr(&flush), std::fs::read_to_string(&log).unwrap());
+    // The output and its closure (three built paths) are on the server now.
+    let closure = setup.nix.run(setup.nix.cmd("nix-store").args(["--store", &store, "-qR", &built]));
+    for path in closure.lines() {
+        assert!(setup.server_has(path), "{path} was not pushed:\n{}", std::fs::read_to_string(&log).unwrap());
+    }
+    let netrc = setup.server.netrc(&setup.token);
+    let dst = setup.nix.store("dst");
+    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, &[built.clone()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(setup.nix.verify(&dst, &built));
+
+    // The hook never fails the build, even with no daemon listening.
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_file(&socket);
+    let seed = substituter_common::common::unique_seed("hook-nodaemon");
+    let mut cmd = setup.nix.cmd("nix-build");
+    cmd.args(["--store", &store, "--no-out-link", corpus, "--argstr", "seed", &seed, "-A", "single"])
+        .args(["--option", "post-build-hook"])
+        .arg(&hook);
+    setup.nix.run(&mut cmd);
+}
+
+#[test]
+fn push_bad_input_fails_clearly_and_loses_nothing() {
+    let setup = Setup::new("ci");
+    let paths = setup.build("push-bad", &["big", "single"]);
+
+    // A path that is not in the store.
+    let missing = format!("/nix/store/{}-not-there", "0".repeat(32));
+    let out = setup.push(&setup.server.url, &[missing], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not valid") || stderr(&out).contains("does not exist"), "{}", stderr(&out));
+
+    // A server that answers garbage.
+    let garbage = substituter_common::fake_http(|_, _, _, _| (200, b"<html>garbage</html>".to_vec()));
+    let out = setup.push(&garbage, &paths, &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not parse"), "{}", stderr(&out));
+
+    // A server that goes away after a few chunk uploads: the push fails, the path is not
+    // published half-way, and a later push completes it, sending only the rest.
+    let total = substituter_common::chunks_of(&setup.nix.dump(&setup.src, &paths[0])).len() as u64;
+    let cut = CountingProxy::start(&setup.server.url, "ci", Some(10));
+    let out = setup.push(&cut.url, &paths[..1], &[]);
+    assert!(!out.status.success(), "push through a dying server succeeded");
+    assert!(!setup.server_has(&paths[0]), "a half-pushed path was published");
+    let proxy = CountingProxy::start(&setup.server.url, "ci", None);
+    let out = setup.push(&proxy.url, &paths[..1], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(proxy.chunk_puts() < total, "the second push sent all {total} chunks again");
+    assert!(setup.server_has(&paths[0]));
+    let netrc = setup.server.netrc(&setup.token);
+    let dst = setup.nix.store("dst");
+    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, &paths[..1]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(setup.nix.verify(&dst, &paths[0]));
+
+    // A path whose files no longer match the Nix database is refused, not pushed.
+    let physical = format!("{}{}", setup.src, paths[1]);
+    let mut perms = std::fs::metadata(&physical).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    std::fs::set_permissions(&physical, perms).unwrap();
+    std::fs::write(&physical, "tampered\n").unwrap();
+    let out = setup.push(&setup.server.url, &paths[1..], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("do not match the Nix database"), "{}", stderr(&out));
+    assert!(!setup.server_has(&paths[1]));
+}
