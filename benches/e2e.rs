@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use common_fuse::common::{Backend, Server};
+use common_fuse::common::{self, Backend, Server};
 
 const RUNS: usize = 3;
 const MB: f64 = 1e6;
