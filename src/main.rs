@@ -227,6 +227,20 @@ struct ServerArgs {
 }
 
 impl ServerArgs {
+    /// Checks what can be checked without the network: the URL's form, the cache name, and
+    /// that the token file reads.
+    fn check(&self) -> anyhow::Result<()> {
+        let scheme_ok = ["http://", "https://"].iter().any(|s| self.server.starts_with(s) && self.server.len() > s.len());
+        if !scheme_ok {
+            anyhow::bail!("--server {:?} is not an http:// or https:// URL", self.server);
+        }
+        flywheel_core::api::v1::validate_cache_name(&self.cache)?;
+        if self.token_file.is_some() && self.token()?.is_none_or(|t| t.is_empty()) {
+            anyhow::bail!("the token file is empty");
+        }
+        Ok(())
+    }
+
     fn token(&self) -> anyhow::Result<Option<String>> {
         let Some(path) = &self.token_file else { return Ok(None) };
         let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -250,9 +264,23 @@ struct MountArgs {
     offline_timeout: u64,
     /// Where to mount.
     mountpoint: PathBuf,
+    /// Check the arguments (and read the token file), then exit without mounting.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn mount(args: MountArgs) -> anyhow::Result<()> {
+    if args.check_config {
+        args.server.check()?;
+        if !args.mountpoint.is_absolute() || !args.cache_dir.is_absolute() {
+            anyhow::bail!("the mount point and --cache-dir must be absolute paths");
+        }
+        if args.cache_size == 0 {
+            anyhow::bail!("--cache-size must be more than 0");
+        }
+        println!("config is valid");
+        return Ok(());
+    }
     let mut config = flywheel_fuse::MountConfig::new(args.server.server.clone(), args.server.cache.clone(), args.mountpoint);
     config.token = args.server.token()?;
     config.cache_dir = args.cache_dir;

@@ -30,9 +30,20 @@ pub struct SubstituteArgs {
     /// Seconds a narinfo request may wait for the server before answering 404.
     #[arg(long, default_value_t = 3)]
     narinfo_timeout: u64,
+    /// Check the arguments (and read the token file), then exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 pub fn substitute(args: SubstituteArgs) -> anyhow::Result<()> {
+    if args.check_config {
+        args.server.check()?;
+        if args.cache_size == 0 || !args.cache_dir.is_absolute() {
+            anyhow::bail!("--cache-dir must be absolute and --cache-size more than 0");
+        }
+        println!("config is valid");
+        return Ok(());
+    }
     let mut config = SubstituteConfig::new(args.server.server.clone(), args.server.cache.clone());
     config.token = args.server.token()?;
     config.cache_dir = args.cache_dir;
@@ -121,9 +132,20 @@ pub struct PushDaemonArgs {
     /// Milliseconds to wait for more built paths before pushing a batch.
     #[arg(long, default_value_t = 200)]
     batch_delay_ms: u64,
+    /// Check the arguments (and read the token file), then exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
 pub fn push_daemon(args: PushDaemonArgs) -> anyhow::Result<()> {
+    if args.check_config {
+        args.target.server.check()?;
+        if !args.socket.is_absolute() {
+            anyhow::bail!("--socket must be an absolute path");
+        }
+        println!("config is valid");
+        return Ok(());
+    }
     let pusher = args.target.pusher(true)?;
     let config = daemon::DaemonConfig {
         socket: args.socket,

@@ -344,6 +344,8 @@ fn runner_commands_are_accepted_by_the_binary() {
 
     let credentials = nix.dir.path().join("credentials");
     std::fs::create_dir_all(&credentials).unwrap();
+    // What systemd's LoadCredential would put there.
+    std::fs::write(credentials.join("token"), "a-token\n").unwrap();
     let flywheel = nix.package().join("bin/flywheel").display().to_string();
     let mut checked = Vec::new();
     for (unit, subcommand) in [("flywheel-mount", "mount"), ("flywheel-substituter", "substitute"), ("flywheel-push-daemon", "push-daemon")] {
@@ -356,18 +358,21 @@ fn runner_commands_are_accepted_by_the_binary() {
         assert_eq!(value("--server").as_deref(), Some("http://cache.internal:8080"), "{unit}");
         assert_eq!(value("--cache").as_deref(), Some("ci"), "{unit}");
         assert_eq!(value("--token-file"), Some(credentials.join("token").display().to_string()), "{unit}");
-        // The binary's own parser: every flag known and every value valid (clap parses all of
-        // them before it acts on the trailing --help), and a wrong flag is refused.
-        let out = Command::new(&argv[0]).args(&argv[1..]).arg("--help").output().unwrap();
+        // The binary's own config check: every flag known, every value valid, the token file
+        // read; and a wrong flag or a bad value is refused.
+        let out = Command::new(&argv[0]).args(&argv[1..]).arg("--check-config").output().unwrap();
         assert!(
             out.status.success(),
             "{unit}: flywheel refused {:?}:\n{}",
             &argv[1..],
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("Usage: flywheel {subcommand}")));
-        let out = Command::new(&argv[0]).args(&argv[1..]).args(["--no-such-flag", "--help"]).output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("config is valid"), "{unit}");
+        let out = Command::new(&argv[0]).args(&argv[1..]).args(["--no-such-flag", "--check-config"]).output().unwrap();
         assert!(!out.status.success(), "{unit}: the check accepts anything");
+        let bad_cache: Vec<String> = argv[1..].iter().map(|a| if a == "ci" { "no/such cache".to_string() } else { a.clone() }).collect();
+        let out = Command::new(&argv[0]).args(&bad_cache).arg("--check-config").output().unwrap();
+        assert!(!out.status.success(), "{unit}: an invalid cache name passes the check");
         checked.push(argv);
     }
     let [mount, substitute, push_daemon] = &checked[..] else { unreachable!() };

@@ -171,3 +171,27 @@ fn push_bad_input_fails_clearly_and_loses_nothing() {
     assert!(stderr(&out).contains("do not match the Nix database"), "{}", stderr(&out));
     assert!(!setup.server_has(&paths[1]));
 }
+
+#[test]
+fn push_skips_paths_signed_by_upstream_keys() {
+    let setup = Setup::new("ci");
+    let paths = setup.build("push-upstream", &["single", "tree"]);
+    // A path signed by a key named like cache.nixos.org's, as paths substituted from it are.
+    let keys = tempfile::tempdir().unwrap();
+    let (sk, pk) = (keys.path().join("sk"), keys.path().join("pk"));
+    setup.nix.run(setup.nix.cmd("nix-store").arg("--generate-binary-cache-key").arg("cache.nixos.org-1").arg(&sk).arg(&pk));
+    setup.nix.run(
+        setup.nix.cmd("nix").args(["store", "sign", "--store", &setup.src, "--key-file"]).arg(&sk).arg(&paths[0]),
+    );
+
+    let out = setup.push(&setup.server.url, &paths, &[]);
+    assert!(out.status.success(), "push failed: {}", stderr(&out));
+    assert!(stderr(&out).contains("1 from upstream"), "{}", stderr(&out));
+    assert!(!setup.server_has(&paths[0]), "a path signed by cache.nixos.org-1 was pushed");
+    assert!(setup.server_has(&paths[1]));
+
+    // With other upstream keys configured, it is an ordinary path.
+    let out = setup.push(&setup.server.url, &paths[..1], &["--ignore-upstream-key", "some-other-cache-1"]);
+    assert!(out.status.success(), "push failed: {}", stderr(&out));
+    assert!(setup.server_has(&paths[0]));
+}

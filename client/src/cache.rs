@@ -35,6 +35,9 @@ const ENTRY_OVERHEAD: u64 = 128;
 /// (or the youngest this many): it spares a write for every read of a chunk that is hot anyway.
 const BUMP_SLACK: u64 = 64;
 
+/// Accesses recorded together in one database write.
+const TOUCH_BATCH: usize = 64;
+
 /// How to open a [`ChunkCache`].
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -81,6 +84,9 @@ pub(crate) struct LocalCache {
     /// Serializes changes to the `l` and `m` spaces, so the byte count and the LRU order stay
     /// exact; reads of frames do not take it.
     write_lock: Mutex<()>,
+    /// Accesses not yet written to the LRU order: recorded in batches, so a warm read costs no
+    /// database write per chunk.
+    pending_touches: Mutex<Vec<ChunkHash>>,
     write_failed: AtomicBool,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -168,6 +174,7 @@ impl LocalCache {
             entries: AtomicU64::new(entries),
             next_seq: AtomicU64::new(next_seq),
             write_lock: Mutex::new(()),
+            pending_touches: Mutex::default(),
             write_failed: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -268,6 +275,8 @@ impl LocalCache {
         if cost > self.quota {
             return Ok(());
         }
+        // Eviction must see every access so far, or it could drop a chunk just read.
+        self.apply_pending_touches();
         let _guard = self.write_lock.lock();
         // Replacing an entry (a repair after corruption, say) first drops the old one.
         self.remove_locked(hash)?;
@@ -283,22 +292,48 @@ impl LocalCache {
         Ok(())
     }
 
-    /// Records an access, moving the entry to the young end of the LRU order.
+    /// Records an access, moving the entry to the young end of the LRU order; accesses are
+    /// written in batches of [`TOUCH_BATCH`].
     fn touch(&self, hash: &ChunkHash) {
-        let _guard = self.write_lock.lock();
-        let Ok(Some(meta)) = self.chunks.get(key(b'm', hash)) else { return };
-        let Some((old_seq, len)) = parse_meta(&meta) else { return };
-        let slack = BUMP_SLACK.min(self.entries.load(Ordering::Relaxed) / 4);
-        if old_seq + slack >= self.next_seq.load(Ordering::Relaxed) {
-            return;
+        let batch = {
+            let mut pending = self.pending_touches.lock();
+            pending.push(*hash);
+            if pending.len() < TOUCH_BATCH {
+                return;
+            }
+            std::mem::take(&mut *pending)
+        };
+        self.apply_touches(batch);
+    }
+
+    fn apply_pending_touches(&self) {
+        let pending = std::mem::take(&mut *self.pending_touches.lock());
+        if !pending.is_empty() {
+            self.apply_touches(pending);
         }
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes recorded accesses to the LRU order in one database batch.
+    fn apply_touches(&self, mut hashes: Vec<ChunkHash>) {
+        // One move per entry: a second would remove an order key the batch has not written.
+        hashes.sort_unstable();
+        hashes.dedup();
+        let _guard = self.write_lock.lock();
+        let slack = BUMP_SLACK.min(self.entries.load(Ordering::Relaxed) / 4);
         let mut batch = sled::Batch::default();
-        batch.remove(&lru_key(old_seq, hash)[..]);
-        batch.insert(&lru_key(seq, hash)[..], &[][..]);
-        batch.insert(&key(b'm', hash)[..], &meta_value(seq, len)[..]);
+        for hash in &hashes {
+            let Ok(Some(meta)) = self.chunks.get(key(b'm', hash)) else { continue };
+            let Some((old_seq, len)) = parse_meta(&meta) else { continue };
+            if old_seq + slack >= self.next_seq.load(Ordering::Relaxed) {
+                continue;
+            }
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            batch.remove(&lru_key(old_seq, hash)[..]);
+            batch.insert(&lru_key(seq, hash)[..], &[][..]);
+            batch.insert(&key(b'm', hash)[..], &meta_value(seq, len)[..]);
+        }
         if let Err(err) = self.chunks.apply_batch(batch) {
-            tracing::debug!(chunk = %hash, "recording a cache access failed: {err}");
+            tracing::debug!(chunks = hashes.len(), "recording cache accesses failed: {err}");
         }
     }
 
@@ -426,6 +461,7 @@ impl LocalCache {
 
     /// Writes everything to disk; sled also does this on its own every half second.
     pub fn flush(&self) -> Result<()> {
+        self.apply_pending_touches();
         self.db.flush().map(|_| ()).map_err(storage_error)
     }
 }

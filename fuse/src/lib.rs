@@ -75,6 +75,9 @@ pub fn mount(config: MountConfig) -> Result<()> {
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads.max(2))
+        // Local cache reads run on the blocking pool; a few threads keep the cores busy, and
+        // every extra thread costs memory (its stack and allocator arena).
+        .max_blocking_threads(8)
         .thread_name("flywheel-fetch")
         .enable_all()
         .build()

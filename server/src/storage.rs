@@ -223,12 +223,18 @@ impl Storage {
         self.get_json(&Self::manifest_key(nar_hash), "manifest").await
     }
 
-    /// Whether a NAR's manifest is stored.
-    pub async fn has_manifest(&self, nar_hash: &Sha256Hash) -> Result<bool> {
-        match self.store.head(&Self::manifest_key(nar_hash)).await {
+    /// The manifest a published path needs; its absence is damage, not a miss.
+    pub async fn manifest_of(&self, path: &PathRecord) -> Result<Manifest> {
+        self.get_manifest(&path.nar_hash)
+            .await?
+            .ok_or_else(|| Error::corrupt(format!("manifest of {} is missing", path.store_path)))
+    }
+
+    async fn exists(&self, key: &Path, what: &str) -> Result<bool> {
+        match self.store.head(key).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(err) => Err(storage_error(err, "manifest")),
+            Err(err) => Err(storage_error(err, what)),
         }
     }
 
@@ -297,11 +303,7 @@ impl Storage {
 
     /// Whether a path is published.
     pub async fn has_path(&self, cache: &str, hash_part: &str) -> Result<bool> {
-        match self.store.head(&Self::path_key(cache, hash_part)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(err) => Err(storage_error(err, "path record")),
-        }
+        self.exists(&Self::path_key(cache, hash_part), "path record").await
     }
 
     /// Takes a path out of a cache.
@@ -373,11 +375,7 @@ impl Storage {
 
     /// Whether a NAR arrived through a Nix PUT to this cache.
     pub async fn has_pending(&self, cache: &str, nar_hash: &Sha256Hash) -> Result<bool> {
-        match self.store.head(&Self::pending_key(cache, nar_hash)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(err) => Err(storage_error(err, "pending upload")),
-        }
+        self.exists(&Self::pending_key(cache, nar_hash), "pending upload").await
     }
 
     /// Forgets a pending NAR once its path is published.

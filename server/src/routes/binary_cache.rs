@@ -35,7 +35,7 @@ pub async fn put_cache_info(State(state): State<AppState>, caller: Caller, Path(
 }
 
 /// The record of a path, or 404.
-async fn path_record(state: &AppState, cache: &str, hash_part: &str) -> Result<PathRecord> {
+pub(super) async fn path_record(state: &AppState, cache: &str, hash_part: &str) -> Result<PathRecord> {
     parse_hash_part(hash_part)?;
     state
         .storage
@@ -83,11 +83,7 @@ pub async fn get_file(
     }
     if let Some(hash_part) = file.strip_suffix(".ls") {
         let path = path_record(&state, &cache, hash_part).await?;
-        let manifest = state
-            .storage
-            .get_manifest(&path.nar_hash)
-            .await?
-            .ok_or_else(|| Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
+        let manifest = state.storage.manifest_of(&path).await?;
         let listing = serde_json::json!({ "version": 1, "root": manifest.root });
         return Ok(([(header::CONTENT_TYPE, "application/json")], listing.to_string()).into_response());
     }
@@ -198,11 +194,7 @@ pub async fn get_nar(
         return Err(Error::not_found(format!("no such NAR {file:?}")).into());
     }
     let path = path_record(&state, &cache, hash_part).await?;
-    let manifest = state
-        .storage
-        .get_manifest(&path.nar_hash)
-        .await?
-        .ok_or_else(|| Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
+    let manifest = state.storage.manifest_of(&path).await?;
     state.record_access(&cache, hash_part).await;
     state.verified.check(&state.storage, &manifest.nar_hash, &manifest.chunks, state.config.chunk_parallelism).await?;
     let mut chunks = Box::pin(verified_chunks(

@@ -13,7 +13,7 @@ use flywheel_core::Error;
 use futures::TryStreamExt;
 use tracing::instrument;
 
-use super::binary_cache::render_narinfo;
+use super::binary_cache::{path_record, render_narinfo};
 use super::publish::PathMetadata;
 use super::{authorize, ApiJson, Caller};
 use crate::error::ApiError;
@@ -41,17 +41,8 @@ pub async fn manifest(
     Path((cache, hash)): Path<(String, String)>,
 ) -> ApiResult<Json<PathManifest>> {
     let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
-    flywheel_core::nix::store_path::parse_hash_part(&hash)?;
-    let path = state
-        .storage
-        .get_path(&cache, &hash)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("{hash} is not in cache {cache:?}")))?;
-    let manifest = state
-        .storage
-        .get_manifest(&path.nar_hash)
-        .await?
-        .ok_or_else(|| Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
+    let path = path_record(&state, &cache, &hash).await?;
+    let manifest = state.storage.manifest_of(&path).await?;
     state.record_access(&cache, &hash).await;
     // The signatures are those of the narinfo, including the cache's own.
     let narinfo = flywheel_core::nix::NarInfo::parse(&render_narinfo(&path, &record)?, &record.store_dir)?;
