@@ -256,16 +256,8 @@ impl Storage {
     /// Removes a cache: its settings first, so it disappears at once, then its paths.
     pub async fn delete_cache(&self, cache: &str) -> Result<()> {
         self.delete(&Self::cache_key(cache), "cache config").await?;
-        let prefix = Path::from(format!("caches/{cache}"));
-        let keys: Vec<Path> = self
-            .store
-            .list(Some(&prefix))
-            .map_ok(|meta| meta.location)
-            .try_collect()
-            .await
-            .map_err(|e| storage_error(e, "cache listing"))?;
-        for key in keys {
-            self.delete(&key, "cache entry").await?;
+        for meta in self.list_objects(&format!("caches/{cache}")).await? {
+            self.delete(&meta.location, "cache entry").await?;
         }
         Ok(())
     }
@@ -282,17 +274,10 @@ impl Storage {
 
     /// The hash parts of all paths published in `cache`.
     pub async fn list_paths(&self, cache: &str) -> Result<Vec<String>> {
-        let prefix = Path::from(format!("caches/{cache}/paths"));
-        let keys: Vec<Path> = self
-            .store
-            .list(Some(&prefix))
-            .map_ok(|meta| meta.location)
-            .try_collect()
-            .await
-            .map_err(|e| storage_error(e, "path listing"))?;
-        Ok(keys
+        let objects = self.list_objects(&format!("caches/{cache}/paths")).await?;
+        Ok(objects
             .iter()
-            .filter_map(|key| key.filename()?.strip_suffix(".json").map(str::to_string))
+            .filter_map(|meta| meta.location.filename()?.strip_suffix(".json").map(str::to_string))
             .collect())
     }
 
