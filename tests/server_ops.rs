@@ -345,3 +345,142 @@ fn push_during_gc_local() {
 fn push_during_gc_s3() {
     push_during_gc(Backend::S3);
 }
+
+#[test]
+fn two_replicas_over_one_bucket() {
+    let nix = Nix::new();
+    let a = Server::start_with(Backend::S3, "[gc]\ninterval = 0\n");
+    let b = a.replica();
+    let key = a.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("replicas"), &["big", "bigNext", "withRefs"]);
+    let token = a.mint(&["--push", "ci", "--pull", "ci"]);
+    let (netrc_a, netrc_b) = (a.netrc(&token), b.netrc(&token));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // GC on one replica, again and again, while both take overlapping pushes.
+    let collector = {
+        let stop = stop.clone();
+        let config = a.config.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new(common::FLYWHEEL).args(["gc", "--config"]).arg(&config).output().unwrap();
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            }
+        })
+    };
+    let (url_a, url_b) = (format!("{}/ci", a.url), format!("{}/ci", b.url));
+    // `flywheel push` on both sides: Nix 2.8's `nix copy` fails with "coroutine has finished"
+    // when a path it is about to upload becomes valid meanwhile, which overlapping pushes cause.
+    let token_file = a.dir.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    let push = |server: &Server, paths: Vec<String>| {
+        let mut cmd = nix.cmd(common::FLYWHEEL);
+        cmd.args(["push", "--server", &server.url, "--cache", "ci", "--token-file"])
+            .arg(&token_file)
+            .args(["--store", &format!("local?root={src}")])
+            .args(paths);
+        cmd.output().unwrap()
+    };
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| push(&a, vec![paths[0].clone(), paths[2].clone()]));
+        let second = scope.spawn(|| push(&b, vec![paths[1].clone(), paths[2].clone()]));
+        for out in [first.join().unwrap(), second.join().unwrap()] {
+            assert!(
+                out.status.success(),
+                "{}\nreplica a: {}\nreplica b: {}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(a.log_path()).unwrap_or_default(),
+                std::fs::read_to_string(b.log_path()).unwrap_or_default()
+            );
+        }
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    collector.join().unwrap();
+    // Every committed path substitutes through either replica.
+    for (name, url, netrc) in [("a", &url_a, &netrc_a), ("b", &url_b, &netrc_b)] {
+        let dst = nix.store(&format!("dst-{name}"));
+        let out = nix.copy_from(&dst, url, netrc, &key, &paths);
+        assert!(out.status.success(), "through replica {name}: {}", String::from_utf8_lossy(&out.stderr));
+        for path in &paths {
+            assert!(nix.verify(&dst, path), "{path} through replica {name}");
+        }
+    }
+}
+
+/// A request body that trickles out, so that a kill lands in the middle of an upload.
+struct Trickle {
+    data: std::io::Cursor<Vec<u8>>,
+}
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let n = buf.len().min(32 * 1024);
+        self.data.read(&mut buf[..n])
+    }
+}
+
+#[test]
+fn kill_9_during_uploads_never_shows_a_partial_path() {
+    use rand::Rng;
+    use sha2::Digest;
+    let nix = Nix::new();
+    let mut server = Server::start_with(Backend::Local, "[gc]\ninterval = 0\ngrace-period = 0\n");
+    let key = server.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("kill9"), &["big"]);
+    let info = upload_info_of(&nix, &src, &paths[0]);
+    let nar = nix.dump(&src, &paths[0]);
+    let nar_hash = info["nar_hash"].as_str().unwrap().to_string();
+    let token = server.admin_token();
+    let mut rng = rand::thread_rng();
+    let client = Client::builder().timeout(std::time::Duration::from_secs(30)).build().unwrap();
+    for round in 0..10 {
+        let url = format!("{}/_api/v1/upload-path", server.url);
+        let body = reqwest::blocking::Body::new(Trickle { data: std::io::Cursor::new(nar.clone()) });
+        let request = client.put(url).bearer_auth(&token).header("X-Attic-Nar-Info", info.to_string()).body(body);
+        let upload = std::thread::spawn(move || request.send().map(|r| r.status()));
+        std::thread::sleep(std::time::Duration::from_millis(rng.gen_range(0..900)));
+        server.restart(); // SIGKILL, then a new process on the same address
+        let _ = upload.join();
+        // Never a partial path: missing, or complete and correct.
+        let narinfo = client.get(format!("{}/ci/{}.narinfo", server.url, hash_part(&paths[0]))).bearer_auth(&token).send().unwrap();
+        match narinfo.status() {
+            StatusCode::NOT_FOUND => {}
+            StatusCode::OK => {
+                let body = client.get(format!("{}/ci/nar/{}.nar", server.url, hash_part(&paths[0]))).bearer_auth(&token).send().unwrap();
+                assert_eq!(body.status(), StatusCode::OK, "round {round}");
+                let bytes = body.bytes().unwrap();
+                let hex: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+                assert!(nar_hash.ends_with(&hex) || nix_hash_matches(&nix, &hex, &nar_hash), "round {round}: a published path serves other bytes");
+                // Take it out again so the next round uploads anew.
+                assert_eq!(client.delete(format!("{}/ci/{}.narinfo", server.url, hash_part(&paths[0]))).bearer_auth(&token).send().unwrap().status(), StatusCode::OK);
+            }
+            other => panic!("round {round}: narinfo answered {other}"),
+        }
+    }
+    // A re-push succeeds and substitutes; GC then leaves exactly the chunks the path needs.
+    let resp = client.put(format!("{}/_api/v1/upload-path", server.url)).bearer_auth(&token).header("X-Attic-Nar-Info", info.to_string()).body(nar).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{}", resp.text().unwrap());
+    let pull = server.netrc(&server.mint(&["--pull", "ci"]));
+    let out = nix.copy_from(&nix.store("dst"), &format!("{}/ci", server.url), &pull, &key, &paths);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run_gc(&server, &[]);
+    assert_eq!(stored_chunks(&server), chunk_files(&server, &token, "ci", &paths[0]));
+}
+
+/// Whether `hex` (base16 SHA-256) is the digest Nix writes as `nix_hash` (any encoding).
+fn nix_hash_matches(nix: &Nix, hex: &str, nix_hash: &str) -> bool {
+    let out = nix.run(nix.cmd("nix").args(["hash", "to-base32", "--type", "sha256", hex]));
+    nix_hash.trim_start_matches("sha256:") == out.trim()
+}
+
+fn upload_info_of(nix: &Nix, store: &str, path: &str) -> serde_json::Value {
+    let info = nix.path_info(store, path);
+    serde_json::json!({
+        "cache": "ci", "store_path_hash": hash_part(path), "store_path": path,
+        "references": info.references.iter().map(|r| r.trim_start_matches("/nix/store/")).collect::<Vec<_>>(),
+        "system": null, "deriver": info.deriver.as_deref().map(|d| d.trim_start_matches("/nix/store/")),
+        "sigs": [], "ca": null, "nar_hash": info.nar_hash, "nar_size": info.nar_size,
+    })
+}

@@ -5,7 +5,8 @@
 //! - `manifests/{narhash}.json`: the manifest of a NAR, named by its nixbase32 SHA-256;
 //! - `caches/{cache}/config.json`: a cache's settings and signing key;
 //! - `caches/{cache}/paths/{hash}.json`: a published store path;
-//! - `caches/{cache}/pending/{narhash}`: a NAR received through a Nix PUT, awaiting its narinfo.
+//! - `caches/{cache}/pending/{narhash}`: a NAR received through a Nix PUT, which its narinfo may
+//!   publish until garbage collection finds the marker older than the grace period.
 //!
 //! Writes go chunks, then manifest, then path record, so a reader that finds a path record
 //! finds everything it needs.
@@ -361,10 +362,5 @@ impl Storage {
     /// Whether a NAR arrived through a Nix PUT to this cache.
     pub async fn has_pending(&self, cache: &str, nar_hash: &Sha256Hash) -> Result<bool> {
         self.exists(&Self::pending_key(cache, nar_hash), "pending upload").await
-    }
-
-    /// Forgets a pending NAR once its path is published.
-    pub async fn delete_pending(&self, cache: &str, nar_hash: &Sha256Hash) -> Result<()> {
-        self.delete(&Self::pending_key(cache, nar_hash), "pending upload").await
     }
 }

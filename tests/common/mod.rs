@@ -290,6 +290,24 @@ impl Server {
         self.child = None;
     }
 
+    /// A second server process over the same storage and token secret: a replica.
+    pub fn replica(&self) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("server.toml");
+        std::fs::copy(&self.config, &config).unwrap();
+        let mut replica = Server {
+            child: None,
+            _s3: None,
+            url: String::new(),
+            config,
+            objects: self.objects.clone(),
+            backend: self.backend,
+            dir,
+        };
+        replica.launch("127.0.0.1:0");
+        replica
+    }
+
     /// Starts it again on the same address.
     pub fn restart(&mut self) {
         self.stop();

@@ -148,7 +148,8 @@ pub async fn put_file(
     }
     .into_record()?;
     state.storage.put_path(&cache, &path).await?;
-    state.storage.delete_pending(&cache, &info.nar_hash).await?;
+    // The staging marker stays until garbage collection finds it older than the grace
+    // period: another client (or replica) may be publishing the same NAR at this moment.
     tracing::info!(store_path = %path.store_path, "published through narinfo PUT");
     Ok(StatusCode::OK)
 }
