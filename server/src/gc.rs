@@ -144,8 +144,9 @@ fn manifest_nar_hash(key: &object_store::path::Path) -> Option<Sha256Hash> {
     Sha256Hash::parse(&format!("sha256:{name}")).ok()
 }
 
-/// Collects every `interval` until the process ends.
-pub async fn periodic(storage: Storage, config: GcConfig) {
+/// Collects every `interval` until the process ends; `local_root` is the storage directory of
+/// local storage, whose crash leftovers are swept too.
+pub async fn periodic(storage: Storage, config: GcConfig, local_root: Option<std::path::PathBuf>) {
     if config.interval == 0 {
         return;
     }
@@ -156,5 +157,45 @@ pub async fn periodic(storage: Storage, config: GcConfig) {
         if let Err(err) = collect(&storage, &config, false).await {
             tracing::warn!(error = %err, "garbage collection failed; it runs again later");
         }
+        if let Some(root) = &local_root {
+            let grace = Duration::from_secs(config.grace_period);
+            if let Err(err) = sweep_local_staging(root, grace, false) {
+                tracing::warn!(error = %err, "sweeping staging files failed; it runs again later");
+            }
+        }
     }
+}
+
+/// Deletes the staging files that a crash (a `kill -9` in the middle of a write) leaves in a
+/// local storage directory: `object_store` writes each object to `{key}#{n}` and renames it,
+/// and listings never show those names, so the mark and sweep above cannot see them. Returns
+/// the files and bytes freed (or that would be, in a dry run).
+pub fn sweep_local_staging(root: &std::path::Path, grace: Duration, dry_run: bool) -> Result<(usize, u64)> {
+    let mut freed = (0usize, 0u64);
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err.into()),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+                continue;
+            }
+            let staging = entry.file_name().to_str().is_some_and(|name| name.contains('#'));
+            let old = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > grace);
+            if staging && old {
+                freed.0 += 1;
+                freed.1 += meta.len();
+                if !dry_run {
+                    std::fs::remove_file(entry.path())?;
+                }
+            }
+        }
+    }
+    Ok(freed)
 }

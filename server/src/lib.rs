@@ -35,7 +35,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = AppState::new(config)?;
-    tokio::spawn(gc::periodic(state.storage.clone(), state.config.gc.clone()));
+    let local_root = match &state.config.storage {
+        config::StorageConfig::Local { path } => Some(path.clone()),
+        config::StorageConfig::S3 { .. } => None,
+    };
+    tokio::spawn(gc::periodic(state.storage.clone(), state.config.gc.clone(), local_root));
     let app = routes::router(state);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())
