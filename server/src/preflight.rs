@@ -88,10 +88,4 @@ impl VerifiedChunks {
         self.seen.lock().put(chunk_ref.hash, version);
         Ok(())
     }
-
-    /// Forgets everything, so that the next check reads every chunk.
-    pub fn clear(&self) {
-        self.seen.lock().clear();
-        self.nars.lock().clear();
-    }
 }

@@ -172,7 +172,8 @@ pub enum Backend {
     S3,
 }
 
-struct KillOnDrop(Child);
+/// A child process that is killed when dropped.
+pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

@@ -10,11 +10,11 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub use common::{hash_part, Backend, Nix, Server, FLYWHEEL};
+pub use common::{hash_part, Backend, KillOnDrop, Nix, Server, FLYWHEEL};
 use flywheel_core::chunk::{ChunkHash, ChunkParams, Chunker};
 
 /// A server with one private cache and a pull+push token, and a Nix with a build store.
@@ -115,15 +115,6 @@ impl StaticCache {
         let listed = format!("{url}?priority=50");
         nix.run(nix.cmd("nix").args(["copy", "--store", src, "--to"]).arg(format!("{url}?compression=zstd&secret-key={}", sk.display())).args(paths));
         StaticCache { url: listed, public_key: std::fs::read_to_string(&pk).unwrap().trim().to_string(), _dir: dir }
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
