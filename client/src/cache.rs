@@ -221,37 +221,58 @@ impl LocalCache {
     /// The verified contents of a chunk, or `None` when it is not cached. An entry that fails
     /// verification is removed and reported as `None`, so the caller fetches it again.
     pub fn get(&self, chunk: &ChunkRef) -> Option<Vec<u8>> {
-        let frame = match std::fs::read(self.frame_path(&chunk.hash)) {
-            Ok(frame) => frame,
-            Err(err) => {
-                if err.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(chunk = %chunk.hash, "reading the chunk cache failed: {err}");
-                }
-                if self.contains(&chunk.hash) {
-                    // Indexed but unreadable: drop the entry so it is fetched and written again.
-                    let _guard = self.write_lock.lock();
-                    let _ = self.remove_locked(&chunk.hash);
-                }
+        // Lock-free first: the common case is a hit or a plain miss.
+        match self.read_verified(chunk) {
+            Ok(Some(data)) => return Some(self.hit(chunk, data)),
+            Ok(None) if !self.contains(&chunk.hash) => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
-        };
-        match decompress_verified(&frame, &chunk.hash, chunk.size as usize) {
-            Ok(data) => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                self.touch(&chunk.hash);
-                Some(data)
+            _ => {}
+        }
+        // A miss or a bad entry. Look again under the write lock before dropping anything: an
+        // insert of this very chunk may have landed between the read and now (the mount's
+        // readahead and a read race like that), and dropping its fresh entry would lose it.
+        let _guard = self.write_lock.lock();
+        match self.read_verified(chunk) {
+            Ok(Some(data)) => {
+                drop(_guard);
+                Some(self.hit(chunk, data))
+            }
+            Ok(None) => {
+                if self.contains(&chunk.hash) {
+                    // Indexed but its frame is gone: drop the entry so it is fetched again.
+                    let _ = self.remove_locked(&chunk.hash);
+                }
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
             }
             Err(err) => {
-                tracing::warn!(chunk = %chunk.hash, "dropping a corrupted cache entry: {err}");
+                tracing::warn!(chunk = %chunk.hash, "dropping a bad cache entry: {err}");
                 self.corrupt.fetch_add(1, Ordering::Relaxed);
-                let _guard = self.write_lock.lock();
                 if let Err(err) = self.remove_locked(&chunk.hash) {
-                    tracing::warn!(chunk = %chunk.hash, "removing a corrupted cache entry failed: {err}");
+                    tracing::warn!(chunk = %chunk.hash, "removing a bad cache entry failed: {err}");
                 }
                 None
             }
         }
+    }
+
+    fn hit(&self, chunk: &ChunkRef, data: Vec<u8>) -> Vec<u8> {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.touch(&chunk.hash);
+        data
+    }
+
+    /// The verified contents of a chunk's frame file: `Ok(None)` when there is no file, an
+    /// error when it cannot be read or fails verification.
+    fn read_verified(&self, chunk: &ChunkRef) -> Result<Option<Vec<u8>>> {
+        let frame = match std::fs::read(self.frame_path(&chunk.hash)) {
+            Ok(frame) => frame,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(Error::unavailable(format!("reading chunk {}: {err}", chunk.hash))),
+        };
+        decompress_verified(&frame, &chunk.hash, chunk.size as usize).map(Some)
     }
 
     /// Stores a chunk's zstd frame, evicting the least recently used entries to make room.
@@ -526,6 +547,38 @@ mod tests {
         let cache = LocalCache::open(&config).unwrap();
         assert_eq!(cache.used_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
         assert!(cache.get(&c).is_some());
+    }
+
+    #[test]
+    fn a_read_racing_an_insert_of_the_same_chunk_never_drops_it() {
+        // The mount's readahead inserts a chunk while a read looks it up: the read may see no
+        // frame file and then the fresh index entry, and must not take that for a broken entry.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = std::sync::Arc::new(LocalCache::open(&CacheConfig::new(dir.path(), 100 << 20)).unwrap());
+        let chunks: Vec<(ChunkRef, Vec<u8>)> = (0..1000).map(|i| chunk(i, 20_000)).collect();
+        let inserted = AtomicU64::new(0);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                let (cache, chunks, inserted, done) = (&cache, &chunks, &inserted, &done);
+                scope.spawn(move || {
+                    // Look up the chunk being inserted right now, over and over.
+                    while !done.load(Ordering::Relaxed) {
+                        let next = inserted.load(Ordering::Relaxed) as usize;
+                        if let Some((c, _)) = chunks.get(next) {
+                            let _ = cache.get(c);
+                        }
+                    }
+                });
+            }
+            for (c, frame) in &chunks {
+                cache.insert(&c.hash, frame);
+                inserted.fetch_add(1, Ordering::Relaxed);
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        let lost = chunks.iter().filter(|(c, _)| !cache.contains(&c.hash)).count();
+        assert_eq!(lost, 0, "entries dropped by reads racing their inserts");
     }
 
     #[test]
