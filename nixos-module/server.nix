@@ -29,8 +29,10 @@ let
     toTOML {
       inherit (s) listen zstd-level chunk-parallelism api-endpoint;
       chunking = { inherit (s.chunking) min-size avg-size max-size; };
-    }
-    + "\n[storage]\n"
+      gc = { inherit (s.gc) default-retention-period interval grace-period access-record-interval; };
+    };
+  storageToml =
+    "\n[storage]\n"
     + toTOML (if isS3 then {
         type = "s3";
         inherit (st) bucket region endpoint access-key-id path-style allow-http;
@@ -39,6 +41,16 @@ let
         inherit (st) path;
       });
   settingsFile = pkgs.writeText "flywheel-server.toml" settingsToml;
+  storageFile = pkgs.writeText "flywheel-server-storage.toml" storageToml;
+  # Each declared cache's table; the start script writes its header and the key file's path
+  # (a credential) before it.
+  cacheFile = name: c: pkgs.writeText "flywheel-cache-${name}.toml" (toTOML {
+    inherit (c) public priority;
+    upstream-cache-key-names = c.upstreamCacheKeyNames;
+    retention-period = c.retentionPeriod;
+  });
+  validCacheName = name: builtins.match "[A-Za-z0-9][A-Za-z0-9_+-]{0,49}" name != null;
+  badCacheNames = builtins.filter (n: !validCacheName n) (builtins.attrNames cfg.caches);
   s3SecretFile = isS3 && st.secret-access-key-file != null;
 
   # Runs as the service user: $CREDENTIALS_DIRECTORY and $RUNTIME_DIRECTORY come from systemd.
@@ -58,6 +70,11 @@ let
     {
       printf 'token-hs256-secret-base64 = "%s"\n' "$secret"
       ${pkgs.coreutils}/bin/cat ${settingsFile}
+      ${lib.concatStrings (lib.mapAttrsToList (name: c: ''
+        printf '\n[caches.%s]\nsigning-key-file = "%s/signing-key-%s"\n' '${name}' "$CREDENTIALS_DIRECTORY" '${name}'
+        ${pkgs.coreutils}/bin/cat ${cacheFile name c}
+      '') cfg.caches)}
+      ${pkgs.coreutils}/bin/cat ${storageFile}
       ${lib.optionalString s3SecretFile ''printf 'secret-access-key-file = "%s/s3-secret-access-key"\n' "$CREDENTIALS_DIRECTORY"''}
     } > "$config.tmp"
     ${pkgs.coreutils}/bin/mv -f "$config.tmp" "$config"
@@ -93,6 +110,53 @@ in
       '';
     };
 
+    caches = mkOption {
+      default = { };
+      example = literalExpression ''
+        { main = { signingKeyFile = "/run/secrets/flywheel-main.key"; }; }
+      '';
+      description = ''
+        Caches declared by the configuration, by name. The server creates each on start and
+        brings an existing one in line with these options (signing key, visibility, priority,
+        retention, upstream keys); caches made through the API are left alone.
+      '';
+      type = types.attrsOf (types.submodule {
+        options = {
+          signingKeyFile = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "/run/secrets/flywheel-main.key";
+            description = ''
+              Required. A file holding the cache's secret signing key in Nix's format (made by
+              `nix key generate-secret --key-name main-1`). Read at service start through
+              systemd's `LoadCredential`; never copied into the Nix store. Clients trust its
+              public key (`nix key convert-secret-to-public`).
+            '';
+          };
+          public = mkOption {
+            type = types.bool;
+            default = false;
+            description = "Whether anyone may pull from the cache without a token.";
+          };
+          priority = mkOption {
+            type = types.int;
+            default = 41;
+            description = "Priority announced in `nix-cache-info`; lower is preferred by Nix.";
+          };
+          retentionPeriod = mkOption {
+            type = types.nullOr types.ints.unsigned;
+            default = null;
+            description = "Seconds a path is kept after its last access; null: `settings.gc.default-retention-period`.";
+          };
+          upstreamCacheKeyNames = mkOption {
+            type = types.listOf types.str;
+            default = [ "cache.nixos.org-1" ];
+            description = "Key names of upstream caches, whose paths clients do not push.";
+          };
+        };
+      });
+    };
+
     openFirewall = mkOption {
       type = types.bool;
       default = false;
@@ -124,6 +188,28 @@ in
         min-size = mkOption { type = types.ints.positive; default = 16384; description = "FastCDC minimum chunk size in bytes (`chunking.min-size`, Attic's default)."; };
         avg-size = mkOption { type = types.ints.positive; default = 65536; description = "FastCDC average chunk size in bytes (`chunking.avg-size`, Attic's default)."; };
         max-size = mkOption { type = types.ints.positive; default = 262144; description = "FastCDC maximum chunk size in bytes (`chunking.max-size`, Attic's default)."; };
+      };
+      gc = {
+        default-retention-period = mkOption {
+          type = types.ints.unsigned;
+          default = 0;
+          description = "Seconds a path is kept after its last access, for caches without their own period; 0 keeps paths forever (`gc.default-retention-period`).";
+        };
+        interval = mkOption {
+          type = types.ints.unsigned;
+          default = 43200;
+          description = "Seconds between garbage collections in the server; 0 runs none (`gc.interval`).";
+        };
+        grace-period = mkOption {
+          type = types.ints.unsigned;
+          default = 21600;
+          description = "Unreferenced chunks and manifests younger than this many seconds are kept, so uploads in flight lose nothing (`gc.grace-period`).";
+        };
+        access-record-interval = mkOption {
+          type = types.ints.positive;
+          default = 3600;
+          description = "Seconds between two access records of one path (`gc.access-record-interval`).";
+        };
       };
       storage = {
         type = mkOption {
@@ -179,6 +265,18 @@ in
         message = "services.flywheel.server: secret files (tokenSecretFile, settings.storage.secret-access-key-file, environmentFile) must not be in the Nix store, which every user can read; give their paths as strings.";
       }
       {
+        assertion = builtins.all (c: c.signingKeyFile != null) (builtins.attrValues cfg.caches);
+        message = "services.flywheel.server.caches.<name>.signingKeyFile must be set for every declared cache (make a key with `nix key generate-secret --key-name NAME-1`).";
+      }
+      {
+        assertion = builtins.all (c: !inStore c.signingKeyFile) (builtins.attrValues cfg.caches);
+        message = "services.flywheel.server.caches.<name>.signingKeyFile must not be in the Nix store, which every user can read; give its path as a string.";
+      }
+      {
+        assertion = badCacheNames == [ ];
+        message = "services.flywheel.server.caches: invalid cache names ${builtins.toJSON badCacheNames}: use 1 to 50 letters, digits, '-', '_' or '+', starting with a letter or digit.";
+      }
+      {
         assertion = listenMatch != null;
         message = "services.flywheel.server.settings.listen must be IP:PORT (e.g. 127.0.0.1:8080 or [::]:8080), not \"${s.listen}\".";
       }
@@ -232,7 +330,8 @@ in
         RuntimeDirectory = unit;
         RuntimeDirectoryMode = "0700";
         LoadCredential = [ "token-hs256-secret-base64:${toString cfg.tokenSecretFile}" ]
-          ++ optional s3SecretFile "s3-secret-access-key:${toString st.secret-access-key-file}";
+          ++ optional s3SecretFile "s3-secret-access-key:${toString st.secret-access-key-file}"
+          ++ lib.mapAttrsToList (name: c: "signing-key-${name}:${c.signingKeyFile}") cfg.caches;
         ReadWritePaths = optional localOutside st.path;
         UMask = "0077";
 

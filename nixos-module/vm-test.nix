@@ -6,15 +6,9 @@ let
   # Test-only signing key of the cache (made by `nix-store --generate-binary-cache-key main-1`).
   secretKey = "main-1:XPnNEZkyE7SKoMyRx4CR1pW/jntMo3HFC1BQ5zgYC2ay7imi/vKhzmVXSmZy9WvpmHCgTZJdh6350Slyj5o9Bg==";
   publicKey = "main-1:su4pov7yoc5lV0pmcvVr6ZhwoE2SXYet+dEpco+aPQY=";
-  # Test-only token secret. Real deployments keep it out of the store (e.g. agenix, sops-nix).
+  # Test-only token secret. Real deployments keep secrets out of the store (e.g. agenix, sops-nix).
   tokenSecret = pkgs.writeText "token-secret" "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0";
-  createCache = builtins.toJSON {
-    keypair.Keypair = secretKey;
-    is_public = false;
-    store_dir = "/nix/store";
-    priority = 41;
-    upstream_cache_key_names = [ ];
-  };
+  signingKey = pkgs.writeText "main.key" secretKey;
 in
 pkgs.testers.runNixOSTest {
   name = "flywheel";
@@ -26,9 +20,11 @@ pkgs.testers.runNixOSTest {
       tokenSecretFile = "/etc/flywheel/token-secret";
       openFirewall = true;
       settings.listen = "0.0.0.0:8080";
+      # Declared with its key file: created on start, signing with this key.
+      caches.main.signingKeyFile = "/etc/flywheel/main.key";
     };
     environment.etc."flywheel/token-secret".source = tokenSecret;
-    environment.etc."flywheel/create-cache.json".text = createCache;
+    environment.etc."flywheel/main.key".source = signingKey;
     environment.systemPackages = [ pkgs.curl ];
     nix.settings.experimental-features = [ "nix-command" ];
   };
@@ -55,12 +51,12 @@ pkgs.testers.runNixOSTest {
 
     token = cache.succeed(
         "flywheel token mint --config /run/flywheel-server/server.toml --sub vm-test --validity 1d"
-        " --pull main --push main --create-cache main"
+        " --pull main --push main"
     ).strip()
-    cache.succeed(
-        f"curl -sf -X POST -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json'"
-        " --data @/etc/flywheel/create-cache.json http://127.0.0.1:8080/_api/v1/cache-config/main"
+    info = cache.succeed(
+        f"curl -sf -H 'Authorization: Bearer {token}' http://127.0.0.1:8080/_api/v1/cache-config/main"
     )
+    assert "${publicKey}" in info, info
 
     # A path that exists only on the cache VM, pushed the way Nix pushes.
     path = cache.succeed(

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flywheel_server::auth::Permissions;
 use flywheel_server::{bootstrap, ServerConfig};
-use runner::{FlushArgs, HookArgs, PushArgs, PushDaemonArgs, SubstituteArgs};
+use runner::{FlushArgs, HookArgs, PushArgs, PushDaemonArgs, StatusArgs, SubstituteArgs};
 
 mod ops;
 mod runner;
@@ -41,6 +41,8 @@ enum Command {
     Hook(HookArgs),
     /// Wait until the push daemon has pushed everything queued.
     Flush(FlushArgs),
+    /// Show the runner's state: chunk cache size and hit rate, mount, substituter, push daemon.
+    Status(StatusArgs),
     /// Check every stored chunk; take paths with missing or corrupt chunks out of service.
     Fsck(ops::FsckArgs),
     /// Expire paths past their retention and delete unreferenced manifests and chunks.
@@ -122,6 +124,7 @@ fn main() -> anyhow::Result<()> {
         Command::PushDaemon(args) => runner::push_daemon(args),
         Command::Hook(args) => runner::hook(args),
         Command::Flush(args) => runner::flush(args),
+        Command::Status(args) => runner::status(args),
         Command::Fsck(args) => ops::fsck(args),
         Command::Gc(args) => ops::gc(args),
     }
@@ -148,6 +151,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             println!("Created cache '{}' with public key {}", bootstrap::DEFAULT_CACHE, created.public_key);
             println!("Admin token (shown once, keep it safe):\n{}", created.admin_token);
         }
+        let storage = flywheel_server::storage::Storage::new(config.open_store().context("opening storage")?);
+        bootstrap::apply_declared_caches(&config, &storage).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
@@ -262,6 +267,9 @@ struct MountArgs {
     /// Seconds to wait for the server before a read fails with EIO.
     #[arg(long, default_value_t = 10)]
     offline_timeout: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9101.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Where to mount.
     mountpoint: PathBuf,
     /// Check the arguments (and read the token file), then exit without mounting.
@@ -286,6 +294,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     config.cache_dir = args.cache_dir;
     config.cache_size = args.cache_size;
     config.offline_timeout = std::time::Duration::from_secs(args.offline_timeout.max(1));
+    config.metrics_listen = args.metrics_listen;
     flywheel_fuse::mount(config)?;
     Ok(())
 }

@@ -132,6 +132,9 @@ pub struct PushDaemonArgs {
     /// Milliseconds to wait for more built paths before pushing a batch.
     #[arg(long, default_value_t = 200)]
     batch_delay_ms: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9102.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Check the arguments (and read the token file), then exit.
     #[arg(long)]
     check_config: bool,
@@ -150,6 +153,7 @@ pub fn push_daemon(args: PushDaemonArgs) -> anyhow::Result<()> {
     let config = daemon::DaemonConfig {
         socket: args.socket,
         batch_delay: Duration::from_millis(args.batch_delay_ms),
+        metrics_listen: args.metrics_listen,
         ..daemon::DaemonConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -192,5 +196,96 @@ pub fn flush(args: FlushArgs) -> anyhow::Result<()> {
     if let Some(error) = report.error {
         anyhow::bail!("{} pushes failed since the last flush; the first: {error}", report.failed);
     }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Directory of the local chunk cache.
+    #[arg(long, default_value = "/var/cache/flywheel")]
+    cache_dir: PathBuf,
+    /// Mount point of `flywheel mount`.
+    #[arg(long, default_value = "/run/flywheel/store")]
+    mountpoint: PathBuf,
+    /// URL of the local substituter.
+    #[arg(long, default_value = "http://127.0.0.1:37515")]
+    substituter: String,
+    /// Socket of the push daemon.
+    #[arg(long, env = "FLYWHEEL_PUSH_SOCKET", default_value = daemon::DEFAULT_SOCKET)]
+    push_socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The runner's state: the chunk cache (size, hit rate of every process sharing it), the mount,
+/// the substituter and the push daemon. Exits non-zero when the cache dir cannot be read.
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    use flywheel_client::{CacheConfig, ChunkCache};
+    let cache = if args.cache_dir.is_dir() {
+        // Joins the owner's cache through its socket; with no owner running, this process owns
+        // it for a moment (and the quota shown is the database's size only).
+        let cache = ChunkCache::open(&CacheConfig::new(&args.cache_dir, u64::MAX))
+            .with_context(|| format!("opening the chunk cache in {}", args.cache_dir.display()))?;
+        let stats = cache.shared_stats();
+        let lookups = stats.hits + stats.misses;
+        Some(serde_json::json!({
+            "dir": args.cache_dir,
+            "owned_by_a_daemon": !cache.is_owner(),
+            "used_bytes": cache.used_bytes(),
+            "quota_bytes": if cache.is_owner() { None } else { Some(cache.quota()) },
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "hit_ratio": if lookups == 0 { None } else { Some(stats.hits as f64 / lookups as f64) },
+            "corrupt": stats.corrupt,
+            "evictions": stats.evictions,
+        }))
+    } else {
+        None
+    };
+    let mount = match flywheel_fuse::mount_state(&args.mountpoint) {
+        flywheel_fuse::MountState::Mounted => "mounted".to_string(),
+        flywheel_fuse::MountState::NotMounted => "not mounted".to_string(),
+        flywheel_fuse::MountState::Broken(err) => format!("mounted but not answering ({err}); unmount it with umount -l"),
+    };
+    let substituter = match flywheel_substituter::serve::probe(&args.substituter, Duration::from_secs(2)) {
+        Ok(info) => format!("up ({info})"),
+        Err(err) => format!("down: {err}"),
+    };
+    let push = if daemon::is_running(&args.push_socket) { "running" } else { "not running" };
+    if args.json {
+        let report = serde_json::json!({
+            "cache": cache,
+            "mount": { "mountpoint": args.mountpoint, "state": mount },
+            "substituter": { "url": args.substituter, "state": substituter },
+            "push_daemon": { "socket": args.push_socket, "state": push },
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let gb = |b: u64| b as f64 / 1e9;
+    match &cache {
+        Some(c) => {
+            let used = c["used_bytes"].as_u64().unwrap_or(0);
+            let quota = c["quota_bytes"].as_u64().map(|q| format!(" of {:.2} GB", gb(q))).unwrap_or_default();
+            let owner = if c["owned_by_a_daemon"] == true { "shared with the running daemons" } else { "no daemon has it open" };
+            println!("chunk cache  {}: {:.2} GB{quota} ({owner})", args.cache_dir.display(), gb(used));
+            match c["hit_ratio"].as_f64() {
+                Some(ratio) => println!(
+                    "hit rate     {:.1}% ({} hits, {} misses since the owner opened it; {} corrupt entries dropped, {} evictions)",
+                    ratio * 100.0,
+                    c["hits"],
+                    c["misses"],
+                    c["corrupt"],
+                    c["evictions"]
+                ),
+                None => println!("hit rate     no lookups since the owner opened it"),
+            }
+        }
+        None => println!("chunk cache  {}: does not exist", args.cache_dir.display()),
+    }
+    println!("mount        {}: {mount}", args.mountpoint.display());
+    println!("substituter  {}: {substituter}", args.substituter);
+    println!("push daemon  {}: {push}", args.push_socket.display());
     Ok(())
 }

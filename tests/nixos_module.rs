@@ -184,13 +184,17 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts() {
               enable = true;
               tokenSecretFile = "/run/secrets/flywheel-token-secret";
               openFirewall = true;
-              settings = {{ listen = "0.0.0.0:8090"; zstd-level = 5; api-endpoint = "https://cache.example.org/"; storage.path = "{}"; }};
+              settings = {{ listen = "0.0.0.0:8090"; zstd-level = 5; api-endpoint = "https://cache.example.org/"; storage.path = "{}"; gc.grace-period = 7200; }};
+              caches.main = {{ signingKeyFile = "/run/secrets/flywheel-main.key"; priority = 30; retentionPeriod = 86400; }};
             }}; }}"#,
         storage.display()
     ));
     let server = service(&eval, "flywheel-server");
     let sc = &server["serviceConfig"];
-    assert_eq!(str_list(&sc["LoadCredential"]), ["token-hs256-secret-base64:/run/secrets/flywheel-token-secret"]);
+    assert_eq!(
+        str_list(&sc["LoadCredential"]),
+        ["token-hs256-secret-base64:/run/secrets/flywheel-token-secret", "signing-key-main:/run/secrets/flywheel-main.key"]
+    );
     for (key, value) in [
         ("User", "flywheel"),
         ("StateDirectory", "flywheel"),
@@ -218,6 +222,8 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts() {
     std::fs::create_dir_all(&runtime).unwrap();
     let secret = random_secret();
     std::fs::write(credentials.join("token-hs256-secret-base64"), format!("{secret}\n")).unwrap();
+    let signing_key = flywheel_core::nix::SigningKey::generate("main-1").unwrap().to_nix_string();
+    std::fs::write(credentials.join("signing-key-main"), format!("{signing_key}\n")).unwrap();
     let out = Command::new("sh")
         .arg(&script)
         .arg("--check-config")
@@ -238,6 +244,18 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts() {
     for line in ["listen = \"0.0.0.0:8090\"", "zstd-level = 5", "api-endpoint = \"https://cache.example.org/\"", "[chunking]", "[storage]", "type = \"local\""] {
         assert!(rendered.lines().any(|l| l == line), "{line:?} missing from\n{rendered}");
     }
+    let gc = rendered.split("[gc]\n").nth(1).unwrap_or_else(|| panic!("no [gc] in\n{rendered}"));
+    assert!(gc.lines().take_while(|l| !l.starts_with('[')).any(|l| l == "grace-period = 7200"), "{rendered}");
+    let main = rendered.split("[caches.main]\n").nth(1).unwrap_or_else(|| panic!("no [caches.main] in\n{rendered}"));
+    let main: Vec<&str> = main.lines().take_while(|l| !l.starts_with('[')).collect();
+    for line in [
+        format!("signing-key-file = \"{}/signing-key-main\"", credentials.display()),
+        "priority = 30".into(),
+        "retention-period = 86400".into(),
+        "public = false".into(),
+    ] {
+        assert!(main.contains(&line.as_str()), "{line:?} missing from [caches.main] of\n{rendered}");
+    }
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(runtime.join("server.toml")).unwrap().permissions().mode() & 0o077, 0, "rendered config readable by others");
 
@@ -248,7 +266,21 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts() {
     for file in stored {
         let text = std::fs::read(&file).unwrap();
         assert!(!String::from_utf8_lossy(&text).contains(&secret), "{} holds the token secret", file.display());
+        assert!(!String::from_utf8_lossy(&text).contains(&signing_key), "{} holds the signing key", file.display());
     }
+
+    // A signing key file that holds no key is refused by the check.
+    std::fs::write(credentials.join("signing-key-main"), "garbage\n").unwrap();
+    let out = Command::new("sh")
+        .arg(&script)
+        .arg("--check-config")
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .env("RUNTIME_DIRECTORY", &runtime)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a bad signing key passed the check");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("signing key of cache main"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(credentials.join("signing-key-main"), format!("{signing_key}\n")).unwrap();
 
     // A bad secret file stops the service before the server starts.
     std::fs::write(credentials.join("token-hs256-secret-base64"), "not base64 !\n").unwrap();
@@ -487,6 +519,18 @@ fn contradicting_options_fail_evaluation_with_a_clear_message() {
         (
             format!("{{ services.flywheel.runner = {{ {runner} mount.mountPoint = \"/nix/store/fuse\"; }}; }}"),
             "mount.mountPoint (/nix/store/fuse) must be outside /nix/store",
+        ),
+        (
+            format!("{{ services.flywheel.server = {{ {server} caches.\"bad/name\".signingKeyFile = \"/run/keys/k\"; }}; }}"),
+            "services.flywheel.server.caches: invalid cache names [\"bad/name\"]",
+        ),
+        (
+            format!("{{ services.flywheel.server = {{ {server} caches.main.signingKeyFile = \"/nix/store/00000000000000000000000000000000-key\"; }}; }}"),
+            "caches.<name>.signingKeyFile must not be in the Nix store",
+        ),
+        (
+            format!("{{ services.flywheel.server = {{ {server} caches.main.public = true; }}; }}"),
+            "caches.<name>.signingKeyFile must be set for every declared cache",
         ),
         // Not an assertion: the module system refuses unknown and mistyped options.
         (format!("{{ services.flywheel.runner = {{ {runner} cacheSise = 1; }}; }}"), "services.flywheel.runner.cacheSise' does not exist"),

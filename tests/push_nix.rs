@@ -69,6 +69,8 @@ fn push_hook_pushes_a_real_nix_build_by_flush() {
     let socket = dir.path().join("push.sock");
     let store = format!("local?root={}", setup.src);
     let log = dir.path().join("daemon.log");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let mut daemon = setup
         .nix
         .cmd(FLYWHEEL)
@@ -76,6 +78,7 @@ fn push_hook_pushes_a_real_nix_build_by_flush() {
         .arg(&setup.token_file)
         .args(["--store", &store, "--socket"])
         .arg(&socket)
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -107,6 +110,18 @@ fn push_hook_pushes_a_real_nix_build_by_flush() {
     for path in closure.lines() {
         assert!(setup.server_has(path), "{path} was not pushed:\n{}", std::fs::read_to_string(&log).unwrap());
     }
+    // The daemon's metrics count what it pushed.
+    let metrics = reqwest::blocking::get(&metrics_url).unwrap().text().unwrap();
+    let value = |series: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{series} ")).map(|v| v.parse::<f64>().unwrap()))
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert_eq!(value("flywheel_push_paths_pushed_total"), closure.lines().count() as f64, "{metrics}");
+    assert!(value("flywheel_push_chunks_uploaded_total") >= 1.0, "{metrics}");
+    assert_eq!(value("flywheel_push_queue_length"), 0.0);
+    assert_eq!(value("flywheel_push_batches_failed_total"), 0.0);
     let netrc = setup.server.netrc(&setup.token);
     let dst = setup.nix.store("dst");
     let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, &[built.clone()]);

@@ -401,3 +401,70 @@ fn bad_input_local() {
 fn bad_input_s3() {
     bad_input(Backend::S3);
 }
+
+/// A secret key made by real Nix, and its public key.
+fn nix_keypair(nix: &Nix, name: &str) -> (String, String) {
+    let secret = nix.run(nix.cmd("nix").args(["key", "generate-secret", "--key-name", name]));
+    let mut convert = nix.cmd("nix");
+    convert.args(["key", "convert-secret-to-public"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut child = convert.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), secret.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (secret.trim().to_string(), String::from_utf8(out.stdout).unwrap().trim().to_string())
+}
+
+/// A cache declared in the config signs with the key in its file, follows the file when it
+/// changes, and a bad key file is refused by the config check.
+#[test]
+fn declared_cache_signs_with_the_key_from_its_file() {
+    let nix = Nix::new();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("declared.key");
+    let (secret1, public1) = nix_keypair(&nix, "declared-1");
+    let (secret2, public2) = nix_keypair(&nix, "declared-2");
+    std::fs::write(&key_file, format!("{secret1}\n")).unwrap();
+    let mut server = Server::start_with(
+        Backend::S3,
+        &format!("[caches.declared]\nsigning-key-file = {:?}\npriority = 30\n", key_file),
+    );
+    let url = format!("{}/declared", server.url);
+    let info = reqwest::blocking::get(format!("{url}/nix-cache-info")).unwrap();
+    assert_eq!(info.status(), StatusCode::UNAUTHORIZED, "a declared cache is private unless `public = true`");
+
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("declared"), &["single"]);
+    let netrc = server.netrc(&server.mint(&["--push", "declared", "--pull", "declared"]));
+    let out = nix.copy_to(&src, &url, &netrc, &paths);
+    assert!(out.status.success(), "nix copy --to failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = nix.copy_from(&nix.store("dst1"), &url, &netrc, &public1, &paths);
+    assert!(out.status.success(), "not signed by the key file's key: {}", String::from_utf8_lossy(&out.stderr));
+    let config = Client::new()
+        .get(format!("{}/_api/v1/cache-config/declared", server.url))
+        .bearer_auth(server.admin_token())
+        .send()
+        .unwrap()
+        .json::<serde_json::Value>()
+        .unwrap();
+    assert_eq!(config["public_key"], public1.as_str());
+    assert_eq!(config["priority"], 30);
+
+    // A new key in the file: after a restart the cache signs with it, and only with it.
+    std::fs::write(&key_file, format!("{secret2}\n")).unwrap();
+    server.restart();
+    let out = nix.copy_from(&nix.store("dst2"), &url, &netrc, &public2, &paths);
+    assert!(out.status.success(), "the rotated key is not used: {}", String::from_utf8_lossy(&out.stderr));
+    let out = nix.copy_from(&nix.store("dst3"), &url, &netrc, &public1, &paths);
+    assert!(!out.status.success(), "still signed by the old key");
+
+    // A key file that holds no key is refused, naming the cache and the file.
+    std::fs::write(&key_file, "not a key\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["serve", "--check-config", "--config"])
+        .arg(&server.config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad signing key passed the config check");
+    assert!(stderr.contains("signing key of cache declared"), "{stderr}");
+}

@@ -484,3 +484,35 @@ fn upload_info_of(nix: &Nix, store: &str, path: &str) -> serde_json::Value {
         "sigs": [], "ca": null, "nar_hash": info.nar_hash, "nar_size": info.nar_size,
     })
 }
+
+/// 64 clients fetching narinfos and 8 downloading NARs for 30 s (at most 100,000 requests
+/// each) from a server on S3: not one error, and every client got answers. The latency
+/// percentiles go to BENCHMARKS.md through the benchmark, which runs the same load.
+#[test]
+fn load_run_has_no_errors() {
+    let nix = Nix::new();
+    let server = Server::start(Backend::S3);
+    let key = server.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("load"), &["big", "single", "tree", "empty", "withRefs"]);
+    let token = server.mint(&["--push", "ci", "--pull", "ci"]);
+    let out = nix.copy_to(&src, &format!("{}/ci", server.url), &server.netrc(&token), &paths);
+    assert!(out.status.success(), "nix copy --to failed: {}", String::from_utf8_lossy(&out.stderr));
+    let hashes: Vec<&str> = paths.iter().map(|p| hash_part(p)).collect();
+    let targets = common::load::targets(&format!("{}/ci", server.url), Some(&token), &hashes);
+    let result = common::load::run(&targets, Some(&token), 64, 8, std::time::Duration::from_secs(30), 100_000);
+    assert!(result.errors.is_empty(), "{} errors, first: {:?}", result.errors.len(), &result.errors[..result.errors.len().min(5)]);
+    assert!(result.narinfo.len() >= 64 && result.nar.len() >= 8, "{} narinfos, {} NARs", result.narinfo.len(), result.nar.len());
+    eprintln!(
+        "narinfo: {} requests, p50 {:.2} ms, p99 {:.2} ms; NAR: {} downloads, p50 {:.1} ms, p99 {:.1} ms",
+        result.narinfo.len(),
+        common::load::LoadResult::percentile_ms(&result.narinfo, 50.0),
+        common::load::LoadResult::percentile_ms(&result.narinfo, 99.0),
+        result.nar.len(),
+        common::load::LoadResult::percentile_ms(&result.nar, 50.0),
+        common::load::LoadResult::percentile_ms(&result.nar, 99.0),
+    );
+    // The server is still whole afterwards: every path substitutes.
+    let out = nix.copy_from(&nix.store("dst"), &format!("{}/ci", server.url), &server.netrc(&token), &key, &paths);
+    assert!(out.status.success(), "nix copy --from after the load failed: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -51,7 +51,9 @@ fn substituter_shares_its_cache_dir_with_a_running_mount() {
     let key = public_key(&setup);
     let cache_dir = tempfile::tempdir().unwrap();
     let mount_proxy = CountingProxy::start(&setup.server.url);
-    let mut mount = setup.mount(&mount_proxy.url, cache_dir.path(), &[]);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut mount = setup.mount(&mount_proxy.url, cache_dir.path(), &["--metrics-listen", &metrics_addr]);
 
     // The mount reads `big` and `tree` whole: their chunks land in the shared cache.
     for path in &paths[..2] {
@@ -73,9 +75,65 @@ fn substituter_shares_its_cache_dir_with_a_running_mount() {
     read_tree(&mount.path(&paths[2]));
     assert_eq!(mount_proxy.chunks_requested(), mount_fetched, "the mount fetched a chunk the substituter had cached");
 
+    // Both daemons' metrics follow what they did: the chunks fetched are the ones the proxies
+    // saw, the substituter's hits are the mount's chunks.
+    let mount_metrics = metrics(&format!("http://{metrics_addr}/metrics"));
+    assert_eq!(sample(&mount_metrics, "flywheel_runner_chunks_fetched_total"), mount_fetched as f64);
+    assert!(sample(&mount_metrics, "flywheel_runner_chunk_fetch_seconds_count") >= 1.0);
+    assert!(sample(&mount_metrics, "flywheel_runner_cache_used_bytes") > 0.0);
+    let sub_metrics = metrics(&format!("{}/metrics", sub.url));
+    assert_eq!(sample(&sub_metrics, "flywheel_runner_chunks_fetched_total"), 1.0);
+    assert!(sample(&sub_metrics, "flywheel_runner_cache_hits_total") >= 1.0, "no cache hits counted");
+    assert!(sample(&sub_metrics, "flywheel_substituter_nar_bytes_sent_total") > 0.0);
+    assert!(
+        sample(&sub_metrics, "flywheel_substituter_requests_total{route=\"/{file}\",status=\"200\"}") >= 3.0,
+        "narinfo requests not counted"
+    );
+
+    // `flywheel status` sees the shared cache, the mount and the substituter.
+    let status = status_of(cache_dir.path(), &mount.mountpoint, &sub.url);
+    assert_eq!(status["mount"]["state"], "mounted", "{status}");
+    assert!(status["substituter"]["state"].as_str().unwrap().starts_with("up"), "{status}");
+    assert_eq!(status["push_daemon"]["state"], "not running", "{status}");
+    assert_eq!(status["cache"]["owned_by_a_daemon"], true, "{status}");
+    assert!(status["cache"]["used_bytes"].as_u64().unwrap() > 0, "{status}");
+    assert!(status["cache"]["hits"].as_u64().unwrap() >= 1, "{status}");
+
     // The mount exits; the substituter takes the cache over and keeps every entry.
     assert!(mount.terminate(), "the mount did not exit cleanly");
     realise(&setup, &setup.nix.store("dst3"), &sub.url, &key, &paths);
     assert_eq!(sub_proxy.chunks_requested(), 1, "entries were lost when the owner changed");
     assert!(sub.log_text().contains("this process owns it now"), "{}", sub.log_text());
+    let status = status_of(cache_dir.path(), &mount.mountpoint, &sub.url);
+    assert_eq!(status["mount"]["state"], "not mounted", "{status}");
+    drop(sub);
+    let status = status_of(cache_dir.path(), &mount.mountpoint, "http://127.0.0.1:9");
+    assert!(status["substituter"]["state"].as_str().unwrap().starts_with("down"), "{status}");
+}
+
+fn metrics(url: &str) -> String {
+    let response = reqwest::blocking::get(url).unwrap();
+    assert!(response.status().is_success(), "{url}: {}", response.status());
+    response.text().unwrap()
+}
+
+/// The value of one Prometheus series (the whole `name{labels}` as written).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(name, _)| *name == series).map(|(_, v)| v.parse::<f64>().unwrap()))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+fn status_of(cache_dir: &std::path::Path, mountpoint: &std::path::Path, substituter: &str) -> serde_json::Value {
+    let out = std::process::Command::new(common_fuse::common::FLYWHEEL)
+        .args(["status", "--json", "--cache-dir"])
+        .arg(cache_dir)
+        .arg("--mountpoint")
+        .arg(mountpoint)
+        .args(["--substituter", substituter, "--push-socket", "/nonexistent/push.sock"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "flywheel status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -22,6 +22,7 @@
 pub mod api;
 pub mod cache;
 pub mod dump_db;
+pub mod metrics;
 pub mod share;
 pub mod store;
 

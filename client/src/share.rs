@@ -55,6 +55,7 @@ const OP_PUT_MANIFEST: u8 = 5;
 const OP_MANIFEST_HASHES: u8 = 6;
 const OP_USAGE: u8 = 7;
 const OP_FLUSH: u8 = 8;
+const OP_STATS: u8 = 9;
 
 const ST_OK: u8 = 0;
 const ST_NONE: u8 = 1;
@@ -249,29 +250,39 @@ impl ChunkCache {
         )
     }
 
-    /// What the cache did since it was opened, as seen by this process.
+    /// What this process saw of the cache since it opened it (its own hits and misses, whichever
+    /// process owns the cache).
     pub fn stats(&self) -> CacheStats {
-        let mine = CacheStats {
+        let mut mine = CacheStats {
             hits: self.stats.hits.load(Ordering::Relaxed),
             misses: self.stats.misses.load(Ordering::Relaxed),
             corrupt: self.stats.corrupt.load(Ordering::Relaxed),
             evictions: 0,
             write_failures: self.stats.write_failures.load(Ordering::Relaxed),
         };
-        match &*self.role.read() {
-            Role::Owner(owner) => {
-                let s = owner.cache.stats();
-                // The owner's engine counts the requests of clients too; keep those.
-                CacheStats {
-                    hits: s.hits,
-                    misses: s.misses,
-                    corrupt: s.corrupt,
-                    evictions: s.evictions,
-                    write_failures: s.write_failures + mine.write_failures,
-                }
-            }
-            _ => mine,
+        if let Role::Owner(owner) = &*self.role.read() {
+            let engine = owner.cache.stats();
+            mine.corrupt += engine.corrupt;
+            mine.evictions = engine.evictions;
+            mine.write_failures += engine.write_failures;
         }
+        mine
+    }
+
+    /// What the cache did for every process sharing it, since its owner opened it (for
+    /// `flywheel status`); this process's own view when no owner answers.
+    pub fn shared_stats(&self) -> CacheStats {
+        self.with(
+            |c| c.stats(),
+            |c| {
+                let body = c.call(OP_STATS, &[])?.unwrap_or_default();
+                let field = |i: usize| {
+                    body.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
+                };
+                Ok(CacheStats { hits: field(0), misses: field(1), corrupt: field(2), evictions: field(3), write_failures: field(4) })
+            },
+            || self.stats(),
+        )
     }
 
     /// Whether the cache holds an entry for `hash`, without verifying it.
@@ -282,18 +293,14 @@ impl ChunkCache {
     /// The verified contents of a chunk, or `None` when it is not cached. An entry that fails
     /// verification is removed and reported as `None`, so the caller fetches it again.
     pub fn get(&self, chunk: &ChunkRef) -> Option<Vec<u8>> {
-        self.with(
+        let found = self.with(
             |c| c.get(chunk),
             |c| {
                 let mut body = chunk.hash.0.to_vec();
                 body.extend_from_slice(&chunk.size.to_le_bytes());
                 match c.call(OP_GET, &body)? {
-                    None => {
-                        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                        Ok(None)
-                    }
+                    None => Ok(None),
                     Some(data) if data.len() == chunk.size as usize && ChunkHash::of(&data) == chunk.hash => {
-                        self.stats.hits.fetch_add(1, Ordering::Relaxed);
                         Ok(Some(data))
                     }
                     Some(_) => {
@@ -304,11 +311,11 @@ impl ChunkCache {
                     }
                 }
             },
-            || {
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                None
-            },
-        )
+            || None,
+        );
+        let counter = if found.is_some() { &self.stats.hits } else { &self.stats.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
     }
 
     /// Stores a chunk's zstd frame, evicting the least recently used entries to make room.
@@ -483,6 +490,11 @@ fn answer(cache: &LocalCache, op: u8, body: &[u8]) -> (u8, Vec<u8>) {
             out.extend_from_slice(&cache.used_bytes().to_le_bytes());
             (ST_OK, out)
         }
+        OP_STATS => {
+            let stats = cache.stats();
+            let fields = [stats.hits, stats.misses, stats.corrupt, stats.evictions, stats.write_failures];
+            (ST_OK, fields.iter().flat_map(|f| f.to_le_bytes()).collect())
+        }
         OP_FLUSH => match cache.flush() {
             Ok(()) => (ST_OK, Vec::new()),
             Err(err) => (ST_ERR, err.to_string().into_bytes()),
@@ -569,6 +581,8 @@ mod tests {
         assert_eq!(second.used_bytes(), first.used_bytes());
         assert_eq!(second.quota(), 10 << 20);
         assert_eq!(second.stats().hits, 1);
+        assert_eq!(first.stats().hits, 1, "each process counts its own reads");
+        assert_eq!(second.shared_stats().hits, 2, "the owner counts every process's reads");
         let (c, _) = chunk(3, 1000);
         assert!(second.get(&c).is_none());
         assert_eq!(second.stats().misses, 1);

@@ -1,6 +1,7 @@
 //! Chunks from the local cache when present, from the server otherwise.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use flywheel_core::chunk::ChunkHash;
@@ -11,6 +12,7 @@ use parking_lot::Mutex;
 
 use crate::api::ApiClient;
 use crate::cache::ChunkCache;
+use crate::metrics::FetchMetrics;
 
 /// Up to this many missing chunks are fetched with one `GET` each (in parallel); more go in
 /// `POST chunks` batches. Single GETs are what a small read needs, and they show up one per chunk
@@ -31,6 +33,7 @@ pub struct ChunkStore {
     api: ApiClient,
     cache: Arc<ChunkCache>,
     in_flight: Arc<Mutex<HashMap<ChunkHash, InFlight>>>,
+    metrics: Arc<FetchMetrics>,
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -42,7 +45,7 @@ impl std::fmt::Debug for ChunkStore {
 impl ChunkStore {
     /// Combines a client and a cache.
     pub fn new(api: ApiClient, cache: Arc<ChunkCache>) -> Self {
-        ChunkStore { api, cache, in_flight: Arc::default() }
+        ChunkStore { api, cache, in_flight: Arc::default(), metrics: Arc::default() }
     }
 
     /// The server client.
@@ -53,6 +56,11 @@ impl ChunkStore {
     /// The local cache.
     pub fn cache(&self) -> &Arc<ChunkCache> {
         &self.cache
+    }
+
+    /// What this store fetched from the server.
+    pub fn metrics(&self) -> &FetchMetrics {
+        &self.metrics
     }
 
     /// The verified contents of `chunks`, in order.
@@ -149,12 +157,45 @@ impl ChunkStore {
     }
 
     async fn fetch_claimed(self, chunks: Vec<ChunkRef>) -> Result<Vec<Arc<[u8]>>, (ErrorKind, String)> {
-        let fetched = if chunks.len() <= SINGLE_GET_LIMIT {
-            futures::future::try_join_all(chunks.iter().map(|c| self.api.chunk(*c))).await
-        } else {
-            let batches = futures::future::try_join_all(chunks.chunks(BATCH).map(|b| self.api.chunks(b))).await;
-            batches.map(|b| b.into_iter().flatten().collect())
+        let metrics = self.metrics.clone();
+        let timed = |request: BoxFuture<'static, Result<Vec<crate::FetchedChunk>>>| {
+            let metrics = metrics.clone();
+            async move {
+                let started = std::time::Instant::now();
+                let result = request.await;
+                metrics.fetch_seconds.observe(started.elapsed());
+                match &result {
+                    Ok(chunks) => {
+                        metrics.chunks_fetched.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                        let bytes: usize = chunks.iter().map(|c| c.frame.len()).sum();
+                        metrics.bytes_fetched.fetch_add(bytes as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        metrics.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                result
+            }
         };
+        let requests: Vec<_> = if chunks.len() <= SINGLE_GET_LIMIT {
+            chunks
+                .iter()
+                .map(|c| {
+                    let (api, chunk) = (self.api.clone(), *c);
+                    timed(async move { api.chunk(chunk).await.map(|f| vec![f]) }.boxed())
+                })
+                .collect()
+        } else {
+            chunks
+                .chunks(BATCH)
+                .map(|batch| {
+                    let (api, batch) = (self.api.clone(), batch.to_vec());
+                    timed(async move { api.chunks(&batch).await }.boxed())
+                })
+                .collect()
+        };
+        let fetched: Result<Vec<crate::FetchedChunk>> =
+            futures::future::try_join_all(requests).await.map(|parts| parts.into_iter().flatten().collect());
         let fetched = fetched.map_err(|e| (e.kind(), e.to_string()))?;
         let cache = self.cache.clone();
         let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.hash).collect();

@@ -10,6 +10,7 @@ pub mod api;
 pub mod chunk;
 pub mod error;
 pub mod manifest;
+pub mod metrics;
 pub mod nar;
 pub mod nix;
 

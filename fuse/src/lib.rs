@@ -44,6 +44,8 @@ pub struct MountConfig {
     pub threads: usize,
     /// Bytes of decompressed chunks kept in memory.
     pub hot_bytes: usize,
+    /// Where to serve Prometheus `/metrics`, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl MountConfig {
@@ -59,6 +61,7 @@ impl MountConfig {
             mountpoint,
             threads: 4,
             hot_bytes: 32 << 20,
+            metrics_listen: None,
         }
     }
 }
@@ -83,6 +86,19 @@ pub fn mount(config: MountConfig) -> Result<()> {
         .build()
         .map_err(|e| Error::internal(format!("starting the runtime: {e}")))?;
     let store = ChunkStore::new(api, cache.clone());
+    if let Some(addr) = config.metrics_listen {
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| Error::internal(format!("listening for metrics on {addr}: {e}")))?;
+        let metrics_store = store.clone();
+        let render = Arc::new(move || {
+            let mut out = String::new();
+            flywheel_client::metrics::render_store(&metrics_store, &mut out);
+            out
+        });
+        runtime.spawn(flywheel_client::metrics::serve(listener, render));
+        tracing::info!(%addr, "serving metrics");
+    }
     let fs = FlywheelFs::new(
         store,
         runtime.handle().clone(),
@@ -142,5 +158,40 @@ fn lazy_unmount(mountpoint: &std::path::Path) {
     let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     if rc != 0 {
         tracing::warn!("lazy unmount failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// What `flywheel status` reports about a mount point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountState {
+    /// A flywheel FUSE filesystem is mounted there and answers.
+    Mounted,
+    /// Nothing flywheel is mounted there.
+    NotMounted,
+    /// Mounted, but it does not answer (its process died: `umount -l` it).
+    Broken(String),
+}
+
+/// Looks `mountpoint` up in this process's mount table and checks that it answers.
+pub fn mount_state(mountpoint: &std::path::Path) -> MountState {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return MountState::NotMounted };
+    // Fields: id parent major:minor root mount-point options... - fstype source options;
+    // octal escapes (\040 for a space) in paths.
+    let wanted = mountpoint.to_string_lossy().replace(' ', "\\040");
+    let mounted = table.lines().any(|line| {
+        let mut halves = line.splitn(2, " - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else { return false };
+        let mut fields = right.split(' ');
+        let (fstype, source) = (fields.next().unwrap_or_default(), fields.next().unwrap_or_default());
+        // The type is `fuse.flywheel` or plain `fuse`, depending on how it was mounted; the
+        // source is always the FSName, `flywheel:<cache>`.
+        left.split(' ').nth(4) == Some(wanted.as_str()) && fstype.starts_with("fuse") && source.starts_with("flywheel:")
+    });
+    if !mounted {
+        return MountState::NotMounted;
+    }
+    match std::fs::read_dir(mountpoint) {
+        Ok(_) => MountState::Mounted,
+        Err(err) => MountState::Broken(err.to_string()),
     }
 }

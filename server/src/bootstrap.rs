@@ -45,6 +45,7 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(ServerConfig, Option<P
         api_endpoint: None,
         chunk_parallelism: 16,
         gc: Default::default(),
+        caches: Default::default(),
     };
     let text = format!(
         "# Written by `flywheel serve` on first start. The token secret signs every token: keep it private.\n{}",
@@ -90,6 +91,35 @@ pub async fn create_default_cache(config: &ServerConfig, config_path: PathBuf) -
     };
     let admin_token = mint(config, "admin", 10 * 365 * 24 * 3600, vec![("*".into(), Permissions::all())])?;
     Ok(FirstStart { config_path, admin_token, public_key: key.verifying_key().to_nix_string() })
+}
+
+/// Creates the caches the config declares, and brings existing ones in line with it (key,
+/// visibility, priority, retention, upstream keys); the store dir of an existing cache is kept.
+/// Every replica does this on start; the writes are idempotent.
+pub async fn apply_declared_caches(config: &ServerConfig, storage: &Storage) -> anyhow::Result<()> {
+    for (name, declared) in &config.caches {
+        let existing = storage.get_cache(name).await.with_context(|| format!("reading cache {name}"))?;
+        let wanted = CacheRecord {
+            name: name.clone(),
+            signing_key: declared.signing_key.clone(),
+            is_public: declared.public,
+            store_dir: existing
+                .as_ref()
+                .map(|c| c.store_dir.clone())
+                .unwrap_or_else(|| flywheel_core::nix::DEFAULT_STORE_DIR.into()),
+            priority: declared.priority,
+            upstream_cache_key_names: declared.upstream_cache_key_names.clone(),
+            retention_period: declared.retention_period,
+        };
+        if existing.as_ref() == Some(&wanted) {
+            continue;
+        }
+        storage.put_cache(&wanted).await.with_context(|| format!("writing cache {name}"))?;
+        let public_key = SigningKey::parse(&wanted.signing_key)?.verifying_key().to_nix_string();
+        let action = if existing.is_some() { "updated from the config" } else { "created" };
+        tracing::info!(cache = %name, %public_key, "cache {action}");
+    }
+    Ok(())
 }
 
 /// Mints a token for `sub`, valid `validity_secs` from now, with the given pattern permissions.

@@ -1,5 +1,6 @@
 //! The server's TOML configuration.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +42,34 @@ pub struct ServerConfig {
     /// Garbage collection and retention.
     #[serde(default)]
     pub gc: GcConfig,
+    /// Caches declared here, by name: created on start, and brought in line with this config
+    /// when they exist (caches made through the API are left alone).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub caches: BTreeMap<String, DeclaredCache>,
+}
+
+/// A cache the config declares, so that its signing key can come from a file that only the
+/// server reads (a systemd credential) instead of the object store's cache record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DeclaredCache {
+    /// A file holding the secret signing key in Nix's format (`nix key generate-secret`).
+    pub signing_key_file: PathBuf,
+    /// Whether anyone may pull without a token.
+    #[serde(default)]
+    pub public: bool,
+    /// Priority announced in `nix-cache-info` (lower is preferred).
+    #[serde(default = "default_priority")]
+    pub priority: i32,
+    /// Seconds a path is kept after its last access; the global default when absent.
+    #[serde(default)]
+    pub retention_period: Option<u32>,
+    /// Key names of upstream caches, whose paths clients need not push.
+    #[serde(default = "default_upstream_keys")]
+    pub upstream_cache_key_names: Vec<String>,
+    /// The key read from `signing_key_file`.
+    #[serde(skip)]
+    pub signing_key: String,
 }
 
 /// When paths expire and unused data is swept.
@@ -130,6 +159,12 @@ fn default_zstd_level() -> i32 {
 fn default_parallelism() -> usize {
     16
 }
+fn default_priority() -> i32 {
+    41
+}
+fn default_upstream_keys() -> Vec<String> {
+    vec!["cache.nixos.org-1".into()]
+}
 fn default_region() -> String {
     "us-east-1".into()
 }
@@ -149,7 +184,8 @@ impl ServerConfig {
         Ok(config)
     }
 
-    /// Reads `token-hs256-secret-base64-file` into the inline secret.
+    /// Reads `token-hs256-secret-base64-file` into the inline secret, and the signing keys of
+    /// declared caches.
     pub fn read_secret_files(&mut self) -> anyhow::Result<()> {
         use anyhow::Context;
         match (&self.token_hs256_secret_base64_file, self.token_hs256_secret_base64.is_empty()) {
@@ -160,14 +196,21 @@ impl ServerConfig {
                 let secret = std::fs::read_to_string(file)
                     .with_context(|| format!("reading the token secret from {}", file.display()))?;
                 self.token_hs256_secret_base64 = secret.trim().to_string();
-                Ok(())
             }
-            (None, _) => Ok(()),
+            (None, _) => {}
         }
+        for (name, cache) in &mut self.caches {
+            let key = std::fs::read_to_string(&cache.signing_key_file).with_context(|| {
+                format!("reading the signing key of cache {name} from {}", cache.signing_key_file.display())
+            })?;
+            cache.signing_key = key.trim().to_string();
+        }
+        Ok(())
     }
 
     /// Checks values that parse but cannot work.
     pub fn check(&self) -> anyhow::Result<()> {
+        use anyhow::Context;
         self.chunking.validate()?;
         if !(1..=19).contains(&self.zstd_level) {
             anyhow::bail!("zstd-level must be between 1 and 19, not {}", self.zstd_level);
@@ -179,6 +222,12 @@ impl ServerConfig {
             anyhow::bail!("set token-hs256-secret-base64 or token-hs256-secret-base64-file");
         }
         crate::auth::TokenAuthority::from_base64(&self.token_hs256_secret_base64)?;
+        for (name, cache) in &self.caches {
+            flywheel_core::api::v1::validate_cache_name(name).with_context(|| format!("caches.{name}"))?;
+            flywheel_core::nix::SigningKey::parse(&cache.signing_key).with_context(|| {
+                format!("the signing key of cache {name} in {} is not a Nix secret key", cache.signing_key_file.display())
+            })?;
+        }
         if let StorageConfig::S3 { secret_access_key: Some(_), secret_access_key_file: Some(_), .. } = &self.storage {
             anyhow::bail!("give the S3 secret key either inline or as a file, not both");
         }

@@ -1,50 +1,13 @@
-//! Prometheus metrics of the server, rendered in the text exposition format at `/metrics`.
-//!
-//! Hand-rolled on atomics: a handful of counters and one latency histogram do not need a
-//! registry, and the hot paths (chunk fetches, NAR streams) pay one atomic add each.
+//! Prometheus metrics of the server, rendered in the text exposition format at `/metrics`
+//! (the format's pieces are in [`flywheel_core::metrics`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
+use flywheel_core::metrics::escape_label;
+pub use flywheel_core::metrics::Histogram;
 use parking_lot::Mutex;
-
-/// Upper bounds (seconds) of the chunk fetch latency buckets.
-const LATENCY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
-
-/// A latency histogram with fixed buckets.
-#[derive(Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        for (bucket, bound) in self.buckets.iter().zip(LATENCY_BUCKETS) {
-            if seconds <= bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (bucket, bound) in self.buckets.iter().zip(LATENCY_BUCKETS) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Ordering::Relaxed));
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
 
 /// Everything the server counts.
 #[derive(Default)]
@@ -80,7 +43,7 @@ impl Metrics {
             "# HELP flywheel_http_requests_total Requests by route, method and status.\n# TYPE flywheel_http_requests_total counter"
         );
         for ((route, method, status), n) in self.requests.lock().iter() {
-            let route = route.replace('\\', "\\\\").replace('"', "\\\"");
+            let route = escape_label(route);
             let _ = writeln!(out, "flywheel_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}");
         }
         let counters: [(&str, &str, &AtomicU64); 6] = [
@@ -102,6 +65,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn renders_counters_and_histogram() {

@@ -25,7 +25,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// A cache's settings as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheRecord {
     /// The cache name.
     pub name: String,

@@ -39,11 +39,18 @@ pub struct DaemonConfig {
     pub batch_delay: Duration,
     /// Attempts per batch before its paths count as failed.
     pub attempts: u32,
+    /// Where to serve Prometheus `/metrics`, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
-        DaemonConfig { socket: PathBuf::from(DEFAULT_SOCKET), batch_delay: Duration::from_millis(200), attempts: 3 }
+        DaemonConfig {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            batch_delay: Duration::from_millis(200),
+            attempts: 3,
+            metrics_listen: None,
+        }
     }
 }
 
@@ -55,6 +62,17 @@ struct State {
     pushed: HashSet<String>,
     pushed_since_flush: u64,
     failures: Vec<String>,
+    totals: Totals,
+}
+
+/// Counters since the daemon started, for `/metrics`.
+#[derive(Default)]
+struct Totals {
+    paths_pushed: u64,
+    batches_failed: u64,
+    nar_bytes: u64,
+    chunks_uploaded: u64,
+    uploaded_frame_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -87,6 +105,17 @@ pub async fn run(pusher: Pusher, config: DaemonConfig, shutdown: impl std::futur
         .map_err(|e| Error::internal(format!("listening on {}: {e}", config.socket.display())))?;
     tracing::info!(socket = %config.socket.display(), "push daemon listening");
     let shared = Arc::new(Shared { state: Mutex::default(), work: tokio::sync::Notify::new(), idle: tokio::sync::watch::channel(0).0 });
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::internal(format!("listening for metrics on {addr}: {e}")))?;
+            let shared = shared.clone();
+            tracing::info!(%addr, "serving metrics");
+            Some(tokio::spawn(flywheel_client::metrics::serve(listener, Arc::new(move || render_metrics(&shared)))))
+        }
+        None => None,
+    };
     let worker = tokio::spawn(worker(pusher, config.clone(), shared.clone()));
     tokio::pin!(shutdown);
     loop {
@@ -104,7 +133,25 @@ pub async fn run(pusher: Pusher, config: DaemonConfig, shutdown: impl std::futur
     let _ = std::fs::remove_file(&config.socket);
     wait_idle(&shared).await;
     worker.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     Ok(())
+}
+
+fn render_metrics(shared: &Shared) -> String {
+    use flywheel_core::metrics::render_sample;
+    let state = shared.state.lock();
+    let t = &state.totals;
+    let mut out = String::new();
+    render_sample(&mut out, "flywheel_push_paths_pushed_total", "counter", "Store paths pushed and committed.", t.paths_pushed as f64);
+    render_sample(&mut out, "flywheel_push_batches_failed_total", "counter", "Batches that failed after every attempt.", t.batches_failed as f64);
+    render_sample(&mut out, "flywheel_push_nar_bytes_total", "counter", "NAR bytes of the pushed paths.", t.nar_bytes as f64);
+    render_sample(&mut out, "flywheel_push_chunks_uploaded_total", "counter", "Chunks uploaded (the others were on the server).", t.chunks_uploaded as f64);
+    render_sample(&mut out, "flywheel_push_uploaded_bytes_total", "counter", "Compressed chunk bytes uploaded.", t.uploaded_frame_bytes as f64);
+    render_sample(&mut out, "flywheel_push_queue_length", "gauge", "Items waiting to be pushed.", state.queue.len() as f64);
+    render_sample(&mut out, "flywheel_push_busy", "gauge", "1 while a batch is being pushed.", if state.busy { 1.0 } else { 0.0 });
+    out
 }
 
 async fn connection(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
@@ -213,6 +260,10 @@ async fn worker(pusher: Pusher, config: DaemonConfig, shared: Arc<Shared>) {
                         );
                         let mut state = shared.state.lock();
                         state.pushed_since_flush += report.pushed.len() as u64;
+                        state.totals.paths_pushed += report.pushed.len() as u64;
+                        state.totals.nar_bytes += report.nar_bytes;
+                        state.totals.chunks_uploaded += report.chunks_uploaded;
+                        state.totals.uploaded_frame_bytes += report.uploaded_frame_bytes;
                         state.pushed.extend(paths.iter().cloned());
                         break;
                     }
@@ -223,6 +274,7 @@ async fn worker(pusher: Pusher, config: DaemonConfig, shared: Arc<Shared>) {
                     }
                     Err(err) => {
                         tracing::warn!("pushing a batch failed for good: {err}");
+                        shared.state.lock().totals.batches_failed += 1;
                         failures.push(err.to_string());
                         break;
                     }
@@ -231,6 +283,11 @@ async fn worker(pusher: Pusher, config: DaemonConfig, shared: Arc<Shared>) {
         }
         shared.state.lock().failures.extend(failures);
     }
+}
+
+/// Whether a push daemon answers on `socket`.
+pub fn is_running(socket: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(socket).is_ok()
 }
 
 /// What `flywheel hook` did; it never fails the build, so this is for its log line only.

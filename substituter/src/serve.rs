@@ -89,6 +89,10 @@ pub struct Substituter {
 struct Inner {
     store: ChunkStore,
     config: SubstituteConfig,
+    /// Requests by route template and status, for `/metrics`.
+    requests: Mutex<std::collections::BTreeMap<(String, u16), u64>>,
+    /// NAR bytes sent to Nix.
+    nar_bytes_sent: std::sync::atomic::AtomicU64,
     /// Until when the server counts as down.
     down_until: Mutex<Option<Instant>>,
 }
@@ -103,7 +107,15 @@ impl Substituter {
             token: config.token.clone(),
             timeout: config.chunk_timeout,
         })?;
-        Ok(Substituter { inner: Arc::new(Inner { store: ChunkStore::new(api, cache), config, down_until: Mutex::new(None) }) })
+        Ok(Substituter {
+            inner: Arc::new(Inner {
+                store: ChunkStore::new(api, cache),
+                config,
+                requests: Mutex::default(),
+                nar_bytes_sent: Default::default(),
+                down_until: Mutex::new(None),
+            }),
+        })
     }
 
     /// The chunk store (for statistics).
@@ -115,9 +127,33 @@ impl Substituter {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/nix-cache-info", get(cache_info))
+            .route("/metrics", get(metrics))
             .route("/nar/{file}", get(nar))
             .route("/{file}", get(file))
+            .layer(axum::middleware::from_fn_with_state(self.clone(), count_requests))
             .with_state(self.clone())
+    }
+
+    /// The substituter's metrics in Prometheus text format: requests by route and status, NAR
+    /// bytes sent, and its chunk store's fetches and cache.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::from(
+            "# HELP flywheel_substituter_requests_total Requests from Nix by route and status.\n# TYPE flywheel_substituter_requests_total counter\n",
+        );
+        for ((route, status), n) in self.inner.requests.lock().iter() {
+            let route = flywheel_core::metrics::escape_label(route);
+            let _ = writeln!(out, "flywheel_substituter_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+        flywheel_core::metrics::render_sample(
+            &mut out,
+            "flywheel_substituter_nar_bytes_sent_total",
+            "counter",
+            "NAR bytes sent to Nix.",
+            self.inner.nar_bytes_sent.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
+        flywheel_client::metrics::render_store(&self.inner.store, &mut out);
+        out
     }
 
     fn server_down(&self) -> bool {
@@ -189,6 +225,34 @@ pub async fn run(
     Ok(())
 }
 
+/// Asks a running substituter at `url` (`http://HOST:PORT`) for `nix-cache-info`, for
+/// `flywheel status`; the answer's first line on success.
+pub fn probe(url: &str, timeout: Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let authority = url
+        .strip_prefix("http://")
+        .map(|rest| rest.trim_end_matches('/'))
+        .filter(|a| !a.is_empty() && !a.contains('/'))
+        .ok_or_else(|| Error::invalid(format!("{url}: expected http://HOST:PORT")))?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        .map_err(|e| Error::invalid(format!("{url}: {e}")))?
+        .next()
+        .ok_or_else(|| Error::invalid(format!("{url}: no address")))?;
+    let io = |e: std::io::Error| Error::unavailable(format!("{url}: {e}"));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    write!(stream, "GET /nix-cache-info HTTP/1.0\r\nHost: {authority}\r\n\r\n").map_err(io)?;
+    let mut answer = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut answer).map_err(io)?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.lines().next().unwrap_or_default().to_string();
+    if !status.contains(" 200 ") {
+        return Err(Error::unavailable(format!("{url}: answered {status:?}")));
+    }
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(body.lines().filter(|l| l.starts_with("StoreDir") || l.starts_with("Priority")).collect::<Vec<_>>().join(", "))
+}
+
 /// The address a listener ends up on, for printing.
 pub fn describe(addr: SocketAddr) -> String {
     format!("http://{addr}")
@@ -253,6 +317,23 @@ pub fn render_narinfo(manifest: &PathManifest, hash: &str, store_dir: &str) -> R
     Ok(info.render(store_dir))
 }
 
+/// Counts every request by its route template (never the raw path: one series per store path
+/// would grow without bound) and status.
+async fn count_requests(State(sub): State<Substituter>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.run(request).await;
+    *sub.inner.requests.lock().entry((route, response.status().as_u16())).or_default() += 1;
+    response
+}
+
+async fn metrics(State(sub): State<Substituter>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], sub.render_metrics()).into_response()
+}
+
 async fn nar(State(sub): State<Substituter>, Path(file): Path<String>) -> Result<Response, Miss> {
     let Some(hash) = file.strip_suffix(".nar") else {
         return Err(Error::not_found(format!("nar/{file}: not served here")).into());
@@ -285,11 +366,16 @@ async fn nar(State(sub): State<Substituter>, Path(file): Path<String>) -> Result
             std::io::Error::other(err.to_string())
         })
     });
+    let sent = sub.clone();
     let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
         .chain(rest)
-        .flat_map(|window: std::io::Result<Vec<Arc<[u8]>>>| {
+        .flat_map(move |window: std::io::Result<Vec<Arc<[u8]>>>| {
             let items: Vec<std::io::Result<Bytes>> = match window {
-                Ok(chunks) => chunks.into_iter().map(|c| Ok(Bytes::copy_from_slice(&c))).collect(),
+                Ok(chunks) => {
+                    let bytes: usize = chunks.iter().map(|c| c.len()).sum();
+                    sent.inner.nar_bytes_sent.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+                    chunks.into_iter().map(|c| Ok(Bytes::copy_from_slice(&c))).collect()
+                }
                 Err(err) => vec![Err(err)],
             };
             futures::stream::iter(items)

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest;
 
+pub mod load;
+
 pub const FLYWHEEL: &str = env!("CARGO_BIN_EXE_flywheel");
 
 /// The path of a tool the tests need, or a failure that says how to get it.

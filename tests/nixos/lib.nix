@@ -17,6 +17,7 @@ let
     optionals = cond: xs: if cond then xs else [ ];
     optionalString = cond: s: if cond then s else "";
     optionalAttrs = cond: a: if cond then a else { };
+    concatStrings = concatStringsSep "";
     concatMapStrings = f: xs: concatStringsSep "" (map f xs);
     concatMapStringsSep = sep: f: xs: concatStringsSep sep (map f xs);
     concatStringsSep = builtins.concatStringsSep;
