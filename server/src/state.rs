@@ -7,7 +7,7 @@ use crate::config::ServerConfig;
 use crate::ingest::Ingester;
 use crate::metrics::Metrics;
 use crate::preflight::VerifiedChunks;
-use crate::storage::Storage;
+use crate::storage::{CacheRecord, Storage};
 
 /// Shared state of the server.
 #[derive(Clone)]
@@ -26,7 +26,14 @@ pub struct AppState {
     pub verified: Arc<VerifiedChunks>,
     /// When each path's access was last recorded by this process.
     recorded_access: Arc<parking_lot::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>>,
+    /// Cache settings read lately, by name: every request needs them, and reading them from
+    /// the object store each time doubled the cost of a narinfo.
+    cache_records: Arc<parking_lot::Mutex<std::collections::HashMap<String, (std::time::Instant, Option<CacheRecord>)>>>,
 }
+
+/// How long a cache's settings read from storage are used before being read again: the delay
+/// after which a change made through another replica is seen here.
+pub const CACHE_RECORD_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl AppState {
     /// Records that a path was read, for retention: at most once per `access-record-interval`
@@ -72,6 +79,29 @@ impl AppState {
             metrics,
             verified: Arc::default(),
             recorded_access: Arc::default(),
+            cache_records: Arc::default(),
         })
+    }
+
+    /// A cache's settings, from memory if read within [`CACHE_RECORD_TTL`], else from storage.
+    pub async fn cache_record(&self, cache: &str) -> flywheel_core::Result<Option<CacheRecord>> {
+        if let Some((at, record)) = self.cache_records.lock().get(cache) {
+            if at.elapsed() < CACHE_RECORD_TTL {
+                return Ok(record.clone());
+            }
+        }
+        let record = self.storage.get_cache(cache).await?;
+        let mut records = self.cache_records.lock();
+        // Names come from requests: bound the map rather than let it grow.
+        if records.len() > 10_000 {
+            records.clear();
+        }
+        records.insert(cache.to_string(), (std::time::Instant::now(), record.clone()));
+        Ok(record)
+    }
+
+    /// Drops a cache's remembered settings after this process changed them.
+    pub fn forget_cache_record(&self, cache: &str) {
+        self.cache_records.lock().remove(cache);
     }
 }

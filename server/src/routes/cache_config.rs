@@ -86,6 +86,7 @@ pub async fn create(
         retention_period: None,
     };
     state.storage.put_cache(&record).await?;
+    state.forget_cache_record(&cache);
     tracing::info!(cache = %cache, "cache created");
     Ok(StatusCode::OK)
 }
@@ -134,6 +135,7 @@ pub async fn update(
         return Err(Error::invalid("no modifiable fields were set").into());
     }
     state.storage.put_cache(&record).await?;
+    state.forget_cache_record(&cache);
     Ok(StatusCode::OK)
 }
 
@@ -145,6 +147,7 @@ pub async fn destroy(
 ) -> Result<StatusCode, ApiError> {
     authorize(&state, &caller, &cache, "destroy", |p| p.destroy_cache).await?;
     state.storage.delete_cache(&cache).await?;
+    state.forget_cache_record(&cache);
     tracing::info!(cache = %cache, "cache destroyed");
     Ok(StatusCode::OK)
 }

@@ -145,7 +145,7 @@ pub async fn authorize(
 ) -> Result<CacheRecord, ApiError> {
     validate_cache_name(cache)?;
     let mut perms = caller.permissions_for(cache);
-    let record = state.storage.get_cache(cache).await?;
+    let record = state.cache_record(cache).await?;
     if let Some(record) = &record {
         if record.is_public {
             perms.pull = true;
