@@ -516,3 +516,53 @@ fn load_run_has_no_errors() {
     let out = nix.copy_from(&nix.store("dst"), &format!("{}/ci", server.url), &server.netrc(&token), &key, &paths);
     assert!(out.status.success(), "nix copy --from after the load failed: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// An upload never counts on an unreferenced chunk older than half the grace period (GC may be
+/// about to sweep it): the missing-chunks answer lists it, and an upload writes it again, which
+/// makes it young. Then the path substitutes.
+#[test]
+fn old_unreferenced_chunks_are_written_again_not_trusted() {
+    let nix = Nix::new();
+    let server = Server::start_with(Backend::Local, "[gc]\ninterval = 0\ngrace-period = 4\n");
+    let key = server.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("stale"), &["big"]);
+    let admin = server.admin_token();
+    let url = format!("{}/ci", server.url);
+    let push = server.netrc(&admin);
+    let out = nix.copy_to(&src, &url, &push, &paths);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let chunks: Vec<String> = chunk_files(&server, &admin, "ci", &paths[0]).into_iter().collect();
+    let client = Client::new();
+    let missing = |chunks: &[String]| -> Vec<String> {
+        let answer: serde_json::Value = client
+            .post(format!("{}/_flywheel/v1/ci/missing-chunks", server.url))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({ "chunks": chunks }))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        answer["chunks"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect()
+    };
+    assert!(missing(&chunks).is_empty(), "fresh chunks count as stored");
+
+    // The path goes; its chunks stay until a collection, and grow older than half the grace.
+    let resp = client.delete(format!("{url}/{}.narinfo", hash_part(&paths[0]))).bearer_auth(&admin).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mtime = |hash: &str| std::fs::metadata(server.objects.join("chunks").join(&hash[..2]).join(hash)).map(|m| m.modified().unwrap());
+    let before: Vec<_> = chunks.iter().map(|c| mtime(c).unwrap_or_else(|e| panic!("chunk {c} not at its expected place: {e}"))).collect();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(missing(&chunks), chunks, "stale chunks must be sent again");
+
+    // A new push of the same path writes them again (now young) and publishes it.
+    let out = nix.copy_to(&src, &url, &push, &paths);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (chunk, old) in chunks.iter().zip(&before) {
+        assert!(mtime(chunk).unwrap() > *old, "chunk {chunk} was trusted, not written again");
+    }
+    assert!(missing(&chunks).is_empty());
+    run_gc(&server, &[]);
+    let out = nix.copy_from(&nix.store("dst"), &url, &server.netrc(&admin), &key, &paths);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -130,7 +130,6 @@ impl ChunkStore {
         Ok(out.into_iter().flatten().collect())
     }
 
-    /// Fetches chunks from the server, verifies and caches them.
     /// Looks chunks up in the local cache. Reading and verifying a cached chunk is disk I/O and
     /// decompression, so it runs on the blocking pool, split over a few tasks when there are many
     /// (readahead asks for dozens at once): the cores decompress in parallel and the runtime's
@@ -156,7 +155,36 @@ impl ChunkStore {
         out
     }
 
+    /// Fetches claimed chunks. A fetch by another caller may have finished (and cached its
+    /// chunks) between the caller's cache lookup and its claim; those are taken from the cache
+    /// instead of being fetched twice.
     async fn fetch_claimed(self, chunks: Vec<ChunkRef>) -> Result<Vec<Arc<[u8]>>, (ErrorKind, String)> {
+        let cache = self.cache.clone();
+        let lookup = chunks.clone();
+        // `contains` first: it costs no verification and counts nothing, and it is false for
+        // almost every claimed chunk.
+        let found: Vec<Option<Arc<[u8]>>> = tokio::task::spawn_blocking(move || {
+            lookup
+                .iter()
+                .map(|c| if cache.contains(&c.hash) { cache.get(c).map(Arc::<[u8]>::from) } else { None })
+                .collect()
+        })
+        .await
+        .unwrap_or_else(|_| vec![None; chunks.len()]);
+        let missing: Vec<ChunkRef> = chunks.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(c, _)| *c).collect();
+        if missing.len() == chunks.len() {
+            return self.fetch_from_server(chunks).await;
+        }
+        let mut fetched = if missing.is_empty() { Vec::new() } else { self.fetch_from_server(missing).await? }.into_iter();
+        found
+            .into_iter()
+            .map(|f| f.or_else(|| fetched.next()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| (ErrorKind::Internal, "the server answered fewer chunks than asked for".to_string()))
+    }
+
+    /// Fetches chunks from the server, verifies and caches them.
+    async fn fetch_from_server(self, chunks: Vec<ChunkRef>) -> Result<Vec<Arc<[u8]>>, (ErrorKind, String)> {
         let metrics = self.metrics.clone();
         let timed = |request: BoxFuture<'static, Result<Vec<crate::FetchedChunk>>>| {
             let metrics = metrics.clone();

@@ -9,10 +9,13 @@
 //!    deleted, as are stale staging markers. Before chunks go, manifests written since the mark
 //!    began are marked too, so a push that finished during the run keeps its chunks.
 //!
-//! The grace period protects uploads in flight: their chunks are younger than it. What it does
-//! not cover is an upload that reuses an old, unreferenced chunk in the moment between the mark
-//! and the sweep and publishes after the sweep; such a path reads as damaged (5xx, never wrong
-//! bytes), `flywheel fsck` takes it out of service, and a re-push repairs it.
+//! The grace period protects uploads in flight: uploads count only on chunks written within
+//! half of it, write older ones again, and must finish within the other half (see
+//! [`crate::storage::ReuseWindow`]), so every chunk an unfinished upload counts on is younger
+//! than the grace period. A chunk written again after the sweep listed it is looked at once
+//! more before it is deleted. What remains is the moment between that last look and the delete;
+//! an upload that writes the chunk again in it notices when it checks its rewritten chunks
+//! after storing its manifest, and fails instead of publishing.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -22,7 +25,7 @@ use flywheel_core::nix::Sha256Hash;
 use flywheel_core::Result;
 
 use crate::config::GcConfig;
-use crate::storage::{now, Storage};
+use crate::storage::{modified_ms, now, now_ms, Reuse, Storage};
 
 /// What a collection did (or, in a dry run, would do).
 #[derive(Debug, Default, Clone)]
@@ -44,7 +47,7 @@ pub struct GcReport {
 /// Runs one collection over all caches.
 pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Result<GcReport> {
     let started = now();
-    let started_ms = chrono_now_ms();
+    let started_ms = now_ms();
     // Objects modified after this instant are within the grace period.
     let grace_cutoff_ms = started_ms.saturating_sub(config.grace_period.saturating_mul(1000));
     let young = |meta: &object_store::ObjectMeta| modified_ms(meta) > grace_cutoff_ms;
@@ -114,6 +117,12 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
             report.chunks_kept += 1;
             continue;
         }
+        // An upload may have written this chunk again since the listing (it was too old to
+        // count on, see `ReuseWindow`): look once more right before deleting.
+        if !dry_run && storage.chunk_reusable(&hash, grace_cutoff_ms.saturating_add(1)).await? != Reuse::Stale {
+            report.chunks_kept += 1;
+            continue;
+        }
         report.chunks_deleted += 1;
         report.chunk_bytes_freed += meta.size;
         if !dry_run {
@@ -129,14 +138,6 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
         "garbage collection finished"
     );
     Ok(report)
-}
-
-fn modified_ms(meta: &object_store::ObjectMeta) -> u64 {
-    u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0)
-}
-
-fn chrono_now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn manifest_nar_hash(key: &object_store::path::Path) -> Option<Sha256Hash> {

@@ -5,10 +5,12 @@
 //! queue hands chunks to tasks that name them (BLAKE3), skip those already stored, compress the
 //! rest and write them in parallel.
 //!
-//! A failed upload must leave storage as it found it: the chunks it created are deleted again,
-//! unless another upload in this process is using them (see [`ChunkClaims`]).
+//! A failed upload leaves the chunks it wrote for garbage collection. It cannot delete them:
+//! another upload, in this process or in another replica over the same bucket, may have found
+//! them stored in the meantime and counted on them. Chunks are counted on only while they are
+//! young (see [`ReuseWindow`]), so an old unreferenced chunk that a collection is about to sweep
+//! is written again rather than trusted.
 
-use std::collections::HashMap;
 use std::io::{self, Read};
 use std::sync::Arc;
 
@@ -19,13 +21,12 @@ use flywheel_core::nar::{self, ParsedNar};
 use flywheel_core::nix::Sha256Hash;
 use flywheel_core::{Error, Result};
 use futures::{Stream, StreamExt};
-use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+
 
 use crate::metrics::Metrics;
-use crate::storage::Storage;
+use crate::storage::{Reuse, ReuseWindow, Storage};
 
 /// How an uploaded NAR is compressed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,55 +171,6 @@ fn join_error(err: tokio::task::JoinError) -> Error {
     Error::internal(format!("NAR reader task failed: {err}"))
 }
 
-/// Chunks in use by uploads of this process, so that a failed upload never deletes a chunk that
-/// another upload counts on.
-#[derive(Default)]
-pub struct ChunkClaims {
-    entries: Mutex<HashMap<ChunkHash, ClaimEntry>>,
-}
-
-#[derive(Default)]
-struct ClaimEntry {
-    holders: usize,
-    /// A path using the chunk has been published (or its manifest stored): never delete it.
-    committed: bool,
-}
-
-/// The chunks one upload holds a claim on.
-struct ClaimSet {
-    claims: Arc<ChunkClaims>,
-    held: Mutex<Vec<ChunkHash>>,
-    created: Mutex<Vec<ChunkHash>>,
-}
-
-impl ClaimSet {
-    fn claim(&self, hash: ChunkHash) {
-        self.claims.entries.lock().entry(hash).or_default().holders += 1;
-        self.held.lock().push(hash);
-    }
-
-    /// Releases every claim; returns the chunks this upload created that nobody else holds
-    /// and no published path uses, which the caller deletes.
-    fn release(&self, committed: bool) -> Vec<ChunkHash> {
-        let held = std::mem::take(&mut *self.held.lock());
-        let created: std::collections::HashSet<ChunkHash> = self.created.lock().drain(..).collect();
-        let mut orphans = Vec::new();
-        let mut entries = self.claims.entries.lock();
-        for hash in held {
-            let Some(entry) = entries.get_mut(&hash) else { continue };
-            entry.committed |= committed;
-            entry.holders -= 1;
-            if entry.holders == 0 {
-                if !entry.committed && created.contains(&hash) {
-                    orphans.push(hash);
-                }
-                entries.remove(&hash);
-            }
-        }
-        orphans
-    }
-}
-
 /// Numbers about one ingested NAR.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct IngestStats {
@@ -238,40 +190,50 @@ pub struct Ingested {
     pub manifest: Manifest,
     /// Numbers.
     pub stats: IngestStats,
-    claims: Arc<ClaimSet>,
+    /// Stale chunks this upload wrote again: checked once more after the manifest is stored.
+    refreshed: Vec<ChunkHash>,
+    started: std::time::Instant,
+    window: ReuseWindow,
     storage: Storage,
 }
 
 impl Ingested {
-    /// Stores the manifest; from then on the chunks belong to it.
+    /// Stores the manifest; from then on the chunks belong to it (garbage collection keeps
+    /// what a stored manifest lists).
+    ///
+    /// Fails when the upload took longer than the reuse window (a collection may have swept a
+    /// chunk it counted on), or when a chunk it wrote again is gone once the manifest is stored
+    /// (a collection that listed it before the write deleted it after): the caller then must
+    /// not publish the path, and a new upload repairs it.
     pub async fn commit(self) -> Result<(Manifest, IngestStats)> {
-        match self.storage.put_manifest(&self.manifest).await {
-            Ok(()) => {
-                self.claims.release(true);
-                Ok((self.manifest, self.stats))
-            }
-            Err(err) => {
-                delete_orphans(&self.storage, self.claims.release(false)).await;
-                Err(err)
+        if let Some(limit) = self.window.max_upload() {
+            if self.started.elapsed() > limit {
+                return Err(Error::unavailable(format!(
+                    "the upload took {:?}, longer than half the garbage collection grace period ({limit:?}); upload it again",
+                    self.started.elapsed()
+                )));
             }
         }
-    }
-
-    /// Gives the upload up, deleting the chunks that only it had stored.
-    pub async fn abort(self) {
-        delete_orphans(&self.storage, self.claims.release(false)).await;
+        self.storage.put_manifest(&self.manifest).await?;
+        for hash in &self.refreshed {
+            if self.storage.chunk_size(hash).await?.is_none() {
+                return Err(Error::unavailable(format!(
+                    "chunk {hash} was swept by a garbage collection during the upload; upload it again"
+                )));
+            }
+        }
+        Ok((self.manifest, self.stats))
     }
 }
 
-async fn delete_orphans(storage: &Storage, orphans: Vec<ChunkHash>) {
-    if !orphans.is_empty() {
-        debug!(count = orphans.len(), "deleting chunks of a failed upload");
-    }
-    for hash in orphans {
-        if let Err(err) = storage.delete_chunk(&hash).await {
-            warn!(chunk = %hash, error = %err, "could not delete a chunk of a failed upload; GC will");
-        }
-    }
+/// What storing one chunk did.
+enum Stored {
+    /// It was new; this many compressed bytes were written.
+    Written(u64),
+    /// It was stored but stale, and was written again.
+    Refreshed(u64),
+    /// A fresh copy was stored already.
+    Deduplicated,
 }
 
 /// Turns NAR uploads into stored chunks.
@@ -281,26 +243,35 @@ pub struct Ingester {
     params: ChunkParams,
     zstd_level: i32,
     parallelism: usize,
-    claims: Arc<ChunkClaims>,
+    window: ReuseWindow,
     metrics: Arc<Metrics>,
 }
 
 impl Ingester {
-    /// An ingester writing to `storage`.
-    pub fn new(storage: Storage, params: ChunkParams, zstd_level: i32, parallelism: usize, metrics: Arc<Metrics>) -> Self {
-        Ingester { storage, params, zstd_level, parallelism, claims: Arc::default(), metrics }
+    /// An ingester writing to `storage`, counting on stored chunks within `window`.
+    pub fn new(
+        storage: Storage,
+        params: ChunkParams,
+        zstd_level: i32,
+        parallelism: usize,
+        window: ReuseWindow,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Ingester { storage, params, zstd_level, parallelism, window, metrics }
     }
 
     /// Reads a NAR from `body`, stores its missing chunks, and returns its manifest (not yet
-    /// stored). On any failure, the chunks it stored are removed again.
+    /// stored). On failure, the chunks it stored stay for garbage collection.
     pub async fn ingest(
         &self,
         body: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
         compression: Compression,
     ) -> Result<Ingested> {
         let (chunk_tx, chunk_rx) = mpsc::channel::<(ChunkHash, Vec<u8>)>(self.parallelism);
+        let started = std::time::Instant::now();
+        let reusable_after = self.window.reusable_after();
         let reader = spawn_nar_reader(body, compression, Some((self.params, chunk_tx)));
-        let claims = Arc::new(ClaimSet { claims: self.claims.clone(), held: Mutex::default(), created: Mutex::default() });
+        let mut refreshed = Vec::new();
 
         let mut refs = Vec::new();
         let mut stats = IngestStats::default();
@@ -309,21 +280,26 @@ impl Ingester {
             let stored = futures::stream::unfold(chunk_rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
                 .map(|(hash, data)| {
                     // A task per chunk, so compression runs on every worker thread.
-                    let task = tokio::spawn(self.clone().store_chunk(hash, data, claims.clone()));
+                    let task = tokio::spawn(self.clone().store_chunk(hash, data, reusable_after));
                     async move { task.await.map_err(|e| Error::internal(format!("chunk task failed: {e}")))? }
                 })
                 .buffered(self.parallelism);
             let mut stored = std::pin::pin!(stored);
             while let Some(result) = stored.next().await {
                 match result {
-                    Ok((chunk_ref, new_bytes)) => {
+                    Ok((chunk_ref, stored)) => {
                         stats.chunks += 1;
-                        match new_bytes {
-                            Some(bytes) => {
+                        match stored {
+                            Stored::Written(bytes) => {
                                 stats.new_chunks += 1;
                                 stats.new_stored_bytes += bytes;
                             }
-                            None => stats.deduplicated_bytes += u64::from(chunk_ref.size),
+                            Stored::Refreshed(bytes) => {
+                                stats.new_stored_bytes += bytes;
+                                stats.deduplicated_bytes += u64::from(chunk_ref.size);
+                                refreshed.push(chunk_ref.hash);
+                            }
+                            Stored::Deduplicated => stats.deduplicated_bytes += u64::from(chunk_ref.size),
                         }
                         refs.push(chunk_ref);
                     }
@@ -335,13 +311,8 @@ impl Ingester {
             }
         }
         let read = reader.await.map_err(join_error).and_then(|r| r);
-        let failed = |err: Error| async {
-            delete_orphans(&self.storage, claims.release(false)).await;
-            Err(err)
-        };
         let (parsed, nar_hash) = match (store_error, read) {
-            (Some(err), _) => return failed(err).await,
-            (None, Err(err)) => return failed(err).await,
+            (Some(err), _) | (None, Err(err)) => return Err(err),
             (None, Ok(read)) => read,
         };
         let manifest = Manifest {
@@ -352,30 +323,32 @@ impl Ingester {
             root: parsed.root,
         };
         if let Err(err) = manifest.validate() {
-            return failed(Error::internal(format!("ingest built an inconsistent manifest: {err}"))).await;
+            return Err(Error::internal(format!("ingest built an inconsistent manifest: {err}")));
         }
         self.metrics.nar_bytes_in.fetch_add(manifest.nar_size, std::sync::atomic::Ordering::Relaxed);
-        Ok(Ingested { manifest, stats, claims, storage: self.storage.clone() })
+        Ok(Ingested { manifest, stats, refreshed, started, window: self.window, storage: self.storage.clone() })
     }
 
-    /// Stores a chunk unless it is stored already; returns its reference and the compressed
-    /// bytes written, if any.
-    async fn store_chunk(self, hash: ChunkHash, data: Vec<u8>, claims: Arc<ClaimSet>) -> Result<(ChunkRef, Option<u64>)> {
+    /// Stores a chunk unless a fresh copy is stored already (see [`ReuseWindow`]).
+    async fn store_chunk(self, hash: ChunkHash, data: Vec<u8>, reusable_after: u64) -> Result<(ChunkRef, Stored)> {
         let chunk_ref = ChunkRef { hash, size: data.len() as u32 };
-        claims.claim(hash);
-        if self.storage.chunk_size(&hash).await?.is_some() {
+        let reuse = self.storage.chunk_reusable(&hash, reusable_after).await?;
+        if reuse == Reuse::Fresh {
             self.metrics.chunks_deduplicated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok((chunk_ref, None));
+            return Ok((chunk_ref, Stored::Deduplicated));
         }
-        claims.created.lock().push(hash);
         // Compressing a chunk takes a few hundred microseconds: short enough to do on the
         // worker, and cheaper than a hop to the blocking pool for every chunk.
         let frame = chunk::compress(&data, self.zstd_level)?;
         let stored = frame.len() as u64;
         self.storage.put_chunk(&hash, Bytes::from(frame)).await?;
-        self.metrics.chunks_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.stored_bytes.fetch_add(stored, std::sync::atomic::Ordering::Relaxed);
-        Ok((chunk_ref, Some(stored)))
+        if reuse == Reuse::Stale {
+            self.metrics.chunks_deduplicated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok((chunk_ref, Stored::Refreshed(stored)));
+        }
+        self.metrics.chunks_stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((chunk_ref, Stored::Written(stored)))
     }
 
     /// Rebuilds a NAR from stored chunks and checks it, for a commit through the chunk API:

@@ -7,7 +7,7 @@ use crate::config::ServerConfig;
 use crate::ingest::Ingester;
 use crate::metrics::Metrics;
 use crate::preflight::VerifiedChunks;
-use crate::storage::{CacheRecord, Storage};
+use crate::storage::{CacheRecord, ReuseWindow, Storage};
 
 /// Shared state of the server.
 #[derive(Clone)]
@@ -69,6 +69,7 @@ impl AppState {
             config.chunking,
             config.zstd_level,
             config.chunk_parallelism,
+            ReuseWindow::for_grace_period(config.gc.grace_period),
             metrics.clone(),
         );
         Ok(AppState {
@@ -98,6 +99,11 @@ impl AppState {
         }
         records.insert(cache.to_string(), (std::time::Instant::now(), record.clone()));
         Ok(record)
+    }
+
+    /// How young a stored chunk must be for an upload to count on it.
+    pub fn reuse_window(&self) -> ReuseWindow {
+        ReuseWindow::for_grace_period(self.config.gc.grace_period)
     }
 
     /// Drops a cache's remembered settings after this process changed them.

@@ -44,6 +44,61 @@ pub struct CacheRecord {
     pub retention_period: Option<u32>,
 }
 
+/// Whether a stored chunk may be counted on by a new path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// Not stored.
+    Missing,
+    /// Stored, but older than the reuse window: write it again before counting on it.
+    Stale,
+    /// Stored and written recently enough.
+    Fresh,
+}
+
+/// How old a stored chunk may be and still be counted on by an upload without writing it
+/// again.
+///
+/// Garbage collection deletes unreferenced chunks older than the grace period. An upload that
+/// counted on such a chunk and published after the sweep would publish a path with a hole. So
+/// uploads count only on chunks written within half the grace period, and write older ones
+/// again (which makes them young, so the sweep spares them); and an upload must finish within
+/// the other half. With a grace period of 0 (no protection asked for), every chunk counts.
+#[derive(Debug, Clone, Copy)]
+pub struct ReuseWindow {
+    /// Half the grace period, in milliseconds; 0 for no limit.
+    pub window_ms: u64,
+}
+
+impl ReuseWindow {
+    /// The window for a grace period in seconds.
+    pub fn for_grace_period(grace_secs: u64) -> Self {
+        ReuseWindow { window_ms: grace_secs.saturating_mul(1000) / 2 }
+    }
+
+    /// Chunks written at or after this instant (ms since the epoch) may be counted on now.
+    pub fn reusable_after(&self) -> u64 {
+        if self.window_ms == 0 {
+            return 0;
+        }
+        now_ms().saturating_sub(self.window_ms)
+    }
+
+    /// Longest an upload may take between its first reuse decision and its commit.
+    pub fn max_upload(&self) -> Option<std::time::Duration> {
+        (self.window_ms > 0).then(|| std::time::Duration::from_millis(self.window_ms))
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// An object's modification time in milliseconds since the epoch.
+pub fn modified_ms(meta: &object_store::ObjectMeta) -> u64 {
+    u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0)
+}
+
 /// A published store path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PathRecord {
@@ -165,12 +220,25 @@ impl Storage {
         }
     }
 
-    /// Which of `hashes` are stored, in order, asking `parallelism` at a time.
-    pub async fn chunks_present(&self, hashes: Vec<ChunkHash>, parallelism: usize) -> Result<Vec<bool>> {
+    /// Whether a chunk is stored and written at or after `reusable_after` (milliseconds since
+    /// the epoch): only such a chunk may be counted on by a new path (see [`ReuseWindow`]).
+    pub async fn chunk_reusable(&self, hash: &ChunkHash, reusable_after: u64) -> Result<Reuse> {
+        match self.store.head(&Self::chunk_key(hash)).await {
+            Ok(meta) if modified_ms(&meta) >= reusable_after => Ok(Reuse::Fresh),
+            Ok(_) => Ok(Reuse::Stale),
+            Err(object_store::Error::NotFound { .. }) => Ok(Reuse::Missing),
+            Err(err) => Err(storage_error(err, "chunk")),
+        }
+    }
+
+    /// Which of `hashes` are stored and fresh enough to count on, in order, asking
+    /// `parallelism` at a time. Stale ones count as missing, so the uploader sends them again
+    /// and the write makes them fresh.
+    pub async fn chunks_reusable(&self, hashes: Vec<ChunkHash>, reusable_after: u64, parallelism: usize) -> Result<Vec<bool>> {
         futures::stream::iter(hashes)
             .map(|hash| {
                 let storage = self.clone();
-                async move { storage.chunk_size(&hash).await.map(|size| size.is_some()) }
+                async move { storage.chunk_reusable(&hash, reusable_after).await.map(|r| r == Reuse::Fresh) }
             })
             .buffered(parallelism)
             .try_collect()

@@ -19,6 +19,7 @@ use super::{authorize, ApiJson, Caller};
 use crate::error::ApiError;
 use crate::ingest::verified_chunks;
 use crate::state::AppState;
+use crate::storage::Reuse;
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -118,7 +119,10 @@ pub async fn missing(
 ) -> ApiResult<Json<ChunkList>> {
     authorize(&state, &caller, &cache, "push", |p| p.push).await?;
     check_count(request.chunks.len())?;
-    let present = state.storage.chunks_present(request.chunks.clone(), state.config.chunk_parallelism).await?;
+    // Stale chunks count as missing: the uploader sends them again, which makes them young.
+    let reusable_after = state.reuse_window().reusable_after();
+    let present =
+        state.storage.chunks_reusable(request.chunks.clone(), reusable_after, state.config.chunk_parallelism).await?;
     let chunks = request.chunks.iter().zip(present).filter(|(_, present)| !present).map(|(h, _)| *h).collect();
     Ok(Json(ChunkList { chunks }))
 }
@@ -145,7 +149,9 @@ pub async fn put_one(
     })
     .await
     .map_err(|e| Error::internal(e.to_string()))??;
-    if state.storage.chunk_size(&hash).await?.is_none() {
+    // A stale copy is written again, so that garbage collection counts it as young.
+    let reusable_after = state.reuse_window().reusable_after();
+    if state.storage.chunk_reusable(&hash, reusable_after).await? != Reuse::Fresh {
         state.storage.put_chunk(&hash, frame).await?;
     }
     Ok(StatusCode::OK)
@@ -184,12 +190,14 @@ pub async fn commit(
         return Err(Error::invalid(format!("chunks add up to {total} bytes, not narSize {}", request.nar_size)).into());
     }
     let hashes = request.chunks.iter().map(|c| c.hash).collect();
-    let present = state.storage.chunks_present(hashes, state.config.chunk_parallelism).await?;
+    let window = state.reuse_window();
+    let checked_at = std::time::Instant::now();
+    let present = state.storage.chunks_reusable(hashes, window.reusable_after(), state.config.chunk_parallelism).await?;
     let missing: Vec<String> =
         request.chunks.iter().zip(present).filter(|(_, present)| !present).map(|(c, _)| c.hash.to_string()).collect();
     if !missing.is_empty() {
         return Err(Error::invalid(format!(
-            "{} chunks are not stored; upload them first (first: {})",
+            "{} chunks are not stored (or too old to count on); upload them first (first: {})",
             missing.len(),
             missing[0]
         ))
@@ -205,6 +213,9 @@ pub async fn commit(
             manifest.nar_hash, manifest.nar_size, nar_hash, request.nar_size
         ))
         .into());
+    }
+    if window.max_upload().is_some_and(|limit| checked_at.elapsed() > limit) {
+        return Err(Error::unavailable("the commit took longer than half the garbage collection grace period; commit again").into());
     }
     state.storage.put_manifest(&manifest).await?;
     state.storage.put_path(&cache, &path).await?;

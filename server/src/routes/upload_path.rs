@@ -90,7 +90,6 @@ pub async fn handle(
     let ingested = state.ingester.ingest(nar, Compression::None).await?;
     let got = (ingested.manifest.nar_hash, ingested.manifest.nar_size);
     if got != (nar_hash, info.nar_size) {
-        ingested.abort().await;
         return Err(Error::invalid(format!(
             "the NAR does not match its upload info: it has hash {} and size {}, the info says {} and {}",
             got.0, got.1, nar_hash, info.nar_size
