@@ -267,6 +267,10 @@ struct MountArgs {
     /// Seconds to wait for the server before a read fails with EIO.
     #[arg(long, default_value_t = 10)]
     offline_timeout: u64,
+    /// Byte budget for whole files kept decompressed under `<cache-dir>/files`, which later
+    /// opens read through FUSE passthrough at the disk's own speed; 0 turns this off.
+    #[arg(long, default_value_t = 2 << 30)]
+    files_size: u64,
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9101.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -295,6 +299,7 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     config.cache_size = args.cache_size;
     config.offline_timeout = std::time::Duration::from_secs(args.offline_timeout.max(1));
     config.metrics_listen = args.metrics_listen;
+    config.files_size = args.files_size;
     flywheel_fuse::mount(config)?;
     Ok(())
 }

@@ -91,6 +91,87 @@ fn fuse_server_down_cached_reads_work_uncached_fail_with_eio() {
     assert!(std::fs::metadata(mount.mountpoint.join("0000000000000000000000000000000a-gone")).is_err());
 }
 
+/// A reader killed while its read waits for the server: the mount answers that read once the
+/// server is back (the kernel drops the answer), serves the next reader correctly, and still
+/// unmounts cleanly.
+#[test]
+fn fuse_interrupted_read_is_answered_and_the_mount_carries_on() {
+    let setup = Setup::new();
+    let big = setup.push_corpus(&["big"]).remove(0);
+    let expected = sha256_file(&setup.physical(&big).join("blob"));
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &["--offline-timeout", "30"]);
+    let blob = mount.path(&big).join("blob");
+    assert!(std::fs::metadata(&blob).unwrap().len() > 1 << 20);
+    // Freeze the server: the read below waits on it.
+    let pid = setup.server.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let mut reader = std::process::Command::new("cat").arg(&blob).stdout(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(reader.try_wait().unwrap().is_none(), "the read did not wait for the frozen server");
+    reader.kill().unwrap();
+    // A killed reader never waits for the answer (a hang guard, not a timing check).
+    let exited = common_fuse::wait_timeout(&mut reader, std::time::Duration::from_secs(60));
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(exited.is_some(), "the killed reader hangs in its read");
+    assert_eq!(sha256_file(&blob), expected, "bytes after an interrupted read");
+    assert!(mount.terminate(), "the mount did not unmount cleanly after an interrupted read");
+}
+
+/// A file read whole is kept on disk and later opens use FUSE passthrough: the kernel reads the
+/// copy without asking the mount, and the bytes are right. After a restart, a damaged copy is
+/// caught on first open and the file is served through its chunks again.
+#[test]
+fn fuse_file_read_whole_is_served_by_passthrough_afterwards() {
+    let setup = Setup::new();
+    let big = setup.push_corpus(&["big"]).remove(0);
+    let expected = sha256_file(&setup.physical(&big).join("blob"));
+    let cache_dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let metric = |name: &str| -> f64 {
+        let text = reqwest::blocking::get(format!("http://{addr}/metrics")).unwrap().text().unwrap();
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name} ")).map(|v| v.parse().unwrap())).unwrap_or_else(|| panic!("no {name}"))
+    };
+    let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &["--metrics-listen", &addr]);
+    let blob = mount.path(&big).join("blob");
+    assert_eq!(sha256_file(&blob), expected);
+
+    // The whole file was served: it is written out in the background.
+    let files = cache_dir.path().join("files");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let copy = loop {
+        let found = std::fs::read_dir(&files).ok().and_then(|d| {
+            d.flatten().map(|e| e.path()).find(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(std::time::Instant::now() < deadline, "the file read whole was not materialized");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(sha256_file(&copy), expected, "the materialized copy differs");
+
+    // Read again with the page cache dropped: the kernel reads the copy, the mount sees no READ.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let reads = metric("flywheel_fuse_reads_total");
+    assert_eq!(sha256_file(&blob), expected, "bytes through passthrough");
+    assert_eq!(metric("flywheel_fuse_reads_total"), reads, "reads went through the mount, not passthrough");
+    assert!(metric("flywheel_fuse_passthrough_opens_total") >= 1.0);
+    assert!(mount.terminate());
+
+    // Damage the copy (same size); a new mount checks it on first open and drops it.
+    let mut bytes = std::fs::read(&copy).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&copy, &bytes).unwrap();
+    let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &["--metrics-listen", &addr]);
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(sha256_file(&mount.path(&big).join("blob")), expected, "a damaged copy was served");
+    assert_eq!(metric("flywheel_fuse_passthrough_opens_total"), 0.0, "the damaged copy was handed to the kernel");
+    assert!(metric("flywheel_fuse_reads_total") > 0.0);
+    assert!(mount.terminate());
+}
+
 fn libc_eio() -> i32 {
     5
 }
@@ -102,7 +183,8 @@ fn fuse_corrupted_entry_is_refetched_and_cache_survives_kill9() {
     let proxy = CountingProxy::start(&setup.server.url);
     let cache_dir = tempfile::tempdir().unwrap();
     let expected = sha256_file(&setup.physical(&big).join("blob"));
-    let mut mount = setup.mount(&proxy.url, cache_dir.path(), &[]);
+    // Without whole files on disk: this is about chunks, which passthrough would bypass.
+    let mut mount = setup.mount(&proxy.url, cache_dir.path(), &["--files-size", "0"]);
     assert_eq!(sha256_file(&mount.path(&big).join("blob")), expected);
     let first = proxy.chunks_requested();
     assert!(first > 10);
@@ -119,7 +201,7 @@ fn fuse_corrupted_entry_is_refetched_and_cache_survives_kill9() {
         cache.flush().unwrap();
         victim
     };
-    let mut mount = setup.mount(&proxy.url, cache_dir.path(), &[]);
+    let mut mount = setup.mount(&proxy.url, cache_dir.path(), &["--files-size", "0"]);
     assert_eq!(sha256_file(&mount.path(&big).join("blob")), expected, "bytes after corruption");
     assert_eq!(proxy.chunks_requested() - first, 1, "only the corrupted chunk is fetched again");
     assert!(mount.terminate());

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,15 +21,17 @@ use fuser::{
     OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 use parking_lot::{Mutex, RwLock};
-use tracing::{debug_span, info_span, warn, Instrument};
+use tracing::{debug, debug_span, info_span, warn, Instrument};
 
 use crate::errno::errno;
+use crate::files::{self, MaterializedFiles};
 use crate::tree::{NodeKind, PathTree};
 
 /// Store paths never change, so the kernel may keep what it learns about them for long.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
-/// The store directory's own attributes change as paths are registered.
-const ROOT_TTL: Duration = Duration::from_secs(1);
+/// The store directory's attributes are asked for every time: its modification time, which
+/// moves as paths are registered, is how the kernel learns that its cached listing is stale.
+const ROOT_TTL: Duration = Duration::ZERO;
 /// A path missing now may be pushed in a moment.
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 /// How far ahead of a sequential reader chunks are fetched.
@@ -46,6 +48,9 @@ pub struct FsConfig {
     pub offline_timeout: Duration,
     /// Bytes of decompressed chunks kept in memory.
     pub hot_bytes: usize,
+    /// Where whole files read through the mount are kept decompressed for passthrough, and
+    /// their byte budget; `None` turns passthrough off.
+    pub materialized: Option<(std::path::PathBuf, u64)>,
 }
 
 /// Decompressed chunks in memory, least recently used dropped first, bounded in bytes.
@@ -77,12 +82,33 @@ impl HotChunks {
     }
 }
 
-/// Per open file: how far a sequential reader got, and how far readahead reached.
+/// Per open file: how far a sequential reader got, how far readahead reached, and how many
+/// bytes were served (a file served whole gets materialized).
 #[derive(Default)]
 struct OpenFile {
     last_end: AtomicU64,
     prefetched_to: AtomicU64,
+    served: AtomicU64,
+    /// The inode whose backing file this handle uses, for passthrough handles.
+    passthrough: Option<INodeNo>,
 }
+
+/// What the filesystem served, for `/metrics`.
+#[derive(Debug, Default)]
+struct FsStats {
+    /// READ requests answered by the mount.
+    reads: AtomicU64,
+    /// Bytes those reads returned.
+    read_bytes: AtomicU64,
+    /// Opens answered with a backing file (the kernel reads it without the mount).
+    passthrough_opens: AtomicU64,
+    /// Files written whole to the materialized files.
+    materialized_files: AtomicU64,
+}
+
+/// Materializations running at once; more files read to the end meanwhile are skipped (and
+/// materialized on a later full read).
+const MATERIALIZING_MAX: usize = 2;
 
 struct Inner {
     store: ChunkStore,
@@ -93,6 +119,17 @@ struct Inner {
     hot: Mutex<HotChunks>,
     open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
+    /// When the root's attributes last looked for paths cached by other processes.
+    last_cached_scan: Mutex<Option<std::time::Instant>>,
+    /// Whole files on disk for passthrough, when enabled.
+    files: Option<MaterializedFiles>,
+    /// Whether the kernel accepted passthrough.
+    passthrough: AtomicBool,
+    /// The backing file of each inode open in passthrough mode, and its open handles: the
+    /// kernel wants one backing id per inode for as long as any handle is open.
+    backing: Mutex<HashMap<INodeNo, (Arc<fuser::BackingId>, usize)>>,
+    materializing: std::sync::atomic::AtomicUsize,
+    stats: FsStats,
 }
 
 /// The filesystem. Hand it to `fuser`; every operation takes `&self`, so a multi-threaded
@@ -138,14 +175,18 @@ fn attr(ino: INodeNo, kind: &NodeKind) -> FileAttr {
     }
 }
 
-fn root_attr() -> FileAttr {
+/// The store directory's attributes; its modification time moves by a nanosecond per path
+/// registered, so the kernel drops its cached listing when paths appear.
+fn root_attr(registered: usize) -> FileAttr {
     let mut attr = attr(INodeNo::ROOT, &NodeKind::Directory { children: Vec::new() });
     attr.perm = 0o555;
+    attr.mtime = mtime() + Duration::from_nanos(registered as u64);
+    attr.ctime = attr.mtime;
     attr
 }
 
 fn negative_entry() -> FileAttr {
-    let mut attr = root_attr();
+    let mut attr = root_attr(0);
     attr.ino = INodeNo(0);
     attr
 }
@@ -154,6 +195,13 @@ impl FlywheelFs {
     /// A filesystem over `store`, running network work on `runtime`.
     pub fn new(store: ChunkStore, runtime: tokio::runtime::Handle, config: FsConfig) -> Self {
         let limit = config.hot_bytes;
+        let files = config.materialized.as_ref().and_then(|(dir, budget)| match MaterializedFiles::open(dir, *budget) {
+            Ok(files) => Some(files),
+            Err(err) => {
+                warn!(dir = %dir.display(), "materialized files are off: {err}");
+                None
+            }
+        });
         FlywheelFs {
             inner: Arc::new(Inner {
                 store,
@@ -164,7 +212,32 @@ impl FlywheelFs {
                 hot: Mutex::new(HotChunks { map: lru::LruCache::unbounded(), bytes: 0, limit }),
                 open_files: Mutex::default(),
                 next_fh: AtomicU64::new(1),
+                last_cached_scan: Mutex::new(None),
+                files,
+                passthrough: AtomicBool::new(false),
+                backing: Mutex::default(),
+                materializing: Default::default(),
+                stats: FsStats::default(),
             }),
+        }
+    }
+}
+
+impl FlywheelFs {
+    /// Appends the filesystem's metrics in Prometheus text format, for `/metrics`.
+    pub fn metrics_renderer(&self) -> impl Fn(&mut String) + Send + Sync + 'static {
+        let inner = self.inner.clone();
+        move |out: &mut String| {
+            use flywheel_core::metrics::render_sample;
+            let stats = &inner.stats;
+            let value = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as f64;
+            render_sample(out, "flywheel_fuse_reads_total", "counter", "READ requests the mount answered.", value(&stats.reads));
+            render_sample(out, "flywheel_fuse_read_bytes_total", "counter", "Bytes those reads returned.", value(&stats.read_bytes));
+            render_sample(out, "flywheel_fuse_passthrough_opens_total", "counter", "Opens answered with a backing file, read by the kernel directly.", value(&stats.passthrough_opens));
+            render_sample(out, "flywheel_fuse_materialized_files_total", "counter", "Files written whole to disk for passthrough.", value(&stats.materialized_files));
+            let bytes = inner.files.as_ref().map_or(0, |f| f.used_bytes());
+            render_sample(out, "flywheel_fuse_materialized_bytes", "gauge", "Bytes of files kept whole on disk for passthrough.", bytes as f64);
+            render_sample(out, "flywheel_fuse_paths", "gauge", "Store paths known to the mount.", inner.paths.read().len() as f64);
         }
     }
 }
@@ -278,6 +351,77 @@ impl Inner {
         out
     }
 
+    /// Writes a file that was just served whole to the materialized files, in the background,
+    /// from its (now local) chunks, so that later opens use passthrough.
+    fn materialize(self: &Arc<Self>, tree: &Arc<PathTree>, nar_offset: u64, size: u64) {
+        let Some(files) = &self.files else { return };
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return;
+        }
+        let key = files::key(&tree.nar_hash, nar_offset);
+        if !files.claim(&key, size) {
+            return;
+        }
+        if self.materializing.fetch_add(1, Ordering::Relaxed) >= MATERIALIZING_MAX {
+            self.materializing.fetch_sub(1, Ordering::Relaxed);
+            files.release_claim(&key);
+            return;
+        }
+        let (inner, tree) = (self.clone(), tree.clone());
+        self.runtime.spawn_blocking(move || {
+            let span = debug_span!("materialize", store_path = %tree.base_name, nar_offset, size);
+            let _entered = span.enter();
+            if let Err(err) = inner.write_materialized(&tree, &key, nar_offset, size) {
+                debug!("materializing failed: {err}");
+            }
+            inner.materializing.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    fn write_materialized(&self, tree: &PathTree, key: &str, nar_offset: u64, size: u64) -> Result<()> {
+        let Some(files) = &self.files else { return Ok(()) };
+        let io = |e: std::io::Error| Error::unavailable(format!("writing a materialized file: {e}"));
+        let mut writer = files.writer(key).map_err(io)?;
+        let (mut at, end) = (nar_offset, nar_offset + size);
+        while at < end {
+            let to = (at + READAHEAD).min(end);
+            let (covering, first) = tree.covering(at, to);
+            let chunks = self.runtime.block_on(self.chunks(covering))?;
+            writer.write(&Inner::assemble(&chunks, first, at, to)).map_err(io)?;
+            at = to;
+        }
+        writer.finish().map_err(io)?;
+        self.stats.materialized_files.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The backing file of a file for passthrough, shared by all its open handles; `None`
+    /// when passthrough is off or the file is not materialized.
+    fn open_backing(&self, ino_: INodeNo, tree: &PathTree, nar_offset: u64, size: u64, reply: &ReplyOpen) -> Option<Arc<fuser::BackingId>> {
+        let files = self.files.as_ref()?;
+        if !self.passthrough.load(Ordering::Relaxed) || size < files::MIN_FILE_SIZE {
+            return None;
+        }
+        let mut backing = self.backing.lock();
+        if let Some((id, handles)) = backing.get_mut(&ino_) {
+            *handles += 1;
+            return Some(id.clone());
+        }
+        let file = files.get(&files::key(&tree.nar_hash, nar_offset), size)?;
+        match reply.open_backing(&file) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                backing.insert(ino_, (id.clone(), 1));
+                Some(id)
+            }
+            Err(err) => {
+                warn!("the kernel refused a backing file, passthrough is off: {err}");
+                self.passthrough.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
     /// Loads, in the background, the chunks of the next [`READAHEAD`] bytes of a file that is
     /// read sequentially, from the local cache or the server, into the hot chunks.
     fn readahead(self: &Arc<Self>, tree: &Arc<PathTree>, open: &OpenFile, from: u64, file_end: u64) {
@@ -315,6 +459,19 @@ impl Filesystem for FlywheelFs {
         let _ = config.set_max_readahead(1024 * 1024);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // A listing of the root then checks the root's attributes (and so its modification
+        // time) first. Files never change, so for them it costs nothing.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_AUTO_INVAL_DATA);
+        if self.inner.files.is_some() {
+            // Depth 1: the backing files sit on a plain filesystem, and an overlayfs may still
+            // use this mount as its lower layer (lazy mode).
+            let accepted = config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !accepted {
+                warn!("the kernel does not offer FUSE passthrough; files are always served through chunks");
+            }
+            self.inner.passthrough.store(accepted, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -356,7 +513,20 @@ impl Filesystem for FlywheelFs {
 
     fn getattr(&self, _req: &Request, ino_: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         if ino_ == INodeNo::ROOT {
-            return reply.attr(&ROOT_TTL, &root_attr());
+            // Paths another process cached (the substituter sharing the cache dir) count as
+            // known locally too; looking for them costs a scan, so at most once a second.
+            let due = {
+                let mut last = self.inner.last_cached_scan.lock();
+                let due = last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+                if due {
+                    *last = Some(std::time::Instant::now());
+                }
+                due
+            };
+            if due {
+                self.inner.register_cached();
+            }
+            return reply.attr(&ROOT_TTL, &root_attr(self.inner.paths.read().len()));
         }
         match self.inner.node(ino_) {
             Some((tree, _, node)) => reply.attr(&TTL, &attr(ino_, &tree.nodes[node as usize].kind)),
@@ -379,10 +549,16 @@ impl Filesystem for FlywheelFs {
             return reply.error(Errno::EROFS);
         }
         let Some((tree, _, node)) = self.inner.node(ino_) else { return reply.error(Errno::ENOENT) };
-        if !matches!(tree.nodes[node as usize].kind, NodeKind::File { .. }) {
+        let NodeKind::File { size, nar_offset, .. } = tree.nodes[node as usize].kind else {
             return reply.error(Errno::EISDIR);
-        }
+        };
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
+        if let Some(id) = self.inner.open_backing(ino_, &tree, nar_offset, size, &reply) {
+            self.inner.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+            let open = OpenFile { passthrough: Some(ino_), ..OpenFile::default() };
+            self.inner.open_files.lock().insert(fh, Arc::new(open));
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+        }
         self.inner.open_files.lock().insert(fh, Arc::default());
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
@@ -397,7 +573,17 @@ impl Filesystem for FlywheelFs {
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
-        self.inner.open_files.lock().remove(&fh.0);
+        let open = self.inner.open_files.lock().remove(&fh.0);
+        if let Some(ino_) = open.and_then(|o| o.passthrough) {
+            let mut backing = self.inner.backing.lock();
+            if let Some((_, handles)) = backing.get_mut(&ino_) {
+                *handles -= 1;
+                if *handles == 0 {
+                    // Dropping the id closes it in the kernel.
+                    backing.remove(&ino_);
+                }
+            }
+        }
         reply.ok();
     }
 
@@ -421,10 +607,18 @@ impl Filesystem for FlywheelFs {
             return reply.data(&[]);
         }
         let (start_nar, end_nar) = (nar_offset + offset, nar_offset + end);
+        self.inner.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.read_bytes.fetch_add(end - offset, Ordering::Relaxed);
         if let Some(open) = self.inner.open_files.lock().get(&fh.0).cloned() {
             // Sequential: this read starts where the last one ended.
             if open.last_end.swap(end, Ordering::Relaxed) == offset && offset > 0 {
                 self.inner.readahead(&tree, &open, end_nar, nar_offset + file_size);
+            }
+            // The kernel asks for each byte once while its page cache holds it: a handle that
+            // was served the file's size in bytes has read it whole.
+            let served = open.served.fetch_add(end - offset, Ordering::Relaxed);
+            if served < file_size && served + (end - offset) >= file_size {
+                self.inner.materialize(&tree, nar_offset, file_size);
             }
         }
         let (covering, first_offset) = tree.covering(start_nar, end_nar);
@@ -450,11 +644,12 @@ impl Filesystem for FlywheelFs {
         }.instrument(span));
     }
 
-    fn opendir(&self, _req: &Request, ino_: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if ino_ == INodeNo::ROOT {
-            return reply.opened(FileHandle(0), FopenFlags::empty());
-        }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR);
+    /// Directories need no per-open state. Answering ENOSYS once makes the kernel stop sending
+    /// OPENDIR and RELEASEDIR altogether (two round trips per directory of a `find`) and cache
+    /// every listing (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR is its default then); the root's
+    /// cached listing is dropped when its modification time moves (see [`root_attr`]).
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(&self, _req: &Request, ino_: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 mod errno;
+mod files;
 mod fs;
 mod tree;
 
@@ -46,6 +47,9 @@ pub struct MountConfig {
     pub hot_bytes: usize,
     /// Where to serve Prometheus `/metrics`, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Byte budget of whole files kept decompressed under `cache_dir/files` for FUSE
+    /// passthrough; 0 turns passthrough off.
+    pub files_size: u64,
 }
 
 impl MountConfig {
@@ -62,6 +66,7 @@ impl MountConfig {
             threads: 4,
             hot_bytes: 32 << 20,
             metrics_listen: None,
+            files_size: 2 << 30,
         }
     }
 }
@@ -86,24 +91,30 @@ pub fn mount(config: MountConfig) -> Result<()> {
         .build()
         .map_err(|e| Error::internal(format!("starting the runtime: {e}")))?;
     let store = ChunkStore::new(api, cache.clone());
+    let fs = FlywheelFs::new(
+        store.clone(),
+        runtime.handle().clone(),
+        FsConfig {
+            offline_timeout: config.offline_timeout,
+            hot_bytes: config.hot_bytes,
+            materialized: (config.files_size > 0).then(|| (config.cache_dir.join("files"), config.files_size)),
+        },
+    );
     if let Some(addr) = config.metrics_listen {
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(addr))
             .map_err(|e| Error::internal(format!("listening for metrics on {addr}: {e}")))?;
         let metrics_store = store.clone();
+        let render_fs = fs.metrics_renderer();
         let render = Arc::new(move || {
             let mut out = String::new();
+            render_fs(&mut out);
             flywheel_client::metrics::render_store(&metrics_store, &mut out);
             out
         });
         runtime.spawn(flywheel_client::metrics::serve(listener, render));
         tracing::info!(%addr, "serving metrics");
     }
-    let fs = FlywheelFs::new(
-        store,
-        runtime.handle().clone(),
-        FsConfig { offline_timeout: config.offline_timeout, hot_bytes: config.hot_bytes },
-    );
     let mut options = fuser::Config::default();
     options.mount_options = vec![
         fuser::MountOption::FSName(format!("flywheel:{}", config.cache)),

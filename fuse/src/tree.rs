@@ -27,6 +27,8 @@ pub(crate) struct TreeNode {
 #[derive(Debug)]
 pub(crate) struct PathTree {
     pub base_name: String,
+    /// Names the NAR, and with a file's NAR offset, its materialized copy.
+    pub nar_hash: flywheel_core::nix::Sha256Hash,
     pub nodes: Vec<TreeNode>,
     pub chunks: Vec<ChunkRef>,
     /// Start offset of every chunk, plus the NAR size.
@@ -39,6 +41,7 @@ impl PathTree {
         push(&mut nodes, &path.manifest.root, 0);
         Arc::new(PathTree {
             base_name,
+            nar_hash: path.manifest.nar_hash,
             nodes,
             chunks: path.manifest.chunks.clone(),
             offsets: path.manifest.chunk_offsets(),
