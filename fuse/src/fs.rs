@@ -29,9 +29,12 @@ use crate::tree::{NodeKind, PathTree};
 
 /// Store paths never change, so the kernel may keep what it learns about them for long.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
-/// The store directory's attributes are asked for every time: its modification time, which
-/// moves as paths are registered, is how the kernel learns that its cached listing is stale.
-const ROOT_TTL: Duration = Duration::ZERO;
+/// The store directory's attributes change as paths are registered; the mount tells the
+/// kernel when (see [`Inner::root_changed`]), so this is only a fallback. Not zero: with
+/// `default_permissions`, every path lookup through the root checks the root's attributes.
+const ROOT_TTL: Duration = Duration::from_secs(1);
+/// How often the mount looks for paths that other processes sharing the cache dir cached.
+const CACHED_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// A path missing now may be pushed in a moment.
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 /// How far ahead of a sequential reader chunks are fetched.
@@ -96,6 +99,11 @@ struct OpenFile {
 /// What the filesystem served, for `/metrics`.
 #[derive(Debug, Default)]
 struct FsStats {
+    lookups: AtomicU64,
+    getattrs: AtomicU64,
+    readdirs: AtomicU64,
+    opendirs: AtomicU64,
+    opens: AtomicU64,
     /// READ requests answered by the mount.
     reads: AtomicU64,
     /// Bytes those reads returned.
@@ -119,8 +127,8 @@ struct Inner {
     hot: Mutex<HotChunks>,
     open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
-    /// When the root's attributes last looked for paths cached by other processes.
-    last_cached_scan: Mutex<Option<std::time::Instant>>,
+    /// Tells the kernel to drop what it cached about the root; set once the session exists.
+    notifier: std::sync::OnceLock<fuser::Notifier>,
     /// Whole files on disk for passthrough, when enabled.
     files: Option<MaterializedFiles>,
     /// Whether the kernel accepted passthrough.
@@ -135,6 +143,7 @@ struct Inner {
 /// The filesystem. Hand it to `fuser`; every operation takes `&self`, so a multi-threaded
 /// session serves concurrent requests in parallel, and reads that wait for the network run on
 /// the tokio runtime without holding a FUSE thread.
+#[derive(Clone)]
 pub struct FlywheelFs {
     inner: Arc<Inner>,
 }
@@ -212,7 +221,7 @@ impl FlywheelFs {
                 hot: Mutex::new(HotChunks { map: lru::LruCache::unbounded(), bytes: 0, limit }),
                 open_files: Mutex::default(),
                 next_fh: AtomicU64::new(1),
-                last_cached_scan: Mutex::new(None),
+                notifier: std::sync::OnceLock::new(),
                 files,
                 passthrough: AtomicBool::new(false),
                 backing: Mutex::default(),
@@ -224,13 +233,39 @@ impl FlywheelFs {
 }
 
 impl FlywheelFs {
+    /// Hands over the session's notifier, so that new paths show up in cached listings of the
+    /// root; and starts looking for paths other processes sharing the cache dir cached.
+    pub fn start_notifications(&self, notifier: fuser::Notifier) {
+        let _ = self.inner.notifier.set(notifier);
+        let inner = Arc::downgrade(&self.inner);
+        self.inner.runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(CACHED_SCAN_INTERVAL).await;
+                let Some(inner) = inner.upgrade() else { return };
+                let _ = tokio::task::spawn_blocking(move || inner.register_cached()).await;
+            }
+        });
+    }
+
     /// Appends the filesystem's metrics in Prometheus text format, for `/metrics`.
     pub fn metrics_renderer(&self) -> impl Fn(&mut String) + Send + Sync + 'static {
         let inner = self.inner.clone();
         move |out: &mut String| {
             use flywheel_core::metrics::render_sample;
+            use std::fmt::Write as _;
             let stats = &inner.stats;
             let value = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as f64;
+            let _ = writeln!(out, "# HELP flywheel_fuse_requests_total FUSE requests by operation.\n# TYPE flywheel_fuse_requests_total counter");
+            for (op, counter) in [
+                ("lookup", &stats.lookups),
+                ("getattr", &stats.getattrs),
+                ("opendir", &stats.opendirs),
+                ("readdir", &stats.readdirs),
+                ("open", &stats.opens),
+                ("read", &stats.reads),
+            ] {
+                let _ = writeln!(out, "flywheel_fuse_requests_total{{op=\"{op}\"}} {}", value(counter));
+            }
             render_sample(out, "flywheel_fuse_reads_total", "counter", "READ requests the mount answered.", value(&stats.reads));
             render_sample(out, "flywheel_fuse_read_bytes_total", "counter", "Bytes those reads returned.", value(&stats.read_bytes));
             render_sample(out, "flywheel_fuse_passthrough_opens_total", "counter", "Opens answered with a backing file, read by the kernel directly.", value(&stats.passthrough_opens));
@@ -268,7 +303,21 @@ impl Inner {
         let mut paths = self.paths.write();
         paths.push(tree.clone());
         by_hash.insert(hash_part.to_string(), paths.len() - 1);
+        self.root_changed();
         (paths.len() - 1, tree)
+    }
+
+    /// Drops the kernel's cached listing and attributes of the root after a path appeared.
+    /// Sent from the blocking pool: the kernel may hold the root while it waits for the lookup
+    /// that registered the path.
+    fn root_changed(&self) {
+        if let Some(notifier) = self.notifier.get().cloned() {
+            self.runtime.spawn_blocking(move || {
+                if let Err(err) = notifier.inval_inode(INodeNo::ROOT, 0, 0) {
+                    debug!("invalidating the root's listing failed: {err}");
+                }
+            });
+        }
     }
 
     /// Finds a store path by base name: already registered, in the local cache, or on the
@@ -476,6 +525,7 @@ impl Filesystem for FlywheelFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.inner.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
         if parent == INodeNo::ROOT {
             if StorePath::from_base_name(name).is_err() {
@@ -512,20 +562,8 @@ impl Filesystem for FlywheelFs {
     }
 
     fn getattr(&self, _req: &Request, ino_: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.inner.stats.getattrs.fetch_add(1, Ordering::Relaxed);
         if ino_ == INodeNo::ROOT {
-            // Paths another process cached (the substituter sharing the cache dir) count as
-            // known locally too; looking for them costs a scan, so at most once a second.
-            let due = {
-                let mut last = self.inner.last_cached_scan.lock();
-                let due = last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
-                if due {
-                    *last = Some(std::time::Instant::now());
-                }
-                due
-            };
-            if due {
-                self.inner.register_cached();
-            }
             return reply.attr(&ROOT_TTL, &root_attr(self.inner.paths.read().len()));
         }
         match self.inner.node(ino_) {
@@ -545,6 +583,7 @@ impl Filesystem for FlywheelFs {
     }
 
     fn open(&self, _req: &Request, ino_: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.inner.stats.opens.fetch_add(1, Ordering::Relaxed);
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -649,10 +688,12 @@ impl Filesystem for FlywheelFs {
     /// every listing (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR is its default then); the root's
     /// cached listing is dropped when its modification time moves (see [`root_attr`]).
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.inner.stats.opendirs.fetch_add(1, Ordering::Relaxed);
         reply.error(Errno::ENOSYS);
     }
 
     fn readdir(&self, _req: &Request, ino_: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.inner.stats.readdirs.fetch_add(1, Ordering::Relaxed);
         let mut entries: Vec<(INodeNo, FileType, String)> = Vec::new();
         if ino_ == INodeNo::ROOT {
             self.inner.register_cached();

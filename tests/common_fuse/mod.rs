@@ -67,7 +67,7 @@ impl Setup {
         paths
     }
 
-    fn push(&self, paths: &[String]) {
+    pub fn push(&self, paths: &[String]) {
         let netrc = self.server.netrc(&self.token);
         let out = self.nix.copy_to(&self.store_root, &format!("{}/{CACHE}", self.server.url), &netrc, paths);
         assert!(out.status.success(), "nix copy failed: {}", String::from_utf8_lossy(&out.stderr));
