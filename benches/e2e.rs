@@ -525,7 +525,7 @@ fn fuse_section(report: &mut Report, work: &Path) {
     );
     report.row(
         "mount daemon peak RSS",
-        rss.map(|r| format!("{:.0} MB", mb(r))).unwrap_or_default(),
+        rss.map(|r| format!("{:.0} MiB", r / 1048576.0)).unwrap_or_default(),
         String::new(),
         String::new(),
         "<= 128 MiB",

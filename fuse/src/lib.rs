@@ -157,12 +157,15 @@ pub fn mount(config: MountConfig) -> Result<()> {
 /// glibc gives each thread that allocates an arena of its own and keeps what is freed there.
 /// Chunk buffers (16 to 256 KiB) are allocated on one thread and freed on another, so with a
 /// dozen threads freed memory piles up per arena as resident memory. Two arenas keep the
-/// daemon's RSS close to what it holds live.
+/// daemon's RSS close to what it holds live, and a fixed mmap threshold keeps read replies and
+/// materialization windows (up to megabytes) out of the arenas: glibc otherwise raises the
+/// threshold after the first such buffer is freed, and later ones stay resident.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before the mount starts threads.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
     }
 }
 
