@@ -39,6 +39,14 @@ const CACHED_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 /// How far ahead of a sequential reader chunks are fetched.
 const READAHEAD: u64 = 8 * 1024 * 1024;
+/// NAR bytes between the end of one file's contents and the start of the next file's in NAR
+/// order (closing tokens, the next entry's name and headers), at most, for a walk to count as
+/// sequential.
+const NAR_GAP: u64 = 4096;
+/// Cross-file readahead starts once a walk through a path in NAR order has read this much, and
+/// reaches at most this far ahead.
+const PATH_READAHEAD_MIN: u64 = 256 * 1024;
+const PATH_READAHEAD_MAX: u64 = 8 * 1024 * 1024;
 /// Nix's canonical modification time.
 fn mtime() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1)
@@ -486,6 +494,51 @@ impl Inner {
         }
     }
 
+    /// Readahead across files: a file whose first read starts right after where the last read
+    /// of this path ended (the next file in NAR order, as a `cp -r`, `tar` or a build reading
+    /// a tree goes) loads the following chunks of the NAR in the background, whatever files
+    /// they hold. The window is at most the bytes this walk has read so far, so a walk that
+    /// stops has fetched at most twice what it read; a jump ends the walk.
+    fn path_readahead(self: &Arc<Self>, tree: &Arc<PathTree>, file_start: bool, start: u64, end: u64) {
+        let last = tree.last_read_end.swap(end, Ordering::Relaxed);
+        let continues = last != u64::MAX && start >= last && start - last <= NAR_GAP;
+        if !continues {
+            tree.walk_bytes.store(end - start, Ordering::Relaxed);
+            return;
+        }
+        let walked = tree.walk_bytes.fetch_add(end - start, Ordering::Relaxed) + (end - start);
+        // Within a file, the per-file readahead does the work.
+        if !file_start || walked < PATH_READAHEAD_MIN {
+            return;
+        }
+        let window = walked.min(PATH_READAHEAD_MAX);
+        let nar_size = tree.offsets.last().copied().unwrap_or(0);
+        let reached = tree.prefetched_to.load(Ordering::Relaxed).max(end);
+        if reached >= nar_size || reached > end + window / 2 {
+            return;
+        }
+        let to = (end + window).min(nar_size);
+        tree.prefetched_to.store(to, Ordering::Relaxed);
+        let (chunks, _) = tree.covering(reached, to);
+        let wanted: Vec<ChunkRef> = {
+            let mut hot = self.hot.lock();
+            chunks.iter().filter(|c| hot.get(&c.hash).is_none()).copied().collect()
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        let inner = self.clone();
+        let span = debug_span!("path_readahead", store_path = %tree.base_name, chunks = wanted.len());
+        self.runtime.spawn(
+            async move {
+                if let Err(err) = inner.chunks(&wanted).await {
+                    tracing::debug!("readahead failed: {err}");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
     /// Loads, in the background, the chunks of the next [`READAHEAD`] bytes of a file that is
     /// read sequentially, from the local cache or the server, into the hot chunks.
     fn readahead(self: &Arc<Self>, tree: &Arc<PathTree>, open: &OpenFile, from: u64, file_end: u64) {
@@ -671,6 +724,7 @@ impl Filesystem for FlywheelFs {
                 self.inner.materialize(&tree, nar_offset, file_size);
             }
         }
+        self.inner.path_readahead(&tree, offset == 0, start_nar, end_nar);
         let (covering, first_offset) = tree.covering(start_nar, end_nar);
         let covering = covering.to_vec();
         // Hot chunks are answered on this thread; anything else waits on the runtime.

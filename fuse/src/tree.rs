@@ -1,5 +1,6 @@
 //! One mounted store path: its file index flattened into numbered nodes, with the chunk list.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use flywheel_core::api::v1::chunks::PathManifest;
@@ -33,6 +34,13 @@ pub(crate) struct PathTree {
     pub chunks: Vec<ChunkRef>,
     /// Start offset of every chunk, plus the NAR size.
     pub offsets: Vec<u64>,
+    /// Where the last read of any file of this path ended, as a NAR offset: a read starting
+    /// just after it continues a walk through the path in NAR order.
+    pub last_read_end: AtomicU64,
+    /// How far cross-file readahead has reached, as a NAR offset.
+    pub prefetched_to: AtomicU64,
+    /// Bytes read by the current walk through the path in NAR order; 0 after a jump.
+    pub walk_bytes: AtomicU64,
 }
 
 impl PathTree {
@@ -45,6 +53,9 @@ impl PathTree {
             nodes,
             chunks: path.manifest.chunks.clone(),
             offsets: path.manifest.chunk_offsets(),
+            last_read_end: AtomicU64::new(u64::MAX),
+            prefetched_to: AtomicU64::new(0),
+            walk_bytes: AtomicU64::new(0),
         })
     }
 
