@@ -566,3 +566,53 @@ fn old_unreferenced_chunks_are_written_again_not_trusted() {
     let out = nix.copy_from(&nix.store("dst"), &url, &server.netrc(&admin), &key, &paths);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `upload-chunks` stores a batch only when every record checks out, and says what is wrong
+/// with a bad one.
+#[test]
+fn upload_chunks_takes_whole_batches_and_refuses_bad_records() {
+    let server = Server::start(Backend::Local);
+    server.create_cache("ci", false);
+    let admin = server.admin_token();
+    let client = Client::new();
+    let record = |data: &[u8], frame: &[u8]| -> Vec<u8> {
+        let mut out = flywheel_core::chunk::ChunkHash::of(data).0.to_vec();
+        out.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+        out.extend_from_slice(frame);
+        out
+    };
+    let frame = |data: &[u8]| flywheel_core::chunk::compress(data, 3).unwrap();
+    let (a, b) = (b"first chunk of the batch".to_vec(), b"second chunk of the batch".to_vec());
+    let good = [record(&a, &frame(&a)), record(&b, &frame(&b))].concat();
+    let upload = |body: Vec<u8>| {
+        client.post(format!("{}/_flywheel/v1/ci/upload-chunks", server.url)).bearer_auth(&admin).body(body).send().unwrap()
+    };
+    let before = server.storage_snapshot();
+    let mut wrong_hash = record(&a, &frame(&b));
+    wrong_hash.extend(record(&b, &frame(&b)));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", Vec::new(), "holds no chunks"),
+        ("truncated header", good[..20].to_vec(), "truncated"),
+        ("length past the end", good[..good.len() - 3].to_vec(), "more than the body holds"),
+        ("wrong hash after a good record", wrong_hash, "does not hash to"),
+        ("not zstd", record(&a, b"plain bytes, not a frame"), "not a zstd frame"),
+    ];
+    for (label, body, needle) in cases {
+        let resp = upload(body);
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{label}");
+        let text = resp.text().unwrap();
+        assert!(text.contains(needle), "{label}: {text}");
+    }
+    assert_eq!(server.storage_snapshot(), before, "a refused batch stored something");
+    let resp = client.post(format!("{}/_flywheel/v1/ci/upload-chunks", server.url)).body(good.clone()).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "uploads need a token");
+
+    assert_eq!(upload(good).status(), StatusCode::OK);
+    for data in [&a, &b] {
+        let hash = flywheel_core::chunk::ChunkHash::of(data);
+        let resp = client.get(format!("{}/_flywheel/v1/ci/chunk/{hash}", server.url)).bearer_auth(&admin).send().unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let stored = flywheel_core::chunk::decompress_verified(&resp.bytes().unwrap(), &hash, data.len()).unwrap();
+        assert_eq!(&stored, data);
+    }
+}

@@ -185,6 +185,23 @@ impl ApiClient {
         Ok(())
     }
 
+    /// Uploads several chunks as zstd frames in one request (`POST upload-chunks`); the server
+    /// verifies each.
+    #[instrument(skip_all, err, fields(chunks = chunks.len()))]
+    pub async fn put_chunks(&self, chunks: &[(ChunkHash, Vec<u8>)]) -> Result<()> {
+        let size: usize = chunks.iter().map(|(_, frame)| 40 + frame.len()).sum();
+        let mut body = Vec::with_capacity(size);
+        for (hash, frame) in chunks {
+            body.extend_from_slice(&hash.0);
+            body.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+            body.extend_from_slice(frame);
+        }
+        let url = self.api_url("upload-chunks");
+        send(self.request(reqwest::Method::POST, url).header(reqwest::header::CONTENT_TYPE, "application/octet-stream").body(body))
+            .await?;
+        Ok(())
+    }
+
     /// Publishes a path whose chunks are all stored (`POST commit`).
     #[instrument(skip_all, err, fields(store_path = %request.store_path))]
     pub async fn commit(&self, request: &CommitRequest) -> Result<()> {

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub chunks_stored: AtomicU64,
     /// Compressed bytes written for new chunks.
     pub stored_bytes: AtomicU64,
+    /// Chunks received through the chunk API (`PUT chunk`, `upload-chunks`), each verified.
+    pub chunks_received: AtomicU64,
     /// Chunks read from storage (each verified).
     pub chunks_fetched: AtomicU64,
     /// Latency of reading and verifying one chunk from storage.
@@ -46,13 +48,14 @@ impl Metrics {
             let route = escape_label(route);
             let _ = writeln!(out, "flywheel_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}");
         }
-        let counters: [(&str, &str, &AtomicU64); 6] = [
+        let counters: [(&str, &str, &AtomicU64); 7] = [
             ("flywheel_nar_bytes_received_total", "Uncompressed NAR bytes received by uploads.", &self.nar_bytes_in),
             ("flywheel_bytes_sent_total", "Bytes of NARs and chunks sent.", &self.bytes_out),
             ("flywheel_chunks_deduplicated_total", "Uploaded chunks that were stored already.", &self.chunks_deduplicated),
             ("flywheel_chunks_stored_total", "Uploaded chunks that were new.", &self.chunks_stored),
             ("flywheel_stored_bytes_total", "Compressed bytes written for new chunks.", &self.stored_bytes),
             ("flywheel_chunks_fetched_total", "Chunks read from storage and verified.", &self.chunks_fetched),
+            ("flywheel_chunks_received_total", "Chunks received through the chunk API and verified.", &self.chunks_received),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));

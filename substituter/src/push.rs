@@ -249,13 +249,18 @@ impl Pusher {
         let expected: Vec<ChunkRef> = chunks.to_vec();
         let (params, level) = (self.config.chunking, self.config.zstd_level);
         let producer = tokio::task::spawn_blocking(move || compress_missing(&physical, params, level, &expected, missing, tx));
+        // Chunks ready together go in one request: a push of a few new chunks then costs one
+        // request's headers, not one per chunk.
         let uploads = tokio_stream_from(rx)
-            .map(|(hash, raw, frame)| async move {
-                let len = frame.len() as u64;
-                retry(|| self.api.put_chunk(&hash, frame.clone())).await?;
-                counters.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
-                counters.uploaded_bytes.fetch_add(raw as u64, Ordering::Relaxed);
-                counters.uploaded_frame_bytes.fetch_add(len, Ordering::Relaxed);
+            .ready_chunks(UPLOAD_BATCH)
+            .map(|batch| async move {
+                let frames: Vec<(ChunkHash, Vec<u8>)> = batch.iter().map(|(hash, _, frame)| (*hash, frame.clone())).collect();
+                retry(|| self.api.put_chunks(&frames)).await?;
+                for (_, raw, frame) in &batch {
+                    counters.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
+                    counters.uploaded_bytes.fetch_add(*raw as u64, Ordering::Relaxed);
+                    counters.uploaded_frame_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                }
                 Ok::<_, Error>(())
             })
             .buffer_unordered(self.config.jobs.max(1))
@@ -267,6 +272,9 @@ impl Pusher {
         produced
     }
 }
+
+/// Most chunks in one upload request (at most 4 MiB of frames at the largest chunk size).
+const UPLOAD_BATCH: usize = 16;
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))

@@ -167,9 +167,9 @@ impl Substitute {
 
 /// A TCP proxy in front of the server. It counts the chunks asked for (one per
 /// `GET .../chunk/<hash>` and one per `"hash"` field of `POST .../chunks` bodies), the
-/// `PUT .../chunk/` requests, and every byte the client sends. With `cut_after_puts`, it
-/// drops every connection and refuses new ones once that many chunk PUTs went through: the
-/// server "goes away" mid-push.
+/// chunk upload requests (`PUT .../chunk/`, `POST .../upload-chunks`), and every byte the
+/// client sends. With `cut_after_puts`, it drops every connection and refuses new ones once
+/// that many upload requests went through: the server "goes away" mid-push.
 pub struct CountingProxy {
     pub url: String,
     chunk_gets: Arc<AtomicU64>,
@@ -194,6 +194,7 @@ impl CountingProxy {
         };
         let get_pattern = format!("GET /_flywheel/v1/{cache}/chunk/").into_bytes();
         let put_pattern = format!("PUT /_flywheel/v1/{cache}/chunk/").into_bytes();
+        let batch_pattern = format!("POST /_flywheel/v1/{cache}/upload-chunks").into_bytes();
         let (gets, fields, puts, bytes, dead) =
             (proxy.chunk_gets.clone(), proxy.hash_fields.clone(), proxy.puts.clone(), proxy.bytes_up.clone(), proxy.dead.clone());
         std::thread::spawn(move || {
@@ -203,7 +204,7 @@ impl CountingProxy {
                 }
                 let Ok(server) = TcpStream::connect(&target) else { continue };
                 let (gets, fields, puts, bytes, dead) = (gets.clone(), fields.clone(), puts.clone(), bytes.clone(), dead.clone());
-                let (get_pattern, put_pattern) = (get_pattern.clone(), put_pattern.clone());
+                let (get_pattern, put_pattern, batch_pattern) = (get_pattern.clone(), put_pattern.clone(), batch_pattern.clone());
                 let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (c_kill, s_kill) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 std::thread::spawn(move || {
@@ -223,7 +224,7 @@ impl CountingProxy {
                         scan.extend_from_slice(&buf[..n]);
                         gets.fetch_add(count_new(&scan, &get_pattern, keep_from), Ordering::SeqCst);
                         fields.fetch_add(count_new(&scan, b"\"hash\"", keep_from), Ordering::SeqCst);
-                        let new_puts = count_new(&scan, &put_pattern, keep_from);
+                        let new_puts = count_new(&scan, &put_pattern, keep_from) + count_new(&scan, &batch_pattern, keep_from);
                         let total_puts = puts.fetch_add(new_puts, Ordering::SeqCst) + new_puts;
                         tail = scan[scan.len().saturating_sub(64)..].to_vec();
                         if cut_after_puts.is_some_and(|limit| total_puts > limit) {
@@ -252,8 +253,8 @@ impl CountingProxy {
         self.chunk_gets.load(Ordering::SeqCst) + self.hash_fields.load(Ordering::SeqCst)
     }
 
-    /// Chunk PUT requests so far.
-    pub fn chunk_puts(&self) -> u64 {
+    /// Chunk upload requests so far.
+    pub fn upload_requests(&self) -> u64 {
         self.puts.load(Ordering::SeqCst)
     }
 

@@ -10,7 +10,7 @@ use flywheel_core::api::v1::chunks::{ChunkList, ChunkRefList, CommitRequest, Pat
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::nix::{Sha256Hash, StorePath};
 use flywheel_core::Error;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tracing::instrument;
 
 use super::binary_cache::{path_record, render_narinfo};
@@ -149,12 +149,84 @@ pub async fn put_one(
     })
     .await
     .map_err(|e| Error::internal(e.to_string()))??;
+    state.metrics.chunks_received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // A stale copy is written again, so that garbage collection counts it as young.
     let reusable_after = state.reuse_window().reusable_after();
     if state.storage.chunk_reusable(&hash, reusable_after).await? != Reuse::Fresh {
         state.storage.put_chunk(&hash, frame).await?;
     }
     Ok(StatusCode::OK)
+}
+
+/// `POST upload-chunks`: stores several chunks in one request (fewer requests, and headers,
+/// for a push of a few new chunks). The body is a sequence of records: the chunk's 32-byte
+/// BLAKE3 hash, an 8-byte little-endian frame length and the zstd frame. Every frame is
+/// checked like `PUT chunk/{hash}` before anything is stored; one bad record refuses the
+/// request.
+#[instrument(skip_all, fields(cache = %cache, bytes = body.len()))]
+pub async fn upload_many(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(cache): Path<String>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    authorize(&state, &caller, &cache, "push", |p| p.push).await?;
+    let records = parse_upload_records(&body)?;
+    check_count(records.len())?;
+    let max = state.config.chunking.max_size as usize;
+    let checked: Vec<(ChunkHash, std::ops::Range<usize>)> = records.clone();
+    let body_for_check = body.clone();
+    tokio::task::spawn_blocking(move || {
+        for (hash, range) in &checked {
+            let data = zstd::bulk::decompress(&body_for_check[range.clone()], max)
+                .map_err(|e| Error::invalid(format!("chunk {hash} is not a zstd frame of at most {max} bytes: {e}")))?;
+            if ChunkHash::of(&data) != *hash {
+                return Err(Error::invalid(format!("chunk content does not hash to {hash}")));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::internal(e.to_string()))??;
+    state.metrics.chunks_received.fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let reusable_after = state.reuse_window().reusable_after();
+    futures::stream::iter(records)
+        .map(|(hash, range)| {
+            let (storage, frame) = (state.storage.clone(), body.slice(range));
+            async move {
+                if storage.chunk_reusable(&hash, reusable_after).await? != Reuse::Fresh {
+                    storage.put_chunk(&hash, frame).await?;
+                }
+                Ok::<(), Error>(())
+            }
+        })
+        .buffer_unordered(state.config.chunk_parallelism)
+        .try_collect::<()>()
+        .await?;
+    Ok(StatusCode::OK)
+}
+
+/// Splits an `upload-chunks` body into (hash, frame range) records.
+fn parse_upload_records(body: &[u8]) -> Result<Vec<(ChunkHash, std::ops::Range<usize>)>, Error> {
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    while at < body.len() {
+        let head = body
+            .get(at..at + 40)
+            .ok_or_else(|| Error::invalid(format!("upload-chunks body is truncated at byte {at}: a record needs 40 header bytes")))?;
+        let hash = ChunkHash(head[..32].try_into().map_err(|_| Error::invalid("bad hash"))?);
+        let len = u64::from_le_bytes(head[32..40].try_into().map_err(|_| Error::invalid("bad length"))?);
+        let start = at + 40;
+        let end = usize::try_from(len).ok().and_then(|len| start.checked_add(len)).filter(|&end| end <= body.len()).ok_or_else(|| {
+            Error::invalid(format!("upload-chunks record of chunk {hash} claims {len} bytes, more than the body holds"))
+        })?;
+        records.push((hash, start..end));
+        at = end;
+    }
+    if records.is_empty() {
+        return Err(Error::invalid("upload-chunks body holds no chunks"));
+    }
+    Ok(records)
 }
 
 /// `POST commit`: publishes a path from stored chunks, after rebuilding its NAR from them and
