@@ -135,6 +135,8 @@ fn fuse_file_read_whole_is_served_by_passthrough_afterwards() {
     };
     let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &["--metrics-listen", &addr]);
     let blob = mount.path(&big).join("blob");
+    // A handle held open through the page cache from the start.
+    let held = std::fs::File::open(&blob).unwrap();
     assert_eq!(sha256_file(&blob), expected);
 
     // The whole file was served: it is written out in the background.
@@ -151,6 +153,11 @@ fn fuse_file_read_whole_is_served_by_passthrough_afterwards() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert_eq!(sha256_file(&copy), expected, "the materialized copy differs");
+    // While a page-cache handle is open, new handles stay in that mode (the kernel refuses to
+    // mix the two on one file): the open works, and is not passthrough.
+    assert_eq!(sha256_file(&blob), expected, "an open next to a page-cache handle");
+    assert_eq!(metric("flywheel_fuse_passthrough_opens_total"), 0.0);
+    drop(held);
 
     // Read again with the page cache dropped: the kernel reads the copy, the mount sees no READ.
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();

@@ -300,7 +300,7 @@ fn bad_input(backend: Backend) {
     let nix = Nix::new();
     // A short grace period, so that the collection at the end may sweep what failed uploads
     // left; no periodic collection.
-    let server = Server::start_with(backend, "[gc]\ninterval = 0\ngrace-period = 2\n");
+    let server = Server::start_with(backend, "[gc]\ninterval = 0\ngrace-period = 4\n");
     server.create_cache("ci", false);
     let src = nix.store("src");
     let paths = nix.build(&src, &common::unique_seed("bad"), &["big", "single"]);
@@ -384,7 +384,7 @@ fn bad_input(backend: Backend) {
     let added: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
     assert!(added.iter().all(|k| k.starts_with("chunks/")), "bad input stored more than chunks: {added:?}");
     // Once past the grace period, a collection takes storage back to what it was, byte for byte.
-    std::thread::sleep(std::time::Duration::from_millis(2500));
+    std::thread::sleep(std::time::Duration::from_millis(4500));
     let gc = std::process::Command::new(common::FLYWHEEL).args(["gc", "--config"]).arg(&server.config).output().unwrap();
     assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
     let collected = server.storage_snapshot();

@@ -523,7 +523,8 @@ fn load_run_has_no_errors() {
 #[test]
 fn old_unreferenced_chunks_are_written_again_not_trusted() {
     let nix = Nix::new();
-    let server = Server::start_with(Backend::Local, "[gc]\ninterval = 0\ngrace-period = 4\n");
+    // Grace 10 s: chunks count on for 5 s after they are written, which the pushes below need.
+    let server = Server::start_with(Backend::Local, "[gc]\ninterval = 0\ngrace-period = 10\n");
     let key = server.create_cache("ci", false);
     let src = nix.store("src");
     let paths = nix.build(&src, &common::unique_seed("stale"), &["big"]);
@@ -552,7 +553,7 @@ fn old_unreferenced_chunks_are_written_again_not_trusted() {
     assert_eq!(resp.status(), StatusCode::OK);
     let mtime = |hash: &str| std::fs::metadata(server.objects.join("chunks").join(&hash[..2]).join(hash)).map(|m| m.modified().unwrap());
     let before: Vec<_> = chunks.iter().map(|c| mtime(c).unwrap_or_else(|e| panic!("chunk {c} not at its expected place: {e}"))).collect();
-    std::thread::sleep(std::time::Duration::from_millis(2500));
+    std::thread::sleep(std::time::Duration::from_millis(5500));
     assert_eq!(missing(&chunks), chunks, "stale chunks must be sent again");
 
     // A new push of the same path writes them again (now young) and publishes it.
@@ -562,6 +563,35 @@ fn old_unreferenced_chunks_are_written_again_not_trusted() {
         assert!(mtime(chunk).unwrap() > *old, "chunk {chunk} was trusted, not written again");
     }
     assert!(missing(&chunks).is_empty());
+
+    // The same through the chunk API: a commit that names stale chunks (without uploading them)
+    // has the server write them again before it publishes.
+    let manifest: serde_json::Value = client
+        .get(format!("{}/_flywheel/v1/ci/manifest/{}", server.url, hash_part(&paths[0])))
+        .bearer_auth(&admin)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let resp = client.delete(format!("{url}/{}.narinfo", hash_part(&paths[0]))).bearer_auth(&admin).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let before: Vec<_> = chunks.iter().map(|c| mtime(c).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(5500));
+    let commit = serde_json::json!({
+        "storePath": manifest["storePath"],
+        "narHash": manifest["manifest"]["narHash"],
+        "narSize": manifest["manifest"]["narSize"],
+        "references": manifest["references"],
+        "deriver": manifest["deriver"],
+        "sigs": [],
+        "ca": manifest["ca"],
+        "chunks": manifest["manifest"]["chunks"],
+    });
+    let resp = client.post(format!("{}/_flywheel/v1/ci/commit", server.url)).bearer_auth(&admin).json(&commit).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{}", resp.text().unwrap());
+    for (chunk, old) in chunks.iter().zip(&before) {
+        assert!(mtime(chunk).unwrap() > *old, "chunk {chunk} was trusted by the commit, not written again");
+    }
     run_gc(&server, &[]);
     let out = nix.copy_from(&nix.store("dst"), &url, &server.netrc(&admin), &key, &paths);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

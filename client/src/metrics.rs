@@ -52,7 +52,15 @@ pub fn render_store(store: &ChunkStore, out: &mut String) {
 /// connection, anything else is 404. Requests are read with a size and time limit.
 pub async fn serve(listener: tokio::net::TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors, say: wait instead of spinning.
+                tracing::debug!("accepting a metrics connection failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let render = render.clone();
         tokio::spawn(async move {
             let mut head = Vec::with_capacity(1024);
@@ -72,7 +80,9 @@ pub async fn serve(listener: tokio::net::TcpListener, render: Arc<dyn Fn() -> St
             }
             let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
             let (status, body) = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
-                ("200 OK", render())
+                // Rendering may ask the cache's owner over its socket: not on a runtime worker.
+                let body = tokio::task::spawn_blocking(move || render()).await.unwrap_or_default();
+                ("200 OK", body)
             } else {
                 ("404 Not Found", "only GET /metrics is served here\n".to_string())
             };

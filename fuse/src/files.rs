@@ -136,7 +136,13 @@ impl MaterializedFiles {
     /// A writer for a claimed key; [`Writer::finish`] puts the file in place.
     pub fn writer(&self, key: &str) -> std::io::Result<Writer<'_>> {
         let tmp = self.dir.join(format!(".tmp-{}-{key}", std::process::id()));
-        let file = std::fs::File::create(&tmp)?;
+        let file = match std::fs::File::create(&tmp) {
+            Ok(file) => file,
+            Err(err) => {
+                self.release_claim(key);
+                return Err(err);
+            }
+        };
         Ok(Writer { files: self, key: key.to_string(), tmp, file, hasher: blake3::Hasher::new(), written: 0 })
     }
 

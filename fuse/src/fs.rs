@@ -93,15 +93,58 @@ impl HotChunks {
     }
 }
 
-/// Per open file: how far a sequential reader got, how far readahead reached, and how many
-/// bytes were served (a file served whole gets materialized).
-#[derive(Default)]
+/// Per open file: how far a sequential reader got, how far readahead reached, and which bytes
+/// were served (a file served whole gets materialized).
 struct OpenFile {
+    ino: INodeNo,
+    mode: IoMode,
     last_end: AtomicU64,
     prefetched_to: AtomicU64,
-    served: AtomicU64,
-    /// The inode whose backing file this handle uses, for passthrough handles.
-    passthrough: Option<INodeNo>,
+    served: Mutex<ServedRanges>,
+}
+
+impl OpenFile {
+    fn new(ino: INodeNo) -> Self {
+        OpenFile {
+            ino,
+            mode: IoMode::Cached,
+            last_end: AtomicU64::default(),
+            prefetched_to: AtomicU64::default(),
+            served: Mutex::default(),
+        }
+    }
+}
+
+/// The byte ranges a handle was served, merged; gives up on a reader that jumps around a lot.
+#[derive(Default)]
+struct ServedRanges {
+    ranges: Vec<(u64, u64)>,
+    given_up: bool,
+}
+
+impl ServedRanges {
+    /// Records `[start, end)`; true when, with it, `[0, size)` has been served whole.
+    fn add(&mut self, start: u64, end: u64, size: u64) -> bool {
+        if self.given_up {
+            return false;
+        }
+        let at = self.ranges.partition_point(|&(s, _)| s < start);
+        self.ranges.insert(at, (start, end));
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.ranges.len());
+        for &(s, e) in &self.ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.ranges = merged;
+        if self.ranges.len() > 64 {
+            self.given_up = true;
+            self.ranges.clear();
+            return false;
+        }
+        self.ranges.first().is_some_and(|&(s, e)| s == 0 && e >= size)
+    }
 }
 
 /// What the filesystem served, for `/metrics`.
@@ -120,6 +163,25 @@ struct FsStats {
     passthrough_opens: AtomicU64,
     /// Files written whole to the materialized files.
     materialized_files: AtomicU64,
+}
+
+/// The kernel refuses to have an inode open through the page cache and through passthrough at
+/// once (the second kind of open fails), so the mount tracks both kinds per inode.
+struct IoModes {
+    /// The backing file of each inode in passthrough mode, and its open handles: the kernel
+    /// wants one backing id per inode for as long as any handle is open. Ids outlive their
+    /// handles (up to [`BACKING_KEPT`] unused ones), so reopening a hot file costs no file
+    /// open and no ioctl.
+    backing: lru::LruCache<INodeNo, (Arc<fuser::BackingId>, usize)>,
+    /// Handles open through the page cache, per inode.
+    cached: HashMap<INodeNo, usize>,
+}
+
+/// How an open handle reads its file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IoMode {
+    Cached,
+    Passthrough,
 }
 
 /// Backing ids kept open for files no handle holds.
@@ -144,11 +206,8 @@ struct Inner {
     files: Option<MaterializedFiles>,
     /// Whether the kernel accepted passthrough.
     passthrough: AtomicBool,
-    /// The backing file of each inode in passthrough mode, and its open handles: the kernel
-    /// wants one backing id per inode for as long as any handle is open. Ids outlive their
-    /// handles (up to [`BACKING_KEPT`] unused ones), so reopening a hot file costs no file
-    /// open and no ioctl.
-    backing: Mutex<lru::LruCache<INodeNo, (Arc<fuser::BackingId>, usize)>>,
+    /// How each inode's open handles read it; see [`IoModes`].
+    io: Mutex<IoModes>,
     materializing: std::sync::atomic::AtomicUsize,
     stats: FsStats,
 }
@@ -237,7 +296,7 @@ impl FlywheelFs {
                 notifier: std::sync::OnceLock::new(),
                 files,
                 passthrough: AtomicBool::new(false),
-                backing: Mutex::new(lru::LruCache::unbounded()),
+                io: Mutex::new(IoModes { backing: lru::LruCache::unbounded(), cached: HashMap::new() }),
                 materializing: Default::default(),
                 stats: FsStats::default(),
             }),
@@ -457,39 +516,83 @@ impl Inner {
         Ok(())
     }
 
-    /// The backing file of a file for passthrough, shared by all its open handles; `None`
-    /// when passthrough is off or the file is not materialized.
-    fn open_backing(&self, ino_: INodeNo, tree: &PathTree, nar_offset: u64, size: u64, reply: &ReplyOpen) -> Option<Arc<fuser::BackingId>> {
-        let files = self.files.as_ref()?;
-        if !self.passthrough.load(Ordering::Relaxed) || size < files::MIN_FILE_SIZE {
-            return None;
+    /// Opens a handle of a regular file: through passthrough when the file is materialized
+    /// (or other handles of it already are), through the page cache otherwise; returns the
+    /// backing id for passthrough.
+    fn open_io(&self, ino_: INodeNo, tree: &PathTree, nar_offset: u64, size: u64, reply: &ReplyOpen) -> Option<Arc<fuser::BackingId>> {
+        {
+            let mut io = self.io.lock();
+            if let Some((id, handles)) = io.backing.get_mut(&ino_) {
+                if *handles > 0 {
+                    *handles += 1;
+                    return Some(id.clone());
+                }
+            }
+            let cached_open = io.cached.get(&ino_).copied().unwrap_or(0) > 0;
+            let passthrough = self.passthrough.load(Ordering::Relaxed) && size >= files::MIN_FILE_SIZE;
+            if cached_open || !passthrough || self.files.is_none() {
+                *io.cached.entry(ino_).or_default() += 1;
+                return None;
+            }
+            if let Some((id, handles)) = io.backing.get_mut(&ino_) {
+                *handles += 1;
+                return Some(id.clone());
+            }
         }
-        let mut backing = self.backing.lock();
-        if let Some((id, handles)) = backing.get_mut(&ino_) {
+        // Checking the copy hashes it (once per process): not under the lock.
+        let file = self.files.as_ref().and_then(|files| files.get(&files::key(&tree.nar_hash, nar_offset), size));
+        let mut io = self.io.lock();
+        // Another open may have decided meanwhile.
+        if let Some((id, handles)) = io.backing.get_mut(&ino_) {
             *handles += 1;
             return Some(id.clone());
         }
-        let file = files.get(&files::key(&tree.nar_hash, nar_offset), size)?;
-        match reply.open_backing(&file) {
-            Ok(id) => {
-                let id = Arc::new(id);
-                backing.put(ino_, (id.clone(), 1));
-                // Close the least recently used ids no handle holds (dropping one closes it).
-                while backing.len() > BACKING_KEPT {
-                    let idle = backing.iter().rev().find(|(_, (_, handles))| *handles == 0).map(|(ino, _)| *ino);
-                    match idle {
-                        Some(ino) => {
-                            backing.pop(&ino);
-                        }
-                        None => break,
+        let opened = match (&file, io.cached.get(&ino_).copied().unwrap_or(0)) {
+            (Some(file), 0) => match reply.open_backing(file) {
+                Ok(id) => Some(Arc::new(id)),
+                Err(err) => {
+                    warn!("the kernel refused a backing file, passthrough is off: {err}");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let Some(id) = opened else {
+            *io.cached.entry(ino_).or_default() += 1;
+            return None;
+        };
+        io.backing.put(ino_, (id.clone(), 1));
+        // Close the least recently used ids no handle holds (dropping one closes it).
+        while io.backing.len() > BACKING_KEPT {
+            let idle = io.backing.iter().rev().find(|(_, (_, handles))| *handles == 0).map(|(ino, _)| *ino);
+            match idle {
+                Some(ino) => {
+                    io.backing.pop(&ino);
+                }
+                None => break,
+            }
+        }
+        Some(id)
+    }
+
+    /// Forgets a handle opened by [`Inner::open_io`].
+    fn release_io(&self, ino_: INodeNo, mode: IoMode) {
+        let mut io = self.io.lock();
+        match mode {
+            // The id stays for the next open; `open_io` closes idle ones past the limit.
+            IoMode::Passthrough => {
+                if let Some((_, handles)) = io.backing.peek_mut(&ino_) {
+                    *handles = handles.saturating_sub(1);
+                }
+            }
+            IoMode::Cached => {
+                if let Some(handles) = io.cached.get_mut(&ino_) {
+                    *handles = handles.saturating_sub(1);
+                    if *handles == 0 {
+                        io.cached.remove(&ino_);
                     }
                 }
-                Some(id)
-            }
-            Err(err) => {
-                warn!("the kernel refused a backing file, passthrough is off: {err}");
-                self.passthrough.store(false, Ordering::Relaxed);
-                None
             }
         }
     }
@@ -660,13 +763,13 @@ impl Filesystem for FlywheelFs {
             return reply.error(Errno::EISDIR);
         };
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
-        if let Some(id) = self.inner.open_backing(ino_, &tree, nar_offset, size, &reply) {
+        if let Some(id) = self.inner.open_io(ino_, &tree, nar_offset, size, &reply) {
             self.inner.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-            let open = OpenFile { passthrough: Some(ino_), ..OpenFile::default() };
+            let open = OpenFile { ino: ino_, mode: IoMode::Passthrough, ..OpenFile::new(ino_) };
             self.inner.open_files.lock().insert(fh, Arc::new(open));
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
         }
-        self.inner.open_files.lock().insert(fh, Arc::default());
+        self.inner.open_files.lock().insert(fh, Arc::new(OpenFile::new(ino_)));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -680,12 +783,8 @@ impl Filesystem for FlywheelFs {
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
-        let open = self.inner.open_files.lock().remove(&fh.0);
-        if let Some(ino_) = open.and_then(|o| o.passthrough) {
-            // The id stays for the next open; `open_backing` closes idle ones past the limit.
-            if let Some((_, handles)) = self.inner.backing.lock().peek_mut(&ino_) {
-                *handles = handles.saturating_sub(1);
-            }
+        if let Some(open) = self.inner.open_files.lock().remove(&fh.0) {
+            self.inner.release_io(open.ino, open.mode);
         }
         reply.ok();
     }
@@ -717,10 +816,13 @@ impl Filesystem for FlywheelFs {
             if open.last_end.swap(end, Ordering::Relaxed) == offset && offset > 0 {
                 self.inner.readahead(&tree, &open, end_nar, nar_offset + file_size);
             }
-            // The kernel asks for each byte once while its page cache holds it: a handle that
-            // was served the file's size in bytes has read it whole.
-            let served = open.served.fetch_add(end - offset, Ordering::Relaxed);
-            if served < file_size && served + (end - offset) >= file_size {
+            // A handle that has been served every byte of the file read it whole.
+            let whole = {
+                let mut served = open.served.lock();
+                let was_whole = served.ranges.first().is_some_and(|&(s, e)| s == 0 && e >= file_size);
+                !was_whole && served.add(offset, end, file_size)
+            };
+            if whole {
                 self.inner.materialize(&tree, nar_offset, file_size);
             }
         }
@@ -809,5 +911,25 @@ fn file_type(kind: &NodeKind) -> FileType {
         NodeKind::Directory { .. } => FileType::Directory,
         NodeKind::File { .. } => FileType::RegularFile,
         NodeKind::Symlink { .. } => FileType::Symlink,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServedRanges;
+
+    #[test]
+    fn served_ranges_know_when_a_file_was_read_whole() {
+        let mut served = ServedRanges::default();
+        assert!(!served.add(4096, 8192, 10_000));
+        assert!(!served.add(4096, 8192, 10_000), "a range read twice does not count twice");
+        assert!(!served.add(8192, 10_000, 10_000));
+        assert!(served.add(0, 4096, 10_000), "the last gap closed");
+        let mut jumpy = ServedRanges::default();
+        for i in 0..100u64 {
+            jumpy.add(i * 200, i * 200 + 100, 1 << 20);
+        }
+        assert!(jumpy.given_up);
+        assert!(!jumpy.add(0, 1 << 20, 1 << 20), "a reader that jumps around is not tracked");
     }
 }

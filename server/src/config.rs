@@ -48,8 +48,9 @@ pub struct ServerConfig {
     pub caches: BTreeMap<String, DeclaredCache>,
 }
 
-/// A cache the config declares, so that its signing key can come from a file that only the
-/// server reads (a systemd credential) instead of the object store's cache record.
+/// A cache the config declares, so that its signing key comes from a file that only the server
+/// reads (a systemd credential) rather than being generated or sent through the API. The server
+/// writes it into the cache's record in storage on start, as for every cache.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DeclaredCache {

@@ -10,12 +10,17 @@
 //!    began are marked too, so a push that finished during the run keeps its chunks.
 //!
 //! The grace period protects uploads in flight: uploads count only on chunks written within
-//! half of it, write older ones again, and must finish within the other half (see
-//! [`crate::storage::ReuseWindow`]), so every chunk an unfinished upload counts on is younger
-//! than the grace period. A chunk written again after the sweep listed it is looked at once
-//! more before it is deleted. What remains is the moment between that last look and the delete;
-//! an upload that writes the chunk again in it notices when it checks its rewritten chunks
-//! after storing its manifest, and fails instead of publishing.
+//! half of it, write older ones again, and must store their manifest within the other half
+//! (see [`crate::storage::ReuseWindow`]), so every chunk an unfinished upload counts on is
+//! younger than the grace period. A chunk written again after the sweep listed it is looked at
+//! once more right before it is deleted.
+//!
+//! What remains is the moment between that last look and the delete: an upload that writes the
+//! chunk again exactly then loses it. The upload checks the chunks it wrote again once its
+//! manifest is stored and fails instead of publishing when one is gone; only a delete that
+//! lands after that check as well slips through, and then the path reads as damaged (a 5xx
+//! before any byte, never wrong bytes) until `flywheel fsck` takes it out and a push repairs
+//! it. Object stores offer no conditional delete that would close this.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -182,7 +187,13 @@ pub fn sweep_local_staging(root: &std::path::Path, grace: Duration, dry_run: boo
         };
         for entry in entries {
             let entry = entry?;
-            let meta = entry.metadata()?;
+            // Uploads keep writing while this runs: a staging file listed a moment ago may have
+            // been renamed into place since.
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err.into()),
+            };
             if meta.is_dir() {
                 stack.push(entry.path());
                 continue;
@@ -193,7 +204,11 @@ pub fn sweep_local_staging(root: &std::path::Path, grace: Duration, dry_run: boo
                 freed.0 += 1;
                 freed.1 += meta.len();
                 if !dry_run {
-                    std::fs::remove_file(entry.path())?;
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(err) => return Err(err.into()),
+                    }
                 }
             }
         }

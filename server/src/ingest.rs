@@ -2,8 +2,8 @@
 //!
 //! The pipeline keeps memory bounded whatever the NAR's size: one blocking thread decodes the
 //! upload, hashes it (SHA-256), validates and indexes it as a NAR, and cuts chunks; a bounded
-//! queue hands chunks to tasks that name them (BLAKE3), skip those already stored, compress the
-//! rest and write them in parallel.
+//! queue hands chunks to tasks that name them (BLAKE3), skip those already stored (and young
+//! enough to count on), compress the rest and write them in parallel.
 //!
 //! A failed upload leaves the chunks it wrote for garbage collection. It cannot delete them:
 //! another upload, in this process or in another replica over the same bucket, may have found
@@ -206,6 +206,8 @@ impl Ingested {
     /// (a collection that listed it before the write deleted it after): the caller then must
     /// not publish the path, and a new upload repairs it.
     pub async fn commit(self) -> Result<(Manifest, IngestStats)> {
+        self.storage.put_manifest(&self.manifest).await?;
+        // Measured once the manifest is stored: from then on a collection keeps the chunks.
         if let Some(limit) = self.window.max_upload() {
             if self.started.elapsed() > limit {
                 return Err(Error::unavailable(format!(
@@ -214,7 +216,6 @@ impl Ingested {
                 )));
             }
         }
-        self.storage.put_manifest(&self.manifest).await?;
         for hash in &self.refreshed {
             if self.storage.chunk_size(hash).await?.is_none() {
                 return Err(Error::unavailable(format!(

@@ -28,8 +28,11 @@ pub struct AppState {
     recorded_access: Arc<parking_lot::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>>,
     /// Cache settings read lately, by name: every request needs them, and reading them from
     /// the object store each time doubled the cost of a narinfo.
-    cache_records: Arc<parking_lot::Mutex<std::collections::HashMap<String, (std::time::Instant, Option<CacheRecord>)>>>,
+    cache_records: Arc<parking_lot::Mutex<CacheRecords>>,
 }
+
+/// Cache settings by name, with when they were read.
+type CacheRecords = std::collections::HashMap<String, (std::time::Instant, Option<CacheRecord>)>;
 
 /// How long a cache's settings read from storage are used before being read again: the delay
 /// after which a change made through another replica is seen here.

@@ -244,7 +244,7 @@ impl Pusher {
         missing: HashSet<ChunkHash>,
         counters: &Counters,
     ) -> Result<()> {
-        let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkHash, usize, Vec<u8>)>(self.config.jobs.max(1));
+        let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkHash, usize, Vec<u8>)>(self.config.jobs.max(UPLOAD_BATCH));
         let physical = physical.to_path_buf();
         let expected: Vec<ChunkRef> = chunks.to_vec();
         let (params, level) = (self.config.chunking, self.config.zstd_level);
@@ -253,6 +253,7 @@ impl Pusher {
         // request's headers, not one per chunk.
         let uploads = tokio_stream_from(rx)
             .ready_chunks(UPLOAD_BATCH)
+            .flat_map(|ready| futures::stream::iter(split_by_bytes(ready, UPLOAD_BATCH_BYTES)))
             .map(|batch| async move {
                 let frames: Vec<(ChunkHash, Vec<u8>)> = batch.iter().map(|(hash, _, frame)| (*hash, frame.clone())).collect();
                 retry(|| self.api.put_chunks(&frames)).await?;
@@ -273,8 +274,29 @@ impl Pusher {
     }
 }
 
-/// Most chunks in one upload request (at most 4 MiB of frames at the largest chunk size).
+/// Most chunks in one upload request.
 const UPLOAD_BATCH: usize = 16;
+/// Most frame bytes in one upload request, well under the server's 16 MiB request limit
+/// whatever the chunk sizes.
+const UPLOAD_BATCH_BYTES: usize = 4 << 20;
+
+/// Splits ready chunks into batches of at most `max_bytes` of frames (a single larger frame
+/// goes alone).
+fn split_by_bytes(ready: Vec<(ChunkHash, usize, Vec<u8>)>, max_bytes: usize) -> Vec<Vec<(ChunkHash, usize, Vec<u8>)>> {
+    let mut batches: Vec<Vec<(ChunkHash, usize, Vec<u8>)>> = Vec::new();
+    let mut bytes = 0;
+    for item in ready {
+        if batches.is_empty() || bytes + item.2.len() > max_bytes {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += item.2.len();
+        if let Some(batch) = batches.last_mut() {
+            batch.push(item);
+        }
+    }
+    batches
+}
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
@@ -473,6 +495,15 @@ fn progress_bar(enabled: bool, total: u64, paths: usize) -> indicatif::ProgressB
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn upload_batches_stay_under_the_byte_limit() {
+        let item = |len: usize| (ChunkHash::of(&len.to_le_bytes()), len, vec![0u8; len]);
+        let batches = split_by_bytes(vec![item(3), item(4), item(2), item(9), item(1)], 8);
+        let sizes: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|(_, raw, _)| *raw).collect()).collect();
+        assert_eq!(sizes, vec![vec![3, 4], vec![2], vec![9], vec![1]]);
+        assert!(split_by_bytes(Vec::new(), 8).is_empty());
+    }
     use super::*;
 
     fn info(path: &str, refs: &[&str]) -> LocalPathInfo {

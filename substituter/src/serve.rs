@@ -331,7 +331,9 @@ async fn count_requests(State(sub): State<Substituter>, request: axum::extract::
 }
 
 async fn metrics(State(sub): State<Substituter>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], sub.render_metrics()).into_response()
+    // Rendering may ask the cache's owner over its socket: not on a runtime worker.
+    let body = tokio::task::spawn_blocking(move || sub.render_metrics()).await.unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn nar(State(sub): State<Substituter>, Path(file): Path<String>) -> Result<Response, Miss> {

@@ -261,15 +261,24 @@ pub async fn commit(
     if total != request.nar_size {
         return Err(Error::invalid(format!("chunks add up to {total} bytes, not narSize {}", request.nar_size)).into());
     }
-    let hashes = request.chunks.iter().map(|c| c.hash).collect();
     let window = state.reuse_window();
-    let checked_at = std::time::Instant::now();
-    let present = state.storage.chunks_reusable(hashes, window.reusable_after(), state.config.chunk_parallelism).await?;
-    let missing: Vec<String> =
-        request.chunks.iter().zip(present).filter(|(_, present)| !present).map(|(c, _)| c.hash.to_string()).collect();
+    let started = std::time::Instant::now();
+    let reusable_after = window.reusable_after();
+    let mut unique: Vec<ChunkHash> = request.chunks.iter().map(|c| c.hash).collect();
+    unique.sort_unstable();
+    unique.dedup();
+    let reuse: Vec<(ChunkHash, Reuse)> = futures::stream::iter(unique)
+        .map(|hash| {
+            let storage = state.storage.clone();
+            async move { storage.chunk_reusable(&hash, reusable_after).await.map(|r| (hash, r)) }
+        })
+        .buffered(state.config.chunk_parallelism)
+        .try_collect()
+        .await?;
+    let missing: Vec<String> = reuse.iter().filter(|(_, r)| *r == Reuse::Missing).map(|(h, _)| h.to_string()).collect();
     if !missing.is_empty() {
         return Err(Error::invalid(format!(
-            "{} chunks are not stored (or too old to count on); upload them first (first: {})",
+            "{} chunks are not stored; upload them first (first: {})",
             missing.len(),
             missing[0]
         ))
@@ -286,10 +295,23 @@ pub async fn commit(
         ))
         .into());
     }
-    if window.max_upload().is_some_and(|limit| checked_at.elapsed() > limit) {
-        return Err(Error::unavailable("the commit took longer than half the garbage collection grace period; commit again").into());
+    // Chunks stored but too old to count on (a collection may be about to sweep them) are
+    // written again, which makes them young; they were just read and verified.
+    let stale: Vec<ChunkHash> = reuse.iter().filter(|(_, r)| *r == Reuse::Stale).map(|(h, _)| *h).collect();
+    for hash in &stale {
+        let (frame, _) = state.storage.get_chunk_versioned(hash).await?;
+        state.storage.put_chunk(hash, frame).await?;
     }
     state.storage.put_manifest(&manifest).await?;
+    // From here a collection keeps the chunks; before, only their youth protected them.
+    if window.max_upload().is_some_and(|limit| started.elapsed() > limit) {
+        return Err(Error::unavailable("the commit took longer than half the garbage collection grace period; commit again").into());
+    }
+    for hash in &stale {
+        if state.storage.chunk_size(hash).await?.is_none() {
+            return Err(Error::unavailable(format!("chunk {hash} was swept by a garbage collection during the commit; push again")).into());
+        }
+    }
     state.storage.put_path(&cache, &path).await?;
     tracing::info!(store_path = %path.store_path, "published through chunk commit");
     Ok(StatusCode::OK)
