@@ -646,3 +646,62 @@ fn upload_chunks_takes_whole_batches_and_refuses_bad_records() {
         assert_eq!(&stored, data);
     }
 }
+
+/// A commit may name its chunks by the `missing-chunks` question that preceded it; a question
+/// the server does not know (or of another cache), or a malformed reference to one, is refused
+/// with a clear message, and the full list always works.
+#[test]
+fn commit_by_chunk_query() {
+    use flywheel_core::chunk::{ChunkHash, ChunkParams, Chunker};
+    let nix = Nix::new();
+    let server = Server::start(Backend::Local);
+    server.create_cache("ci", false);
+    server.create_cache("other", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("query"), &["single"]);
+    let info = nix.path_info(&src, &paths[0]);
+    let nar = nix.dump(&src, &paths[0]);
+    let pieces = Chunker::chunk_all(ChunkParams::default(), &nar);
+    let hashes: Vec<String> = pieces.iter().map(|c| ChunkHash::of(c).to_string()).collect();
+    let admin = server.admin_token();
+    let client = Client::new();
+    let api = |cache: &str, route: &str| format!("{}/_flywheel/v1/{cache}/{route}", server.url);
+    let ask = |cache: &str| -> serde_json::Value {
+        client.post(api(cache, "missing-chunks")).bearer_auth(&admin).json(&serde_json::json!({"chunks": hashes})).send().unwrap().json().unwrap()
+    };
+    let answer = ask("ci");
+    let query = answer["query"].as_str().expect("missing-chunks names its question").to_string();
+    let mut body = Vec::new();
+    for piece in &pieces {
+        body.extend_from_slice(&ChunkHash::of(piece).0);
+        let frame = flywheel_core::chunk::compress(piece, 3).unwrap();
+        body.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+        body.extend_from_slice(&frame);
+    }
+    assert_eq!(client.post(api("ci", "upload-chunks")).bearer_auth(&admin).body(body).send().unwrap().status(), StatusCode::OK);
+    let sizes: Vec<usize> = pieces.iter().map(|c| c.len()).collect();
+    let commit = |cache: &str, extra: serde_json::Value| {
+        let mut request = serde_json::json!({
+            "storePath": paths[0], "narHash": info.nar_hash, "narSize": info.nar_size, "references": info.references,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            request[k] = v.clone();
+        }
+        client.post(api(cache, "commit")).bearer_auth(&admin).json(&request).send().unwrap()
+    };
+    let refused: Vec<(&str, reqwest::blocking::Response, &str)> = vec![
+        ("unknown query", commit("ci", serde_json::json!({"chunksQuery": "0123", "chunkSizes": sizes})), "unknown chunk query"),
+        ("another cache's query", commit("other", serde_json::json!({"chunksQuery": query, "chunkSizes": sizes})), "unknown chunk query"),
+        ("sizes do not match", commit("ci", serde_json::json!({"chunksQuery": query, "chunkSizes": [1, 2, 3, 4, 5, 6, 7, 8, 9]})), "chunkSizes"),
+        ("order past the list", commit("ci", serde_json::json!({"chunksQuery": query, "chunkOrder": [7], "chunkSizes": [1]})), "past the"),
+    ];
+    for (label, resp, needle) in refused {
+        assert!(resp.status().is_client_error(), "{label}: {}", resp.status());
+        let text = resp.text().unwrap();
+        assert!(text.contains(needle), "{label}: {text}");
+    }
+    let resp = commit("ci", serde_json::json!({"chunksQuery": query, "chunkSizes": sizes}));
+    assert_eq!(resp.status(), StatusCode::OK, "{}", resp.text().unwrap());
+    let narinfo = client.get(format!("{}/ci/{}.narinfo", server.url, hash_part(&paths[0]))).bearer_auth(&admin).send().unwrap();
+    assert_eq!(narinfo.status(), StatusCode::OK);
+}

@@ -156,12 +156,16 @@ impl ApiClient {
         Ok(parsed.missing_paths)
     }
 
-    /// Which of these chunks the server does not store (`POST missing-chunks`).
+    /// Which of these chunks the server does not store (`POST missing-chunks`), and the name
+    /// under which the server remembers the list asked about, for a commit that follows (only
+    /// when the list went in one request).
     #[instrument(skip_all, err, fields(chunks = chunks.len()))]
-    pub async fn missing_chunks(&self, chunks: &[ChunkHash]) -> Result<Vec<ChunkHash>> {
+    pub async fn missing_chunks(&self, chunks: &[ChunkHash]) -> Result<(Vec<ChunkHash>, Option<String>)> {
         let mut missing = Vec::new();
+        let mut query = None;
+        let batches = chunks.len().div_ceil(MAX_CHUNKS_PER_REQUEST);
         for batch in chunks.chunks(MAX_CHUNKS_PER_REQUEST) {
-            let body = ChunkList { chunks: batch.to_vec() };
+            let body = ChunkList { chunks: batch.to_vec(), query: None };
             let request = zstd_json(self.request(reqwest::Method::POST, self.api_url("missing-chunks")), &body)?;
             let response = send(request).await?;
             let bytes = response.bytes().await.map_err(transport)?;
@@ -172,8 +176,11 @@ impl ApiClient {
                 return Err(Error::corrupt(format!("the server reports chunk {odd} missing, which was not asked about")));
             }
             missing.extend(parsed.chunks);
+            if batches == 1 {
+                query = parsed.query.filter(|q| !q.is_empty() && q.len() <= 128);
+            }
         }
-        Ok(missing)
+        Ok((missing, query))
     }
 
     /// Uploads one chunk as its zstd frame (`PUT chunk/{hash}`); the server verifies it.

@@ -29,7 +29,32 @@ pub struct AppState {
     /// Cache settings read lately, by name: every request needs them, and reading them from
     /// the object store each time doubled the cost of a narinfo.
     cache_records: Arc<parking_lot::Mutex<CacheRecords>>,
+    /// Chunk lists of recent `missing-chunks` questions, for the commits that follow them.
+    chunk_queries: Arc<parking_lot::Mutex<ChunkQueries>>,
 }
+
+/// Remembered `missing-chunks` questions, least recently used first, bounded in chunks.
+struct ChunkQueries {
+    by_name: lru::LruCache<String, ChunkQuery>,
+    chunks: usize,
+}
+
+/// A `missing-chunks` question remembered for the commit that follows it.
+#[derive(Clone)]
+pub struct ChunkQuery {
+    /// The cache it was asked about.
+    pub cache: String,
+    /// The chunks asked about, in order.
+    pub chunks: Arc<Vec<flywheel_core::chunk::ChunkHash>>,
+    at: std::time::Instant,
+}
+
+/// How long a `missing-chunks` question is remembered: enough for the uploads between it and
+/// the commit.
+const CHUNK_QUERY_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Chunks of all remembered questions together (32 bytes each): 32 MiB.
+const CHUNK_QUERIES_MAX_CHUNKS: usize = 1 << 20;
 
 /// Cache settings by name, with when they were read.
 type CacheRecords = std::collections::HashMap<String, (std::time::Instant, Option<CacheRecord>)>;
@@ -84,6 +109,7 @@ impl AppState {
             verified: Arc::default(),
             recorded_access: Arc::default(),
             cache_records: Arc::default(),
+            chunk_queries: Arc::new(parking_lot::Mutex::new(ChunkQueries { by_name: lru::LruCache::unbounded(), chunks: 0 })),
         })
     }
 
@@ -109,8 +135,49 @@ impl AppState {
         ReuseWindow::for_grace_period(self.config.gc.grace_period)
     }
 
+    /// Remembers the chunk list of a `missing-chunks` question; returns its name, or `None`
+    /// for a list too long to keep (the commit then lists the chunks itself).
+    pub fn remember_chunk_query(&self, cache: &str, chunks: Vec<flywheel_core::chunk::ChunkHash>) -> Option<String> {
+        if chunks.len() > CHUNK_QUERIES_MAX_CHUNKS / 16 {
+            return None;
+        }
+        // Unguessable, so that a question's list serves only the client that asked it.
+        let mut bytes = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+        let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let count = chunks.len();
+        let query = ChunkQuery { cache: cache.to_string(), chunks: Arc::new(chunks), at: std::time::Instant::now() };
+        let mut queries = self.chunk_queries.lock();
+        queries.chunks += count;
+        queries.by_name.put(name.clone(), query);
+        while queries.chunks > CHUNK_QUERIES_MAX_CHUNKS {
+            match queries.by_name.pop_lru() {
+                Some((_, old)) => queries.chunks -= old.chunks.len(),
+                None => break,
+            }
+        }
+        Some(name)
+    }
+
+    /// The chunk list of a remembered question about `cache`, if it is known and fresh.
+    pub fn chunk_query(&self, cache: &str, name: &str) -> Option<ChunkQuery> {
+        let mut queries = self.chunk_queries.lock();
+        let query = queries.by_name.get(name)?.clone();
+        if query.cache != cache {
+            return None;
+        }
+        if query.at.elapsed() > CHUNK_QUERY_TTL {
+            if let Some(old) = queries.by_name.pop(name) {
+                queries.chunks -= old.chunks.len();
+            }
+            return None;
+        }
+        Some(query)
+    }
+
     /// Drops a cache's remembered settings after this process changed them.
     pub fn forget_cache_record(&self, cache: &str) {
         self.cache_records.lock().remove(cache);
     }
 }
+

@@ -219,7 +219,8 @@ impl Pusher {
                 unique.push(chunk.hash);
             }
         }
-        let missing: HashSet<ChunkHash> = self.api.missing_chunks(&unique).await?.into_iter().collect();
+        let (missing, query) = self.api.missing_chunks(&unique).await?;
+        let missing: HashSet<ChunkHash> = missing.into_iter().collect();
         if !missing.is_empty() {
             self.upload(&physical, &chunks, missing, counters).await?;
         }
@@ -232,7 +233,21 @@ impl Pusher {
             sigs: info.signatures.clone(),
             ca: info.ca.clone(),
             chunks,
+            chunks_query: None,
+            chunk_order: None,
+            chunk_sizes: Vec::new(),
         };
+        if let Some(query) = query {
+            // The server remembers the list asked about: name it instead of listing the chunks
+            // again. Any refusal (the server forgot it, another replica answered) falls back to
+            // the full list, which also reports the real error if there is one.
+            let short = by_query(&request, &unique, query);
+            match self.api.commit(&short).await {
+                Ok(()) => return Ok(()),
+                Err(err) if matches!(err.kind(), ErrorKind::Unauthorized | ErrorKind::Forbidden) => return Err(err),
+                Err(err) => tracing::debug!("commit by chunk query refused, sending the chunk list: {err}"),
+            }
+        }
         retry(|| self.api.commit(&request)).await
     }
 
@@ -271,6 +286,21 @@ impl Pusher {
         let produced = producer.await.map_err(|e| Error::internal(format!("chunking task failed: {e}")))?;
         uploaded?;
         produced
+    }
+}
+
+/// The commit `full` with its chunks named by the `missing-chunks` question `query`, which
+/// asked about `asked` (the unique chunks, in order of first appearance).
+fn by_query(full: &CommitRequest, asked: &[ChunkHash], query: String) -> CommitRequest {
+    let index: std::collections::HashMap<ChunkHash, u32> = asked.iter().enumerate().map(|(i, h)| (*h, i as u32)).collect();
+    let order: Vec<u32> = full.chunks.iter().map(|c| index.get(&c.hash).copied().unwrap_or(u32::MAX)).collect();
+    let identity = order.iter().enumerate().all(|(i, &o)| o as usize == i) && order.len() == asked.len();
+    CommitRequest {
+        chunks: Vec::new(),
+        chunks_query: Some(query),
+        chunk_order: (!identity).then_some(order),
+        chunk_sizes: full.chunks.iter().map(|c| c.size).collect(),
+        ..full.clone()
     }
 }
 
@@ -495,6 +525,32 @@ fn progress_bar(enabled: bool, total: u64, paths: usize) -> indicatif::ProgressB
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_commit_by_query_names_chunks_by_their_place_in_the_question() {
+        let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
+        let full = CommitRequest {
+            store_path: "/nix/store/00000000000000000000000000000000-x".into(),
+            nar_hash: "sha256:x".into(),
+            nar_size: 7,
+            references: Vec::new(),
+            deriver: None,
+            sigs: Vec::new(),
+            ca: None,
+            chunks: vec![ChunkRef { hash: a, size: 3 }, ChunkRef { hash: b, size: 4 }],
+            chunks_query: None,
+            chunk_order: None,
+            chunk_sizes: Vec::new(),
+        };
+        let short = by_query(&full, &[a, b], "q".into());
+        assert!(short.chunks.is_empty());
+        assert_eq!(short.chunk_order, None, "the question's own order needs no list");
+        assert_eq!(short.chunk_sizes, vec![3, 4]);
+        let repeated = CommitRequest { chunks: vec![full.chunks[0], full.chunks[1], full.chunks[0]], ..full.clone() };
+        let short = by_query(&repeated, &[a, b], "q".into());
+        assert_eq!(short.chunk_order, Some(vec![0, 1, 0]));
+        assert_eq!(short.chunk_sizes, vec![3, 4, 3]);
+    }
 
     #[test]
     fn upload_batches_stay_under_the_byte_limit() {

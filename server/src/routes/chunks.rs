@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flywheel_core::api::v1::chunks::{ChunkList, ChunkRefList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
 use flywheel_core::chunk::ChunkHash;
+use flywheel_core::manifest::ChunkRef;
 use flywheel_core::nix::{Sha256Hash, StorePath};
 use flywheel_core::Error;
 use futures::{StreamExt, TryStreamExt};
@@ -124,7 +125,8 @@ pub async fn missing(
     let present =
         state.storage.chunks_reusable(request.chunks.clone(), reusable_after, state.config.chunk_parallelism).await?;
     let chunks = request.chunks.iter().zip(present).filter(|(_, present)| !present).map(|(h, _)| *h).collect();
-    Ok(Json(ChunkList { chunks }))
+    let query = state.remember_chunk_query(&cache, request.chunks);
+    Ok(Json(ChunkList { chunks, query }))
 }
 
 /// `PUT chunk/{hash}`: stores one chunk given as a zstd frame, after checking it decompresses to
@@ -206,6 +208,26 @@ pub async fn upload_many(
     Ok(StatusCode::OK)
 }
 
+/// The chunk list of a commit that names a `missing-chunks` question: `order` indexes the
+/// question's list (the list itself when absent), `sizes` gives each chunk's size.
+fn chunks_from_query(asked: &[ChunkHash], order: Option<Vec<u32>>, sizes: Vec<u32>) -> Result<Vec<ChunkRef>, Error> {
+    let order: Vec<usize> = match order {
+        Some(order) => order.into_iter().map(|i| i as usize).collect(),
+        None => (0..asked.len()).collect(),
+    };
+    if order.len() != sizes.len() {
+        return Err(Error::invalid(format!("{} chunks in chunkOrder but {} chunkSizes", order.len(), sizes.len())));
+    }
+    order
+        .into_iter()
+        .zip(sizes)
+        .map(|(i, size)| {
+            let hash = asked.get(i).ok_or_else(|| Error::invalid(format!("chunkOrder index {i} is past the {} chunks asked about", asked.len())))?;
+            Ok(ChunkRef { hash: *hash, size })
+        })
+        .collect()
+}
+
 /// Splits an `upload-chunks` body into (hash, frame range) records.
 fn parse_upload_records(body: &[u8]) -> Result<Vec<(ChunkHash, std::ops::Range<usize>)>, Error> {
     let mut records = Vec::new();
@@ -239,6 +261,16 @@ pub async fn commit(
     ApiJson(request): ApiJson<CommitRequest>,
 ) -> ApiResult<StatusCode> {
     let record = authorize(&state, &caller, &cache, "push", |p| p.push).await?;
+    let mut request = request;
+    if let Some(name) = request.chunks_query.take() {
+        if !request.chunks.is_empty() {
+            return Err(Error::invalid("give chunks or chunksQuery, not both").into());
+        }
+        let query = state.chunk_query(&cache, &name).ok_or_else(|| {
+            Error::not_found(format!("unknown chunk query {name:?} (expired, or asked of another server): send the chunks"))
+        })?;
+        request.chunks = chunks_from_query(&query.chunks, request.chunk_order.take(), std::mem::take(&mut request.chunk_sizes))?;
+    }
     check_count(request.chunks.len())?;
     let nar_hash = Sha256Hash::parse(&request.nar_hash)?;
     let (_, path) = PathMetadata {

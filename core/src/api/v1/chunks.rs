@@ -44,6 +44,10 @@ pub struct PathManifest {
 pub struct ChunkList {
     /// The chunks.
     pub chunks: Vec<ChunkHash>,
+    /// In a `missing-chunks` answer: names the chunk list that was asked about, for a `commit`
+    /// that follows (see [`CommitRequest::chunks_query`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
 }
 
 /// Chunks named with their uncompressed sizes, as a manifest lists them.
@@ -75,6 +79,21 @@ pub struct CommitRequest {
     /// Content address.
     #[serde(default)]
     pub ca: Option<String>,
-    /// The NAR's chunks in order, with their uncompressed sizes.
+    /// The NAR's chunks in order, with their uncompressed sizes. May be left empty when
+    /// `chunks_query` names them instead.
+    #[serde(default)]
     pub chunks: Vec<crate::manifest::ChunkRef>,
+    /// The `query` of a `missing-chunks` answer: the chunks are the ones asked about then (in
+    /// `chunk_order`, with `chunk_sizes`), so the commit need not list their names again. A
+    /// server that does not know the query (another replica, or expired) refuses the commit,
+    /// and the client sends it again with `chunks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_query: Option<String>,
+    /// With `chunks_query`: for each chunk of the NAR in order, its index in the list asked
+    /// about; absent when it is that list itself, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_order: Option<Vec<u32>>,
+    /// With `chunks_query`: the uncompressed size of each chunk of the NAR, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunk_sizes: Vec<u32>,
 }
