@@ -27,9 +27,10 @@ let
   mountCommand = execLine' ([ "mount" ] ++ serverArgs ++ [
     "--cache-dir" cfg.cacheDir
     "--cache-size" (toString cfg.cacheSize)
+    "--files-size" (toString cfg.mount.filesSize)
     "--offline-timeout" (toString cfg.mount.offlineTimeout)
-    cfg.mount.mountPoint
-  ]);
+  ] ++ lib.optionals (cfg.mount.metricsListen != null) [ "--metrics-listen" cfg.mount.metricsListen ]
+    ++ [ cfg.mount.mountPoint ]);
   substituteCommand = execLine' ([ "substitute" ] ++ serverArgs ++ [
     "--listen" "127.0.0.1:${toString cfg.substituter.port}"
     "--cache-dir" cfg.cacheDir
@@ -39,7 +40,8 @@ let
   ]);
   pushDaemonCommand = execLine' ([ "push-daemon" ] ++ serverArgs
     ++ lib.concatMap (k: [ "--ignore-upstream-key" k ]) cfg.push.ignoreUpstreamKeys
-    ++ [ "--socket" pushSocket ]);
+    ++ [ "--socket" pushSocket ]
+    ++ lib.optionals (cfg.push.metricsListen != null) [ "--metrics-listen" cfg.push.metricsListen ]);
 
   # nix-daemon runs the hook after every build, as root. It hands the paths over and exits 0:
   # a failing hook would fail the build.
@@ -193,6 +195,17 @@ in
         default = 10;
         description = "Seconds to wait for the server before a read of uncached content fails with EIO.";
       };
+      filesSize = mkOption {
+        type = types.ints.unsigned;
+        default = 2147483648;
+        description = "Byte budget of whole files kept decompressed under `cacheDir/files` for FUSE passthrough (on top of `cacheSize`); 0 turns passthrough off.";
+      };
+      metricsListen = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "127.0.0.1:9101";
+        description = "Address where the mount serves Prometheus `/metrics`; null: none. (The substituter serves `/metrics` on its own port.)";
+      };
     };
 
     substituter = {
@@ -228,6 +241,12 @@ in
         type = types.listOf types.str;
         default = [ "cache.nixos.org-1" ];
         description = "Key names of upstream caches whose paths are not pushed.";
+      };
+      metricsListen = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "127.0.0.1:9102";
+        description = "Address where the push daemon serves Prometheus `/metrics`; null: none.";
       };
     };
 

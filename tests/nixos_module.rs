@@ -360,7 +360,8 @@ fn runner_commands_are_accepted_by_the_binary() {
               cacheSize = 5368709120;
               trustedPublicKeys = [ "ci-1:su4pov7yoc5lV0pmcvVr6ZhwoE2SXYet+dEpco+aPQY=" ];
               substituter.port = 38000;
-              push.enable = true;
+              push = { enable = true; metricsListen = "127.0.0.1:9102"; };
+              mount = { filesSize = 1073741824; metricsListen = "127.0.0.1:9101"; };
               lazy = { enable = true; paths = [ "/nix/store/00000000000000000000000000000000-toolchain" ]; };
             }; }"#,
     );
@@ -413,6 +414,9 @@ fn runner_commands_are_accepted_by_the_binary() {
     assert_eq!(flag(mount, "--cache-dir"), "/pvc/flywheel/cache");
     assert_eq!(flag(substitute, "--cache-dir"), "/pvc/flywheel/cache", "mount and substituter share the cache");
     assert_eq!(flag(mount, "--cache-size"), "5368709120");
+    assert_eq!(flag(mount, "--files-size"), "1073741824");
+    assert_eq!(flag(mount, "--metrics-listen"), "127.0.0.1:9101");
+    assert_eq!(flag(push_daemon, "--metrics-listen"), "127.0.0.1:9102");
     assert_eq!(flag(substitute, "--listen"), "127.0.0.1:38000");
     assert_eq!(flag(push_daemon, "--socket"), "/run/flywheel-push/push.sock");
     assert!(str_list(&eval["tmpfiles"]).contains(&"d /pvc/flywheel/cache 0700 root root - -".to_string()));
