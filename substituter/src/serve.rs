@@ -34,8 +34,13 @@ use parking_lot::Mutex;
 /// Chunks per window of a streamed NAR: about 2 MiB at the average chunk size.
 const WINDOW: usize = 32;
 
-/// Windows fetched ahead of the one being sent.
-const WINDOWS_AHEAD: usize = 3;
+/// Windows fetched ahead of the one being sent: a cold NAR is fetched this far ahead of Nix
+/// (measured on the bench corpus: 3 windows ahead took 5.8 s, 8 took 4.5 s, 16 took 3.9 s).
+const WINDOWS_AHEAD: usize = 16;
+
+/// Windows held at once by all NAR streams together (about 2 MiB each), so that Nix fetching
+/// many paths at once does not multiply the memory of the lookahead.
+const WINDOWS_IN_FLIGHT: usize = 48;
 
 /// Everything `flywheel substitute` needs.
 #[derive(Debug, Clone)]
@@ -95,6 +100,8 @@ struct Inner {
     nar_bytes_sent: std::sync::atomic::AtomicU64,
     /// Until when the server counts as down.
     down_until: Mutex<Option<Instant>>,
+    /// Bounds the windows held by all NAR streams (see [`WINDOWS_IN_FLIGHT`]).
+    windows_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Substituter {
@@ -114,6 +121,7 @@ impl Substituter {
                 requests: Mutex::default(),
                 nar_bytes_sent: Default::default(),
                 down_until: Mutex::new(None),
+                windows_in_flight: Arc::new(tokio::sync::Semaphore::new(WINDOWS_IN_FLIGHT)),
             }),
         })
     }
@@ -346,20 +354,24 @@ async fn nar(State(sub): State<Substituter>, Path(file): Path<String>) -> Result
     let timeout = sub.inner.config.chunk_timeout;
     let windows: Vec<Vec<flywheel_core::manifest::ChunkRef>> =
         manifest.manifest.chunks.chunks(WINDOW).map(|w| w.to_vec()).collect();
+    let permits = sub.inner.windows_in_flight.clone();
     let mut windows = futures::stream::iter(windows)
         .map(move |window| {
-            let store = store.clone();
+            let (store, permits) = (store.clone(), permits.clone());
             async move {
-                tokio::time::timeout(timeout, store.get_many(&window))
+                // Held until the window's bytes are handed to the response body.
+                let permit = permits.acquire_owned().await.ok();
+                let chunks = tokio::time::timeout(timeout, store.get_many(&window))
                     .await
-                    .unwrap_or_else(|_| Err(Error::unavailable("chunks did not arrive in time")))
+                    .unwrap_or_else(|_| Err(Error::unavailable("chunks did not arrive in time")))?;
+                Ok::<_, Error>((chunks, permit))
             }
         })
         .buffered(WINDOWS_AHEAD);
     // The first window decides the status: a failure here is still a clean 404.
     let first = match windows.next().await {
         Some(result) => result?,
-        None => Vec::new(),
+        None => (Vec::new(), None),
     };
     let hash_owned = hash.to_string();
     let rest = windows.map(move |result| {
@@ -371,12 +383,12 @@ async fn nar(State(sub): State<Substituter>, Path(file): Path<String>) -> Result
     let sent = sub.clone();
     let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
         .chain(rest)
-        .flat_map(move |window: std::io::Result<Vec<Arc<[u8]>>>| {
+        .flat_map(move |window: std::io::Result<(Vec<Arc<[u8]>>, Option<tokio::sync::OwnedSemaphorePermit>)>| {
             let items: Vec<std::io::Result<Bytes>> = match window {
-                Ok(chunks) => {
+                Ok((chunks, _permit)) => {
                     let bytes: usize = chunks.iter().map(|c| c.len()).sum();
                     sent.inner.nar_bytes_sent.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
-                    chunks.into_iter().map(|c| Ok(Bytes::copy_from_slice(&c))).collect()
+                    chunks.into_iter().map(|c| Ok(Bytes::from_owner(c))).collect()
                 }
                 Err(err) => vec![Err(err)],
             };
