@@ -260,14 +260,24 @@ impl Pusher {
         counters: &Counters,
     ) -> Result<()> {
         let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkHash, usize, Vec<u8>)>(self.config.jobs.max(UPLOAD_BATCH));
+        // A push of a few new chunks (the common case: a new version of a path) waits for all
+        // of them and sends one request; a bigger one sends whatever is ready, in parallel.
+        let missing_bytes: u64 = {
+            let mut seen = HashSet::new();
+            chunks.iter().filter(|c| missing.contains(&c.hash) && seen.insert(c.hash)).map(|c| u64::from(c.size)).sum()
+        };
+        let one_request = missing.len() <= UPLOAD_BATCH && missing_bytes <= UPLOAD_BATCH_BYTES as u64;
         let physical = physical.to_path_buf();
         let expected: Vec<ChunkRef> = chunks.to_vec();
         let (params, level) = (self.config.chunking, self.config.zstd_level);
         let producer = tokio::task::spawn_blocking(move || compress_missing(&physical, params, level, &expected, missing, tx));
-        // Chunks ready together go in one request: a push of a few new chunks then costs one
-        // request's headers, not one per chunk.
-        let uploads = tokio_stream_from(rx)
-            .ready_chunks(UPLOAD_BATCH)
+        // Chunks ready together go in one request: fewer requests, fewer headers.
+        let batches: futures::stream::BoxStream<'_, Vec<(ChunkHash, usize, Vec<u8>)>> = if one_request {
+            tokio_stream_from(rx).chunks(UPLOAD_BATCH).boxed()
+        } else {
+            tokio_stream_from(rx).ready_chunks(UPLOAD_BATCH).boxed()
+        };
+        let uploads = batches
             .flat_map(|ready| futures::stream::iter(split_by_bytes(ready, UPLOAD_BATCH_BYTES)))
             .map(|batch| async move {
                 let frames: Vec<(ChunkHash, Vec<u8>)> = batch.iter().map(|(hash, _, frame)| (*hash, frame.clone())).collect();
