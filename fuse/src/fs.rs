@@ -542,13 +542,23 @@ impl Inner {
         // Checking the copy hashes it (once per process): not under the lock.
         let file = self.files.as_ref().and_then(|files| files.get(&files::key(&tree.nar_hash, nar_offset), size));
         let mut io = self.io.lock();
-        // Another open may have decided meanwhile.
+        // Other opens may have decided meanwhile; the two modes never mix.
+        if let Some((id, handles)) = io.backing.get_mut(&ino_) {
+            if *handles > 0 {
+                *handles += 1;
+                return Some(id.clone());
+            }
+        }
+        if io.cached.get(&ino_).copied().unwrap_or(0) > 0 {
+            *io.cached.entry(ino_).or_default() += 1;
+            return None;
+        }
         if let Some((id, handles)) = io.backing.get_mut(&ino_) {
             *handles += 1;
             return Some(id.clone());
         }
-        let opened = match (&file, io.cached.get(&ino_).copied().unwrap_or(0)) {
-            (Some(file), 0) => match reply.open_backing(file) {
+        let opened = match &file {
+            Some(file) => match reply.open_backing(file) {
                 Ok(id) => Some(Arc::new(id)),
                 Err(err) => {
                     warn!("the kernel refused a backing file, passthrough is off: {err}");
