@@ -129,10 +129,7 @@ fn fuse_file_read_whole_is_served_by_passthrough_afterwards() {
     let cache_dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
-    let metric = |name: &str| -> f64 {
-        let text = reqwest::blocking::get(format!("http://{addr}/metrics")).unwrap().text().unwrap();
-        text.lines().find_map(|l| l.strip_prefix(&format!("{name} ")).map(|v| v.parse().unwrap())).unwrap_or_else(|| panic!("no {name}"))
-    };
+    let metric = |name: &str| common::metric_value(&common::fetch_metrics(&format!("http://{addr}/metrics")), name);
     let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &["--metrics-listen", &addr]);
     let blob = mount.path(&big).join("blob");
     // A handle held open through the page cache from the start.

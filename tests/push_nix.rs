@@ -7,6 +7,7 @@ mod substituter_common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use substituter_common::common::{fetch_metrics, metric_value};
 use substituter_common::{new_chunks, CountingProxy, Setup, FLYWHEEL};
 
 fn stderr(out: &std::process::Output) -> String {
@@ -112,13 +113,8 @@ fn push_hook_pushes_a_real_nix_build_by_flush() {
         assert!(setup.server_has(path), "{path} was not pushed:\n{}", std::fs::read_to_string(&log).unwrap());
     }
     // The daemon's metrics count what it pushed.
-    let metrics = reqwest::blocking::get(&metrics_url).unwrap().text().unwrap();
-    let value = |series: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{series} ")).map(|v| v.parse::<f64>().unwrap()))
-            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
-    };
+    let metrics = fetch_metrics(&metrics_url);
+    let value = |series: &str| metric_value(&metrics, series);
     assert_eq!(value("flywheel_push_paths_pushed_total"), closure.lines().count() as f64, "{metrics}");
     assert!(value("flywheel_push_chunks_uploaded_total") >= 1.0, "{metrics}");
     assert_eq!(value("flywheel_push_queue_length"), 0.0);
@@ -215,10 +211,6 @@ fn push_skips_paths_signed_by_upstream_keys() {
 
 /// Chunks the server received through its chunk API so far (its `/metrics`).
 fn chunks_received(setup: &Setup) -> u64 {
-    let text = reqwest::blocking::get(format!("{}/metrics", setup.server.url)).unwrap().text().unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("flywheel_chunks_received_total "))
-        .unwrap_or_else(|| panic!("no flywheel_chunks_received_total in\n{text}"))
-        .parse()
-        .unwrap()
+    let text = fetch_metrics(&format!("{}/metrics", setup.server.url));
+    metric_value(&text, "flywheel_chunks_received_total") as u64
 }

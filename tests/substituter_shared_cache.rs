@@ -6,6 +6,7 @@
 mod common_fuse;
 mod substituter_common;
 
+use common_fuse::common::{fetch_metrics as metrics, metric_value as sample};
 use common_fuse::{CountingProxy, Setup, CACHE};
 
 fn public_key(setup: &Setup) -> String {
@@ -109,20 +110,6 @@ fn substituter_shares_its_cache_dir_with_a_running_mount() {
     drop(sub);
     let status = status_of(cache_dir.path(), &mount.mountpoint, "http://127.0.0.1:9");
     assert!(status["substituter"]["state"].as_str().unwrap().starts_with("down"), "{status}");
-}
-
-fn metrics(url: &str) -> String {
-    let response = reqwest::blocking::get(url).unwrap();
-    assert!(response.status().is_success(), "{url}: {}", response.status());
-    response.text().unwrap()
-}
-
-/// The value of one Prometheus series (the whole `name{labels}` as written).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.rsplit_once(' ').filter(|(name, _)| *name == series).map(|(_, v)| v.parse::<f64>().unwrap()))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
 fn status_of(cache_dir: &std::path::Path, mountpoint: &std::path::Path, substituter: &str) -> serde_json::Value {

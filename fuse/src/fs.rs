@@ -177,6 +177,29 @@ struct IoModes {
     cached: HashMap<INodeNo, usize>,
 }
 
+impl IoModes {
+    /// When handles of the inode are open, a new one joins their mode: `Some(Some(id))` for
+    /// passthrough, `Some(None)` for the page cache (counted here); `None` when none is open.
+    fn join_open(&mut self, ino: INodeNo) -> Option<Option<Arc<fuser::BackingId>>> {
+        if let Some((id, handles)) = self.backing.get_mut(&ino) {
+            if *handles > 0 {
+                *handles += 1;
+                return Some(Some(id.clone()));
+            }
+        }
+        let cached = self.cached.get_mut(&ino)?;
+        *cached += 1;
+        Some(None)
+    }
+
+    /// A kept backing id of the inode, now held by one more handle.
+    fn reuse_backing(&mut self, ino: INodeNo) -> Option<Arc<fuser::BackingId>> {
+        let (id, handles) = self.backing.get_mut(&ino)?;
+        *handles += 1;
+        Some(id.clone())
+    }
+}
+
 /// How an open handle reads its file.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum IoMode {
@@ -522,40 +545,27 @@ impl Inner {
     fn open_io(&self, ino_: INodeNo, tree: &PathTree, nar_offset: u64, size: u64, reply: &ReplyOpen) -> Option<Arc<fuser::BackingId>> {
         {
             let mut io = self.io.lock();
-            if let Some((id, handles)) = io.backing.get_mut(&ino_) {
-                if *handles > 0 {
-                    *handles += 1;
-                    return Some(id.clone());
-                }
+            if let Some(settled) = io.join_open(ino_) {
+                return settled;
             }
-            let cached_open = io.cached.get(&ino_).copied().unwrap_or(0) > 0;
             let passthrough = self.passthrough.load(Ordering::Relaxed) && size >= files::MIN_FILE_SIZE;
-            if cached_open || !passthrough || self.files.is_none() {
+            if !passthrough || self.files.is_none() {
                 *io.cached.entry(ino_).or_default() += 1;
                 return None;
             }
-            if let Some((id, handles)) = io.backing.get_mut(&ino_) {
-                *handles += 1;
-                return Some(id.clone());
+            if let Some(id) = io.reuse_backing(ino_) {
+                return Some(id);
             }
         }
         // Checking the copy hashes it (once per process): not under the lock.
         let file = self.files.as_ref().and_then(|files| files.get(&files::key(&tree.nar_hash, nar_offset), size));
         let mut io = self.io.lock();
         // Other opens may have decided meanwhile; the two modes never mix.
-        if let Some((id, handles)) = io.backing.get_mut(&ino_) {
-            if *handles > 0 {
-                *handles += 1;
-                return Some(id.clone());
-            }
+        if let Some(settled) = io.join_open(ino_) {
+            return settled;
         }
-        if io.cached.get(&ino_).copied().unwrap_or(0) > 0 {
-            *io.cached.entry(ino_).or_default() += 1;
-            return None;
-        }
-        if let Some((id, handles)) = io.backing.get_mut(&ino_) {
-            *handles += 1;
-            return Some(id.clone());
+        if let Some(id) = io.reuse_backing(ino_) {
+            return Some(id);
         }
         let opened = match &file {
             Some(file) => match reply.open_backing(file) {
@@ -624,44 +634,27 @@ impl Inner {
         if !file_start || walked < PATH_READAHEAD_MIN {
             return;
         }
-        let window = walked.min(PATH_READAHEAD_MAX);
         let nar_size = tree.offsets.last().copied().unwrap_or(0);
-        let reached = tree.prefetched_to.load(Ordering::Relaxed).max(end);
-        if reached >= nar_size || reached > end + window / 2 {
-            return;
-        }
-        let to = (end + window).min(nar_size);
-        tree.prefetched_to.store(to, Ordering::Relaxed);
-        let (chunks, _) = tree.covering(reached, to);
-        let wanted: Vec<ChunkRef> = {
-            let mut hot = self.hot.lock();
-            chunks.iter().filter(|c| hot.get(&c.hash).is_none()).copied().collect()
-        };
-        if wanted.is_empty() {
-            return;
-        }
-        let inner = self.clone();
-        let span = debug_span!("path_readahead", store_path = %tree.base_name, chunks = wanted.len());
-        self.runtime.spawn(
-            async move {
-                if let Err(err) = inner.chunks(&wanted).await {
-                    tracing::debug!("readahead failed: {err}");
-                }
-            }
-            .instrument(span),
-        );
+        self.prefetch(tree, &tree.prefetched_to, end, walked.min(PATH_READAHEAD_MAX), nar_size, "path");
     }
 
     /// Loads, in the background, the chunks of the next [`READAHEAD`] bytes of a file that is
     /// read sequentially, from the local cache or the server, into the hot chunks.
     fn readahead(self: &Arc<Self>, tree: &Arc<PathTree>, open: &OpenFile, from: u64, file_end: u64) {
-        let reached = open.prefetched_to.load(Ordering::Relaxed).max(from);
-        if reached >= file_end || reached > from + READAHEAD / 2 {
+        self.prefetch(tree, &open.prefetched_to, from, READAHEAD, file_end, "file");
+    }
+
+    /// Loads the chunks of NAR bytes up to `window` past `from` (never past `end`) into the
+    /// hot chunks in the background, unless `reached` (how far this readahead got, updated
+    /// here) is still more than half a window ahead.
+    fn prefetch(self: &Arc<Self>, tree: &Arc<PathTree>, reached: &AtomicU64, from: u64, window: u64, end: u64, kind: &'static str) {
+        let start = reached.load(Ordering::Relaxed).max(from);
+        if start >= end || start > from + window / 2 {
             return;
         }
-        let to = (from + READAHEAD).min(file_end);
-        open.prefetched_to.store(to, Ordering::Relaxed);
-        let (chunks, _) = tree.covering(reached, to);
+        let to = (from + window).min(end);
+        reached.store(to, Ordering::Relaxed);
+        let (chunks, _) = tree.covering(start, to);
         let wanted: Vec<ChunkRef> = {
             let mut hot = self.hot.lock();
             // Chunks in the local cache count too: loading them into memory ahead of the reader
@@ -672,7 +665,7 @@ impl Inner {
             return;
         }
         let inner = self.clone();
-        let span = debug_span!("readahead", store_path = %tree.base_name, chunks = wanted.len());
+        let span = debug_span!("readahead", kind, store_path = %tree.base_name, chunks = wanted.len());
         self.runtime.spawn(
             async move {
                 if let Err(err) = inner.chunks(&wanted).await {
@@ -827,7 +820,8 @@ impl Filesystem for FlywheelFs {
                 self.inner.readahead(&tree, &open, end_nar, nar_offset + file_size);
             }
             // A handle that has been served every byte of the file read it whole.
-            let whole = {
+            let materializable = self.inner.files.is_some() && file_size >= files::MIN_FILE_SIZE;
+            let whole = materializable && {
                 let mut served = open.served.lock();
                 let was_whole = served.ranges.first().is_some_and(|&(s, e)| s == 0 && e >= file_size);
                 !was_whole && served.add(offset, end, file_size)

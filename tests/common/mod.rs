@@ -15,6 +15,21 @@ use sha2::Digest;
 
 pub mod load;
 
+/// The Prometheus text a `/metrics` endpoint answers.
+pub fn fetch_metrics(url: &str) -> String {
+    let response = reqwest::blocking::get(url).unwrap();
+    assert!(response.status().is_success(), "{url}: {}", response.status());
+    response.text().unwrap()
+}
+
+/// The value of one Prometheus series in `text` (the whole `name{labels}` as written).
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(name, _)| *name == series).map(|(_, v)| v.parse::<f64>().unwrap()))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
 pub const FLYWHEEL: &str = env!("CARGO_BIN_EXE_flywheel");
 
 /// The path of a tool the tests need, or a failure that says how to get it.

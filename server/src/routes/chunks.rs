@@ -141,16 +141,9 @@ pub async fn put_one(
     let hash = parse_chunk(&hash)?;
     let max = state.config.chunking.max_size as usize;
     let checked = frame.clone();
-    tokio::task::spawn_blocking(move || {
-        let data = zstd::bulk::decompress(&checked, max)
-            .map_err(|e| Error::invalid(format!("chunk {hash} is not a zstd frame of at most {max} bytes: {e}")))?;
-        if ChunkHash::of(&data) != hash {
-            return Err(Error::invalid(format!("chunk content does not hash to {hash}")));
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| Error::internal(e.to_string()))??;
+    tokio::task::spawn_blocking(move || check_uploaded(&checked, &hash, max))
+        .await
+        .map_err(|e| Error::internal(e.to_string()))??;
     state.metrics.chunks_received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // A stale copy is written again, so that garbage collection counts it as young.
     let reusable_after = state.reuse_window().reusable_after();
@@ -179,14 +172,7 @@ pub async fn upload_many(
     let checked: Vec<(ChunkHash, std::ops::Range<usize>)> = records.clone();
     let body_for_check = body.clone();
     tokio::task::spawn_blocking(move || {
-        for (hash, range) in &checked {
-            let data = zstd::bulk::decompress(&body_for_check[range.clone()], max)
-                .map_err(|e| Error::invalid(format!("chunk {hash} is not a zstd frame of at most {max} bytes: {e}")))?;
-            if ChunkHash::of(&data) != *hash {
-                return Err(Error::invalid(format!("chunk content does not hash to {hash}")));
-            }
-        }
-        Ok(())
+        checked.iter().try_for_each(|(hash, range)| check_uploaded(&body_for_check[range.clone()], hash, max))
     })
     .await
     .map_err(|e| Error::internal(e.to_string()))??;
@@ -226,6 +212,16 @@ fn chunks_from_query(asked: &[ChunkHash], order: Option<Vec<u32>>, sizes: Vec<u3
             Ok(ChunkRef { hash: *hash, size })
         })
         .collect()
+}
+
+/// Checks an uploaded zstd frame: it decompresses to at most `max` bytes named `hash`.
+fn check_uploaded(frame: &[u8], hash: &ChunkHash, max: usize) -> Result<(), Error> {
+    let data = zstd::bulk::decompress(frame, max)
+        .map_err(|e| Error::invalid(format!("chunk {hash} is not a zstd frame of at most {max} bytes: {e}")))?;
+    if ChunkHash::of(&data) != *hash {
+        return Err(Error::invalid(format!("chunk content does not hash to {hash}")));
+    }
+    Ok(())
 }
 
 /// Splits an `upload-chunks` body into (hash, frame range) records.
