@@ -521,6 +521,22 @@ mod tests {
         (ChunkRef { hash, size: len as u32 }, frame)
     }
 
+    /// Opens a cache that this process has just dropped. sled's flusher thread lets go of the
+    /// file lock a moment after the last handle is dropped, so a lock error is retried briefly
+    /// (in production `share::open` does the same for a departing owner).
+    fn reopen(config: &CacheConfig) -> LocalCache {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match LocalCache::open(config) {
+                Ok(cache) => return cache,
+                Err(err) if err.kind() == ErrorKind::AlreadyExists && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(err) => panic!("reopening the cache: {err}"),
+            }
+        }
+    }
+
     fn dir_size(path: &Path) -> u64 {
         let mut total = 0;
         for entry in std::fs::read_dir(path).unwrap() {
@@ -544,7 +560,7 @@ mod tests {
             assert_eq!(cache.used_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
             cache.flush().unwrap();
         }
-        let cache = LocalCache::open(&config).unwrap();
+        let cache = reopen(&config);
         assert_eq!(cache.used_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
         assert!(cache.get(&c).is_some());
     }
@@ -652,7 +668,7 @@ mod tests {
         cache.flush().unwrap();
         drop(cache);
         // Reopened with a smaller quota, it shrinks at once.
-        let cache = LocalCache::open(&CacheConfig::new(dir.path(), quota / 2)).unwrap();
+        let cache = reopen(&CacheConfig::new(dir.path(), quota / 2));
         assert!(cache.used_bytes() <= quota / 2);
         cache.flush().unwrap();
         // The frames on disk are within the quota.
@@ -664,7 +680,7 @@ mod tests {
         let orphan_path = cache.frame_path(&orphan.hash);
         assert!(orphan_path.exists());
         drop(cache);
-        let cache = LocalCache::open(&CacheConfig::new(dir.path(), quota / 2)).unwrap();
+        let cache = reopen(&CacheConfig::new(dir.path(), quota / 2));
         assert!(!orphan_path.exists());
         assert!(cache.get(&chunks[199].0).is_some());
     }
