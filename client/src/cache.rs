@@ -389,9 +389,17 @@ impl LocalCache {
         let path = self.frame_path(hash);
         let io = |what: &str, err: std::io::Error| Error::unavailable(format!("{what} {}: {err}", path.display()));
         let parent = path.parent().unwrap_or(&self.frames);
-        std::fs::create_dir_all(parent).map_err(|e| io("creating the directory of", e))?;
         let tmp = parent.join(format!(".tmp-{}-{}", std::process::id(), self.next_seq.load(Ordering::Relaxed)));
-        let written = std::fs::write(&tmp, frame).and_then(|()| std::fs::rename(&tmp, &path));
+        // The fan-out directory exists for all but the first few chunks: create it only when
+        // the write says it is missing.
+        let written = match std::fs::write(&tmp, frame) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(parent).map_err(|e| io("creating the directory of", e))?;
+                std::fs::write(&tmp, frame)
+            }
+            other => other,
+        };
+        let written = written.and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(err) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(io("writing", err));

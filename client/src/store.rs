@@ -27,6 +27,9 @@ const BATCH: usize = 16;
 type SharedResult = Result<Arc<[u8]>, (ErrorKind, String)>;
 type InFlight = Shared<BoxFuture<'static, SharedResult>>;
 
+/// The background write of fetched chunks into the cache.
+type Caching = tokio::task::JoinHandle<()>;
+
 /// Chunks from the cache, or else from the server (then cached). Cheap to clone.
 #[derive(Clone)]
 pub struct ChunkStore {
@@ -99,10 +102,26 @@ impl ChunkStore {
                 // The fetch itself clears its in-flight entries, so they go even when the
                 // claimant stops waiting (a timed-out read) and another waiter finishes it.
                 let batch = async move {
-                    let result = fetch.await;
-                    let mut in_flight = store.in_flight.lock();
-                    for hash in &hashes {
-                        in_flight.remove(hash);
+                    let (result, caching) = match fetch.await {
+                        Ok((chunks, caching)) => (Ok(chunks), caching),
+                        Err(err) => (Err(err), None),
+                    };
+                    let forget = move || {
+                        let mut in_flight = store.in_flight.lock();
+                        for hash in &hashes {
+                            in_flight.remove(hash);
+                        }
+                    };
+                    // The entries stay until the chunks are in the cache: a caller that comes
+                    // in between takes the finished result instead of fetching again.
+                    match caching {
+                        Some(caching) => {
+                            tokio::spawn(async move {
+                                let _ = caching.await;
+                                forget();
+                            });
+                        }
+                        None => forget(),
                     }
                     result
                 }
@@ -158,7 +177,7 @@ impl ChunkStore {
     /// Fetches claimed chunks. A fetch by another caller may have finished (and cached its
     /// chunks) between the caller's cache lookup and its claim; those are taken from the cache
     /// instead of being fetched twice.
-    async fn fetch_claimed(self, chunks: Vec<ChunkRef>) -> Result<Vec<Arc<[u8]>>, (ErrorKind, String)> {
+    async fn fetch_claimed(self, chunks: Vec<ChunkRef>) -> Result<(Vec<Arc<[u8]>>, Option<Caching>), (ErrorKind, String)> {
         let cache = self.cache.clone();
         let lookup = chunks.clone();
         // `contains` first: it costs no verification and counts nothing, and it is false for
@@ -175,16 +194,21 @@ impl ChunkStore {
         if missing.len() == chunks.len() {
             return self.fetch_from_server(chunks).await;
         }
-        let mut fetched = if missing.is_empty() { Vec::new() } else { self.fetch_from_server(missing).await? }.into_iter();
-        found
+        let (fetched, caching) = if missing.is_empty() { (Vec::new(), None) } else { self.fetch_from_server(missing).await? };
+        let mut fetched = fetched.into_iter();
+        let all = found
             .into_iter()
             .map(|f| f.or_else(|| fetched.next()))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| (ErrorKind::Internal, "the server answered fewer chunks than asked for".to_string()))
+            .ok_or_else(|| (ErrorKind::Internal, "the server answered fewer chunks than asked for".to_string()))?;
+        Ok((all, caching))
     }
 
     /// Fetches chunks from the server, verifies and caches them.
-    async fn fetch_from_server(self, chunks: Vec<ChunkRef>) -> Result<Vec<Arc<[u8]>>, (ErrorKind, String)> {
+    ///
+    /// The chunks are returned at once; they are written to the cache in the background, by the
+    /// returned task, so that a cold NAR stream does not wait for the disk.
+    async fn fetch_from_server(self, chunks: Vec<ChunkRef>) -> Result<(Vec<Arc<[u8]>>, Option<Caching>), (ErrorKind, String)> {
         let metrics = self.metrics.clone();
         let timed = |request: BoxFuture<'static, Result<Vec<crate::FetchedChunk>>>| {
             let metrics = metrics.clone();
@@ -226,15 +250,14 @@ impl ChunkStore {
             futures::future::try_join_all(requests).await.map(|parts| parts.into_iter().flatten().collect());
         let fetched = fetched.map_err(|e| (e.kind(), e.to_string()))?;
         let cache = self.cache.clone();
-        let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.hash).collect();
-        let frames: Vec<Vec<u8>> = fetched.iter().map(|f| f.frame.clone()).collect();
+        let (data, frames): (Vec<Arc<[u8]>>, Vec<(ChunkHash, Vec<u8>)>) =
+            fetched.into_iter().zip(&chunks).map(|(f, c)| (f.data, (c.hash, f.frame))).unzip();
         // sled writes can block on I/O; keep them off the async workers.
-        let _ = tokio::task::spawn_blocking(move || {
-            for (hash, frame) in hashes.iter().zip(frames) {
-                cache.insert(hash, &frame);
+        let caching = tokio::task::spawn_blocking(move || {
+            for (hash, frame) in &frames {
+                cache.insert(hash, frame);
             }
-        })
-        .await;
-        Ok(fetched.into_iter().map(|f| f.data).collect())
+        });
+        Ok((data, Some(caching)))
     }
 }
