@@ -176,7 +176,8 @@ async fn shutdown_signal() {
 fn mint(args: MintArgs) -> anyhow::Result<()> {
     let config = ServerConfig::load(&args.config)?;
     let mut caches: Vec<(String, Permissions)> = Vec::new();
-    let grants: [(&Vec<String>, fn(&mut Permissions)); 7] = [
+    type Grant<'a> = (&'a Vec<String>, fn(&mut Permissions));
+    let grants: [Grant; 7] = [
         (&args.pull, |p| p.pull = true),
         (&args.push, |p| p.push = true),
         (&args.delete, |p| p.delete = true),

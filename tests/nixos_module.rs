@@ -513,7 +513,7 @@ fn contradicting_options_fail_evaluation_with_a_clear_message() {
             "tokenFile must not be in the Nix store",
         ),
         (
-            format!("{{ services.flywheel.runner = {{ enable = true; serverUrl = \"cache:8080\"; }}; }}"),
+            "{ services.flywheel.runner = { enable = true; serverUrl = \"cache:8080\"; }; }".to_string(),
             "must start with http:// or https://",
         ),
         (

@@ -121,7 +121,7 @@ fn push_hook_pushes_a_real_nix_build_by_flush() {
     assert_eq!(value("flywheel_push_batches_failed_total"), 0.0);
     let netrc = setup.server.netrc(&setup.token);
     let dst = setup.nix.store("dst");
-    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, &[built.clone()]);
+    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, std::slice::from_ref(&built));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(setup.nix.verify(&dst, &built));
 

@@ -320,13 +320,14 @@ fn bad_input(backend: Backend) {
         info["nar_hash"] = serde_json::json!(format!("sha256:{}", hex_sha256(&nar)));
         upload_path(&client, &server, &token, &info, nar, false)
     };
-    let mut cases: Vec<(&str, reqwest::blocking::Response, &str)> = Vec::new();
-    cases.push(("garbage NAR", with_nar(b"this is not a NAR at all".to_vec()), "NAR"));
-    cases.push(("truncated NAR", with_nar(big_nar[..big_nar.len() / 2 + 3].to_vec()), "truncated"));
-    cases.push(("name ..", with_nar(nar_with_names(&[b".."])), "invalid file name"));
-    cases.push(("name with /", with_nar(nar_with_names(&[b"a/b"])), "invalid file name"));
-    cases.push(("name with NUL", with_nar(nar_with_names(&[b"a\0b"])), "invalid file name"));
-    cases.push(("unsorted", with_nar(nar_with_names(&[b"b", b"a"])), "sorted"));
+    let mut cases: Vec<(&str, reqwest::blocking::Response, &str)> = vec![
+        ("garbage NAR", with_nar(b"this is not a NAR at all".to_vec()), "NAR"),
+        ("truncated NAR", with_nar(big_nar[..big_nar.len() / 2 + 3].to_vec()), "truncated"),
+        ("name ..", with_nar(nar_with_names(&[b".."])), "invalid file name"),
+        ("name with /", with_nar(nar_with_names(&[b"a/b"])), "invalid file name"),
+        ("name with NUL", with_nar(nar_with_names(&[b"a\0b"])), "invalid file name"),
+        ("unsorted", with_nar(nar_with_names(&[b"b", b"a"])), "sorted"),
+    ];
     let mut wrong_hash = big_info.clone();
     wrong_hash["nar_hash"] = single_info["nar_hash"].clone();
     cases.push(("wrong narHash", upload_path(&client, &server, &token, &wrong_hash, big_nar.clone(), false), "does not match"));

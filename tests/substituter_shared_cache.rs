@@ -2,6 +2,9 @@
 //! Nix 2.8, real server): what one process fetched is a hit for the other, and when the mount
 //! exits, the substituter takes the cache over.
 
+// Both harnesses carry the shared helpers of tests/common; two copies of them are harmless.
+#![allow(clippy::duplicate_mod)]
+
 #[path = "common_fuse/mod.rs"]
 mod common_fuse;
 mod substituter_common;

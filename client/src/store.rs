@@ -250,8 +250,12 @@ impl ChunkStore {
             futures::future::try_join_all(requests).await.map(|parts| parts.into_iter().flatten().collect());
         let fetched = fetched.map_err(|e| (e.kind(), e.to_string()))?;
         let cache = self.cache.clone();
-        let (data, frames): (Vec<Arc<[u8]>>, Vec<(ChunkHash, Vec<u8>)>) =
-            fetched.into_iter().zip(&chunks).map(|(f, c)| (f.data, (c.hash, f.frame))).unzip();
+        let mut data = Vec::with_capacity(fetched.len());
+        let mut frames = Vec::with_capacity(fetched.len());
+        for (f, c) in fetched.into_iter().zip(&chunks) {
+            data.push(f.data);
+            frames.push((c.hash, f.frame));
+        }
         // sled writes can block on I/O; keep them off the async workers.
         let caching = tokio::task::spawn_blocking(move || {
             for (hash, frame) in &frames {

@@ -56,7 +56,7 @@ pub async fn fsck(storage: &Storage, parallelism: usize, repair: bool) -> Result
         }
     }
     report.chunks_checked = sizes.len();
-    let verdicts: Vec<(ChunkHash, Option<ErrorKind>)> = futures::stream::iter(sizes.into_iter())
+    let verdicts: Vec<(ChunkHash, Option<ErrorKind>)> = futures::stream::iter(sizes)
         .map(|(hash, size)| {
             let storage = storage.clone();
             let task = tokio::spawn(async move {

@@ -110,11 +110,14 @@ impl Read for ChannelReader {
     }
 }
 
+/// Where the NAR reader sends the chunks it cuts: each with its hash, in NAR order.
+type ChunkSender = mpsc::Sender<(ChunkHash, Vec<u8>)>;
+
 /// Hashes what the NAR reader consumes and, when chunking, cuts it into chunks.
 struct Tee<R> {
     inner: R,
     sha: Sha256,
-    chunker: Option<(Chunker, mpsc::Sender<(ChunkHash, Vec<u8>)>)>,
+    chunker: Option<(Chunker, ChunkSender)>,
 }
 
 impl<R: Read> Read for Tee<R> {
@@ -139,7 +142,7 @@ fn send_chunk(out: &mpsc::Sender<(ChunkHash, Vec<u8>)>, chunk: Vec<u8>) -> io::R
 fn spawn_nar_reader(
     body: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
     compression: Compression,
-    chunks: Option<(ChunkParams, mpsc::Sender<(ChunkHash, Vec<u8>)>)>,
+    chunks: Option<(ChunkParams, ChunkSender)>,
 ) -> tokio::task::JoinHandle<Result<(ParsedNar, Sha256Hash)>> {
     let (body_tx, body_rx) = mpsc::channel::<io::Result<Bytes>>(32);
     tokio::spawn(async move {

@@ -83,7 +83,7 @@ impl LocalStore {
         })?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let message = stderr.trim().lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim().to_string();
+            let message = stderr.trim().lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
             let message = message.strip_prefix("error: ").unwrap_or(&message).to_string();
             let kind = if message.contains("is not valid") || message.contains("does not exist") || message.contains("not in the Nix store")
             {

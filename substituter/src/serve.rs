@@ -344,6 +344,10 @@ async fn metrics(State(sub): State<Substituter>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
+/// One window of a NAR stream: its chunks, and the permit that counts it against
+/// [`WINDOWS_IN_FLIGHT`] until it is handed to the response body.
+type Window = (Vec<Arc<[u8]>>, Option<tokio::sync::OwnedSemaphorePermit>);
+
 async fn nar(State(sub): State<Substituter>, Path(file): Path<String>) -> Result<Response, Miss> {
     let Some(hash) = file.strip_suffix(".nar") else {
         return Err(Error::not_found(format!("nar/{file}: not served here")).into());
@@ -383,7 +387,7 @@ async fn nar(State(sub): State<Substituter>, Path(file): Path<String>) -> Result
     let sent = sub.clone();
     let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
         .chain(rest)
-        .flat_map(move |window: std::io::Result<(Vec<Arc<[u8]>>, Option<tokio::sync::OwnedSemaphorePermit>)>| {
+        .flat_map(move |window: std::io::Result<Window>| {
             let items: Vec<std::io::Result<Bytes>> = match window {
                 Ok((chunks, _permit)) => {
                     let bytes: usize = chunks.iter().map(|c| c.len()).sum();
