@@ -647,14 +647,14 @@ fn substituter_section(report: &mut Report, work: &Path) {
     // (both on loopback and through a 1 Gbit/s link), and through our substituter.
     let static_cache = StaticCache::new(&setup.nix, &setup.src, &paths);
     let netrc = setup.server.netrc(&setup.token);
-    let realise = |name: &str, subs: &str, key: &str| -> f64 {
+    let realise_with = |name: &str, subs: &str, key: &str, netrc: &Path| -> f64 {
         let dst = setup.nix.store(name);
         let mut cmd = setup.nix.cmd("nix-store");
         cmd.args(["--store", &dst, "--realise"])
             .args(&paths)
             .args(["--option", "substituters", subs, "--option", "trusted-public-keys", key])
             .args(["--option", "require-sigs", "true", "--option", "netrc-file"])
-            .arg(&netrc);
+            .arg(netrc);
         // Each run starts with no dirty pages from the one before: otherwise the kernel's
         // writeback throttles whichever run comes later in the sequence.
         let _ = Command::new("sync").status();
@@ -664,6 +664,7 @@ fn substituter_section(report: &mut Report, work: &Path) {
         let _ = std::fs::remove_dir_all(&dst);
         t
     };
+    let realise = |name: &str, subs: &str, key: &str| realise_with(name, subs, key, &netrc);
     let server_url = format!("{}/ci", setup.server.url);
     let link = Link::start(&setup.server.url, 125e6);
     let linked_url = format!("{}/ci", link.url());
@@ -673,6 +674,28 @@ fn substituter_section(report: &mut Report, work: &Path) {
     let slow_link = Link::start(&setup.server.url, 12.5e6);
     let slow_url = format!("{}/ci", slow_link.url());
     let direct_slow = median((0..RUNS).map(|i| realise(&format!("direct-slow-{i}"), &slow_url, &setup.key)).collect());
+    // The production layout: the server keeps its chunks in S3 (RustFS there, s3s-fs here).
+    let direct_s3_link = {
+        let s3_server = Server::start(Backend::S3);
+        let s3_key = s3_server.create_cache("ci", false);
+        let s3_token = s3_server.mint(&["--pull", "ci", "--push", "ci"]);
+        let s3_token_file = work.join("s3-token");
+        std::fs::write(&s3_token_file, &s3_token).unwrap();
+        let out = setup
+            .nix
+            .cmd(common::FLYWHEEL)
+            .args(["push", "--server", &s3_server.url, "--cache", "ci", "--token-file"])
+            .arg(&s3_token_file)
+            .args(["--store", &format!("local?root={}", setup.src)])
+            .args(&paths)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "push to the S3 server: {}", String::from_utf8_lossy(&out.stderr));
+        let s3_netrc = s3_server.netrc(&s3_token);
+        let s3_link = Link::start(&s3_server.url, 125e6);
+        let url = format!("{}/ci", s3_link.url());
+        median((0..RUNS).map(|i| realise_with(&format!("direct-s3-{i}"), &url, &s3_key, &s3_netrc)).collect())
+    };
     let plain = median((0..RUNS).map(|i| realise(&format!("static-{i}"), &static_cache.url, &static_cache.public_key)).collect());
     let mut cold = Vec::new();
     let mut warm = Vec::new();
@@ -729,7 +752,8 @@ fn substituter_section(report: &mut Report, work: &Path) {
             "Corpus: {} paths, {:.0} MB of NAR (the toolchain's `lib`, a 6 MB random path, small paths). `nix-store --realise` \
              of the corpus into a fresh store by substitution only, signatures required, {RUNS} runs each. \"Link\": the \
              server behind a proxy limited to 125 MB/s (1 Gbit/s), or to 12.5 MB/s (100 Mbit/s), shared by all \
-             connections, as a runner's link to the cache node; loopback has none. Our substituter reaches the server \
+             connections, as a runner's link to the cache node; loopback has none. The server keeps its chunks on local \
+             disk, and in one reference in S3 (`s3s-fs`), as it does in production. Our substituter reaches the server \
              through that link. Warm runs need no link bytes beyond narinfo checks, so their figure is the 1 Gbit/s one.",
             paths.len(),
             mb(nar_bytes as f64)
@@ -739,13 +763,14 @@ fn substituter_section(report: &mut Report, work: &Path) {
         "substitution, our substituter, warm cache",
         format!("{warm:.2} s"),
         format!(
-            "server direct: loopback {direct:.2} s, 1 Gbit/s link {direct_link:.2} s, 100 Mbit/s link {direct_slow:.2} s; \
-             plain `file://` cache {plain:.2} s"
+            "server direct: loopback {direct:.2} s, 1 Gbit/s link {direct_link:.2} s, 100 Mbit/s link {direct_slow:.2} s, \
+             1 Gbit/s link with the server on S3 {direct_s3_link:.2} s; plain `file://` cache {plain:.2} s"
         ),
         format!(
-            "{:.1}x faster than cold from the server over 1 Gbit/s; {:.1}x over 100 Mbit/s; {:.1}x on loopback \
-             (a cache costing nothing, Nix's own `file://` time, would be {:.1}x over 1 Gbit/s)",
+            "{:.1}x faster than cold from the server over 1 Gbit/s ({:.1}x with the server on S3); {:.1}x over \
+             100 Mbit/s; {:.1}x on loopback (a cache costing nothing, Nix's own `file://` time, would be {:.1}x over 1 Gbit/s)",
             direct_link / warm,
+            direct_s3_link / warm,
             direct_slow / warm,
             direct / warm,
             direct_link / plain

@@ -177,7 +177,7 @@ in
       };
       chunk-parallelism = mkOption {
         type = types.ints.between 1 1024;
-        default = 16;
+        default = 64;
         description = "Chunks stored or fetched at once per request (`chunk-parallelism`).";
       };
       api-endpoint = nullOrStr ''

@@ -43,7 +43,7 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(ServerConfig, Option<P
         chunking: Default::default(),
         zstd_level: flywheel_core::chunk::DEFAULT_ZSTD_LEVEL,
         api_endpoint: None,
-        chunk_parallelism: 16,
+        chunk_parallelism: crate::config::DEFAULT_CHUNK_PARALLELISM,
         gc: Default::default(),
         caches: Default::default(),
     };

@@ -157,8 +157,13 @@ fn default_listen() -> SocketAddr {
 fn default_zstd_level() -> i32 {
     DEFAULT_ZSTD_LEVEL
 }
+/// S3 answers a GET in 10-50 ms, so a NAR streams only as fast as the chunks in flight allow:
+/// measured against s3s-fs, a 546 MB NAR took 17 s with 16 in flight, 4.6 s with 64 and 2.5 s
+/// with 128. 64 keeps one stream's buffers near 6 MB.
+pub const DEFAULT_CHUNK_PARALLELISM: usize = 64;
+
 fn default_parallelism() -> usize {
-    16
+    DEFAULT_CHUNK_PARALLELISM
 }
 fn default_priority() -> i32 {
     41
