@@ -23,6 +23,12 @@ const SINGLE_GET_LIMIT: usize = 2;
 /// never needs long, and several run at once.
 const BATCH: usize = 16;
 
+/// Frame bytes fetched but not yet written to the cache, at most, in units of
+/// [`PENDING_UNIT`]: on a slow disk the fetches wait for the writes instead of piling
+/// frames up in memory.
+const PENDING_WRITE_UNITS: u32 = 16 * 1024;
+const PENDING_UNIT: usize = 4096;
+
 /// A fetch's result, cloneable so concurrent waiters can share it.
 type SharedResult = Result<Arc<[u8]>, (ErrorKind, String)>;
 type InFlight = Shared<BoxFuture<'static, SharedResult>>;
@@ -36,6 +42,7 @@ pub struct ChunkStore {
     api: ApiClient,
     cache: Arc<ChunkCache>,
     in_flight: Arc<Mutex<HashMap<ChunkHash, InFlight>>>,
+    pending_writes: Arc<tokio::sync::Semaphore>,
     metrics: Arc<FetchMetrics>,
 }
 
@@ -48,7 +55,13 @@ impl std::fmt::Debug for ChunkStore {
 impl ChunkStore {
     /// Combines a client and a cache.
     pub fn new(api: ApiClient, cache: Arc<ChunkCache>) -> Self {
-        ChunkStore { api, cache, in_flight: Arc::default(), metrics: Arc::default() }
+        ChunkStore {
+            api,
+            cache,
+            in_flight: Arc::default(),
+            pending_writes: Arc::new(tokio::sync::Semaphore::new(PENDING_WRITE_UNITS as usize)),
+            metrics: Arc::default(),
+        }
     }
 
     /// The server client.
@@ -256,11 +269,16 @@ impl ChunkStore {
             data.push(f.data);
             frames.push((c.hash, f.frame));
         }
+        let bytes: usize = frames.iter().map(|(_, frame)| frame.len()).sum();
+        let units = (bytes.div_ceil(PENDING_UNIT) as u32).clamp(1, PENDING_WRITE_UNITS);
+        // The semaphore is never closed, so this waits and never fails.
+        let permit = self.pending_writes.clone().acquire_many_owned(units).await.ok();
         // sled writes can block on I/O; keep them off the async workers.
         let caching = tokio::task::spawn_blocking(move || {
             for (hash, frame) in &frames {
                 cache.insert(hash, frame);
             }
+            drop(permit);
         });
         Ok((data, Some(caching)))
     }

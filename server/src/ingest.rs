@@ -133,7 +133,7 @@ impl<R: Read> Read for Tee<R> {
 
 /// Names a chunk and hands it on. Hashing here, on the reader's thread, costs little (BLAKE3
 /// is several times faster than the SHA-256 this thread computes anyway) and saves a hop.
-fn send_chunk(out: &mpsc::Sender<(ChunkHash, Vec<u8>)>, chunk: Vec<u8>) -> io::Result<()> {
+fn send_chunk(out: &ChunkSender, chunk: Vec<u8>) -> io::Result<()> {
     out.blocking_send((ChunkHash::of(&chunk), chunk)).map_err(|_| io::Error::other("chunk storage stopped"))
 }
 
