@@ -359,7 +359,9 @@ impl Ingester {
     /// every chunk must be stored and verify, and the whole must be a valid NAR.
     pub async fn verify_chunks(&self, refs: Vec<ChunkRef>) -> Result<Manifest> {
         let storage = self.storage.clone();
-        let chunks = verified_chunks(storage, refs.clone(), self.parallelism, self.metrics.clone())
+        // A commit is rare next to downloads: it is held only to its own parallelism.
+        let reads = Arc::new(tokio::sync::Semaphore::new(self.parallelism));
+        let chunks = verified_chunks(storage, refs.clone(), self.parallelism, reads, self.metrics.clone())
             .map(|item| item.map(|(_, data)| data).map_err(io::Error::from));
         let reader = spawn_nar_reader(chunks, Compression::None, None);
         let (parsed, nar_hash) = reader.await.map_err(join_error)??;
@@ -376,17 +378,22 @@ pub fn verified_chunks(
     storage: Storage,
     refs: Vec<ChunkRef>,
     parallelism: usize,
+    reads: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
 ) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
     futures::stream::iter(refs)
         .map(move |chunk_ref| {
             let storage = storage.clone();
             let metrics = metrics.clone();
+            let reads = reads.clone();
             // A task per chunk spreads verification over the worker threads; the work is short
             // enough not to need the blocking pool.
             let task = tokio::spawn(async move {
+                // Never closed, so this only waits.
+                let permit = reads.acquire_owned().await.ok();
                 let started = std::time::Instant::now();
                 let frame = storage.get_chunk(&chunk_ref.hash).await?;
+                drop(permit);
                 let data = chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
                 metrics.chunk_fetch_seconds.observe(started.elapsed());
                 metrics.chunks_fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

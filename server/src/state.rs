@@ -24,6 +24,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Chunk versions checked lately, for the check before a NAR is sent.
     pub verified: Arc<VerifiedChunks>,
+    /// Chunk reads in flight against storage, server-wide (`chunk-parallelism`): one big NAR
+    /// gets all of them, many streams at once share them, so the object store sees a bounded
+    /// queue however many clients download.
+    pub chunk_reads: Arc<tokio::sync::Semaphore>,
     /// When each path's access was last recorded by this process.
     recorded_access: Arc<parking_lot::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>>,
     /// Cache settings read lately, by name: every request needs them, and reading them from
@@ -100,6 +104,7 @@ impl AppState {
             ReuseWindow::for_grace_period(config.gc.grace_period),
             metrics.clone(),
         );
+        let chunk_reads = Arc::new(tokio::sync::Semaphore::new(config.chunk_parallelism));
         Ok(AppState {
             config: Arc::new(config),
             storage,
@@ -107,6 +112,7 @@ impl AppState {
             ingester,
             metrics,
             verified: Arc::default(),
+            chunk_reads,
             recorded_access: Arc::default(),
             cache_records: Arc::default(),
             chunk_queries: Arc::new(parking_lot::Mutex::new(ChunkQueries { by_name: lru::LruCache::unbounded(), chunks: 0 })),

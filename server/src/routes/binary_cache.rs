@@ -202,6 +202,7 @@ pub async fn get_nar(
         state.storage.clone(),
         manifest.chunks,
         state.config.chunk_parallelism,
+        state.chunk_reads.clone(),
         state.metrics.clone(),
     ));
     let first = chunks.next().await.transpose()?;

@@ -99,7 +99,13 @@ pub async fn get_many(
     authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
     check_count(request.chunks.len())?;
     let metrics = state.metrics.clone();
-    let stream = verified_chunks(state.storage.clone(), request.chunks, state.config.chunk_parallelism, metrics.clone())
+    let stream = verified_chunks(
+        state.storage.clone(),
+        request.chunks,
+        state.config.chunk_parallelism,
+        state.chunk_reads.clone(),
+        metrics.clone(),
+    )
         .map_ok(move |(frame, _)| {
             metrics.bytes_out.fetch_add(8 + frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let mut framed = Vec::with_capacity(8 + frame.len());
