@@ -195,7 +195,7 @@ impl ApiClient {
     /// Uploads several chunks as zstd frames in one request (`POST upload-chunks`); the server
     /// verifies each.
     #[instrument(skip_all, err, fields(chunks = chunks.len()))]
-    pub async fn put_chunks(&self, chunks: &[(ChunkHash, Vec<u8>)]) -> Result<()> {
+    pub async fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<()> {
         let size: usize = chunks.iter().map(|(_, frame)| 40 + frame.len()).sum();
         let mut body = Vec::with_capacity(size);
         for (hash, frame) in chunks {

@@ -143,6 +143,11 @@ impl ServedRanges {
             self.ranges.clear();
             return false;
         }
+        self.covers(size)
+    }
+
+    /// Whether `[0, size)` has been served whole.
+    fn covers(&self, size: u64) -> bool {
         self.ranges.first().is_some_and(|&(s, e)| s == 0 && e >= size)
     }
 }
@@ -768,7 +773,7 @@ impl Filesystem for FlywheelFs {
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
         if let Some(id) = self.inner.open_io(ino_, &tree, nar_offset, size, &reply) {
             self.inner.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-            let open = OpenFile { ino: ino_, mode: IoMode::Passthrough, ..OpenFile::new(ino_) };
+            let open = OpenFile { mode: IoMode::Passthrough, ..OpenFile::new(ino_) };
             self.inner.open_files.lock().insert(fh, Arc::new(open));
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
         }
@@ -823,8 +828,7 @@ impl Filesystem for FlywheelFs {
             let materializable = self.inner.files.is_some() && file_size >= files::MIN_FILE_SIZE;
             let whole = materializable && {
                 let mut served = open.served.lock();
-                let was_whole = served.ranges.first().is_some_and(|&(s, e)| s == 0 && e >= file_size);
-                !was_whole && served.add(offset, end, file_size)
+                !served.covers(file_size) && served.add(offset, end, file_size)
             };
             if whole {
                 self.inner.materialize(&tree, nar_offset, file_size);
@@ -857,7 +861,7 @@ impl Filesystem for FlywheelFs {
     /// Directories need no per-open state. Answering ENOSYS once makes the kernel stop sending
     /// OPENDIR and RELEASEDIR altogether (two round trips per directory of a `find`) and cache
     /// every listing (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR is its default then); the root's
-    /// cached listing is dropped when its modification time moves (see [`root_attr`]).
+    /// cached listing is dropped when a path is registered (see [`Inner::root_changed`]).
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.inner.stats.opendirs.fetch_add(1, Ordering::Relaxed);
         reply.error(Errno::ENOSYS);

@@ -202,30 +202,10 @@ pub struct Ingested {
 
 impl Ingested {
     /// Stores the manifest; from then on the chunks belong to it (garbage collection keeps
-    /// what a stored manifest lists).
-    ///
-    /// Fails when the upload took longer than the reuse window (a collection may have swept a
-    /// chunk it counted on), or when a chunk it wrote again is gone once the manifest is stored
-    /// (a collection that listed it before the write deleted it after): the caller then must
-    /// not publish the path, and a new upload repairs it.
+    /// what a stored manifest lists). Fails as [`Storage::put_upload_manifest`] does; the
+    /// caller then must not publish the path.
     pub async fn commit(self) -> Result<(Manifest, IngestStats)> {
-        self.storage.put_manifest(&self.manifest).await?;
-        // Measured once the manifest is stored: from then on a collection keeps the chunks.
-        if let Some(limit) = self.window.max_upload() {
-            if self.started.elapsed() > limit {
-                return Err(Error::unavailable(format!(
-                    "the upload took {:?}, longer than half the garbage collection grace period ({limit:?}); upload it again",
-                    self.started.elapsed()
-                )));
-            }
-        }
-        for hash in &self.refreshed {
-            if self.storage.chunk_size(hash).await?.is_none() {
-                return Err(Error::unavailable(format!(
-                    "chunk {hash} was swept by a garbage collection during the upload; upload it again"
-                )));
-            }
-        }
+        self.storage.put_upload_manifest(&self.manifest, self.started, self.window, &self.refreshed, "upload").await?;
         Ok((self.manifest, self.stats))
     }
 }

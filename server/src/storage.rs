@@ -312,6 +312,41 @@ impl Storage {
         self.put_json(&Self::manifest_key(&manifest.nar_hash), manifest, "manifest").await
     }
 
+    /// Stores the manifest of an upload (`what`: "upload", "commit") that began at `started`;
+    /// from then on garbage collection keeps its chunks.
+    ///
+    /// Fails when the upload took longer than the reuse window (a collection may have swept a
+    /// chunk it counted on), or when a chunk it wrote again (`refreshed`) is gone once the
+    /// manifest is stored (a collection that listed it before the write deleted it after): the
+    /// caller then must not publish the path, and a new upload repairs it.
+    pub async fn put_upload_manifest(
+        &self,
+        manifest: &Manifest,
+        started: std::time::Instant,
+        window: ReuseWindow,
+        refreshed: &[ChunkHash],
+        what: &str,
+    ) -> Result<()> {
+        self.put_manifest(manifest).await?;
+        // Measured once the manifest is stored: from then on a collection keeps the chunks.
+        if let Some(limit) = window.max_upload() {
+            if started.elapsed() > limit {
+                return Err(Error::unavailable(format!(
+                    "the {what} took {:?}, longer than half the garbage collection grace period ({limit:?}); {what} it again",
+                    started.elapsed()
+                )));
+            }
+        }
+        for hash in refreshed {
+            if self.chunk_size(hash).await?.is_none() {
+                return Err(Error::unavailable(format!(
+                    "chunk {hash} was swept by a garbage collection during the {what}; {what} it again"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// A cache's settings.
     pub async fn get_cache(&self, cache: &str) -> Result<Option<CacheRecord>> {
         self.get_json(&Self::cache_key(cache), "cache config").await

@@ -280,7 +280,7 @@ impl Pusher {
         let uploads = batches
             .flat_map(|ready| futures::stream::iter(split_by_bytes(ready, UPLOAD_BATCH_BYTES)))
             .map(|batch| async move {
-                let frames: Vec<(ChunkHash, Vec<u8>)> = batch.iter().map(|(hash, _, frame)| (*hash, frame.clone())).collect();
+                let frames: Vec<(ChunkHash, &[u8])> = batch.iter().map(|(hash, _, frame)| (*hash, frame.as_slice())).collect();
                 retry(|| self.api.put_chunks(&frames)).await?;
                 for (_, raw, frame) in &batch {
                     counters.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
@@ -535,6 +535,7 @@ fn progress_bar(enabled: bool, total: u64, paths: usize) -> indicatif::ProgressB
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_commit_by_query_names_chunks_by_their_place_in_the_question() {
@@ -570,7 +571,6 @@ mod tests {
         assert_eq!(sizes, vec![vec![3, 4], vec![2], vec![9], vec![1]]);
         assert!(split_by_bytes(Vec::new(), 8).is_empty());
     }
-    use super::*;
 
     fn info(path: &str, refs: &[&str]) -> LocalPathInfo {
         LocalPathInfo {

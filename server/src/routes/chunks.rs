@@ -333,19 +333,10 @@ pub async fn commit(
     // written again, which makes them young; they were just read and verified.
     let stale: Vec<ChunkHash> = reuse.iter().filter(|(_, r)| *r == Reuse::Stale).map(|(h, _)| *h).collect();
     for hash in &stale {
-        let (frame, _) = state.storage.get_chunk_versioned(hash).await?;
+        let frame = state.storage.get_chunk(hash).await?;
         state.storage.put_chunk(hash, frame).await?;
     }
-    state.storage.put_manifest(&manifest).await?;
-    // From here a collection keeps the chunks; before, only their youth protected them.
-    if window.max_upload().is_some_and(|limit| started.elapsed() > limit) {
-        return Err(Error::unavailable("the commit took longer than half the garbage collection grace period; commit again").into());
-    }
-    for hash in &stale {
-        if state.storage.chunk_size(hash).await?.is_none() {
-            return Err(Error::unavailable(format!("chunk {hash} was swept by a garbage collection during the commit; push again")).into());
-        }
-    }
+    state.storage.put_upload_manifest(&manifest, started, window, &stale, "commit").await?;
     state.storage.put_path(&cache, &path).await?;
     tracing::info!(store_path = %path.store_path, "published through chunk commit");
     Ok(StatusCode::OK)
