@@ -834,6 +834,10 @@ fn main() {
             load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
         ),
     };
+    if filter.iter().any(|f| f == "coldprobe") {
+        cold_probe(work.path());
+        return;
+    }
     if wants("server") {
         server_section(&mut report, work.path());
     }
@@ -850,4 +854,48 @@ fn main() {
     std::fs::write(&path, &report.out).unwrap();
     println!("{}", report.out);
     eprintln!("wrote {}", path.display());
+}
+
+/// Not part of the full run: cold and warm substitution over the 1 Gbit/s link only, for
+/// profiling (`FLYWHEEL_PERF=FILE` records the first cold run system-wide with `perf`).
+fn cold_probe(work: &Path) {
+    use substituter_common::{Setup, Substitute};
+    let setup = Setup::new("ci");
+    let mut paths = setup.build("bench", &["big", "tree", "single", "withRefs"]);
+    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output().unwrap();
+    let lib = PathBuf::from(String::from_utf8(sysroot.stdout).unwrap().trim()).join("lib");
+    let out = setup.nix.run(setup.nix.cmd("nix-store").args(["--store", &setup.src, "--add"]).arg(&lib));
+    paths.push(out.trim().to_string());
+    let out = setup.push(&setup.server.url, &paths, &[]);
+    assert!(out.status.success());
+    let netrc = setup.server.netrc(&setup.token);
+    let realise = |name: &str, subs: &str, perf: Option<&str>| -> f64 {
+        let dst = setup.nix.store(name);
+        let mut cmd = setup.nix.cmd("nix-store");
+        cmd.args(["--store", &dst, "--realise"]).args(&paths)
+            .args(["--option", "substituters", subs, "--option", "trusted-public-keys", &setup.key])
+            .args(["--option", "require-sigs", "true", "--option", "netrc-file"]).arg(&netrc);
+        let _ = Command::new("sync").status();
+        let recorder = perf.map(|file| Command::new("perf").args(["record", "-a", "-g", "-o", file]).stderr(Stdio::null()).stdout(Stdio::null()).spawn().unwrap());
+        let (t, out) = timed(|| cmd.output().unwrap());
+        if let Some(mut r) = recorder {
+            let _ = Command::new("kill").args(["-INT", &r.id().to_string()]).status();
+            let _ = r.wait();
+        }
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let _ = Command::new("chmod").args(["-R", "u+w", &dst]).status();
+        let _ = std::fs::remove_dir_all(&dst);
+        t
+    };
+    let link = Link::start(&setup.server.url, 125e6);
+    let direct: Vec<f64> = (0..RUNS).map(|i| realise(&format!("direct-{i}"), &format!("{}/ci", link.url()), None)).collect();
+    let perf = std::env::var("FLYWHEEL_PERF").ok();
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for i in 0..RUNS {
+        let cache_dir = tempfile::tempdir_in(work).unwrap();
+        let sub = Substitute::start(&link.url(), "ci", &setup.token_file, cache_dir.path());
+        cold.push(realise(&format!("cold-{i}"), &sub.url, if i == 0 { perf.as_deref() } else { None }));
+        warm.push(realise(&format!("warm-{i}"), &sub.url, None));
+    }
+    eprintln!("PROBE direct-link {direct:.2?} cold {cold:.2?} warm {warm:.2?}");
 }

@@ -109,11 +109,12 @@ pub fn push(args: PushArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report = runtime.block_on(pusher.push(&args.paths))?;
     eprintln!(
-        "pushed {} of {} paths ({} already cached, {} from upstream); {} NAR bytes, {} of {} chunks uploaded ({} bytes sent)",
+        "pushed {} of {} paths ({} already cached, {} from upstream, {} as changes to an earlier version); {} NAR bytes, {} of {} chunks uploaded ({} bytes sent)",
         report.pushed.len(),
         report.considered,
         report.already_cached,
         report.skipped_upstream,
+        report.pushed_as_changes,
         report.nar_bytes,
         report.chunks_uploaded,
         report.chunks,

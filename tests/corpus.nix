@@ -31,7 +31,7 @@ in rec {
     ${bb} ln -s ${tree} $out/tree
   '';
   # The next version of `big`: the same bytes with a few inserted in the middle.
-  bigNext = mk "big-next-${seed}" ''
+  bigNext = mk "big-${seed}-2" ''
     ${bb} mkdir $out
     ${bb} head -c 3000000 ${big}/blob > $out/blob
     echo "a change in version two" >> $out/blob

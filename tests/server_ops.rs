@@ -705,3 +705,93 @@ fn commit_by_chunk_query() {
     let narinfo = client.get(format!("{}/ci/{}.narinfo", server.url, hash_part(&paths[0]))).bearer_auth(&admin).send().unwrap();
     assert_eq!(narinfo.status(), StatusCode::OK);
 }
+
+/// A new version may be committed as changes to the last path of its name: `base/{name}`
+/// finds that path's chunks, and a `chunksDelta` naming runs of them plus the new chunks
+/// publishes the new version. Runs outside the base, an unknown base, a mixed request and a
+/// delta that makes another NAR are refused with a clear message, and publish nothing.
+#[test]
+fn commit_as_changes_to_a_base() {
+    use flywheel_core::api::v1::chunks::{BaseChunks, ChunkDelta};
+    use flywheel_core::chunk::{ChunkHash, ChunkParams, Chunker};
+    use flywheel_core::manifest::ChunkRef;
+    let nix = Nix::new();
+    let server = Server::start(Backend::Local);
+    server.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("delta"), &["big", "bigNext"]);
+    let admin = server.admin_token();
+    let push = server.netrc(&admin);
+    let out = nix.copy_to(&src, &format!("{}/ci", server.url), &push, &paths[..1]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let client = Client::new();
+    let api = |route: &str| format!("{}/_flywheel/v1/ci/{route}", server.url);
+    let name_of = |path: &str| path.rsplit('/').next().unwrap()[33..].to_string();
+
+    // The base of the next version is the first one; unknown and malformed names are refused.
+    let resp = client.get(api(&format!("base/{}", name_of(&paths[1])))).bearer_auth(&admin).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let base: BaseChunks = resp.json().unwrap();
+    assert_eq!(base.store_path, paths[0]);
+    for (name, status) in [("never-pushed-1.0", StatusCode::NOT_FOUND), ("bad%20name", StatusCode::BAD_REQUEST)] {
+        let resp = client.get(api(&format!("base/{name}"))).bearer_auth(&admin).send().unwrap();
+        assert_eq!(resp.status(), status, "{name}: {}", resp.text().unwrap());
+    }
+
+    // Upload the chunks of the new version that the base lacks.
+    let info = nix.path_info(&src, &paths[1]);
+    let nar = nix.dump(&src, &paths[1]);
+    let pieces = Chunker::chunk_all(ChunkParams::default(), &nar);
+    let chunks: Vec<ChunkRef> = pieces.iter().map(|p| ChunkRef { hash: ChunkHash::of(p), size: p.len() as u32 }).collect();
+    let mut body = Vec::new();
+    for piece in pieces.iter().filter(|p| !base.chunks.iter().any(|c| c.hash == ChunkHash::of(p))) {
+        body.extend_from_slice(&ChunkHash::of(piece).0);
+        let frame = zstd_frame_of(piece);
+        body.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+        body.extend_from_slice(&frame);
+    }
+    assert!(!body.is_empty() && body.len() < nar.len() / 4, "{} bytes of new chunks", body.len());
+    assert_eq!(client.post(api("upload-chunks")).bearer_auth(&admin).body(body).send().unwrap().status(), StatusCode::OK);
+
+    let delta = ChunkDelta::between(hash_part(&paths[0]).to_string(), &base.chunks, &chunks);
+    assert!(delta.runs.len() < chunks.len() / 4, "{} runs for {} chunks", delta.runs.len(), chunks.len());
+    let commit = |extra: serde_json::Value| {
+        let mut request = serde_json::json!({
+            "storePath": paths[1], "narHash": info.nar_hash, "narSize": info.nar_size, "references": info.references,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            request[k] = v.clone();
+        }
+        client.post(api("commit")).bearer_auth(&admin).json(&request).send().unwrap()
+    };
+    let delta_json = serde_json::to_value(&delta).unwrap();
+    let past_end = serde_json::json!({"base": delta.base, "runs": [{"copy": [0, base.chunks.len() + 1]}]});
+    let unknown_base = serde_json::json!({"base": hash_part(&paths[1]), "runs": delta_json["runs"]});
+    let mut short = delta.clone();
+    short.runs.pop();
+    let one_chunk = serde_json::json!([{"hash": chunks[0].hash.to_string(), "size": chunks[0].size}]);
+    let refused = [
+        ("a run past the base", commit(serde_json::json!({"chunksDelta": past_end})), "of a base of"),
+        ("an unknown base", commit(serde_json::json!({"chunksDelta": unknown_base})), "is not published"),
+        ("delta and chunks", commit(serde_json::json!({"chunksDelta": delta_json, "chunks": one_chunk})), "give one of"),
+        ("another NAR", commit(serde_json::json!({"chunksDelta": serde_json::to_value(&short).unwrap()})), "add up to"),
+    ];
+    for (label, resp, needle) in refused {
+        assert!(resp.status().is_client_error(), "{label}: {}", resp.status());
+        let text = resp.text().unwrap();
+        assert!(text.contains(needle), "{label}: {text}");
+    }
+    let narinfo = |path: &str| client.get(format!("{}/ci/{}.narinfo", server.url, hash_part(path))).bearer_auth(&admin).send().unwrap();
+    assert_eq!(narinfo(&paths[1]).status(), StatusCode::NOT_FOUND, "a refused commit published the path");
+
+    let resp = commit(serde_json::json!({"chunksDelta": delta_json}));
+    assert_eq!(resp.status(), StatusCode::OK, "{}", resp.text().unwrap());
+    assert_eq!(narinfo(&paths[1]).status(), StatusCode::OK);
+    // The path is made of the new version's chunks, in order.
+    let manifest: serde_json::Value = client.get(api(&format!("manifest/{}", hash_part(&paths[1])))).bearer_auth(&admin).send().unwrap().json().unwrap();
+    let listed: Vec<String> = manifest["manifest"]["chunks"].as_array().unwrap().iter().map(|c| c["hash"].as_str().unwrap().to_string()).collect();
+    assert_eq!(listed, chunks.iter().map(|c| c.hash.to_string()).collect::<Vec<_>>());
+    // Now the newest of the name is the new version.
+    let base: BaseChunks = client.get(api(&format!("base/{}", name_of(&paths[0])))).bearer_auth(&admin).send().unwrap().json().unwrap();
+    assert_eq!(base.store_path, paths[1]);
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flywheel_core::api::v1::chunks::{ChunkList, ChunkRefList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
+use flywheel_core::api::v1::chunks::{BaseChunks, ChunkList, ChunkRefList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
 use flywheel_core::api::v1::get_missing_paths::{GetMissingPathsRequest, GetMissingPathsResponse};
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::api::v1::ErrorBody;
@@ -207,6 +207,22 @@ impl ApiClient {
         send(self.request(reqwest::Method::POST, url).header(reqwest::header::CONTENT_TYPE, "application/octet-stream").body(body))
             .await?;
         Ok(())
+    }
+
+    /// The chunk list of the path last published under the same unversioned name as the store
+    /// path name `name` (`GET base/{name}`): what a push of a new version is told as changes
+    /// to. `NotFound` when there is none.
+    #[instrument(skip_all, err, fields(name = %name))]
+    pub async fn base(&self, name: &str) -> Result<BaseChunks> {
+        flywheel_core::nix::StorePath::new([0; 20], name)?;
+        let response = send(self.request(reqwest::Method::GET, self.api_url(&format!("base/{name}")))).await?;
+        let bytes = response.bytes().await.map_err(transport)?;
+        let base: BaseChunks = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(format!("base answer from the server does not parse: {e}")))?;
+        if base.chunks.len() > MAX_CHUNKS_PER_REQUEST {
+            return Err(Error::corrupt(format!("the server's base lists {} chunks, more than a NAR may have", base.chunks.len())));
+        }
+        Ok(base)
     }
 
     /// Publishes a path whose chunks are all stored (`POST commit`).

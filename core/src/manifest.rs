@@ -16,7 +16,7 @@ use crate::nix::Sha256Hash;
 pub const MANIFEST_VERSION: u32 = 1;
 
 /// One chunk of a NAR, in NAR order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChunkRef {
     /// BLAKE3 of the uncompressed bytes.
     pub hash: ChunkHash,

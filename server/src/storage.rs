@@ -5,6 +5,8 @@
 //! - `manifests/{narhash}.json`: the manifest of a NAR, named by its nixbase32 SHA-256;
 //! - `caches/{cache}/config.json`: a cache's settings and signing key;
 //! - `caches/{cache}/paths/{hash}.json`: a published store path;
+//! - `caches/{cache}/names/{name}`: the hash part of the path last published under this
+//!   unversioned name, the base a push of its next version is told as changes to;
 //! - `caches/{cache}/pending/{narhash}`: a NAR received through a Nix PUT, which its narinfo may
 //!   publish until garbage collection finds the marker older than the grace period.
 //!
@@ -177,6 +179,10 @@ impl Storage {
 
     fn path_key(cache: &str, hash_part: &str) -> Path {
         Path::from(format!("caches/{cache}/paths/{hash_part}.json"))
+    }
+
+    fn name_key(cache: &str, unversioned_name: &str) -> Path {
+        Path::from(format!("caches/{cache}/names/{unversioned_name}"))
     }
 
     fn pending_key(cache: &str, nar_hash: &Sha256Hash) -> Path {
@@ -447,10 +453,26 @@ impl Storage {
             .await
     }
 
-    /// Publishes a path; its manifest and chunks must be stored already.
+    /// Publishes a path; its manifest and chunks must be stored already. It also becomes the
+    /// newest path of its name (see [`Storage::newest_of_name`]).
     pub async fn put_path(&self, cache: &str, record: &PathRecord) -> Result<()> {
         let hash_part = record.store_path.get(..32).ok_or_else(|| Error::internal("short store path"))?;
-        self.put_json(&Self::path_key(cache, hash_part), record, "path record").await
+        self.put_json(&Self::path_key(cache, hash_part), record, "path record").await?;
+        // Only a hint for the next push of this name: failing to write it loses nothing.
+        if let Ok(path) = flywheel_core::nix::StorePath::from_base_name(&record.store_path) {
+            let key = Self::name_key(cache, &path.unversioned_name());
+            if let Err(err) = self.store.put(&key, PutPayload::from(hash_part.to_string().into_bytes())).await {
+                tracing::warn!(store_path = %record.store_path, "recording the newest path of its name: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The hash part of the path last published in `cache` under `unversioned_name` (see
+    /// [`flywheel_core::nix::StorePath::unversioned_name`]); it may have been deleted since.
+    pub async fn newest_of_name(&self, cache: &str, unversioned_name: &str) -> Result<Option<String>> {
+        let bytes = self.get_bytes(&Self::name_key(cache, unversioned_name), "name record").await?;
+        Ok(bytes.and_then(|b| String::from_utf8(b.to_vec()).ok()).filter(|h| flywheel_core::nix::store_path::parse_hash_part(h).is_ok()))
     }
 
     /// Notes that a NAR arrived through a Nix PUT, so its narinfo may publish it.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_client::ApiClient;
-use flywheel_core::api::v1::chunks::CommitRequest;
+use flywheel_core::api::v1::chunks::{ChunkDelta, CommitRequest};
 use flywheel_core::chunk::{compress, ChunkHash, ChunkParams, Chunker, DEFAULT_ZSTD_LEVEL};
 use flywheel_core::manifest::ChunkRef;
 use flywheel_core::nix::Sha256Hash;
@@ -82,6 +82,8 @@ pub struct PushReport {
     pub uploaded_bytes: u64,
     /// Bytes of the zstd frames sent for them.
     pub uploaded_frame_bytes: u64,
+    /// Pushed paths committed as changes to an earlier version in the cache.
+    pub pushed_as_changes: u64,
 }
 
 /// Pushes local store paths to one cache.
@@ -98,6 +100,7 @@ struct Counters {
     chunks_uploaded: AtomicU64,
     uploaded_bytes: AtomicU64,
     uploaded_frame_bytes: AtomicU64,
+    as_changes: AtomicU64,
 }
 
 impl Pusher {
@@ -189,6 +192,7 @@ impl Pusher {
         report.chunks_uploaded = counters.chunks_uploaded.load(Ordering::Relaxed);
         report.uploaded_bytes = counters.uploaded_bytes.load(Ordering::Relaxed);
         report.uploaded_frame_bytes = counters.uploaded_frame_bytes.load(Ordering::Relaxed);
+        report.pushed_as_changes = counters.as_changes.load(Ordering::Relaxed);
         Ok(report)
     }
 
@@ -219,11 +223,6 @@ impl Pusher {
                 unique.push(chunk.hash);
             }
         }
-        let (missing, query) = self.api.missing_chunks(&unique).await?;
-        let missing: HashSet<ChunkHash> = missing.into_iter().collect();
-        if !missing.is_empty() {
-            self.upload(&physical, &chunks, missing, counters).await?;
-        }
         let request = CommitRequest {
             store_path: info.path.clone(),
             nar_hash: info.nar_hash.clone(),
@@ -236,7 +235,22 @@ impl Pusher {
             chunks_query: None,
             chunk_order: None,
             chunk_sizes: Vec::new(),
+            chunks_delta: None,
         };
+        if unique.len() >= DELTA_MIN_CHUNKS {
+            match self.push_as_changes(&physical, &request, &unique, counters).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(err) if matches!(err.kind(), ErrorKind::Unauthorized | ErrorKind::Forbidden) => return Err(err),
+                // The base may have been deleted or swept meanwhile: the full way repairs that.
+                Err(err) => tracing::info!(store_path = %info.path, "push as changes to an earlier version failed, sending the whole chunk list: {err}"),
+            }
+        }
+        let (missing, query) = self.api.missing_chunks(&unique).await?;
+        let missing: HashSet<ChunkHash> = missing.into_iter().collect();
+        if !missing.is_empty() {
+            self.upload(&physical, &request.chunks, missing, counters).await?;
+        }
         if let Some(query) = query {
             // The server remembers the list asked about: name it instead of listing the chunks
             // again. Any refusal (the server forgot it, another replica answered) falls back to
@@ -249,6 +263,44 @@ impl Pusher {
             }
         }
         retry(|| self.api.commit(&request)).await
+    }
+
+    /// Pushes a path as changes to the last one the cache holds under its unversioned name
+    /// (a new version of a package): asks only about the chunks that one lacks, and commits the
+    /// chunk list as runs of its list. What goes over the wire then grows with the change, not
+    /// with the NAR. `Ok(false)` when there is no such path, or it shares too little.
+    async fn push_as_changes(
+        &self,
+        physical: &std::path::Path,
+        request: &CommitRequest,
+        unique: &[ChunkHash],
+        counters: &Counters,
+    ) -> Result<bool> {
+        let name = request.store_path.rsplit('/').next().and_then(|base| base.get(33..)).unwrap_or_default();
+        let base = match self.api.base(name).await {
+            Ok(base) => base,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(err) => return Err(err),
+        };
+        let in_base: HashSet<ChunkHash> = base.chunks.iter().map(|c| c.hash).collect();
+        let ask: Vec<ChunkHash> = unique.iter().filter(|h| !in_base.contains(h)).copied().collect();
+        // Sharing less than half, the delta would save little over the full list.
+        if ask.len() * 2 > unique.len() {
+            return Ok(false);
+        }
+        if !ask.is_empty() {
+            let (missing, _) = self.api.missing_chunks(&ask).await?;
+            let missing: HashSet<ChunkHash> = missing.into_iter().collect();
+            if !missing.is_empty() {
+                self.upload(physical, &request.chunks, missing, counters).await?;
+            }
+        }
+        let delta = ChunkDelta::between(hash_part(&base.store_path)?, &base.chunks, &request.chunks);
+        let as_changes = CommitRequest { chunks: Vec::new(), chunks_delta: Some(delta), ..request.clone() };
+        self.api.commit(&as_changes).await?;
+        counters.as_changes.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(store_path = %request.store_path, base = %base.store_path, "pushed as changes");
+        Ok(true)
     }
 
     /// Pass 2: makes the NAR again and uploads the chunks in `missing`, `jobs` at once.
@@ -313,6 +365,10 @@ fn by_query(full: &CommitRequest, asked: &[ChunkHash], query: String) -> CommitR
         ..full.clone()
     }
 }
+
+/// Paths of fewer chunks are not pushed as changes to an earlier version: their chunk list
+/// is short anyway, and looking the earlier version up would cost a round trip per path.
+const DELTA_MIN_CHUNKS: usize = 16;
 
 /// Most chunks in one upload request.
 const UPLOAD_BATCH: usize = 16;

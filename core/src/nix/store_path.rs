@@ -123,6 +123,28 @@ impl StorePath {
         base32::encode(&self.digest)
     }
 
+    /// The package name without its version, as Nix's `parseDrvName` splits it: the name up to
+    /// the first dash not followed by a letter (`hello` of `hello-2.12.1`,
+    /// `python3.11-requests` of `python3.11-requests-2.31.0`).
+    pub fn package_name(&self) -> &str {
+        let bytes = self.name.as_bytes();
+        (0..bytes.len())
+            .find(|&i| bytes[i] == b'-' && !bytes.get(i + 1).is_some_and(u8::is_ascii_alphabetic))
+            .map_or(&self.name, |i| &self.name[..i])
+    }
+
+    /// The name without its version: the package name, plus the output's name when the version
+    /// is followed by one (`foo-dev` of `foo-1.0-dev`). Successive versions of one output share
+    /// it.
+    pub fn unversioned_name(&self) -> String {
+        let package = self.package_name();
+        let rest = &self.name[package.len()..];
+        match rest.rsplit('-').next() {
+            Some(output) if !rest.is_empty() && output.starts_with(|c: char| c.is_ascii_alphabetic()) => format!("{package}-{output}"),
+            _ => package.to_string(),
+        }
+    }
+
     /// `store_dir/<base name>`.
     pub fn to_absolute(&self, store_dir: &str) -> String {
         let store_dir = store_dir.strip_suffix('/').unwrap_or(store_dir);
@@ -186,6 +208,23 @@ impl<'de> serde::Deserialize<'de> for StorePath {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    #[test]
+    fn package_names_drop_the_version_like_nix() {
+        let name = |n: &str| StorePath::new([0; 20], n).unwrap().package_name().to_string();
+        assert_eq!(name("hello-2.12.1"), "hello");
+        assert_eq!(name("python3.11-requests-2.31.0"), "python3.11-requests");
+        assert_eq!(name("source"), "source");
+        assert_eq!(name("big-push-v-12-0-99"), "big-push-v");
+        assert_eq!(name("foo-bar-"), "foo-bar");
+        assert_eq!(name("gcc-wrapper-13.2.0-lib"), "gcc-wrapper");
+        let unversioned = |n: &str| StorePath::new([0; 20], n).unwrap().unversioned_name();
+        assert_eq!(unversioned("foo-1.0-dev"), "foo-dev");
+        assert_eq!(unversioned("foo-1.1-dev"), "foo-dev");
+        assert_eq!(unversioned("foo-1.1"), "foo");
+        assert_eq!(unversioned("source"), "source");
+        assert_eq!(unversioned("big-push-v-12-0-99"), "big-push-v");
+    }
 
     const A: &str = "wzflyq5q9kjg4p27yck2nnispnblxsnh-a.txt";
     const C: &str = "rkvkm0asz2zpsik1x8nwwdq0xkq1417n-c.txt";

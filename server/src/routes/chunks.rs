@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use flywheel_core::api::v1::chunks::{ChunkList, ChunkRefList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
+use flywheel_core::api::v1::chunks::{BaseChunks, ChunkList, ChunkRefList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::manifest::ChunkRef;
 use flywheel_core::nix::{Sha256Hash, StorePath};
@@ -57,6 +57,28 @@ pub async fn manifest(
         sigs: narinfo.sigs,
         ca: path.ca,
         manifest,
+    }))
+}
+
+/// `GET base/{name}`: the chunk list of the path last published under the unversioned name of
+/// `name` (a store path name), for a push of its next version to tell its chunks as changes to.
+/// Pushers may ask, not only pullers: it shows chunk names, not contents.
+#[instrument(skip_all, fields(cache = %cache, name = %name))]
+pub async fn base(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((cache, name)): Path<(String, String)>,
+) -> ApiResult<Json<BaseChunks>> {
+    let record = authorize(&state, &caller, &cache, "push or pull", |p| p.push || p.pull).await?;
+    let unversioned = StorePath::new([0; 20], name.as_str())?.unversioned_name();
+    let no_base = || Error::not_found(format!("no path named like {name:?} is published in {cache}"));
+    let hash = state.storage.newest_of_name(&cache, &unversioned).await?.ok_or_else(no_base)?;
+    // The newest may have been deleted since (garbage collection, retention).
+    let path = state.storage.get_path(&cache, &hash).await?.ok_or_else(no_base)?;
+    let manifest = state.storage.manifest_of(&path).await?;
+    Ok(Json(BaseChunks {
+        store_path: StorePath::from_base_name(&path.store_path)?.to_absolute(&record.store_dir),
+        chunks: manifest.chunks,
     }))
 }
 
@@ -264,6 +286,17 @@ pub async fn commit(
 ) -> ApiResult<StatusCode> {
     let record = authorize(&state, &caller, &cache, "push", |p| p.push).await?;
     let mut request = request;
+    if let Some(delta) = request.chunks_delta.take() {
+        if !request.chunks.is_empty() || request.chunks_query.is_some() {
+            return Err(Error::invalid("give one of chunks, chunksQuery and chunksDelta").into());
+        }
+        flywheel_core::nix::store_path::parse_hash_part(&delta.base)?;
+        let base = state.storage.get_path(&cache, &delta.base).await?.ok_or_else(|| {
+            Error::not_found(format!("base path {} of chunksDelta is not published in {cache}: send the chunks", delta.base))
+        })?;
+        let base_chunks = state.storage.manifest_of(&base).await?.chunks;
+        request.chunks = delta.expand(&base_chunks, MAX_CHUNKS_PER_REQUEST)?;
+    }
     if let Some(name) = request.chunks_query.take() {
         if !request.chunks.is_empty() {
             return Err(Error::invalid("give chunks or chunksQuery, not both").into());

@@ -8,11 +8,13 @@
 //! - `POST missing-chunks` with [`ChunkList`]: [`ChunkList`] of those not stored.
 //! - `PUT chunk/{blake3}` with a zstd frame: stores it after verification.
 //! - `POST commit` with [`CommitRequest`]: publishes a path made of stored chunks.
+//! - `GET base/{name}`: [`BaseChunks`] of the newest path published under the same package
+//!   name, so that a push of a new version can name its chunks as changes to the old one's.
 
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::ChunkHash;
-use crate::manifest::Manifest;
+use crate::manifest::{ChunkRef, Manifest};
 
 /// Most chunks one request may name.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 100_000;
@@ -96,4 +98,141 @@ pub struct CommitRequest {
     /// With `chunks_query`: the uncompressed size of each chunk of the NAR, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunk_sizes: Vec<u32>,
+    /// The chunks as changes to a published path's list: what a new version sends instead of
+    /// `chunks`, so that the request grows with the change and not with the NAR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_delta: Option<ChunkDelta>,
+}
+
+/// The chunk list of the newest path published under a package name (`GET base/{name}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BaseChunks {
+    /// Full store path of that path.
+    pub store_path: String,
+    /// Its NAR's chunks in order.
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// A NAR's chunk list told as runs of a base path's list and new chunks between them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ChunkDelta {
+    /// Hash part of the base path (published in the same cache).
+    pub base: String,
+    /// The NAR's chunks, in order.
+    pub runs: Vec<DeltaRun>,
+}
+
+/// One piece of a [`ChunkDelta`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DeltaRun {
+    /// `len` chunks of the base's list, from index `start`: `{"copy": [start, len]}`.
+    Copy(u32, u32),
+    /// A chunk that is not in the base: `{"new": {"hash": ..., "size": ...}}`.
+    New(ChunkRef),
+}
+
+impl ChunkDelta {
+    /// Describes `chunks` as changes to `base_chunks`: each stretch that repeats a stretch of
+    /// the base becomes one [`DeltaRun::Copy`], the rest are [`DeltaRun::New`].
+    pub fn between(base: String, base_chunks: &[ChunkRef], chunks: &[ChunkRef]) -> ChunkDelta {
+        let mut first_at: std::collections::HashMap<ChunkRef, usize> = std::collections::HashMap::new();
+        for (i, chunk) in base_chunks.iter().enumerate() {
+            first_at.entry(*chunk).or_insert(i);
+        }
+        let mut runs: Vec<DeltaRun> = Vec::new();
+        let mut i = 0;
+        while i < chunks.len() {
+            match first_at.get(&chunks[i]) {
+                Some(&start) => {
+                    let len = chunks[i..].iter().zip(&base_chunks[start..]).take_while(|(a, b)| a == b).count();
+                    // Indexes fit: a list longer than u32::MAX is refused long before this.
+                    runs.push(DeltaRun::Copy(start as u32, len as u32));
+                    i += len;
+                }
+                None => {
+                    runs.push(DeltaRun::New(chunks[i]));
+                    i += 1;
+                }
+            }
+        }
+        ChunkDelta { base, runs }
+    }
+
+    /// The full chunk list, given the base's: refuses runs outside the base's list and lists
+    /// longer than `max_chunks`.
+    pub fn expand(&self, base_chunks: &[ChunkRef], max_chunks: usize) -> crate::Result<Vec<ChunkRef>> {
+        let mut out = Vec::new();
+        for run in &self.runs {
+            match *run {
+                DeltaRun::Copy(start, len) => {
+                    let (start, len) = (start as usize, len as usize);
+                    let piece = start.checked_add(len).and_then(|end| base_chunks.get(start..end)).filter(|p| !p.is_empty()).ok_or_else(|| {
+                        crate::Error::invalid(format!(
+                            "chunksDelta copies chunks {start}..{} of a base of {} chunks",
+                            start.saturating_add(len),
+                            base_chunks.len()
+                        ))
+                    })?;
+                    if out.len() + piece.len() > max_chunks {
+                        return Err(crate::Error::invalid(format!("chunksDelta makes more than {max_chunks} chunks")));
+                    }
+                    out.extend_from_slice(piece);
+                }
+                DeltaRun::New(chunk) => {
+                    if out.len() + 1 > max_chunks {
+                        return Err(crate::Error::invalid(format!("chunksDelta makes more than {max_chunks} chunks")));
+                    }
+                    out.push(chunk);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: u8, size: u32) -> ChunkRef {
+        ChunkRef { hash: ChunkHash([n; 32]), size }
+    }
+
+    #[test]
+    fn a_delta_expands_to_the_list_it_was_made_from() {
+        let base: Vec<ChunkRef> = (0..10).map(|n| chunk(n, 100 + u32::from(n))).collect();
+        // An insertion in the middle, a changed chunk, a dropped tail, and a repeat.
+        let mut new = base[..4].to_vec();
+        new.push(chunk(50, 7));
+        new.extend_from_slice(&base[5..8]);
+        new.push(chunk(2, 102));
+        let delta = ChunkDelta::between("b".into(), &base, &new);
+        assert_eq!(
+            delta.runs,
+            vec![DeltaRun::Copy(0, 4), DeltaRun::New(chunk(50, 7)), DeltaRun::Copy(5, 3), DeltaRun::Copy(2, 1)]
+        );
+        assert_eq!(delta.expand(&base, 1000).unwrap(), new);
+        // A chunk with the base's hash but another size is not the base's chunk.
+        let resized = vec![chunk(1, 5)];
+        assert_eq!(ChunkDelta::between("b".into(), &base, &resized).runs, vec![DeltaRun::New(chunk(1, 5))]);
+        let json = serde_json::to_string(&delta).unwrap();
+        assert!(json.contains("{\"copy\":[0,4]}"), "{json}");
+        assert_eq!(serde_json::from_str::<ChunkDelta>(&json).unwrap(), delta);
+    }
+
+    #[test]
+    fn a_delta_outside_its_base_or_too_long_is_refused() {
+        let base: Vec<ChunkRef> = (0..4).map(|n| chunk(n, 10)).collect();
+        let expand = |runs: Vec<DeltaRun>, max: usize| ChunkDelta { base: "b".into(), runs }.expand(&base, max);
+        for runs in [vec![DeltaRun::Copy(3, 2)], vec![DeltaRun::Copy(4, 1)], vec![DeltaRun::Copy(u32::MAX, 2)], vec![DeltaRun::Copy(0, 0)]] {
+            let err = expand(runs.clone(), 1000).unwrap_err();
+            assert!(err.to_string().contains("of a base of 4 chunks"), "{runs:?}: {err}");
+        }
+        let err = expand(vec![DeltaRun::Copy(0, 4); 3], 10).unwrap_err();
+        assert!(err.to_string().contains("more than 10 chunks"), "{err}");
+        assert_eq!(expand(vec![DeltaRun::Copy(0, 4), DeltaRun::Copy(0, 4)], 8).unwrap().len(), 8);
+    }
 }
