@@ -608,6 +608,7 @@ mod tests {
             chunks_query: None,
             chunk_order: None,
             chunk_sizes: Vec::new(),
+            chunks_delta: None,
         };
         let short = by_query(&full, &[a, b], "q".into());
         assert!(short.chunks.is_empty());
