@@ -280,7 +280,14 @@ impl LocalCache {
     /// The frame is not checked here: reads check it. A write that fails (a full disk, for
     /// instance) is counted and logged, never returned: the chunk is simply not cached.
     pub fn insert(&self, hash: &ChunkHash, frame: &[u8]) {
-        if let Err(err) = self.try_insert(hash, frame) {
+        self.insert_many(&[(*hash, frame)]);
+    }
+
+    /// Stores several chunks' frames, as [`LocalCache::insert`] does, with one index write for
+    /// all of them: a write to sled costs far more than writing a frame file, so a cold NAR
+    /// stream, which caches thousands of chunks, indexes them in batches.
+    pub fn insert_many(&self, frames: &[(ChunkHash, &[u8])]) {
+        if let Err((hash, err)) = self.try_insert_many(frames) {
             self.write_failures.fetch_add(1, Ordering::Relaxed);
             // Log the first failure loudly and the rest quietly: on a full disk every insert fails.
             if !self.write_failed.swap(true, Ordering::Relaxed) {
@@ -291,23 +298,48 @@ impl LocalCache {
         }
     }
 
-    fn try_insert(&self, hash: &ChunkHash, frame: &[u8]) -> Result<()> {
-        let cost = frame.len() as u64 + ENTRY_OVERHEAD;
-        if cost > self.quota {
-            return Ok(());
-        }
+    fn try_insert_many(&self, frames: &[(ChunkHash, &[u8])]) -> std::result::Result<(), (ChunkHash, Error)> {
         // Eviction must see every access so far, or it could drop a chunk just read.
         self.apply_pending_touches();
         let _guard = self.write_lock.lock();
+        let mut batch = sled::Batch::default();
+        let mut batched = 0usize;
+        let mut seen = std::collections::HashSet::new();
+        let mut result = Ok(());
+        for &(hash, frame) in frames {
+            let cost = frame.len() as u64 + ENTRY_OVERHEAD;
+            // A hash listed twice would be indexed twice before the batch lands.
+            if cost > self.quota || !seen.insert(hash) {
+                continue;
+            }
+            if let Err(err) = self.add_locked(&hash, frame, cost, &mut batch, &mut batched) {
+                result = Err((hash, err));
+                break;
+            }
+        }
+        // The frames written so far are indexed even when a later one failed.
+        if batched > 0 {
+            let first = frames.first().map(|(h, _)| *h).unwrap_or(ChunkHash([0; 32]));
+            self.chunks.apply_batch(batch).map_err(|e| (first, storage_error(e)))?;
+        }
+        result
+    }
+
+    /// Writes one frame and adds its index entry to `batch`; the caller holds `write_lock`.
+    fn add_locked(&self, hash: &ChunkHash, frame: &[u8], cost: u64, batch: &mut sled::Batch, batched: &mut usize) -> Result<()> {
         // Replacing an entry (a repair after corruption, say) first drops the old one.
         self.remove_locked(hash)?;
+        if self.used_bytes() + cost > self.quota && *batched > 0 {
+            // Eviction walks the index: the entries batched so far must be in it, and counted.
+            self.chunks.apply_batch(std::mem::take(batch)).map_err(storage_error)?;
+            *batched = 0;
+        }
         self.evict_until(cost)?;
         self.write_frame(hash, frame)?;
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let mut batch = sled::Batch::default();
         batch.insert(&key(b'm', hash)[..], &meta_value(seq, frame.len() as u64)[..]);
         batch.insert(&lru_key(seq, hash)[..], &[][..]);
-        self.chunks.apply_batch(batch).map_err(storage_error)?;
+        *batched += 1;
         self.used.fetch_add(cost, Ordering::Relaxed);
         self.entries.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -691,5 +723,33 @@ mod tests {
         let cache = reopen(&CacheConfig::new(dir.path(), quota / 2));
         assert!(!orphan_path.exists());
         assert!(cache.get(&chunks[199].0).is_some());
+    }
+
+    /// Batched inserts keep the accounting of single ones: a batch larger than the quota
+    /// evicts its own oldest chunks, a hash listed twice counts once, and after a reopen every
+    /// entry counted is one whose frame is on disk.
+    #[test]
+    fn batched_inserts_keep_the_quota_and_the_count_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = 1 << 20;
+        let cache = LocalCache::open(&CacheConfig::new(dir.path(), quota)).unwrap();
+        let chunks: Vec<_> = (0..40).map(|i| chunk(500 + i, 64 * 1024)).collect();
+        let mut batch: Vec<(ChunkHash, &[u8])> = chunks.iter().map(|(c, f)| (c.hash, f.as_slice())).collect();
+        batch.push(batch[39]);
+        cache.insert_many(&batch);
+        let frame_len = chunks[0].1.len() as u64 + ENTRY_OVERHEAD;
+        assert!(cache.used_bytes() <= quota, "used {} > quota {quota}", cache.used_bytes());
+        let kept: Vec<usize> = (0..40).filter(|&i| cache.contains(&chunks[i].0.hash)).collect();
+        assert_eq!(kept.len() as u64, cache.used_bytes() / frame_len);
+        assert!(kept.contains(&39) && !kept.contains(&0), "kept {kept:?}");
+        for &i in &kept {
+            assert!(cache.get(&chunks[i].0).is_some(), "chunk {i} is indexed but does not read back");
+        }
+        cache.flush().unwrap();
+        let used = cache.used_bytes();
+        drop(cache);
+        let cache = reopen(&CacheConfig::new(dir.path(), quota));
+        assert_eq!(cache.used_bytes(), used);
+        assert_eq!(dir_size(&dir.path().join("chunks")), kept.len() as u64 * chunks[0].1.len() as u64);
     }
 }

@@ -338,6 +338,29 @@ impl ChunkCache {
         }
     }
 
+    /// Stores several chunks' frames, as [`ChunkCache::insert`] does; the owner indexes them in
+    /// one write.
+    pub fn insert_many(&self, frames: &[(ChunkHash, &[u8])]) {
+        let failed = self.with(
+            |c| {
+                c.insert_many(frames);
+                0
+            },
+            |c| {
+                // A failed call reconnects (or takes over) and sends them all again: inserting a
+                // chunk twice is harmless.
+                for (hash, frame) in frames {
+                    let mut body = hash.0.to_vec();
+                    body.extend_from_slice(frame);
+                    c.call(OP_INSERT, &body)?;
+                }
+                Ok(0)
+            },
+            || frames.len() as u64,
+        );
+        self.stats.write_failures.fetch_add(failed, Ordering::Relaxed);
+    }
+
     /// The manifest of a path seen before, by hash part.
     pub fn get_manifest(&self, hash_part: &str) -> Option<PathManifest> {
         self.with(

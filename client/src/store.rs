@@ -275,9 +275,8 @@ impl ChunkStore {
         let permit = self.pending_writes.clone().acquire_many_owned(units).await.ok();
         // sled writes can block on I/O; keep them off the async workers.
         let caching = tokio::task::spawn_blocking(move || {
-            for (hash, frame) in &frames {
-                cache.insert(hash, frame);
-            }
+            let frames: Vec<(ChunkHash, &[u8])> = frames.iter().map(|(hash, frame)| (*hash, frame.as_slice())).collect();
+            cache.insert_many(&frames);
             drop(permit);
         });
         Ok((data, Some(caching)))
