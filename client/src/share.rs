@@ -56,6 +56,8 @@ const OP_MANIFEST_HASHES: u8 = 6;
 const OP_USAGE: u8 = 7;
 const OP_FLUSH: u8 = 8;
 const OP_STATS: u8 = 9;
+/// Several frames, each as a 32-byte hash, a 4-byte little-endian length and the frame.
+const OP_INSERT_MANY: u8 = 10;
 
 const ST_OK: u8 = 0;
 const ST_NONE: u8 = 1;
@@ -347,8 +349,18 @@ impl ChunkCache {
                 0
             },
             |c| {
-                // A failed call reconnects (or takes over) and sends them all again: inserting a
-                // chunk twice is harmless.
+                let mut body = Vec::with_capacity(frames.iter().map(|(_, f)| 36 + f.len()).sum());
+                for (hash, frame) in frames {
+                    body.extend_from_slice(&hash.0);
+                    body.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+                    body.extend_from_slice(frame);
+                }
+                if c.call(OP_INSERT_MANY, &body).is_ok() {
+                    return Ok(0);
+                }
+                // An owner from before OP_INSERT_MANY refuses it: one frame at a time then. A
+                // failure here reconnects (or takes over) and sends them all again, which is
+                // harmless.
                 for (hash, frame) in frames {
                     let mut body = hash.0.to_vec();
                     body.extend_from_slice(frame);
@@ -488,6 +500,21 @@ fn answer(cache: &LocalCache, op: u8, body: &[u8]) -> (u8, Vec<u8>) {
             cache.insert(&hash, &body[32..]);
             (ST_OK, Vec::new())
         }
+        OP_INSERT_MANY => {
+            let mut frames: Vec<(ChunkHash, &[u8])> = Vec::new();
+            let mut rest = body;
+            while !rest.is_empty() {
+                let (Some(hash), Some(len)) = (hash_of(rest), rest.get(32..36).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes))
+                else {
+                    return bad();
+                };
+                let Some(frame) = rest.get(36..36 + len as usize) else { return bad() };
+                frames.push((hash, frame));
+                rest = &rest[36 + len as usize..];
+            }
+            cache.insert_many(&frames);
+            (ST_OK, Vec::new())
+        }
         OP_CONTAINS => match hash_of(body) {
             Some(hash) if cache.contains(&hash) => (ST_OK, Vec::new()),
             Some(_) => (ST_NONE, Vec::new()),
@@ -600,12 +627,27 @@ mod tests {
         second.insert(&b.hash, &frame_b);
         assert!(second.get(&a).is_some(), "the client sees what the owner cached");
         assert!(first.get(&b).is_some(), "the owner sees what the client cached");
+        // A batch from the client lands whole; a malformed one is refused and changes nothing.
+        let (d, frame_d) = chunk(4, 50_000);
+        let (e, frame_e) = chunk(5, 60_000);
+        second.insert_many(&[(d.hash, &frame_d), (e.hash, &frame_e)]);
+        assert!(first.get(&d).is_some() && first.get(&e).is_some(), "the owner has the client's batch");
+        let (f, frame_f) = chunk(6, 1000);
+        let mut truncated = f.hash.0.to_vec();
+        truncated.extend_from_slice(&(frame_f.len() as u32 + 1).to_le_bytes());
+        truncated.extend_from_slice(&frame_f);
+        {
+            let role = first.role.read();
+            let Role::Owner(owner) = &*role else { panic!("the first opener owns the cache") };
+            assert_eq!(answer(&owner.cache, OP_INSERT_MANY, &truncated).0, ST_ERR);
+            assert!(!owner.cache.contains(&f.hash));
+        }
         assert!(second.contains(&b.hash));
         assert_eq!(second.used_bytes(), first.used_bytes());
         assert_eq!(second.quota(), 10 << 20);
         assert_eq!(second.stats().hits, 1);
-        assert_eq!(first.stats().hits, 1, "each process counts its own reads");
-        assert_eq!(second.shared_stats().hits, 2, "the owner counts every process's reads");
+        assert_eq!(first.stats().hits, 3, "each process counts its own reads");
+        assert_eq!(second.shared_stats().hits, 4, "the owner counts every process's reads");
         let (c, _) = chunk(3, 1000);
         assert!(second.get(&c).is_none());
         assert_eq!(second.stats().misses, 1);
