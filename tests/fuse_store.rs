@@ -56,7 +56,7 @@ fn fuse_nar_hashes_tree_and_executables() {
 fn fuse_small_read_of_huge_path_fetches_at_most_two_chunks() {
     let setup = Setup::new();
     let huge = setup.push_fuse_corpus(&["huge"]).remove(0);
-    let proxy = CountingProxy::start(&setup.server.url);
+    let proxy = CountingProxy::start(&setup.server.url, common_fuse::CACHE, None);
     let cache_dir = tempfile::tempdir().unwrap();
     let mount = setup.mount(&proxy.url, cache_dir.path(), &[]);
     let size = std::fs::metadata(setup.physical(&huge).join("data/blob")).unwrap().len();
@@ -184,7 +184,7 @@ fn libc_eio() -> i32 {
 fn fuse_corrupted_entry_is_refetched_and_cache_survives_kill9() {
     let setup = Setup::new();
     let big = setup.push_corpus(&["big"]).remove(0);
-    let proxy = CountingProxy::start(&setup.server.url);
+    let proxy = CountingProxy::start(&setup.server.url, common_fuse::CACHE, None);
     let cache_dir = tempfile::tempdir().unwrap();
     let expected = sha256_file(&setup.physical(&big).join("blob"));
     // Without whole files on disk: this is about chunks, which passthrough would bypass.

@@ -54,7 +54,7 @@ fn substituter_shares_its_cache_dir_with_a_running_mount() {
     let paths = setup.push_corpus(&["big", "tree", "single"]);
     let key = public_key(&setup);
     let cache_dir = tempfile::tempdir().unwrap();
-    let mount_proxy = CountingProxy::start(&setup.server.url);
+    let mount_proxy = CountingProxy::start(&setup.server.url, common_fuse::CACHE, None);
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let mut mount = setup.mount(&mount_proxy.url, cache_dir.path(), &["--metrics-listen", &metrics_addr]);
@@ -67,7 +67,7 @@ fn substituter_shares_its_cache_dir_with_a_running_mount() {
     assert!(mount_fetched > 0);
 
     // The substituter opens the same cache dir while the mount runs.
-    let sub_proxy = CountingProxy::start(&setup.server.url);
+    let sub_proxy = CountingProxy::start(&setup.server.url, common_fuse::CACHE, None);
     let sub = substituter_common::Substitute::start(&sub_proxy.url, CACHE, &setup.token_file, cache_dir.path());
     assert!(sub.log_text().contains("sharing it through its socket"), "{}", sub.log_text());
     realise(&setup, &setup.nix.store("dst1"), &sub.url, &key, &paths[..2]);

@@ -4,11 +4,12 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::Digest;
@@ -419,4 +420,113 @@ fn dir_files(root: &Path) -> BTreeMap<String, (u64, [u8; 32])> {
 /// The hash part of a store path.
 pub fn hash_part(path: &str) -> &str {
     &path.trim_start_matches("/nix/store/")[..32]
+}
+
+/// A TCP proxy in front of the server. It counts the chunks asked for (one per
+/// `GET .../chunk/<hash>` and one per `"hash"` field of `POST .../chunks` bodies), the
+/// chunk upload requests (`PUT .../chunk/`, `POST .../upload-chunks`), and every byte the
+/// client sends. With `cut_after_puts`, it drops every connection and refuses new ones once
+/// that many upload requests went through: the server "goes away" mid-push.
+pub struct CountingProxy {
+    pub url: String,
+    chunk_gets: Arc<AtomicU64>,
+    hash_fields: Arc<AtomicU64>,
+    puts: Arc<AtomicU64>,
+    bytes_up: Arc<AtomicU64>,
+    dead: Arc<AtomicBool>,
+}
+
+impl CountingProxy {
+    pub fn start(target: &str, cache: &str, cut_after_puts: Option<u64>) -> CountingProxy {
+        let target = target.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let proxy = CountingProxy {
+            url,
+            chunk_gets: Arc::default(),
+            hash_fields: Arc::default(),
+            puts: Arc::default(),
+            bytes_up: Arc::default(),
+            dead: Arc::default(),
+        };
+        let get_pattern = format!("GET /_flywheel/v1/{cache}/chunk/").into_bytes();
+        let put_pattern = format!("PUT /_flywheel/v1/{cache}/chunk/").into_bytes();
+        let batch_pattern = format!("POST /_flywheel/v1/{cache}/upload-chunks").into_bytes();
+        let (gets, fields, puts, bytes, dead) =
+            (proxy.chunk_gets.clone(), proxy.hash_fields.clone(), proxy.puts.clone(), proxy.bytes_up.clone(), proxy.dead.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if dead.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else { continue };
+                let (gets, fields, puts, bytes, dead) = (gets.clone(), fields.clone(), puts.clone(), bytes.clone(), dead.clone());
+                let (get_pattern, put_pattern, batch_pattern) = (get_pattern.clone(), put_pattern.clone(), batch_pattern.clone());
+                let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (c_kill, s_kill) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let mut tail: Vec<u8> = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match c_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if dead.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        bytes.fetch_add(n as u64, Ordering::SeqCst);
+                        let mut scan = std::mem::take(&mut tail);
+                        let keep_from = scan.len();
+                        scan.extend_from_slice(&buf[..n]);
+                        gets.fetch_add(count_new(&scan, &get_pattern, keep_from), Ordering::SeqCst);
+                        fields.fetch_add(count_new(&scan, b"\"hash\"", keep_from), Ordering::SeqCst);
+                        let new_puts = count_new(&scan, &put_pattern, keep_from) + count_new(&scan, &batch_pattern, keep_from);
+                        let total_puts = puts.fetch_add(new_puts, Ordering::SeqCst) + new_puts;
+                        tail = scan[scan.len().saturating_sub(64)..].to_vec();
+                        if cut_after_puts.is_some_and(|limit| total_puts > limit) {
+                            dead.store(true, Ordering::SeqCst);
+                            break;
+                        }
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = c_kill.shutdown(std::net::Shutdown::Both);
+                    let _ = s_kill.shutdown(std::net::Shutdown::Both);
+                });
+                let (mut s_read, mut c_write) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        proxy
+    }
+
+    /// Chunks requested so far.
+    pub fn chunks_requested(&self) -> u64 {
+        self.chunk_gets.load(Ordering::SeqCst) + self.hash_fields.load(Ordering::SeqCst)
+    }
+
+    /// Chunk upload requests so far.
+    pub fn upload_requests(&self) -> u64 {
+        self.puts.load(Ordering::SeqCst)
+    }
+
+    /// Bytes the clients sent (requests: headers and bodies).
+    pub fn bytes_up(&self) -> u64 {
+        self.bytes_up.load(Ordering::SeqCst)
+    }
+
+    pub fn reset(&self) {
+        for counter in [&self.chunk_gets, &self.hash_fields, &self.puts, &self.bytes_up] {
+            counter.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+fn count_new(hay: &[u8], pattern: &[u8], old_len: usize) -> u64 {
+    hay.windows(pattern.len()).enumerate().filter(|(i, w)| *w == pattern && i + pattern.len() > old_len).count() as u64
 }

@@ -5,15 +5,13 @@
 #[path = "../common/mod.rs"]
 pub mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use common::{Backend, Nix, Server, FLYWHEEL};
+// Not every harness uses every helper it re-exports.
+#[allow(unused_imports)]
+pub use common::{Backend, CountingProxy, Nix, Server, FLYWHEEL};
 
 pub const CACHE: &str = "lazy";
 
@@ -200,74 +198,6 @@ impl Drop for Mount {
             let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
         }
     }
-}
-
-/// A TCP proxy in front of the server that counts the chunks asked for: one per
-/// `GET .../chunk/<hash>` and one per `"hash"` field in `POST .../chunks` bodies (the only
-/// request bodies a mount sends). Counting the bytes on the wire cannot miss a request.
-pub struct CountingProxy {
-    pub url: String,
-    chunk_gets: Arc<AtomicU64>,
-    hash_fields: Arc<AtomicU64>,
-}
-
-impl CountingProxy {
-    pub fn start(target: &str) -> CountingProxy {
-        let target = target.trim_start_matches("http://").to_string();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let chunk_gets = Arc::new(AtomicU64::new(0));
-        let hash_fields = Arc::new(AtomicU64::new(0));
-        let (gets, fields) = (chunk_gets.clone(), hash_fields.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(&target) else { continue };
-                let (gets, fields) = (gets.clone(), fields.clone());
-                let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let mut tail: Vec<u8> = Vec::new();
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match c_read.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        // Scan with the end of the previous read, so a pattern split across
-                        // reads is counted once.
-                        let mut scan = std::mem::take(&mut tail);
-                        let keep_from = scan.len();
-                        scan.extend_from_slice(&buf[..n]);
-                        gets.fetch_add(count_new(&scan, b"GET /_flywheel/v1/lazy/chunk/", keep_from), Ordering::SeqCst);
-                        fields.fetch_add(count_new(&scan, b"\"hash\"", keep_from), Ordering::SeqCst);
-                        tail = scan[scan.len().saturating_sub(64)..].to_vec();
-                        if s_write.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = s_write.shutdown(std::net::Shutdown::Write);
-                });
-                let (mut s_read, mut c_write) = (server, client);
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut s_read, &mut c_write);
-                    let _ = c_write.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        });
-        CountingProxy { url, chunk_gets, hash_fields }
-    }
-
-    /// Chunks requested so far.
-    pub fn chunks_requested(&self) -> u64 {
-        self.chunk_gets.load(Ordering::SeqCst) + self.hash_fields.load(Ordering::SeqCst)
-    }
-}
-
-/// Occurrences of `pattern` in `hay` that end after `old_len` (were not seen in the last scan).
-fn count_new(hay: &[u8], pattern: &[u8], old_len: usize) -> u64 {
-    hay.windows(pattern.len())
-        .enumerate()
-        .filter(|(i, w)| *w == pattern && i + pattern.len() > old_len)
-        .count() as u64
 }
 
 /// SHA-256 of a file, hex.
