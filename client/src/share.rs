@@ -328,11 +328,7 @@ impl ChunkCache {
                 c.insert(hash, frame);
                 true
             },
-            |c| {
-                let mut body = hash.0.to_vec();
-                body.extend_from_slice(frame);
-                c.call(OP_INSERT, &body).map(|_| true)
-            },
+            |c| c.call(OP_INSERT, &insert_body(hash, frame)).map(|_| true),
             || false,
         );
         if !ok {
@@ -362,9 +358,7 @@ impl ChunkCache {
                 // failure here reconnects (or takes over) and sends them all again, which is
                 // harmless.
                 for (hash, frame) in frames {
-                    let mut body = hash.0.to_vec();
-                    body.extend_from_slice(frame);
-                    c.call(OP_INSERT, &body)?;
+                    c.call(OP_INSERT, &insert_body(hash, frame))?;
                 }
                 Ok(0)
             },
@@ -475,6 +469,14 @@ fn serve_conn(mut stream: UnixStream, cache: Weak<LocalCache>) {
             return;
         }
     }
+}
+
+/// The body of an `OP_INSERT`: the hash, then the frame.
+fn insert_body(hash: &ChunkHash, frame: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(32 + frame.len());
+    body.extend_from_slice(&hash.0);
+    body.extend_from_slice(frame);
+    body
 }
 
 fn hash_of(body: &[u8]) -> Option<ChunkHash> {

@@ -246,11 +246,7 @@ impl Pusher {
                 Err(err) => tracing::info!(store_path = %info.path, "push as changes to an earlier version failed, sending the whole chunk list: {err}"),
             }
         }
-        let (missing, query) = self.api.missing_chunks(&unique).await?;
-        let missing: HashSet<ChunkHash> = missing.into_iter().collect();
-        if !missing.is_empty() {
-            self.upload(&physical, &request.chunks, missing, counters).await?;
-        }
+        let query = self.upload_missing(&physical, &request.chunks, &unique, counters).await?;
         if let Some(query) = query {
             // The server remembers the list asked about: name it instead of listing the chunks
             // again. Any refusal (the server forgot it, another replica answered) falls back to
@@ -276,8 +272,7 @@ impl Pusher {
         unique: &[ChunkHash],
         counters: &Counters,
     ) -> Result<bool> {
-        let name = request.store_path.rsplit('/').next().and_then(|base| base.get(33..)).unwrap_or_default();
-        let base = match self.api.base(name).await {
+        let base = match self.api.base(&short_name(&request.store_path)).await {
             Ok(base) => base,
             Err(err) if err.kind() == ErrorKind::NotFound => return Ok(false),
             Err(err) => return Err(err),
@@ -289,11 +284,7 @@ impl Pusher {
             return Ok(false);
         }
         if !ask.is_empty() {
-            let (missing, _) = self.api.missing_chunks(&ask).await?;
-            let missing: HashSet<ChunkHash> = missing.into_iter().collect();
-            if !missing.is_empty() {
-                self.upload(physical, &request.chunks, missing, counters).await?;
-            }
+            self.upload_missing(physical, &request.chunks, &ask, counters).await?;
         }
         let delta = ChunkDelta::between(hash_part(&base.store_path)?, &base.chunks, &request.chunks);
         let as_changes = CommitRequest { chunks: Vec::new(), chunks_delta: Some(delta), ..request.clone() };
@@ -301,6 +292,23 @@ impl Pusher {
         counters.as_changes.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(store_path = %request.store_path, base = %base.store_path, "pushed as changes");
         Ok(true)
+    }
+
+    /// Asks the server which of `ask` it lacks and uploads those; returns the name of the
+    /// question, for a commit that follows (see [`by_query`]).
+    async fn upload_missing(
+        &self,
+        physical: &std::path::Path,
+        chunks: &[ChunkRef],
+        ask: &[ChunkHash],
+        counters: &Counters,
+    ) -> Result<Option<String>> {
+        let (missing, query) = self.api.missing_chunks(ask).await?;
+        let missing: HashSet<ChunkHash> = missing.into_iter().collect();
+        if !missing.is_empty() {
+            self.upload(physical, chunks, missing, counters).await?;
+        }
+        Ok(query)
     }
 
     /// Pass 2: makes the NAR again and uploads the chunks in `missing`, `jobs` at once.

@@ -166,28 +166,23 @@ impl ChunkDelta {
     pub fn expand(&self, base_chunks: &[ChunkRef], max_chunks: usize) -> crate::Result<Vec<ChunkRef>> {
         let mut out = Vec::new();
         for run in &self.runs {
-            match *run {
-                DeltaRun::Copy(start, len) => {
+            let piece = match run {
+                &DeltaRun::Copy(start, len) => {
                     let (start, len) = (start as usize, len as usize);
-                    let piece = start.checked_add(len).and_then(|end| base_chunks.get(start..end)).filter(|p| !p.is_empty()).ok_or_else(|| {
+                    start.checked_add(len).and_then(|end| base_chunks.get(start..end)).filter(|p| !p.is_empty()).ok_or_else(|| {
                         crate::Error::invalid(format!(
                             "chunksDelta copies chunks {start}..{} of a base of {} chunks",
                             start.saturating_add(len),
                             base_chunks.len()
                         ))
-                    })?;
-                    if out.len() + piece.len() > max_chunks {
-                        return Err(crate::Error::invalid(format!("chunksDelta makes more than {max_chunks} chunks")));
-                    }
-                    out.extend_from_slice(piece);
+                    })?
                 }
-                DeltaRun::New(chunk) => {
-                    if out.len() + 1 > max_chunks {
-                        return Err(crate::Error::invalid(format!("chunksDelta makes more than {max_chunks} chunks")));
-                    }
-                    out.push(chunk);
-                }
+                DeltaRun::New(chunk) => std::slice::from_ref(chunk),
+            };
+            if out.len() + piece.len() > max_chunks {
+                return Err(crate::Error::invalid(format!("chunksDelta makes more than {max_chunks} chunks")));
             }
+            out.extend_from_slice(piece);
         }
         Ok(out)
     }
