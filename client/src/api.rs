@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flywheel_core::api::v1::chunks::{BaseChunks, ChunkList, ChunkRefList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
+use flywheel_core::api::v1::chunks::{BaseChunks, ChunkBatch, ChunkList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
 use flywheel_core::api::v1::get_missing_paths::{GetMissingPathsRequest, GetMissingPathsResponse};
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::api::v1::ErrorBody;
@@ -99,10 +99,13 @@ impl ApiClient {
         Ok(manifest)
     }
 
-    /// Fetches one chunk with `GET chunk/{hash}` and verifies it.
+    /// Fetches one chunk of the path whose hash part is `path` with `GET chunk/{hash}` and
+    /// verifies it.
     #[instrument(skip_all, err, fields(chunk = %chunk.hash))]
-    pub async fn chunk(&self, chunk: ChunkRef) -> Result<FetchedChunk> {
-        let response = send(self.request(reqwest::Method::GET, self.api_url(&format!("chunk/{}", chunk.hash))))
+    pub async fn chunk(&self, path: &str, chunk: ChunkRef) -> Result<FetchedChunk> {
+        flywheel_core::nix::store_path::parse_hash_part(path)?;
+        let url = self.api_url(&format!("chunk/{}?path={path}", chunk.hash));
+        let response = send(self.request(reqwest::Method::GET, url))
             .await
             .map_err(lost_chunk)?;
         let frame = response.bytes().await.map_err(transport)?.to_vec();
@@ -112,14 +115,14 @@ impl ApiClient {
         verify(chunk, frame)
     }
 
-    /// Fetches many chunks with one `POST chunks` and verifies each; the result is in request
-    /// order.
+    /// Fetches many chunks of the path whose hash part is `path` with one `POST chunks` and
+    /// verifies each; the result is in request order.
     #[instrument(skip_all, err, fields(chunks = chunks.len()))]
-    pub async fn chunks(&self, chunks: &[ChunkRef]) -> Result<Vec<FetchedChunk>> {
+    pub async fn chunks(&self, path: &str, chunks: &[ChunkRef]) -> Result<Vec<FetchedChunk>> {
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
-        let body = ChunkRefList { chunks: chunks.to_vec() };
+        let body = ChunkBatch { path: path.to_string(), chunks: chunks.to_vec() };
         let response =
             send(self.request(reqwest::Method::POST, self.api_url("chunks")).json(&body)).await.map_err(lost_chunk)?;
         let body = response.bytes().await.map_err(transport)?;

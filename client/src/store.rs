@@ -79,11 +79,12 @@ impl ChunkStore {
         &self.metrics
     }
 
-    /// The verified contents of `chunks`, in order.
+    /// The verified contents of `chunks`, in order, all listed by the manifest of the path
+    /// whose hash part is `path` (the server serves a chunk only as part of a path).
     ///
     /// Chunks missing locally are fetched from the server, in parallel, and cached; a chunk
     /// another caller is already fetching is waited for instead of fetched twice.
-    pub async fn get_many(&self, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
+    pub async fn get_many(&self, path: &str, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
         let mut out = self.cached(chunks).await;
         let missing: Vec<usize> = (0..chunks.len()).filter(|&i| out[i].is_none()).collect();
         if missing.is_empty() {
@@ -111,7 +112,7 @@ impl ChunkStore {
             if !claimed.is_empty() {
                 let store = self.clone();
                 let hashes: Vec<ChunkHash> = claimed.iter().map(|c| c.hash).collect();
-                let fetch = self.clone().fetch_claimed(claimed.clone());
+                let fetch = self.clone().fetch_claimed(Arc::from(path), claimed.clone());
                 // The fetch itself clears its in-flight entries, so they go even when the
                 // claimant stops waiting (a timed-out read) and another waiter finishes it.
                 let batch = async move {
@@ -190,7 +191,7 @@ impl ChunkStore {
     /// Fetches claimed chunks. A fetch by another caller may have finished (and cached its
     /// chunks) between the caller's cache lookup and its claim; those are taken from the cache
     /// instead of being fetched twice.
-    async fn fetch_claimed(self, chunks: Vec<ChunkRef>) -> Result<(Vec<Arc<[u8]>>, Option<Caching>), (ErrorKind, String)> {
+    async fn fetch_claimed(self, path: Arc<str>, chunks: Vec<ChunkRef>) -> Result<(Vec<Arc<[u8]>>, Option<Caching>), (ErrorKind, String)> {
         let cache = self.cache.clone();
         let lookup = chunks.clone();
         // `contains` first: it costs no verification and counts nothing, and it is false for
@@ -205,9 +206,9 @@ impl ChunkStore {
         .unwrap_or_else(|_| vec![None; chunks.len()]);
         let missing: Vec<ChunkRef> = chunks.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(c, _)| *c).collect();
         if missing.len() == chunks.len() {
-            return self.fetch_from_server(chunks).await;
+            return self.fetch_from_server(path, chunks).await;
         }
-        let (fetched, caching) = if missing.is_empty() { (Vec::new(), None) } else { self.fetch_from_server(missing).await? };
+        let (fetched, caching) = if missing.is_empty() { (Vec::new(), None) } else { self.fetch_from_server(path, missing).await? };
         let mut fetched = fetched.into_iter();
         let all = found
             .into_iter()
@@ -221,7 +222,7 @@ impl ChunkStore {
     ///
     /// The chunks are returned at once; they are written to the cache in the background, by the
     /// returned task, so that a cold NAR stream does not wait for the disk.
-    async fn fetch_from_server(self, chunks: Vec<ChunkRef>) -> Result<(Vec<Arc<[u8]>>, Option<Caching>), (ErrorKind, String)> {
+    async fn fetch_from_server(self, path: Arc<str>, chunks: Vec<ChunkRef>) -> Result<(Vec<Arc<[u8]>>, Option<Caching>), (ErrorKind, String)> {
         let metrics = self.metrics.clone();
         let timed = |request: BoxFuture<'static, Result<Vec<crate::FetchedChunk>>>| {
             let metrics = metrics.clone();
@@ -246,16 +247,16 @@ impl ChunkStore {
             chunks
                 .iter()
                 .map(|c| {
-                    let (api, chunk) = (self.api.clone(), *c);
-                    timed(async move { api.chunk(chunk).await.map(|f| vec![f]) }.boxed())
+                    let (api, chunk, path) = (self.api.clone(), *c, path.clone());
+                    timed(async move { api.chunk(&path, chunk).await.map(|f| vec![f]) }.boxed())
                 })
                 .collect()
         } else {
             chunks
                 .chunks(BATCH)
                 .map(|batch| {
-                    let (api, batch) = (self.api.clone(), batch.to_vec());
-                    timed(async move { api.chunks(&batch).await }.boxed())
+                    let (api, batch, path) = (self.api.clone(), batch.to_vec(), path.clone());
+                    timed(async move { api.chunks(&path, &batch).await }.boxed())
                 })
                 .collect()
         };

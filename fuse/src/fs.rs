@@ -459,9 +459,9 @@ impl Inner {
         }
     }
 
-    /// Chunks from memory when there, else from the store (cache or server), bounded by the
-    /// offline timeout.
-    async fn chunks(&self, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
+    /// Chunks of `tree` from memory when there, else from the store (cache or server), bounded
+    /// by the offline timeout.
+    async fn chunks(&self, tree: &PathTree, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
         let mut out: Vec<Option<Arc<[u8]>>> = {
             let mut hot = self.hot.lock();
             chunks.iter().map(|c| hot.get(&c.hash)).collect()
@@ -469,7 +469,7 @@ impl Inner {
         let missing: Vec<ChunkRef> =
             chunks.iter().zip(&out).filter(|(_, d)| d.is_none()).map(|(c, _)| *c).collect();
         if !missing.is_empty() {
-            let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.get_many(&missing))
+            let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.get_many(tree.hash_part(), &missing))
                 .await
                 .map_err(|_| Error::unavailable("chunks did not arrive within the offline timeout"))??;
             let mut hot = self.hot.lock();
@@ -535,7 +535,7 @@ impl Inner {
         while at < end {
             let to = (at + READAHEAD).min(end);
             let (covering, first) = tree.covering(at, to);
-            let chunks = self.runtime.block_on(self.chunks(covering))?;
+            let chunks = self.runtime.block_on(self.chunks(tree, covering))?;
             writer.write(&Inner::assemble(&chunks, first, at, to)).map_err(io)?;
             at = to;
         }
@@ -669,11 +669,11 @@ impl Inner {
         if wanted.is_empty() {
             return;
         }
-        let inner = self.clone();
+        let (inner, tree) = (self.clone(), tree.clone());
         let span = debug_span!("readahead", kind, store_path = %tree.base_name, chunks = wanted.len());
         self.runtime.spawn(
             async move {
-                if let Err(err) = inner.chunks(&wanted).await {
+                if let Err(err) = inner.chunks(&tree, &wanted).await {
                     tracing::debug!("readahead failed: {err}");
                 }
             }
@@ -848,7 +848,7 @@ impl Filesystem for FlywheelFs {
         let inner = self.inner.clone();
         let span = debug_span!("read", store_path = %tree.base_name, rq.inode = ino_.0, offset, size);
         self.inner.runtime.spawn(async move {
-            match inner.chunks(&covering).await {
+            match inner.chunks(&tree, &covering).await {
                 Ok(chunks) => reply.data(&Inner::assemble(&chunks, first_offset, start_nar, end_nar)),
                 Err(err) => {
                     warn!(store_path = %tree.base_name, "read failed: {err}");

@@ -44,6 +44,12 @@ pub(crate) struct PathTree {
 }
 
 impl PathTree {
+    /// The store path's hash part, which names it to the server.
+    pub fn hash_part(&self) -> &str {
+        // Registered names are store path base names, whose first 32 characters are the hash.
+        self.base_name.get(..32).unwrap_or(&self.base_name)
+    }
+
     pub fn build(base_name: String, path: &PathManifest) -> Arc<PathTree> {
         let mut nodes = Vec::new();
         push(&mut nodes, &path.manifest.root, 0);

@@ -62,6 +62,14 @@ impl VerifiedChunks {
         if self.nars.lock().get(nar_hash).is_some_and(|at| at.elapsed() < NAR_CHECK_FRESH) {
             return Ok(());
         }
+        self.check_chunks(storage, refs, parallelism).await?;
+        self.nars.lock().put(*nar_hash, Instant::now());
+        Ok(())
+    }
+
+    /// Fails as [`VerifiedChunks::check`] does, for chunks that are not a whole NAR (a batch of
+    /// the chunk API).
+    pub async fn check_chunks(self: &Arc<Self>, storage: &Storage, refs: &[ChunkRef], parallelism: usize) -> Result<()> {
         futures::stream::iter(refs.iter().copied())
             .map(|chunk_ref| {
                 let verified = self.clone();
@@ -72,7 +80,6 @@ impl VerifiedChunks {
             .buffer_unordered(parallelism)
             .try_collect::<Vec<()>>()
             .await?;
-        self.nars.lock().put(*nar_hash, Instant::now());
         Ok(())
     }
 

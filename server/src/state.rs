@@ -60,6 +60,9 @@ const CHUNK_QUERY_TTL: std::time::Duration = std::time::Duration::from_secs(30 *
 /// Chunks of all remembered questions together (32 bytes each): 32 MiB.
 const CHUNK_QUERIES_MAX_CHUNKS: usize = 1 << 20;
 
+/// Remembered questions, at most, whatever their lengths.
+const CHUNK_QUERIES_MAX: usize = 65_536;
+
 /// Cache settings by name, with when they were read.
 type CacheRecords = std::collections::HashMap<String, (std::time::Instant, Option<CacheRecord>)>;
 
@@ -144,7 +147,9 @@ impl AppState {
     /// Remembers the chunk list of a `missing-chunks` question; returns its name, or `None`
     /// for a list too long to keep (the commit then lists the chunks itself).
     pub fn remember_chunk_query(&self, cache: &str, chunks: Vec<flywheel_core::chunk::ChunkHash>) -> Option<String> {
-        if chunks.len() > CHUNK_QUERIES_MAX_CHUNKS / 16 {
+        // An empty list names nothing a commit could use, and would let the remembered
+        // questions grow without bound in count while staying at zero chunks.
+        if chunks.is_empty() || chunks.len() > CHUNK_QUERIES_MAX_CHUNKS / 16 {
             return None;
         }
         // Unguessable, so that a question's list serves only the client that asked it.
@@ -156,7 +161,7 @@ impl AppState {
         let mut queries = self.chunk_queries.lock();
         queries.chunks += count;
         queries.by_name.put(name.clone(), query);
-        while queries.chunks > CHUNK_QUERIES_MAX_CHUNKS {
+        while queries.chunks > CHUNK_QUERIES_MAX_CHUNKS || queries.by_name.len() > CHUNK_QUERIES_MAX {
             match queries.by_name.pop_lru() {
                 Some((_, old)) => queries.chunks -= old.chunks.len(),
                 None => break,

@@ -8,7 +8,9 @@
 //! - `caches/{cache}/names/{name}`: the hash part of the path last published under this
 //!   unversioned name, the base a push of its next version is told as changes to;
 //! - `caches/{cache}/pending/{narhash}`: a NAR received through a Nix PUT, which its narinfo may
-//!   publish until garbage collection finds the marker older than the grace period.
+//!   publish until garbage collection finds the marker older than the grace period;
+//! - `caches/{cache}/chunks/{hh}/{blake3}`: an empty grant: the cache holds that chunk, because
+//!   its bytes were uploaded to it (see [`Storage::grant_chunks`]).
 //!
 //! Writes go chunks, then manifest, then path record, so a reader that finds a path record
 //! finds everything it needs.
@@ -291,6 +293,53 @@ impl Storage {
     /// Removes a chunk.
     pub async fn delete_chunk(&self, hash: &ChunkHash) -> Result<()> {
         self.delete(&Self::chunk_key(hash), "chunk").await
+    }
+
+    fn grant_key(cache: &str, hash: &ChunkHash) -> Path {
+        let hex = hash.to_hex();
+        Path::from(format!("caches/{cache}/chunks/{}/{hex}", &hex[..2]))
+    }
+
+    /// Records that `cache` holds these chunks, because their bytes were just uploaded to it,
+    /// and tells, in order, which it held already.
+    ///
+    /// Chunks are stored once for all caches, but a cache may count only on chunks it holds
+    /// (`missing-chunks`, commits), so that knowing a chunk's hash never stands in for having
+    /// its bytes. A grant is written after the chunk itself.
+    pub async fn grant_chunks(&self, cache: &str, hashes: &[ChunkHash], parallelism: usize) -> Result<Vec<bool>> {
+        futures::stream::iter(hashes.iter().copied())
+            .map(|hash| {
+                let storage = self.clone();
+                let key = Self::grant_key(cache, &hash);
+                async move {
+                    if storage.exists(&key, "chunk grant").await? {
+                        return Ok(true);
+                    }
+                    storage.store.put(&key, PutPayload::new()).await.map_err(|e| storage_error(e, "chunk grant"))?;
+                    Ok(false)
+                }
+            })
+            .buffered(parallelism.max(1))
+            .try_collect()
+            .await
+    }
+
+    /// Which of `hashes` `cache` holds (see [`Storage::grant_chunks`]), in order.
+    pub async fn chunks_held(&self, cache: &str, hashes: &[ChunkHash], parallelism: usize) -> Result<Vec<bool>> {
+        futures::stream::iter(hashes.iter().copied())
+            .map(|hash| {
+                let storage = self.clone();
+                let key = Self::grant_key(cache, &hash);
+                async move { storage.exists(&key, "chunk grant").await }
+            })
+            .buffered(parallelism.max(1))
+            .try_collect()
+            .await
+    }
+
+    /// The chunk a grant key names, for garbage collection's listing of `caches/{cache}/chunks`.
+    pub fn granted_chunk(key: &Path) -> Option<ChunkHash> {
+        key.filename()?.parse().ok()
     }
 
     /// A NAR's manifest.

@@ -359,13 +359,14 @@ async fn nar(State(sub): State<Substituter>, Path(file): Path<String>) -> Result
     let windows: Vec<Vec<flywheel_core::manifest::ChunkRef>> =
         manifest.manifest.chunks.chunks(WINDOW).map(|w| w.to_vec()).collect();
     let permits = sub.inner.windows_in_flight.clone();
+    let path: Arc<str> = Arc::from(hash);
     let mut windows = futures::stream::iter(windows)
         .map(move |window| {
-            let (store, permits) = (store.clone(), permits.clone());
+            let (store, permits, hash) = (store.clone(), permits.clone(), path.clone());
             async move {
                 // Held until the window's bytes are handed to the response body.
                 let permit = permits.acquire_owned().await.ok();
-                let chunks = tokio::time::timeout(timeout, store.get_many(&window))
+                let chunks = tokio::time::timeout(timeout, store.get_many(&hash, &window))
                     .await
                     .unwrap_or_else(|_| Err(Error::unavailable("chunks did not arrive in time")))?;
                 Ok::<_, Error>((chunks, permit))

@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use tracing::instrument;
 
 use super::publish::PathMetadata;
-use super::{authorize, Caller};
+use super::{authorize, Access, Caller, Push};
 use crate::error::ApiError;
 use crate::ingest::{verified_chunks, Compression};
 use crate::state::AppState;
@@ -92,14 +92,14 @@ pub async fn get_file(
 
 /// `PUT /{cache}/{hash}.narinfo` (publishes the NAR PUT just before), `PUT /{cache}/{hash}.ls`
 /// (accepted and ignored: listings are made from the manifest).
-#[instrument(skip_all, fields(cache = %cache, file = %file))]
+#[instrument(skip_all, fields(cache = %access.name, file = %file))]
 pub async fn put_file(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((cache, file)): Path<(String, String)>,
+    access: Access<Push>,
+    Path((_, file)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
-    let record = authorize(&state, &caller, &cache, "push", |p| p.push).await?;
+    let (cache, record) = (access.name, access.record);
     if file.ends_with(".ls") {
         parse_hash_part(file.trim_end_matches(".ls"))?;
         return Ok(StatusCode::OK);
@@ -241,8 +241,22 @@ pub async fn put_nar(
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let ingested = state.ingester.ingest(stream, compression).await?;
     let nar_hash = ingested.manifest.nar_hash;
-    let (_, stats) = ingested.commit().await?;
+    let (manifest, stats) = ingested.commit().await?;
+    grant_nar(&state, &cache, &manifest).await?;
     state.storage.put_pending(&cache, &nar_hash).await?;
     tracing::info!(nar_hash = %nar_hash, new_chunks = stats.new_chunks, chunks = stats.chunks, "NAR staged");
     Ok(StatusCode::OK)
+}
+
+/// Grants a NAR's chunks to the cache its bytes were uploaded to (see
+/// [`crate::storage::Storage::grant_chunks`]); returns the bytes of the NAR that the cache held
+/// already, the only deduplication an uploader is told of.
+pub(super) async fn grant_nar(state: &AppState, cache: &str, manifest: &flywheel_core::manifest::Manifest) -> Result<u64> {
+    let mut distinct: Vec<flywheel_core::manifest::ChunkRef> = manifest.chunks.clone();
+    distinct.sort_unstable_by_key(|c| c.hash);
+    distinct.dedup();
+    let hashes: Vec<_> = distinct.iter().map(|c| c.hash).collect();
+    let held = state.storage.grant_chunks(cache, &hashes, state.config.chunk_parallelism).await?;
+    let held_before: std::collections::HashSet<_> = hashes.iter().zip(held).filter(|(_, held)| *held).map(|(h, _)| *h).collect();
+    Ok(manifest.chunks.iter().filter(|c| held_before.contains(&c.hash)).map(|c| u64::from(c.size)).sum())
 }

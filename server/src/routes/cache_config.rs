@@ -8,7 +8,8 @@ use flywheel_core::api::v1::validate_cache_name;
 use flywheel_core::nix::SigningKey;
 use flywheel_core::{Error, ErrorKind};
 
-use super::{authorize, ApiJson, Caller};
+
+use super::{authorize, Access, ApiJson, Caller, Configure, CreateCache, Need};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::storage::CacheRecord;
@@ -33,8 +34,16 @@ pub async fn read(
     headers: HeaderMap,
 ) -> Result<Json<CacheConfig>, ApiError> {
     let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
+    // Without a configured endpoint, the Host header is the best guess; it is taken only when
+    // it is a plain host and port, so a client cannot make the answer name a path or a scheme.
     let api_endpoint = state.config.api_endpoint.clone().unwrap_or_else(|| {
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
+            .filter(|a| !a.as_str().contains('@'))
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| state.config.listen.to_string());
         format!("http://{host}/")
     });
     let public_key = SigningKey::parse(&record.signing_key)
@@ -60,15 +69,9 @@ pub async fn read(
 /// `POST`: creates a cache.
 pub async fn create(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(cache): Path<String>,
+    MayCreate(cache): MayCreate,
     ApiJson(request): ApiJson<CreateCacheRequest>,
 ) -> Result<StatusCode, ApiError> {
-    validate_cache_name(&cache)?;
-    if !caller.permissions_for(&cache).create_cache {
-        let kind = if caller.0.is_some() { ErrorKind::Forbidden } else { ErrorKind::Unauthorized };
-        return Err(Error::new(kind, format!("creating cache {cache:?} needs the create-cache permission")).into());
-    }
     if state.storage.get_cache(&cache).await?.is_some() {
         return Err(ApiError::named(
             Error::new(ErrorKind::AlreadyExists, format!("cache {cache:?} exists already")),
@@ -91,14 +94,34 @@ pub async fn create(
     Ok(StatusCode::OK)
 }
 
+/// The cache name of a `POST`, with the caller checked for create-cache on it before the body
+/// is read (the cache need not exist, so [`super::Access`] does not fit).
+pub struct MayCreate(String);
+
+impl axum::extract::FromRequestParts<AppState> for MayCreate {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let Path(cache) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| Error::invalid(format!("the URL's path: {}", e.body_text())))?;
+        validate_cache_name(&cache)?;
+        if !CreateCache::granted(&caller.permissions_for(&cache)) {
+            let kind = if caller.0.is_some() { ErrorKind::Forbidden } else { ErrorKind::Unauthorized };
+            return Err(Error::new(kind, format!("creating cache {cache:?} needs the create-cache permission")).into());
+        }
+        Ok(MayCreate(cache))
+    }
+}
+
 /// `PATCH`: changes the fields that are set.
 pub async fn update(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(cache): Path<String>,
+    access: Access<Configure>,
     ApiJson(patch): ApiJson<CacheConfig>,
 ) -> Result<StatusCode, ApiError> {
-    let mut record = authorize(&state, &caller, &cache, "configure", |p| p.configure_cache).await?;
+    let (cache, caller, mut record) = (access.name, access.caller, access.record);
     if patch.retention_period.is_some() && !caller.permissions_for(&cache).configure_cache_retention {
         return Err(Error::new(ErrorKind::Forbidden, "changing retention needs the configure-cache-retention permission").into());
     }

@@ -2,11 +2,13 @@
 //! chunks they lack. Wire types and framing are in `flywheel_core::api::v1::chunks`.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use flywheel_core::api::v1::chunks::{BaseChunks, ChunkList, ChunkRefList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
+use flywheel_core::api::v1::chunks::{
+    BaseChunks, ChunkBatch, ChunkList, CommitRequest, DeltaRun, PathManifest, MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_REPEATS,
+};
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::manifest::ChunkRef;
 use flywheel_core::nix::{Sha256Hash, StorePath};
@@ -16,7 +18,7 @@ use tracing::instrument;
 
 use super::binary_cache::{path_record, render_narinfo};
 use super::publish::PathMetadata;
-use super::{authorize, ApiJson, Caller};
+use super::{Access, ApiJson, Pull, Push};
 use crate::error::ApiError;
 use crate::ingest::verified_chunks;
 use crate::state::AppState;
@@ -36,18 +38,18 @@ fn check_count(n: usize) -> Result<(), Error> {
 }
 
 /// `GET manifest/{hash}`: a path's narinfo fields, chunks and file index.
-#[instrument(skip_all, fields(cache = %cache, hash = %hash))]
+#[instrument(skip_all, fields(cache = %access.name, hash = %hash))]
 pub async fn manifest(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((cache, hash)): Path<(String, String)>,
+    access: Access<Pull>,
+    Path((_, hash)): Path<(String, String)>,
 ) -> ApiResult<Json<PathManifest>> {
-    let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
-    let path = path_record(&state, &cache, &hash).await?;
+    let (cache, record) = (&access.name, &access.record);
+    let path = path_record(&state, cache, &hash).await?;
     let manifest = state.storage.manifest_of(&path).await?;
-    state.record_access(&cache, &hash).await;
+    state.record_access(cache, &hash).await;
     // The signatures are those of the narinfo, including the cache's own.
-    let narinfo = flywheel_core::nix::NarInfo::parse(&render_narinfo(&path, &record)?, &record.store_dir)?;
+    let narinfo = flywheel_core::nix::NarInfo::parse(&render_narinfo(&path, record)?, &record.store_dir)?;
     let store_dir = &record.store_dir;
     let absolute = |base: &str| StorePath::from_base_name(base).map(|p| p.to_absolute(store_dir));
     Ok(Json(PathManifest {
@@ -62,72 +64,112 @@ pub async fn manifest(
 
 /// `GET base/{name}`: the chunk list of the path last published under the unversioned name of
 /// `name` (a store path name), for a push of its next version to tell its chunks as changes to.
-/// Pushers may ask, not only pullers: it shows chunk names, not contents.
-#[instrument(skip_all, fields(cache = %cache, name = %name))]
+/// It needs pull: a chunk list tells what a path holds as surely as its bytes would.
+#[instrument(skip_all, fields(cache = %access.name, name = %name))]
 pub async fn base(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((cache, name)): Path<(String, String)>,
+    access: Access<Pull>,
+    Path((_, name)): Path<(String, String)>,
 ) -> ApiResult<Json<BaseChunks>> {
-    let record = authorize(&state, &caller, &cache, "push or pull", |p| p.push || p.pull).await?;
+    let cache = &access.name;
     let unversioned = StorePath::new([0; 20], name.as_str())?.unversioned_name();
     let no_base = || Error::not_found(format!("no path named like {name:?} is published in {cache}"));
-    let hash = state.storage.newest_of_name(&cache, &unversioned).await?.ok_or_else(no_base)?;
+    let hash = state.storage.newest_of_name(cache, &unversioned).await?.ok_or_else(no_base)?;
     // The newest may have been deleted since (garbage collection, retention).
-    let path = state.storage.get_path(&cache, &hash).await?.ok_or_else(no_base)?;
+    let path = state.storage.get_path(cache, &hash).await?.ok_or_else(no_base)?;
     let manifest = state.storage.manifest_of(&path).await?;
     Ok(Json(BaseChunks {
-        store_path: StorePath::from_base_name(&path.store_path)?.to_absolute(&record.store_dir),
+        store_path: StorePath::from_base_name(&path.store_path)?.to_absolute(&access.record.store_dir),
         chunks: manifest.chunks,
     }))
 }
 
-/// `GET chunk/{hash}`: one verified chunk as its zstd frame.
+/// The chunks of `wanted` as the manifest of the cache's path `hash_part` lists them, or an
+/// error naming the first that it does not list (with that size). The same answer comes
+/// whether or not the chunk is stored for another cache: a hash alone opens nothing.
+async fn chunks_of_path(state: &AppState, cache: &str, hash_part: &str, wanted: &[ChunkRef]) -> Result<Vec<ChunkRef>, Error> {
+    let path = path_record(state, cache, hash_part).await?;
+    let manifest = state.storage.manifest_of(&path).await?;
+    let mut listed: std::collections::HashSet<ChunkRef> = wanted.iter().copied().collect();
+    let asked = listed.len();
+    let mut found = std::collections::HashSet::with_capacity(asked);
+    for chunk in &manifest.chunks {
+        if listed.remove(chunk) {
+            found.insert(*chunk);
+            if found.len() == asked {
+                break;
+            }
+        }
+    }
+    if let Some(stranger) = wanted.iter().find(|c| !found.contains(c)) {
+        return Err(Error::not_found(format!(
+            "path {hash_part} of cache {cache:?} has no chunk {} of {} bytes",
+            stranger.hash, stranger.size
+        )));
+    }
+    Ok(wanted.to_vec())
+}
+
+/// The `path` query parameter of a chunk read.
+#[derive(serde::Deserialize)]
+pub struct ChunkOf {
+    path: Option<String>,
+}
+
+fn path_named(path: Option<String>) -> Result<String, Error> {
+    path.ok_or_else(|| Error::invalid("name the store path the chunk is read for (path, its hash part)"))
+}
+
+/// `GET chunk/{hash}?path={hash part}`: one verified chunk of that path, as its zstd frame.
 pub async fn get_one(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((cache, hash)): Path<(String, String)>,
+    access: Access<Pull>,
+    Path((_, hash)): Path<(String, String)>,
+    Query(of): Query<ChunkOf>,
 ) -> ApiResult<Response> {
-    authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
     let hash = parse_chunk(&hash)?;
-    if state.storage.chunk_size(&hash).await?.is_none() {
-        return Err(Error::not_found(format!("chunk {hash} is not stored")).into());
-    }
-    let frame = state.storage.get_chunk(&hash).await?;
-    let checked = frame.clone();
-    let max = state.config.chunking.max_size as usize;
-    tokio::task::spawn_blocking(move || {
-        let data = zstd::bulk::decompress(&checked, max).map_err(|e| Error::corrupt(format!("chunk {hash}: {e}")))?;
-        if ChunkHash::of(&data) != hash {
-            return Err(Error::corrupt(format!("stored chunk {hash} does not match its name")));
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| Error::internal(e.to_string()))??;
-    state.metrics.chunks_fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = path_named(of.path)?;
+    let manifest_size = {
+        let path_record = path_record(&state, &access.name, &path).await?;
+        let manifest = state.storage.manifest_of(&path_record).await?;
+        manifest.chunks.iter().find(|c| c.hash == hash).map(|c| c.size)
+    };
+    let size = manifest_size
+        .ok_or_else(|| Error::not_found(format!("path {path} of cache {:?} has no chunk {hash}", access.name)))?;
+    let mut frames = Box::pin(chunk_frames(&state, vec![ChunkRef { hash, size }]).await?);
+    let (frame, _) = frames.next().await.ok_or_else(|| Error::internal("a one-chunk read yielded nothing"))??;
     state.metrics.bytes_out.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
     Ok(([(header::CONTENT_TYPE, "application/zstd")], frame).into_response())
 }
 
-/// `POST chunks`: many verified chunks, each framed as an 8-byte little-endian length and the
-/// zstd frame, in request order.
-pub async fn get_many(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(cache): Path<String>,
-    ApiJson(request): ApiJson<ChunkRefList>,
-) -> ApiResult<Response> {
-    authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
-    check_count(request.chunks.len())?;
-    let metrics = state.metrics.clone();
-    let stream = verified_chunks(
+/// The verified frames of `chunks`, each checked before the stream is handed out (see
+/// [`crate::preflight`]), so a missing or corrupt chunk is a 5xx before the status line.
+async fn chunk_frames(
+    state: &AppState,
+    chunks: Vec<ChunkRef>,
+) -> Result<impl futures::Stream<Item = Result<(Bytes, Bytes), Error>> + Send + 'static, Error> {
+    state.verified.check_chunks(&state.storage, &chunks, state.config.chunk_parallelism).await?;
+    Ok(verified_chunks(
         state.storage.clone(),
-        request.chunks,
+        chunks,
         state.config.chunk_parallelism,
         state.chunk_reads.clone(),
-        metrics.clone(),
-    )
+        state.metrics.clone(),
+    ))
+}
+
+/// `POST chunks`: many verified chunks of one path, each framed as an 8-byte little-endian
+/// length and the zstd frame, in request order.
+pub async fn get_many(
+    State(state): State<AppState>,
+    access: Access<Pull>,
+    ApiJson(request): ApiJson<ChunkBatch>,
+) -> ApiResult<Response> {
+    check_count(request.chunks.len())?;
+    let chunks = chunks_of_path(&state, &access.name, &request.path, &request.chunks).await?;
+    let metrics = state.metrics.clone();
+    let stream = chunk_frames(&state, chunks)
+        .await?
         .map_ok(move |(frame, _)| {
             metrics.bytes_out.fetch_add(8 + frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let mut framed = Vec::with_capacity(8 + frame.len());
@@ -139,76 +181,58 @@ pub async fn get_many(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
 }
 
-/// `POST missing-chunks`: which of these chunks are not stored.
+/// `POST missing-chunks`: which of these chunks the cache cannot count on: those it does not
+/// hold (whatever other caches store), and those stored too long ago.
 pub async fn missing(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(cache): Path<String>,
+    access: Access<Push>,
     ApiJson(request): ApiJson<ChunkList>,
 ) -> ApiResult<Json<ChunkList>> {
-    authorize(&state, &caller, &cache, "push", |p| p.push).await?;
     check_count(request.chunks.len())?;
+    let cache = &access.name;
+    let parallelism = state.config.chunk_parallelism;
+    let held = state.storage.chunks_held(cache, &request.chunks, parallelism).await?;
     // Stale chunks count as missing: the uploader sends them again, which makes them young.
     let reusable_after = state.reuse_window().reusable_after();
-    let present =
-        state.storage.chunks_reusable(request.chunks.clone(), reusable_after, state.config.chunk_parallelism).await?;
-    let chunks = request.chunks.iter().zip(present).filter(|(_, present)| !present).map(|(h, _)| *h).collect();
-    let query = state.remember_chunk_query(&cache, request.chunks);
+    let candidates: Vec<ChunkHash> = request.chunks.iter().zip(&held).filter(|(_, held)| **held).map(|(h, _)| *h).collect();
+    let fresh: std::collections::HashSet<ChunkHash> = candidates
+        .iter()
+        .zip(state.storage.chunks_reusable(candidates.clone(), reusable_after, parallelism).await?)
+        .filter(|(_, fresh)| *fresh)
+        .map(|(h, _)| *h)
+        .collect();
+    let chunks = request.chunks.iter().filter(|h| !fresh.contains(h)).copied().collect();
+    let query = state.remember_chunk_query(cache, request.chunks);
     Ok(Json(ChunkList { chunks, query }))
 }
 
 /// `PUT chunk/{hash}`: stores one chunk given as a zstd frame, after checking it decompresses to
-/// bytes with that name.
+/// bytes with that name, and grants it to the cache.
 pub async fn put_one(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((cache, hash)): Path<(String, String)>,
+    access: Access<Push>,
+    Path((_, hash)): Path<(String, String)>,
     frame: Bytes,
 ) -> ApiResult<StatusCode> {
-    authorize(&state, &caller, &cache, "push", |p| p.push).await?;
     let hash = parse_chunk(&hash)?;
     let max = state.config.chunking.max_size as usize;
     let checked = frame.clone();
     tokio::task::spawn_blocking(move || check_uploaded(&checked, &hash, max))
         .await
         .map_err(|e| Error::internal(e.to_string()))??;
-    state.metrics.chunks_received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // A stale copy is written again, so that garbage collection counts it as young.
-    let reusable_after = state.reuse_window().reusable_after();
-    if state.storage.chunk_reusable(&hash, reusable_after).await? != Reuse::Fresh {
-        state.storage.put_chunk(&hash, frame).await?;
-    }
+    store_uploaded(&state, &access.name, vec![(hash, frame)]).await?;
     Ok(StatusCode::OK)
 }
 
-/// `POST upload-chunks`: stores several chunks in one request (fewer requests, and headers,
-/// for a push of a few new chunks). The body is a sequence of records: the chunk's 32-byte
-/// BLAKE3 hash, an 8-byte little-endian frame length and the zstd frame. Every frame is
-/// checked like `PUT chunk/{hash}` before anything is stored; one bad record refuses the
-/// request.
-#[instrument(skip_all, fields(cache = %cache, bytes = body.len()))]
-pub async fn upload_many(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(cache): Path<String>,
-    body: Bytes,
-) -> ApiResult<StatusCode> {
-    authorize(&state, &caller, &cache, "push", |p| p.push).await?;
-    let records = parse_upload_records(&body)?;
-    check_count(records.len())?;
-    let max = state.config.chunking.max_size as usize;
-    let checked: Vec<(ChunkHash, std::ops::Range<usize>)> = records.clone();
-    let body_for_check = body.clone();
-    tokio::task::spawn_blocking(move || {
-        checked.iter().try_for_each(|(hash, range)| check_uploaded(&body_for_check[range.clone()], hash, max))
-    })
-    .await
-    .map_err(|e| Error::internal(e.to_string()))??;
-    state.metrics.chunks_received.fetch_add(records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+/// Stores checked uploaded frames unless fresh copies are stored (a stale copy is written
+/// again, so that garbage collection counts it as young), then grants them to the cache.
+async fn store_uploaded(state: &AppState, cache: &str, frames: Vec<(ChunkHash, Bytes)>) -> Result<(), Error> {
+    state.metrics.chunks_received.fetch_add(frames.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let reusable_after = state.reuse_window().reusable_after();
-    futures::stream::iter(records)
-        .map(|(hash, range)| {
-            let (storage, frame) = (state.storage.clone(), body.slice(range));
+    let hashes: Vec<ChunkHash> = frames.iter().map(|(hash, _)| *hash).collect();
+    futures::stream::iter(frames)
+        .map(|(hash, frame)| {
+            let storage = state.storage.clone();
             async move {
                 if storage.chunk_reusable(&hash, reusable_after).await? != Reuse::Fresh {
                     storage.put_chunk(&hash, frame).await?;
@@ -219,6 +243,33 @@ pub async fn upload_many(
         .buffer_unordered(state.config.chunk_parallelism)
         .try_collect::<()>()
         .await?;
+    state.storage.grant_chunks(cache, &hashes, state.config.chunk_parallelism).await?;
+    Ok(())
+}
+
+/// `POST upload-chunks`: stores several chunks in one request (fewer requests, and headers,
+/// for a push of a few new chunks). The body is a sequence of records: the chunk's 32-byte
+/// BLAKE3 hash, an 8-byte little-endian frame length and the zstd frame. Every frame is
+/// checked like `PUT chunk/{hash}` before anything is stored; one bad record refuses the
+/// request.
+#[instrument(skip_all, fields(cache = %access.name, bytes = body.len()))]
+pub async fn upload_many(
+    State(state): State<AppState>,
+    access: Access<Push>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let records = parse_upload_records(&body)?;
+    check_count(records.len())?;
+    let max = state.config.chunking.max_size as usize;
+    let checked: Vec<(ChunkHash, std::ops::Range<usize>)> = records.clone();
+    let body_for_check = body.clone();
+    tokio::task::spawn_blocking(move || {
+        checked.iter().try_for_each(|(hash, range)| check_uploaded(&body_for_check[range.clone()], hash, max))
+    })
+    .await
+    .map_err(|e| Error::internal(e.to_string()))??;
+    let frames = records.into_iter().map(|(hash, range)| (hash, body.slice(range))).collect();
+    store_uploaded(&state, &access.name, frames).await?;
     Ok(StatusCode::OK)
 }
 
@@ -242,10 +293,32 @@ fn chunks_from_query(asked: &[ChunkHash], order: Option<Vec<u32>>, sizes: Vec<u3
         .collect()
 }
 
-/// Checks an uploaded zstd frame: it decompresses to at most `max` bytes named `hash`.
+/// Checks an uploaded zstd frame: exactly one standard zstd frame (no skippable frames, which
+/// would let a small chunk be stored and served as a large object, and nothing after it),
+/// of at most `max` bytes named `hash`.
 fn check_uploaded(frame: &[u8], hash: &ChunkHash, max: usize) -> Result<(), Error> {
-    let data = zstd::bulk::decompress(frame, max)
-        .map_err(|e| Error::invalid(format!("chunk {hash} is not a zstd frame of at most {max} bytes: {e}")))?;
+    const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+    let not_a_frame = |why: &str| {
+        Error::invalid(format!("chunk {hash} is not a zstd frame of at most {max} bytes, alone in its record: {why}"))
+    };
+    if !frame.starts_with(&ZSTD_MAGIC) {
+        return Err(not_a_frame("it does not start with a zstd frame header"));
+    }
+    match zstd::zstd_safe::find_frame_compressed_size(frame) {
+        Ok(len) if len == frame.len() => {}
+        Ok(_) => return Err(not_a_frame("bytes follow the frame")),
+        Err(_) => return Err(not_a_frame("the frame is cut or malformed")),
+    }
+    // zstd never grows data by more than a small bound; a longer frame is padded (with empty
+    // blocks, say) to take more room than its content.
+    let longest = |len: usize| len + len / 64 + 1024;
+    if frame.len() > longest(max) {
+        return Err(not_a_frame("it is longer than any encoder makes"));
+    }
+    let data = zstd::bulk::decompress(frame, max).map_err(|e| not_a_frame(&e.to_string()))?;
+    if frame.len() > longest(data.len()) {
+        return Err(not_a_frame("it is padded beyond what an encoder makes for its content"));
+    }
     if ChunkHash::of(&data) != *hash {
         return Err(Error::invalid(format!("chunk content does not hash to {hash}")));
     }
@@ -276,32 +349,39 @@ fn parse_upload_records(body: &[u8]) -> Result<Vec<(ChunkHash, std::ops::Range<u
 }
 
 /// `POST commit`: publishes a path from stored chunks, after rebuilding its NAR from them and
-/// checking hash, size and structure.
-#[instrument(skip_all, fields(cache = %cache))]
+/// checking hash, size and structure. Every chunk must be held by the cache: copied from the
+/// published base of a delta, or granted to it by an upload (see [`Storage::grant_chunks`]).
+///
+/// [`Storage::grant_chunks`]: crate::storage::Storage::grant_chunks
+#[instrument(skip_all, fields(cache = %access.name))]
 pub async fn commit(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(cache): Path<String>,
+    access: Access<Push>,
     ApiJson(request): ApiJson<CommitRequest>,
 ) -> ApiResult<StatusCode> {
-    let record = authorize(&state, &caller, &cache, "push", |p| p.push).await?;
+    let (cache, record) = (&access.name, &access.record);
     let mut request = request;
+    // Chunks a delta copies from its base are held by the cache: the base is one of its paths.
+    let mut from_base: std::collections::HashSet<ChunkRef> = std::collections::HashSet::new();
     if let Some(delta) = request.chunks_delta.take() {
         if !request.chunks.is_empty() || request.chunks_query.is_some() {
             return Err(Error::invalid("give one of chunks, chunksQuery and chunksDelta").into());
         }
         flywheel_core::nix::store_path::parse_hash_part(&delta.base)?;
-        let base = state.storage.get_path(&cache, &delta.base).await?.ok_or_else(|| {
+        let base = state.storage.get_path(cache, &delta.base).await?.ok_or_else(|| {
             Error::not_found(format!("base path {} of chunksDelta is not published in {cache}: send the chunks", delta.base))
         })?;
         let base_chunks = state.storage.manifest_of(&base).await?.chunks;
         request.chunks = delta.expand(&base_chunks, MAX_CHUNKS_PER_REQUEST)?;
+        let new: std::collections::HashSet<ChunkRef> =
+            delta.runs.iter().filter_map(|run| if let DeltaRun::New(c) = run { Some(*c) } else { None }).collect();
+        from_base = base_chunks.into_iter().filter(|c| !new.contains(c)).collect();
     }
     if let Some(name) = request.chunks_query.take() {
         if !request.chunks.is_empty() {
             return Err(Error::invalid("give chunks or chunksQuery, not both").into());
         }
-        let query = state.chunk_query(&cache, &name).ok_or_else(|| {
+        let query = state.chunk_query(cache, &name).ok_or_else(|| {
             Error::not_found(format!("unknown chunk query {name:?} (expired, or asked of another server): send the chunks"))
         })?;
         request.chunks = chunks_from_query(&query.chunks, request.chunk_order.take(), std::mem::take(&mut request.chunk_sizes))?;
@@ -328,12 +408,32 @@ pub async fn commit(
     if total != request.nar_size {
         return Err(Error::invalid(format!("chunks add up to {total} bytes, not narSize {}", request.nar_size)).into());
     }
+    let mut repeats: std::collections::HashMap<ChunkHash, usize> = std::collections::HashMap::new();
+    for chunk in &request.chunks {
+        let seen = repeats.entry(chunk.hash).or_default();
+        *seen += 1;
+        if *seen > MAX_CHUNK_REPEATS {
+            return Err(Error::invalid(format!(
+                "chunk {} stands more than {MAX_CHUNK_REPEATS} times in the list: upload such a NAR whole (upload-path)",
+                chunk.hash
+            ))
+            .into());
+        }
+    }
+    let mut unique: Vec<ChunkHash> = repeats.into_keys().collect();
+    unique.sort_unstable();
+    let to_check: Vec<ChunkHash> = {
+        let base_hashes: std::collections::HashSet<ChunkHash> = from_base.iter().map(|c| c.hash).collect();
+        unique.iter().filter(|h| !base_hashes.contains(h)).copied().collect()
+    };
+    let held = state.storage.chunks_held(cache, &to_check, state.config.chunk_parallelism).await?;
+    let not_held: Vec<&ChunkHash> = to_check.iter().zip(held).filter(|(_, held)| !held).map(|(h, _)| h).collect();
+    if let Some(first) = not_held.first() {
+        return Err(not_uploaded(not_held.len(), first, cache).into());
+    }
     let window = state.reuse_window();
     let started = std::time::Instant::now();
     let reusable_after = window.reusable_after();
-    let mut unique: Vec<ChunkHash> = request.chunks.iter().map(|c| c.hash).collect();
-    unique.sort_unstable();
-    unique.dedup();
     let reuse: Vec<(ChunkHash, Reuse)> = futures::stream::iter(unique)
         .map(|hash| {
             let storage = state.storage.clone();
@@ -342,19 +442,17 @@ pub async fn commit(
         .buffered(state.config.chunk_parallelism)
         .try_collect()
         .await?;
-    let missing: Vec<String> = reuse.iter().filter(|(_, r)| *r == Reuse::Missing).map(|(h, _)| h.to_string()).collect();
-    if !missing.is_empty() {
-        return Err(Error::invalid(format!(
-            "{} chunks are not stored; upload them first (first: {})",
-            missing.len(),
-            missing[0]
-        ))
-        .into());
+    let missing: Vec<&ChunkHash> = reuse.iter().filter(|(_, r)| *r == Reuse::Missing).map(|(h, _)| h).collect();
+    if let Some(first) = missing.first() {
+        return Err(not_uploaded(missing.len(), first, cache).into());
     }
-    let manifest = state.ingester.verify_chunks(request.chunks).await.map_err(|err| match err.kind() {
-        flywheel_core::ErrorKind::Corrupt => err,
-        _ => Error::invalid(format!("the chunks do not make a valid NAR: {err}")),
-    })?;
+    let manifest = match state.ingester.verify_chunks(request.chunks.clone()).await {
+        Ok(manifest) => manifest,
+        Err(err) if err.kind() == flywheel_core::ErrorKind::Corrupt => {
+            return Err(blame_for_failed_check(&state, &request.chunks, err).await.into())
+        }
+        Err(err) => return Err(Error::invalid(format!("the chunks do not make a valid NAR: {err}")).into()),
+    };
     if (manifest.nar_hash, manifest.nar_size) != (nar_hash, request.nar_size) {
         return Err(Error::invalid(format!(
             "the chunks make a NAR with hash {} and size {}, not {} and {}",
@@ -370,7 +468,33 @@ pub async fn commit(
         state.storage.put_chunk(hash, frame).await?;
     }
     state.storage.put_upload_manifest(&manifest, started, window, &stale, "commit").await?;
-    state.storage.put_path(&cache, &path).await?;
+    state.storage.put_path(cache, &path).await?;
     tracing::info!(store_path = %path.store_path, "published through chunk commit");
     Ok(StatusCode::OK)
+}
+
+/// The refusal of a commit that counts on chunks the cache does not hold. It reads the same
+/// whether another cache stores them or nobody does.
+fn not_uploaded(count: usize, first: &ChunkHash, cache: &str) -> Error {
+    Error::invalid(format!("{count} chunks are not uploaded to cache {cache:?}; upload them first (first: {first})"))
+}
+
+/// Who is to blame when a commit's chunks fail their check: the caller, when every chunk it
+/// names matches its name and only a size it gave is wrong; storage otherwise.
+async fn blame_for_failed_check(state: &AppState, chunks: &[ChunkRef], err: Error) -> Error {
+    let mut distinct: Vec<ChunkRef> = chunks.to_vec();
+    distinct.sort_unstable_by_key(|c| c.hash);
+    distinct.dedup();
+    let max = state.config.chunking.max_size as usize;
+    for chunk in distinct {
+        let Ok(frame) = state.storage.get_chunk(&chunk.hash).await else { return err };
+        let Ok(data) = zstd::bulk::decompress(&frame, max) else { return err };
+        if ChunkHash::of(&data) != chunk.hash {
+            return err;
+        }
+        if data.len() != chunk.size as usize {
+            return Error::invalid(format!("chunk {} has {} bytes, not {} as the commit says", chunk.hash, data.len(), chunk.size));
+        }
+    }
+    err
 }

@@ -6,7 +6,7 @@ use flywheel_core::api::v1::get_missing_paths::{GetMissingPathsRequest, GetMissi
 use flywheel_core::nix::store_path::parse_hash_part;
 use flywheel_core::Error;
 
-use super::{authorize, ApiJson, Caller};
+use super::{authorize, Anywhere, ApiJson, Push};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -16,7 +16,7 @@ const MAX_HASHES: usize = 100_000;
 /// Answers which of the given paths the cache lacks.
 pub async fn handle(
     State(state): State<AppState>,
-    caller: Caller,
+    Anywhere(caller, _): Anywhere<Push>,
     ApiJson(request): ApiJson<GetMissingPathsRequest>,
 ) -> Result<Json<GetMissingPathsResponse>, ApiError> {
     authorize(&state, &caller, &request.cache, "push", |p| p.push).await?;

@@ -134,6 +134,98 @@ impl Caller {
     fn permissions_for(&self, cache: &str) -> Permissions {
         self.0.as_ref().map(|c| c.permissions_for(cache)).unwrap_or_default()
     }
+
+    /// Refuses a caller whose token grants `need` on no cache at all, for the routes that
+    /// learn the cache from the body: they read no body for such a caller.
+    fn require_anywhere(&self, what: &str, need: fn(&Permissions) -> bool) -> Result<(), ApiError> {
+        match &self.0 {
+            None => Err(Error::new(ErrorKind::Unauthorized, format!("{what} needs a token")).into()),
+            Some(claims) if claims.attic.caches.values().any(need) => Ok(()),
+            Some(_) => Err(Error::new(ErrorKind::Forbidden, format!("the token does not allow {what} on any cache")).into()),
+        }
+    }
+}
+
+/// A permission a route needs on the cache its URL names.
+pub trait Need: Send + Sync + 'static {
+    /// What the permission is called in refusals.
+    const WHAT: &'static str;
+    /// Whether `permissions` grant it.
+    fn granted(permissions: &Permissions) -> bool;
+}
+
+macro_rules! need {
+    ($(#[$doc:meta] $name:ident, $what:literal, |$p:ident| $granted:expr;)*) => {$(
+        #[$doc]
+        pub struct $name;
+        impl Need for $name {
+            const WHAT: &'static str = $what;
+            fn granted($p: &Permissions) -> bool {
+                $granted
+            }
+        }
+    )*};
+}
+
+need! {
+    /// Reading paths and chunks.
+    Pull, "pull", |p| p.pull;
+    /// Uploading.
+    Push, "push", |p| p.push;
+    /// Taking paths out.
+    Delete, "delete", |p| p.delete;
+    /// Changing the cache's settings.
+    Configure, "configure", |p| p.configure_cache;
+    /// Destroying the cache.
+    Destroy, "destroy", |p| p.destroy_cache;
+    /// Creating the cache.
+    CreateCache, "create-cache", |p| p.create_cache;
+}
+
+/// A caller whose token grants `N` on some cache, for the routes that name their cache in the
+/// body: anyone else is refused before the body is read.
+pub struct Anywhere<N: Need>(pub Caller, std::marker::PhantomData<N>);
+
+impl<N: Need> FromRequestParts<AppState> for Anywhere<N> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require_anywhere(N::WHAT, N::granted)?;
+        Ok(Anywhere(caller, std::marker::PhantomData))
+    }
+}
+
+/// The cache named by the route's `{cache}` segment, with the caller checked for `N` on it.
+///
+/// An extractor of the request head: axum runs it before any extractor that reads the body,
+/// so a caller without the permission is refused before a body byte is read or decoded.
+pub struct Access<N: Need> {
+    /// The cache's name.
+    pub name: String,
+    /// Its settings.
+    pub record: CacheRecord,
+    /// Who is calling.
+    pub caller: Caller,
+    need: std::marker::PhantomData<N>,
+}
+
+impl<N: Need> FromRequestParts<AppState> for Access<N> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| Error::invalid(format!("the URL's path: {}", e.body_text())))?;
+        let name = params
+            .iter()
+            .find(|(key, _)| *key == "cache")
+            .map(|(_, value)| value.to_string())
+            .ok_or_else(|| Error::internal("route without a {cache} segment uses Access"))?;
+        let record = authorize(state, &caller, &name, N::WHAT, N::granted).await?;
+        Ok(Access { name, record, caller, need: std::marker::PhantomData })
+    }
 }
 
 /// Loads a cache and checks that the caller holds the permission `need` picks. Callers that

@@ -15,7 +15,7 @@ use futures::{StreamExt, TryStreamExt};
 use tracing::instrument;
 
 use super::publish::PathMetadata;
-use super::{authorize, Caller};
+use super::{authorize, Caller, Need, Push};
 use crate::error::ApiError;
 use crate::ingest::Compression;
 use crate::state::AppState;
@@ -31,6 +31,9 @@ pub async fn handle(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<UploadPathResult>, ApiError> {
+    // The cache is named in the body's preamble: a caller who may push nowhere is refused
+    // before any of it is read.
+    caller.require_anywhere("push", Push::granted)?;
     let mut stream = body.into_data_stream().map_err(std::io::Error::other).boxed();
     let (info_json, leftover) = if let Some(size) = headers.get(NAR_INFO_PREAMBLE_SIZE_HEADER) {
         let size: usize = size
@@ -97,12 +100,16 @@ pub async fn handle(
         .into());
     }
     let (manifest, stats) = ingested.commit().await?;
+    let held_before = super::binary_cache::grant_nar(&state, &info.cache, &manifest).await?;
     state.storage.put_path(&info.cache, &record).await?;
     tracing::info!(new_chunks = stats.new_chunks, chunks = stats.chunks, "published through upload-path");
-    let kind = if stats.new_chunks == 0 { UploadPathResultKind::Deduplicated } else { UploadPathResultKind::Uploaded };
+    // What the uploader learns is relative to this cache alone: whether other caches store
+    // these chunks is theirs to know.
+    let kind =
+        if held_before == manifest.nar_size { UploadPathResultKind::Deduplicated } else { UploadPathResultKind::Uploaded };
     Ok(Json(UploadPathResult {
         kind,
-        file_size: Some(stats.new_stored_bytes),
-        frac_deduplicated: Some(stats.deduplicated_bytes as f64 / manifest.nar_size.max(1) as f64),
+        file_size: None,
+        frac_deduplicated: Some(held_before as f64 / manifest.nar_size.max(1) as f64),
     }))
 }

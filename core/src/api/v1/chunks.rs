@@ -1,10 +1,12 @@
 //! flywheel's chunk API, under `/_flywheel/v1/{cache}/`. See the README for the routes.
 //!
 //! - `GET manifest/{store-path-hash}`: [`PathManifest`].
-//! - `GET chunk/{blake3}`: one stored chunk, a zstd frame.
-//! - `POST chunks` with [`ChunkRefList`]: many chunks, each as an 8-byte little-endian length
-//!   then the zstd frame, in request order. Sizes come along because the server verifies each
-//!   chunk before sending it.
+//! - `GET chunk/{blake3}?path={store-path-hash}`: one chunk of that path, a zstd frame.
+//! - `POST chunks` with [`ChunkBatch`]: many chunks of one path, each as an 8-byte
+//!   little-endian length then the zstd frame, in request order.
+//!
+//! Reads name the path they read for: a cache serves a chunk only as part of one of its
+//! paths, so that knowing a chunk's hash never lets a caller read another cache's content.
 //! - `POST missing-chunks` with [`ChunkList`]: [`ChunkList`] of those not stored.
 //! - `PUT chunk/{blake3}` with a zstd frame: stores it after verification.
 //! - `POST commit` with [`CommitRequest`]: publishes a path made of stored chunks.
@@ -52,13 +54,21 @@ pub struct ChunkList {
     pub query: Option<String>,
 }
 
-/// Chunks named with their uncompressed sizes, as a manifest lists them.
+/// Chunks of one store path, named with their uncompressed sizes as its manifest lists them
+/// (`POST chunks`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ChunkRefList {
+pub struct ChunkBatch {
+    /// Hash part of a path of the cache whose manifest lists every one of `chunks`.
+    pub path: String,
     /// The chunks.
     pub chunks: Vec<crate::manifest::ChunkRef>,
 }
+
+/// Most times one chunk may stand in a committed NAR's list: enough for a gigabyte of
+/// identical maximal chunks, and it keeps a small commit from publishing a huge NAR out of one
+/// chunk.
+pub const MAX_CHUNK_REPEATS: usize = 4096;
 
 /// Publishes a store path whose chunks are all stored already.
 #[derive(Debug, Clone, Serialize, Deserialize)]
