@@ -119,7 +119,7 @@ fn cross_cache_reads_and_publishes_are_refused(backend: Backend) {
     assert_eq!(by_delta.status(), StatusCode::NOT_FOUND, "a delta on another cache's path");
     // A push-only token reads no chunk lists either.
     let name = &secret.rsplit('/').next().unwrap()[33..];
-    assert_eq!(client.get(api("b", &format!("base/{name}"))).bearer_auth(&server.mint(&["--push", "b"])).send().unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(client.get(api("b", &format!("base/{name}"))).bearer_auth(server.mint(&["--push", "b"])).send().unwrap().status(), StatusCode::FORBIDDEN);
     let narinfo = |cache: &str| client.get(format!("{}/{cache}/{}.narinfo", server.url, hash_part(secret))).bearer_auth(&admin).send().unwrap();
     assert_eq!(narinfo("a").status(), StatusCode::NOT_FOUND, "a refused commit published the path");
 
