@@ -168,6 +168,20 @@ fn cross_cache_reads_and_publishes_are_refused_s3() {
 /// reads the answer: a route that checks the token before the body answers at once, one that
 /// reads the body first waits for bytes that never come (until the read times out here).
 fn answer_to_partial_body(server: &Server, method: &str, path: &str, headers: &[(&str, String)], announced: usize, sent: usize) -> String {
+    answer_to_cut_body(server, method, path, headers, announced, sent, false)
+}
+
+/// As [`answer_to_partial_body`]; with `close`, the client then ends its side of the
+/// connection, so the body is shorter than announced.
+fn answer_to_cut_body(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    announced: usize,
+    sent: usize,
+    close: bool,
+) -> String {
     let addr = server.url.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
@@ -178,6 +192,9 @@ fn answer_to_partial_body(server: &Server, method: &str, path: &str, headers: &[
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).unwrap();
     stream.write_all(&vec![b'{'; sent]).unwrap();
+    if close {
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+    }
     let mut answer = vec![0u8; 4096];
     let n = stream.read(&mut answer).unwrap_or(0);
     String::from_utf8_lossy(&answer[..n]).into_owned()
@@ -338,4 +355,23 @@ fn frame_header_len(frame: &[u8]) -> usize {
     };
     let dict = [0, 1, 2, 4][(descriptor & 3) as usize];
     4 + 1 + usize::from(!single_segment) + dict + fcs
+}
+
+/// A body shorter than its `Content-Length` is the client's mistake: a 400, not a 500.
+#[test]
+fn short_bodies_are_the_callers_mistake() {
+    let server = Server::start(Backend::Local);
+    server.create_cache("ci", false);
+    let auth = [("Authorization", format!("Bearer {}", server.admin_token()))];
+    let routes = [
+        ("PUT", "/ci/nar/00000000000000000000000000000000.nar".to_string(), vec![]),
+        ("PUT", "/_api/v1/upload-path".to_string(), vec![("X-Attic-Nar-Info-Preamble-Size", "100".to_string())]),
+        ("POST", "/_flywheel/v1/ci/upload-chunks".to_string(), vec![]),
+        ("POST", "/_flywheel/v1/ci/missing-chunks".to_string(), vec![]),
+    ];
+    for (method, path, extra) in routes {
+        let headers: Vec<(&str, String)> = auth.iter().cloned().chain(extra).collect();
+        let answer = answer_to_cut_body(&server, method, &path, &headers, 100_000, 50, true);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{method} {path}: {answer:?}");
+    }
 }
