@@ -52,12 +52,27 @@ pub struct ChunkList {
     pub query: Option<String>,
 }
 
-/// Chunks named with their uncompressed sizes, as a manifest lists them.
+/// Chunks named with their uncompressed sizes, as a manifest lists them. A size no chunk can
+/// have fails to parse, so such a request is refused before any work.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChunkRefList {
     /// The chunks.
+    #[serde(deserialize_with = "possible_chunk_refs")]
     pub chunks: Vec<crate::manifest::ChunkRef>,
+}
+
+fn possible_chunk_refs<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<ChunkRef>, D::Error> {
+    let chunks = Vec::<ChunkRef>::deserialize(de)?;
+    if let Some(bad) = chunks.iter().find(|c| crate::chunk::check_chunk_len(u64::from(c.size)).is_err()) {
+        return Err(serde::de::Error::custom(format!(
+            "chunk {} of {} bytes is over the limit of {}",
+            bad.hash,
+            bad.size,
+            crate::chunk::MAX_CHUNK_LEN
+        )));
+    }
+    Ok(chunks)
 }
 
 /// Publishes a store path whose chunks are all stored already.
@@ -194,6 +209,16 @@ mod tests {
 
     fn chunk(n: u8, size: u32) -> ChunkRef {
         ChunkRef { hash: ChunkHash([n; 32]), size }
+    }
+
+    #[test]
+    fn chunk_ref_lists_with_impossible_sizes_do_not_parse() {
+        let ok = ChunkRefList { chunks: vec![chunk(1, 100), chunk(2, crate::chunk::MAX_CHUNK_LEN as u32)] };
+        let json = serde_json::to_string(&ok).unwrap();
+        assert_eq!(serde_json::from_str::<ChunkRefList>(&json).unwrap().chunks, ok.chunks);
+        let huge = ChunkRefList { chunks: vec![chunk(1, 100), chunk(2, u32::MAX)] };
+        let err = serde_json::from_str::<ChunkRefList>(&serde_json::to_string(&huge).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("over the limit"), "{err}");
     }
 
     #[test]
