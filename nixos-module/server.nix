@@ -30,6 +30,10 @@ let
       inherit (s) listen zstd-level chunk-parallelism api-endpoint;
       chunking = { inherit (s.chunking) min-size avg-size max-size; };
       gc = { inherit (s.gc) default-retention-period interval grace-period access-record-interval; };
+      limits = {
+        inherit (s.limits) header-read-timeout idle-timeout body-idle-timeout body-min-rate request-timeout
+          max-connections max-uploads upload-queue-timeout;
+      };
     };
   storageToml =
     "\n[storage]\n"
@@ -211,6 +215,34 @@ in
           description = "Seconds between two access records of one path (`gc.access-record-interval`).";
         };
       };
+      limits = let
+        seconds = default: description: mkOption { type = types.ints.between 1 86400; inherit default description; };
+      in {
+        header-read-timeout = seconds 10 "Seconds from a new connection, or a request's first byte, to the end of its headers (`limits.header-read-timeout`).";
+        idle-timeout = seconds 60 "Seconds a kept-alive connection may wait for its next request (`limits.idle-timeout`).";
+        body-idle-timeout = seconds 30 "Seconds without request body bytes, or without the client taking response bytes, before a request is given up (`limits.body-idle-timeout`).";
+        body-min-rate = mkOption {
+          type = types.ints.unsigned;
+          default = 1024;
+          description = "Bytes per second a request body must average over each `body-idle-timeout` of waiting (`limits.body-min-rate`).";
+        };
+        request-timeout = seconds 60 "Seconds a request without a body (narinfo, listings; not NAR downloads) may take to be answered (`limits.request-timeout`).";
+        max-connections = mkOption {
+          type = types.ints.between 1 1000000;
+          default = 4096;
+          description = ''
+            Connections served at once (`limits.max-connections`); further ones wait in the
+            listen backlog. The server lowers it to three quarters of its open file limit,
+            which the service sets to 65536 (LimitNOFILE).
+          '';
+        };
+        max-uploads = mkOption {
+          type = types.ints.between 1 256;
+          default = 64;
+          description = "NAR uploads decoded at once, each on a thread of the server's blocking pool (`limits.max-uploads`).";
+        };
+        upload-queue-timeout = seconds 30 "Seconds an upload waits for one of `max-uploads` before it is refused with 503 (`limits.upload-queue-timeout`).";
+      };
       storage = {
         type = mkOption {
           type = types.enum [ "local" "s3" ];
@@ -334,6 +366,9 @@ in
           ++ lib.mapAttrsToList (name: c: "signing-key-${name}:${c.signingKeyFile}") cfg.caches;
         ReadWritePaths = optional localOutside st.path;
         UMask = "0077";
+        # One descriptor per connection (limits.max-connections, 4096 by default) plus storage
+        # files and S3 sockets; the usual 1024 let about 1100 idle sockets stop the server.
+        LimitNOFILE = 65536;
 
         # Hardening.
         NoNewPrivileges = true;

@@ -305,7 +305,8 @@ fn chunk_routes_refuse_bad_input_cleanly() {
     };
     let resp = commit(&chunks);
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    assert!(resp.text().unwrap().contains("as the commit says"));
+    let text = resp.text().unwrap();
+    assert!(text.contains("as the commit says"), "{text}");
 
     // One chunk repeated past the bound is refused before any verification.
     let many = vec![json!({"hash": hash.to_string(), "size": 1024}); flywheel_core::api::v1::chunks::MAX_CHUNK_REPEATS + 1];

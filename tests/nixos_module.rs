@@ -204,6 +204,7 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts() {
     ] {
         assert_eq!(sc[key], value, "{key}");
     }
+    assert_eq!(sc["LimitNOFILE"], 65536);
     for key in ["NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "RestrictNamespaces", "MemoryDenyWriteExecute"] {
         assert_eq!(sc[key], true, "{key}");
     }
@@ -244,6 +245,7 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts() {
     for line in ["listen = \"0.0.0.0:8090\"", "zstd-level = 5", "api-endpoint = \"https://cache.example.org/\"", "[chunking]", "[storage]", "type = \"local\""] {
         assert!(rendered.lines().any(|l| l == line), "{line:?} missing from\n{rendered}");
     }
+    assert!(rendered.lines().any(|l| l == "max-connections = 4096"), "{rendered}");
     let gc = rendered.split("[gc]\n").nth(1).unwrap_or_else(|| panic!("no [gc] in\n{rendered}"));
     assert!(gc.lines().take_while(|l| !l.starts_with('[')).any(|l| l == "grace-period = 7200"), "{rendered}");
     let main = rendered.split("[caches.main]\n").nth(1).unwrap_or_else(|| panic!("no [caches.main] in\n{rendered}"));

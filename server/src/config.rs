@@ -42,6 +42,9 @@ pub struct ServerConfig {
     /// Garbage collection and retention.
     #[serde(default)]
     pub gc: GcConfig,
+    /// Timeouts and limits that keep slow or silent clients from holding the server.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Caches declared here, by name: created on start, and brought in line with this config
     /// when they exist (caches made through the API are left alone).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -112,6 +115,120 @@ fn default_grace() -> u64 {
 }
 fn default_access_interval() -> u64 {
     3600
+}
+
+/// Timeouts and limits on connections and requests. Every timeout is in seconds and bounds
+/// progress, never the length of a transfer: a NAR of any size streams as long as bytes move.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LimitsConfig {
+    /// Seconds from a new connection, or from the first byte of a request on a kept-alive one,
+    /// to the end of the request's headers.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: u64,
+    /// Seconds a kept-alive connection may wait for its next request.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: u64,
+    /// Seconds the server may wait for the next bytes of a request body, or for the client to
+    /// take the next bytes of a response, before it gives up on the request.
+    #[serde(default = "default_body_idle_timeout")]
+    pub body_idle_timeout: u64,
+    /// Bytes per second a request body must average over each `body-idle-timeout` of waiting
+    /// for it, so that a trickle cannot hold an upload open forever.
+    #[serde(default = "default_body_min_rate")]
+    pub body_min_rate: u64,
+    /// Seconds a request without a body (narinfo, listings, cache info, ...) may take to be
+    /// answered; NAR downloads are left out, since their answer starts only after their
+    /// chunks are checked.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: u64,
+    /// Connections served at once; further ones wait in the listen backlog. Lowered at start
+    /// to fit the process's open file limit.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// NAR uploads decoded at once (each holds a thread of the blocking pool while it lasts).
+    #[serde(default = "default_max_uploads")]
+    pub max_uploads: usize,
+    /// Seconds an upload waits for one of `max-uploads` before it is refused with 503.
+    #[serde(default = "default_upload_queue_timeout")]
+    pub upload_queue_timeout: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            body_idle_timeout: default_body_idle_timeout(),
+            body_min_rate: default_body_min_rate(),
+            request_timeout: default_request_timeout(),
+            max_connections: default_max_connections(),
+            max_uploads: default_max_uploads(),
+            upload_queue_timeout: default_upload_queue_timeout(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn check(&self) -> anyhow::Result<()> {
+        let timeouts = [
+            ("header-read-timeout", self.header_read_timeout),
+            ("idle-timeout", self.idle_timeout),
+            ("body-idle-timeout", self.body_idle_timeout),
+            ("request-timeout", self.request_timeout),
+            ("upload-queue-timeout", self.upload_queue_timeout),
+        ];
+        for (name, value) in timeouts {
+            // Zero would close every connection at once; a day is past any useful bound.
+            if !(1..=86_400).contains(&value) {
+                anyhow::bail!("limits.{name} must be between 1 and 86400 seconds, not {value}");
+            }
+        }
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            anyhow::bail!("limits.max-connections must be between 1 and 1000000");
+        }
+        // The blocking pool has 512 threads; local storage needs some of them for every read.
+        if self.max_uploads == 0 || self.max_uploads > 256 {
+            anyhow::bail!("limits.max-uploads must be between 1 and 256");
+        }
+        Ok(())
+    }
+}
+
+/// Slow clients get 10 s for their headers, ten times what a loaded link needs for a few
+/// hundred bytes.
+fn default_header_read_timeout() -> u64 {
+    10
+}
+/// Nix and reqwest reuse a connection within seconds; a minute keeps it through a pause
+/// between two substitutions.
+fn default_idle_timeout() -> u64 {
+    60
+}
+/// Long enough for an S3 hiccup on the client's side of a push, short enough that a stalled
+/// client frees its upload slot soon.
+fn default_body_idle_timeout() -> u64 {
+    30
+}
+/// 1 KiB/s: far below any working link, far above a trickle.
+fn default_body_min_rate() -> u64 {
+    1024
+}
+fn default_request_timeout() -> u64 {
+    60
+}
+/// 4096 connections use 4096 descriptors; the NixOS module sets LimitNOFILE=65536, which
+/// leaves the rest for storage files and S3 sockets.
+fn default_max_connections() -> usize {
+    4096
+}
+/// 64 uploads at full speed already saturate two cores; the rest of the blocking pool stays
+/// free for storage reads.
+fn default_max_uploads() -> usize {
+    64
+}
+fn default_upload_queue_timeout() -> u64 {
+    30
 }
 
 /// The object store behind the server.
@@ -218,6 +335,7 @@ impl ServerConfig {
     pub fn check(&self) -> anyhow::Result<()> {
         use anyhow::Context;
         self.chunking.validate()?;
+        self.limits.check()?;
         if !(1..=19).contains(&self.zstd_level) {
             anyhow::bail!("zstd-level must be between 1 and 19, not {}", self.zstd_level);
         }
@@ -288,6 +406,26 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_have_defaults_and_are_checked() {
+        let base = "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\n";
+        let storage = "[storage]\ntype = 'local'\npath = '/tmp/x'\n";
+        let default: ServerConfig = toml::from_str(&format!("{base}{storage}")).unwrap();
+        assert_eq!(default.limits.header_read_timeout, 10);
+        assert_eq!(default.limits.max_connections, 4096);
+        let set: ServerConfig =
+            toml::from_str(&format!("{base}[limits]\nidle-timeout = 5\nmax-uploads = 2\n{storage}")).unwrap();
+        assert_eq!((set.limits.idle_timeout, set.limits.max_uploads, set.limits.body_idle_timeout), (5, 2, 30));
+        set.check().unwrap();
+        assert!(toml::from_str::<ServerConfig>(&format!("{base}[limits]\nread-timeout = 5\n{storage}")).is_err());
+        let mut bad = set.clone();
+        bad.limits.header_read_timeout = 0;
+        assert!(bad.check().is_err());
+        let mut bad = set.clone();
+        bad.limits.max_uploads = 1000;
+        assert!(bad.check().is_err());
+    }
 
     #[test]
     fn parses_local_and_s3_and_refuses_unknown_fields() {

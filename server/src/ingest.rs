@@ -22,8 +22,7 @@ use flywheel_core::nix::Sha256Hash;
 use flywheel_core::{Error, Result};
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
-
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
 use crate::storage::{Reuse, ReuseWindow, Storage};
@@ -138,22 +137,35 @@ fn send_chunk(out: &ChunkSender, chunk: Vec<u8>) -> io::Result<()> {
 }
 
 /// Reads a NAR from `body` on a blocking thread: validates it, hashes it, and, given a sender,
-/// cuts it into chunks.
+/// cuts it into chunks. The thread keeps `slot` until it is done, so the slots bound the
+/// blocking threads that uploads hold, whatever their clients do.
 fn spawn_nar_reader(
     body: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
     compression: Compression,
     chunks: Option<(ChunkParams, ChunkSender)>,
+    slot: OwnedSemaphorePermit,
 ) -> tokio::task::JoinHandle<Result<(ParsedNar, Sha256Hash)>> {
     let (body_tx, body_rx) = mpsc::channel::<io::Result<Bytes>>(32);
     tokio::spawn(async move {
         let mut body = std::pin::pin!(body);
         while let Some(item) = body.next().await {
+            // The body fails when its client stalls or goes away: bad input, not a server fault.
+            // Errors that know their kind already (a stored chunk that fails its check while a
+            // commit is rebuilt) keep it.
+            let item = item.map_err(|err| {
+                if err.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+                    err
+                } else {
+                    io::Error::from(Error::invalid(format!("reading the upload: {err}")))
+                }
+            });
             if body_tx.send(item).await.is_err() {
                 break;
             }
         }
     });
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let reader = ChannelReader { rx: body_rx, current: Bytes::new() };
         let decoded = compression.decoder(reader)?;
         let mut tee = Tee {
@@ -229,6 +241,11 @@ pub struct Ingester {
     parallelism: usize,
     window: ReuseWindow,
     metrics: Arc<Metrics>,
+    /// NAR readers running at once, each on a thread of the blocking pool: without a bound,
+    /// stalled uploads took every thread, and local storage reads (which need one) hung.
+    readers: Arc<Semaphore>,
+    /// How long an upload waits for a reader before it is refused.
+    reader_wait: std::time::Duration,
 }
 
 impl Ingester {
@@ -241,7 +258,29 @@ impl Ingester {
         window: ReuseWindow,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Ingester { storage, params, zstd_level, parallelism, window, metrics }
+        let limits = crate::config::LimitsConfig::default();
+        Ingester { storage, params, zstd_level, parallelism, window, metrics, readers: Arc::new(Semaphore::new(0)), reader_wait: std::time::Duration::ZERO }
+            .with_reader_limit(limits.max_uploads, std::time::Duration::from_secs(limits.upload_queue_timeout))
+    }
+
+    /// Runs at most `readers` NAR readers at once (`limits.max-uploads`); a further upload
+    /// waits up to `wait` for one, then fails as unavailable.
+    pub fn with_reader_limit(mut self, readers: usize, wait: std::time::Duration) -> Self {
+        self.readers = Arc::new(Semaphore::new(readers));
+        self.reader_wait = wait;
+        self
+    }
+
+    /// A reader slot, or `Unavailable` when none frees up in time.
+    async fn reader_slot(&self) -> Result<OwnedSemaphorePermit> {
+        match tokio::time::timeout(self.reader_wait, self.readers.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(_)) => Err(Error::internal("the NAR reader slots are closed")),
+            Err(_) => Err(Error::unavailable(format!(
+                "every NAR reader stayed busy for {} s (limits.max-uploads); try again later",
+                self.reader_wait.as_secs()
+            ))),
+        }
     }
 
     /// Reads a NAR from `body`, stores its missing chunks, and returns its manifest (not yet
@@ -251,10 +290,17 @@ impl Ingester {
         body: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
         compression: Compression,
     ) -> Result<Ingested> {
+        // A client that sends headers and then nothing must not hold a reader: the slot is
+        // taken once the body's first bytes are here (a stalled body ends at the connection's
+        // body timeout).
+        let mut body = Box::pin(body);
+        let first = body.next().await;
+        let slot = self.reader_slot().await?;
+        let body = futures::stream::iter(first).chain(body);
         let (chunk_tx, chunk_rx) = mpsc::channel::<(ChunkHash, Vec<u8>)>(self.parallelism);
         let started = std::time::Instant::now();
         let reusable_after = self.window.reusable_after();
-        let reader = spawn_nar_reader(body, compression, Some((self.params, chunk_tx)));
+        let reader = spawn_nar_reader(body, compression, Some((self.params, chunk_tx)), slot);
         let mut refreshed = Vec::new();
 
         let mut refs = Vec::new();
@@ -338,12 +384,13 @@ impl Ingester {
     /// Rebuilds a NAR from stored chunks and checks it, for a commit through the chunk API:
     /// every chunk must be stored and verify, and the whole must be a valid NAR.
     pub async fn verify_chunks(&self, refs: Vec<ChunkRef>) -> Result<Manifest> {
+        let slot = self.reader_slot().await?;
         let storage = self.storage.clone();
         // A commit is rare next to downloads: it is held only to its own parallelism.
         let reads = Arc::new(tokio::sync::Semaphore::new(self.parallelism));
         let chunks = verified_chunks(storage, refs.clone(), self.parallelism, reads, self.metrics.clone())
             .map(|item| item.map(|(_, data)| data).map_err(io::Error::from));
-        let reader = spawn_nar_reader(chunks, Compression::None, None);
+        let reader = spawn_nar_reader(chunks, Compression::None, None, slot);
         let (parsed, nar_hash) = reader.await.map_err(join_error)??;
         let manifest =
             Manifest { version: MANIFEST_VERSION, nar_hash, nar_size: parsed.nar_size, chunks: refs, root: parsed.root };
@@ -353,7 +400,8 @@ impl Ingester {
 }
 
 /// The chunks of `refs` in order, each fetched and verified; yields the stored frame and the
-/// uncompressed bytes. Fetches run `parallelism` ahead.
+/// uncompressed bytes. Fetches run `parallelism` ahead. A size no chunk can have (the sizes
+/// may come from a request) fails as invalid input before storage is asked or memory taken.
 pub fn verified_chunks(
     storage: Storage,
     refs: Vec<ChunkRef>,
@@ -369,6 +417,7 @@ pub fn verified_chunks(
             // A task per chunk spreads verification over the worker threads; the work is short
             // enough not to need the blocking pool.
             let task = tokio::spawn(async move {
+                chunk::check_chunk_len(u64::from(chunk_ref.size))?;
                 // Never closed, so this only waits.
                 let permit = reads.acquire_owned().await.ok();
                 let started = std::time::Instant::now();

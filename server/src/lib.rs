@@ -2,6 +2,7 @@
 //! deduplicated, zstd-compressed FastCDC chunks in an object store.
 //!
 //! - [`config`]: the TOML configuration.
+//! - [`connections`]: accepting connections, with their limit and timeouts.
 //! - [`storage`]: chunks, manifests, path records and cache configs over `object_store`.
 //! - [`ingest`]: a NAR stream in, chunks and a manifest out.
 //! - [`auth`]: Attic-compatible JWT tokens.
@@ -15,6 +16,7 @@
 pub mod auth;
 pub mod bootstrap;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod fsck;
 pub mod gc;
@@ -28,7 +30,7 @@ pub mod storage;
 pub use config::ServerConfig;
 pub use state::AppState;
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves, then lets requests in flight finish.
 pub async fn serve(
     config: ServerConfig,
     listener: tokio::net::TcpListener,
@@ -40,7 +42,8 @@ pub async fn serve(
         config::StorageConfig::S3 { .. } => None,
     };
     tokio::spawn(gc::periodic(state.storage.clone(), state.config.gc.clone(), local_root));
+    let limits = state.config.limits.clone();
     let app = routes::router(state);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    connections::serve(listener, app, &limits, shutdown).await?;
     Ok(())
 }

@@ -106,7 +106,8 @@ impl AppState {
             config.chunk_parallelism,
             ReuseWindow::for_grace_period(config.gc.grace_period),
             metrics.clone(),
-        );
+        )
+        .with_reader_limit(config.limits.max_uploads, std::time::Duration::from_secs(config.limits.upload_queue_timeout));
         let chunk_reads = Arc::new(tokio::sync::Semaphore::new(config.chunk_parallelism));
         Ok(AppState {
             config: Arc::new(config),

@@ -38,9 +38,35 @@ pub fn compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
         .map_err(|err| Error::internal(format!("zstd compression failed: {err}")))
 }
 
+/// The largest chunk any valid [`ChunkParams`] can cut (FastCDC 2020's largest maximum). A
+/// chunk length from outside (a request, a manifest, a server's answer) above it names no
+/// chunk, and is refused before it sizes a buffer. The configured maximum is no bound here:
+/// chunks cut under an earlier, larger setting must stay readable.
+pub const MAX_CHUNK_LEN: usize = fastcdc::v2020::MAXIMUM_MAX;
+
+/// Refuses a chunk length that no chunk can have (see [`MAX_CHUNK_LEN`]).
+pub fn check_chunk_len(len: u64) -> Result<()> {
+    if len > MAX_CHUNK_LEN as u64 {
+        return Err(Error::invalid(format!("a chunk of {len} bytes is over the limit of {MAX_CHUNK_LEN}")));
+    }
+    Ok(())
+}
+
 /// Decompresses one stored chunk and checks it against its name and length; bytes that fail
-/// verification are never returned.
+/// verification are never returned. The output buffer is sized from `expected_len` only once
+/// it is known to be possible ([`check_chunk_len`]) and to agree with the length the frame
+/// declares, so a wrong length costs no memory.
 pub fn decompress_verified(frame: &[u8], expected: &ChunkHash, expected_len: usize) -> Result<Vec<u8>> {
+    check_chunk_len(expected_len as u64)?;
+    // Frames written by `compress` declare their content size; one that declares another
+    // size than expected cannot verify, and is refused before anything is allocated.
+    if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(frame) {
+        if declared != expected_len as u64 {
+            return Err(Error::corrupt(format!(
+                "chunk {expected} is a frame of {declared} bytes, expected {expected_len}"
+            )));
+        }
+    }
     thread_local! {
         // A decompression context per thread: making one per chunk costs more than small
         // chunks take to decompress.
@@ -99,5 +125,39 @@ mod tests {
         flipped[mid] ^= 0xff;
         assert_eq!(decompress_verified(&flipped, &hash, data.len()).unwrap_err().kind(), ErrorKind::Corrupt);
         assert_eq!(decompress_verified(b"garbage", &hash, data.len()).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn impossible_lengths_are_refused_before_allocating() {
+        let data = b"small chunk".repeat(10);
+        let hash = ChunkHash::of(&data);
+        let frame = compress(&data, 1).unwrap();
+        // 4 GiB - 1, the most a manifest's u32 can claim: refused as input, not attempted. (A
+        // 4 GiB buffer would abort the test under a small address-space limit.)
+        for len in [u32::MAX as usize, MAX_CHUNK_LEN + 1] {
+            let err = decompress_verified(&frame, &hash, len).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+        }
+        assert!(check_chunk_len(MAX_CHUNK_LEN as u64).is_ok());
+        assert_eq!(check_chunk_len(u64::MAX).unwrap_err().kind(), ErrorKind::InvalidInput);
+        // A possible length that the frame contradicts is corrupt, found from the frame header.
+        assert_eq!(decompress_verified(&frame, &hash, MAX_CHUNK_LEN).unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn frames_without_a_declared_size_still_verify() {
+        let data = b"no size in the header".repeat(50);
+        let hash = ChunkHash::of(&data);
+        let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        encoder.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut encoder, &data).unwrap();
+        let frame = encoder.finish().unwrap();
+        assert!(matches!(zstd::zstd_safe::get_frame_content_size(&frame), Ok(None)));
+        assert_eq!(decompress_verified(&frame, &hash, data.len()).unwrap(), data);
+        assert_eq!(decompress_verified(&frame, &hash, data.len() + 1).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            decompress_verified(&frame, &hash, u32::MAX as usize).unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
     }
 }

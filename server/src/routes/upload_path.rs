@@ -11,7 +11,7 @@ use flywheel_core::api::v1::upload_path::{
 };
 use flywheel_core::nix::Sha256Hash;
 use flywheel_core::Error;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use tracing::instrument;
 
 use super::publish::PathMetadata;

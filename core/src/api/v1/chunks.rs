@@ -55,13 +55,15 @@ pub struct ChunkList {
 }
 
 /// Chunks of one store path, named with their uncompressed sizes as its manifest lists them
-/// (`POST chunks`).
+/// (`POST chunks`). A size no chunk can have fails to parse, so such a request is refused
+/// before any work.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChunkBatch {
     /// Hash part of a path of the cache whose manifest lists every one of `chunks`.
     pub path: String,
     /// The chunks.
+    #[serde(deserialize_with = "possible_chunk_refs")]
     pub chunks: Vec<crate::manifest::ChunkRef>,
 }
 
@@ -69,6 +71,19 @@ pub struct ChunkBatch {
 /// identical maximal chunks, and it keeps a small commit from publishing a huge NAR out of one
 /// chunk.
 pub const MAX_CHUNK_REPEATS: usize = 4096;
+
+fn possible_chunk_refs<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<ChunkRef>, D::Error> {
+    let chunks = Vec::<ChunkRef>::deserialize(de)?;
+    if let Some(bad) = chunks.iter().find(|c| crate::chunk::check_chunk_len(u64::from(c.size)).is_err()) {
+        return Err(serde::de::Error::custom(format!(
+            "chunk {} of {} bytes is over the limit of {}",
+            bad.hash,
+            bad.size,
+            crate::chunk::MAX_CHUNK_LEN
+        )));
+    }
+    Ok(chunks)
+}
 
 /// Publishes a store path whose chunks are all stored already.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,6 +219,17 @@ mod tests {
 
     fn chunk(n: u8, size: u32) -> ChunkRef {
         ChunkRef { hash: ChunkHash([n; 32]), size }
+    }
+
+    #[test]
+    fn chunk_ref_lists_with_impossible_sizes_do_not_parse() {
+        let path = "0".repeat(32);
+        let ok = ChunkBatch { path: path.clone(), chunks: vec![chunk(1, 100), chunk(2, crate::chunk::MAX_CHUNK_LEN as u32)] };
+        let json = serde_json::to_string(&ok).unwrap();
+        assert_eq!(serde_json::from_str::<ChunkBatch>(&json).unwrap().chunks, ok.chunks);
+        let huge = ChunkBatch { path, chunks: vec![chunk(1, 100), chunk(2, u32::MAX)] };
+        let err = serde_json::from_str::<ChunkBatch>(&serde_json::to_string(&huge).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("over the limit"), "{err}");
     }
 
     #[test]
