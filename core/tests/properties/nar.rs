@@ -303,15 +303,22 @@ proptest! {
         let (mut file, _) = nar_of(&Tree::File { executable: false, contents: contents.clone() });
         file[88..96].copy_from_slice(&value.to_le_bytes());
         let parsed = parse_untrusted(&file);
-        prop_assert_eq!(parsed.is_some(), value == contents.len() as u64);
+        // Up to the end of the padding, a longer file is the same bytes with zeros after them;
+        // shorter ones depend on the contents.
+        let len = contents.len() as u64;
+        if value >= len {
+            prop_assert_eq!(parsed.is_some(), value <= len.next_multiple_of(8));
+        }
         // The length of the name of a directory entry: after the magic, "(", "type",
         // "directory", "entry", "(", "name".
         let dir = Tree::Dir(BTreeMap::from([(name.clone(), Tree::Link("t".into()))]));
-        let (mut nar, _) = nar_of(&dir);
+        let (original, _) = nar_of(&dir);
+        let mut nar = original.clone();
         nar[128..136].copy_from_slice(&value.to_le_bytes());
         let parsed = parse_untrusted(&nar);
         prop_assert_eq!(parsed.is_some(), value == name.len() as u64);
         // The length of the magic itself.
+        let mut nar = original;
         nar[0..8].copy_from_slice(&value.to_le_bytes());
         let parsed = parse_untrusted(&nar);
         prop_assert_eq!(parsed.is_some(), value == 13);
