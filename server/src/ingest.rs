@@ -432,3 +432,41 @@ pub fn verified_chunks(
         })
         .buffered(parallelism)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the upload file names (fuzzing stand-ins; see the core crate's
+    //! `tests/properties`).
+
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed};
+
+    fn config(cases: u32) -> Config {
+        Config { cases, rng_seed: RngSeed::Fixed(0x666c_7977_6865_656c), failure_persistence: None, ..Config::default() }
+    }
+
+    proptest! {
+        #![proptest_config(config(1000))]
+
+        #[test]
+        fn nar_file_names_name_their_compression(stem in "[0-9a-z.]{0,60}", ext in 0usize..5) {
+            let (suffix, compression) = [
+                ("", Compression::None),
+                (".xz", Compression::Xz),
+                (".zst", Compression::Zstd),
+                (".bz2", Compression::Bzip2),
+                (".br", Compression::Brotli),
+            ][ext];
+            prop_assert_eq!(Compression::from_file_name(&format!("{stem}.nar{suffix}")).unwrap(), compression);
+        }
+
+        #[test]
+        fn any_file_name_is_refused_or_a_nar(name in prop_oneof![".{0,40}", "[a-z.]{0,10}\\.nar[a-z.]{0,6}"]) {
+            match Compression::from_file_name(&name) {
+                Ok(_) => prop_assert!(name.contains(".nar")),
+                Err(err) => prop_assert_eq!(err.kind(), flywheel_core::ErrorKind::InvalidInput),
+            }
+        }
+    }
+}

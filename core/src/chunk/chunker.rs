@@ -21,9 +21,12 @@ impl Default for ChunkParams {
 }
 
 impl ChunkParams {
-    /// Checks the sizes against what FastCDC 2020 supports.
+    /// Checks the sizes against what FastCDC 2020 supports: each within its bounds and even,
+    /// and in order.
     pub fn validate(&self) -> Result<()> {
-        let ok = (fastcdc::v2020::MINIMUM_MIN..=fastcdc::v2020::MINIMUM_MAX).contains(&(self.min_size as usize))
+        let even = self.min_size.is_multiple_of(2) && self.avg_size.is_multiple_of(2) && self.max_size.is_multiple_of(2);
+        let ok = even
+            && (fastcdc::v2020::MINIMUM_MIN..=fastcdc::v2020::MINIMUM_MAX).contains(&(self.min_size as usize))
             && (fastcdc::v2020::AVERAGE_MIN..=fastcdc::v2020::AVERAGE_MAX).contains(&(self.avg_size as usize))
             && (fastcdc::v2020::MAXIMUM_MIN..=fastcdc::v2020::MAXIMUM_MAX).contains(&(self.max_size as usize))
             && self.min_size <= self.avg_size
@@ -32,7 +35,7 @@ impl ChunkParams {
             Ok(())
         } else {
             Err(Error::invalid(format!(
-                "chunk sizes min {} avg {} max {} are outside what FastCDC 2020 supports, or out of order",
+                "chunk sizes min {} avg {} max {} are outside what FastCDC 2020 supports, odd, or out of order",
                 self.min_size, self.avg_size, self.max_size
             )))
         }

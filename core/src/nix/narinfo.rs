@@ -120,6 +120,11 @@ impl NarInfo {
         if line.is_empty() {
             return Ok(());
         }
+        // `lines()` ends a line at "\n" or "\r\n"; a carriage return it leaves would be lost
+        // when the narinfo is rendered and read again.
+        if line.ends_with('\r') {
+            return Err(Error::invalid("line ends with a stray carriage return"));
+        }
         let (key, rest) = line
             .split_once(':')
             .ok_or_else(|| Error::invalid(format!("expected 'Key: value', got {line:?}")))?;

@@ -498,3 +498,124 @@ async fn blame_for_failed_check(state: &AppState, chunks: &[ChunkRef], err: Erro
     }
     err
 }
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the body parsers (fuzzing stand-ins; see the core crate's
+    //! `tests/properties`).
+
+    use super::*;
+    use flywheel_core::ErrorKind;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed};
+
+    fn config(cases: u32) -> Config {
+        Config { cases, rng_seed: RngSeed::Fixed(0x666c_7977_6865_656c), failure_persistence: None, ..Config::default() }
+    }
+
+    fn record(hash: &ChunkHash, frame: &[u8]) -> Vec<u8> {
+        let mut out = hash.0.to_vec();
+        out.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+        out.extend_from_slice(frame);
+        out
+    }
+
+    fn huge() -> impl Strategy<Value = u64> {
+        prop_oneof![Just(u64::MAX), (0u64..64).prop_map(|k| u64::MAX - k), Just(1 << 63), any::<u64>(), 0u64..100]
+    }
+
+    proptest! {
+        #![proptest_config(config(500))]
+
+        #[test]
+        fn upload_records_round_trip(records in proptest::collection::vec((any::<[u8; 32]>(), proptest::collection::vec(any::<u8>(), 0..50)), 1..6)) {
+            let body: Vec<u8> = records.iter().flat_map(|(h, frame)| record(&ChunkHash(*h), frame)).collect();
+            let parsed = parse_upload_records(&body).unwrap();
+            prop_assert_eq!(parsed.len(), records.len());
+            for ((hash, range), (h, frame)) in parsed.iter().zip(&records) {
+                prop_assert_eq!(hash.0, *h);
+                prop_assert_eq!(&body[range.clone()], &frame[..]);
+            }
+        }
+
+        /// Garbage is refused with InvalidInput; what parses tiles the body exactly.
+        #[test]
+        fn upload_record_garbage_never_panics(
+            body in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..200),
+                (any::<[u8; 32]>(), huge(), proptest::collection::vec(any::<u8>(), 0..100)).prop_map(|(h, len, rest)| {
+                    let mut body = h.to_vec();
+                    body.extend_from_slice(&len.to_le_bytes());
+                    body.extend(rest);
+                    body
+                }),
+            ],
+        ) {
+            match parse_upload_records(&body) {
+                Ok(records) => {
+                    let mut at = 0;
+                    for (hash, range) in records {
+                        prop_assert_eq!(&hash.0[..], &body[at..at + 32]);
+                        prop_assert_eq!(range.start, at + 40);
+                        prop_assert_eq!(range.len() as u64, u64::from_le_bytes(body[at + 32..at + 40].try_into().unwrap()));
+                        at = range.end;
+                    }
+                    prop_assert_eq!(at, body.len());
+                }
+                Err(err) => prop_assert_eq!(err.kind(), ErrorKind::InvalidInput),
+            }
+        }
+
+        #[test]
+        fn chunks_from_query_follows_the_order_or_refuses(
+            asked in proptest::collection::vec(any::<[u8; 32]>().prop_map(ChunkHash), 0..8),
+            order in proptest::option::of(proptest::collection::vec(prop_oneof![0u32..10, any::<u32>()], 0..10)),
+            sizes in proptest::collection::vec(any::<u32>(), 0..10),
+        ) {
+            let indexes: Vec<usize> = order.clone().map_or_else(|| (0..asked.len()).collect(), |o| o.into_iter().map(|i| i as usize).collect());
+            let fits = indexes.len() == sizes.len() && indexes.iter().all(|&i| i < asked.len());
+            match chunks_from_query(&asked, order, sizes.clone()) {
+                Ok(chunks) => {
+                    prop_assert!(fits);
+                    let want: Vec<ChunkRef> = indexes.iter().zip(&sizes).map(|(&i, &size)| ChunkRef { hash: asked[i], size }).collect();
+                    prop_assert_eq!(chunks, want);
+                }
+                Err(err) => {
+                    prop_assert!(!fits);
+                    prop_assert_eq!(err.kind(), ErrorKind::InvalidInput);
+                }
+            }
+        }
+
+        /// An uploaded frame is accepted only when it is one real frame of the named bytes.
+        #[test]
+        fn uploaded_frames_are_checked(
+            data in proptest::collection::vec(any::<u8>(), 0..2000),
+            garbage in proptest::collection::vec(any::<u8>(), 0..64),
+            at in any::<prop::sample::Index>(),
+            mask in 1u8..=255,
+            max in prop_oneof![Just(4096usize), 0usize..2000],
+        ) {
+            let hash = ChunkHash::of(&data);
+            let frame = flywheel_core::chunk::compress(&data, 3).unwrap();
+            prop_assert!(check_uploaded(&frame, &hash, 4096).is_ok());
+            let mut flipped = frame.clone();
+            let i = at.index(flipped.len());
+            flipped[i] ^= mask;
+            let mut trailing = frame.clone();
+            trailing.extend_from_slice(&garbage);
+            let mut magic_garbage = vec![0x28, 0xb5, 0x2f, 0xfd];
+            magic_garbage.extend_from_slice(&garbage);
+            for candidate in [&frame, &flipped, &trailing, &garbage, &magic_garbage] {
+                if let Err(err) = check_uploaded(candidate, &hash, max) {
+                    prop_assert_eq!(err.kind(), ErrorKind::InvalidInput);
+                } else {
+                    prop_assert!(data.len() <= max);
+                }
+            }
+            if !garbage.is_empty() {
+                prop_assert!(check_uploaded(&trailing, &hash, 4096).is_err());
+            }
+        }
+    }
+}
