@@ -13,5 +13,6 @@ pub mod manifest;
 pub mod metrics;
 pub mod nar;
 pub mod nix;
+pub mod xz;
 
 pub use error::{Error, ErrorKind, Result};

@@ -9,6 +9,8 @@
 //!   unversioned name, the base a push of its next version is told as changes to;
 //! - `caches/{cache}/pending/{narhash}`: a NAR received through a Nix PUT, which its narinfo may
 //!   publish until garbage collection finds the marker older than the grace period;
+//! - `caches/{cache}/nar-files/{file}`: the hash part of the path whose uploader's narinfo
+//!   named `nar/{file}`, so that the NAR is served at that URL too;
 //! - `caches/{cache}/chunks/{hh}/{blake3}`: an empty grant: the cache holds that chunk, because
 //!   its bytes were uploaded to it (see [`Storage::grant_chunks`]).
 //!
@@ -128,6 +130,10 @@ pub struct PathRecord {
     pub ca: Option<String>,
     /// Seconds since the epoch when it was published.
     pub created_at: u64,
+    /// The file under `nar/` that the uploader's narinfo named (`<filehash>.nar.xz`, ...), if
+    /// it was not one of ours: Nix keeps that narinfo and asks for that file later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nar_file: Option<String>,
 }
 
 /// Typed access to the object store.
@@ -521,6 +527,27 @@ impl Storage {
     /// [`flywheel_core::nix::StorePath::unversioned_name`]); it may have been deleted since.
     pub async fn newest_of_name(&self, cache: &str, unversioned_name: &str) -> Result<Option<String>> {
         let bytes = self.get_bytes(&Self::name_key(cache, unversioned_name), "name record").await?;
+        Ok(bytes.and_then(|b| String::from_utf8(b.to_vec()).ok()).filter(|h| flywheel_core::nix::store_path::parse_hash_part(h).is_ok()))
+    }
+
+    fn nar_file_key(cache: &str, file: &str) -> Path {
+        Path::from(format!("caches/{cache}/nar-files/{file}"))
+    }
+
+    /// Records that the uploader of the path `hash_part` named its NAR `nar/{file}`; written
+    /// before the path record that names the file.
+    pub async fn put_nar_file(&self, cache: &str, file: &str, hash_part: &str) -> Result<()> {
+        self.store
+            .put(&Self::nar_file_key(cache, file), PutPayload::from(hash_part.to_string().into_bytes()))
+            .await
+            .map_err(|e| storage_error(e, "NAR file name"))?;
+        Ok(())
+    }
+
+    /// The hash part of the path whose uploader named its NAR `nar/{file}`; the path may be
+    /// gone since, or published again under another name.
+    pub async fn nar_file_path(&self, cache: &str, file: &str) -> Result<Option<String>> {
+        let bytes = self.get_bytes(&Self::nar_file_key(cache, file), "NAR file name").await?;
         Ok(bytes.and_then(|b| String::from_utf8(b.to_vec()).ok()).filter(|h| flywheel_core::nix::store_path::parse_hash_part(h).is_ok()))
     }
 

@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use flywheel_core::nix::{store_path::parse_hash_part, NarInfo, SigningKey, StorePath};
+use flywheel_core::nix::{store_path::parse_hash_part, NarInfo, Sha256Hash, SigningKey, StorePath};
 use flywheel_core::{Error, Result};
 use futures::{StreamExt, TryStreamExt};
 use tracing::instrument;
@@ -147,11 +147,24 @@ pub async fn put_file(
         ca: info.ca.as_deref(),
     }
     .into_record()?;
+    let mut path = path;
+    // Nix keeps this narinfo and will ask for its URL: serve the NAR there too.
+    if let Some(file) = info.url.strip_prefix("nar/").filter(|file| is_uploaders_nar_file(file)) {
+        state.storage.put_nar_file(&cache, file, hash_part).await?;
+        path.nar_file = Some(file.to_string());
+    }
     state.storage.put_path(&cache, &path).await?;
     // The staging marker stays until garbage collection finds it older than the grace
     // period: another client (or replica) may be publishing the same NAR at this moment.
     tracing::info!(store_path = %path.store_path, "published through narinfo PUT");
     Ok(StatusCode::OK)
+}
+
+/// Whether `file` is a NAR file name as Nix makes them for its uploads: the nixbase32 SHA-256 of
+/// the file, then `.nar` and the compression's extension.
+fn is_uploaders_nar_file(file: &str) -> bool {
+    let Some((stem, _)) = file.split_once(".nar") else { return false };
+    Compression::from_file_name(file).is_ok() && Sha256Hash::parse(&format!("sha256:{stem}")).is_ok() && stem.len() == 52
 }
 
 /// `DELETE /{cache}/{hash}.narinfo`: takes one path out of the cache (Attic has no such
@@ -173,9 +186,11 @@ pub async fn delete_file(
 }
 
 /// `GET|HEAD /{cache}/nar/{hash}.nar.zst` (stored zstd frames as they are) and
-/// `/{cache}/nar/{hash}.nar` (decompressed). Every chunk is checked before the status line (see
-/// [`crate::preflight`]), so a missing or corrupt chunk is a 5xx, never a 200 cut short; and every
-/// chunk is verified again as it is sent.
+/// `/{cache}/nar/{hash}.nar` (decompressed); and `nar/{file}` for the file an uploader's
+/// narinfo named (`<filehash>.nar.xz`, ...), in the compression its name says (see
+/// [`send_encoded`]). Every chunk is checked before the status line (see [`crate::preflight`]),
+/// so a missing or corrupt chunk is a 5xx, never a 200 cut short; and every chunk is verified
+/// again as it is sent.
 #[instrument(skip_all, fields(cache = %cache, file = %file))]
 pub async fn get_nar(
     State(state): State<AppState>,
@@ -183,20 +198,25 @@ pub async fn get_nar(
     Path((cache, file)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
-    let (hash_part, compressed) = if let Some(h) = file.strip_suffix(".nar.zst") {
-        (h, true)
-    } else if let Some(h) = file.strip_suffix(".nar") {
-        (h, false)
-    } else {
-        return Err(Error::not_found(format!("no such NAR {file:?}")).into());
+    let no_such = || Error::not_found(format!("no such NAR {file:?}"));
+    let compression = Compression::from_file_name(&file).map_err(|_| no_such())?;
+    let stem = file.split_once(".nar").map(|(stem, _)| stem).unwrap_or_default();
+    let path = match (stem.len(), compression) {
+        (32, Compression::None | Compression::Zstd) => path_record(&state, &cache, stem).await?,
+        // A name Nix chose when it uploaded: the narinfo it kept still points here.
+        (52, _) => {
+            let hash_part = state.storage.nar_file_path(&cache, &file).await?.ok_or_else(no_such)?;
+            let path = path_record(&state, &cache, &hash_part).await?;
+            if path.nar_file.as_deref() != Some(file.as_str()) {
+                return Err(no_such().into());
+            }
+            path
+        }
+        _ => return Err(no_such().into()),
     };
-    // Nix asks for nar/<filehash>.nar.xz before uploading; those names are never ours.
-    if hash_part.len() != 32 {
-        return Err(Error::not_found(format!("no such NAR {file:?}")).into());
-    }
-    let path = path_record(&state, &cache, hash_part).await?;
+    let hash_part = path.store_path.get(..32).unwrap_or_default().to_string();
     let manifest = state.storage.manifest_of(&path).await?;
-    state.record_access(&cache, hash_part).await;
+    state.record_access(&cache, &hash_part).await;
     state.verified.check(&state.storage, &manifest.nar_hash, &manifest.chunks, state.config.chunk_parallelism).await?;
     let mut chunks = Box::pin(verified_chunks(
         state.storage.clone(),
@@ -206,25 +226,124 @@ pub async fn get_nar(
         state.metrics.clone(),
     ));
     let first = chunks.next().await.transpose()?;
-    let metrics = state.metrics.clone();
-    let pick = move |(frame, data): (Bytes, Bytes)| {
-        let piece = if compressed { frame } else { data };
-        metrics.bytes_out.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        piece
-    };
-    let first_pick = pick.clone();
-    let rest = chunks.map_ok(pick).map_err(|err| {
+    let chunks = futures::stream::iter(first.map(Ok)).chain(chunks).map_err(|err| {
         tracing::error!(error = %err, "NAR stream failed after its start");
         std::io::Error::other(err)
     });
-    let stream = futures::stream::iter(first.map(|c| Ok(first_pick(c)))).chain(rest);
-    let mut response = Response::new(Body::from_stream(stream));
-    let content_type = if compressed { "application/zstd" } else { "application/x-nix-nar" };
+    let metrics = state.metrics.clone();
+    let counted = move |piece: Bytes| {
+        metrics.bytes_out.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        piece
+    };
+    let (body, content_type) = match compression {
+        Compression::Zstd => (Body::from_stream(chunks.map_ok(move |(frame, _)| counted(frame))), "application/zstd"),
+        Compression::None => (Body::from_stream(chunks.map_ok(move |(_, data)| counted(data))), "application/x-nix-nar"),
+        other => {
+            let data = chunks.map_ok(|(_, data)| data);
+            (Body::from_stream(send_encoded(data, other).map_ok(counted)), "application/octet-stream")
+        }
+    };
+    let mut response = Response::new(body);
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
-    if !compressed {
+    if compression == Compression::None {
         response.headers_mut().insert(header::CONTENT_LENGTH, header::HeaderValue::from(manifest.nar_size));
     }
     Ok(response)
+}
+
+/// A NAR's bytes in a compression the store does not keep, for a client whose narinfo names it:
+/// - xz (Nix's default): stored LZMA2 chunks ([`flywheel_core::xz::XzStored`]), at the speed of
+///   a copy: an xz encoder would run at a few MB/s, and the narinfo's file hash and size are
+///   not checked by Nix (the NAR hash is);
+/// - bzip2 and brotli: their encoders at their fastest settings, on a blocking thread, since
+///   neither format has a stored mode that its decoders all read.
+fn send_encoded(
+    data: impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    compression: Compression,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    tokio::spawn(async move {
+        let mut data = std::pin::pin!(data);
+        if compression == Compression::Xz {
+            let mut xz = flywheel_core::xz::XzStored::new();
+            let mut ok = tx.send(Ok(Bytes::from(xz.header()))).await.is_ok();
+            while ok {
+                match data.next().await {
+                    Some(Ok(piece)) => ok = tx.send(Ok(Bytes::from(xz.encode(&piece)))).await.is_ok(),
+                    Some(Err(err)) => {
+                        let _ = tx.send(Err(err)).await;
+                        return;
+                    }
+                    None => {
+                        let _ = tx.send(Ok(Bytes::from(xz.finish()))).await;
+                        return;
+                    }
+                }
+            }
+            return;
+        }
+        // The encoder runs on its own thread, fed through a small queue.
+        let (feed, pieces) = std::sync::mpsc::sync_channel::<Bytes>(4);
+        let out = tx.clone();
+        let encoder = tokio::task::spawn_blocking(move || encode_blocking(pieces, compression, out));
+        while let Some(piece) = data.next().await {
+            match piece {
+                Ok(piece) => {
+                    let feed = feed.clone();
+                    // The encoder is slower than the chunks: wait for room off the runtime.
+                    match tokio::task::spawn_blocking(move || feed.send(piece)).await {
+                        Ok(Ok(())) => {}
+                        _ => return,
+                    }
+                }
+                Err(err) => {
+                    drop(feed);
+                    let _ = encoder.await;
+                    let _ = tx.send(Err(err)).await;
+                    return;
+                }
+            }
+        }
+        drop(feed);
+        if let Ok(Err(err)) = encoder.await {
+            let _ = tx.send(Err(err)).await;
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+}
+
+/// Compresses the pieces that arrive with bzip2 or brotli, sending what comes out.
+fn encode_blocking(
+    pieces: std::sync::mpsc::Receiver<Bytes>,
+    compression: Compression,
+    out: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    /// Hands every write on to the response as it is made.
+    struct Sending(tokio::sync::mpsc::Sender<std::io::Result<Bytes>>);
+    impl Write for Sending {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))?;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = std::io::BufWriter::with_capacity(256 * 1024, Sending(out));
+    let mut encoder: Box<dyn Write> = match compression {
+        Compression::Bzip2 => Box::new(bzip2::write::BzEncoder::new(sink, bzip2::Compression::fast())),
+        _ => Box::new(brotli::CompressorWriter::new(sink, 256 * 1024, 1, 22)),
+    };
+    for piece in pieces {
+        encoder.write_all(&piece)?;
+    }
+    // Dropping an encoder finishes its stream; flushing the boxed writer first surfaces errors.
+    encoder.flush()?;
+    drop(encoder);
+    Ok(())
 }
 
 /// `PUT /{cache}/nar/{name}.nar[.xz|.zst|.bz2|.br]`: the NAR of a `nix copy --to http://`, which

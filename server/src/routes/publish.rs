@@ -83,6 +83,7 @@ impl PathMetadata<'_> {
             sigs: self.sigs.to_vec(),
             ca: self.ca.filter(|c| !c.is_empty()).map(str::to_string),
             created_at: now(),
+            nar_file: None,
         };
         Ok((store_path, record))
     }
