@@ -61,6 +61,29 @@ impl Compression {
         }
     }
 
+    /// From an HTTP `Content-Encoding` (absent or `identity`: none), as Nix's
+    /// `log-compression` and friends set it.
+    pub fn from_content_encoding(encoding: Option<&str>) -> Result<Self> {
+        match encoding.map(str::trim) {
+            None | Some("") | Some("identity") | Some("none") => Ok(Compression::None),
+            Some("xz") => Ok(Compression::Xz),
+            Some("zstd") => Ok(Compression::Zstd),
+            Some("bzip2") => Ok(Compression::Bzip2),
+            Some("br") => Ok(Compression::Brotli),
+            Some(other) => Err(Error::invalid(format!("unsupported Content-Encoding {other:?}: use xz, zstd, bzip2, br or none"))),
+        }
+    }
+
+    /// Decompresses `compressed` whole, refusing more than `limit` bytes of output.
+    pub fn decode_all(self, compressed: Bytes, limit: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.decoder(io::Cursor::new(compressed))?.take(limit as u64 + 1).read_to_end(&mut out)?;
+        if out.len() > limit {
+            return Err(Error::invalid(format!("the body decompresses to more than {limit} bytes")));
+        }
+        Ok(out)
+    }
+
     fn decoder<R: Read + Send + 'static>(self, reader: R) -> io::Result<Box<dyn Read + Send>> {
         Ok(match self {
             Compression::None => Box::new(reader),

@@ -9,6 +9,7 @@
 //!   unversioned name, the base a push of its next version is told as changes to;
 //! - `caches/{cache}/pending/{narhash}`: a NAR received through a Nix PUT, which its narinfo may
 //!   publish until garbage collection finds the marker older than the grace period;
+//! - `caches/{cache}/logs/{drv}`: a build log, zstd-compressed;
 //! - `caches/{cache}/nar-files/{file}`: the hash part of the path whose uploader's narinfo
 //!   named `nar/{file}`, so that the NAR is served at that URL too;
 //! - `caches/{cache}/chunks/{hh}/{blake3}`: an empty grant: the cache holds that chunk, because
@@ -528,6 +529,21 @@ impl Storage {
     pub async fn newest_of_name(&self, cache: &str, unversioned_name: &str) -> Result<Option<String>> {
         let bytes = self.get_bytes(&Self::name_key(cache, unversioned_name), "name record").await?;
         Ok(bytes.and_then(|b| String::from_utf8(b.to_vec()).ok()).filter(|h| flywheel_core::nix::store_path::parse_hash_part(h).is_ok()))
+    }
+
+    fn log_key(cache: &str, drv: &str) -> Path {
+        Path::from(format!("caches/{cache}/logs/{drv}"))
+    }
+
+    /// Stores the zstd-compressed build log of the derivation `drv` (a base name).
+    pub async fn put_log(&self, cache: &str, drv: &str, compressed: Bytes) -> Result<()> {
+        self.store.put(&Self::log_key(cache, drv), PutPayload::from(compressed)).await.map_err(|e| storage_error(e, "build log"))?;
+        Ok(())
+    }
+
+    /// The zstd-compressed build log of the derivation `drv`.
+    pub async fn get_log(&self, cache: &str, drv: &str) -> Result<Option<Bytes>> {
+        self.get_bytes(&Self::log_key(cache, drv), "build log").await
     }
 
     fn nar_file_key(cache: &str, file: &str) -> Path {

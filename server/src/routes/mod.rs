@@ -4,6 +4,7 @@ mod binary_cache;
 mod cache_config;
 mod chunks;
 mod get_missing_paths;
+mod logs;
 mod publish;
 mod upload_path;
 
@@ -42,6 +43,10 @@ pub fn router(state: AppState) -> Router {
         .route("/_flywheel/v1/{cache}/base/{name}", get(chunks::base))
         .route("/{cache}/nix-cache-info", get(binary_cache::cache_info).put(binary_cache::put_cache_info))
         .route("/{cache}/nar/{file}", get(binary_cache::get_nar).put(binary_cache::put_nar))
+        .route(
+            "/{cache}/log/{file}",
+            get(logs::get).put(logs::put).layer(DefaultBodyLimit::max(logs::MAX_LOG_SIZE)),
+        )
         .route(
             "/{cache}/{file}",
             get(binary_cache::get_file).put(binary_cache::put_file).delete(binary_cache::delete_file),

@@ -1,0 +1,82 @@
+//! Build logs: `nix store copy-log --to` uploads them, `nix log --store` reads them back, and
+//! bad names, encodings and sizes are refused with nothing stored.
+
+mod common;
+
+use common::{Backend, Nix, Server};
+use reqwest::blocking::Client;
+use reqwest::StatusCode;
+
+fn logs_round_trip(backend: Backend) {
+    let nix = Nix::new();
+    let server = Server::start(backend);
+    server.create_cache("ci", false);
+    let src = nix.store("src");
+    let seed = common::unique_seed("log");
+    let expr = format!(
+        r#"derivation {{ name = "logged-{seed}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo this line goes to the log {seed}; echo done > $out" ]; }}"#
+    );
+    let drv = nix.run(nix.cmd("nix-instantiate").args(["--store", &src, "-E", &expr])).trim().to_string();
+    let out = nix.run(nix.cmd("nix-store").args(["--store", &src, "--realise", &drv])).trim().to_string();
+    let netrc = server.netrc(&server.admin_token());
+    let url = format!("{}/ci", server.url);
+    let netrc_arg = netrc.to_string_lossy().into_owned();
+
+    nix.run(nix.cmd("nix").args(["store", "copy-log", "--store", &src, "--to", &url, "--option", "netrc-file", &netrc_arg, &drv]));
+    let log = nix.run(nix.cmd("nix-store").args(["--store", &url, "--option", "substituters", "", "--option", "netrc-file", &netrc_arg, "--read-log", &drv]));
+    assert!(log.contains(&format!("this line goes to the log {seed}")), "nix-store -l printed {log:?}");
+    // `nix log` of an output finds its derivation through the narinfo's Deriver.
+    let copied = nix.copy_to(&src, &url, &netrc, std::slice::from_ref(&out));
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    let log = nix.run(nix.cmd("nix").args(["log", "--store", &url, "--option", "substituters", "", "--option", "netrc-file", &netrc_arg, &out]));
+    assert!(log.contains(&format!("this line goes to the log {seed}")), "nix log printed {log:?}");
+
+    // Reading needs pull, writing push.
+    let client = Client::new();
+    let base = drv.rsplit('/').next().unwrap();
+    let log_url = format!("{url}/log/{base}");
+    assert_eq!(client.get(&log_url).send().unwrap().status(), StatusCode::UNAUTHORIZED);
+    let pull = server.mint(&["--pull", "ci"]);
+    assert_eq!(client.get(&log_url).bearer_auth(&pull).send().unwrap().status(), StatusCode::OK);
+    assert_eq!(client.put(&log_url).bearer_auth(&pull).body("overwritten").send().unwrap().status(), StatusCode::FORBIDDEN);
+
+    // Bad input changes nothing.
+    let admin = server.admin_token();
+    let before = server.storage_snapshot();
+    let bomb = zstd::bulk::compress(&vec![b'x'; 65 * 1024 * 1024], 19).unwrap();
+    let refused = [
+        ("not a derivation", format!("{url}/log/{}", &base[..base.len() - 4]), None, b"log".to_vec()),
+        ("not a store path", format!("{url}/log/..%2Fescape.drv"), None, b"log".to_vec()),
+        ("unknown encoding", log_url.clone(), Some("gzip"), b"log".to_vec()),
+        ("not zstd", log_url.clone(), Some("zstd"), b"plain text".to_vec()),
+        ("decompresses past the limit", log_url.clone(), Some("zstd"), bomb),
+        ("past the limit", log_url.clone(), None, vec![b'y'; 64 * 1024 * 1024 + 1]),
+    ];
+    for (label, target, encoding, body) in refused {
+        let mut request = client.put(&target).bearer_auth(&admin).body(body);
+        if let Some(encoding) = encoding {
+            request = request.header("Content-Encoding", encoding);
+        }
+        let status = request.send().unwrap().status();
+        assert!(status.is_client_error(), "{label}: {status}");
+    }
+    assert_eq!(server.storage_snapshot(), before, "a refused log changed storage");
+    let unknown = format!("{url}/log/{}-never-built.drv", &base[..32]);
+    assert_eq!(client.get(&unknown).bearer_auth(&pull).send().unwrap().status(), StatusCode::NOT_FOUND);
+
+    // An upload compressed as Nix's log-compression would send it is stored decoded.
+    let compressed = zstd::bulk::compress(b"a zstd-encoded log line\n", 3).unwrap();
+    let resp = client.put(&log_url).bearer_auth(&admin).header("Content-Encoding", "zstd").body(compressed).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(client.get(&log_url).bearer_auth(&pull).send().unwrap().text().unwrap(), "a zstd-encoded log line\n");
+}
+
+#[test]
+fn logs_round_trip_local() {
+    logs_round_trip(Backend::Local);
+}
+
+#[test]
+fn logs_round_trip_s3() {
+    logs_round_trip(Backend::S3);
+}
