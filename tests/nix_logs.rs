@@ -80,3 +80,62 @@ fn logs_round_trip_local() {
 fn logs_round_trip_s3() {
     logs_round_trip(Backend::S3);
 }
+
+/// `index-debug-info=true`: Nix uploads, for each `lib/debug/.build-id/xx/<38 hex>.debug` (a
+/// 20-byte build ID), where to
+/// find it; the server serves it back, and the NAR it points to is served at that address.
+fn debuginfo_round_trip(backend: Backend) {
+    let nix = Nix::new();
+    let server = Server::start(backend);
+    server.create_cache("ci", false);
+    let src = nix.store("src");
+    let seed = common::unique_seed("debug");
+    let expr = format!(
+        r#"derivation {{ name = "with-debug-{seed}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/busybox mkdir -p $out/lib/debug/.build-id/ab && echo {seed} > $out/lib/debug/.build-id/ab/cdef0123456789cdef0123456789cdef012345.debug" ]; }}"#
+    );
+    let out = nix.run(nix.cmd("nix-build").args(["--store", &src, "--no-out-link", "-E", &expr])).trim().to_string();
+    let url = format!("{}/ci", server.url);
+    let netrc = server.netrc(&server.admin_token());
+    let copied = nix.copy_to(&src, &format!("{url}?index-debug-info=true"), &netrc, std::slice::from_ref(&out));
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+
+    let client = Client::new();
+    let pull = server.mint(&["--pull", "ci"]);
+    let resp = client.get(format!("{url}/debuginfo/abcdef0123456789cdef0123456789cdef012345.debug")).bearer_auth(&pull).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let info: serde_json::Value = resp.json().unwrap();
+    assert_eq!(info["member"], "lib/debug/.build-id/ab/cdef0123456789cdef0123456789cdef012345.debug", "{info}");
+    let archive = info["archive"].as_str().unwrap();
+    let nar_url = format!("{url}/debuginfo/{archive}");
+    let resp = client.get(&nar_url).bearer_auth(&pull).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{nar_url}");
+    let mut nar = Vec::new();
+    std::io::Read::read_to_end(&mut xz2::read::XzDecoder::new(&resp.bytes().unwrap()[..]), &mut nar).unwrap();
+    assert_eq!(nar, nix.dump(&src, &out), "the archive the record names is the path's NAR");
+
+    // Bad records are refused and change nothing.
+    let admin = server.admin_token();
+    let before = server.storage_snapshot();
+    for (label, id, body) in [
+        ("not hex", "xyz0", r#"{"archive":"../nar/a.nar.xz","member":"lib/x.debug"}"#),
+        ("odd length", "abc", r#"{"archive":"../nar/a.nar.xz","member":"lib/x.debug"}"#),
+        ("not JSON", "abcd", "archive"),
+        ("unknown field", "abcd", r#"{"archive":"a","member":"b","extra":1}"#),
+        ("absolute member", "abcd", r#"{"archive":"../nar/a.nar.xz","member":"/etc/passwd"}"#),
+        ("too long", "abcd", &"x".repeat(20_000)),
+    ] {
+        let status = client.put(format!("{url}/debuginfo/{id}")).bearer_auth(&admin).body(body.to_string()).send().unwrap().status();
+        assert!(status.is_client_error(), "{label}: {status}");
+    }
+    assert_eq!(server.storage_snapshot(), before, "a refused record changed storage");
+}
+
+#[test]
+fn debuginfo_round_trip_local() {
+    debuginfo_round_trip(Backend::Local);
+}
+
+#[test]
+fn debuginfo_round_trip_s3() {
+    debuginfo_round_trip(Backend::S3);
+}

@@ -10,6 +10,7 @@
 //! - `caches/{cache}/pending/{narhash}`: a NAR received through a Nix PUT, which its narinfo may
 //!   publish until garbage collection finds the marker older than the grace period;
 //! - `caches/{cache}/logs/{drv}`: a build log, zstd-compressed;
+//! - `caches/{cache}/debuginfo/{build-id}`: where the debug file of an ELF build ID is;
 //! - `caches/{cache}/nar-files/{file}`: the hash part of the path whose uploader's narinfo
 //!   named `nar/{file}`, so that the NAR is served at that URL too;
 //! - `caches/{cache}/chunks/{hh}/{blake3}`: an empty grant: the cache holds that chunk, because
@@ -544,6 +545,21 @@ impl Storage {
     /// The zstd-compressed build log of the derivation `drv`.
     pub async fn get_log(&self, cache: &str, drv: &str) -> Result<Option<Bytes>> {
         self.get_bytes(&Self::log_key(cache, drv), "build log").await
+    }
+
+    fn debuginfo_key(cache: &str, build_id: &str) -> Path {
+        Path::from(format!("caches/{cache}/debuginfo/{build_id}"))
+    }
+
+    /// Stores what Nix's `index-debug-info` wrote for a build ID.
+    pub async fn put_debuginfo(&self, cache: &str, build_id: &str, json: Bytes) -> Result<()> {
+        self.store.put(&Self::debuginfo_key(cache, build_id), PutPayload::from(json)).await.map_err(|e| storage_error(e, "debuginfo"))?;
+        Ok(())
+    }
+
+    /// What was stored for a build ID.
+    pub async fn get_debuginfo(&self, cache: &str, build_id: &str) -> Result<Option<Bytes>> {
+        self.get_bytes(&Self::debuginfo_key(cache, build_id), "debuginfo").await
     }
 
     fn nar_file_key(cache: &str, file: &str) -> Path {

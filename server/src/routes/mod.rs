@@ -4,6 +4,7 @@ mod binary_cache;
 mod cache_config;
 mod chunks;
 mod get_missing_paths;
+mod debuginfo;
 mod logs;
 mod publish;
 mod upload_path;
@@ -43,6 +44,10 @@ pub fn router(state: AppState) -> Router {
         .route("/_flywheel/v1/{cache}/base/{name}", get(chunks::base))
         .route("/{cache}/nix-cache-info", get(binary_cache::cache_info).put(binary_cache::put_cache_info))
         .route("/{cache}/nar/{file}", get(binary_cache::get_nar).put(binary_cache::put_nar))
+        .route(
+            "/{cache}/debuginfo/{file}",
+            get(debuginfo::get).put(debuginfo::put).layer(DefaultBodyLimit::max(debuginfo::MAX_DEBUGINFO_SIZE)),
+        )
         .route(
             "/{cache}/log/{file}",
             get(logs::get).put(logs::put).layer(DefaultBodyLimit::max(logs::MAX_LOG_SIZE)),
