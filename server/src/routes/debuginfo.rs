@@ -28,7 +28,7 @@ struct DebugInfo {
 /// `.debug` after it as Nix 2.8 to 2.30 name the file (later versions leave it off).
 fn build_id(name: &str) -> Result<&str, Error> {
     let hex = name.strip_suffix(".debug").unwrap_or(name);
-    let ok = (2..=128).contains(&hex.len()) && hex.len() % 2 == 0 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let ok = (2..=128).contains(&hex.len()) && hex.len().is_multiple_of(2) && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if ok { Ok(name) } else { Err(Error::invalid(format!("debuginfo/{name}: not a build ID in lowercase hex"))) }
 }
 
