@@ -36,8 +36,8 @@ pub struct PathManifest {
     /// Content address.
     #[serde(default)]
     pub ca: Option<String>,
-    /// The NAR's chunks and file index.
-    pub manifest: Manifest,
+    /// The NAR's chunks and file index (shared: a server keeps parsed manifests in memory).
+    pub manifest: std::sync::Arc<Manifest>,
 }
 
 /// A list of chunk names.
