@@ -7,7 +7,10 @@ use crate::config::ServerConfig;
 use crate::ingest::Ingester;
 use crate::metrics::Metrics;
 use crate::preflight::VerifiedChunks;
-use crate::storage::{CacheRecord, ReuseWindow, Storage};
+use crate::storage::{CacheRecord, PathRecord, ReuseWindow, Storage};
+use bytes::Bytes;
+use flywheel_core::manifest::Manifest;
+use flywheel_core::nix::Sha256Hash;
 
 /// Shared state of the server.
 #[derive(Clone)]
@@ -35,6 +38,98 @@ pub struct AppState {
     cache_records: Arc<parking_lot::Mutex<CacheRecords>>,
     /// Chunk lists of recent `missing-chunks` questions, for the commits that follow them.
     chunk_queries: Arc<parking_lot::Mutex<ChunkQueries>>,
+    /// Parsed manifests, shared by the requests that need them.
+    manifests: Arc<ManifestCache>,
+}
+
+/// Bytes (approximate, in memory) of parsed manifests kept between requests.
+pub const MANIFEST_CACHE_BYTES: usize = 64 << 20;
+
+/// Manifests parsed at once: parsing takes memory in proportion to the manifest (a path of
+/// 100,000 files has a manifest of several MB), so distinct manifests wait their turn.
+const MANIFEST_PARSES: usize = 2;
+
+/// Parsed manifests by NAR hash. Manifests never change once stored (they are named by the
+/// NAR's hash), so an entry never goes stale; it is only evicted, least recently used first,
+/// to stay within [`MANIFEST_CACHE_BYTES`]. Loads are single-flight: the requests that want a
+/// manifest being loaded wait for that load instead of parsing it again.
+struct ManifestCache {
+    kept: parking_lot::Mutex<KeptManifests>,
+    loading: parking_lot::Mutex<std::collections::HashMap<Sha256Hash, Arc<tokio::sync::OnceCell<Arc<CachedManifest>>>>>,
+    parses: tokio::sync::Semaphore,
+}
+
+struct KeptManifests {
+    by_hash: lru::LruCache<Sha256Hash, Arc<CachedManifest>>,
+    bytes: usize,
+}
+
+/// A parsed manifest, and its `.ls` listing once a request asked for it.
+struct CachedManifest {
+    manifest: Arc<Manifest>,
+    /// Approximate bytes of the manifest and of its listing.
+    bytes: usize,
+    listing: tokio::sync::OnceCell<Bytes>,
+}
+
+impl ManifestCache {
+    fn new() -> Self {
+        ManifestCache {
+            kept: parking_lot::Mutex::new(KeptManifests { by_hash: lru::LruCache::unbounded(), bytes: 0 }),
+            loading: Default::default(),
+            parses: tokio::sync::Semaphore::new(MANIFEST_PARSES),
+        }
+    }
+
+    async fn get(&self, storage: &Storage, path: &PathRecord) -> flywheel_core::Result<Arc<CachedManifest>> {
+        let key = path.nar_hash;
+        if let Some(hit) = self.kept.lock().by_hash.get(&key) {
+            return Ok(hit.clone());
+        }
+        let cell = self.loading.lock().entry(key).or_default().clone();
+        let loaded = cell.get_or_try_init(|| self.load(storage, path)).await.cloned();
+        // The load is over (or failed, and each waiter tries again on its own): later
+        // requests find the manifest kept, or start afresh.
+        let mut loading = self.loading.lock();
+        if loading.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            loading.remove(&key);
+        }
+        loaded
+    }
+
+    async fn load(&self, storage: &Storage, path: &PathRecord) -> flywheel_core::Result<Arc<CachedManifest>> {
+        let key = path.nar_hash;
+        // Kept by a load that ended between the look-up and joining the load.
+        if let Some(hit) = self.kept.lock().by_hash.get(&key) {
+            return Ok(hit.clone());
+        }
+        let _permit = self.parses.acquire().await.map_err(|_| flywheel_core::Error::internal("manifest cache closed"))?;
+        let storage = storage.clone();
+        let record = path.clone();
+        let runtime = tokio::runtime::Handle::current();
+        // Parsing a manifest of many MB takes a while: keep it off the request workers.
+        let manifest = tokio::task::spawn_blocking(move || runtime.block_on(storage.manifest_of(&record)))
+            .await
+            .map_err(|e| flywheel_core::Error::internal(format!("loading a manifest failed: {e}")))??;
+        // The listing is about as large again as the tree (names and numbers as text).
+        let bytes = manifest.approx_heap_bytes().saturating_mul(3) / 2;
+        let cached = Arc::new(CachedManifest { manifest: Arc::new(manifest), bytes, listing: Default::default() });
+        // One larger than the whole budget is served but not kept.
+        if bytes <= MANIFEST_CACHE_BYTES {
+            let mut kept = self.kept.lock();
+            if let Some(old) = kept.by_hash.put(key, cached.clone()) {
+                kept.bytes -= old.bytes;
+            }
+            kept.bytes += bytes;
+            while kept.bytes > MANIFEST_CACHE_BYTES {
+                match kept.by_hash.pop_lru() {
+                    Some((_, old)) => kept.bytes -= old.bytes,
+                    None => break,
+                }
+            }
+        }
+        Ok(cached)
+    }
 }
 
 /// Remembered `missing-chunks` questions, least recently used first, bounded in chunks.
@@ -116,7 +211,31 @@ impl AppState {
             recorded_access: Arc::default(),
             cache_records: Arc::default(),
             chunk_queries: Arc::new(parking_lot::Mutex::new(ChunkQueries { by_name: lru::LruCache::unbounded(), chunks: 0 })),
+            manifests: Arc::new(ManifestCache::new()),
         })
+    }
+
+    /// The manifest a published path needs, parsed once and shared (see [`ManifestCache`]);
+    /// its absence is damage, not a miss.
+    pub async fn manifest_of(&self, path: &PathRecord) -> flywheel_core::Result<Arc<Manifest>> {
+        Ok(self.manifests.get(&self.storage, path).await?.manifest.clone())
+    }
+
+    /// The body of a path's `.ls` listing (Nix's format: `{"version":1,"root":...}`), made once
+    /// per cached manifest and shared by the requests for it.
+    pub async fn listing_of(&self, path: &PathRecord) -> flywheel_core::Result<Bytes> {
+        let cached = self.manifests.get(&self.storage, path).await?;
+        let listing = cached
+            .listing
+            .get_or_init(|| async {
+                let mut out = Vec::with_capacity(cached.bytes / 3);
+                out.extend_from_slice(br#"{"version":1,"root":"#);
+                cached.manifest.root.write_listing(&mut out);
+                out.push(b'}');
+                Bytes::from(out)
+            })
+            .await;
+        Ok(listing.clone())
     }
 
     /// A cache's settings, from memory if read within [`CACHE_RECORD_TTL`], else from storage.

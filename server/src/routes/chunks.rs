@@ -44,7 +44,7 @@ pub async fn manifest(
 ) -> ApiResult<Json<PathManifest>> {
     let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
     let path = path_record(&state, &cache, &hash).await?;
-    let manifest = state.storage.manifest_of(&path).await?;
+    let manifest = state.manifest_of(&path).await?;
     state.record_access(&cache, &hash).await;
     // The signatures are those of the narinfo, including the cache's own.
     let narinfo = flywheel_core::nix::NarInfo::parse(&render_narinfo(&path, &record)?, &record.store_dir)?;
@@ -75,10 +75,10 @@ pub async fn base(
     let hash = state.storage.newest_of_name(&cache, &unversioned).await?.ok_or_else(no_base)?;
     // The newest may have been deleted since (garbage collection, retention).
     let path = state.storage.get_path(&cache, &hash).await?.ok_or_else(no_base)?;
-    let manifest = state.storage.manifest_of(&path).await?;
+    let manifest = state.manifest_of(&path).await?;
     Ok(Json(BaseChunks {
         store_path: StorePath::from_base_name(&path.store_path)?.to_absolute(&record.store_dir),
-        chunks: manifest.chunks,
+        chunks: manifest.chunks.clone(),
     }))
 }
 
@@ -294,7 +294,7 @@ pub async fn commit(
         let base = state.storage.get_path(&cache, &delta.base).await?.ok_or_else(|| {
             Error::not_found(format!("base path {} of chunksDelta is not published in {cache}: send the chunks", delta.base))
         })?;
-        let base_chunks = state.storage.manifest_of(&base).await?.chunks;
+        let base_chunks = state.manifest_of(&base).await?.chunks.clone();
         request.chunks = delta.expand(&base_chunks, MAX_CHUNKS_PER_REQUEST)?;
     }
     if let Some(name) = request.chunks_query.take() {
