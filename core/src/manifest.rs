@@ -119,7 +119,49 @@ impl ManifestChunks {
     }
 }
 
+/// An `io::Write` that only counts what it is given.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Manifest {
+    /// The JSON of this manifest in a buffer of exactly its size. A manifest of many MB
+    /// serialized the ordinary way grows its buffer by doubling, holding up to three times
+    /// its size for a moment; measuring first costs a second pass instead.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        let fail = |e: serde_json::Error| Error::internal(format!("serializing a manifest: {e}"));
+        let mut counter = ByteCounter(0);
+        serde_json::to_writer(&mut counter, self).map_err(fail)?;
+        let mut out = Vec::with_capacity(counter.0);
+        serde_json::to_writer(&mut out, self).map_err(fail)?;
+        Ok(out)
+    }
+
+    /// Nix's `.ls` listing of the NAR (`{"version":1,"root":...}`), in a buffer of exactly its
+    /// size (see [`Manifest::to_json`]).
+    pub fn listing(&self) -> Vec<u8> {
+        let write = |out: &mut dyn std::io::Write| -> std::io::Result<()> {
+            out.write_all(br#"{"version":1,"root":"#)?;
+            self.root.write_listing(out)?;
+            out.write_all(b"}")
+        };
+        let mut counter = ByteCounter(0);
+        // Neither writer fails.
+        let _ = write(&mut counter);
+        let mut out = Vec::with_capacity(counter.0);
+        let _ = write(&mut out);
+        out
+    }
+
     /// A rough count of the heap bytes the manifest holds, for caches bounded in bytes.
     pub fn approx_heap_bytes(&self) -> usize {
         std::mem::size_of::<Self>() + self.chunks.len() * std::mem::size_of::<ChunkRef>() + self.root.approx_heap_bytes()
@@ -236,6 +278,13 @@ mod tests {
         assert_eq!(json["version"], 2);
         assert!(json.get("root").is_none() && json["index"].is_array());
         assert_eq!(serde_json::from_value::<Manifest>(json.clone()).unwrap(), manifest);
+        let exact = manifest.to_json().unwrap();
+        assert_eq!(exact.len(), exact.capacity());
+        assert_eq!(exact, serde_json::to_vec(&manifest).unwrap());
+        let listing = manifest.listing();
+        assert_eq!(listing.len(), listing.capacity());
+        let listing: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+        assert_eq!(listing, serde_json::json!({ "version": 1, "root": manifest.root }));
         let chunks = ManifestChunks::from_json(&serde_json::to_vec(&json).unwrap()).unwrap();
         assert_eq!(chunks.chunks, manifest.chunks);
         // Version 1, as written before: nested under `root`.

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use axum::response::IntoResponse;
+
 use crate::auth::TokenAuthority;
 use crate::config::ServerConfig;
 use crate::ingest::Ingester;
@@ -51,8 +53,9 @@ const MANIFEST_PARSES: usize = 2;
 
 /// Parsed manifests by NAR hash. Manifests never change once stored (they are named by the
 /// NAR's hash), so an entry never goes stale; it is only evicted, least recently used first,
-/// to stay within [`MANIFEST_CACHE_BYTES`]. Loads are single-flight: the requests that want a
-/// manifest being loaded wait for that load instead of parsing it again.
+/// to stay within [`MANIFEST_CACHE_BYTES`] (or to the one last loaded, when it alone is
+/// larger). Loads are single-flight: the requests that want a manifest being loaded wait for
+/// that load instead of parsing it again.
 struct ManifestCache {
     kept: parking_lot::Mutex<KeptManifests>,
     loading: parking_lot::Mutex<std::collections::HashMap<Sha256Hash, Arc<tokio::sync::OnceCell<Arc<CachedManifest>>>>>,
@@ -64,11 +67,13 @@ struct KeptManifests {
     bytes: usize,
 }
 
-/// A parsed manifest, and its `.ls` listing once a request asked for it.
+/// A parsed manifest with its JSON as stored, and its `.ls` listing once a request asked for
+/// it: responses share these instead of each serializing the manifest again.
 struct CachedManifest {
     manifest: Arc<Manifest>,
-    /// Approximate bytes of the manifest and of its listing.
+    /// Approximate bytes of the manifest, of its JSON and of its listing.
     bytes: usize,
+    json: Bytes,
     listing: tokio::sync::OnceCell<Bytes>,
 }
 
@@ -104,30 +109,37 @@ impl ManifestCache {
             return Ok(hit.clone());
         }
         let _permit = self.parses.acquire().await.map_err(|_| flywheel_core::Error::internal("manifest cache closed"))?;
-        let storage = storage.clone();
-        let record = path.clone();
-        let runtime = tokio::runtime::Handle::current();
+        let json = storage
+            .get_manifest_json(&key)
+            .await?
+            .ok_or_else(|| flywheel_core::Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
         // Parsing a manifest of many MB takes a while: keep it off the request workers.
-        let manifest = tokio::task::spawn_blocking(move || runtime.block_on(storage.manifest_of(&record)))
-            .await
-            .map_err(|e| flywheel_core::Error::internal(format!("loading a manifest failed: {e}")))??;
-        // The listing is about as large again as the tree (names and numbers as text).
-        let bytes = manifest.approx_heap_bytes().saturating_mul(3) / 2;
-        let cached = Arc::new(CachedManifest { manifest: Arc::new(manifest), bytes, listing: Default::default() });
-        // One larger than the whole budget is served but not kept.
-        if bytes <= MANIFEST_CACHE_BYTES {
-            let mut kept = self.kept.lock();
-            if let Some(old) = kept.by_hash.put(key, cached.clone()) {
-                kept.bytes -= old.bytes;
-            }
-            kept.bytes += bytes;
-            while kept.bytes > MANIFEST_CACHE_BYTES {
-                match kept.by_hash.pop_lru() {
-                    Some((_, old)) => kept.bytes -= old.bytes,
-                    None => break,
-                }
+        let parse_json = json.clone();
+        let manifest = tokio::task::spawn_blocking(move || {
+            serde_json::from_slice::<Manifest>(&parse_json)
+                .map_err(|e| flywheel_core::Error::corrupt(format!("stored manifest of {key} does not parse: {e}")))
+        })
+        .await
+        .map_err(|e| flywheel_core::Error::internal(format!("parsing a manifest failed: {e}")))??;
+        // The stored JSON is what `GET manifest` sends, kept as read; the `.ls` listing, once
+        // made, takes about as much again.
+        let bytes = manifest.approx_heap_bytes() + json.len() * 2;
+        let cached = Arc::new(CachedManifest { manifest: Arc::new(manifest), bytes, json, listing: Default::default() });
+        // Least recently used first out, down to the budget; a manifest larger than the whole
+        // budget stays alone until the next one comes, so the requests that follow it (a
+        // fleet of runners pulling one path) still share it.
+        let mut kept = self.kept.lock();
+        if let Some(old) = kept.by_hash.put(key, cached.clone()) {
+            kept.bytes -= old.bytes;
+        }
+        kept.bytes += bytes;
+        while kept.bytes > MANIFEST_CACHE_BYTES && kept.by_hash.len() > 1 {
+            match kept.by_hash.pop_lru() {
+                Some((_, old)) => kept.bytes -= old.bytes,
+                None => break,
             }
         }
+        drop(kept);
         Ok(cached)
     }
 }
@@ -185,6 +197,24 @@ impl AppState {
         }
     }
 
+    /// The response to `GET manifest/{hash}`: `path` as JSON, with the JSON of its manifest as
+    /// stored, shared by the responses (one evicted meanwhile is serialized again).
+    pub async fn manifest_response(
+        &self,
+        path: flywheel_core::api::v1::chunks::PathManifest,
+    ) -> flywheel_core::Result<axum::response::Response> {
+        let kept = self.manifests.kept.lock().by_hash.get(&path.manifest.nar_hash).map(|c| c.json.clone());
+        let json = match kept {
+            Some(json) => json,
+            None => serde_json::to_vec(&*path.manifest)
+                .map(Bytes::from)
+                .map_err(|e| flywheel_core::Error::internal(format!("serializing a manifest: {e}")))?,
+        };
+        let pieces = path.json_pieces(json);
+        let body = axum::body::Body::from_stream(futures::stream::iter(pieces.map(Ok::<_, std::convert::Infallible>)));
+        Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
+    }
+
     /// Opens storage and sets everything up from a config.
     pub fn new(config: ServerConfig) -> anyhow::Result<Self> {
         config.check()?;
@@ -227,14 +257,14 @@ impl AppState {
         let cached = self.manifests.get(&self.storage, path).await?;
         let listing = cached
             .listing
-            .get_or_init(|| async {
-                let mut out = Vec::with_capacity(cached.bytes / 3);
-                out.extend_from_slice(br#"{"version":1,"root":"#);
-                cached.manifest.root.write_listing(&mut out);
-                out.push(b'}');
-                Bytes::from(out)
+            .get_or_try_init(|| async {
+                let manifest = cached.manifest.clone();
+                // Rendering many MB takes a while: keep it off the request workers.
+                tokio::task::spawn_blocking(move || Bytes::from(manifest.listing()))
+                    .await
+                    .map_err(|e| flywheel_core::Error::internal(format!("rendering a listing failed: {e}")))
             })
-            .await;
+            .await?;
         Ok(listing.clone())
     }
 

@@ -97,7 +97,7 @@ mod tests {
         }).unwrap();
         assert_eq!(paths, ["", "bin", "bin/tool", "share", "share/data", "share/empty", "share/link", "share/odd"]);
         let mut listing = Vec::new();
-        parsed.root.write_listing(&mut listing);
+        parsed.root.write_listing(&mut listing).unwrap();
         assert_eq!(String::from_utf8(listing).unwrap(), serde_json::to_string(&parsed.root).unwrap());
         let flat = serde_json::to_string(&FlatIndex(&parsed.root)).unwrap();
         assert!(flat.starts_with(r#"[[0,"","d"],[1,"bin","d"],[2,"tool","x",18,"#), "{flat}");
@@ -192,7 +192,7 @@ mod tests {
                 let flat = serde_json::to_vec(&FlatIndex(&root)).unwrap();
                 let back = from_flat(&mut serde_json::Deserializer::from_slice(&flat)).unwrap();
                 let mut listing = Vec::new();
-                back.write_listing(&mut listing);
+                back.write_listing(&mut listing).unwrap();
                 assert!(listing.ends_with(&b"}}".repeat(MAX_DEPTH)[..]));
                 assert_eq!(back.lookup(&format!("{}f", "d/".repeat(MAX_DEPTH - 1))).map(|n| matches!(n, Node::Regular { size: 2, .. })), Some(true));
                 drop((root, back));

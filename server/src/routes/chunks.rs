@@ -41,7 +41,7 @@ pub async fn manifest(
     State(state): State<AppState>,
     caller: Caller,
     Path((cache, hash)): Path<(String, String)>,
-) -> ApiResult<Json<PathManifest>> {
+) -> ApiResult<Response> {
     let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
     let path = path_record(&state, &cache, &hash).await?;
     let manifest = state.manifest_of(&path).await?;
@@ -50,14 +50,14 @@ pub async fn manifest(
     let narinfo = flywheel_core::nix::NarInfo::parse(&render_narinfo(&path, &record)?, &record.store_dir)?;
     let store_dir = &record.store_dir;
     let absolute = |base: &str| StorePath::from_base_name(base).map(|p| p.to_absolute(store_dir));
-    Ok(Json(PathManifest {
+    Ok(state.manifest_response(PathManifest {
         store_path: absolute(&path.store_path)?,
         references: path.references.iter().map(|r| absolute(r)).collect::<Result<_, _>>()?,
         deriver: path.deriver.as_deref().map(absolute).transpose()?,
         sigs: narinfo.sigs,
         ca: path.ca,
         manifest,
-    }))
+    }).await?)
 }
 
 /// `GET base/{name}`: the chunk list of the path last published under the unversioned name of
