@@ -38,6 +38,15 @@ pub fn fsck(args: FsckArgs) -> anyhow::Result<()> {
     for (cache, path) in &report.missing_manifests {
         println!("missing manifest for {cache}: {path}");
     }
+    for (cache, path) in &report.unreadable_manifests {
+        println!("unreadable manifest for {cache}: {path}");
+    }
+    for (cache, hash_part) in &report.unreadable_paths {
+        println!("unreadable path record in {cache}: {hash_part}");
+    }
+    for problem in &report.problems {
+        println!("problem (nothing concluded): {problem}");
+    }
     let verb = if report.repaired { "taken out of service" } else { "damaged (dry run: left as is)" };
     for (cache, path) in &report.damaged_paths {
         println!("{verb}: {cache} /nix/store/{path}");
@@ -77,6 +86,15 @@ pub fn gc(args: GcArgs) -> anyhow::Result<()> {
     }
     for (cache, path) in &report.expired_paths {
         println!("expired: {cache} {path}");
+    }
+    for problem in &report.problems {
+        println!("problem: {problem}");
+    }
+    if report.manifests_sweep_skipped {
+        println!("kept every manifest: a path record or a listing could not be read");
+    }
+    if report.chunks_sweep_skipped {
+        println!("kept every chunk: a manifest in use could not be read");
     }
     println!(
         "{verb} {} paths, {} manifests, {} chunks ({} bytes); kept {} chunks",

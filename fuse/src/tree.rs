@@ -51,8 +51,7 @@ impl PathTree {
     }
 
     pub fn build(base_name: String, path: &PathManifest) -> Arc<PathTree> {
-        let mut nodes = Vec::new();
-        push(&mut nodes, &path.manifest.root, 0);
+        let nodes = flatten(&path.manifest.root);
         Arc::new(PathTree {
             base_name,
             nar_hash: path.manifest.nar_hash,
@@ -73,24 +72,40 @@ impl PathTree {
     }
 }
 
-fn push(nodes: &mut Vec<TreeNode>, node: &Node, parent: u32) -> u32 {
-    let index = nodes.len() as u32;
-    let kind = match node {
+/// Numbers the nodes of a tree in NAR order (the root is 0). Kept free of recursion: trees
+/// may be as deep as `flywheel_core::nar::MAX_DEPTH`.
+fn flatten(root: &Node) -> Vec<TreeNode> {
+    let mut nodes = vec![TreeNode { kind: kind_of(root), parent: 0 }];
+    // Open directories: node number, and the entries still to number.
+    let mut open = Vec::new();
+    if let Node::Directory { entries } = root {
+        open.push((0u32, entries.iter()));
+    }
+    while let Some((index, siblings)) = open.last_mut() {
+        let parent = *index;
+        let Some((name, child)) = siblings.next() else {
+            open.pop();
+            continue;
+        };
+        let child_index = nodes.len() as u32;
+        nodes.push(TreeNode { kind: kind_of(child), parent });
+        // Entries come sorted, so the children do too.
+        if let NodeKind::Directory { children } = &mut nodes[parent as usize].kind {
+            children.push((name.clone(), child_index));
+        }
+        if let Node::Directory { entries } = child {
+            open.push((child_index, entries.iter()));
+        }
+    }
+    nodes
+}
+
+fn kind_of(node: &Node) -> NodeKind {
+    match node {
         Node::Regular { size, executable, nar_offset } => {
             NodeKind::File { size: *size, executable: *executable, nar_offset: *nar_offset }
         }
         Node::Symlink { target } => NodeKind::Symlink { target: target.clone() },
         Node::Directory { .. } => NodeKind::Directory { children: Vec::new() },
-    };
-    nodes.push(TreeNode { kind, parent });
-    if let Node::Directory { entries } = node {
-        let mut children = Vec::with_capacity(entries.len());
-        for (name, child) in entries {
-            children.push((name.clone(), push(nodes, child, index)));
-        }
-        if let NodeKind::Directory { children: slot } = &mut nodes[index as usize].kind {
-            *slot = children;
-        }
     }
-    index
 }

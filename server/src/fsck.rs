@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use flywheel_core::chunk::{self, ChunkHash};
 use flywheel_core::{ErrorKind, Result};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use crate::storage::Storage;
 
@@ -27,82 +27,153 @@ pub struct FsckReport {
     pub corrupt: BTreeSet<ChunkHash>,
     /// Paths whose manifest is gone.
     pub missing_manifests: Vec<(String, String)>,
-    /// `(cache, store path)` of every path that needs a missing or corrupt chunk or manifest.
+    /// `(cache, store path)` of paths whose stored manifest does not parse (or is not
+    /// consistent): the server cannot serve them.
+    pub unreadable_manifests: Vec<(String, String)>,
+    /// `(cache, hash part)` of path records that do not parse.
+    pub unreadable_paths: Vec<(String, String)>,
+    /// `(cache, store path)` of every path that needs a missing or corrupt chunk or manifest,
+    /// or whose record or manifest does not parse (named by its hash part then).
     pub damaged_paths: Vec<(String, String)>,
+    /// Objects that could not be read for another reason than damage (storage that did not
+    /// answer, say), and actions that failed, each naming its object. Nothing is concluded
+    /// from them: the paths involved are left as they are.
+    pub problems: Vec<String>,
     /// Whether the damaged paths were taken out of service and corrupt chunks deleted.
     pub repaired: bool,
 }
 
+impl FsckReport {
+    fn problem(&mut self, message: String) {
+        tracing::warn!(problem = %message, "fsck carries on past a problem");
+        self.problems.push(message);
+    }
+}
+
 /// Checks every published path of every cache; with `repair`, takes damaged paths out of
 /// service and deletes corrupt chunks.
+///
+/// A bad object never stops the check. Damage (an object that is missing, does not parse or
+/// does not verify) is reported and, with `repair`, repaired; any other failure to read (a
+/// storage error) is named in [`FsckReport::problems`] and changes nothing, since it says
+/// nothing about the object.
 pub async fn fsck(storage: &Storage, parallelism: usize, repair: bool) -> Result<FsckReport> {
     let mut report = FsckReport::default();
     // Which paths use which chunks.
     let mut users: HashMap<ChunkHash, Vec<(String, String)>> = HashMap::new();
     let mut sizes: BTreeMap<ChunkHash, u32> = BTreeMap::new();
+    let mut damaged: BTreeSet<(String, String)> = BTreeSet::new();
     for cache in storage.list_caches().await? {
-        for hash_part in storage.list_paths(&cache).await? {
-            let Some(record) = storage.get_path(&cache, &hash_part).await? else { continue };
-            report.paths += 1;
-            let Some(manifest) = storage.get_manifest(&record.nar_hash).await? else {
-                report.missing_manifests.push((cache.clone(), record.store_path.clone()));
-                report.damaged_paths.push((cache.clone(), record.store_path.clone()));
+        let hash_parts = match storage.list_paths(&cache).await {
+            Ok(hash_parts) => hash_parts,
+            Err(err) => {
+                report.problem(format!("cache {cache}: paths could not be listed: {err}"));
                 continue;
+            }
+        };
+        for hash_part in hash_parts {
+            let record = match storage.get_path(&cache, &hash_part).await {
+                Ok(Some(record)) => record,
+                Ok(None) => continue,
+                Err(err) if damage(err.kind()) => {
+                    report.paths += 1;
+                    tracing::warn!(cache, hash_part, error = %err, "path record does not parse");
+                    report.unreadable_paths.push((cache.clone(), hash_part.clone()));
+                    damaged.insert((cache.clone(), hash_part));
+                    continue;
+                }
+                Err(err) => {
+                    report.problem(format!("path record caches/{cache}/paths/{hash_part}: {err}"));
+                    continue;
+                }
             };
+            report.paths += 1;
+            let path = (cache.clone(), record.store_path.clone());
+            let manifest = match storage.get_manifest(&record.nar_hash).await {
+                Ok(Some(manifest)) => manifest,
+                Ok(None) => {
+                    report.missing_manifests.push(path.clone());
+                    damaged.insert(path);
+                    continue;
+                }
+                Err(err) if damage(err.kind()) => {
+                    tracing::warn!(cache, store_path = record.store_path, error = %err, "manifest does not parse");
+                    report.unreadable_manifests.push(path.clone());
+                    damaged.insert(path);
+                    continue;
+                }
+                Err(err) => {
+                    report.problem(format!("manifest of {}/{}: {err}", cache, record.store_path));
+                    continue;
+                }
+            };
+            if let Err(err) = manifest.validate() {
+                tracing::warn!(cache, store_path = record.store_path, error = %err, "manifest is inconsistent");
+                report.unreadable_manifests.push(path.clone());
+                damaged.insert(path);
+                continue;
+            }
             for chunk_ref in &manifest.chunks {
                 sizes.insert(chunk_ref.hash, chunk_ref.size);
-                users.entry(chunk_ref.hash).or_default().push((cache.clone(), record.store_path.clone()));
+                users.entry(chunk_ref.hash).or_default().push(path.clone());
             }
         }
     }
     report.chunks_checked = sizes.len();
-    let verdicts: Vec<(ChunkHash, Option<ErrorKind>)> = futures::stream::iter(sizes)
+    let verdicts: Vec<(ChunkHash, std::result::Result<Option<ErrorKind>, String>)> = futures::stream::iter(sizes)
         .map(|(hash, size)| {
             let storage = storage.clone();
             let task = tokio::spawn(async move {
-                let verdict = match storage.get_chunk(&hash).await {
+                match storage.get_chunk(&hash).await {
                     Ok(frame) => chunk::decompress_verified(&frame, &hash, size as usize).err().map(|e| e.kind()),
                     Err(err) => Some(err.kind()),
-                };
-                (hash, verdict)
+                }
             });
-            async move { task.await.map_err(|e| flywheel_core::Error::internal(format!("fsck task failed: {e}"))) }
+            async move { (hash, task.await.map_err(|e| format!("checking chunk {hash} failed: {e}"))) }
         })
         .buffer_unordered(parallelism)
-        .try_collect()
-        .await?;
+        .collect()
+        .await;
     for (hash, verdict) in verdicts {
         match verdict {
-            None => {}
-            Some(ErrorKind::Corrupt) if storage.chunk_size(&hash).await?.is_none() => {
-                report.missing.insert(hash);
-            }
-            Some(ErrorKind::Corrupt) => {
-                report.corrupt.insert(hash);
-            }
-            // Storage that does not answer says nothing about the chunk: stop rather than
-            // take healthy paths out of service.
-            Some(kind) => {
-                return Err(flywheel_core::Error::new(kind, format!("could not read chunk {hash}; fsck stopped")));
-            }
+            Ok(None) => {}
+            Ok(Some(ErrorKind::Corrupt)) => match storage.chunk_size(&hash).await {
+                Ok(None) => {
+                    report.missing.insert(hash);
+                }
+                Ok(Some(_)) => {
+                    report.corrupt.insert(hash);
+                }
+                Err(err) => report.problem(format!("chunk {hash} did not verify, then could not be looked up: {err}")),
+            },
+            // Storage that does not answer says nothing about the chunk: name it, and leave
+            // the paths that need it in service.
+            Ok(Some(kind)) => report.problem(format!("chunk {hash} could not be read ({kind:?})")),
+            Err(err) => report.problem(err),
         }
     }
-    let damaged: BTreeSet<(String, String)> = report
-        .missing
-        .iter()
-        .chain(&report.corrupt)
-        .flat_map(|hash| users.get(hash).cloned().unwrap_or_default())
-        .chain(report.damaged_paths.drain(..))
-        .collect();
+    damaged.extend(report.missing.iter().chain(&report.corrupt).flat_map(|hash| users.get(hash).cloned().unwrap_or_default()));
     report.damaged_paths = damaged.into_iter().collect();
     if repair {
-        for (cache, store_path) in &report.damaged_paths {
-            storage.delete_path(cache, &store_path[..32.min(store_path.len())]).await?;
+        for (cache, name) in report.damaged_paths.clone() {
+            // Named by store path, or by hash part when the record did not parse: both start
+            // with the hash part.
+            if let Err(err) = storage.delete_path(&cache, &name[..32.min(name.len())]).await {
+                report.problem(format!("taking {cache}/{name} out of service: {err}"));
+            }
         }
-        for hash in &report.corrupt {
-            storage.delete_chunk(hash).await?;
+        for hash in report.corrupt.clone() {
+            if let Err(err) = storage.delete_chunk(&hash).await {
+                report.problem(format!("deleting corrupt chunk {hash}: {err}"));
+            }
         }
         report.repaired = true;
     }
     Ok(report)
+}
+
+/// Whether an error reading an object means the object itself is bad (rather than that
+/// storage did not answer).
+fn damage(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::Corrupt | ErrorKind::InvalidInput)
 }

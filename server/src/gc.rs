@@ -26,8 +26,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use flywheel_core::chunk::ChunkHash;
+use flywheel_core::manifest::ManifestChunks;
 use flywheel_core::nix::Sha256Hash;
 use flywheel_core::Result;
+use object_store::ObjectStoreExt;
 
 use crate::config::GcConfig;
 use crate::storage::{modified_ms, now, now_ms, Reuse, Storage};
@@ -47,9 +49,33 @@ pub struct GcReport {
     pub chunks_kept: usize,
     /// Whether nothing was changed.
     pub dry_run: bool,
+    /// Objects that could not be read, or an action that failed, each naming its object.
+    /// The collection carried on past them, keeping whatever they might have made live.
+    pub problems: Vec<String>,
+    /// Every manifest was kept, because a path record or a listing could not be read, so the
+    /// live ones were not known.
+    pub manifests_sweep_skipped: bool,
+    /// No chunk was deleted, because a live (or young) manifest could not be read, so its
+    /// chunks were not known.
+    pub chunks_sweep_skipped: bool,
+}
+
+impl GcReport {
+    fn problem(&mut self, message: String) {
+        tracing::warn!(problem = %message, "garbage collection carries on past a problem");
+        self.problems.push(message);
+    }
 }
 
 /// Runs one collection over all caches.
+///
+/// A bad or unreadable object never stops it, and never gets something live deleted: it is
+/// named in [`GcReport::problems`] and makes the run conservative. An unreadable path record
+/// (or a cache whose paths cannot be listed) keeps every manifest, so the chunks of the path's
+/// manifest, whichever it is, stay marked; an unreadable manifest that a path needs (or that
+/// is young) keeps every chunk in this run; an unreadable manifest nothing needs is garbage
+/// like any other. A failed delete is reported and the rest goes on. Only a failure to list
+/// the store itself ends a run: then nothing is known.
 pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Result<GcReport> {
     let started = now();
     let started_ms = now_ms();
@@ -61,30 +87,75 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
     // Retention, then the mark of what stays.
     let mut live_nars: HashSet<Sha256Hash> = HashSet::new();
     for cache in storage.list_caches().await? {
-        let Some(record) = storage.get_cache(&cache).await? else { continue };
-        let period = record.retention_period.map(u64::from).unwrap_or(config.default_retention_period);
-        for hash_part in storage.list_paths(&cache).await? {
-            let Some(path) = storage.get_path(&cache, &hash_part).await? else { continue };
+        // Unknown settings: keep every path of the cache.
+        let period = match storage.get_cache(&cache).await {
+            Ok(Some(record)) => record.retention_period.map(u64::from).unwrap_or(config.default_retention_period),
+            Ok(None) => continue,
+            Err(err) => {
+                report.problem(format!("cache {cache}: settings unreadable, no path expires: {err}"));
+                0
+            }
+        };
+        let hash_parts = match storage.list_paths(&cache).await {
+            Ok(hash_parts) => hash_parts,
+            Err(err) => {
+                report.problem(format!("cache {cache}: paths could not be listed: {err}"));
+                report.manifests_sweep_skipped = true;
+                Vec::new()
+            }
+        };
+        for hash_part in hash_parts {
+            let path = match storage.get_path(&cache, &hash_part).await {
+                Ok(Some(path)) => path,
+                Ok(None) => continue,
+                Err(err) => {
+                    report.problem(format!("path record caches/{cache}/paths/{hash_part}: {err}"));
+                    report.manifests_sweep_skipped = true;
+                    continue;
+                }
+            };
             if period > 0 {
-                let accessed = storage.get_access(&cache, &hash_part).await?.unwrap_or(0);
+                let accessed = match storage.get_access(&cache, &hash_part).await {
+                    Ok(accessed) => accessed.unwrap_or(0),
+                    Err(err) => {
+                        report.problem(format!("access record of {cache}/{hash_part}: {err}; kept"));
+                        u64::MAX
+                    }
+                };
                 let last = path.created_at.max(accessed);
                 if started.saturating_sub(last) > period {
-                    report.expired_paths.push((cache.clone(), path.store_path.clone()));
                     if !dry_run {
-                        storage.delete_path(&cache, &hash_part).await?;
+                        if let Err(err) = storage.delete_path(&cache, &hash_part).await {
+                            report.problem(format!("expiring {cache}/{}: {err}", path.store_path));
+                            live_nars.insert(path.nar_hash);
+                            continue;
+                        }
                     }
+                    report.expired_paths.push((cache.clone(), path.store_path.clone()));
                     continue;
                 }
             }
             live_nars.insert(path.nar_hash);
         }
-        for pending in storage.list_objects(&format!("caches/{cache}/pending")).await? {
+        let pending = match storage.list_objects(&format!("caches/{cache}/pending")).await {
+            Ok(pending) => pending,
+            Err(err) => {
+                report.problem(format!("cache {cache}: staged NARs could not be listed: {err}"));
+                report.manifests_sweep_skipped = true;
+                Vec::new()
+            }
+        };
+        for pending in pending {
             let young = young(&pending);
             match pending.location.filename().and_then(|n| Sha256Hash::parse(&format!("sha256:{n}")).ok()) {
                 Some(nar_hash) if young => {
                     live_nars.insert(nar_hash);
                 }
-                _ if !dry_run && !young => storage.delete_object(&pending.location).await?,
+                _ if !dry_run && !young => {
+                    if let Err(err) = storage.delete_object(&pending.location).await {
+                        report.problem(format!("{}: {err}", pending.location));
+                    }
+                }
                 _ => {}
             }
         }
@@ -94,55 +165,89 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
     let mut live_chunks: HashSet<ChunkHash> = HashSet::new();
     for meta in storage.list_objects("manifests").await? {
         let Some(nar_hash) = manifest_nar_hash(&meta.location) else { continue };
-        if live_nars.contains(&nar_hash) || young(&meta) {
-            if let Some(manifest) = storage.get_manifest(&nar_hash).await? {
-                live_chunks.extend(manifest.chunks.iter().map(|c| c.hash));
-            }
-        } else {
-            report.manifests_deleted += 1;
+        let live = live_nars.contains(&nar_hash) || young(&meta) || report.manifests_sweep_skipped;
+        if !live {
             if !dry_run {
-                storage.delete_object(&meta.location).await?;
+                if let Err(err) = storage.delete_object(&meta.location).await {
+                    report.problem(format!("{}: {err}", meta.location));
+                    continue;
+                }
             }
+            report.manifests_deleted += 1;
+            continue;
         }
+        mark(storage, &meta.location, &mut live_chunks, &mut report).await;
     }
 
     // Manifests written while this ran belong to pushes that just finished.
     for meta in storage.list_objects("manifests").await? {
-        let Some(nar_hash) = manifest_nar_hash(&meta.location) else { continue };
-        if modified_ms(&meta) >= started_ms {
-            if let Some(manifest) = storage.get_manifest(&nar_hash).await? {
-                live_chunks.extend(manifest.chunks.iter().map(|c| c.hash));
-            }
+        if manifest_nar_hash(&meta.location).is_some() && modified_ms(&meta) >= started_ms {
+            mark(storage, &meta.location, &mut live_chunks, &mut report).await;
         }
     }
 
+    if report.chunks_sweep_skipped {
+        tracing::warn!("no chunk is deleted in this run: a manifest in use could not be read");
+    }
     for meta in storage.list_objects("chunks").await? {
         let Some(hash) = meta.location.filename().and_then(|n| n.parse::<ChunkHash>().ok()) else { continue };
-        if live_chunks.contains(&hash) || young(&meta) {
+        if report.chunks_sweep_skipped || live_chunks.contains(&hash) || young(&meta) {
             report.chunks_kept += 1;
             continue;
         }
         // An upload may have written this chunk again since the listing (it was too old to
         // count on, see `ReuseWindow`): look once more right before deleting.
-        if !dry_run && storage.chunk_reusable(&hash, grace_cutoff_ms.saturating_add(1)).await? != Reuse::Stale {
-            report.chunks_kept += 1;
-            continue;
+        if !dry_run {
+            match storage.chunk_reusable(&hash, grace_cutoff_ms.saturating_add(1)).await {
+                Ok(Reuse::Stale) => {}
+                Ok(_) => {
+                    report.chunks_kept += 1;
+                    continue;
+                }
+                Err(err) => {
+                    report.problem(format!("chunk {hash}: {err}; kept"));
+                    report.chunks_kept += 1;
+                    continue;
+                }
+            }
+            if let Err(err) = storage.delete_chunk(&hash).await {
+                report.problem(format!("deleting chunk {hash}: {err}"));
+                report.chunks_kept += 1;
+                continue;
+            }
         }
         report.chunks_deleted += 1;
         report.chunk_bytes_freed += meta.size;
-        if !dry_run {
-            storage.delete_chunk(&hash).await?;
-        }
     }
     tracing::info!(
         expired = report.expired_paths.len(),
         manifests = report.manifests_deleted,
         chunks = report.chunks_deleted,
         bytes = report.chunk_bytes_freed,
+        problems = report.problems.len(),
         dry_run,
         "garbage collection finished"
     );
     Ok(report)
+}
+
+/// Marks the chunks of the manifest at `key` live. Only the chunk list is read, so a manifest
+/// whose file index does not parse still keeps its chunks. A manifest that cannot be read at
+/// all (or is gone since the listing, if a collection elsewhere took it) leaves its chunks
+/// unknown, so no chunk is deleted in this run.
+async fn mark(storage: &Storage, key: &object_store::path::Path, live: &mut HashSet<ChunkHash>, report: &mut GcReport) {
+    let read = match storage.object_store().get(key).await {
+        Ok(result) => result.bytes().await.map_err(|e| e.to_string()),
+        Err(object_store::Error::NotFound { .. }) => return,
+        Err(err) => Err(err.to_string()),
+    };
+    match read.and_then(|bytes| ManifestChunks::from_json(&bytes).map_err(|e| e.to_string())) {
+        Ok(manifest) => live.extend(manifest.chunks.iter().map(|c| c.hash)),
+        Err(err) => {
+            report.problem(format!("manifest {key} is in use but unreadable, so no chunk is deleted: {err}"));
+            report.chunks_sweep_skipped = true;
+        }
+    }
 }
 
 fn manifest_nar_hash(key: &object_store::path::Path) -> Option<Sha256Hash> {

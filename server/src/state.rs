@@ -2,12 +2,17 @@
 
 use std::sync::Arc;
 
+use axum::response::IntoResponse;
+
 use crate::auth::TokenAuthority;
 use crate::config::ServerConfig;
 use crate::ingest::Ingester;
 use crate::metrics::Metrics;
 use crate::preflight::VerifiedChunks;
-use crate::storage::{CacheRecord, ReuseWindow, Storage};
+use crate::storage::{CacheRecord, PathRecord, ReuseWindow, Storage};
+use bytes::Bytes;
+use flywheel_core::manifest::Manifest;
+use flywheel_core::nix::Sha256Hash;
 
 /// Shared state of the server.
 #[derive(Clone)]
@@ -35,6 +40,108 @@ pub struct AppState {
     cache_records: Arc<parking_lot::Mutex<CacheRecords>>,
     /// Chunk lists of recent `missing-chunks` questions, for the commits that follow them.
     chunk_queries: Arc<parking_lot::Mutex<ChunkQueries>>,
+    /// Parsed manifests, shared by the requests that need them.
+    manifests: Arc<ManifestCache>,
+}
+
+/// Bytes (approximate, in memory) of parsed manifests kept between requests.
+pub const MANIFEST_CACHE_BYTES: usize = 64 << 20;
+
+/// Manifests parsed at once: parsing takes memory in proportion to the manifest (a path of
+/// 100,000 files has a manifest of several MB), so distinct manifests wait their turn.
+const MANIFEST_PARSES: usize = 2;
+
+/// Parsed manifests by NAR hash. Manifests never change once stored (they are named by the
+/// NAR's hash), so an entry never goes stale; it is only evicted, least recently used first,
+/// to stay within [`MANIFEST_CACHE_BYTES`] (or to the one last loaded, when it alone is
+/// larger). Loads are single-flight: the requests that want a manifest being loaded wait for
+/// that load instead of parsing it again.
+struct ManifestCache {
+    kept: parking_lot::Mutex<KeptManifests>,
+    loading: parking_lot::Mutex<std::collections::HashMap<Sha256Hash, Arc<tokio::sync::OnceCell<Arc<CachedManifest>>>>>,
+    parses: tokio::sync::Semaphore,
+}
+
+struct KeptManifests {
+    by_hash: lru::LruCache<Sha256Hash, Arc<CachedManifest>>,
+    bytes: usize,
+}
+
+/// A parsed manifest with its JSON as stored, and its `.ls` listing once a request asked for
+/// it: responses share these instead of each serializing the manifest again.
+struct CachedManifest {
+    manifest: Arc<Manifest>,
+    /// Approximate bytes of the manifest, of its JSON and of its listing.
+    bytes: usize,
+    json: Bytes,
+    listing: tokio::sync::OnceCell<Bytes>,
+}
+
+impl ManifestCache {
+    fn new() -> Self {
+        ManifestCache {
+            kept: parking_lot::Mutex::new(KeptManifests { by_hash: lru::LruCache::unbounded(), bytes: 0 }),
+            loading: Default::default(),
+            parses: tokio::sync::Semaphore::new(MANIFEST_PARSES),
+        }
+    }
+
+    async fn get(&self, storage: &Storage, path: &PathRecord) -> flywheel_core::Result<Arc<CachedManifest>> {
+        let key = path.nar_hash;
+        if let Some(hit) = self.kept.lock().by_hash.get(&key) {
+            return Ok(hit.clone());
+        }
+        let cell = self.loading.lock().entry(key).or_default().clone();
+        let loaded = cell.get_or_try_init(|| self.load(storage, path)).await.cloned();
+        // The load is over (or failed, and each waiter tries again on its own): later
+        // requests find the manifest kept, or start afresh.
+        let mut loading = self.loading.lock();
+        if loading.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            loading.remove(&key);
+        }
+        loaded
+    }
+
+    async fn load(&self, storage: &Storage, path: &PathRecord) -> flywheel_core::Result<Arc<CachedManifest>> {
+        let key = path.nar_hash;
+        // Kept by a load that ended between the look-up and joining the load.
+        if let Some(hit) = self.kept.lock().by_hash.get(&key) {
+            return Ok(hit.clone());
+        }
+        let _permit = self.parses.acquire().await.map_err(|_| flywheel_core::Error::internal("manifest cache closed"))?;
+        let json = storage
+            .get_manifest_json(&key)
+            .await?
+            .ok_or_else(|| flywheel_core::Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
+        // Parsing a manifest of many MB takes a while: keep it off the request workers.
+        let parse_json = json.clone();
+        let manifest = tokio::task::spawn_blocking(move || {
+            serde_json::from_slice::<Manifest>(&parse_json)
+                .map_err(|e| flywheel_core::Error::corrupt(format!("stored manifest of {key} does not parse: {e}")))
+        })
+        .await
+        .map_err(|e| flywheel_core::Error::internal(format!("parsing a manifest failed: {e}")))??;
+        // The stored JSON is what `GET manifest` sends, kept as read; the `.ls` listing, once
+        // made, takes about as much again.
+        let bytes = manifest.approx_heap_bytes() + json.len() * 2;
+        let cached = Arc::new(CachedManifest { manifest: Arc::new(manifest), bytes, json, listing: Default::default() });
+        // Least recently used first out, down to the budget; a manifest larger than the whole
+        // budget stays alone until the next one comes, so the requests that follow it (a
+        // fleet of runners pulling one path) still share it.
+        let mut kept = self.kept.lock();
+        if let Some(old) = kept.by_hash.put(key, cached.clone()) {
+            kept.bytes -= old.bytes;
+        }
+        kept.bytes += bytes;
+        while kept.bytes > MANIFEST_CACHE_BYTES && kept.by_hash.len() > 1 {
+            match kept.by_hash.pop_lru() {
+                Some((_, old)) => kept.bytes -= old.bytes,
+                None => break,
+            }
+        }
+        drop(kept);
+        Ok(cached)
+    }
 }
 
 /// Remembered `missing-chunks` questions, least recently used first, bounded in chunks.
@@ -93,6 +200,24 @@ impl AppState {
         }
     }
 
+    /// The response to `GET manifest/{hash}`: `path` as JSON, with the JSON of its manifest as
+    /// stored, shared by the responses (one evicted meanwhile is serialized again).
+    pub async fn manifest_response(
+        &self,
+        path: flywheel_core::api::v1::chunks::PathManifest,
+    ) -> flywheel_core::Result<axum::response::Response> {
+        let kept = self.manifests.kept.lock().by_hash.get(&path.manifest.nar_hash).map(|c| c.json.clone());
+        let json = match kept {
+            Some(json) => json,
+            None => serde_json::to_vec(&*path.manifest)
+                .map(Bytes::from)
+                .map_err(|e| flywheel_core::Error::internal(format!("serializing a manifest: {e}")))?,
+        };
+        let pieces = path.json_pieces(json);
+        let body = axum::body::Body::from_stream(futures::stream::iter(pieces.map(Ok::<_, std::convert::Infallible>)));
+        Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
+    }
+
     /// Opens storage and sets everything up from a config.
     pub fn new(config: ServerConfig) -> anyhow::Result<Self> {
         config.check()?;
@@ -120,7 +245,31 @@ impl AppState {
             recorded_access: Arc::default(),
             cache_records: Arc::default(),
             chunk_queries: Arc::new(parking_lot::Mutex::new(ChunkQueries { by_name: lru::LruCache::unbounded(), chunks: 0 })),
+            manifests: Arc::new(ManifestCache::new()),
         })
+    }
+
+    /// The manifest a published path needs, parsed once and shared (see [`ManifestCache`]);
+    /// its absence is damage, not a miss.
+    pub async fn manifest_of(&self, path: &PathRecord) -> flywheel_core::Result<Arc<Manifest>> {
+        Ok(self.manifests.get(&self.storage, path).await?.manifest.clone())
+    }
+
+    /// The body of a path's `.ls` listing (Nix's format: `{"version":1,"root":...}`), made once
+    /// per cached manifest and shared by the requests for it.
+    pub async fn listing_of(&self, path: &PathRecord) -> flywheel_core::Result<Bytes> {
+        let cached = self.manifests.get(&self.storage, path).await?;
+        let listing = cached
+            .listing
+            .get_or_try_init(|| async {
+                let manifest = cached.manifest.clone();
+                // Rendering many MB takes a while: keep it off the request workers.
+                tokio::task::spawn_blocking(move || Bytes::from(manifest.listing()))
+                    .await
+                    .map_err(|e| flywheel_core::Error::internal(format!("rendering a listing failed: {e}")))
+            })
+            .await?;
+        Ok(listing.clone())
     }
 
     /// A cache's settings, from memory if read within [`CACHE_RECORD_TTL`], else from storage.

@@ -355,6 +355,11 @@ impl Storage {
         self.get_json(&Self::manifest_key(nar_hash), "manifest").await
     }
 
+    /// A NAR's manifest as stored (JSON), unparsed.
+    pub async fn get_manifest_json(&self, nar_hash: &Sha256Hash) -> Result<Option<Bytes>> {
+        self.get_bytes(&Self::manifest_key(nar_hash), "manifest").await
+    }
+
     /// The manifest a published path needs; its absence is damage, not a miss.
     pub async fn manifest_of(&self, path: &PathRecord) -> Result<Manifest> {
         self.get_manifest(&path.nar_hash)
@@ -372,7 +377,9 @@ impl Storage {
 
     /// Stores a manifest, after all of its chunks.
     pub async fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
-        self.put_json(&Self::manifest_key(&manifest.nar_hash), manifest, "manifest").await
+        let json = manifest.to_json()?;
+        self.store.put(&Self::manifest_key(&manifest.nar_hash), PutPayload::from(json)).await.map_err(|e| storage_error(e, "manifest"))?;
+        Ok(())
     }
 
     /// Stores the manifest of an upload (`what`: "upload", "commit") that began at `started`;

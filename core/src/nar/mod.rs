@@ -9,7 +9,7 @@ mod index;
 mod reader;
 mod writer;
 
-pub use index::{Entry, Node};
+pub use index::{from_flat, FlatIndex, Node};
 pub use reader::{parse, ParsedNar};
 pub use writer::{dump_path, NarWriter};
 
@@ -22,8 +22,16 @@ pub const MAX_NAME_LEN: usize = 255;
 /// Longest symlink target accepted (Linux's PATH_MAX).
 pub const MAX_TARGET_LEN: usize = 4095;
 
-/// Deepest directory nesting accepted; deeper trees are refused instead of risking the stack.
-pub const MAX_DEPTH: usize = 256;
+/// Deepest node accepted, in path components below the root (a file at `a/b/c` is at depth 3).
+///
+/// Every layer accepts exactly this: the NAR reader, the manifest's file index (written and
+/// read back), `.ls` listings, and the runner side. Nix's own NAR parser has no limit, but
+/// Nix dumps and restores trees through full paths, which Linux bounds at 4096 bytes
+/// (`PATH_MAX`): with one-byte names and a `/nix/store/<hash>-<name>` prefix, no tree that Nix
+/// can dump or restore on Linux is deeper than about 2020 levels. Nothing on our side
+/// recurses over the tree (the reader, the index forms and the listing keep explicit stacks),
+/// so the limit only bounds memory per level.
+pub const MAX_DEPTH: usize = 2048;
 
 /// Bytes of padding after a string of `len` bytes.
 pub(crate) fn padding(len: u64) -> usize {
@@ -82,8 +90,19 @@ mod tests {
         assert_eq!(parsed.root.lookup("share/link"), Some(&Node::Symlink { target: "../bin/tool".into() }));
         assert_eq!(parsed.root.lookup("share/empty"), Some(&Node::Directory { entries: Default::default() }));
         assert_eq!(parsed.root.file_count(), 3);
-        let paths: Vec<_> = parsed.root.walk().into_iter().map(|e| e.path).collect();
+        let mut paths = Vec::new();
+        parsed.root.walk(|names, _| {
+            paths.push(names.join("/"));
+            Ok::<(), ()>(())
+        }).unwrap();
         assert_eq!(paths, ["", "bin", "bin/tool", "share", "share/data", "share/empty", "share/link", "share/odd"]);
+        let mut listing = Vec::new();
+        parsed.root.write_listing(&mut listing).unwrap();
+        assert_eq!(String::from_utf8(listing).unwrap(), serde_json::to_string(&parsed.root).unwrap());
+        let flat = serde_json::to_string(&FlatIndex(&parsed.root)).unwrap();
+        assert!(flat.starts_with(r#"[[0,"","d"],[1,"bin","d"],[2,"tool","x",18,"#), "{flat}");
+        let back = from_flat(&mut serde_json::Deserializer::from_str(&flat)).unwrap();
+        assert_eq!(back, parsed.root);
     }
 
     #[test]
@@ -140,6 +159,79 @@ mod tests {
         let mut huge_len = nar.clone();
         huge_len[0..8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(parse(&huge_len[..]).is_err());
+    }
+
+    /// A NAR of `depth` nested directories named `d`, with a file at the bottom.
+    fn deep_nar(depth: usize) -> Vec<u8> {
+        let mut w = NarWriter::new(Vec::new()).unwrap();
+        for _ in 0..depth - 1 {
+            w.start_directory().unwrap();
+            w.entry(b"d").unwrap();
+        }
+        w.start_directory().unwrap();
+        w.entry(b"f").unwrap();
+        w.regular(true, 2, &mut &b"hi"[..]).unwrap();
+        w.end_entry().unwrap();
+        w.end_directory().unwrap();
+        for _ in 0..depth - 1 {
+            w.end_entry().unwrap();
+            w.end_directory().unwrap();
+        }
+        w.into_inner()
+    }
+
+    #[test]
+    fn the_deepest_tree_round_trips_through_every_form() {
+        // Run on a small stack: nothing may recurse over the tree.
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let nar = deep_nar(MAX_DEPTH);
+                let root = parse(&nar[..]).unwrap().root;
+                assert_eq!(root.depth(), MAX_DEPTH);
+                let flat = serde_json::to_vec(&FlatIndex(&root)).unwrap();
+                let back = from_flat(&mut serde_json::Deserializer::from_slice(&flat)).unwrap();
+                let mut listing = Vec::new();
+                back.write_listing(&mut listing).unwrap();
+                assert!(listing.ends_with(&b"}}".repeat(MAX_DEPTH)[..]));
+                assert_eq!(back.lookup(&format!("{}f", "d/".repeat(MAX_DEPTH - 1))).map(|n| matches!(n, Node::Regular { size: 2, .. })), Some(true));
+                drop((root, back));
+                let err = parse(&deep_nar(MAX_DEPTH + 1)[..]).unwrap_err();
+                assert!(err.message().contains("deeper"), "{err}");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn flat_indexes_are_checked_like_nars() {
+        let read = |json: &str| from_flat(&mut serde_json::Deserializer::from_str(json));
+        assert_eq!(read(r#"[[0,"","r",5,96]]"#).unwrap(), Node::Regular { size: 5, executable: false, nar_offset: 96 });
+        assert!(read(r#"[[0,"","d"],[1,"a","l","t"],[1,"b","d"],[2,"c","r",1,2]]"#).is_ok());
+        for bad in [
+            r#"[]"#,
+            r#"[[1,"","d"]]"#,
+            r#"[[0,"","r",5,96],[1,"a","d"]]"#,
+            r#"[[0,"","d"],[2,"a","d"]]"#,
+            r#"[[0,"","d"],[1,"b","d"],[1,"a","d"]]"#,
+            r#"[[0,"","d"],[1,"a","d"],[1,"a","d"]]"#,
+            r#"[[0,"","d"],[1,"a","l","t"],[2,"b","d"]]"#,
+            r#"[[0,"","d"],[1,"..","d"]]"#,
+            r#"[[0,"","d"],[1,"a/b","d"]]"#,
+            r#"[[0,"","d"],[1,"a","l",""]]"#,
+            r#"[[0,"","d"],[1,"a","q"]]"#,
+            r#"[[0,"","d"],[1,"a","r",1]]"#,
+            r#"[[0,"","d"],[1,"a","d",1]]"#,
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        let mut too_deep = String::from(r#"[[0,"","d"]"#);
+        for depth in 1..=MAX_DEPTH + 1 {
+            too_deep.push_str(&format!(r#",[{depth},"d","d"]"#));
+        }
+        too_deep.push(']');
+        assert!(read(&too_deep).unwrap_err().to_string().contains("deeper"));
     }
 
     #[test]

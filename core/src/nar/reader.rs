@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 
+use super::index::{check_name, check_target};
 use super::{padding, Node, MAGIC, MAX_DEPTH, MAX_NAME_LEN, MAX_TARGET_LEN};
 use crate::error::{Error, Result};
 
@@ -23,7 +24,7 @@ pub struct ParsedNar {
 pub fn parse<R: Read>(source: R) -> Result<ParsedNar> {
     let mut reader = Reader { inner: BufReader::with_capacity(256 * 1024, source), pos: 0 };
     reader.expect_str(MAGIC, "NAR magic")?;
-    let root = reader.node(0)?;
+    let root = reader.tree()?;
     if !reader.inner.fill_buf()?.is_empty() {
         return Err(Error::invalid(format!("trailing data after the end of the NAR at byte {}", reader.pos)));
     }
@@ -89,7 +90,9 @@ impl<R: Read> Reader<R> {
         Ok(())
     }
 
-    fn node(&mut self, depth: usize) -> Result<Node> {
+    /// Reads the opening of a node at `depth` (components below the root): a file or symlink
+    /// whole, a directory up to its first entry.
+    fn node_start(&mut self, depth: usize) -> Result<Started> {
         if depth > MAX_DEPTH {
             return Err(Error::invalid(format!("NAR nests directories deeper than {MAX_DEPTH}")));
         }
@@ -102,16 +105,14 @@ impl<R: Read> Reader<R> {
                 self.expect_str("target", "symlink target tag")?;
                 let at = self.pos;
                 let target = self.bytes(MAX_TARGET_LEN, "symlink target")?;
-                if target.is_empty() || target.contains(&0) {
-                    return Err(Error::invalid(format!("invalid symlink target at byte {at}")));
-                }
+                check_target(&target).map_err(|msg| Error::invalid(format!("{msg} at byte {at}")))?;
                 let target = String::from_utf8(target).map_err(|_| {
                     Error::invalid(format!("symlink target at byte {at} is not UTF-8"))
                 })?;
                 self.expect_str(")", "end of symlink")?;
                 Node::Symlink { target }
             }
-            b"directory" => self.directory(depth)?,
+            b"directory" => return Ok(Started::Directory),
             other => {
                 return Err(Error::invalid(format!(
                     "unknown node type {:?} at byte {at}",
@@ -119,7 +120,74 @@ impl<R: Read> Reader<R> {
                 )))
             }
         };
-        Ok(node)
+        Ok(Started::Leaf(node))
+    }
+
+    /// Reads the tree below the magic. Directories are kept on an explicit stack rather than
+    /// by recursion, so the depth limit is a choice, not a property of the thread's stack.
+    fn tree(&mut self) -> Result<Node> {
+        let mut open: Vec<OpenDir> = Vec::new();
+        let mut started = self.node_start(0)?;
+        loop {
+            // Attach what was just read, or open it.
+            let mut finished = match started {
+                Started::Directory => {
+                    open.push(OpenDir { entries: Vec::new(), previous: None, name: String::new() });
+                    None
+                }
+                Started::Leaf(node) => Some(node),
+            };
+            // Close the directories that end here, then find the next entry to read.
+            loop {
+                if let Some(node) = finished.take() {
+                    let Some(parent) = open.last_mut() else { return Ok(node) };
+                    self.expect_str(")", "end of directory entry")?;
+                    let name = std::mem::take(&mut parent.name);
+                    parent.entries.push((name, node));
+                }
+                let Some(dir) = open.last_mut() else {
+                    return Err(Error::internal("NAR reader lost its place"));
+                };
+                let at = self.pos;
+                match self.token()?.as_slice() {
+                    b")" => {
+                        let Some(done) = open.pop() else { continue };
+                        // Built from sorted entries, the map's nodes are full: about half the
+                        // memory per entry of inserting one by one.
+                        finished = Some(Node::Directory { entries: BTreeMap::from_iter(done.entries) });
+                        continue;
+                    }
+                    b"entry" => {}
+                    other => {
+                        return Err(Error::invalid(format!(
+                            "expected \"entry\" or \")\" at byte {at}, found {:?}",
+                            String::from_utf8_lossy(other)
+                        )))
+                    }
+                }
+                self.expect_str("(", "opening of a directory entry")?;
+                self.expect_str("name", "entry name tag")?;
+                let at = self.pos;
+                let name = self.bytes(MAX_NAME_LEN, "file name")?;
+                check_name(&name).map_err(|msg| Error::invalid(format!("{msg} in NAR at byte {at}")))?;
+                if let Some(prev) = &dir.previous {
+                    if name.as_slice() <= prev.as_slice() {
+                        return Err(Error::invalid(format!(
+                            "NAR entry {:?} at byte {at} is not sorted after {:?} (or repeats it)",
+                            String::from_utf8_lossy(&name),
+                            String::from_utf8_lossy(prev)
+                        )));
+                    }
+                }
+                dir.name = String::from_utf8(name.clone())
+                    .map_err(|_| Error::invalid(format!("file name at byte {at} is not UTF-8")))?;
+                dir.previous = Some(name);
+                self.expect_str("node", "entry node tag")?;
+                let depth = open.len();
+                started = self.node_start(depth)?;
+                break;
+            }
+        }
     }
 
     fn regular(&mut self) -> Result<Node> {
@@ -163,57 +231,20 @@ impl<R: Read> Reader<R> {
         }
         Ok(())
     }
-
-    fn directory(&mut self, depth: usize) -> Result<Node> {
-        let mut entries = BTreeMap::new();
-        let mut previous: Option<Vec<u8>> = None;
-        loop {
-            let at = self.pos;
-            match self.token()?.as_slice() {
-                b")" => break,
-                b"entry" => {}
-                other => {
-                    return Err(Error::invalid(format!(
-                        "expected \"entry\" or \")\" at byte {at}, found {:?}",
-                        String::from_utf8_lossy(other)
-                    )))
-                }
-            }
-            self.expect_str("(", "opening of a directory entry")?;
-            self.expect_str("name", "entry name tag")?;
-            let at = self.pos;
-            let name = self.bytes(MAX_NAME_LEN, "file name")?;
-            validate_name(&name, at)?;
-            if let Some(prev) = &previous {
-                if name.as_slice() <= prev.as_slice() {
-                    return Err(Error::invalid(format!(
-                        "NAR entry {:?} at byte {at} is not sorted after {:?} (or repeats it)",
-                        String::from_utf8_lossy(&name),
-                        String::from_utf8_lossy(prev)
-                    )));
-                }
-            }
-            self.expect_str("node", "entry node tag")?;
-            let child = self.node(depth + 1)?;
-            self.expect_str(")", "end of directory entry")?;
-            let key = String::from_utf8(name.clone())
-                .map_err(|_| Error::invalid(format!("file name at byte {at} is not UTF-8")))?;
-            entries.insert(key, child);
-            previous = Some(name);
-        }
-        Ok(Node::Directory { entries })
-    }
 }
 
-fn validate_name(name: &[u8], at: u64) -> Result<()> {
-    let bad = name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0);
-    if bad {
-        return Err(Error::invalid(format!(
-            "invalid file name {:?} in NAR at byte {at}",
-            String::from_utf8_lossy(name)
-        )));
-    }
-    Ok(())
+/// The opening of a node: a file or symlink read whole, or a directory whose entries follow.
+enum Started {
+    Leaf(Node),
+    Directory,
+}
+
+/// A directory being read: its entries so far, the last name (for the order check), and the
+/// name of the entry being read.
+struct OpenDir {
+    entries: Vec<(String, Node)>,
+    previous: Option<Vec<u8>>,
+    name: String,
 }
 
 fn truncated_or(err: std::io::Error, pos: u64) -> Error {

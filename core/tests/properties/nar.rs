@@ -107,11 +107,12 @@ fn parse_untrusted(bytes: &[u8]) -> Option<nar::ParsedNar> {
     match result {
         Ok(parsed) => {
             assert_eq!(parsed.nar_size, bytes.len() as u64);
-            for entry in parsed.root.walk() {
-                if let Node::Regular { size, nar_offset, .. } = entry.node {
-                    assert!(nar_offset + size <= parsed.nar_size, "{} lies outside the NAR", entry.path);
+            let _ = parsed.root.walk(|names, node| {
+                if let Node::Regular { size, nar_offset, .. } = *node {
+                    assert!(nar_offset + size <= parsed.nar_size, "{} lies outside the NAR", names.join("/"));
                 }
-            }
+                Ok::<(), ()>(())
+            });
             Some(parsed)
         }
         Err(err) => {
@@ -213,15 +214,18 @@ proptest! {
         prop_assert_eq!(parsed.nar_size, nar.len() as u64);
         prop_assert_eq!(&parsed.root, &index);
         // The index points at each file's bytes.
-        for entry in parsed.root.walk() {
-            if let Node::Regular { size, nar_offset, .. } = entry.node {
-                let at = *nar_offset as usize;
-                prop_assert_eq!(&nar[at..at + *size as usize], contents_of(&tree, &entry.path));
+        let mut walked: Vec<(String, Node)> = Vec::new();
+        let _ = parsed.root.walk(|names, node| {
+            walked.push((names.join("/"), node.clone()));
+            Ok::<(), ()>(())
+        });
+        for (path, node) in &walked {
+            if let Node::Regular { size, nar_offset, .. } = *node {
+                let at = nar_offset as usize;
+                prop_assert_eq!(&nar[at..at + size as usize], contents_of(&tree, path));
             }
-        }
-        // Lookups find every walked node by its path.
-        for entry in parsed.root.walk() {
-            prop_assert_eq!(parsed.root.lookup(&entry.path), Some(entry.node));
+            // Lookups find every walked node by its path.
+            prop_assert_eq!(parsed.root.lookup(path), Some(node));
         }
     }
 
@@ -362,6 +366,16 @@ proptest! {
 
 #[test]
 fn nesting_at_the_limit_parses_and_one_deeper_is_refused() {
+    // The test's own tree, writer and comparisons recurse; the parser under test does not.
+    std::thread::Builder::new()
+        .stack_size(256 * 1024 * 1024)
+        .spawn(nesting_at_the_limit)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+fn nesting_at_the_limit() {
     for (depth, ok) in [(MAX_DEPTH, true), (MAX_DEPTH + 1, false)] {
         let mut tree = Tree::File { executable: false, contents: b"x".to_vec() };
         for _ in 0..depth {

@@ -83,9 +83,8 @@ pub async fn get_file(
     }
     if let Some(hash_part) = file.strip_suffix(".ls") {
         let path = path_record(&state, &cache, hash_part).await?;
-        let manifest = state.storage.manifest_of(&path).await?;
-        let listing = serde_json::json!({ "version": 1, "root": manifest.root });
-        return Ok(([(header::CONTENT_TYPE, "application/json")], listing.to_string()).into_response());
+        let listing = state.listing_of(&path).await?;
+        return Ok(([(header::CONTENT_TYPE, "application/json")], listing).into_response());
     }
     Err(Error::not_found(format!("no such file {file:?}")).into())
 }
@@ -215,12 +214,12 @@ pub async fn get_nar(
         _ => return Err(no_such().into()),
     };
     let hash_part = path.store_path.get(..32).unwrap_or_default().to_string();
-    let manifest = state.storage.manifest_of(&path).await?;
+    let manifest = state.manifest_of(&path).await?;
     state.record_access(&cache, &hash_part).await;
     state.verified.check(&state.storage, &manifest.nar_hash, &manifest.chunks, state.config.chunk_parallelism).await?;
     let mut chunks = Box::pin(verified_chunks(
         state.storage.clone(),
-        manifest.chunks,
+        manifest.chunks.clone(),
         state.config.chunk_parallelism,
         state.chunk_reads.clone(),
         state.metrics.clone(),

@@ -43,23 +43,23 @@ pub async fn manifest(
     State(state): State<AppState>,
     access: Access<Pull>,
     Path((_, hash)): Path<(String, String)>,
-) -> ApiResult<Json<PathManifest>> {
+) -> ApiResult<Response> {
     let (cache, record) = (&access.name, &access.record);
     let path = path_record(&state, cache, &hash).await?;
-    let manifest = state.storage.manifest_of(&path).await?;
+    let manifest = state.manifest_of(&path).await?;
     state.record_access(cache, &hash).await;
     // The signatures are those of the narinfo, including the cache's own.
     let narinfo = flywheel_core::nix::NarInfo::parse(&render_narinfo(&path, record)?, &record.store_dir)?;
     let store_dir = &record.store_dir;
     let absolute = |base: &str| StorePath::from_base_name(base).map(|p| p.to_absolute(store_dir));
-    Ok(Json(PathManifest {
+    Ok(state.manifest_response(PathManifest {
         store_path: absolute(&path.store_path)?,
         references: path.references.iter().map(|r| absolute(r)).collect::<Result<_, _>>()?,
         deriver: path.deriver.as_deref().map(absolute).transpose()?,
         sigs: narinfo.sigs,
         ca: path.ca,
         manifest,
-    }))
+    }).await?)
 }
 
 /// `GET base/{name}`: the chunk list of the path last published under the unversioned name of
@@ -77,10 +77,10 @@ pub async fn base(
     let hash = state.storage.newest_of_name(cache, &unversioned).await?.ok_or_else(no_base)?;
     // The newest may have been deleted since (garbage collection, retention).
     let path = state.storage.get_path(cache, &hash).await?.ok_or_else(no_base)?;
-    let manifest = state.storage.manifest_of(&path).await?;
+    let manifest = state.manifest_of(&path).await?;
     Ok(Json(BaseChunks {
         store_path: StorePath::from_base_name(&path.store_path)?.to_absolute(&access.record.store_dir),
-        chunks: manifest.chunks,
+        chunks: manifest.chunks.clone(),
     }))
 }
 
@@ -89,7 +89,7 @@ pub async fn base(
 /// whether or not the chunk is stored for another cache: a hash alone opens nothing.
 async fn chunks_of_path(state: &AppState, cache: &str, hash_part: &str, wanted: &[ChunkRef]) -> Result<Vec<ChunkRef>, Error> {
     let path = path_record(state, cache, hash_part).await?;
-    let manifest = state.storage.manifest_of(&path).await?;
+    let manifest = state.manifest_of(&path).await?;
     let mut listed: std::collections::HashSet<ChunkRef> = wanted.iter().copied().collect();
     let asked = listed.len();
     let mut found = std::collections::HashSet::with_capacity(asked);
@@ -131,7 +131,7 @@ pub async fn get_one(
     let path = path_named(of.path)?;
     let manifest_size = {
         let path_record = path_record(&state, &access.name, &path).await?;
-        let manifest = state.storage.manifest_of(&path_record).await?;
+        let manifest = state.manifest_of(&path_record).await?;
         manifest.chunks.iter().find(|c| c.hash == hash).map(|c| c.size)
     };
     let size = manifest_size
@@ -371,7 +371,7 @@ pub async fn commit(
         let base = state.storage.get_path(cache, &delta.base).await?.ok_or_else(|| {
             Error::not_found(format!("base path {} of chunksDelta is not published in {cache}: send the chunks", delta.base))
         })?;
-        let base_chunks = state.storage.manifest_of(&base).await?.chunks;
+        let base_chunks = state.manifest_of(&base).await?.chunks.clone();
         request.chunks = delta.expand(&base_chunks, MAX_CHUNKS_PER_REQUEST)?;
         let new: std::collections::HashSet<ChunkRef> =
             delta.runs.iter().filter_map(|run| if let DeltaRun::New(c) = run { Some(*c) } else { None }).collect();

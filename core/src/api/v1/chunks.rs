@@ -38,8 +38,39 @@ pub struct PathManifest {
     /// Content address.
     #[serde(default)]
     pub ca: Option<String>,
-    /// The NAR's chunks and file index.
-    pub manifest: Manifest,
+    /// The NAR's chunks and file index (shared: a server keeps parsed manifests in memory).
+    pub manifest: std::sync::Arc<Manifest>,
+}
+
+/// The fields of a [`PathManifest`] but its manifest, borrowed, serialized alike.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PathFields<'a> {
+    store_path: &'a str,
+    references: &'a [String],
+    deriver: &'a Option<String>,
+    sigs: &'a [String],
+    ca: &'a Option<String>,
+}
+
+impl PathManifest {
+    /// The JSON of this, byte for byte as serde writes it, in three pieces around
+    /// `manifest_json` (the JSON of `self.manifest`, made once and shared): a server answers
+    /// many requests for one large manifest without serializing it again for each.
+    pub fn json_pieces(&self, manifest_json: bytes::Bytes) -> [bytes::Bytes; 3] {
+        let fields = PathFields {
+            store_path: &self.store_path,
+            references: &self.references,
+            deriver: &self.deriver,
+            sigs: &self.sigs,
+            ca: &self.ca,
+        };
+        // Serializing borrowed strings into a Vec cannot fail.
+        let mut head = serde_json::to_vec(&fields).unwrap_or_default();
+        head.pop(); // the closing brace
+        head.extend_from_slice(br#","manifest":"#);
+        [head.into(), manifest_json, bytes::Bytes::from_static(b"}")]
+    }
 }
 
 /// A list of chunk names.
@@ -230,6 +261,33 @@ mod tests {
         let huge = ChunkBatch { path, chunks: vec![chunk(1, 100), chunk(2, u32::MAX)] };
         let err = serde_json::from_str::<ChunkBatch>(&serde_json::to_string(&huge).unwrap()).unwrap_err();
         assert!(err.to_string().contains("over the limit"), "{err}");
+    }
+
+    #[test]
+    fn json_pieces_match_serde() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let mut nar = Vec::new();
+        crate::nar::dump_path(dir.path(), &mut nar).unwrap();
+        let parsed = crate::nar::parse(&nar[..]).unwrap();
+        let manifest = Manifest {
+            version: crate::manifest::MANIFEST_VERSION,
+            nar_hash: crate::nix::Sha256Hash::digest(&nar),
+            nar_size: parsed.nar_size,
+            chunks: vec![ChunkRef { hash: ChunkHash::of(&nar), size: nar.len() as u32 }],
+            root: parsed.root,
+        };
+        let path = PathManifest {
+            store_path: "/nix/store/00000000000000000000000000000000-x\"y".into(),
+            references: vec!["/nix/store/11111111111111111111111111111111-r".into()],
+            deriver: None,
+            sigs: vec!["k:sig".into()],
+            ca: Some("fixed:sha256:x".into()),
+            manifest: std::sync::Arc::new(manifest),
+        };
+        let json = serde_json::to_vec(&path.manifest).unwrap();
+        let pieces = path.json_pieces(json.into());
+        assert_eq!(pieces.concat(), serde_json::to_vec(&path).unwrap());
     }
 
     #[test]
