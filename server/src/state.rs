@@ -58,6 +58,8 @@ const MANIFEST_PARSES: usize = 2;
 /// that load instead of parsing it again.
 struct ManifestCache {
     kept: parking_lot::Mutex<KeptManifests>,
+    /// Jobs for the threads that parse manifests and render listings.
+    work: parking_lot::Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
     loading: parking_lot::Mutex<std::collections::HashMap<Sha256Hash, Arc<tokio::sync::OnceCell<Arc<CachedManifest>>>>>,
     parses: tokio::sync::Semaphore,
 }
@@ -79,7 +81,26 @@ struct CachedManifest {
 
 impl ManifestCache {
     fn new() -> Self {
+        // A few long-lived threads rather than the blocking pool: the allocator keeps an arena
+        // per thread, and a tree of many MB built on a different pool thread each time would
+        // leave the memory freed by the last one in another arena, unused.
+        let (work, jobs) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let jobs = Arc::new(parking_lot::Mutex::new(jobs));
+        for n in 0..MANIFEST_PARSES {
+            let jobs = jobs.clone();
+            let spawned = std::thread::Builder::new().name(format!("manifest-{n}")).spawn(move || loop {
+                let job = jobs.lock().recv();
+                match job {
+                    Ok(job) => job(),
+                    Err(_) => return,
+                }
+            });
+            if let Err(err) = spawned {
+                tracing::warn!(error = %err, "could not start a manifest thread");
+            }
+        }
         ManifestCache {
+            work: parking_lot::Mutex::new(work),
             kept: parking_lot::Mutex::new(KeptManifests { by_hash: lru::LruCache::unbounded(), bytes: 0 }),
             loading: Default::default(),
             parses: tokio::sync::Semaphore::new(MANIFEST_PARSES),
@@ -102,6 +123,18 @@ impl ManifestCache {
         loaded
     }
 
+    /// Runs `job` on one of the manifest threads.
+    async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> flywheel_core::Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.work.lock().send(Box::new(move || {
+            let _ = tx.send(job());
+        }));
+        if sent.is_err() {
+            return Err(flywheel_core::Error::internal("the manifest threads are gone"));
+        }
+        rx.await.map_err(|_| flywheel_core::Error::internal("a manifest job failed"))
+    }
+
     async fn load(&self, storage: &Storage, path: &PathRecord) -> flywheel_core::Result<Arc<CachedManifest>> {
         let key = path.nar_hash;
         // Kept by a load that ended between the look-up and joining the load.
@@ -115,12 +148,12 @@ impl ManifestCache {
             .ok_or_else(|| flywheel_core::Error::corrupt(format!("manifest of {} is missing", path.store_path)))?;
         // Parsing a manifest of many MB takes a while: keep it off the request workers.
         let parse_json = json.clone();
-        let manifest = tokio::task::spawn_blocking(move || {
-            serde_json::from_slice::<Manifest>(&parse_json)
-                .map_err(|e| flywheel_core::Error::corrupt(format!("stored manifest of {key} does not parse: {e}")))
-        })
-        .await
-        .map_err(|e| flywheel_core::Error::internal(format!("parsing a manifest failed: {e}")))??;
+        let manifest = self
+            .run(move || {
+                serde_json::from_slice::<Manifest>(&parse_json)
+                    .map_err(|e| flywheel_core::Error::corrupt(format!("stored manifest of {key} does not parse: {e}")))
+            })
+            .await??;
         // The stored JSON is what `GET manifest` sends, kept as read; the `.ls` listing, once
         // made, takes about as much again.
         let bytes = manifest.approx_heap_bytes() + json.len() * 2;
@@ -264,9 +297,7 @@ impl AppState {
             .get_or_try_init(|| async {
                 let manifest = cached.manifest.clone();
                 // Rendering many MB takes a while: keep it off the request workers.
-                tokio::task::spawn_blocking(move || Bytes::from(manifest.listing()))
-                    .await
-                    .map_err(|e| flywheel_core::Error::internal(format!("rendering a listing failed: {e}")))
+                self.manifests.run(move || Bytes::from(manifest.listing())).await
             })
             .await?;
         Ok(listing.clone())
