@@ -96,6 +96,9 @@ enum Outcome {
     Whole,
     /// An error status with an error body, before any NAR byte.
     ErrorStatus,
+    /// The connection closed before a status line: the stream failed right after its start,
+    /// before the server's first write.
+    NoAnswer,
     /// A 200 whose body broke off, which the client sees (length mismatch, broken chunking).
     CutVisibly,
 }
@@ -113,11 +116,8 @@ fn assert_error_answer(what: &str, resp: reqwest::blocking::Response) {
 /// `GET nar/{hash}.nar` of `p`, checked byte for byte.
 fn download_nar(server: &Server, cache: &str, token: &str, p: &Published) -> Outcome {
     let what = format!("NAR of {}", p.path);
-    let resp = client()
-        .get(format!("{}/{cache}/nar/{}.nar", server.url, hash_part(&p.path)))
-        .bearer_auth(token)
-        .send()
-        .unwrap_or_else(|e| panic!("{what}: no answer: {e}"));
+    let resp = client().get(format!("{}/{cache}/nar/{}.nar", server.url, hash_part(&p.path))).bearer_auth(token).send();
+    let Some(resp) = answered(server, &what, resp) else { return Outcome::NoAnswer };
     if resp.status() != StatusCode::OK {
         assert_error_answer(&what, resp);
         return Outcome::ErrorStatus;
@@ -146,8 +146,8 @@ fn download_chunks(server: &Server, cache: &str, token: &str, p: &Published, man
         .post(format!("{}/_flywheel/v1/{cache}/chunks", server.url))
         .bearer_auth(token)
         .json(&serde_json::json!({ "path": hash_part(&p.path), "chunks": chunks }))
-        .send()
-        .unwrap_or_else(|e| panic!("{what}: no answer: {e}"));
+        .send();
+    let Some(resp) = answered(server, &what, resp) else { return Outcome::NoAnswer };
     if resp.status() != StatusCode::OK {
         assert_error_answer(&what, resp);
         return Outcome::ErrorStatus;
@@ -179,6 +179,27 @@ fn download_chunks(server: &Server, cache: &str, token: &str, p: &Published, man
         assert!(rebuilt.len() < p.nar.len(), "{what}: an error after every chunk arrived");
         Outcome::CutVisibly
     }
+}
+
+/// The response, or `None` when the connection closed before its status line. A timeout is
+/// a hang and fails the test.
+fn answered(
+    server: &Server,
+    what: &str,
+    resp: reqwest::Result<reqwest::blocking::Response>,
+) -> Option<reqwest::blocking::Response> {
+    match resp {
+        Ok(resp) => Some(resp),
+        Err(e) if e.is_timeout() => panic!("{what}: no answer within {CLIENT_TIMEOUT:?}\n{}", log_tail(server)),
+        Err(_) => None,
+    }
+}
+
+/// The end of the server's log, for failure messages.
+fn log_tail(server: &Server) -> String {
+    let log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 fn manifest_of(server: &Server, cache: &str, token: &str, p: &Published) -> PathManifest {
@@ -301,10 +322,20 @@ fn failed_writes_never_publish() {
     let puts_per_upload = proxy.counts().forwarded_puts - start_puts;
     eprintln!("a clean upload made {puts_per_upload} PUTs");
 
+    // The first PUT failing, or a later one, or exactly the chunk grants, the manifest or the
+    // path record (the upload's last write).
+    let mut plans: Vec<Plan> = [0, 1, 10, puts_per_upload / 2]
+        .into_iter()
+        .map(|k| Plan { fail_puts_after: Some(k), ..Plan::default() })
+        .collect();
+    for key in ["/caches/ci/chunks/", "/manifests/", "/caches/ci/paths/"] {
+        plans.push(Plan { fail_puts_to: vec![key], ..Plan::default() });
+    }
     let mut failed = Vec::new();
-    for k in [0, 1, 10, puts_per_upload / 2, puts_per_upload - 2, puts_per_upload - 1] {
+    for plan in plans {
         let p = random_nar(2 << 20);
-        proxy.set_plan(Plan { fail_puts_after: Some(k), ..Plan::default() });
+        let k = format!("{plan:?}");
+        proxy.set_plan(plan);
         let resp = client()
             .put(format!("{}/_api/v1/upload-path", server.url))
             .bearer_auth(&token)
@@ -320,10 +351,10 @@ fn failed_writes_never_publish() {
             .body(p.nar.clone())
             .send()
             .expect("upload-path got no answer");
-        assert_error_answer(&format!("upload-path with PUTs failing after {k}"), resp);
+        assert_error_answer(&format!("upload-path with PUTs failing ({k})"), resp);
         assert!(proxy.counts().failed_puts > 0);
         proxy.clear();
-        assert_eq!(narinfo_status(&server, "ci", &token, &p.path), StatusCode::NOT_FOUND, "published after PUT {k} failed");
+        assert_eq!(narinfo_status(&server, "ci", &token, &p.path), StatusCode::NOT_FOUND, "published with {k}");
         failed.push(p);
     }
 

@@ -81,9 +81,16 @@ struct Shared {
     plan: Mutex<Plan>,
     rng: Mutex<rand::rngs::StdRng>,
     counters: Counters,
-    down: Mutex<bool>,
-    down_changed: Condvar,
+    /// Whether the port should be closed, and whether it is listening now.
+    port: Mutex<PortState>,
+    port_changed: Condvar,
     stopped: AtomicBool,
+}
+
+#[derive(Default)]
+struct PortState {
+    down: bool,
+    listening: bool,
 }
 
 /// The proxy; listens on 127.0.0.1 until dropped.
@@ -118,8 +125,8 @@ impl FaultProxy {
             plan: Mutex::new(Plan::default()),
             rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
             counters: Counters::default(),
-            down: Mutex::new(false),
-            down_changed: Condvar::new(),
+            port: Mutex::new(PortState { down: false, listening: true }),
+            port_changed: Condvar::new(),
             stopped: AtomicBool::new(false),
         });
         let accept_shared = shared.clone();
@@ -138,14 +145,22 @@ impl FaultProxy {
         self.set_plan(Plan::default());
     }
 
-    /// Down: the port is closed, so connections are refused; up: it listens again.
+    /// Down: the port is closed, so connections are refused; up: it listens again. Returns
+    /// once the port is in that state.
     pub fn set_down(&self, down: bool) {
-        *self.shared.down.lock().unwrap() = down;
-        self.shared.down_changed.notify_all();
+        self.shared.port.lock().unwrap().down = down;
+        self.shared.port_changed.notify_all();
         if down {
             // Wake the accept loop so that it closes the listener now.
             let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         }
+        let port = self.shared.port.lock().unwrap();
+        let (port, timeout) = self
+            .shared
+            .port_changed
+            .wait_timeout_while(port, Duration::from_secs(10), |p| p.listening == down && !self.shared.stopped.load(Ordering::SeqCst))
+            .unwrap();
+        assert!(!timeout.timed_out() || port.listening != down, "the fault proxy did not switch its port");
     }
 
     /// Whether the port accepts connections right now.
@@ -181,14 +196,16 @@ fn accept_loop(mut listener: TcpListener, addr: SocketAddr, shared: Arc<Shared>)
         if shared.stopped.load(Ordering::SeqCst) {
             return;
         }
-        if *shared.down.lock().unwrap() {
+        if shared.port.lock().unwrap().down {
             drop(client);
             drop(listener);
-            let mut down = shared.down.lock().unwrap();
-            while *down && !shared.stopped.load(Ordering::SeqCst) {
-                down = shared.down_changed.wait(down).unwrap();
+            let mut port = shared.port.lock().unwrap();
+            port.listening = false;
+            shared.port_changed.notify_all();
+            while port.down && !shared.stopped.load(Ordering::SeqCst) {
+                port = shared.port_changed.wait(port).unwrap();
             }
-            drop(down);
+            drop(port);
             if shared.stopped.load(Ordering::SeqCst) {
                 return;
             }
@@ -199,6 +216,8 @@ fn accept_loop(mut listener: TcpListener, addr: SocketAddr, shared: Arc<Shared>)
                     TcpListener::bind(addr).map_err(|_| std::thread::sleep(Duration::from_millis(20))).ok()
                 })
                 .expect("the fault proxy could not listen on its port again");
+            shared.port.lock().unwrap().listening = true;
+            shared.port_changed.notify_all();
             continue;
         }
         let shared = shared.clone();
