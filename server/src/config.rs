@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use flywheel_core::chunk::{ChunkParams, DEFAULT_ZSTD_LEVEL};
 use object_store::ObjectStore;
@@ -265,7 +266,149 @@ pub enum StorageConfig {
         /// Allow plain `http://` endpoints.
         #[serde(default)]
         allow_http: bool,
+        /// Seconds to establish a connection to S3.
+        #[serde(default = "default_s3_connect_timeout")]
+        connect_timeout: u64,
+        /// Seconds one S3 request attempt may take, from connecting to the end of its body.
+        #[serde(default = "default_s3_request_timeout")]
+        request_timeout: u64,
+        /// Retries of one S3 request after its first attempt; 0 disables retries.
+        #[serde(default = "default_s3_max_retries")]
+        max_retries: usize,
+        /// Seconds from a request's first attempt after which no retry starts.
+        #[serde(default = "default_s3_retry_timeout")]
+        retry_timeout: u64,
+        /// First backoff between attempts, in milliseconds; it doubles (with jitter) per retry.
+        #[serde(default = "default_s3_backoff_initial_ms")]
+        retry_backoff_initial_ms: u64,
+        /// Longest backoff between attempts, in milliseconds.
+        #[serde(default = "default_s3_backoff_max_ms")]
+        retry_backoff_max_ms: u64,
     },
+}
+
+/// Timeouts and retries of S3 requests, from the keys of the `[storage]` table for S3.
+///
+/// object_store retries 5xx answers, 429, 408, refused and dropped connections (and timeouts of
+/// idempotent requests, which all of ours are: content-addressed chunks, whole-object JSON
+/// writes), and resumes a GET whose body breaks off with a range request for the rest. The bounds
+/// here keep that from turning an S3 outage into a hang: a request gives up after
+/// `retry-timeout` (plus at most one attempt and one backoff), and the caller answers 503.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Retry {
+    /// Seconds to establish a connection.
+    pub connect_timeout: u64,
+    /// Seconds one attempt may take, from connecting to the end of the response body.
+    pub request_timeout: u64,
+    /// Retries of one request after its first attempt.
+    pub max_retries: usize,
+    /// Seconds from a request's first attempt after which no retry starts.
+    pub retry_timeout: u64,
+    /// First backoff between attempts, in milliseconds.
+    pub retry_backoff_initial_ms: u64,
+    /// Longest backoff between attempts, in milliseconds.
+    pub retry_backoff_max_ms: u64,
+}
+
+impl Default for S3Retry {
+    fn default() -> Self {
+        S3Retry {
+            connect_timeout: default_s3_connect_timeout(),
+            request_timeout: default_s3_request_timeout(),
+            max_retries: default_s3_max_retries(),
+            retry_timeout: default_s3_retry_timeout(),
+            retry_backoff_initial_ms: default_s3_backoff_initial_ms(),
+            retry_backoff_max_ms: default_s3_backoff_max_ms(),
+        }
+    }
+}
+
+impl S3Retry {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.connect_timeout == 0 || self.request_timeout == 0 {
+            anyhow::bail!("storage connect-timeout and request-timeout must be at least 1 second");
+        }
+        if self.retry_backoff_initial_ms == 0 || self.retry_backoff_initial_ms > self.retry_backoff_max_ms {
+            anyhow::bail!("storage retry-backoff-initial-ms must be at least 1 and at most retry-backoff-max-ms");
+        }
+        Ok(())
+    }
+
+    /// object_store's retry policy for these settings.
+    pub fn retry_config(&self) -> object_store::RetryConfig {
+        object_store::RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: Duration::from_millis(self.retry_backoff_initial_ms),
+                max_backoff: Duration::from_millis(self.retry_backoff_max_ms),
+                base: 2.0,
+            },
+            max_retries: self.max_retries,
+            retry_timeout: Duration::from_secs(self.retry_timeout),
+        }
+    }
+
+    /// object_store's HTTP client options for these settings.
+    pub fn client_options(&self, allow_http: bool) -> object_store::ClientOptions {
+        object_store::ClientOptions::new()
+            .with_allow_http(allow_http)
+            .with_connect_timeout(Duration::from_secs(self.connect_timeout))
+            .with_timeout(Duration::from_secs(self.request_timeout))
+    }
+}
+
+/// A LAN or loopback S3 connects in milliseconds; 5 s rides out a lost SYN (resent after 1 s)
+/// and still tells a dead host quickly.
+fn default_s3_connect_timeout() -> u64 {
+    5
+}
+/// One attempt moves at most one chunk (256 KiB by default, 16 MiB at most) or one small JSON
+/// object, so 30 s means S3 has stalled, not that the object is big.
+fn default_s3_request_timeout() -> u64 {
+    30
+}
+/// With one request in five throttled, ten retries leave a chance of about 2e-8 that a request
+/// fails; a NAR needs hundreds of them.
+fn default_s3_max_retries() -> usize {
+    10
+}
+/// S3 down must be answered with a 503 well before a client, or the server's own
+/// `request-timeout` (60 s), gives up. Refused connections use up the retries within seconds;
+/// an S3 that takes no connections fails a call after 15 s plus one `connect-timeout`.
+fn default_s3_retry_timeout() -> u64 {
+    15
+}
+fn default_s3_backoff_initial_ms() -> u64 {
+    100
+}
+/// object_store's default of 15 s would spend the whole `retry-timeout` in one sleep; 2 s keeps
+/// several attempts within it while easing off a throttling S3.
+fn default_s3_backoff_max_ms() -> u64 {
+    2000
+}
+
+impl StorageConfig {
+    /// The S3 timeouts and retries, or `None` for local storage.
+    pub fn s3_retry(&self) -> Option<S3Retry> {
+        match self {
+            StorageConfig::Local { .. } => None,
+            StorageConfig::S3 {
+                connect_timeout,
+                request_timeout,
+                max_retries,
+                retry_timeout,
+                retry_backoff_initial_ms,
+                retry_backoff_max_ms,
+                ..
+            } => Some(S3Retry {
+                connect_timeout: *connect_timeout,
+                request_timeout: *request_timeout,
+                max_retries: *max_retries,
+                retry_timeout: *retry_timeout,
+                retry_backoff_initial_ms: *retry_backoff_initial_ms,
+                retry_backoff_max_ms: *retry_backoff_max_ms,
+            }),
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -355,6 +498,9 @@ impl ServerConfig {
         if let StorageConfig::S3 { secret_access_key: Some(_), secret_access_key_file: Some(_), .. } = &self.storage {
             anyhow::bail!("give the S3 secret key either inline or as a file, not both");
         }
+        if let Some(retry) = self.storage.s3_retry() {
+            retry.check()?;
+        }
         Ok(())
     }
 
@@ -377,12 +523,16 @@ impl ServerConfig {
                 secret_access_key_file,
                 path_style,
                 allow_http,
+                ..
             } => {
+                let retry = self.storage.s3_retry().unwrap_or_default();
                 let mut builder = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_region(region)
                     .with_virtual_hosted_style_request(!path_style)
-                    .with_allow_http(*allow_http);
+                    .with_allow_http(*allow_http)
+                    .with_client_options(retry.client_options(*allow_http))
+                    .with_retry(retry.retry_config());
                 if let Some(endpoint) = endpoint {
                     builder = builder.with_endpoint(endpoint);
                 }
@@ -479,5 +629,26 @@ mod tests {
         )
         .unwrap();
         assert!(ServerConfig::load(&config_file).is_err());
+    }
+
+    #[test]
+    fn s3_retries_have_defaults_and_are_checked() {
+        let base = "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\n";
+        let s3 = "[storage]\ntype = 's3'\nbucket = 'b'\nendpoint = 'http://127.0.0.1:9'\nallow-http = true\n";
+        let default: ServerConfig = toml::from_str(&format!("{base}{s3}")).unwrap();
+        assert_eq!(default.storage.s3_retry(), Some(S3Retry::default()));
+        default.check().unwrap();
+        let set: ServerConfig =
+            toml::from_str(&format!("{base}{s3}retry-timeout = 3\nmax-retries = 2\nretry-backoff-max-ms = 500\n")).unwrap();
+        let retry = set.storage.s3_retry().unwrap();
+        assert_eq!((retry.retry_timeout, retry.max_retries, retry.retry_backoff_max_ms, retry.connect_timeout), (3, 2, 500, 5));
+        set.check().unwrap();
+        set.open_store().unwrap();
+        let bad: ServerConfig = toml::from_str(&format!("{base}{s3}retry-backoff-initial-ms = 5000\n")).unwrap();
+        assert!(bad.check().is_err());
+        assert!(toml::from_str::<ServerConfig>(&format!("{base}{s3}retries = 3\n")).is_err());
+        let local: ServerConfig = toml::from_str(&format!("{base}[storage]\ntype = 'local'\npath = '/tmp/x'\n")).unwrap();
+        assert_eq!(local.storage.s3_retry(), None);
+        assert!(toml::from_str::<ServerConfig>(&format!("{base}[storage]\ntype = 'local'\npath = '/x'\nmax-retries = 1\n")).is_err());
     }
 }

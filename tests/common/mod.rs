@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest;
 
+pub mod faults;
 pub mod load;
 
 /// The Prometheus text a `/metrics` endpoint answers.
@@ -219,6 +220,16 @@ impl Server {
 
     /// Starts a server; `extra` is appended to the top level of its config.
     pub fn start_with(backend: Backend, extra: &str) -> Server {
+        Self::start_inner(backend, extra, "", &mut |s3: &str| s3.to_string())
+    }
+
+    /// Starts a server on s3s-fs reached through `endpoint(s3s-fs's URL)` (a proxy in
+    /// between); `storage_extra` is appended to its `[storage]` table.
+    pub fn start_s3_via(extra: &str, storage_extra: &str, endpoint: &mut dyn FnMut(&str) -> String) -> Server {
+        Self::start_inner(Backend::S3, extra, storage_extra, endpoint)
+    }
+
+    fn start_inner(backend: Backend, extra: &str, storage_extra: &str, endpoint: &mut dyn FnMut(&str) -> String) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, rand::random::<[u8; 32]>());
         let (storage, objects, s3) = match backend {
@@ -239,8 +250,9 @@ impl Server {
                     .spawn()
                     .expect("starting s3s-fs");
                 wait_for_port(port, &mut child, "s3s-fs");
+                let endpoint = endpoint(&format!("http://127.0.0.1:{port}"));
                 let config = format!(
-                    "[storage]\ntype = \"s3\"\nbucket = \"flywheel\"\nendpoint = \"http://127.0.0.1:{port}\"\naccess-key-id = \"testkey\"\nsecret-access-key = \"testsecret\"\nallow-http = true\n"
+                    "[storage]\ntype = \"s3\"\nbucket = \"flywheel\"\nendpoint = \"{endpoint}\"\naccess-key-id = \"testkey\"\nsecret-access-key = \"testsecret\"\nallow-http = true\n{storage_extra}"
                 );
                 (config, root.join("flywheel"), Some(KillOnDrop(child)))
             }
