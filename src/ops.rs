@@ -104,5 +104,9 @@ pub fn gc(args: GcArgs) -> anyhow::Result<()> {
         report.chunk_bytes_freed,
         report.chunks_kept
     );
+    println!(
+        "{verb} {} chunk grants, {} uploaded NAR file names, {} logs and debug info records",
+        report.grants_deleted, report.nar_files_deleted, report.logs_deleted
+    );
     Ok(())
 }

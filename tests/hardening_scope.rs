@@ -376,3 +376,57 @@ fn short_bodies_are_the_callers_mistake() {
         assert!(answer.starts_with("HTTP/1.1 400"), "{method} {path}: {answer:?}");
     }
 }
+
+/// Garbage collection takes back what a cache held for a path it no longer has: the grants of
+/// chunks no live path of the cache uses, and the record of the NAR file name Nix uploaded.
+/// Another cache holding the same chunks keeps its grants.
+#[test]
+fn gc_takes_back_grants_of_deleted_paths() {
+    let nix = Nix::new();
+    let server = Server::start_with(Backend::Local, "[gc]\ninterval = 0\ngrace-period = 0\n");
+    server.create_cache("a", false);
+    let key_b = server.create_cache("b", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("gc-grants"), &["big"]);
+    let admin = server.admin_token();
+    for cache in ["a", "b"] {
+        let out = nix.copy_to(&src, &format!("{}/{cache}", server.url), &server.netrc(&admin), &paths);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let client = Client::new();
+    let chunks = manifest_chunks(&client, &server, "a", &paths[0], &admin);
+    let hashes: Vec<&str> = chunks.iter().map(|c| c["hash"].as_str().unwrap()).collect();
+    let distinct: std::collections::BTreeSet<&str> = hashes.iter().copied().collect();
+    let missing_in = |cache: &str| -> usize {
+        let answer: Value = client
+            .post(format!("{}/_flywheel/v1/{cache}/missing-chunks", server.url))
+            .bearer_auth(&admin)
+            .json(&json!({"chunks": hashes}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        answer["chunks"].as_array().unwrap().len()
+    };
+    assert_eq!((missing_in("a"), missing_in("b")), (0, 0));
+    let gc = |extra: &[&str]| {
+        let out = std::process::Command::new(common::FLYWHEEL).args(["gc", "--config"]).arg(&server.config).args(extra).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let report = gc(&[]);
+    assert!(report.contains("freed 0 chunk grants, 0 uploaded NAR file names"), "nothing is dead yet: {report}");
+
+    let resp = client.delete(format!("{}/a/{}.narinfo", server.url, hash_part(&paths[0]))).bearer_auth(&admin).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let report = gc(&["--dry-run"]);
+    assert!(report.contains(&format!("would free {} chunk grants, 1 uploaded NAR file names", distinct.len())), "{report}");
+    assert_eq!(missing_in("a"), 0, "a dry run deleted grants");
+    let report = gc(&[]);
+    assert!(report.contains(&format!("freed {} chunk grants, 1 uploaded NAR file names", distinct.len())), "{report}");
+    assert_eq!(missing_in("a"), hashes.len(), "a holds nothing of the deleted path");
+    assert_eq!(missing_in("b"), 0, "b's grants went with a's");
+    // b still serves the path, its chunks untouched.
+    let out = nix.copy_from(&nix.store("dst"), &format!("{}/b", server.url), &server.netrc(&admin), &key_b, &paths);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -58,6 +58,12 @@ pub struct GcReport {
     /// No chunk was deleted, because a live (or young) manifest could not be read, so its
     /// chunks were not known.
     pub chunks_sweep_skipped: bool,
+    /// Chunk grants deleted: chunks no live path of their cache uses any more.
+    pub grants_deleted: usize,
+    /// Records of uploaded NAR file names deleted, for paths gone or published anew.
+    pub nar_files_deleted: usize,
+    /// Build logs and debug info records expired with their cache's retention period.
+    pub logs_deleted: usize,
 }
 
 impl GcReport {
@@ -86,6 +92,7 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
 
     // Retention, then the mark of what stays.
     let mut live_nars: HashSet<Sha256Hash> = HashSet::new();
+    let mut caches: Vec<CacheLive> = Vec::new();
     for cache in storage.list_caches().await? {
         // Unknown settings: keep every path of the cache.
         let period = match storage.get_cache(&cache).await {
@@ -96,6 +103,7 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
                 0
             }
         };
+        caches.push(CacheLive { name: cache.clone(), retention: period, ..Default::default() });
         let hash_parts = match storage.list_paths(&cache).await {
             Ok(hash_parts) => hash_parts,
             Err(err) => {
@@ -114,6 +122,7 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
                     continue;
                 }
             };
+
             if period > 0 {
                 let accessed = match storage.get_access(&cache, &hash_part).await {
                     Ok(accessed) => accessed.unwrap_or(0),
@@ -128,6 +137,9 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
                         if let Err(err) = storage.delete_path(&cache, &hash_part).await {
                             report.problem(format!("expiring {cache}/{}: {err}", path.store_path));
                             live_nars.insert(path.nar_hash);
+            if let Some(live) = caches.last_mut() {
+                live.keep(&path);
+            }
                             continue;
                         }
                     }
@@ -136,6 +148,9 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
                 }
             }
             live_nars.insert(path.nar_hash);
+            if let Some(live) = caches.last_mut() {
+                live.keep(&path);
+            }
         }
         let pending = match storage.list_objects(&format!("caches/{cache}/pending")).await {
             Ok(pending) => pending,
@@ -163,6 +178,8 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
 
     // Manifests: keep the live ones; sweep the rest once past the grace period.
     let mut live_chunks: HashSet<ChunkHash> = HashSet::new();
+    // The chunk lists of the manifests of published paths, for each cache's grants below.
+    let mut nar_chunks: std::collections::HashMap<Sha256Hash, Vec<ChunkHash>> = std::collections::HashMap::new();
     for meta in storage.list_objects("manifests").await? {
         let Some(nar_hash) = manifest_nar_hash(&meta.location) else { continue };
         let live = live_nars.contains(&nar_hash) || young(&meta) || report.manifests_sweep_skipped;
@@ -176,7 +193,11 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
             report.manifests_deleted += 1;
             continue;
         }
-        mark(storage, &meta.location, &mut live_chunks, &mut report).await;
+        if let Some(chunks) = mark(storage, &meta.location, &mut live_chunks, &mut report).await {
+            if caches.iter().any(|c| c.nars.contains(&nar_hash)) {
+                nar_chunks.insert(nar_hash, chunks);
+            }
+        }
     }
 
     // Manifests written while this ran belong to pushes that just finished.
@@ -219,6 +240,7 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
         report.chunks_deleted += 1;
         report.chunk_bytes_freed += meta.size;
     }
+    sweep_cache_records(storage, &caches, &nar_chunks, grace_cutoff_ms, dry_run, &mut report).await;
     tracing::info!(
         expired = report.expired_paths.len(),
         manifests = report.manifests_deleted,
@@ -235,17 +257,114 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
 /// whose file index does not parse still keeps its chunks. A manifest that cannot be read at
 /// all (or is gone since the listing, if a collection elsewhere took it) leaves its chunks
 /// unknown, so no chunk is deleted in this run.
-async fn mark(storage: &Storage, key: &object_store::path::Path, live: &mut HashSet<ChunkHash>, report: &mut GcReport) {
+async fn mark(
+    storage: &Storage,
+    key: &object_store::path::Path,
+    live: &mut HashSet<ChunkHash>,
+    report: &mut GcReport,
+) -> Option<Vec<ChunkHash>> {
     let read = match storage.object_store().get(key).await {
         Ok(result) => result.bytes().await.map_err(|e| e.to_string()),
-        Err(object_store::Error::NotFound { .. }) => return,
+        Err(object_store::Error::NotFound { .. }) => return None,
         Err(err) => Err(err.to_string()),
     };
     match read.and_then(|bytes| ManifestChunks::from_json(&bytes).map_err(|e| e.to_string())) {
-        Ok(manifest) => live.extend(manifest.chunks.iter().map(|c| c.hash)),
+        Ok(manifest) => {
+            let chunks: Vec<ChunkHash> = manifest.chunks.iter().map(|c| c.hash).collect();
+            live.extend(chunks.iter().copied());
+            Some(chunks)
+        }
         Err(err) => {
             report.problem(format!("manifest {key} is in use but unreadable, so no chunk is deleted: {err}"));
             report.chunks_sweep_skipped = true;
+            None
+        }
+    }
+}
+
+/// What a collection learned of one cache: what its live paths use.
+#[derive(Default)]
+struct CacheLive {
+    name: String,
+    /// Retention period in seconds; 0 keeps forever.
+    retention: u64,
+    nars: HashSet<Sha256Hash>,
+    nar_files: HashSet<String>,
+}
+
+impl CacheLive {
+    /// Notes a path that stays (live, or whose expiry failed).
+    fn keep(&mut self, path: &crate::storage::PathRecord) {
+        self.nars.insert(path.nar_hash);
+        self.nar_files.extend(path.nar_file.clone());
+    }
+}
+
+/// Sweeps what each cache keeps beside its paths: grants of chunks none of its live paths uses,
+/// records of uploaded NAR file names whose path is gone (or was published anew), and build
+/// logs and debug info older than the retention period. Young objects stay (uploads in
+/// flight); grants stay entirely when the chunk lists of live paths are not all known.
+async fn sweep_cache_records(
+    storage: &Storage,
+    caches: &[CacheLive],
+    nar_chunks: &std::collections::HashMap<Sha256Hash, Vec<ChunkHash>>,
+    grace_cutoff_ms: u64,
+    dry_run: bool,
+    report: &mut GcReport,
+) {
+    let now = now_ms();
+    let grants_known = !report.manifests_sweep_skipped && !report.chunks_sweep_skipped;
+    for cache in caches {
+        let young = |meta: &object_store::ObjectMeta| modified_ms(meta) > grace_cutoff_ms;
+        let mut doomed: Vec<(object_store::path::Path, &str)> = Vec::new();
+        if grants_known {
+            let used: HashSet<ChunkHash> = cache.nars.iter().filter_map(|n| nar_chunks.get(n)).flatten().copied().collect();
+            let all_known = cache.nars.iter().all(|n| nar_chunks.contains_key(n));
+            match storage.list_objects(&format!("caches/{}/chunks", cache.name)).await {
+                Ok(grants) if all_known => doomed.extend(
+                    grants
+                        .into_iter()
+                        .filter(|g| !young(g) && Storage::granted_chunk(&g.location).is_some_and(|h| !used.contains(&h)))
+                        .map(|g| (g.location, "grant")),
+                ),
+                Ok(_) => {}
+                Err(err) => report.problem(format!("cache {}: grants could not be listed: {err}", cache.name)),
+            }
+        }
+        if !report.manifests_sweep_skipped {
+            match storage.list_objects(&format!("caches/{}/nar-files", cache.name)).await {
+                Ok(files) => doomed.extend(
+                    files
+                        .into_iter()
+                        .filter(|f| !young(f) && f.location.filename().is_some_and(|name| !cache.nar_files.contains(name)))
+                        .map(|f| (f.location, "nar-file")),
+                ),
+                Err(err) => report.problem(format!("cache {}: NAR file names could not be listed: {err}", cache.name)),
+            }
+        }
+        if cache.retention > 0 {
+            let expired_before = now.saturating_sub(cache.retention.saturating_mul(1000));
+            for kind in ["logs", "debuginfo"] {
+                match storage.list_objects(&format!("caches/{}/{kind}", cache.name)).await {
+                    Ok(records) => doomed.extend(
+                        records.into_iter().filter(|r| modified_ms(r) < expired_before).map(|r| (r.location, "log")),
+                    ),
+                    Err(err) => report.problem(format!("cache {}: {kind} could not be listed: {err}", cache.name)),
+                }
+            }
+        }
+        for (key, kind) in doomed {
+            if !dry_run {
+                if let Err(err) = storage.delete_object(&key).await {
+                    report.problem(format!("deleting {key}: {err}"));
+                    continue;
+                }
+            }
+            match kind {
+                "grant" => report.grants_deleted += 1,
+                "nar-file" => report.nar_files_deleted += 1,
+                _ => report.logs_deleted += 1,
+            }
         }
     }
 }
