@@ -134,7 +134,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
 pub fn body_stream(body: axum::body::Body) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> + Send + 'static {
     use futures::TryStreamExt;
     body.into_data_stream()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, Error::invalid(format!("reading the request body: {e}"))))
+        .map_err(|e| std::io::Error::other(Error::invalid(format!("reading the request body: {e}"))))
 }
 
 /// Who is calling: the verified claims of their token, if they sent one.
