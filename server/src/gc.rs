@@ -32,7 +32,7 @@ use flywheel_core::Result;
 use object_store::ObjectStoreExt;
 
 use crate::config::GcConfig;
-use crate::storage::{modified_ms, now, now_ms, Reuse, Storage};
+use crate::storage::{modified_ms, now, now_ms, CacheFile, Reuse, Storage};
 
 /// What a collection did (or, in a dry run, would do).
 #[derive(Debug, Default, Clone)]
@@ -332,7 +332,7 @@ async fn sweep_cache_records(
             }
         }
         if !report.manifests_sweep_skipped {
-            match storage.list_objects(&format!("caches/{}/nar-files", cache.name)).await {
+            match storage.list_objects(&format!("caches/{}/{}", cache.name, CacheFile::NAR_FILES)).await {
                 Ok(files) => doomed.extend(
                     files
                         .into_iter()
@@ -344,7 +344,7 @@ async fn sweep_cache_records(
         }
         if cache.retention > 0 {
             let expired_before = now.saturating_sub(cache.retention.saturating_mul(1000));
-            for kind in ["logs", "debuginfo"] {
+            for kind in [CacheFile::LOGS, CacheFile::DEBUG_INFO] {
                 match storage.list_objects(&format!("caches/{}/{kind}", cache.name)).await {
                     Ok(records) => doomed.extend(
                         records.into_iter().filter(|r| modified_ms(r) < expired_before).map(|r| (r.location, "log")),

@@ -138,6 +138,43 @@ pub struct PathRecord {
     pub nar_file: Option<String>,
 }
 
+/// The small files a cache keeps beside its paths, each under `caches/{cache}/{dir}/{name}`.
+#[derive(Debug, Clone, Copy)]
+pub enum CacheFile<'a> {
+    /// The zstd-compressed build log of a derivation (its base name).
+    Log(&'a str),
+    /// What Nix's `index-debug-info` wrote for a build ID.
+    DebugInfo(&'a str),
+    /// The hash part of the path whose uploader named its NAR `nar/{name}`.
+    NarFile(&'a str),
+}
+
+impl CacheFile<'_> {
+    /// The folder of each kind, below `caches/{cache}/`.
+    pub const LOGS: &'static str = "logs";
+    /// See [`CacheFile::LOGS`].
+    pub const DEBUG_INFO: &'static str = "debuginfo";
+    /// See [`CacheFile::LOGS`].
+    pub const NAR_FILES: &'static str = "nar-files";
+
+    fn key(&self, cache: &str) -> Path {
+        let (dir, name) = match *self {
+            CacheFile::Log(name) => (Self::LOGS, name),
+            CacheFile::DebugInfo(name) => (Self::DEBUG_INFO, name),
+            CacheFile::NarFile(name) => (Self::NAR_FILES, name),
+        };
+        Path::from(format!("caches/{cache}/{dir}/{name}"))
+    }
+
+    fn what(&self) -> &'static str {
+        match self {
+            CacheFile::Log(_) => "build log",
+            CacheFile::DebugInfo(_) => "debuginfo",
+            CacheFile::NarFile(_) => "NAR file name",
+        }
+    }
+}
+
 /// Typed access to the object store.
 #[derive(Clone)]
 pub struct Storage {
@@ -539,54 +576,27 @@ impl Storage {
         Ok(bytes.and_then(|b| String::from_utf8(b.to_vec()).ok()).filter(|h| flywheel_core::nix::store_path::parse_hash_part(h).is_ok()))
     }
 
-    fn log_key(cache: &str, drv: &str) -> Path {
-        Path::from(format!("caches/{cache}/logs/{drv}"))
-    }
-
-    /// Stores the zstd-compressed build log of the derivation `drv` (a base name).
-    pub async fn put_log(&self, cache: &str, drv: &str, compressed: Bytes) -> Result<()> {
-        self.store.put(&Self::log_key(cache, drv), PutPayload::from(compressed)).await.map_err(|e| storage_error(e, "build log"))?;
+    /// Stores one of the small files a cache keeps beside its paths.
+    pub async fn put_cache_file(&self, cache: &str, file: CacheFile<'_>, bytes: Bytes) -> Result<()> {
+        self.store.put(&file.key(cache), PutPayload::from(bytes)).await.map_err(|e| storage_error(e, file.what()))?;
         Ok(())
     }
 
-    /// The zstd-compressed build log of the derivation `drv`.
-    pub async fn get_log(&self, cache: &str, drv: &str) -> Result<Option<Bytes>> {
-        self.get_bytes(&Self::log_key(cache, drv), "build log").await
-    }
-
-    fn debuginfo_key(cache: &str, build_id: &str) -> Path {
-        Path::from(format!("caches/{cache}/debuginfo/{build_id}"))
-    }
-
-    /// Stores what Nix's `index-debug-info` wrote for a build ID.
-    pub async fn put_debuginfo(&self, cache: &str, build_id: &str, json: Bytes) -> Result<()> {
-        self.store.put(&Self::debuginfo_key(cache, build_id), PutPayload::from(json)).await.map_err(|e| storage_error(e, "debuginfo"))?;
-        Ok(())
-    }
-
-    /// What was stored for a build ID.
-    pub async fn get_debuginfo(&self, cache: &str, build_id: &str) -> Result<Option<Bytes>> {
-        self.get_bytes(&Self::debuginfo_key(cache, build_id), "debuginfo").await
-    }
-
-    fn nar_file_key(cache: &str, file: &str) -> Path {
-        Path::from(format!("caches/{cache}/nar-files/{file}"))
+    /// One of the small files a cache keeps beside its paths.
+    pub async fn get_cache_file(&self, cache: &str, file: CacheFile<'_>) -> Result<Option<Bytes>> {
+        self.get_bytes(&file.key(cache), file.what()).await
     }
 
     /// Records that the uploader of the path `hash_part` named its NAR `nar/{file}`; written
     /// before the path record that names the file.
     pub async fn put_nar_file(&self, cache: &str, file: &str, hash_part: &str) -> Result<()> {
-        self.store
-            .put(&Self::nar_file_key(cache, file), PutPayload::from(hash_part.to_string().into_bytes()))
-            .await
-            .map_err(|e| storage_error(e, "NAR file name"))?;
-        Ok(())
+        self.put_cache_file(cache, CacheFile::NarFile(file), Bytes::from(hash_part.to_string())).await
     }
 
     /// The hash part of the path whose uploader named its NAR `nar/{file}`; the path may be
     /// gone since, or published again under another name.
     pub async fn nar_file_path(&self, cache: &str, file: &str) -> Result<Option<String>> {
-        let bytes = self.get_bytes(&Self::nar_file_key(cache, file), "NAR file name").await?;
+        let bytes = self.get_cache_file(cache, CacheFile::NarFile(file)).await?;
         Ok(bytes.and_then(|b| String::from_utf8(b.to_vec()).ok()).filter(|h| flywheel_core::nix::store_path::parse_hash_part(h).is_ok()))
     }
 

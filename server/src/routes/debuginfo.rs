@@ -12,6 +12,7 @@ use tracing::instrument;
 use super::{Access, Pull, Push};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::storage::CacheFile;
 
 /// Largest debuginfo record: Nix writes two short strings.
 pub const MAX_DEBUGINFO_SIZE: usize = 16 * 1024;
@@ -48,7 +49,7 @@ pub async fn put(
         return Err(Error::invalid(format!("debuginfo/{id}: archive and member must be relative paths")).into());
     }
     let json = serde_json::to_vec(&info).map_err(|e| Error::internal(e.to_string()))?;
-    state.storage.put_debuginfo(&access.name, id, Bytes::from(json)).await?;
+    state.storage.put_cache_file(&access.name, CacheFile::DebugInfo(id), Bytes::from(json)).await?;
     Ok(StatusCode::OK)
 }
 
@@ -63,7 +64,7 @@ pub async fn get(
     let id = build_id(&name).map_err(|_| Error::not_found(format!("no debug info named {name:?}")))?;
     let json = state
         .storage
-        .get_debuginfo(&access.name, id)
+        .get_cache_file(&access.name, CacheFile::DebugInfo(id))
         .await?
         .ok_or_else(|| Error::not_found(format!("no debug info for build ID {id} in cache {:?}", access.name)))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())

@@ -13,6 +13,7 @@ use super::{Access, Pull, Push};
 use crate::error::ApiError;
 use crate::ingest::Compression;
 use crate::state::AppState;
+use crate::storage::CacheFile;
 
 /// Largest log kept, uncompressed. Longer logs are refused rather than cut: a cut log would
 /// look whole.
@@ -46,7 +47,7 @@ pub async fn put(
     })
     .await
     .map_err(|e| Error::internal(e.to_string()))??;
-    state.storage.put_log(&access.name, &name, Bytes::from(stored)).await?;
+    state.storage.put_cache_file(&access.name, CacheFile::Log(&name), Bytes::from(stored)).await?;
     Ok(StatusCode::OK)
 }
 
@@ -60,7 +61,7 @@ pub async fn get(
     let name = log_name(&name)?;
     let stored = state
         .storage
-        .get_log(&access.name, &name)
+        .get_cache_file(&access.name, CacheFile::Log(&name))
         .await?
         .ok_or_else(|| Error::not_found(format!("no log of {name} in cache {:?}", access.name)))?;
     let log = tokio::task::spawn_blocking(move || Compression::Zstd.decode_all(stored, MAX_LOG_SIZE))
