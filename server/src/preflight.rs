@@ -67,9 +67,8 @@ impl VerifiedChunks {
         Ok(())
     }
 
-    /// Fails as [`VerifiedChunks::check`] does, for chunks that are not a whole NAR (a batch of
-    /// the chunk API).
-    pub async fn check_chunks(self: &Arc<Self>, storage: &Storage, refs: &[ChunkRef], parallelism: usize) -> Result<()> {
+    /// Looks over every chunk of `refs`, as [`VerifiedChunks::check`] describes.
+    async fn check_chunks(self: &Arc<Self>, storage: &Storage, refs: &[ChunkRef], parallelism: usize) -> Result<()> {
         futures::stream::iter(refs.iter().copied())
             .map(|chunk_ref| {
                 let verified = self.clone();

@@ -369,6 +369,21 @@ impl Storage {
             .await
     }
 
+    /// Grants these chunks to `cache` (see [`Storage::grant_chunks`]) without asking first
+    /// which it held: one write each, for uploads that need not know.
+    pub async fn put_grants(&self, cache: &str, hashes: &[ChunkHash], parallelism: usize) -> Result<()> {
+        futures::stream::iter(hashes.iter().copied())
+            .map(|hash| {
+                let storage = self.clone();
+                let key = Self::grant_key(cache, &hash);
+                async move { storage.store.put(&key, PutPayload::new()).await.map_err(|e| storage_error(e, "chunk grant")) }
+            })
+            .buffer_unordered(parallelism.max(1))
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(())
+    }
+
     /// Which of `hashes` `cache` holds (see [`Storage::grant_chunks`]), in order.
     pub async fn chunks_held(&self, cache: &str, hashes: &[ChunkHash], parallelism: usize) -> Result<Vec<bool>> {
         futures::stream::iter(hashes.iter().copied())

@@ -142,20 +142,24 @@ pub async fn get_one(
     Ok(([(header::CONTENT_TYPE, "application/zstd")], frame).into_response())
 }
 
-/// The verified frames of `chunks`, each checked before the stream is handed out (see
-/// [`crate::preflight`]), so a missing or corrupt chunk is a 5xx before the status line.
+/// The verified frames of `chunks`, in order. The first is fetched and verified before the
+/// stream is handed out, so a batch whose chunks are missing from storage is a 5xx before the
+/// status line. Later chunks are verified as they stream: the runner's client checks every
+/// frame and takes a stream cut short as a failed fetch, so a preflight of the whole batch
+/// (which read every chunk twice, and doubled cold substitution time) buys it nothing.
 async fn chunk_frames(
     state: &AppState,
     chunks: Vec<ChunkRef>,
 ) -> Result<impl futures::Stream<Item = Result<(Bytes, Bytes), Error>> + Send + 'static, Error> {
-    state.verified.check_chunks(&state.storage, &chunks, state.config.chunk_parallelism).await?;
-    Ok(verified_chunks(
+    let mut frames = Box::pin(verified_chunks(
         state.storage.clone(),
         chunks,
         state.config.chunk_parallelism,
         state.chunk_reads.clone(),
         state.metrics.clone(),
-    ))
+    ));
+    let first = frames.next().await.transpose()?;
+    Ok(futures::stream::iter(first.map(Ok)).chain(frames))
 }
 
 /// `POST chunks`: many verified chunks of one path, each framed as an 8-byte little-endian
@@ -243,7 +247,7 @@ async fn store_uploaded(state: &AppState, cache: &str, frames: Vec<(ChunkHash, B
         .buffer_unordered(state.config.chunk_parallelism)
         .try_collect::<()>()
         .await?;
-    state.storage.grant_chunks(cache, &hashes, state.config.chunk_parallelism).await?;
+    state.storage.put_grants(cache, &hashes, state.config.chunk_parallelism).await?;
     Ok(())
 }
 
