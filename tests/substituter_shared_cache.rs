@@ -63,6 +63,21 @@ fn substituter_shares_its_cache_dir_with_a_running_mount() {
     for path in &paths[..2] {
         read_tree(&mount.path(path));
     }
+    // Fetched frames reach the cache in the background (and readahead may still be fetching):
+    // wait until every frame the mount fetched is in the cache, and nothing more arrives.
+    let mount_url = format!("http://{metrics_addr}/metrics");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut last = (0.0, -1.0);
+    loop {
+        let text = metrics(&mount_url);
+        let now = (sample(&text, "flywheel_runner_chunk_bytes_fetched_total"), sample(&text, "flywheel_runner_cache_used_bytes"));
+        if now.0 > 0.0 && now.1 >= now.0 && now == last {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the mount's cache never caught up with its fetches: {now:?}");
+        last = now;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let mount_fetched = mount_proxy.chunks_requested();
     assert!(mount_fetched > 0);
 
