@@ -352,21 +352,10 @@ impl Storage {
     /// (`missing-chunks`, commits), so that knowing a chunk's hash never stands in for having
     /// its bytes. A grant is written after the chunk itself.
     pub async fn grant_chunks(&self, cache: &str, hashes: &[ChunkHash], parallelism: usize) -> Result<Vec<bool>> {
-        futures::stream::iter(hashes.iter().copied())
-            .map(|hash| {
-                let storage = self.clone();
-                let key = Self::grant_key(cache, &hash);
-                async move {
-                    if storage.exists(&key, "chunk grant").await? {
-                        return Ok(true);
-                    }
-                    storage.store.put(&key, PutPayload::new()).await.map_err(|e| storage_error(e, "chunk grant"))?;
-                    Ok(false)
-                }
-            })
-            .buffered(parallelism.max(1))
-            .try_collect()
-            .await
+        let held = self.chunks_held(cache, hashes, parallelism).await?;
+        let new: Vec<ChunkHash> = hashes.iter().zip(&held).filter(|(_, held)| !**held).map(|(h, _)| *h).collect();
+        self.put_grants(cache, &new, parallelism).await?;
+        Ok(held)
     }
 
     /// Grants these chunks to `cache` (see [`Storage::grant_chunks`]) without asking first

@@ -356,7 +356,7 @@ pub async fn put_nar(
 ) -> ApiResult<StatusCode> {
     authorize(&state, &caller, &cache, "push", |p| p.push).await?;
     let compression = Compression::from_file_name(&file)?;
-    let stream = super::body_stream(body);
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
     let ingested = state.ingester.ingest(stream, compression).await?;
     let nar_hash = ingested.manifest.nar_hash;
     let (manifest, stats) = ingested.commit().await?;

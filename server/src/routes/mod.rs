@@ -128,15 +128,6 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
     }
 }
 
-/// A request body as a stream of bytes whose failures (a body shorter than its
-/// `Content-Length`, a client that went away or stalled) are the client's: they read as bad
-/// input, a 400, never as an internal error.
-pub fn body_stream(body: axum::body::Body) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> + Send + 'static {
-    use futures::TryStreamExt;
-    body.into_data_stream()
-        .map_err(|e| std::io::Error::other(Error::invalid(format!("reading the request body: {e}"))))
-}
-
 /// Who is calling: the verified claims of their token, if they sent one.
 pub struct Caller(pub Option<Claims>);
 

@@ -11,7 +11,7 @@ use flywheel_core::api::v1::upload_path::{
 };
 use flywheel_core::nix::Sha256Hash;
 use flywheel_core::Error;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tracing::instrument;
 
 use super::publish::PathMetadata;
@@ -34,7 +34,7 @@ pub async fn handle(
     // The cache is named in the body's preamble: a caller who may push nowhere is refused
     // before any of it is read.
     caller.require_anywhere("push", Push::granted)?;
-    let mut stream = super::body_stream(body).boxed();
+    let mut stream = body.into_data_stream().map_err(std::io::Error::other).boxed();
     let (info_json, leftover) = if let Some(size) = headers.get(NAR_INFO_PREAMBLE_SIZE_HEADER) {
         let size: usize = size
             .to_str()
