@@ -1,11 +1,12 @@
 //! Deep store paths end to end with real Nix 2.8, a path deeper than the limit refused, and
 //! garbage collection and fsck carrying on past damaged objects.
 
+#[macro_use]
 mod common;
 
 use std::process::Command;
 
-use common::{hash_part, Backend, Nix, Server, FLYWHEEL};
+use common::{hash_part, Backend, Nix, Server, FLYWHEEL, NixVersion};
 use flywheel_core::api::v1::chunks::PathManifest;
 use flywheel_core::nar::{NarWriter, MAX_DEPTH};
 use flywheel_core::nix::Sha256Hash;
@@ -30,9 +31,12 @@ fn add_deep_path(nix: &Nix, store: &str, depth: usize) -> String {
     out.trim().to_string()
 }
 
-#[test]
-fn deep_paths_round_trip_through_nix() {
-    let nix = Nix::new();
+nix_matrix! {
+    deep_paths_round_trip_through_nix => |version| deep_paths_round_trip_through_nix_with(version);
+}
+
+fn deep_paths_round_trip_through_nix_with(version: NixVersion) {
+    let nix = Nix::of(version);
     let server = Server::start(Backend::Local);
     let key = server.create_cache("ci", false);
     let src = nix.store("src");

@@ -1,11 +1,12 @@
 //! The lazy FUSE store against the real server, real FUSE and real Nix 2.8.
 
+#[macro_use]
 mod common_fuse;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use common_fuse::{common, dir_size, sha256_file, CountingProxy, Setup};
+use common_fuse::{common, dir_size, sha256_file, CountingProxy, NixVersion, Setup};
 use flywheel_client::{CacheConfig, ChunkCache};
 use flywheel_core::nix::Sha256Hash;
 
@@ -251,9 +252,12 @@ fn fuse_quota_holds_and_concurrent_readers_get_correct_bytes() {
     assert!(cache.used_bytes() > quota / 2, "the cache is used");
 }
 
-#[test]
-fn fuse_lazy_mode_overlay_dump_db_build() {
-    let setup = Setup::new();
+nix_matrix! {
+    fuse_lazy_mode_overlay_dump_db_build => |version| fuse_lazy_mode_overlay_dump_db_build_with(version);
+}
+
+fn fuse_lazy_mode_overlay_dump_db_build_with(version: NixVersion) {
+    let setup = Setup::of(version);
     let paths = setup.push_corpus(&["withRefs"]);
     // The closure: withRefs refers to single and tree.
     let cache_dir = tempfile::tempdir().unwrap();

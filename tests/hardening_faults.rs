@@ -8,6 +8,7 @@
 //! Faults are drawn from a seeded RNG whose seed each test prints (`FAULT_SEED` replays it).
 //! Every wait is on a condition and every request has a generous client timeout: a hang fails.
 
+#[macro_use]
 mod common;
 
 use std::io::Read;

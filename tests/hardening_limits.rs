@@ -6,6 +6,7 @@
 //! Servers here run with timeouts of a second or two so that the tests are quick; every wait
 //! is on a condition (a closed socket, an answer), bounded by a generous client timeout.
 
+#[macro_use]
 mod common;
 
 use std::io::{ErrorKind, Read, Write};

@@ -2,6 +2,7 @@
 //! read only as part of one of the cache's paths, and an upload counts only on chunks the cache
 //! holds. Tokens are checked before any body byte is read. On local storage and on S3.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};

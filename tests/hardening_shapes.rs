@@ -4,6 +4,7 @@
 //! are uploaded, then read by 32 concurrent `.ls`, NAR and manifest requests, and the server's
 //! peak RSS stays under 200 MiB throughout.
 
+#[macro_use]
 mod common;
 
 use std::io::Read;

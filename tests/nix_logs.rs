@@ -1,14 +1,15 @@
 //! Build logs: `nix store copy-log --to` uploads them, `nix log --store` reads them back, and
 //! bad names, encodings and sizes are refused with nothing stored.
 
+#[macro_use]
 mod common;
 
-use common::{Backend, Nix, Server};
+use common::{Backend, Nix, Server, NixVersion};
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
 
-fn logs_round_trip(backend: Backend) {
-    let nix = Nix::new();
+fn logs_round_trip(version: NixVersion, backend: Backend) {
+    let nix = Nix::of(version);
     let server = Server::start(backend);
     server.create_cache("ci", false);
     let src = nix.store("src");
@@ -71,21 +72,19 @@ fn logs_round_trip(backend: Backend) {
     assert_eq!(client.get(&log_url).bearer_auth(&pull).send().unwrap().text().unwrap(), "a zstd-encoded log line\n");
 }
 
-#[test]
-fn logs_round_trip_local() {
-    logs_round_trip(Backend::Local);
+nix_matrix! {
+    logs_round_trip_local => |version| logs_round_trip(version, Backend::Local);
 }
 
-#[test]
-fn logs_round_trip_s3() {
-    logs_round_trip(Backend::S3);
+nix_matrix! {
+    logs_round_trip_s3 => |version| logs_round_trip(version, Backend::S3);
 }
 
 /// `index-debug-info=true`: Nix uploads, for each `lib/debug/.build-id/xx/<38 hex>.debug` (a
 /// 20-byte build ID), where to
 /// find it; the server serves it back, and the NAR it points to is served at that address.
-fn debuginfo_round_trip(backend: Backend) {
-    let nix = Nix::new();
+fn debuginfo_round_trip(version: NixVersion, backend: Backend) {
+    let nix = Nix::of(version);
     let server = Server::start(backend);
     server.create_cache("ci", false);
     let src = nix.store("src");
@@ -130,12 +129,10 @@ fn debuginfo_round_trip(backend: Backend) {
     assert_eq!(server.storage_snapshot(), before, "a refused record changed storage");
 }
 
-#[test]
-fn debuginfo_round_trip_local() {
-    debuginfo_round_trip(Backend::Local);
+nix_matrix! {
+    debuginfo_round_trip_local => |version| debuginfo_round_trip(version, Backend::Local);
 }
 
-#[test]
-fn debuginfo_round_trip_s3() {
-    debuginfo_round_trip(Backend::S3);
+nix_matrix! {
+    debuginfo_round_trip_s3 => |version| debuginfo_round_trip(version, Backend::S3);
 }

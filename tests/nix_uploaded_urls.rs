@@ -2,14 +2,15 @@
 //! own `URL` and `Compression`, and later substitutions from that machine ask for that URL. So
 //! every NAR is also served at the URL it was uploaded to, in the compression it named.
 
+#[macro_use]
 mod common;
 
-use common::{Backend, Nix, Server};
+use common::{Backend, Nix, Server, NixVersion};
 
 /// Pushes with `nix copy --to ...?compression=COMPRESSION`, then pulls into a fresh store with
 /// the same user's narinfo cache still warm: Nix asks for the uploaded URL.
-fn pull_with_warm_narinfo_cache(backend: Backend, compression: &str) {
-    let nix = Nix::new();
+fn pull_with_warm_narinfo_cache(version: NixVersion, backend: Backend, compression: &str) {
+    let nix = Nix::of(version);
     let server = Server::start(backend);
     let key = server.create_cache("ci", false);
     let src = nix.store("src");
@@ -54,32 +55,26 @@ fn pull_with_warm_narinfo_cache(backend: Backend, compression: &str) {
     }
 }
 
-#[test]
-fn warm_narinfo_cache_xz_local() {
-    pull_with_warm_narinfo_cache(Backend::Local, "xz");
+nix_matrix! {
+    warm_narinfo_cache_xz_local => |version| pull_with_warm_narinfo_cache(version, Backend::Local, "xz");
 }
 
-#[test]
-fn warm_narinfo_cache_xz_s3() {
-    pull_with_warm_narinfo_cache(Backend::S3, "xz");
+nix_matrix! {
+    warm_narinfo_cache_xz_s3 => |version| pull_with_warm_narinfo_cache(version, Backend::S3, "xz");
 }
 
-#[test]
-fn warm_narinfo_cache_zstd_local() {
-    pull_with_warm_narinfo_cache(Backend::Local, "zstd");
+nix_matrix! {
+    warm_narinfo_cache_zstd_local => |version| pull_with_warm_narinfo_cache(version, Backend::Local, "zstd");
 }
 
-#[test]
-fn warm_narinfo_cache_none_local() {
-    pull_with_warm_narinfo_cache(Backend::Local, "none");
+nix_matrix! {
+    warm_narinfo_cache_none_local => |version| pull_with_warm_narinfo_cache(version, Backend::Local, "none");
 }
 
-#[test]
-fn warm_narinfo_cache_bzip2_local() {
-    pull_with_warm_narinfo_cache(Backend::Local, "bzip2");
+nix_matrix! {
+    warm_narinfo_cache_bzip2_local => |version| pull_with_warm_narinfo_cache(version, Backend::Local, "bzip2");
 }
 
-#[test]
-fn warm_narinfo_cache_br_local() {
-    pull_with_warm_narinfo_cache(Backend::Local, "br");
+nix_matrix! {
+    warm_narinfo_cache_br_local => |version| pull_with_warm_narinfo_cache(version, Backend::Local, "br");
 }

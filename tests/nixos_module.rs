@@ -5,12 +5,13 @@
 //! runner's command lines are parsed by the binary's own argument parser. A missing `nix` fails
 //! these tests; nothing skips.
 
+#[macro_use]
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{require_tool, FLYWHEEL};
+use common::{NixVersion, FLYWHEEL};
 use serde_json::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -19,16 +20,18 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// and a stand-in `flywheel` package whose `bin/flywheel` is the binary under test.
 struct Eval {
     dir: tempfile::TempDir,
+    version: NixVersion,
 }
 
 impl Eval {
-    fn new() -> Eval {
-        require_tool("nix");
+    fn new(version: NixVersion) -> Eval {
+        let nix = version.bin_dir().join("nix");
+        assert!(nix.is_file(), "{} is missing: run ./scripts/test.sh", nix.display());
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("package/bin");
         std::fs::create_dir_all(&bin).unwrap();
         std::os::unix::fs::symlink(FLYWHEEL, bin.join("flywheel")).unwrap();
-        Eval { dir }
+        Eval { dir, version }
     }
 
     fn package(&self) -> PathBuf {
@@ -46,7 +49,7 @@ impl Eval {
             self.package().display()
         );
         let xdg = tempfile::tempdir_in(self.dir.path()).unwrap();
-        let out = Command::new("nix")
+        let out = Command::new(self.version.bin_dir().join("nix"))
             .args(["eval", "--impure", "--json", "--option", "substituters", "", "--store"])
             .arg(format!("local?root={}", self.store_root().display()))
             .args(["--expr", &expr])
@@ -147,9 +150,12 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-#[test]
-fn every_nix_file_parses() {
-    require_tool("nix-instantiate");
+nix_matrix! {
+    every_nix_file_parses => |version| every_nix_file_parses_with(version);
+}
+
+fn every_nix_file_parses_with(version: NixVersion) {
+    let nix_instantiate = version.bin_dir().join("nix-instantiate");
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let entry = entry.unwrap();
@@ -170,14 +176,17 @@ fn every_nix_file_parses() {
         assert!(files.contains(&Path::new(ROOT).join(expected)), "{expected} not found");
     }
     for file in &files {
-        let out = Command::new("nix-instantiate").arg("--parse").arg(file).output().unwrap();
+        let out = Command::new(&nix_instantiate).arg("--parse").arg(file).output().unwrap();
         assert!(out.status.success(), "{} does not parse:\n{}", file.display(), String::from_utf8_lossy(&out.stderr));
     }
 }
 
-#[test]
-fn server_with_local_storage_renders_a_config_the_binary_accepts() {
-    let nix = Eval::new();
+nix_matrix! {
+    server_with_local_storage_renders_a_config_the_binary_accepts => |version| server_with_local_storage_renders_a_config_the_binary_accepts_with(version);
+}
+
+fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: NixVersion) {
+    let nix = Eval::new(version);
     let storage = nix.dir.path().join("storage");
     let eval = nix.eval(&format!(
         r#"{{ services.flywheel.server = {{
@@ -297,9 +306,12 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("must hold the base64 token secret"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-#[test]
-fn server_with_s3_storage_renders_a_config_the_binary_accepts() {
-    let nix = Eval::new();
+nix_matrix! {
+    server_with_s3_storage_renders_a_config_the_binary_accepts => |version| server_with_s3_storage_renders_a_config_the_binary_accepts_with(version);
+}
+
+fn server_with_s3_storage_renders_a_config_the_binary_accepts_with(version: NixVersion) {
+    let nix = Eval::new(version);
     let eval = nix.eval(
         r#"{ services.flywheel.server = {
               enable = true;
@@ -349,9 +361,12 @@ fn server_with_s3_storage_renders_a_config_the_binary_accepts() {
     assert!(!rendered.contains("s3-secret-value"));
 }
 
-#[test]
-fn runner_commands_are_accepted_by_the_binary() {
-    let nix = Eval::new();
+nix_matrix! {
+    runner_commands_are_accepted_by_the_binary => |version| runner_commands_are_accepted_by_the_binary_with(version);
+}
+
+fn runner_commands_are_accepted_by_the_binary_with(version: NixVersion) {
+    let nix = Eval::new(version);
     let eval = nix.eval(
         r#"{ services.flywheel.runner = {
               enable = true;
@@ -452,9 +467,12 @@ fn runner_commands_are_accepted_by_the_binary() {
     assert_eq!(str_list(&eval["kernelModules"]), ["fuse", "overlay"]);
 }
 
-#[test]
-fn server_and_runner_on_one_host_and_defaults() {
-    let nix = Eval::new();
+nix_matrix! {
+    server_and_runner_on_one_host_and_defaults => |version| server_and_runner_on_one_host_and_defaults_with(version);
+}
+
+fn server_and_runner_on_one_host_and_defaults_with(version: NixVersion) {
+    let nix = Eval::new(version);
     let eval = nix.eval(
         r#"{ services.flywheel.server = { enable = true; tokenSecretFile = "/run/keys/flywheel"; };
              services.flywheel.runner = { enable = true; serverUrl = "http://127.0.0.1:8080"; configureNix = false; }; }"#,
@@ -471,9 +489,12 @@ fn server_and_runner_on_one_host_and_defaults() {
     assert_eq!(sc["LoadCredential"], serde_json::json!([]));
 }
 
-#[test]
-fn contradicting_options_fail_evaluation_with_a_clear_message() {
-    let nix = Eval::new();
+nix_matrix! {
+    contradicting_options_fail_evaluation_with_a_clear_message => |version| contradicting_options_fail_evaluation_with_a_clear_message_with(version);
+}
+
+fn contradicting_options_fail_evaluation_with_a_clear_message_with(version: NixVersion) {
+    let nix = Eval::new(version);
     let server = r#"enable = true; tokenSecretFile = "/run/keys/flywheel";"#;
     let runner = r#"enable = true; serverUrl = "http://cache:8080";"#;
     let cases = [
@@ -554,9 +575,12 @@ fn contradicting_options_fail_evaluation_with_a_clear_message() {
     }
 }
 
-#[test]
-fn every_option_has_a_type_a_default_and_a_description() {
-    let nix = Eval::new();
+nix_matrix! {
+    every_option_has_a_type_a_default_and_a_description => |version| every_option_has_a_type_a_default_and_a_description_with(version);
+}
+
+fn every_option_has_a_type_a_default_and_a_description_with(version: NixVersion) {
+    let nix = Eval::new(version);
     let eval = nix.eval("{ }");
     let options = eval["options"].as_array().unwrap();
     assert!(options.len() > 30, "{options:?}");

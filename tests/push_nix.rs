@@ -2,21 +2,25 @@
 //! new chunks are sent, Nix substitutes the result, a hooked `nix-build` ends pushed after
 //! `flush`, and bad input fails clearly without losing anything.
 
+#[macro_use]
 mod substituter_common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use substituter_common::common::{fetch_metrics, metric_value};
-use substituter_common::{new_chunks, CountingProxy, Setup, FLYWHEEL};
+use substituter_common::{new_chunks, CountingProxy, NixVersion, Setup, FLYWHEEL};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[test]
-fn push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it() {
-    let setup = Setup::new("ci");
+nix_matrix! {
+    push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it => |version| push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it_with(version);
+}
+
+fn push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it_with(version: NixVersion) {
+    let setup = Setup::of("ci", version);
     let paths = setup.build("push-v", &["big", "bigNext", "withRefs"]);
     let proxy = CountingProxy::start(&setup.server.url, "ci", None);
 
@@ -63,9 +67,12 @@ fn push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it() {
     }
 }
 
-#[test]
-fn push_hook_pushes_a_real_nix_build_by_flush() {
-    let setup = Setup::new("ci");
+nix_matrix! {
+    push_hook_pushes_a_real_nix_build_by_flush => |version| push_hook_pushes_a_real_nix_build_by_flush_with(version);
+}
+
+fn push_hook_pushes_a_real_nix_build_by_flush_with(version: NixVersion) {
+    let setup = Setup::of("ci", version);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("push.sock");
     let store = format!("local?root={}", setup.src);
@@ -136,9 +143,12 @@ fn push_hook_pushes_a_real_nix_build_by_flush() {
     setup.nix.run(&mut cmd);
 }
 
-#[test]
-fn push_bad_input_fails_clearly_and_loses_nothing() {
-    let setup = Setup::new("ci");
+nix_matrix! {
+    push_bad_input_fails_clearly_and_loses_nothing => |version| push_bad_input_fails_clearly_and_loses_nothing_with(version);
+}
+
+fn push_bad_input_fails_clearly_and_loses_nothing_with(version: NixVersion) {
+    let setup = Setup::of("ci", version);
     let paths = setup.build("push-bad", &["big", "single"]);
 
     // A path that is not in the store.
@@ -184,9 +194,12 @@ fn push_bad_input_fails_clearly_and_loses_nothing() {
     assert!(!setup.server_has(&paths[1]));
 }
 
-#[test]
-fn push_skips_paths_signed_by_upstream_keys() {
-    let setup = Setup::new("ci");
+nix_matrix! {
+    push_skips_paths_signed_by_upstream_keys => |version| push_skips_paths_signed_by_upstream_keys_with(version);
+}
+
+fn push_skips_paths_signed_by_upstream_keys_with(version: NixVersion) {
+    let setup = Setup::of("ci", version);
     let paths = setup.build("push-upstream", &["single", "tree"]);
     // A path signed by a key named like cache.nixos.org's, as paths substituted from it are.
     let keys = tempfile::tempdir().unwrap();

@@ -1,9 +1,10 @@
 //! The cache server against real Nix 2.8: `nix copy` both ways, Attic's upload API, dedup,
 //! tokens and bad input, each on local storage and on S3 (`s3s-fs`).
 
+#[macro_use]
 mod common;
 
-use common::{hash_part, Backend, Nix, Server};
+use common::{hash_part, Backend, Nix, Server, NixVersion};
 use flywheel_core::nar::NarWriter;
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
@@ -12,8 +13,8 @@ use reqwest::StatusCode;
 /// executables, an empty directory, and a path with references.
 const CORPUS: [&str; 5] = ["big", "single", "tree", "empty", "withRefs"];
 
-fn nix_copy_roundtrip(backend: Backend) {
-    let nix = Nix::new();
+fn nix_copy_roundtrip(version: NixVersion, backend: Backend) {
+    let nix = Nix::of(version);
     let server = Server::start(backend);
     let key = server.create_cache("ci", false);
     let other_key = server.create_cache("other", false);
@@ -48,14 +49,12 @@ fn nix_copy_roundtrip(backend: Backend) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("signature"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-#[test]
-fn nix_copy_roundtrip_local() {
-    nix_copy_roundtrip(Backend::Local);
+nix_matrix! {
+    nix_copy_roundtrip_local => |version| nix_copy_roundtrip(version, Backend::Local);
 }
 
-#[test]
-fn nix_copy_roundtrip_s3() {
-    nix_copy_roundtrip(Backend::S3);
+nix_matrix! {
+    nix_copy_roundtrip_s3 => |version| nix_copy_roundtrip(version, Backend::S3);
 }
 
 /// Uploads one path through `upload-path`, in the header form or the preamble form.
@@ -107,8 +106,8 @@ fn missing_paths(client: &Client, server: &Server, token: &str, paths: &[String]
     resp["missing_paths"].as_array().unwrap().iter().map(|h| h.as_str().unwrap().to_string()).collect()
 }
 
-fn attic_upload(backend: Backend) {
-    let nix = Nix::new();
+fn attic_upload(version: NixVersion, backend: Backend) {
+    let nix = Nix::of(version);
     let server = Server::start(backend);
     let key = server.create_cache("ci", false);
     let src = nix.store("src");
@@ -143,18 +142,16 @@ fn attic_upload(backend: Backend) {
     }
 }
 
-#[test]
-fn attic_upload_local() {
-    attic_upload(Backend::Local);
+nix_matrix! {
+    attic_upload_local => |version| attic_upload(version, Backend::Local);
 }
 
-#[test]
-fn attic_upload_s3() {
-    attic_upload(Backend::S3);
+nix_matrix! {
+    attic_upload_s3 => |version| attic_upload(version, Backend::S3);
 }
 
-fn dedup(backend: Backend) {
-    let nix = Nix::new();
+fn dedup(version: NixVersion, backend: Backend) {
+    let nix = Nix::of(version);
     let server = Server::start(backend);
     server.create_cache("ci", false);
     let src = nix.store("src");
@@ -191,18 +188,16 @@ fn dedup(backend: Backend) {
     assert_eq!(server.chunk_bytes(), stored, "the same NAR in another cache stored chunks again");
 }
 
-#[test]
-fn dedup_local() {
-    dedup(Backend::Local);
+nix_matrix! {
+    dedup_local => |version| dedup(version, Backend::Local);
 }
 
-#[test]
-fn dedup_s3() {
-    dedup(Backend::S3);
+nix_matrix! {
+    dedup_s3 => |version| dedup(version, Backend::S3);
 }
 
-fn tokens(backend: Backend) {
-    let nix = Nix::new();
+fn tokens(version: NixVersion, backend: Backend) {
+    let nix = Nix::of(version);
     let server = Server::start(backend);
     server.create_cache("ci", false);
     server.create_cache("other", false);
@@ -279,14 +274,12 @@ fn tokens(backend: Backend) {
     assert_eq!(body["error"], "AccessError");
 }
 
-#[test]
-fn tokens_local() {
-    tokens(Backend::Local);
+nix_matrix! {
+    tokens_local => |version| tokens(version, Backend::Local);
 }
 
-#[test]
-fn tokens_s3() {
-    tokens(Backend::S3);
+nix_matrix! {
+    tokens_s3 => |version| tokens(version, Backend::S3);
 }
 
 /// A NAR of one directory with entries named as given, in the order given.
@@ -302,8 +295,8 @@ fn nar_with_names(names: &[&[u8]]) -> Vec<u8> {
     w.into_inner()
 }
 
-fn bad_input(backend: Backend) {
-    let nix = Nix::new();
+fn bad_input(version: NixVersion, backend: Backend) {
+    let nix = Nix::of(version);
     // A short grace period, so that the collection at the end may sweep what failed uploads
     // left; no periodic collection.
     let server = Server::start_with(backend, "[gc]\ninterval = 0\ngrace-period = 4\n");
@@ -408,14 +401,12 @@ fn hex_sha256(data: &[u8]) -> String {
     sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-#[test]
-fn bad_input_local() {
-    bad_input(Backend::Local);
+nix_matrix! {
+    bad_input_local => |version| bad_input(version, Backend::Local);
 }
 
-#[test]
-fn bad_input_s3() {
-    bad_input(Backend::S3);
+nix_matrix! {
+    bad_input_s3 => |version| bad_input(version, Backend::S3);
 }
 
 /// A secret key made by real Nix, and its public key.
@@ -430,11 +421,14 @@ fn nix_keypair(nix: &Nix, name: &str) -> (String, String) {
     (secret.trim().to_string(), String::from_utf8(out.stdout).unwrap().trim().to_string())
 }
 
-/// A cache declared in the config signs with the key in its file, follows the file when it
-/// changes, and a bad key file is refused by the config check.
-#[test]
-fn declared_cache_signs_with_the_key_from_its_file() {
-    let nix = Nix::new();
+nix_matrix! {
+    /// A cache declared in the config signs with the key in its file, follows the file when it
+    /// changes, and a bad key file is refused by the config check.
+    declared_cache_signs_with_the_key_from_its_file => |version| declared_cache_signs_with_the_key_from_its_file_with(version);
+}
+
+fn declared_cache_signs_with_the_key_from_its_file_with(version: NixVersion) {
+    let nix = Nix::of(version);
     let keys = tempfile::tempdir().unwrap();
     let key_file = keys.path().join("declared.key");
     let (secret1, public1) = nix_keypair(&nix, "declared-1");

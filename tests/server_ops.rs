@@ -1,5 +1,6 @@
 //! Operating the server: metrics and path deletion, on local storage and on S3 (`s3s-fs`).
 
+#[macro_use]
 mod common;
 
 use common::{hash_part, Backend, Nix, Server};

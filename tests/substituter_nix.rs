@@ -2,13 +2,17 @@
 //! second cache behind it, only missing chunks fetched, and every failure a fast 404 that lets
 //! Nix fall back.
 
+#[macro_use]
 mod substituter_common;
 
-use substituter_common::{new_chunks, CountingProxy, Setup, StaticCache};
+use substituter_common::{new_chunks, CountingProxy, NixVersion, Setup, StaticCache};
 
-#[test]
-fn substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down() {
-    let mut setup = Setup::new("ci");
+nix_matrix! {
+    substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down => |version| substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down_with(version);
+}
+
+fn substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down_with(version: NixVersion) {
+    let mut setup = Setup::of("ci", version);
     let first = setup.build("sub-a", &["single", "tree", "withRefs", "big"]);
     let later = setup.build("sub-b", &["single", "tree"]);
     let all: Vec<String> = first.iter().chain(&later).cloned().collect();
@@ -58,9 +62,12 @@ fn substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down() {
     }
 }
 
-#[test]
-fn substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks() {
-    let setup = Setup::new("ci");
+nix_matrix! {
+    substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks => |version| substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks_with(version);
+}
+
+fn substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks_with(version: NixVersion) {
+    let setup = Setup::of("ci", version);
     let paths = setup.build("sub-shared", &["big", "bigNext"]);
     setup.nix_copy_to_server(&paths);
     let (old_nar, new_nar) = (setup.nix.dump(&setup.src, &paths[0]), setup.nix.dump(&setup.src, &paths[1]));
@@ -94,9 +101,12 @@ fn substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks() {
     assert_eq!(proxy.chunks_requested(), 0);
 }
 
-#[test]
-fn substituter_refuses_wrong_chunks_and_garbage_and_nix_falls_back() {
-    let setup = Setup::new("ci");
+nix_matrix! {
+    substituter_refuses_wrong_chunks_and_garbage_and_nix_falls_back => |version| substituter_refuses_wrong_chunks_and_garbage_and_nix_falls_back_with(version);
+}
+
+fn substituter_refuses_wrong_chunks_and_garbage_and_nix_falls_back_with(version: NixVersion) {
+    let setup = Setup::of("ci", version);
     let paths = setup.build("sub-bad", &["big", "tree"]);
     setup.nix_copy_to_server(&paths);
     let second = StaticCache::new(&setup.nix, &setup.src, &paths);

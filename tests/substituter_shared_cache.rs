@@ -6,11 +6,13 @@
 #![allow(clippy::duplicate_mod)]
 
 #[path = "common_fuse/mod.rs"]
+#[macro_use]
 mod common_fuse;
+#[macro_use]
 mod substituter_common;
 
 use common_fuse::common::{fetch_metrics as metrics, metric_value as sample};
-use common_fuse::{CountingProxy, Setup, CACHE};
+use common_fuse::{CountingProxy, NixVersion, Setup, CACHE};
 
 fn public_key(setup: &Setup) -> String {
     let config: serde_json::Value = reqwest::blocking::Client::new()
@@ -48,9 +50,12 @@ fn read_tree(dir: &std::path::Path) {
     }
 }
 
-#[test]
-fn substituter_shares_its_cache_dir_with_a_running_mount() {
-    let setup = Setup::new();
+nix_matrix! {
+    substituter_shares_its_cache_dir_with_a_running_mount => |version| substituter_shares_its_cache_dir_with_a_running_mount_with(version);
+}
+
+fn substituter_shares_its_cache_dir_with_a_running_mount_with(version: NixVersion) {
+    let setup = Setup::of(version);
     let paths = setup.push_corpus(&["big", "tree", "single"]);
     let key = public_key(&setup);
     let cache_dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use flywheel_core::nix::Sha256Hash;
 use flywheel_core::{Error, ErrorKind, Result};
 use serde::Deserialize;
 
@@ -28,6 +29,34 @@ pub struct LocalPathInfo {
     /// Content address.
     #[serde(default)]
     pub ca: Option<String>,
+}
+
+/// Parses what `nix path-info --json` prints. Nix up to 2.18 prints an array of objects that name
+/// their `path`; Nix 2.19 and later print an object keyed by path, with `null` for an invalid
+/// path. Hashes come out as `sha256:<nixbase32>` either way, the form narinfo files and the
+/// server use.
+pub fn parse_path_infos(text: &str) -> Result<Vec<LocalPathInfo>> {
+    let unexpected = |e: &dyn std::fmt::Display| Error::corrupt(format!("`nix path-info --json` printed unexpected JSON: {e}"));
+    let parsed: serde_json::Value = serde_json::from_str(text).map_err(|e| unexpected(&e))?;
+    let entries: Vec<(Option<String>, serde_json::Value)> = match parsed {
+        serde_json::Value::Array(values) => values.into_iter().map(|v| (None, v)).collect(),
+        serde_json::Value::Object(by_path) => by_path.into_iter().map(|(path, v)| (Some(path), v)).collect(),
+        other => return Err(unexpected(&format!("neither an array nor an object: {other}"))),
+    };
+    let mut infos = Vec::with_capacity(entries.len());
+    for (key, mut value) in entries {
+        let named = key.clone().or_else(|| value.get("path").and_then(|p| p.as_str()).map(str::to_string));
+        if value.is_null() || value.get("valid").and_then(|v| v.as_bool()) == Some(false) {
+            return Err(Error::not_found(format!("{} is not valid in the local store", named.as_deref().unwrap_or("?"))));
+        }
+        if let (Some(path), Some(object)) = (key, value.as_object_mut()) {
+            object.entry("path").or_insert(serde_json::Value::String(path));
+        }
+        let mut info: LocalPathInfo = serde_json::from_value(value).map_err(|e| unexpected(&e))?;
+        info.nar_hash = Sha256Hash::parse(&info.nar_hash)?.to_nix_base32();
+        infos.push(info);
+    }
+    Ok(infos)
 }
 
 /// A local Nix store: the default one, or a chroot store (`local?root=DIR`, or just `DIR`).
@@ -112,17 +141,7 @@ impl LocalStore {
             let mut cmd = self.command("nix");
             cmd.args(["--extra-experimental-features", "nix-command", "path-info", "--json"]).args(batch);
             let text = self.run(cmd, "reading path metadata from the Nix database").await?;
-            let parsed: Vec<serde_json::Value> = serde_json::from_str(&text)
-                .map_err(|e| Error::corrupt(format!("`nix path-info --json` printed unexpected JSON: {e}")))?;
-            for value in parsed {
-                if value.get("valid").and_then(|v| v.as_bool()) == Some(false) {
-                    let path = value.get("path").and_then(|p| p.as_str()).unwrap_or("?");
-                    return Err(Error::not_found(format!("{path} is not valid in the local store")));
-                }
-                let info: LocalPathInfo = serde_json::from_value(value)
-                    .map_err(|e| Error::corrupt(format!("`nix path-info --json` printed unexpected JSON: {e}")))?;
-                infos.push(info);
-            }
+            infos.extend(parse_path_infos(&text)?);
         }
         Ok(infos)
     }
@@ -139,6 +158,35 @@ impl LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What Nix 2.8 printed for a built path and an unknown one.
+    const NIX_2_8_VALID: &str = r#"[{"path":"/nix/store/zr2knphxg8yyy2mkq8akf2hfknjvdiz7-x","narHash":"sha256-EFUdrtf6Rn0LWIJufrmg8q99aT3jGfLvd1//zaJEufY=","narSize":120,"references":[],"deriver":"/nix/store/mh3rz2qzm0lrcxk22g2b1kifak7q2nj9-x.drv","registrationTime":1796217945,"ultimate":true}]"#;
+    const NIX_2_8_INVALID: &str = r#"[{"path":"/nix/store/00000000000000000000000000000000-y","valid":false}]"#;
+
+    #[test]
+    fn path_infos_of_nix_2_8() {
+        let infos = parse_path_infos(NIX_2_8_VALID).unwrap();
+        assert_eq!(infos.len(), 1);
+        assert_eq!(infos[0].path, "/nix/store/zr2knphxg8yyy2mkq8akf2hfknjvdiz7-x");
+        assert_eq!(infos[0].nar_hash, Sha256Hash::parse("sha256-EFUdrtf6Rn0LWIJufrmg8q99aT3jGfLvd1//zaJEufY=").unwrap().to_nix_base32());
+        assert!(infos[0].nar_hash.starts_with("sha256:") && infos[0].nar_hash.len() == 59);
+        assert_eq!(parse_path_infos(NIX_2_8_INVALID).unwrap_err().kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn path_infos_keyed_by_path() {
+        let text = r#"{"/nix/store/zr2knphxg8yyy2mkq8akf2hfknjvdiz7-x":{"ca":null,"deriver":null,"narHash":"sha256-EFUdrtf6Rn0LWIJufrmg8q99aT3jGfLvd1//zaJEufY=","narSize":120,"references":["/nix/store/zr2knphxg8yyy2mkq8akf2hfknjvdiz7-x"],"signatures":["k-1:c2ln"],"ultimate":true}}"#;
+        let infos = parse_path_infos(text).unwrap();
+        assert_eq!(infos[0].path, "/nix/store/zr2knphxg8yyy2mkq8akf2hfknjvdiz7-x");
+        assert_eq!(infos[0].references, vec![infos[0].path.clone()]);
+        assert_eq!(infos[0].signatures, vec!["k-1:c2ln".to_string()]);
+        let invalid = r#"{"/nix/store/00000000000000000000000000000000-y":null}"#;
+        let err = parse_path_infos(invalid).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert!(err.to_string().contains("00000000000000000000000000000000-y"), "{err}");
+        assert!(parse_path_infos("3").is_err());
+        assert!(parse_path_infos(r#"[{"path":"/nix/store/x","narHash":"md5:x","narSize":1}]"#).is_err());
+    }
 
     #[test]
     fn store_urls() {

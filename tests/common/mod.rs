@@ -71,9 +71,60 @@ pub fn unique_seed(tag: &str) -> String {
     format!("{tag}-{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
 }
 
+/// A release of Nix the tests drive as a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NixVersion {
+    /// Debian 12's `nix-bin`, in /usr/bin.
+    V2_8,
+    /// Nix 2.30.5, built from `../shared/third-party/` by `scripts/nix-2.30.sh` into its own
+    /// prefix (`$FLYWHEEL_NIX230`, by default /opt/flywheel/nix-2.30.5).
+    V2_30,
+}
+
+impl NixVersion {
+    /// The directory holding this release's programs.
+    pub fn bin_dir(self) -> PathBuf {
+        match self {
+            NixVersion::V2_8 => PathBuf::from("/usr/bin"),
+            NixVersion::V2_30 => {
+                let prefix = std::env::var("FLYWHEEL_NIX230").unwrap_or_else(|_| "/opt/flywheel/nix-2.30.5".to_string());
+                Path::new(&prefix).join("bin")
+            }
+        }
+    }
+
+    /// Whether this release prints `nix path-info --json` as an object keyed by path (2.19 and
+    /// later) rather than an array.
+    pub fn path_info_keyed_by_path(self) -> bool {
+        self == NixVersion::V2_30
+    }
+}
+
+/// Expands a test body, a function of a [`NixVersion`], into one test per Nix release, named
+/// `<name>::nix_2_8` and `<name>::nix_2_30`. Test files bring `NixVersion` into scope.
+#[allow(unused_macros)]
+macro_rules! nix_matrix {
+    ($($(#[$meta:meta])* $name:ident => $body:expr;)+) => {$(
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[test]
+            fn nix_2_8() {
+                ($body)(NixVersion::V2_8);
+            }
+            #[test]
+            fn nix_2_30() {
+                ($body)(NixVersion::V2_30);
+            }
+        }
+    )+};
+}
+
 /// Real Nix, run as root with a store root per test and no shared caches.
 pub struct Nix {
     pub dir: tempfile::TempDir,
+    pub version: NixVersion,
 }
 
 /// Store path metadata as `nix path-info --json` gives it.
@@ -87,11 +138,25 @@ pub struct PathInfo {
 }
 
 impl Nix {
+    /// Debian's Nix 2.8, for tests where Nix only builds the corpus.
     pub fn new() -> Nix {
-        require_tool("nix");
-        require_tool("nix-store");
+        Nix::of(NixVersion::V2_8)
+    }
+
+    /// The given release of Nix, failing the test if it is not installed.
+    pub fn of(version: NixVersion) -> Nix {
+        for program in ["nix", "nix-store", "nix-build", "nix-instantiate"] {
+            let path = version.bin_dir().join(program);
+            assert!(path.is_file(), "{} is missing: run ./scripts/test.sh, which installs Nix 2.8 and builds Nix 2.30.5", path.display());
+        }
         assert!(Path::new("/bin/busybox").is_file(), "/bin/busybox missing: run ./scripts/test.sh (busybox-static)");
-        Nix { dir: tempfile::tempdir().unwrap() }
+        Nix { dir: tempfile::tempdir().unwrap(), version }
+    }
+
+    /// A `PATH` that finds this release's programs first, for the `flywheel` commands that run
+    /// Nix themselves (push, the post-build hook).
+    pub fn path_env(&self) -> String {
+        format!("{}:{}", self.version.bin_dir().display(), std::env::var("PATH").unwrap_or_default())
     }
 
     /// A store root below this test's directory.
@@ -101,9 +166,9 @@ impl Nix {
 
     /// A command for a Nix program with the test settings and a fresh cache directory.
     pub fn cmd(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
+        let mut cmd = Command::new(self.version.bin_dir().join(program));
         let xdg = self.dir.path().join(format!("xdg-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
-        cmd.env("NIX_CONFIG", "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nnarinfo-cache-negative-ttl = 0\nsandbox-paths = /bin/sh=/bin/busybox /bin/busybox=/bin/busybox\n")
+        cmd.env("PATH", self.path_env()).env("NIX_CONFIG", "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nnarinfo-cache-negative-ttl = 0\nsandbox-paths = /bin/sh=/bin/busybox /bin/busybox=/bin/busybox\n")
             .env("XDG_CACHE_HOME", xdg)
             .env_remove("NIX_REMOTE");
         cmd
@@ -139,9 +204,15 @@ impl Nix {
     pub fn path_info(&self, store: &str, path: &str) -> PathInfo {
         let out = self.run(self.cmd("nix").args(["path-info", "--json", "--store", store, path]));
         let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let info = &json[0];
+        let info = if self.version.path_info_keyed_by_path() {
+            assert!(json.is_object(), "Nix {:?} printed path-info as {json}", self.version);
+            &json[path]
+        } else {
+            assert!(json.is_array(), "Nix {:?} printed path-info as {json}", self.version);
+            &json[0]
+        };
         PathInfo {
-            path: info["path"].as_str().unwrap().to_string(),
+            path: path.to_string(),
             nar_hash: info["narHash"].as_str().unwrap().to_string(),
             nar_size: info["narSize"].as_u64().unwrap(),
             references: info["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect(),

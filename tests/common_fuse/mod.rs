@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 #[path = "../common/mod.rs"]
+#[macro_use]
 pub mod common;
 
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 // Not every harness uses every helper it re-exports.
 #[allow(unused_imports)]
-pub use common::{Backend, CountingProxy, Nix, Server, FLYWHEEL};
+pub use common::{Backend, CountingProxy, Nix, NixVersion, Server, FLYWHEEL};
 
 pub const CACHE: &str = "lazy";
 
@@ -31,9 +32,15 @@ pub struct Setup {
 }
 
 impl Setup {
+    /// A setup whose Nix is Debian's 2.8.
     pub fn new() -> Setup {
+        Setup::of(NixVersion::V2_8)
+    }
+
+    /// A setup whose Nix is `version`.
+    pub fn of(version: NixVersion) -> Setup {
         require_fuse();
-        let nix = Nix::new();
+        let nix = Nix::of(version);
         let server = Server::start(Backend::Local);
         server.create_cache(CACHE, false);
         let token = server.mint(&["--pull", "*", "--push", "*"]);

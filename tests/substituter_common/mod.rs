@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 #[path = "../common/mod.rs"]
+#[macro_use]
 pub mod common;
 
 use std::collections::HashSet;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 // Not every harness uses every helper it re-exports.
 #[allow(unused_imports)]
-pub use common::{hash_part, Backend, CountingProxy, KillOnDrop, Nix, Server, FLYWHEEL};
+pub use common::{hash_part, Backend, CountingProxy, KillOnDrop, Nix, NixVersion, Server, FLYWHEEL};
 use flywheel_core::chunk::{ChunkHash, ChunkParams, Chunker};
 
 /// A server with one private cache and a pull+push token, and a Nix with a build store.
@@ -30,8 +31,14 @@ pub struct Setup {
 }
 
 impl Setup {
+    /// A setup whose Nix is Debian's 2.8.
     pub fn new(cache: &str) -> Setup {
-        let nix = Nix::new();
+        Setup::of(cache, NixVersion::V2_8)
+    }
+
+    /// A setup whose Nix is `version`.
+    pub fn of(cache: &str, version: NixVersion) -> Setup {
+        let nix = Nix::of(version);
         let server = Server::start(Backend::Local);
         let key = server.create_cache(cache, false);
         let token = server.mint(&["--pull", cache, "--push", cache]);
