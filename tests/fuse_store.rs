@@ -253,70 +253,127 @@ fn fuse_quota_holds_and_concurrent_readers_get_correct_bytes() {
 }
 
 nix_matrix! {
+    /// The runner set-up of the README: an overlayfs over the mount, the closure registered
+    /// with `nix-store --load-db`, then Nix checks and builds against it.
     fuse_lazy_mode_overlay_dump_db_build => |version| fuse_lazy_mode_overlay_dump_db_build_with(version);
 }
 
-fn fuse_lazy_mode_overlay_dump_db_build_with(version: NixVersion) {
-    let setup = Setup::of(version);
-    let paths = setup.push_corpus(&["withRefs"]);
-    // The closure: withRefs refers to single and tree.
-    let cache_dir = tempfile::tempdir().unwrap();
-    let mount = setup.mount(&setup.server.url, cache_dir.path(), &[]);
-    let work = tempfile::tempdir().unwrap();
-    let root = work.path().join("root");
-    let store_dir = root.join("nix/store");
-    let (upper, ovl_work) = (work.path().join("upper"), work.path().join("work"));
-    for dir in [&store_dir, &upper, &ovl_work] {
+/// Unmounts (lazily) when dropped, so a failing test leaves no mount behind.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Mounts an overlayfs of `lower` and `upper` on `target`.
+fn mount_overlay(lower: &std::path::Path, upper: &std::path::Path, work: &std::path::Path, target: &std::path::Path) -> Unmount {
+    for dir in [upper, work, target] {
         std::fs::create_dir_all(dir).unwrap();
     }
     let status = Command::new("mount")
         .args(["-t", "overlay", "overlay", "-o"])
-        .arg(format!("lowerdir={},upperdir={},workdir={}", mount.mountpoint.display(), upper.display(), ovl_work.display()))
-        .arg(&store_dir)
+        .arg(format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display()))
+        .arg(target)
         .status()
         .unwrap();
-    assert!(status.success(), "mounting the overlay");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _overlay = Unmount(store_dir.clone());
+    assert!(status.success(), "mounting the overlay on {}", target.display());
+    Unmount(target.to_path_buf())
+}
+
+/// `flywheel dump-db` of `paths`, loaded with `nix-store --load-db` into `store`.
+fn register_lazily(setup: &Setup, store: &str, paths: &[String]) {
     let dump = Command::new(common::FLYWHEEL)
         .args(["dump-db", "--server", &setup.server.url, "--cache", common_fuse::CACHE, "--token-file"])
         .arg(&setup.token_file)
-        .args(&paths)
+        .args(paths)
         .output()
         .unwrap();
     assert!(dump.status.success(), "dump-db: {}", String::from_utf8_lossy(&dump.stderr));
     let text = String::from_utf8(dump.stdout).unwrap();
     assert!(text.lines().filter(|l| l.starts_with("/nix/store/") && l.len() > 44).count() >= 3, "{text}");
-    let store = format!("local?root={}", root.display());
     let mut load = setup.nix.cmd("nix-store");
-    load.args(["--store", &store, "--load-db"]).stdin(std::process::Stdio::piped());
+    load.args(["--store", store, "--load-db"]).stdin(std::process::Stdio::piped());
     let mut child = load.spawn().unwrap();
     {
         use std::io::Write;
         child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     }
-    assert!(child.wait().unwrap().success(), "nix-store --load-db");
-    let info = setup.nix.path_info(&store, &paths[0]);
+    assert!(child.wait().unwrap().success(), "nix-store --load-db into {store}");
+}
+
+/// Nix sees `root_path` and its references valid in `store`, their contents match their
+/// hashes, and a derivation that reads one of them builds; returns what it built.
+fn check_lazy_store(nix: &common::Nix, store: &str, root_path: &str, merged: &std::path::Path) -> String {
+    let info = nix.path_info(store, root_path);
     assert_eq!(info.references.len(), 2, "{info:?}");
-    for path in std::iter::once(&paths[0]).chain(info.references.iter()) {
-        assert!(setup.nix.verify(&store, path), "nix-store --verify-path {path}");
+    for path in std::iter::once(root_path).chain(info.references.iter().map(String::as_str)) {
+        assert!(nix.verify(store, path), "nix-store --verify-path {path} in {store}");
     }
-    // A derivation reading a lazily served path builds.
     let tree = info.references.iter().find(|r| r.contains("-tree-")).unwrap().clone();
     let expr = format!(
         "derivation {{ name = \"reader\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
          args = [ \"-c\" \"/bin/busybox cat ${{builtins.storePath \"{tree}\"}}/share/doc/README > $out\" ]; }}"
     );
-    let out = setup.nix.run(setup.nix.cmd("nix-build").args(["--store", &store, "--no-out-link", "-E", &expr]));
-    let built = out.trim();
-    assert_eq!(std::fs::read_to_string(format!("{}{built}", root.display())).unwrap(), "doc\n");
+    let out = nix.run(nix.cmd("nix-build").args(["--store", store, "--no-out-link", "-E", &expr]));
+    let built = out.trim().to_string();
+    assert_eq!(std::fs::read_to_string(merged.join(built.trim_start_matches("/nix/store/"))).unwrap(), "doc\n");
+    built
+}
+
+fn fuse_lazy_mode_overlay_dump_db_build_with(version: NixVersion) {
+    let setup = Setup::of(version);
+    // The closure: withRefs refers to single and tree.
+    let paths = setup.push_corpus(&["withRefs"]);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mount = setup.mount(&setup.server.url, cache_dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    let store_dir = root.join("nix/store");
+    let upper = work.path().join("upper");
+    let _overlay = mount_overlay(&mount.mountpoint, &upper, &work.path().join("work"), &store_dir);
+    let store = format!("local?root={}", root.display());
+    register_lazily(&setup, &store, &paths);
+    let built = check_lazy_store(&setup.nix, &store, &paths[0], &store_dir);
     // What Nix wrote went to the upper layer.
     assert!(upper.join(built.trim_start_matches("/nix/store/")).exists());
+}
+
+/// Nix 2.30's `local-overlay` store over the mount: the mount is the lower store's directory,
+/// the closure is registered in the lower store's own database, and the runner's store is
+/// the overlay, whose database starts empty. Only Nix 2.22 and later have this store.
+#[test]
+fn fuse_lazy_mode_local_overlay_store_nix_2_30() {
+    let setup = Setup::of(NixVersion::V2_30);
+    let paths = setup.push_corpus(&["withRefs"]);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mount = setup.mount(&setup.server.url, cache_dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    // The lower store: its store directory is the mount (bound in place), its database is
+    // written once by --load-db and read-only afterwards.
+    let lower = work.path().join("lower");
+    let lower_store_dir = lower.join("nix/store");
+    std::fs::create_dir_all(&lower_store_dir).unwrap();
+    let status = Command::new("mount").arg("--bind").arg(&mount.mountpoint).arg(&lower_store_dir).status().unwrap();
+    assert!(status.success(), "bind-mounting the mount into the lower store");
+    let _bind = Unmount(lower_store_dir.clone());
+    register_lazily(&setup, &format!("local?root={}", lower.display()), &paths);
+    let merged = work.path().join("merged");
+    let upper = work.path().join("upper");
+    let _overlay = mount_overlay(&lower_store_dir, &upper, &work.path().join("work"), &merged.join("nix/store"));
+    let lower_url = format!("local?root={}&read-only=true", lower.display());
+    let store = format!(
+        "local-overlay://?root={}&lower-store={}&upper-layer={}",
+        merged.display(),
+        lower_url.replace('%', "%25").replace('?', "%3F").replace('&', "%26").replace('=', "%3D"),
+        upper.display()
+    );
+    let built = check_lazy_store(&setup.nix, &store, &paths[0], &merged.join("nix/store"));
+    assert!(upper.join(built.trim_start_matches("/nix/store/")).exists());
+    // The lower store's database was not written: the new path is only in the upper one.
+    let lower_info = setup.nix.cmd("nix").args(["path-info", "--store", &lower_url, &built]).output().unwrap();
+    assert!(!lower_info.status.success(), "{built} appeared in the lower store");
 }
 
 #[test]

@@ -168,7 +168,15 @@ impl Nix {
     pub fn cmd(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.version.bin_dir().join(program));
         let xdg = self.dir.path().join(format!("xdg-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
-        cmd.env("PATH", self.path_env()).env("NIX_CONFIG", "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nnarinfo-cache-negative-ttl = 0\nsandbox-paths = /bin/sh=/bin/busybox /bin/busybox=/bin/busybox\n")
+        // Only Nix 2.22 and later know the local-overlay store, and 2.8 warns on every unknown feature.
+        let features = match self.version {
+            NixVersion::V2_8 => "nix-command",
+            NixVersion::V2_30 => "nix-command local-overlay-store",
+        };
+        let config = format!(
+            "experimental-features = {features}\nsandbox = false\nbuild-users-group =\nnarinfo-cache-negative-ttl = 0\nsandbox-paths = /bin/sh=/bin/busybox /bin/busybox=/bin/busybox\n"
+        );
+        cmd.env("PATH", self.path_env()).env("NIX_CONFIG", config)
             .env("XDG_CACHE_HOME", xdg)
             .env_remove("NIX_REMOTE");
         cmd
