@@ -77,6 +77,30 @@ let
       ${config.nix.package}/bin/nix-store --load-db < "$RUNTIME_DIRECTORY/db"
     ''}
   '';
+  # The runner's own signing key, made once: the secret never leaves the runner's volume (and
+  # never enters the store); the public half sits beside it and goes to the journal on every
+  # boot, for the cache host's `trustedUploaderKeys`.
+  signingKey = cfg.signing.keyFile;
+  signingKeyStart = pkgs.writeShellScript "flywheel-signing-key" ''
+    set -eu
+    umask 077
+    key=${lib.escapeShellArg signingKey}
+    nix_key() { ${config.nix.package}/bin/nix --extra-experimental-features nix-command key "$@"; }
+    ${coreutils}/mkdir -p "$(${coreutils}/dirname "$key")"
+    if [ ! -s "$key" ]; then
+      name=${if cfg.signing.keyName != null then lib.escapeShellArg cfg.signing.keyName else ''"$(${coreutils}/uname -n)-$(${coreutils}/date +%s)"''}
+      # Written whole under another name first: a crash never leaves half a key behind.
+      nix_key generate-secret --key-name "$name" > "$key.tmp"
+      ${coreutils}/chmod 0600 "$key.tmp"
+      ${coreutils}/mv -f "$key.tmp" "$key"
+      echo "flywheel-signing-key: generated the key $name in $key"
+    fi
+    ${coreutils}/chmod 0600 "$key"
+    nix_key convert-secret-to-public < "$key" > "$key.pub.tmp"
+    ${coreutils}/chmod 0644 "$key.pub.tmp"
+    ${coreutils}/mv -f "$key.pub.tmp" "$key.pub"
+    echo "flywheel-signing-key: this runner signs its builds with $(${coreutils}/cat "$key.pub") (also in $key.pub); list it in the cache's trusted uploader keys"
+  '';
   lazyStop = pkgs.writeShellScript "flywheel-lazy-store-stop" ''
     if ${util}/findmnt -n -t overlay ${builtins.storeDir} > /dev/null; then
       ${util}/umount -l ${builtins.storeDir}
@@ -250,6 +274,45 @@ in
       };
     };
 
+    signing = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Whether the runner signs its builds with a key of its own. On first boot the
+          `flywheel-signing-key` service generates the key into `signing.keyFile` (mode 0600,
+          never in the Nix store), writes its public half to `keyFile.pub` and prints it to the
+          journal (`journalctl -u flywheel-signing-key`), on every boot; Nix's
+          `secret-key-files` names it, so nix-daemon signs every path it builds, and
+          `flywheel push` and the post-build hook upload those signatures. List the public key
+          in the cache's trusted uploader keys (`services.flywheel.server.caches.<name>.trustedUploaderKeys`,
+          or `trusted_uploader_keys` through `cache-config`).
+        '';
+      };
+      keyName = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "runner-a-1";
+        description = ''
+          Name of the generated key. Null: the host name and the time of generation
+          (`<hostname>-<unix seconds>`), so that every runner, and every key a runner makes
+          again after losing its volume, has a name of its own. Used only when a key is
+          generated.
+        '';
+      };
+      keyFile = mkOption {
+        type = types.str;
+        default = "${cfg.dataDir}/signing-key";
+        defaultText = literalExpression ''"''${config.services.flywheel.runner.dataDir}/signing-key"'';
+        description = ''
+          The runner's secret signing key, generated when missing; on the persistent volume by
+          default, so the key outlives restarts. Its public key is written to the same path
+          with `.pub` appended. To rotate: delete both, restart `flywheel-signing-key` and
+          nix-daemon, add the new public key to the cache, then remove the old one.
+        '';
+      };
+    };
+
     lazy = {
       enable = mkOption {
         type = types.bool;
@@ -307,6 +370,14 @@ in
         {
           assertion = !(cfg.substituter.enable && server.enable && serverPort == cfg.substituter.port);
           message = "services.flywheel.runner.substituter.port (${toString cfg.substituter.port}) collides with the port of services.flywheel.server.settings.listen (${server.settings.listen}) on this machine.";
+        }
+        {
+          assertion = !cfg.signing.enable || !inStore cfg.signing.keyFile;
+          message = "services.flywheel.runner.signing.keyFile must not be in the Nix store, which every user can read.";
+        }
+        {
+          assertion = cfg.signing.keyName == null || builtins.match "[^:[:space:]]+" cfg.signing.keyName != null;
+          message = "services.flywheel.runner.signing.keyName must be non-empty, without ':' or whitespace (it is the name in `name:key`).";
         }
         {
           assertion = !lib.hasPrefix "${builtins.storeDir}/" "${mountPoint}/";
@@ -399,6 +470,29 @@ in
           RuntimeDirectoryMode = "0755";
           UMask = "0011";
           LoadCredential = credential;
+        };
+      };
+    })
+
+    (mkIf cfg.signing.enable {
+      # Set whether or not `configureNix` is: signing builds is what this option is for.
+      nix.settings.secret-key-files = [ signingKey ];
+      systemd.services.flywheel-signing-key = {
+        description = "flywheel runner signing key (generated on first boot)";
+        # nix-daemon reads the key when a build finishes, so it waits for it.
+        wantedBy = [ "multi-user.target" "nix-daemon.service" ];
+        before = [ "nix-daemon.service" ];
+        after = [ "systemd-tmpfiles-setup.service" ];
+        unitConfig.RequiresMountsFor = [ (dirOf signingKey) ];
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = "${signingKeyStart}";
+          UMask = "0077";
+          PrivateNetwork = true;
+          NoNewPrivileges = true;
+          ProtectHome = true;
+          PrivateTmp = true;
         };
       };
     })

@@ -52,6 +52,8 @@ let
     inherit (c) public priority;
     upstream-cache-key-names = c.upstreamCacheKeyNames;
     retention-period = c.retentionPeriod;
+    trusted-uploader-keys = c.trustedUploaderKeys;
+    require-uploader-signature = c.requireUploaderSignature;
   });
   validCacheName = name: builtins.match "[A-Za-z0-9][A-Za-z0-9_+-]{0,49}" name != null;
   badCacheNames = builtins.filter (n: !validCacheName n) (builtins.attrNames cfg.caches);
@@ -122,7 +124,8 @@ in
       description = ''
         Caches declared by the configuration, by name. The server creates each on start and
         brings an existing one in line with these options (signing key, visibility, priority,
-        retention, upstream keys); caches made through the API are left alone.
+        retention, upstream keys, trusted uploader keys); caches made through the API are left
+        alone.
       '';
       type = types.attrsOf (types.submodule {
         options = {
@@ -156,6 +159,25 @@ in
             type = types.listOf types.str;
             default = [ "cache.nixos.org-1" ];
             description = "Key names of upstream caches, whose paths clients do not push.";
+          };
+          trustedUploaderKeys = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "runner-a-1:igeBjeQ3Qac+vYwZm7O2W7beqCySeapjFnmFL9HU2fo=" ];
+            description = ''
+              Public keys (`name:base64`) of trusted uploaders, such as the key each runner
+              generates (`services.flywheel.runner.signing`, written to its `signing-key.pub`).
+              Rotate a key by adding the new one, deploying the runner with it, then removing
+              the old one.
+            '';
+          };
+          requireUploaderSignature = mkOption {
+            type = types.bool;
+            default = false;
+            description = ''
+              Whether the server refuses (403) every upload whose path carries no valid
+              signature by one of `trustedUploaderKeys`. Needs at least one key.
+            '';
           };
         };
       });
@@ -303,6 +325,10 @@ in
       {
         assertion = builtins.all (c: !inStore c.signingKeyFile) (builtins.attrValues cfg.caches);
         message = "services.flywheel.server.caches.<name>.signingKeyFile must not be in the Nix store, which every user can read; give its path as a string.";
+      }
+      {
+        assertion = builtins.all (c: !c.requireUploaderSignature || c.trustedUploaderKeys != [ ]) (builtins.attrValues cfg.caches);
+        message = "services.flywheel.server.caches.<name>.requireUploaderSignature needs at least one key in trustedUploaderKeys: with none, every upload would be refused.";
       }
       {
         assertion = badCacheNames == [ ];

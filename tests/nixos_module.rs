@@ -131,6 +131,9 @@ fn exec_argv(line: &str, credentials: &Path) -> Vec<String> {
     argv
 }
 
+/// A runner's public key, as `nix key convert-secret-to-public` prints it.
+const RUNNER_KEY: &str = "runner-a-1:igeBjeQ3Qac+vYwZm7O2W7beqCySeapjFnmFL9HU2fo=";
+
 fn random_secret() -> String {
     use base64::Engine;
     let mut bytes = [0u8; 48];
@@ -194,7 +197,10 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
               tokenSecretFile = "/run/secrets/flywheel-token-secret";
               openFirewall = true;
               settings = {{ listen = "0.0.0.0:8090"; zstd-level = 5; api-endpoint = "https://cache.example.org/"; storage.path = "{}"; gc.grace-period = 7200; }};
-              caches.main = {{ signingKeyFile = "/run/secrets/flywheel-main.key"; priority = 30; retentionPeriod = 86400; }};
+              caches.main = {{
+                signingKeyFile = "/run/secrets/flywheel-main.key"; priority = 30; retentionPeriod = 86400;
+                trustedUploaderKeys = [ "{RUNNER_KEY}" ]; requireUploaderSignature = true;
+              }};
             }}; }}"#,
         storage.display()
     ));
@@ -264,6 +270,8 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
         "priority = 30".into(),
         "retention-period = 86400".into(),
         "public = false".into(),
+        format!("trusted-uploader-keys = [\"{RUNNER_KEY}\"]"),
+        "require-uploader-signature = true".into(),
     ] {
         assert!(main.contains(&line.as_str()), "{line:?} missing from [caches.main] of\n{rendered}");
     }
@@ -468,6 +476,76 @@ fn runner_commands_are_accepted_by_the_binary_with(version: NixVersion) {
 }
 
 nix_matrix! {
+    /// The runner's signing key: made on first boot by the module's oneshot (run here with
+    /// real Nix 2.8 as systemd would), mode 0600 outside the store, kept across boots, its
+    /// public half beside it and in the log; Nix's `secret-key-files` names it.
+    runner_signing_key_is_generated_once_outside_the_store => |version| runner_signing_key_is_generated_once_outside_the_store_with(version);
+}
+
+fn runner_signing_key_is_generated_once_outside_the_store_with(version: NixVersion) {
+    use std::os::unix::fs::PermissionsExt;
+    let nix = Eval::new(version);
+    let state = nix.dir.path().join("state");
+    let key_file = state.join("keys/signing-key");
+    let eval = nix.eval(&format!(
+        r#"{{ services.flywheel.runner = {{
+              enable = true; serverUrl = "http://cache:8080"; configureNix = false;
+              signing = {{ enable = true; keyName = "runner-a-1"; keyFile = "{}"; }};
+            }}; }}"#,
+        key_file.display()
+    ));
+    assert_eq!(str_list(&eval["nixSettings"]["secret-key-files"]), [key_file.display().to_string()], "set even without configureNix");
+    let unit = service(&eval, "flywheel-signing-key");
+    assert!(str_list(&unit["before"]).contains(&"nix-daemon.service".to_string()));
+    assert!(str_list(&unit["wantedBy"]).contains(&"nix-daemon.service".to_string()));
+    assert_eq!(str_list(&unit["unitConfig"]["RequiresMountsFor"]), [state.join("keys").display().to_string()]);
+    let sc = &unit["serviceConfig"];
+    assert_eq!((sc["Type"].as_str(), sc["RemainAfterExit"].as_bool(), sc["UMask"].as_str()), (Some("oneshot"), Some(true), Some("0077")));
+
+    let script = nix.script(sc["ExecStart"].as_str().unwrap());
+    let run = || {
+        let out = Command::new("sh").arg(&script).env_remove("NIX_REMOTE").output().unwrap();
+        assert!(out.status.success(), "the key service failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let log = run();
+    let secret = std::fs::read_to_string(&key_file).unwrap();
+    let key = flywheel_core::nix::SigningKey::parse(&secret).unwrap();
+    assert_eq!(key.name(), "runner-a-1");
+    let public = std::fs::read_to_string(state.join("keys/signing-key.pub")).unwrap();
+    assert_eq!(flywheel_core::nix::VerifyingKey::parse(&public).unwrap(), key.verifying_key());
+    assert!(log.contains(&key.verifying_key().to_nix_string()), "the public key is not in the log:\n{log}");
+    assert!(log.contains("generated the key runner-a-1"), "{log}");
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(state.join("keys/signing-key.pub")).unwrap().permissions().mode() & 0o777, 0o644);
+
+    // The next boot keeps the key and logs it again; a lost public half is written again.
+    std::fs::remove_file(state.join("keys/signing-key.pub")).unwrap();
+    let log = run();
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), secret, "the key changed on the next boot");
+    assert!(!log.contains("generated"), "{log}");
+    assert!(log.contains(&key.verifying_key().to_nix_string()), "{log}");
+    assert_eq!(flywheel_core::nix::VerifyingKey::parse(&std::fs::read_to_string(state.join("keys/signing-key.pub")).unwrap()).unwrap(), key.verifying_key());
+
+    // The secret is only on the runner's volume.
+    let mut stored = Vec::new();
+    files_under(&nix.store_root().join("nix/store"), &mut stored);
+    for file in stored {
+        assert!(!String::from_utf8_lossy(&std::fs::read(&file).unwrap()).contains(secret.trim()), "{} holds the key", file.display());
+    }
+
+    // Defaults: on the data dir, named after the host and the time of generation.
+    let eval = nix.eval(r#"{ services.flywheel.runner = { enable = true; serverUrl = "http://cache:8080"; dataDir = "/pvc/flywheel"; signing.enable = true; }; }"#);
+    let keys = str_list(&eval["nixSettings"]["secret-key-files"]);
+    assert_eq!(keys, ["/pvc/flywheel/signing-key"]);
+    let start = std::fs::read_to_string(nix.physical(service(&eval, "flywheel-signing-key")["serviceConfig"]["ExecStart"].as_str().unwrap())).unwrap();
+    assert!(start.contains("key='/pvc/flywheel/signing-key'") && start.contains("uname -n"), "{start}");
+    let eval = nix.eval(r#"{ services.flywheel.runner = { enable = true; serverUrl = "http://cache:8080"; }; }"#);
+    assert!(eval["services"].get("flywheel-signing-key").is_none(), "signing is off by default");
+    assert_eq!(eval["nixSettings"]["secret-key-files"], serde_json::json!([]));
+}
+
+nix_matrix! {
     server_and_runner_on_one_host_and_defaults => |version| server_and_runner_on_one_host_and_defaults_with(version);
 }
 
@@ -558,6 +636,20 @@ fn contradicting_options_fail_evaluation_with_a_clear_message_with(version: NixV
         (
             format!("{{ services.flywheel.server = {{ {server} caches.main.public = true; }}; }}"),
             "caches.<name>.signingKeyFile must be set for every declared cache",
+        ),
+        (
+            format!(
+                "{{ services.flywheel.server = {{ {server} caches.main = {{ signingKeyFile = \"/run/keys/k\"; requireUploaderSignature = true; }}; }}; }}"
+            ),
+            "requireUploaderSignature needs at least one key in trustedUploaderKeys",
+        ),
+        (
+            format!("{{ services.flywheel.runner = {{ {runner} signing = {{ enable = true; keyFile = \"/nix/store/00000000000000000000000000000000-key\"; }}; }}; }}"),
+            "services.flywheel.runner.signing.keyFile must not be in the Nix store",
+        ),
+        (
+            format!("{{ services.flywheel.runner = {{ {runner} signing = {{ enable = true; keyName = \"a:b\"; }}; }}; }}"),
+            "services.flywheel.runner.signing.keyName must be non-empty, without ':' or whitespace",
         ),
         // Not an assertion: the module system refuses unknown and mistyped options.
         (format!("{{ services.flywheel.runner = {{ {runner} cacheSise = 1; }}; }}"), "services.flywheel.runner.cacheSise' does not exist"),

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flywheel_core::api::v1::cache_config::CacheConfig;
 use flywheel_core::api::v1::chunks::{BaseChunks, ChunkBatch, ChunkList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
 use flywheel_core::api::v1::get_missing_paths::{GetMissingPathsRequest, GetMissingPathsResponse};
 use flywheel_core::chunk::ChunkHash;
@@ -233,6 +234,16 @@ impl ApiClient {
     pub async fn commit(&self, request: &CommitRequest) -> Result<()> {
         send(zstd_json(self.request(reqwest::Method::POST, self.api_url("commit")), request)?).await?;
         Ok(())
+    }
+
+    /// The cache's settings (`GET /_api/v1/cache-config/{cache}`, which needs pull): among
+    /// them its rule on uploader signatures. Not logged as an error when refused: a push-only
+    /// token may not read it, and callers go on without it.
+    #[instrument(skip_all)]
+    pub async fn cache_config(&self) -> Result<CacheConfig> {
+        let url = format!("{}/_api/v1/cache-config/{}", self.base, self.cache);
+        let bytes = send(self.request(reqwest::Method::GET, url)).await?.bytes().await.map_err(transport)?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(format!("cache-config answer from the server does not parse: {e}")))
     }
 
     /// The store directory the cache serves, from its `nix-cache-info`.

@@ -85,6 +85,8 @@ pub async fn create_default_cache(config: &ServerConfig, config_path: PathBuf) -
                     priority: 41,
                     upstream_cache_key_names: vec!["cache.nixos.org-1".into()],
                     retention_period: None,
+                    trusted_uploader_keys: Vec::new(),
+                    require_uploader_signature: false,
                 })
                 .await?;
             key
@@ -95,7 +97,8 @@ pub async fn create_default_cache(config: &ServerConfig, config_path: PathBuf) -
 }
 
 /// Creates the caches the config declares, and brings existing ones in line with it (key,
-/// visibility, priority, retention, upstream keys); the store dir of an existing cache is kept.
+/// visibility, priority, retention, upstream keys, trusted uploader keys); the store dir of an
+/// existing cache is kept.
 /// Every replica does this on start; the writes are idempotent.
 pub async fn apply_declared_caches(config: &ServerConfig, storage: &Storage) -> anyhow::Result<()> {
     for (name, declared) in &config.caches {
@@ -111,6 +114,13 @@ pub async fn apply_declared_caches(config: &ServerConfig, storage: &Storage) -> 
             priority: declared.priority,
             upstream_cache_key_names: declared.upstream_cache_key_names.clone(),
             retention_period: declared.retention_period,
+            // Checked with the config; stored in canonical form so that a restart with the same
+            // config finds nothing to change.
+            trusted_uploader_keys: CacheRecord::check_uploader_settings(
+                &declared.trusted_uploader_keys,
+                declared.require_uploader_signature,
+            )?,
+            require_uploader_signature: declared.require_uploader_signature,
         };
         if existing.as_ref() == Some(&wanted) {
             continue;
@@ -118,7 +128,13 @@ pub async fn apply_declared_caches(config: &ServerConfig, storage: &Storage) -> 
         storage.put_cache(&wanted).await.with_context(|| format!("writing cache {name}"))?;
         let public_key = SigningKey::parse(&wanted.signing_key)?.verifying_key().to_nix_string();
         let action = if existing.is_some() { "updated from the config" } else { "created" };
-        tracing::info!(cache = %name, %public_key, "cache {action}");
+        tracing::info!(
+            cache = %name,
+            %public_key,
+            trusted_uploader_keys = wanted.trusted_uploader_keys.len(),
+            require_uploader_signature = wanted.require_uploader_signature,
+            "cache {action}"
+        );
     }
     Ok(())
 }

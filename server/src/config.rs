@@ -72,6 +72,13 @@ pub struct DeclaredCache {
     /// Key names of upstream caches, whose paths clients need not push.
     #[serde(default = "default_upstream_keys")]
     pub upstream_cache_key_names: Vec<String>,
+    /// Public keys (`name:base64`) of trusted uploaders, such as a key per CI runner.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_uploader_keys: Vec<String>,
+    /// Refuse (403) an upload whose path carries no valid signature by one of
+    /// `trusted-uploader-keys`.
+    #[serde(default)]
+    pub require_uploader_signature: bool,
     /// The key read from `signing_key_file`.
     #[serde(skip)]
     pub signing_key: String,
@@ -494,6 +501,8 @@ impl ServerConfig {
             flywheel_core::nix::SigningKey::parse(&cache.signing_key).with_context(|| {
                 format!("the signing key of cache {name} in {} is not a Nix secret key", cache.signing_key_file.display())
             })?;
+            crate::storage::CacheRecord::check_uploader_settings(&cache.trusted_uploader_keys, cache.require_uploader_signature)
+                .with_context(|| format!("caches.{name}"))?;
         }
         if let StorageConfig::S3 { secret_access_key: Some(_), secret_access_key_file: Some(_), .. } = &self.storage {
             anyhow::bail!("give the S3 secret key either inline or as a file, not both");
@@ -629,6 +638,32 @@ mod tests {
         )
         .unwrap();
         assert!(ServerConfig::load(&config_file).is_err());
+    }
+
+    #[test]
+    fn declared_caches_check_their_uploader_keys() {
+        let base = "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\n[storage]\ntype = 'local'\npath = '/tmp/x'\n";
+        let runner = flywheel_core::nix::SigningKey::generate("runner-1").unwrap().verifying_key().to_nix_string();
+        let with = |table: &str| {
+            let mut config: ServerConfig = toml::from_str(&format!("{base}[caches.ci]\nsigning-key-file = '/k'\n{table}")).unwrap();
+            if let Some(cache) = config.caches.get_mut("ci") {
+                cache.signing_key = flywheel_core::nix::SigningKey::generate("ci-1").unwrap().to_nix_string();
+            }
+            config
+        };
+        let plain = with("");
+        assert!(plain.caches["ci"].trusted_uploader_keys.is_empty() && !plain.caches["ci"].require_uploader_signature);
+        plain.check().unwrap();
+        let set = with(&format!("trusted-uploader-keys = ['{runner}']\nrequire-uploader-signature = true\n"));
+        assert_eq!(set.caches["ci"].trusted_uploader_keys, std::slice::from_ref(&runner));
+        set.check().unwrap();
+        // Listed keys without the requirement are allowed (the first step of turning it on).
+        with(&format!("trusted-uploader-keys = ['{runner}']\n")).check().unwrap();
+        let err = format!("{:#}", with("require-uploader-signature = true\n").check().unwrap_err());
+        assert!(err.contains("caches.ci") && err.contains("needs at least one trusted uploader key"), "{err}");
+        let err = format!("{:#}", with("trusted-uploader-keys = ['runner-1:AAAA']\n").check().unwrap_err());
+        assert!(err.contains("trusted uploader keys") && err.contains("runner-1"), "{err}");
+        assert!(toml::from_str::<ServerConfig>(&format!("{base}[caches.ci]\nsigning-key-file = '/k'\nrequire-uploader-signatures = true\n")).is_err());
     }
 
     #[test]

@@ -50,6 +50,29 @@ pub struct CacheRecord {
     /// Retention in seconds; `None` means the server default.
     #[serde(default)]
     pub retention_period: Option<u32>,
+    /// Public keys (`name:base64`) of the uploaders whose signatures
+    /// `require_uploader_signature` accepts, such as a key per CI runner.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_uploader_keys: Vec<String>,
+    /// Whether every path published to the cache must carry a valid signature by one of
+    /// `trusted_uploader_keys`; otherwise uploaders' signatures are kept without a check.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_uploader_signature: bool,
+}
+
+impl CacheRecord {
+    /// Checks the uploader settings that every way of configuring a cache (config file, API)
+    /// sets: keys in Nix's form, and, when signatures are required, at least one key (with
+    /// none, every upload would be refused). Returns the keys in their canonical form.
+    pub fn check_uploader_settings(keys: &[String], require: bool) -> Result<Vec<String>> {
+        let parsed = flywheel_core::nix::TrustedKeys::parse(keys).map_err(|e| e.context("trusted uploader keys"))?;
+        if require && parsed.is_empty() {
+            return Err(Error::invalid(
+                "require-uploader-signature needs at least one trusted uploader key: list the keys that may sign uploads first",
+            ));
+        }
+        Ok(parsed.to_nix_strings())
+    }
 }
 
 /// Whether a stored chunk may be counted on by a new path.

@@ -8,7 +8,8 @@
 //!
 //! Paths go dependencies first, so the cache never holds a path whose references it lacks
 //! because a push stopped half-way; a push that stops leaves its uploaded chunks on the
-//! server, and the next push of the path sends only the rest.
+//! server, and the next push of the path sends only the rest. A cache that requires uploader
+//! signatures has every path checked against its trusted keys before anything is sent.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -20,7 +21,7 @@ use flywheel_client::ApiClient;
 use flywheel_core::api::v1::chunks::{ChunkDelta, CommitRequest};
 use flywheel_core::chunk::{compress, ChunkHash, ChunkParams, Chunker, DEFAULT_ZSTD_LEVEL};
 use flywheel_core::manifest::ChunkRef;
-use flywheel_core::nix::Sha256Hash;
+use flywheel_core::nix::{Sha256Hash, StorePath, TrustedKeys};
 use flywheel_core::{Error, ErrorKind, Result};
 use futures::{StreamExt, TryStreamExt};
 use sha2::Digest;
@@ -148,6 +149,7 @@ impl Pusher {
         if todo.is_empty() {
             return Ok(report);
         }
+        self.check_uploader_signatures(&todo).await?;
         let total: u64 = todo.iter().map(|i| i.nar_size).sum();
         let bar = progress_bar(self.config.progress, total, todo.len());
         let counters = Arc::new(Counters::default());
@@ -194,6 +196,42 @@ impl Pusher {
         report.uploaded_frame_bytes = counters.uploaded_frame_bytes.load(Ordering::Relaxed);
         report.pushed_as_changes = counters.as_changes.load(Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// Refuses the push before anything is uploaded when the cache requires uploader
+    /// signatures and a path lacks a valid one: the server would refuse its commit (403) only
+    /// after its chunks were sent, and pushing the rest could leave a path without its
+    /// references. The message is the one the server would give (the same check, in the core
+    /// crate). The server's check is what counts: when the
+    /// cache's settings cannot be read (a push-only token cannot), the push goes on and the
+    /// server refuses what it must.
+    async fn check_uploader_signatures(&self, todo: &[LocalPathInfo]) -> Result<()> {
+        let config = match self.api.cache_config().await {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::debug!("cannot read the cache's settings, the server checks signatures alone: {err}");
+                return Ok(());
+            }
+        };
+        if config.require_uploader_signature != Some(true) {
+            return Ok(());
+        }
+        let keys = match TrustedKeys::parse(config.trusted_uploader_keys.as_deref().unwrap_or_default()) {
+            Ok(keys) => keys,
+            Err(err) => {
+                tracing::debug!("the cache's trusted uploader keys do not parse, the server checks signatures alone: {err}");
+                return Ok(());
+            }
+        };
+        let store_dir = config.store_dir.as_deref().unwrap_or(flywheel_core::nix::DEFAULT_STORE_DIR);
+        let refused: Vec<Error> = todo.iter().filter_map(|info| uploader_signature(&keys, store_dir, info).err()).collect();
+        match refused.split_first() {
+            None => Ok(()),
+            Some((first, rest)) => {
+                let more = if rest.is_empty() { String::new() } else { format!(" (and {} more paths lack one)", rest.len()) };
+                Err(Error::new(first.kind(), format!("{}{more}; nothing was pushed", first.message())))
+            }
+        }
     }
 
     async fn push_one(&self, info: &LocalPathInfo, counters: &Counters, bar: &indicatif::ProgressBar) -> Result<()> {
@@ -357,6 +395,19 @@ impl Pusher {
         uploaded?;
         produced
     }
+}
+
+/// Whether `info` carries a valid signature by one of `keys`, as the server checks it. A path
+/// whose metadata does not parse is left to the server, which refuses it with the reason.
+fn uploader_signature(keys: &TrustedKeys, store_dir: &str, info: &LocalPathInfo) -> Result<()> {
+    let parsed = (|| {
+        let path = StorePath::from_absolute(&info.path, store_dir)?;
+        let references = info.references.iter().map(|r| StorePath::from_absolute(r, store_dir)).collect::<Result<Vec<_>>>()?;
+        Ok::<_, Error>((path, Sha256Hash::parse(&info.nar_hash)?, references))
+    })();
+    let Ok((path, nar_hash, references)) = parsed else { return Ok(()) };
+    let fingerprint = flywheel_core::nix::fingerprint(store_dir, &path, &nar_hash, info.nar_size, &references);
+    keys.require_signature(&info.path, &fingerprint, &info.signatures)
 }
 
 /// The commit `full` with its chunks named by the `missing-chunks` question `query`, which
@@ -635,6 +686,32 @@ mod tests {
         let sizes: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|(_, raw, _)| *raw).collect()).collect();
         assert_eq!(sizes, vec![vec![3, 4], vec![2], vec![9], vec![1]]);
         assert!(split_by_bytes(Vec::new(), 8).is_empty());
+    }
+
+    #[test]
+    fn uploader_signatures_are_checked_as_the_server_checks_them() {
+        let key = flywheel_core::nix::SigningKey::generate("runner-1").unwrap();
+        let keys = TrustedKeys::parse(&[key.verifying_key().to_nix_string()]).unwrap();
+        let (path, dep) = ("/nix/store/00000000000000000000000000000000-x", "/nix/store/11111111111111111111111111111111-dep");
+        let mut info = LocalPathInfo {
+            path: path.into(),
+            nar_hash: format!("{}", Sha256Hash::digest(b"nar")),
+            nar_size: 3,
+            references: vec![dep.into(), path.into()],
+            deriver: None,
+            signatures: vec![],
+            ca: None,
+        };
+        let err = uploader_signature(&keys, "/nix/store", &info).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Forbidden);
+        let refs = [StorePath::from_absolute(path, "/nix/store").unwrap(), StorePath::from_absolute(dep, "/nix/store").unwrap()];
+        let fingerprint = flywheel_core::nix::fingerprint("/nix/store", &refs[0], &Sha256Hash::digest(b"nar"), 3, &refs);
+        info.signatures = vec![key.sign(&fingerprint)];
+        uploader_signature(&keys, "/nix/store", &info).unwrap();
+        // Metadata that does not parse is left to the server.
+        info.nar_hash = "md5:x".into();
+        info.signatures.clear();
+        uploader_signature(&keys, "/nix/store", &info).unwrap();
     }
 
     fn info(path: &str, refs: &[&str]) -> LocalPathInfo {

@@ -209,16 +209,21 @@ impl Nix {
         paths
     }
 
-    pub fn path_info(&self, store: &str, path: &str) -> PathInfo {
+    /// The object `nix path-info --json` prints for `path`, whichever shape this release uses.
+    pub fn path_info_json(&self, store: &str, path: &str) -> serde_json::Value {
         let out = self.run(self.cmd("nix").args(["path-info", "--json", "--store", store, path]));
-        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let info = if self.version.path_info_keyed_by_path() {
+        let mut json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if self.version.path_info_keyed_by_path() {
             assert!(json.is_object(), "Nix {:?} printed path-info as {json}", self.version);
-            &json[path]
+            json[path].take()
         } else {
             assert!(json.is_array(), "Nix {:?} printed path-info as {json}", self.version);
-            &json[0]
-        };
+            json[0].take()
+        }
+    }
+
+    pub fn path_info(&self, store: &str, path: &str) -> PathInfo {
+        let info = &self.path_info_json(store, path);
         PathInfo {
             path: path.to_string(),
             nar_hash: info["narHash"].as_str().unwrap().to_string(),

@@ -61,6 +61,7 @@ in
           trusted-public-keys = mkOption { type = types.listOf types.str; default = [ ]; description = "Keys."; };
           narinfo-cache-negative-ttl = mkOption { type = types.nullOr types.int; default = null; description = "TTL."; };
           post-build-hook = mkOption { type = types.nullOr types.str; default = null; description = "Hook."; };
+          secret-key-files = mkOption { type = types.listOf types.str; default = [ ]; description = "Keys that sign local builds."; };
         };
       };
       default = { };

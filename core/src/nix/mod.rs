@@ -12,5 +12,5 @@ pub mod store_path;
 
 pub use hash::Sha256Hash;
 pub use narinfo::NarInfo;
-pub use signing::{fingerprint, SigningKey, VerifyingKey};
+pub use signing::{fingerprint, SigningKey, TrustedKeys, VerifyingKey};
 pub use store_path::{StorePath, DEFAULT_STORE_DIR};

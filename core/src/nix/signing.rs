@@ -190,6 +190,87 @@ impl fmt::Display for VerifyingKey {
     }
 }
 
+/// Most keys one list may hold: a cache trusts a key per runner, and every upload is checked
+/// against them, so the list stays small.
+pub const MAX_TRUSTED_KEYS: usize = 256;
+
+/// A list of trusted public keys, like Nix's `trusted-public-keys`: a path is trusted when one
+/// of its signatures verifies under one of them.
+///
+/// Several keys may share a name (a runner whose key was generated again keeps its name while
+/// both are listed, during a rotation); a signature is then checked against each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedKeys {
+    keys: Vec<VerifyingKey>,
+}
+
+impl TrustedKeys {
+    /// Parses `name:base64` public keys, refusing a malformed one and more than
+    /// [`MAX_TRUSTED_KEYS`].
+    pub fn parse<S: AsRef<str>>(keys: &[S]) -> Result<Self> {
+        if keys.len() > MAX_TRUSTED_KEYS {
+            return Err(Error::invalid(format!("at most {MAX_TRUSTED_KEYS} trusted keys, not {}", keys.len())));
+        }
+        let keys = keys.iter().map(|k| VerifyingKey::parse(k.as_ref())).collect::<Result<Vec<_>>>()?;
+        Ok(TrustedKeys { keys })
+    }
+
+    /// Whether no key is listed.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The keys, in `name:base64` form, as given.
+    pub fn to_nix_strings(&self) -> Vec<String> {
+        self.keys.iter().map(VerifyingKey::to_nix_string).collect()
+    }
+
+    /// The first key with a valid signature of `fingerprint` among `sigs`.
+    pub fn signer(&self, fingerprint: &str, sigs: &[String]) -> Option<&VerifyingKey> {
+        self.keys.iter().find(|key| sigs.iter().any(|sig| key.verify(fingerprint, sig)))
+    }
+
+    /// Refuses, as [`ErrorKind::Forbidden`], a path (`store_path`, absolute, with its
+    /// [`fingerprint`]) that carries no valid signature by one of these keys. The message
+    /// names the trusted keys and what is wrong with each signature the path does carry, so
+    /// that whoever pushed it can tell an unsigned build from a key the cache does not list.
+    ///
+    /// [`ErrorKind::Forbidden`]: crate::ErrorKind::Forbidden
+    pub fn require_signature(&self, store_path: &str, fingerprint: &str, sigs: &[String]) -> Result<()> {
+        if self.signer(fingerprint, sigs).is_some() {
+            return Ok(());
+        }
+        let mut names: Vec<&str> = self.keys.iter().map(VerifyingKey::name).collect();
+        names.sort_unstable();
+        names.dedup();
+        let trusted = if names.is_empty() { "none is listed".to_string() } else { names.join(", ") };
+        let found = if sigs.is_empty() {
+            "it carries no signature".to_string()
+        } else {
+            let each: Vec<String> = sigs
+                .iter()
+                .map(|sig| {
+                    let name = sig.split_once(':').map_or(sig.as_str(), |(name, _)| name);
+                    if self.keys.iter().any(|key| key.name() == name) {
+                        format!("{name} (does not verify)")
+                    } else {
+                        format!("{name} (not a trusted uploader key)")
+                    }
+                })
+                .collect();
+            format!("its signatures are by {}", each.join(", "))
+        };
+        Err(Error::new(
+            crate::ErrorKind::Forbidden,
+            format!(
+                "this cache requires uploads signed by one of its trusted uploader keys ({trusted}), and {store_path} \
+                 has no valid signature by one: {found}; sign it with a trusted key (`nix store sign --key-file`, \
+                 or `secret-key-files` where it is built) or add the builder's public key to the cache"
+            ),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +387,45 @@ mod tests {
             let err = VerifyingKey::parse(&s).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidInput, "{s}");
         }
+    }
+
+    #[test]
+    fn trusted_keys_find_a_valid_signature_or_say_why_not() {
+        let fp = nix_fingerprint();
+        let other = SigningKey::generate("other-1").unwrap();
+        let keys = TrustedKeys::parse(&[other.verifying_key().to_nix_string(), PUBLIC.to_string()]).unwrap();
+        assert_eq!(keys.to_nix_strings()[1], PUBLIC);
+        assert_eq!(keys.signer(&fp, &[SIG.to_string()]).map(|k| k.name()), Some("test-key-1"));
+        keys.require_signature("/nix/store/x", &fp, &["junk:AAAA".into(), SIG.to_string()]).unwrap();
+
+        let refused = |sigs: &[String]| {
+            let err = keys.require_signature("/nix/store/kznx-b.txt", &fp, sigs).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Forbidden);
+            assert!(err.message().contains("/nix/store/kznx-b.txt"), "{err}");
+            assert!(err.message().contains("(other-1, test-key-1)"), "{err}");
+            err.message().to_string()
+        };
+        assert!(refused(&[]).contains("it carries no signature"));
+        let unlisted = SigningKey::generate("runner-9").unwrap().sign(&fp);
+        assert!(refused(&[unlisted]).contains("runner-9 (not a trusted uploader key)"));
+        // A listed name with bytes that do not verify: a signature of another path.
+        let wrong = SigningKey::parse(SECRET).unwrap().sign("1;/nix/store/other;sha256:0;1;");
+        assert!(refused(&[wrong]).contains("test-key-1 (does not verify)"));
+        // The same name with another key's bytes.
+        let impostor = SigningKey::generate("test-key-1").unwrap().sign(&fp);
+        assert!(refused(&[impostor]).contains("test-key-1 (does not verify)"));
+
+        // Two keys of one name (a rotation): either verifies.
+        let rotated = SigningKey::generate("test-key-1").unwrap();
+        let both = TrustedKeys::parse(&[PUBLIC.to_string(), rotated.verifying_key().to_nix_string()]).unwrap();
+        both.require_signature("/nix/store/x", &fp, &[rotated.sign(&fp)]).unwrap();
+        both.require_signature("/nix/store/x", &fp, &[SIG.to_string()]).unwrap();
+
+        assert!(TrustedKeys::parse(&[SECRET]).is_err());
+        assert!(TrustedKeys::parse(&vec![PUBLIC; MAX_TRUSTED_KEYS + 1]).is_err());
+        let none = TrustedKeys::parse::<&str>(&[]).unwrap();
+        assert!(none.is_empty());
+        assert!(none.require_signature("/nix/store/x", &fp, &[SIG.to_string()]).unwrap_err().message().contains("none is listed"));
     }
 
     #[test]

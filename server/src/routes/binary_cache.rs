@@ -136,7 +136,7 @@ pub async fn put_file(
     let deriver = info.deriver.as_ref().map(|d| d.base_name());
     let (_, path) = PathMetadata {
         store_path: &info.store_path.base_name(),
-        store_dir: &record.store_dir,
+        cache: &record,
         nar_hash: info.nar_hash,
         nar_size: info.nar_size,
         references: &references,
@@ -146,6 +146,12 @@ pub async fn put_file(
         ca: info.ca.as_deref(),
     }
     .into_record()?;
+    // A cache that requires uploader signatures holds the NAR's chunks only from here, once
+    // the signed narinfo is accepted (see `put_nar`): a refused upload leaves it holding
+    // nothing new.
+    if record.require_uploader_signature {
+        grant_nar(&state, &cache, &manifest).await?;
+    }
     let mut path = path;
     // Nix keeps this narinfo and will ask for its URL: serve the NAR there too.
     if let Some(file) = info.url.strip_prefix("nar/").filter(|file| is_uploaders_nar_file(file)) {
@@ -354,13 +360,19 @@ pub async fn put_nar(
     Path((cache, file)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<StatusCode> {
-    authorize(&state, &caller, &cache, "push", |p| p.push).await?;
+    let record = authorize(&state, &caller, &cache, "push", |p| p.push).await?;
     let compression = Compression::from_file_name(&file)?;
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let ingested = state.ingester.ingest(stream, compression).await?;
     let nar_hash = ingested.manifest.nar_hash;
     let (manifest, stats) = ingested.commit().await?;
-    grant_nar(&state, &cache, &manifest).await?;
+    // The narinfo, which carries the signatures, comes after the NAR. Where signatures are
+    // required, the chunks are granted when it is accepted, so that an unsigned upload leaves
+    // the cache holding nothing new (its chunks and manifest are left to garbage collection,
+    // as those of any failed upload).
+    if !record.require_uploader_signature {
+        grant_nar(&state, &cache, &manifest).await?;
+    }
     state.storage.put_pending(&cache, &nar_hash).await?;
     tracing::info!(nar_hash = %nar_hash, new_chunks = stats.new_chunks, chunks = stats.chunks, "NAR staged");
     Ok(StatusCode::OK)

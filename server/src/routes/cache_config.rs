@@ -63,6 +63,10 @@ pub async fn read(
             None => RetentionPeriodConfig::Global,
             Some(seconds) => RetentionPeriodConfig::Period(seconds),
         }),
+        // Public keys and a flag: a puller may know them (a runner's `flywheel push` checks
+        // its paths against them before uploading anything).
+        trusted_uploader_keys: Some(record.trusted_uploader_keys),
+        require_uploader_signature: Some(record.require_uploader_signature),
     }))
 }
 
@@ -79,6 +83,8 @@ pub async fn create(
         ));
     }
     check_store_dir(&request.store_dir)?;
+    let trusted_uploader_keys =
+        CacheRecord::check_uploader_settings(&request.trusted_uploader_keys, request.require_uploader_signature)?;
     let record = CacheRecord {
         name: cache.clone(),
         signing_key: signing_key(&request.keypair, &cache)?,
@@ -87,6 +93,8 @@ pub async fn create(
         priority: request.priority,
         upstream_cache_key_names: request.upstream_cache_key_names,
         retention_period: None,
+        trusted_uploader_keys,
+        require_uploader_signature: request.require_uploader_signature,
     };
     state.storage.put_cache(&record).await?;
     state.forget_cache_record(&cache);
@@ -154,11 +162,29 @@ pub async fn update(
         };
         changed = true;
     }
+    if let Some(keys) = patch.trusted_uploader_keys {
+        record.trusted_uploader_keys = keys;
+        changed = true;
+    }
+    if let Some(require) = patch.require_uploader_signature {
+        record.require_uploader_signature = require;
+        changed = true;
+    }
     if !changed {
         return Err(Error::invalid("no modifiable fields were set").into());
     }
+    // Checked as a whole, so that one PATCH may set both, and none may leave a cache that
+    // requires signatures with no key to check them by.
+    record.trusted_uploader_keys =
+        CacheRecord::check_uploader_settings(&record.trusted_uploader_keys, record.require_uploader_signature)?;
     state.storage.put_cache(&record).await?;
     state.forget_cache_record(&cache);
+    tracing::info!(
+        cache = %cache,
+        trusted_uploader_keys = record.trusted_uploader_keys.len(),
+        require_uploader_signature = record.require_uploader_signature,
+        "cache settings changed"
+    );
     Ok(StatusCode::OK)
 }
 

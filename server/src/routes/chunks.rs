@@ -394,7 +394,7 @@ pub async fn commit(
     let nar_hash = Sha256Hash::parse(&request.nar_hash)?;
     let (_, path) = PathMetadata {
         store_path: &request.store_path,
-        store_dir: &record.store_dir,
+        cache: record,
         nar_hash,
         nar_size: request.nar_size,
         references: &request.references,

@@ -1,9 +1,10 @@
-//! Turning client-supplied metadata into a path record, shared by every upload route.
+//! Turning client-supplied metadata into a path record, shared by every upload route, and the
+//! cache's uploader-signature rule, which every path passes on its way to a record.
 
-use flywheel_core::nix::{Sha256Hash, StorePath};
+use flywheel_core::nix::{fingerprint, Sha256Hash, StorePath, TrustedKeys};
 use flywheel_core::{Error, Result};
 
-use crate::storage::{now, PathRecord};
+use crate::storage::{now, CacheRecord, PathRecord};
 
 /// Most references a path may have.
 const MAX_REFERENCES: usize = 10_000;
@@ -15,7 +16,8 @@ const MAX_FIELD_LEN: usize = 4096;
 /// Metadata of a path as a client sent it, before checks.
 pub struct PathMetadata<'a> {
     pub store_path: &'a str,
-    pub store_dir: &'a str,
+    /// The cache it is published to: its store dir, and its rule on uploader signatures.
+    pub cache: &'a CacheRecord,
     pub nar_hash: Sha256Hash,
     pub nar_size: u64,
     pub references: &'a [String],
@@ -35,22 +37,25 @@ pub fn parse_store_path(s: &str, store_dir: &str) -> Result<StorePath> {
 }
 
 impl PathMetadata<'_> {
-    /// Checks every field and builds the record.
+    /// Checks every field, and the signatures when the cache requires an uploader's (see
+    /// [`check_uploader_signature`]), and builds the record. Routes call it before they write
+    /// anything for the path, so a refused path leaves storage as it was.
     pub fn into_record(self) -> Result<(StorePath, PathRecord)> {
-        let store_path = parse_store_path(self.store_path, self.store_dir)?;
+        let store_dir = self.cache.store_dir.as_str();
+        let store_path = parse_store_path(self.store_path, store_dir)?;
         if self.references.len() > MAX_REFERENCES {
             return Err(Error::invalid(format!("more than {MAX_REFERENCES} references")));
         }
         let mut references = self
             .references
             .iter()
-            .map(|r| parse_store_path(r, self.store_dir).map(|p| p.base_name()))
+            .map(|r| parse_store_path(r, store_dir).map(|p| p.base_name()))
             .collect::<Result<Vec<_>>>()?;
         references.sort();
         references.dedup();
         let deriver = match self.deriver {
             None | Some("") | Some("unknown-deriver") => None,
-            Some(d) => Some(parse_store_path(d, self.store_dir)?.base_name()),
+            Some(d) => Some(parse_store_path(d, store_dir)?.base_name()),
         };
         if self.sigs.len() > MAX_SIGS {
             return Err(Error::invalid(format!("more than {MAX_SIGS} signatures")));
@@ -85,6 +90,25 @@ impl PathMetadata<'_> {
             created_at: now(),
             nar_file: None,
         };
+        check_uploader_signature(self.cache, &store_path, &record)?;
         Ok((store_path, record))
     }
+}
+
+/// Refuses (403) a path without a valid signature by one of the cache's trusted uploader keys,
+/// when the cache requires one. The signature covers Nix's fingerprint of the path (store
+/// path, NAR hash and size, references), and each route checks the NAR against that hash and
+/// size, so a signed path cannot be published with other contents.
+pub fn check_uploader_signature(cache: &CacheRecord, store_path: &StorePath, record: &PathRecord) -> Result<()> {
+    if !cache.require_uploader_signature {
+        return Ok(());
+    }
+    // The keys were checked when they were configured: a failure here is damage.
+    let keys = TrustedKeys::parse(&cache.trusted_uploader_keys)
+        .map_err(|e| Error::internal(format!("trusted uploader keys of cache {}: {e}", cache.name)))?;
+    let references = record.references.iter().map(|r| StorePath::from_base_name(r)).collect::<Result<Vec<_>>>()?;
+    let fingerprint = fingerprint(&cache.store_dir, store_path, &record.nar_hash, record.nar_size, &references);
+    keys.require_signature(&store_path.to_absolute(&cache.store_dir), &fingerprint, &record.sigs).inspect_err(|err| {
+        tracing::warn!(cache = %cache.name, store_path = %record.store_path, "upload refused: {}", err.message());
+    })
 }

@@ -71,7 +71,7 @@ pub async fn handle(
     let nar_hash = Sha256Hash::parse(&info.nar_hash)?;
     let (store_path, record) = PathMetadata {
         store_path: &info.store_path,
-        store_dir: &cache.store_dir,
+        cache: &cache,
         nar_hash,
         nar_size: info.nar_size,
         references: &info.references,

@@ -34,6 +34,13 @@ pub struct CreateCacheRequest {
     pub priority: i32,
     /// Key names of upstream caches whose paths clients need not push.
     pub upstream_cache_key_names: Vec<String>,
+    /// flywheel's extension: public keys (`name:base64`) of trusted uploaders.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_uploader_keys: Vec<String>,
+    /// flywheel's extension: refuse uploads without a valid signature by one of
+    /// `trusted_uploader_keys`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_uploader_signature: bool,
 }
 
 /// `GET` answer and `PATCH` body: every field optional.
@@ -67,4 +74,12 @@ pub struct CacheConfig {
     /// Retention.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub retention_period: Option<RetentionPeriodConfig>,
+    /// flywheel's extension: public keys (`name:base64`) of trusted uploaders, such as a key
+    /// per CI runner. A `PATCH` replaces the whole list.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub trusted_uploader_keys: Option<Vec<String>>,
+    /// flywheel's extension: whether every upload must carry a valid signature by one of
+    /// `trusted_uploader_keys` (refused with 403 otherwise).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub require_uploader_signature: Option<bool>,
 }
