@@ -7,7 +7,10 @@
 //!    grace period, and every chunk they list, are live.
 //! 3. **Sweep**: manifests and chunks that are not live and older than the grace period are
 //!    deleted, as are stale staging markers. Before chunks go, manifests written since the mark
-//!    began are marked too, so a push that finished during the run keeps its chunks.
+//!    began are marked too, so a push that finished during the run keeps its chunks. Per
+//!    cache, what it keeps beside its paths goes with them: chunk grants, uploaded NAR file
+//!    names and realisations once no live path needs them, logs and debug info after the
+//!    retention period.
 //!
 //! The grace period protects uploads in flight: uploads count only on chunks written within
 //! half of it, write older ones again, and must store their manifest within the other half
@@ -27,7 +30,7 @@ use std::time::Duration;
 
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::manifest::ManifestChunks;
-use flywheel_core::nix::Sha256Hash;
+use flywheel_core::nix::{BuildTraceValue, Realisation, Sha256Hash};
 use flywheel_core::Result;
 use object_store::ObjectStoreExt;
 
@@ -64,6 +67,8 @@ pub struct GcReport {
     pub nar_files_deleted: usize,
     /// Build logs and debug info records expired with their cache's retention period.
     pub logs_deleted: usize,
+    /// Realisations whose output path is no longer in their cache.
+    pub realisations_deleted: usize,
 }
 
 impl GcReport {
@@ -290,6 +295,8 @@ struct CacheLive {
     retention: u64,
     nars: HashSet<Sha256Hash>,
     nar_files: HashSet<String>,
+    /// Hash parts of the paths that stay.
+    paths: HashSet<String>,
 }
 
 impl CacheLive {
@@ -297,13 +304,15 @@ impl CacheLive {
     fn keep(&mut self, path: &crate::storage::PathRecord) {
         self.nars.insert(path.nar_hash);
         self.nar_files.extend(path.nar_file.clone());
+        self.paths.extend(path.store_path.get(..32).map(str::to_string));
     }
 }
 
 /// Sweeps what each cache keeps beside its paths: grants of chunks none of its live paths uses,
-/// records of uploaded NAR file names whose path is gone (or was published anew), and build
-/// logs and debug info older than the retention period. Young objects stay (uploads in
-/// flight); grants stay entirely when the chunk lists of live paths are not all known.
+/// records of uploaded NAR file names whose path is gone (or was published anew), realisations
+/// whose output path is gone, and build logs and debug info older than the retention period.
+/// Young objects stay (uploads in flight); grants stay entirely when the chunk lists of live
+/// paths are not all known, and realisations when the live paths are not all known.
 async fn sweep_cache_records(
     storage: &Storage,
     caches: &[CacheLive],
@@ -342,6 +351,10 @@ async fn sweep_cache_records(
                 Err(err) => report.problem(format!("cache {}: NAR file names could not be listed: {err}", cache.name)),
             }
         }
+        if !report.manifests_sweep_skipped {
+            let orphans = realisations_without_output(storage, cache, grace_cutoff_ms, report).await;
+            doomed.extend(orphans.into_iter().map(|key| (key, "realisation")));
+        }
         if cache.retention > 0 {
             let expired_before = now.saturating_sub(cache.retention.saturating_mul(1000));
             for kind in [CacheFile::LOGS, CacheFile::DEBUG_INFO] {
@@ -363,10 +376,46 @@ async fn sweep_cache_records(
             match kind {
                 "grant" => report.grants_deleted += 1,
                 "nar-file" => report.nar_files_deleted += 1,
+                "realisation" => report.realisations_deleted += 1,
                 _ => report.logs_deleted += 1,
             }
         }
     }
+}
+
+/// The realisations of `cache` (both layouts) past the grace period whose output path is not
+/// among the cache's live paths: a realisation lives as long as its output. Each is read to
+/// learn its output; one that cannot be read or parsed is named as a problem and kept.
+async fn realisations_without_output(
+    storage: &Storage,
+    cache: &CacheLive,
+    grace_cutoff_ms: u64,
+    report: &mut GcReport,
+) -> Vec<object_store::path::Path> {
+    let mut doomed = Vec::new();
+    for dir in [CacheFile::REALISATIONS, CacheFile::BUILD_TRACE] {
+        let listed = match storage.list_objects(&format!("caches/{}/{dir}", cache.name)).await {
+            Ok(listed) => listed,
+            Err(err) => {
+                report.problem(format!("cache {}: {dir} could not be listed: {err}", cache.name));
+                continue;
+            }
+        };
+        for meta in listed.into_iter().filter(|m| modified_ms(m) <= grace_cutoff_ms) {
+            let out_path = match storage.get_object(&meta.location).await {
+                Ok(Some(json)) if dir == CacheFile::REALISATIONS => Realisation::parse_json(&json).map(|r| r.out_path),
+                Ok(Some(json)) => BuildTraceValue::parse_json(&json).map(|v| v.out_path),
+                Ok(None) => continue,
+                Err(err) => Err(err),
+            };
+            match out_path {
+                Ok(out_path) if !cache.paths.contains(&out_path.hash_part()) => doomed.push(meta.location),
+                Ok(_) => {}
+                Err(err) => report.problem(format!("{}: {err}; kept", meta.location)),
+            }
+        }
+    }
+    doomed
 }
 
 fn manifest_nar_hash(key: &object_store::path::Path) -> Option<Sha256Hash> {

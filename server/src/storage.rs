@@ -11,6 +11,9 @@
 //!   publish until garbage collection finds the marker older than the grace period;
 //! - `caches/{cache}/logs/{drv}`: a build log, zstd-compressed;
 //! - `caches/{cache}/debuginfo/{build-id}`: where the debug file of an ELF build ID is;
+//! - `caches/{cache}/realisations/{drv hash hex}/{output}`: a realisation of a
+//!   content-addressed derivation's output, as Nix up to 2.34 uploads it (`realisations/`);
+//! - `caches/{cache}/build-trace-v2/{drv}/{output}`: the same as Nix 2.35 and later upload it;
 //! - `caches/{cache}/nar-files/{file}`: the hash part of the path whose uploader's narinfo
 //!   named `nar/{file}`, so that the NAR is served at that URL too;
 //! - `caches/{cache}/chunks/{hh}/{blake3}`: an empty grant: the cache holds that chunk, because
@@ -170,6 +173,10 @@ pub enum CacheFile<'a> {
     DebugInfo(&'a str),
     /// The hash part of the path whose uploader named its NAR `nar/{name}`.
     NarFile(&'a str),
+    /// A realisation (Nix up to 2.34), named `{drv hash hex}/{output}`.
+    Realisation(&'a str),
+    /// A build trace entry's value (Nix 2.35 and later), named `{drv}/{output}`.
+    BuildTrace(&'a str),
 }
 
 impl CacheFile<'_> {
@@ -179,12 +186,18 @@ impl CacheFile<'_> {
     pub const DEBUG_INFO: &'static str = "debuginfo";
     /// See [`CacheFile::LOGS`].
     pub const NAR_FILES: &'static str = "nar-files";
+    /// See [`CacheFile::LOGS`].
+    pub const REALISATIONS: &'static str = "realisations";
+    /// See [`CacheFile::LOGS`].
+    pub const BUILD_TRACE: &'static str = "build-trace-v2";
 
     fn key(&self, cache: &str) -> Path {
         let (dir, name) = match *self {
             CacheFile::Log(name) => (Self::LOGS, name),
             CacheFile::DebugInfo(name) => (Self::DEBUG_INFO, name),
             CacheFile::NarFile(name) => (Self::NAR_FILES, name),
+            CacheFile::Realisation(name) => (Self::REALISATIONS, name),
+            CacheFile::BuildTrace(name) => (Self::BUILD_TRACE, name),
         };
         Path::from(format!("caches/{cache}/{dir}/{name}"))
     }
@@ -194,6 +207,8 @@ impl CacheFile<'_> {
             CacheFile::Log(_) => "build log",
             CacheFile::DebugInfo(_) => "debuginfo",
             CacheFile::NarFile(_) => "NAR file name",
+            CacheFile::Realisation(_) => "realisation",
+            CacheFile::BuildTrace(_) => "build trace entry",
         }
     }
 }
@@ -561,6 +576,11 @@ impl Storage {
             .try_collect()
             .await
             .map_err(|e| storage_error(e, "listing"))
+    }
+
+    /// An object by its key, as listed; `None` if it is gone.
+    pub async fn get_object(&self, key: &Path) -> Result<Option<Bytes>> {
+        self.get_bytes(key, "object").await
     }
 
     /// Deletes an object by its key, as listed.

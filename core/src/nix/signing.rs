@@ -50,6 +50,15 @@ fn check_key_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks that `sig` is a well-formed signature, `name:base64(64 bytes)`, without verifying it:
+/// for signatures by keys the server does not know, which it keeps as they were sent.
+pub fn check_signature(sig: &str) -> Result<()> {
+    if sig.trim() != sig {
+        return Err(Error::invalid(format!("signature {sig:?} has surrounding whitespace")));
+    }
+    split_key::<64>(sig, "signature").map(|_| ())
+}
+
 /// Splits `name:base64` and decodes the base64 half into exactly `N` bytes.
 fn split_key<const N: usize>(s: &str, what: &str) -> Result<(String, [u8; N])> {
     let s = s.trim();

@@ -46,7 +46,7 @@ pub fn parse_hash_part(s: &str) -> Result<[u8; 20]> {
 /// Nix 2.8 itself accepts `.` and `..` as names; later versions refuse them and any name whose
 /// first dash-separated part is `.` or `..`, and so do we. Other names starting with a dot
 /// (`.hidden`) are valid store paths in every version, so they are kept.
-fn check_name(name: &str) -> Result<()> {
+pub(crate) fn check_name(name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(Error::invalid("store path name is empty"));
     }

@@ -1,6 +1,10 @@
-//! nixbase32, SHA-256 hash forms, store paths, narinfo files and signing keys.
+//! nixbase32, SHA-256 hash forms, store paths, narinfo files, realisations and signing keys.
 
-use flywheel_core::nix::{base32, store_path, NarInfo, Sha256Hash, SigningKey, StorePath, VerifyingKey};
+use flywheel_core::nix::realisation::{SignatureObject, TraceSignature};
+use flywheel_core::nix::{
+    base32, store_path, BuildTraceKey, BuildTraceValue, DrvOutputId, NarInfo, Realisation, Sha256Hash, SigningKey, StorePath,
+    VerifyingKey,
+};
 use flywheel_core::ErrorKind;
 use proptest::prelude::*;
 
@@ -250,6 +254,116 @@ proptest! {
         invalid(SigningKey::parse(&key))?;
         if let Ok(public) = VerifyingKey::parse(&key) {
             prop_assert!(!public.verify(&message, &sig));
+        }
+    }
+}
+
+/// An output name: what Nix allows in a store path name.
+fn output_name() -> impl Strategy<Value = String> {
+    prop_oneof![4 => "[a-z]{1,8}", 1 => store_name()]
+}
+
+fn drv_output_id() -> impl Strategy<Value = DrvOutputId> {
+    (sha256(), output_name()).prop_map(|(drv_hash, output)| DrvOutputId { drv_hash, output })
+}
+
+/// A well-formed signature by a key of a plausible name.
+fn signature_text() -> impl Strategy<Value = String> {
+    ("[a-z0-9.-]{1,12}", any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(name, a, b)| {
+        use base64::Engine;
+        format!("{name}:{}", base64::engine::general_purpose::STANDARD.encode([a, b].concat()))
+    })
+}
+
+fn realisation() -> impl Strategy<Value = Realisation> {
+    (
+        drv_output_id(),
+        store_path(),
+        proptest::collection::vec(signature_text(), 0..3),
+        proptest::collection::btree_map(drv_output_id(), store_path(), 0..3),
+    )
+        .prop_map(|(id, out_path, signatures, dependent_realisations)| Realisation { id, out_path, signatures, dependent_realisations })
+}
+
+fn build_trace_value() -> impl Strategy<Value = BuildTraceValue> {
+    let sig = prop_oneof![
+        signature_text().prop_map(TraceSignature::Text),
+        signature_text().prop_map(|t| {
+            let (name, sig) = t.split_once(':').unwrap();
+            TraceSignature::Object(SignatureObject { key_name: name.to_string(), sig: sig.to_string() })
+        }),
+    ];
+    (store_path(), proptest::collection::vec(sig, 0..3)).prop_map(|(out_path, signatures)| BuildTraceValue { out_path, signatures })
+}
+
+/// Damages JSON text at a character boundary: a cut, or a few characters put in.
+fn damaged(json: Vec<u8>, at: prop::sample::Index, insert: &str, cut: bool) -> Vec<u8> {
+    let text = String::from_utf8(json).unwrap();
+    let mut i = at.index(text.len() + 1);
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    if cut {
+        text.as_bytes()[..i].to_vec()
+    } else {
+        format!("{}{insert}{}", &text[..i], &text[i..]).into_bytes()
+    }
+}
+
+proptest! {
+    #![proptest_config(config(500))]
+
+    #[test]
+    fn realisations_round_trip(r in realisation(), key in prop::sample::select(vec!["a-1", "cache.example.org-1"])) {
+        let json = r.to_json();
+        let parsed = Realisation::parse_json(&json).unwrap();
+        prop_assert_eq!(&parsed, &r);
+        prop_assert_eq!(parsed.to_json(), json);
+        prop_assert_eq!(DrvOutputId::parse(&r.id.to_nix_string()).unwrap(), r.id.clone());
+        let key = SigningKey::generate(key).unwrap();
+        let mut signed = r;
+        signed.sign(&key);
+        prop_assert!(Realisation::parse_json(&signed.to_json()).unwrap().verify(&key.verifying_key()));
+    }
+
+    #[test]
+    fn build_trace_values_round_trip(v in build_trace_value(), output in output_name(), drv in store_path()) {
+        let json = v.to_json().unwrap();
+        let parsed = BuildTraceValue::parse_json(&json).unwrap();
+        prop_assert_eq!(&parsed, &v);
+        prop_assert_eq!(parsed.to_json().unwrap(), json);
+        // Names at the length limit have no room for ".drv".
+        let key = BuildTraceKey::new(&format!("{drv}.drv"), &output);
+        if let Ok(key) = key {
+            let signer = SigningKey::generate("c-1").unwrap();
+            let mut signed = parsed;
+            signed.sign(&key, &signer);
+            prop_assert!(signed.verify(&key, &signer.verifying_key()));
+        }
+    }
+
+    /// Damaged or arbitrary input is refused with InvalidInput, and whatever parses writes
+    /// back to JSON that parses to the same entry.
+    #[test]
+    fn realisation_garbage_is_refused_or_stable(
+        json in prop_oneof![
+            ".{0,120}".prop_map(String::into_bytes),
+            (realisation(), any::<prop::sample::Index>(), "[\"{}:,!\\[\\] a-z0-9]{0,3}", any::<bool>())
+                .prop_map(|(r, at, insert, cut)| damaged(r.to_json(), at, &insert, cut)),
+            (build_trace_value(), any::<prop::sample::Index>(), "[\"{}:,!\\[\\] a-z0-9]{0,3}", any::<bool>())
+                .prop_map(|(v, at, insert, cut)| damaged(v.to_json().unwrap(), at, &insert, cut)),
+        ],
+    ) {
+        match Realisation::parse_json(&json) {
+            Ok(r) => prop_assert_eq!(Realisation::parse_json(&r.to_json()).unwrap(), r),
+            Err(err) => prop_assert_eq!(err.kind(), ErrorKind::InvalidInput, "{}", err),
+        }
+        match BuildTraceValue::parse_json(&json) {
+            Ok(v) => prop_assert_eq!(BuildTraceValue::parse_json(&v.to_json().unwrap()).unwrap(), v),
+            Err(err) => prop_assert_eq!(err.kind(), ErrorKind::InvalidInput, "{}", err),
+        }
+        if let Ok(text) = std::str::from_utf8(&json) {
+            invalid(DrvOutputId::parse(text))?;
         }
     }
 }

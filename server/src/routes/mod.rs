@@ -7,6 +7,7 @@ mod get_missing_paths;
 mod debuginfo;
 mod logs;
 mod publish;
+mod realisations;
 mod upload_path;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
@@ -47,6 +48,18 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/{cache}/debuginfo/{file}",
             get(debuginfo::get).put(debuginfo::put).layer(DefaultBodyLimit::max(debuginfo::MAX_DEBUGINFO_SIZE)),
+        )
+        .route(
+            "/{cache}/realisations/{file}",
+            get(realisations::get_realisation)
+                .put(realisations::put_realisation)
+                .layer(DefaultBodyLimit::max(realisations::MAX_REALISATION_SIZE)),
+        )
+        .route(
+            "/{cache}/build-trace-v2/{drv}/{file}",
+            get(realisations::get_build_trace)
+                .put(realisations::put_build_trace)
+                .layer(DefaultBodyLimit::max(realisations::MAX_REALISATION_SIZE)),
         )
         .route(
             "/{cache}/log/{file}",
