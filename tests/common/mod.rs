@@ -168,13 +168,17 @@ impl Nix {
     pub fn cmd(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.version.bin_dir().join(program));
         let xdg = self.dir.path().join(format!("xdg-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
-        // Only Nix 2.22 and later know the local-overlay store, and 2.8 warns on every unknown feature.
-        let features = match self.version {
-            NixVersion::V2_8 => "nix-command",
-            NixVersion::V2_30 => "nix-command local-overlay-store",
+        // Only Nix 2.22 and later know the local-overlay store, and 2.8 warns on every unknown
+        // setting. Nix 2.30 is built without seccomp (Debian 12's is too old), so it must be
+        // told not to filter system calls.
+        let version_specific = match self.version {
+            NixVersion::V2_8 => "experimental-features = nix-command\n",
+            NixVersion::V2_30 => "experimental-features = nix-command local-overlay-store\nfilter-syscalls = false\n",
         };
+        // No default substituter: cache.nixos.org cannot be reached here, and each try costs
+        // seconds of retries. Tests that substitute name their substituters.
         let config = format!(
-            "experimental-features = {features}\nsandbox = false\nbuild-users-group =\nnarinfo-cache-negative-ttl = 0\nsandbox-paths = /bin/sh=/bin/busybox /bin/busybox=/bin/busybox\n"
+            "{version_specific}substituters =\nsandbox = false\nbuild-users-group =\nnarinfo-cache-negative-ttl = 0\nsandbox-paths = /bin/sh=/bin/busybox /bin/busybox=/bin/busybox\n"
         );
         cmd.env("PATH", self.path_env()).env("NIX_CONFIG", config)
             .env("XDG_CACHE_HOME", xdg)
