@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The end-to-end benchmark: installs the reference tools (nginx, zstd, curl) and the test
+# The end-to-end benchmark: installs the reference tools (nginx, zstd, xz, bzip2, brotli, curl) and the test
 # prerequisites, then runs `cargo bench --bench e2e`, which writes BENCHMARKS.md.
-# Pass section names (e.g. `server`) to run only those.
+# Pass section names (server, compression, load, fuse, substituter) to run only those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
-for tool in nginx:nginx-light zstd:zstd curl:curl nix-store:nix-bin fusermount3:fuse3; do
+for tool in nginx:nginx-light zstd:zstd xz:xz-utils bzip2:bzip2 brotli:brotli curl:curl nix-store:nix-bin fusermount3:fuse3; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 [ -x /bin/busybox ] || missing+=(busybox-static)

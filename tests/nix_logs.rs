@@ -136,3 +136,122 @@ nix_matrix! {
 nix_matrix! {
     debuginfo_round_trip_s3 => |version| debuginfo_round_trip(version, Backend::S3);
 }
+
+/// Runs `flywheel gc` over the server's storage; returns its report.
+fn run_gc(server: &Server, extra: &[&str]) -> String {
+    let out = std::process::Command::new(common::FLYWHEEL).args(["gc", "--config"]).arg(&server.config).args(extra).output().unwrap();
+    assert!(out.status.success(), "gc failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The number of build logs and debug info records a `flywheel gc` report freed (or would).
+fn logs_in(report: &str) -> usize {
+    report
+        .lines()
+        .find_map(|l| l.strip_suffix(" logs and debug info records"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of logs in the gc report:\n{report}"))
+}
+
+/// Build logs and debug info expire with their cache's retention period: `flywheel gc`
+/// deletes those of a cache whose period has passed since their upload, and they then answer
+/// 404, while the same records in a cache with a longer period stay, byte for byte.
+fn logs_expire_with_retention(version: NixVersion, backend: Backend) {
+    let nix = Nix::of(version);
+    // No collection inside the server: only the `flywheel gc` runs below delete anything.
+    let server = Server::start_with(backend, "[gc]\ninterval = 0\n");
+    let admin = server.admin_token();
+    let client = Client::new();
+    for (cache, seconds) in [("short", 1), ("long", 86_400)] {
+        server.create_cache(cache, false);
+        let resp = client
+            .patch(format!("{}/_api/v1/cache-config/{cache}", server.url))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"retention_period": {"Period": seconds}}))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{}", resp.text().unwrap());
+    }
+    let src = nix.store("src");
+    let seed = common::unique_seed("retained");
+    let expr = format!(
+        r#"derivation {{ name = "retained-{seed}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo a line for the log {seed}; /bin/busybox mkdir -p $out/lib/debug/.build-id/ab && echo {seed} > $out/lib/debug/.build-id/ab/cdef0123456789cdef0123456789cdef012345.debug" ]; }}"#
+    );
+    let drv = nix.run(nix.cmd("nix-instantiate").args(["--store", &src, "-E", &expr])).trim().to_string();
+    let out = nix.run(nix.cmd("nix-store").args(["--store", &src, "--realise", &drv])).trim().to_string();
+    let netrc = server.netrc(&admin);
+    let netrc_arg = netrc.to_string_lossy().into_owned();
+    let line = format!("a line for the log {seed}");
+    let read_log = |cache: &str| {
+        nix.cmd("nix-store")
+            .args(["--store", &format!("{}/{cache}", server.url), "--option", "substituters", "", "--option", "netrc-file", &netrc_arg, "--read-log", &drv])
+            .output()
+            .unwrap()
+    };
+    for cache in ["short", "long"] {
+        let url = format!("{}/{cache}", server.url);
+        nix.run(nix.cmd("nix").args(["store", "copy-log", "--store", &src, "--to", &url, "--option", "netrc-file", &netrc_arg, &drv]));
+        let copied = nix.copy_to(&src, &format!("{url}?index-debug-info=true"), &netrc, std::slice::from_ref(&out));
+        assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+        let log = read_log(cache);
+        assert!(String::from_utf8_lossy(&log.stdout).contains(&line), "{cache}: {}", String::from_utf8_lossy(&log.stderr));
+    }
+    // The records each cache holds, as stored objects: the log and the debug info record.
+    let records = |cache: &str| -> std::collections::BTreeMap<String, (u64, [u8; 32])> {
+        let logs = format!("caches/{cache}/logs/");
+        let debuginfo = format!("caches/{cache}/debuginfo/");
+        server.storage_snapshot().into_iter().filter(|(key, _)| key.starts_with(&logs) || key.starts_with(&debuginfo)).collect()
+    };
+    let short = records("short");
+    let long = records("long");
+    assert_eq!(short.len(), 2, "{short:?}");
+    assert_eq!(long.len(), 2, "{long:?}");
+    // A record's URL: `caches/{cache}/logs/{drv}` is served at `{cache}/log/{drv}`.
+    let urls = |records: &std::collections::BTreeMap<String, (u64, [u8; 32])>| -> Vec<String> {
+        records.keys().map(|key| format!("{}/{}", server.url, key.trim_start_matches("caches/").replacen("/logs/", "/log/", 1))).collect()
+    };
+    for url in urls(&short).iter().chain(&urls(&long)) {
+        assert_eq!(client.get(url).bearer_auth(&admin).send().unwrap().status(), StatusCode::OK, "{url}");
+    }
+
+    // Wait until the short cache's records are past its 1 s period, as the collection sees
+    // them (it compares their modification times with its own clock): dry runs change nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let report = run_gc(&server, &["--dry-run"]);
+        let due = logs_in(&report);
+        assert!(due <= short.len(), "a dry run would delete records of the long cache too:\n{report}");
+        if due == short.len() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the short cache's records never came due:\n{report}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(records("short"), short, "a dry run deleted");
+    let report = run_gc(&server, &[]);
+    assert_eq!(logs_in(&report), short.len(), "{report}");
+
+    // Expired: gone from storage and 404, to HTTP clients and to Nix alike.
+    assert!(records("short").is_empty(), "{:?}", records("short"));
+    for url in urls(&short) {
+        assert_eq!(client.get(&url).bearer_auth(&admin).send().unwrap().status(), StatusCode::NOT_FOUND, "{url}");
+    }
+    let log = read_log("short");
+    assert!(!log.status.success(), "nix-store -l still found the expired log: {}", String::from_utf8_lossy(&log.stdout));
+    // Within the longer period: kept as they were, and served.
+    assert_eq!(records("long"), long, "the long cache's records changed");
+    for url in urls(&long) {
+        assert_eq!(client.get(&url).bearer_auth(&admin).send().unwrap().status(), StatusCode::OK, "{url}");
+    }
+    let log = read_log("long");
+    assert!(String::from_utf8_lossy(&log.stdout).contains(&line), "long: {}", String::from_utf8_lossy(&log.stderr));
+}
+
+nix_matrix! {
+    logs_expire_with_retention_local => |version| logs_expire_with_retention(version, Backend::Local);
+}
+
+nix_matrix! {
+    logs_expire_with_retention_s3 => |version| logs_expire_with_retention(version, Backend::S3);
+}

@@ -68,7 +68,15 @@ nix_matrix! {
 }
 
 nix_matrix! {
+    warm_narinfo_cache_zstd_s3 => |version| pull_with_warm_narinfo_cache(version, Backend::S3, "zstd");
+}
+
+nix_matrix! {
     warm_narinfo_cache_none_local => |version| pull_with_warm_narinfo_cache(version, Backend::Local, "none");
+}
+
+nix_matrix! {
+    warm_narinfo_cache_none_s3 => |version| pull_with_warm_narinfo_cache(version, Backend::S3, "none");
 }
 
 nix_matrix! {
@@ -76,5 +84,13 @@ nix_matrix! {
 }
 
 nix_matrix! {
+    warm_narinfo_cache_bzip2_s3 => |version| pull_with_warm_narinfo_cache(version, Backend::S3, "bzip2");
+}
+
+nix_matrix! {
     warm_narinfo_cache_br_local => |version| pull_with_warm_narinfo_cache(version, Backend::Local, "br");
+}
+
+nix_matrix! {
+    warm_narinfo_cache_br_s3 => |version| pull_with_warm_narinfo_cache(version, Backend::S3, "br");
 }
