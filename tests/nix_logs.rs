@@ -148,7 +148,8 @@ fn run_gc(server: &Server, extra: &[&str]) -> String {
 fn logs_in(report: &str) -> usize {
     report
         .lines()
-        .find_map(|l| l.strip_suffix(" logs and debug info records"))
+        .flat_map(|l| l.split(", "))
+        .find_map(|part| part.strip_suffix(" logs and debug info records"))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no count of logs in the gc report:\n{report}"))
