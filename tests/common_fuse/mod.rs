@@ -227,3 +227,48 @@ pub fn dir_size(dir: &Path) -> u64 {
     }
     total
 }
+
+/// Unmounts (lazily) when dropped, so a failing test leaves no mount behind.
+pub struct Unmount(pub std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Mounts an overlayfs of `lower` and `upper` on `target`.
+pub fn mount_overlay(lower: &std::path::Path, upper: &std::path::Path, work: &std::path::Path, target: &std::path::Path) -> Unmount {
+    for dir in [upper, work, target] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let status = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display()))
+        .arg(target)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting the overlay on {}", target.display());
+    Unmount(target.to_path_buf())
+}
+
+/// `flywheel dump-db` of `paths`, loaded with `nix-store --load-db` into `store`.
+pub fn register_lazily(setup: &Setup, store: &str, paths: &[String]) {
+    let dump = Command::new(FLYWHEEL)
+        .args(["dump-db", "--server", &setup.server.url, "--cache", CACHE, "--token-file"])
+        .arg(&setup.token_file)
+        .args(paths)
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "dump-db: {}", String::from_utf8_lossy(&dump.stderr));
+    let text = String::from_utf8(dump.stdout).unwrap();
+    assert!(text.lines().filter(|l| l.starts_with("/nix/store/") && l.len() > 44).count() >= 3, "{text}");
+    let mut load = setup.nix.cmd("nix-store");
+    load.args(["--store", store, "--load-db"]).stdin(std::process::Stdio::piped());
+    let mut child = load.spawn().unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    assert!(child.wait().unwrap().success(), "nix-store --load-db into {store}");
+}
