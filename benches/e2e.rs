@@ -55,18 +55,53 @@ fn curl_get(url: &str, token: Option<&str>) -> (f64, u64) {
 }
 
 struct Report {
-    out: String,
+    header: String,
+    /// Where each section says it was measured.
+    stamp: String,
+    /// (title, text) of each section, in the order measured.
+    sections: Vec<(String, String)>,
 }
 
 impl Report {
     fn section(&mut self, title: &str, intro: &str) {
-        let _ = writeln!(self.out, "\n## {title}\n\n{intro}\n");
-        let _ = writeln!(self.out, "| figure | flywheel | reference | ratio | target |\n|---|---|---|---|---|");
+        let mut text = format!("\n## {title}\n\n{intro} {}\n\n", self.stamp);
+        text.push_str("| figure | flywheel | reference | ratio | target |\n|---|---|---|---|---|\n");
+        self.sections.push((title.to_string(), text));
     }
 
     fn row(&mut self, figure: &str, ours: String, reference: String, ratio: String, target: &str) {
-        let _ = writeln!(self.out, "| {figure} | {ours} | {reference} | {ratio} | {target} |");
+        let (_, text) = self.sections.last_mut().expect("a row belongs to a section");
+        let _ = writeln!(text, "| {figure} | {ours} | {reference} | {ratio} | {target} |");
     }
+
+    /// The whole file. A run of some sections only keeps the other sections of `previous`
+    /// (an earlier BENCHMARKS.md) as they were, each naming the run it came from.
+    fn render(&self, previous: Option<&str>) -> String {
+        let mut sections: Vec<(String, String)> = previous.map(split_sections).unwrap_or_default();
+        for (title, text) in &self.sections {
+            match sections.iter_mut().find(|(t, _)| t == title) {
+                Some(old) => old.1 = text.clone(),
+                None => sections.push((title.clone(), text.clone())),
+            }
+        }
+        let mut out = self.header.clone();
+        for (_, text) in sections {
+            out.push_str(&text);
+        }
+        out
+    }
+}
+
+/// The `## ` sections of a BENCHMARKS.md, as (title, text from the blank line before it).
+fn split_sections(text: &str) -> Vec<(String, String)> {
+    text.split("\n## ")
+        .skip(1)
+        .map(|part| {
+            let title = part.lines().next().unwrap_or("").to_string();
+            let body = format!("\n## {}\n", part.trim_end_matches('\n'));
+            (title, body)
+        })
+        .collect()
 }
 
 fn nar_of_sysroot_lib(dir: &Path) -> PathBuf {
@@ -1126,14 +1161,18 @@ fn main() {
     let work = tempfile::tempdir().unwrap();
     let commit = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let mut report = Report {
-        out: format!(
-            "# Benchmarks\n\nWritten by `./scripts/bench.sh` (`cargo bench --bench e2e`) at commit {commit} on {} cores; \
-             load average at start: {}. Medians of several runs; ratios compare figures taken in this same run.\n\
+        header: format!(
+            "# Benchmarks\n\nWritten by `./scripts/bench.sh` (`cargo bench --bench e2e`) on {} cores. Each section names the \
+             commit it was measured at and the load average when the run started: `./scripts/bench.sh SECTION` measures only \
+             the sections whose names contain SECTION (server, compression, lazy, load, fuse, substituter) and keeps the others. \
+             Medians of several runs; ratios compare figures taken in the same run.\n\
              Per-function figures come from `cargo bench -p flywheel-core` (criterion).\n",
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
         ),
+        stamp: format!("(Measured at commit {commit}; load average at start: {load}.)"),
+        sections: Vec::new(),
     };
     if wants("server") {
         server_section(&mut report, work.path());
@@ -1154,8 +1193,10 @@ fn main() {
         substituter_section(&mut report, work.path());
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
-    std::fs::write(&path, &report.out).unwrap();
-    println!("{}", report.out);
+    let previous = if filter.is_empty() { None } else { std::fs::read_to_string(&path).ok() };
+    let out = report.render(previous.as_deref());
+    std::fs::write(&path, &out).unwrap();
+    println!("{out}");
     eprintln!("wrote {}", path.display());
 }
 
