@@ -1,4 +1,4 @@
-//! Deep store paths end to end with real Nix 2.8, a path deeper than the limit refused, and
+//! Deep store paths end to end with real Nix 2.8 and 2.30, a path deeper than the limit refused, and
 //! garbage collection and fsck carrying on past damaged objects.
 
 #[macro_use]
@@ -43,7 +43,12 @@ fn deep_paths_round_trip_through_nix_with(version: NixVersion) {
     let dst = nix.store("dst");
     // 100 levels, past serde_json's nesting limit; 1900, close to the deepest Nix 2.8 can
     // dump and restore under Linux's PATH_MAX with this store root (and within MAX_DEPTH).
-    let depths = [100usize, 1900];
+    // Nix 2.30 refuses to dump or restore a NAR nested 64 directories deep or more, so it gets
+    // the deepest path it takes.
+    let depths: &[usize] = match version {
+        NixVersion::V2_8 => &[100, 1900],
+        NixVersion::V2_30 => &[60],
+    };
     assert!(depths.iter().all(|&d| d <= MAX_DEPTH));
     let paths: Vec<String> = depths.iter().map(|&d| add_deep_path(&nix, &src, d)).collect();
     let push = server.netrc(&server.mint(&["--push", "ci", "--pull", "ci"]));
@@ -55,7 +60,7 @@ fn deep_paths_round_trip_through_nix_with(version: NixVersion) {
 
     let client = Client::new();
     let token = server.mint(&["--pull", "ci"]);
-    for (path, depth) in paths.iter().zip(depths) {
+    for (path, &depth) in paths.iter().zip(depths) {
         let (from, to) = (nix.path_info(&src, path), nix.path_info(&dst, path));
         assert_eq!(from.nar_hash, to.nar_hash, "{path}");
         assert!(nix.verify(&dst, path), "{path} does not verify in the destination store");

@@ -93,6 +93,16 @@ impl NixVersion {
         }
     }
 
+    /// Whether `stderr` is this release's refusal of a path or realisation that no trusted
+    /// key signed: "lacks a valid signature" up to 2.2x, "lacks a signature by a trusted key"
+    /// in 2.30.
+    pub fn refused_unsigned(self, stderr: &str) -> bool {
+        match self {
+            NixVersion::V2_8 => stderr.contains("lacks a valid signature"),
+            NixVersion::V2_30 => stderr.contains("lacks a signature by a trusted key"),
+        }
+    }
+
     /// Whether this release prints `nix path-info --json` as an object keyed by path (2.19 and
     /// later) rather than an array.
     pub fn path_info_keyed_by_path(self) -> bool {
@@ -173,7 +183,7 @@ impl Nix {
         // told not to filter system calls.
         let version_specific = match self.version {
             NixVersion::V2_8 => "experimental-features = nix-command\n",
-            NixVersion::V2_30 => "experimental-features = nix-command local-overlay-store\nfilter-syscalls = false\n",
+            NixVersion::V2_30 => "experimental-features = nix-command local-overlay-store read-only-local-store\nfilter-syscalls = false\n",
         };
         // No default substituter: cache.nixos.org cannot be reached here, and each try costs
         // seconds of retries. Tests that substitute name their substituters.

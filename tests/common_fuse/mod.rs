@@ -252,6 +252,22 @@ pub fn mount_overlay(lower: &std::path::Path, upper: &std::path::Path, work: &st
     Unmount(target.to_path_buf())
 }
 
+/// Mounts the lower store directory of a `local-overlay` store on `target`: a read-only
+/// overlay of `mount` and a `stub` layer holding an empty `.links`, the directory Nix's local
+/// store creates whenever it opens, which the read-only mount cannot hold.
+pub fn mount_lower_store(mount: &std::path::Path, stub: &std::path::Path, target: &std::path::Path) -> Unmount {
+    std::fs::create_dir_all(stub.join(".links")).unwrap();
+    std::fs::create_dir_all(target).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={}:{}", stub.display(), mount.display()))
+        .arg(target)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting the lower store directory on {}", target.display());
+    Unmount(target.to_path_buf())
+}
+
 /// `flywheel dump-db` of `paths`, loaded with `nix-store --load-db` into `store`.
 pub fn register_lazily(setup: &Setup, store: &str, paths: &[String]) {
     let dump = Command::new(FLYWHEEL)
