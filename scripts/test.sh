@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test, installing first what the tests need: fuse3, Nix 2.8 (nix-bin), a static
-# busybox (the /bin/sh of test builds) and s3s-fs (the S3 server). Debian 12, as root.
+# busybox (the /bin/sh of test builds), s3s-fs (the S3 server) and Nix 2.30.5, built from source
+# once into its own prefix (scripts/nix-2.30.sh). Debian 12, as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -20,5 +21,8 @@ if ! s3s-fs --version 2>/dev/null | grep -q '0\.14\.1'; then
   cargo install --quiet s3s-fs --version 0.14.1 --features binary
 fi
 [ -e /dev/fuse ] || { echo "/dev/fuse is missing: the FUSE tests cannot run here" >&2; exit 1; }
+# A modern Nix beside Debian's 2.8, for the tests that run both: built on the first run only.
+./scripts/nix-2.30.sh
+export FLYWHEEL_NIX230="${FLYWHEEL_NIX230_PREFIX:-/opt/flywheel/nix-2.30.5}"
 
 cargo test --workspace "$@"
