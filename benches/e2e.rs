@@ -496,7 +496,7 @@ fn lazy_section(report: &mut Report, work: &Path) {
         let docs = setup.nix.run(setup.nix.cmd("nix-store").args(["--store", &setup.store_root, "--add"]).arg(&docs_dir)).trim().to_string();
         docs_mb = setup.nix.path_info(&setup.store_root, &docs).nar_size as f64 / MB;
         let netrc = setup.server.netrc(&setup.token);
-        let out = setup.nix.copy_to(&setup.store_root, &format!("{}/{CACHE}?compression=zstd", setup.server.url), &netrc, &[docs.clone()]);
+        let out = setup.nix.copy_to(&setup.store_root, &format!("{}/{CACHE}?compression=zstd", setup.server.url), &netrc, std::slice::from_ref(&docs));
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let (mut setups, mut jobs) = (Vec::new(), Vec::new());
         for run in 0..RUNS {

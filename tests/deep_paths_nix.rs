@@ -32,7 +32,7 @@ fn add_deep_path(nix: &Nix, store: &str, depth: usize) -> String {
 }
 
 nix_matrix! {
-    deep_paths_round_trip_through_nix => |version| deep_paths_round_trip_through_nix_with(version);
+    deep_paths_round_trip_through_nix => deep_paths_round_trip_through_nix_with;
 }
 
 fn deep_paths_round_trip_through_nix_with(version: NixVersion) {

@@ -255,7 +255,7 @@ fn fuse_quota_holds_and_concurrent_readers_get_correct_bytes() {
 nix_matrix! {
     /// The runner set-up of the README: an overlayfs over the mount, the closure registered
     /// with `nix-store --load-db`, then Nix checks and builds against it.
-    fuse_lazy_mode_overlay_dump_db_build => |version| fuse_lazy_mode_overlay_dump_db_build_with(version);
+    fuse_lazy_mode_overlay_dump_db_build => fuse_lazy_mode_overlay_dump_db_build_with;
 }
 
 /// Nix sees `root_path` and its references valid in `store`, their contents match their

@@ -154,7 +154,7 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 nix_matrix! {
-    every_nix_file_parses => |version| every_nix_file_parses_with(version);
+    every_nix_file_parses => every_nix_file_parses_with;
 }
 
 fn every_nix_file_parses_with(version: NixVersion) {
@@ -187,7 +187,7 @@ fn every_nix_file_parses_with(version: NixVersion) {
 }
 
 nix_matrix! {
-    server_with_local_storage_renders_a_config_the_binary_accepts => |version| server_with_local_storage_renders_a_config_the_binary_accepts_with(version);
+    server_with_local_storage_renders_a_config_the_binary_accepts => server_with_local_storage_renders_a_config_the_binary_accepts_with;
 }
 
 fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: NixVersion) {
@@ -317,7 +317,7 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
 }
 
 nix_matrix! {
-    server_with_s3_storage_renders_a_config_the_binary_accepts => |version| server_with_s3_storage_renders_a_config_the_binary_accepts_with(version);
+    server_with_s3_storage_renders_a_config_the_binary_accepts => server_with_s3_storage_renders_a_config_the_binary_accepts_with;
 }
 
 fn server_with_s3_storage_renders_a_config_the_binary_accepts_with(version: NixVersion) {
@@ -372,7 +372,7 @@ fn server_with_s3_storage_renders_a_config_the_binary_accepts_with(version: NixV
 }
 
 nix_matrix! {
-    runner_commands_are_accepted_by_the_binary => |version| runner_commands_are_accepted_by_the_binary_with(version);
+    runner_commands_are_accepted_by_the_binary => runner_commands_are_accepted_by_the_binary_with;
 }
 
 fn runner_commands_are_accepted_by_the_binary_with(version: NixVersion) {
@@ -481,7 +481,7 @@ nix_matrix! {
     /// The runner's signing key: made on first boot by the module's oneshot (run here with
     /// real Nix 2.8 as systemd would), mode 0600 outside the store, kept across boots, its
     /// public half beside it and in the log; Nix's `secret-key-files` names it.
-    runner_signing_key_is_generated_once_outside_the_store => |version| runner_signing_key_is_generated_once_outside_the_store_with(version);
+    runner_signing_key_is_generated_once_outside_the_store => runner_signing_key_is_generated_once_outside_the_store_with;
 }
 
 fn runner_signing_key_is_generated_once_outside_the_store_with(version: NixVersion) {
@@ -548,7 +548,7 @@ fn runner_signing_key_is_generated_once_outside_the_store_with(version: NixVersi
 }
 
 nix_matrix! {
-    server_and_runner_on_one_host_and_defaults => |version| server_and_runner_on_one_host_and_defaults_with(version);
+    server_and_runner_on_one_host_and_defaults => server_and_runner_on_one_host_and_defaults_with;
 }
 
 fn server_and_runner_on_one_host_and_defaults_with(version: NixVersion) {
@@ -570,7 +570,7 @@ fn server_and_runner_on_one_host_and_defaults_with(version: NixVersion) {
 }
 
 nix_matrix! {
-    contradicting_options_fail_evaluation_with_a_clear_message => |version| contradicting_options_fail_evaluation_with_a_clear_message_with(version);
+    contradicting_options_fail_evaluation_with_a_clear_message => contradicting_options_fail_evaluation_with_a_clear_message_with;
 }
 
 fn contradicting_options_fail_evaluation_with_a_clear_message_with(version: NixVersion) {
@@ -670,7 +670,7 @@ fn contradicting_options_fail_evaluation_with_a_clear_message_with(version: NixV
 }
 
 nix_matrix! {
-    every_option_has_a_type_a_default_and_a_description => |version| every_option_has_a_type_a_default_and_a_description_with(version);
+    every_option_has_a_type_a_default_and_a_description => every_option_has_a_type_a_default_and_a_description_with;
 }
 
 fn every_option_has_a_type_a_default_and_a_description_with(version: NixVersion) {

@@ -16,7 +16,7 @@ fn stderr(out: &std::process::Output) -> String {
 }
 
 nix_matrix! {
-    push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it => |version| push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it_with(version);
+    push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it => push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it_with;
 }
 
 fn push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it_with(version: NixVersion) {
@@ -68,7 +68,7 @@ fn push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it_with(versi
 }
 
 nix_matrix! {
-    push_hook_pushes_a_real_nix_build_by_flush => |version| push_hook_pushes_a_real_nix_build_by_flush_with(version);
+    push_hook_pushes_a_real_nix_build_by_flush => push_hook_pushes_a_real_nix_build_by_flush_with;
 }
 
 fn push_hook_pushes_a_real_nix_build_by_flush_with(version: NixVersion) {
@@ -144,7 +144,7 @@ fn push_hook_pushes_a_real_nix_build_by_flush_with(version: NixVersion) {
 }
 
 nix_matrix! {
-    push_bad_input_fails_clearly_and_loses_nothing => |version| push_bad_input_fails_clearly_and_loses_nothing_with(version);
+    push_bad_input_fails_clearly_and_loses_nothing => push_bad_input_fails_clearly_and_loses_nothing_with;
 }
 
 fn push_bad_input_fails_clearly_and_loses_nothing_with(version: NixVersion) {
@@ -195,7 +195,7 @@ fn push_bad_input_fails_clearly_and_loses_nothing_with(version: NixVersion) {
 }
 
 nix_matrix! {
-    push_skips_paths_signed_by_upstream_keys => |version| push_skips_paths_signed_by_upstream_keys_with(version);
+    push_skips_paths_signed_by_upstream_keys => push_skips_paths_signed_by_upstream_keys_with;
 }
 
 fn push_skips_paths_signed_by_upstream_keys_with(version: NixVersion) {

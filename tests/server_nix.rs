@@ -424,7 +424,7 @@ fn nix_keypair(nix: &Nix, name: &str) -> (String, String) {
 nix_matrix! {
     /// A cache declared in the config signs with the key in its file, follows the file when it
     /// changes, and a bad key file is refused by the config check.
-    declared_cache_signs_with_the_key_from_its_file => |version| declared_cache_signs_with_the_key_from_its_file_with(version);
+    declared_cache_signs_with_the_key_from_its_file => declared_cache_signs_with_the_key_from_its_file_with;
 }
 
 fn declared_cache_signs_with_the_key_from_its_file_with(version: NixVersion) {

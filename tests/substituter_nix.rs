@@ -8,7 +8,7 @@ mod substituter_common;
 use substituter_common::{new_chunks, CountingProxy, NixVersion, Setup, StaticCache};
 
 nix_matrix! {
-    substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down => |version| substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down_with(version);
+    substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down => substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down_with;
 }
 
 fn substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down_with(version: NixVersion) {
@@ -63,7 +63,7 @@ fn substituter_serves_nix_with_sigs_and_falls_back_when_the_server_is_down_with(
 }
 
 nix_matrix! {
-    substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks => |version| substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks_with(version);
+    substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks => substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks_with;
 }
 
 fn substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks_with(version: NixVersion) {
@@ -102,7 +102,7 @@ fn substituter_fetches_only_missing_chunks_of_a_path_sharing_chunks_with(version
 }
 
 nix_matrix! {
-    substituter_refuses_wrong_chunks_and_garbage_and_nix_falls_back => |version| substituter_refuses_wrong_chunks_and_garbage_and_nix_falls_back_with(version);
+    substituter_refuses_wrong_chunks_and_garbage_and_nix_falls_back => substituter_refuses_wrong_chunks_and_garbage_and_nix_falls_back_with;
 }
 
 fn substituter_refuses_wrong_chunks_and_garbage_and_nix_falls_back_with(version: NixVersion) {

@@ -51,7 +51,7 @@ fn read_tree(dir: &std::path::Path) {
 }
 
 nix_matrix! {
-    substituter_shares_its_cache_dir_with_a_running_mount => |version| substituter_shares_its_cache_dir_with_a_running_mount_with(version);
+    substituter_shares_its_cache_dir_with_a_running_mount => substituter_shares_its_cache_dir_with_a_running_mount_with;
 }
 
 fn substituter_shares_its_cache_dir_with_a_running_mount_with(version: NixVersion) {
