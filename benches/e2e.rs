@@ -477,7 +477,7 @@ fn lazy_section(report: &mut Report, work: &Path) {
     let job = |nix: &common::Nix, store: &str, docs: &str, run: usize| -> f64 {
         let expr = format!(
             "derivation {{ name = \"job-{run}-{}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
-             args = [ \"-c\" \"/bin/busybox find ${{builtins.storePath \\\"{docs}\\\"}} -name '*.html' | /bin/busybox sort | \
+             args = [ \"-c\" \"/bin/busybox find ${{builtins.storePath \"{docs}\"}} -name '*.html' | /bin/busybox sort | \
              /bin/busybox head -n {JOB_FILES} | /bin/busybox xargs /bin/busybox cat | /bin/busybox wc -c > $out\" ]; }}",
             common::unique_seed("j")
         );
