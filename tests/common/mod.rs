@@ -1,6 +1,10 @@
 //! Shared harness of the end-to-end tests: real Nix 2.8, the real `flywheel` binary, and
 //! `s3s-fs` as the S3 server, all on 127.0.0.1. A missing prerequisite fails the test: nothing
 //! here skips.
+//!
+//! With `FLYWHEEL_TEST_S3_ENDPOINT` set (and `FLYWHEEL_TEST_S3_ACCESS_KEY`, `_SECRET_KEY`,
+//! `_BUCKET`), S3-backed servers use that S3 server instead of starting s3s-fs:
+//! `scripts/rustfs.sh` runs the S3 tests against a real RustFS that way. See [`ExternalS3`].
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -299,14 +303,125 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// An S3 server that is already running (RustFS, in `scripts/rustfs.sh`), named by the
+/// environment; S3-backed servers then use it instead of their own s3s-fs.
+#[derive(Debug, Clone)]
+pub struct ExternalS3 {
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    /// The bucket this server stores in: its own, so that tests running at once never see
+    /// each other's objects (the storage config has no key prefix to separate them otherwise).
+    pub bucket: String,
+}
+
+impl ExternalS3 {
+    /// The S3 server named by `FLYWHEEL_TEST_S3_ENDPOINT`, with a fresh bucket created on it;
+    /// `None` when the variable is unset (the default: every test starts its own s3s-fs).
+    fn from_env() -> Option<ExternalS3> {
+        let endpoint = std::env::var("FLYWHEEL_TEST_S3_ENDPOINT").ok().filter(|e| !e.is_empty())?;
+        // Half a configuration is a mistake to report, not a reason to fall back to s3s-fs.
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| panic!("FLYWHEEL_TEST_S3_ENDPOINT is set but {name} is not"))
+        };
+        // FLYWHEEL_TEST_S3_BUCKET is the stem of the bucket names: one bucket per server,
+        // unique across the test processes that share the S3 server.
+        static BUCKETS: AtomicUsize = AtomicUsize::new(0);
+        let bucket = format!(
+            "{}-{}-{}-{:06x}",
+            var("FLYWHEEL_TEST_S3_BUCKET"),
+            std::process::id(),
+            BUCKETS.fetch_add(1, Ordering::SeqCst),
+            rand::random::<u32>() & 0xff_ffff
+        );
+        assert!(bucket.len() <= 63, "bucket name {bucket} is longer than S3 allows; shorten FLYWHEEL_TEST_S3_BUCKET");
+        let s3 = ExternalS3 {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            access_key: var("FLYWHEEL_TEST_S3_ACCESS_KEY"),
+            secret_key: var("FLYWHEEL_TEST_S3_SECRET_KEY"),
+            bucket,
+        };
+        s3.create_bucket();
+        Some(s3)
+    }
+
+    /// S3 CreateBucket. object_store has no call for it, so curl signs it (SigV4); RustFS
+    /// answers 404 NoSuchBucket to writes into a bucket nobody made.
+    fn create_bucket(&self) {
+        let out = Command::new(require_tool("curl"))
+            .args(["--silent", "--show-error", "--fail-with-body", "--max-time", "30", "-X", "PUT"])
+            .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+            .arg(format!("{}:{}", self.access_key, self.secret_key))
+            // S3 servers want the body's hash signed (s3s refuses the request without it);
+            // this one is of the empty body.
+            .args(["-H", "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"])
+            .arg(format!("{}/{}", self.endpoint, self.bucket))
+            .output()
+            .expect("running curl");
+        assert!(
+            out.status.success(),
+            "creating bucket {} at {}: {}{}",
+            self.bucket,
+            self.endpoint,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn store(&self) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_bucket_name(&self.bucket)
+            .with_region("us-east-1")
+            .with_access_key_id(&self.access_key)
+            .with_secret_access_key(&self.secret_key)
+            .with_virtual_hosted_style_request(false)
+            .with_allow_http(true)
+            .build()
+            .unwrap()
+    }
+
+    /// Every object under `prefix`, with its size and (when `hash`) SHA-256: what
+    /// `dir_files` reads from s3s-fs's bucket directory, read through S3 instead.
+    fn objects(&self, prefix: &str, hash: bool) -> BTreeMap<String, (u64, [u8; 32])> {
+        use futures::TryStreamExt;
+        use object_store::{ObjectStore, ObjectStoreExt};
+        let store = self.store();
+        // The tests are synchronous; a runtime of their own keeps this callable from anywhere.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let prefix = (!prefix.is_empty()).then(|| object_store::path::Path::from(prefix));
+            let metas: Vec<object_store::ObjectMeta> = store.list(prefix.as_ref()).try_collect().await.unwrap();
+            let mut out = BTreeMap::new();
+            for meta in metas {
+                let digest = if hash {
+                    let bytes = store.get(&meta.location).await.unwrap().bytes().await.unwrap();
+                    sha2::Sha256::digest(&bytes).into()
+                } else {
+                    [0; 32]
+                };
+                out.insert(meta.location.to_string(), (meta.size, digest));
+            }
+            out
+        })
+    }
+}
+
 /// A running `flywheel serve` on 127.0.0.1, with its storage.
 pub struct Server {
     child: Option<KillOnDrop>,
     _s3: Option<KillOnDrop>,
+    /// The external S3 server and bucket, when `FLYWHEEL_TEST_S3_ENDPOINT` chose one.
+    pub external_s3: Option<ExternalS3>,
     pub dir: tempfile::TempDir,
     pub url: String,
     pub config: PathBuf,
     /// The directory where stored objects appear as files (the local store, or s3s-fs's bucket).
+    /// On an external S3 server it names a directory that does not exist, so that a test
+    /// reading files there fails instead of passing on nothing.
     pub objects: PathBuf,
     pub backend: Backend,
 }
@@ -330,29 +445,38 @@ impl Server {
     fn start_inner(backend: Backend, extra: &str, storage_extra: &str, endpoint: &mut dyn FnMut(&str) -> String) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, rand::random::<[u8; 32]>());
-        let (storage, objects, s3) = match backend {
+        let (storage, objects, s3, external_s3) = match backend {
             Backend::Local => {
                 let path = dir.path().join("storage");
-                (format!("[storage]\ntype = \"local\"\npath = \"{}\"\n", path.display()), path, None)
+                (format!("[storage]\ntype = \"local\"\npath = \"{}\"\n", path.display()), path, None, None)
             }
             Backend::S3 => {
-                let s3s = require_tool("s3s-fs");
-                let root = dir.path().join("s3");
-                std::fs::create_dir_all(root.join("flywheel")).unwrap();
-                let port = free_port();
-                let mut child = Command::new(s3s)
-                    .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "testkey", "--secret-key", "testsecret"])
-                    .arg(&root)
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(dir.path().join("s3s.log")).unwrap())
-                    .spawn()
-                    .expect("starting s3s-fs");
-                wait_for_port(port, &mut child, "s3s-fs");
-                let endpoint = endpoint(&format!("http://127.0.0.1:{port}"));
-                let config = format!(
-                    "[storage]\ntype = \"s3\"\nbucket = \"flywheel\"\nendpoint = \"{endpoint}\"\naccess-key-id = \"testkey\"\nsecret-access-key = \"testsecret\"\nallow-http = true\n{storage_extra}"
-                );
-                (config, root.join("flywheel"), Some(KillOnDrop(child)))
+                if let Some(s3) = ExternalS3::from_env() {
+                    let endpoint = endpoint(&s3.endpoint);
+                    let config = format!(
+                        "[storage]\ntype = \"s3\"\nbucket = \"{}\"\nendpoint = \"{endpoint}\"\naccess-key-id = \"{}\"\nsecret-access-key = \"{}\"\nallow-http = true\n{storage_extra}",
+                        s3.bucket, s3.access_key, s3.secret_key
+                    );
+                    (config, dir.path().join("objects-are-on-the-external-s3-server"), None, Some(s3))
+                } else {
+                    let s3s = require_tool("s3s-fs");
+                    let root = dir.path().join("s3");
+                    std::fs::create_dir_all(root.join("flywheel")).unwrap();
+                    let port = free_port();
+                    let mut child = Command::new(s3s)
+                        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "testkey", "--secret-key", "testsecret"])
+                        .arg(&root)
+                        .stdout(Stdio::null())
+                        .stderr(std::fs::File::create(dir.path().join("s3s.log")).unwrap())
+                        .spawn()
+                        .expect("starting s3s-fs");
+                    wait_for_port(port, &mut child, "s3s-fs");
+                    let endpoint = endpoint(&format!("http://127.0.0.1:{port}"));
+                    let config = format!(
+                        "[storage]\ntype = \"s3\"\nbucket = \"flywheel\"\nendpoint = \"{endpoint}\"\naccess-key-id = \"testkey\"\nsecret-access-key = \"testsecret\"\nallow-http = true\n{storage_extra}"
+                    );
+                    (config, root.join("flywheel"), Some(KillOnDrop(child)), None)
+                }
             }
         };
         let config = dir.path().join("server.toml");
@@ -360,6 +484,7 @@ impl Server {
         let mut server = Server {
             child: None,
             _s3: s3,
+            external_s3,
             url: String::new(),
             config,
             objects,
@@ -427,6 +552,7 @@ impl Server {
         let mut replica = Server {
             child: None,
             _s3: None,
+            external_s3: self.external_s3.clone(),
             url: String::new(),
             config,
             objects: self.objects.clone(),
@@ -497,12 +623,29 @@ impl Server {
 
     /// Bytes of all chunk objects in storage.
     pub fn chunk_bytes(&self) -> u64 {
-        dir_files(&self.objects.join("chunks")).values().map(|(size, _)| size).sum()
+        self.object_sizes("chunks").values().sum()
+    }
+
+    /// The stored objects under `prefix` (a directory of the bucket, like `chunks`), by their
+    /// key below it, with their sizes.
+    pub fn object_sizes(&self, prefix: &str) -> BTreeMap<String, u64> {
+        if let Some(s3) = &self.external_s3 {
+            let strip = format!("{prefix}/");
+            return s3
+                .objects(prefix, false)
+                .into_iter()
+                .map(|(key, (size, _))| (key.strip_prefix(&strip).unwrap_or(&key).to_string(), size))
+                .collect();
+        }
+        dir_files(&self.objects.join(prefix)).into_iter().map(|(key, (size, _))| (key, size)).collect()
     }
 
     /// Every stored object, with its size and SHA-256. (s3s-fs keeps sidecar files of deleted
     /// objects outside the bucket directory; they are not objects.)
     pub fn storage_snapshot(&self) -> BTreeMap<String, (u64, [u8; 32])> {
+        if let Some(s3) = &self.external_s3 {
+            return s3.objects("", true);
+        }
         dir_files(&self.objects)
     }
 }
