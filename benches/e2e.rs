@@ -470,7 +470,7 @@ fn compression_section(report: &mut Report, work: &Path) {
 /// overlayfs set-up beside them; the reference is substituting the path first, as runners do
 /// today. The job reads 200 of the std docs' HTML files through a derivation.
 fn lazy_section(report: &mut Report, work: &Path) {
-    use common_fuse::{mount_lower_store, mount_overlay, register_lazily, NixVersion, Setup, Unmount, CACHE};
+    use common_fuse::{local_overlay_url, mount_lower_store, mount_overlay, register_lazily, NixVersion, Setup, Unmount, CACHE};
     const JOB_FILES: usize = 200;
     let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output().unwrap();
     let docs_dir = PathBuf::from(String::from_utf8(sysroot.stdout).unwrap().trim()).join("share/doc/rust/html/std");
@@ -525,13 +525,7 @@ fn lazy_section(report: &mut Report, work: &Path) {
                 // tests/fuse_store.rs on the kernel's stacking limit.
                 let layers = PathBuf::from(format!("{}:{}", dir.path().join("stub").display(), mount.mountpoint.display()));
                 mounts.push(mount_overlay(&layers, &upper, &dir.path().join("work"), &merged.join("nix/store")));
-                let lower_url = format!("local?root={}&read-only=true", lower.display());
-                let store = format!(
-                    "local-overlay://?root={}&lower-store={}&upper-layer={}&check-mount=false",
-                    merged.display(),
-                    lower_url.replace('%', "%25").replace('?', "%3F").replace('&', "%26").replace('=', "%3D"),
-                    upper.display()
-                );
+                let store = local_overlay_url(&lower, &merged, &upper);
                 (store, started.elapsed().as_secs_f64())
             } else {
                 let mount = fuse.insert(setup.mount(&setup.server.url, &cache_dir, &[]));

@@ -6,7 +6,7 @@ mod common_fuse;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use common_fuse::{common, dir_size, mount_lower_store, mount_overlay, register_lazily, sha256_file, CountingProxy, NixVersion, Setup};
+use common_fuse::{common, dir_size, local_overlay_url, mount_lower_store, mount_overlay, register_lazily, sha256_file, CountingProxy, NixVersion, Setup};
 use flywheel_client::{CacheConfig, ChunkCache};
 use flywheel_core::nix::Sha256Hash;
 
@@ -323,12 +323,7 @@ fn fuse_lazy_mode_local_overlay_store_nix_2_30() {
     let layers = std::path::PathBuf::from(format!("{}:{}", stub.display(), mount.mountpoint.display()));
     let _overlay = mount_overlay(&layers, &upper, &work.path().join("work"), &merged.join("nix/store"));
     let lower_url = format!("local?root={}&read-only=true", lower.display());
-    let store = format!(
-        "local-overlay://?root={}&lower-store={}&upper-layer={}&check-mount=false",
-        merged.display(),
-        lower_url.replace('%', "%25").replace('?', "%3F").replace('&', "%26").replace('=', "%3D"),
-        upper.display()
-    );
+    let store = local_overlay_url(&lower, &merged, &upper);
     let built = check_lazy_store(&setup.nix, &store, &paths[0], &merged.join("nix/store"));
     assert!(upper.join(built.trim_start_matches("/nix/store/")).exists());
     // The lower store's database was not written: the new path is only in the upper one.

@@ -268,6 +268,19 @@ pub fn mount_lower_store(mount: &std::path::Path, stub: &std::path::Path, target
     Unmount(target.to_path_buf())
 }
 
+/// The URL of Nix's `local-overlay` store over `merged`, whose lower store is the read-only
+/// local store at `lower` (its URL nested, percent-encoded) and whose upper layer is `upper`.
+/// Nix's mount check is off: see `mount_lower_store` and the stacking limit.
+pub fn local_overlay_url(lower: &Path, merged: &Path, upper: &Path) -> String {
+    let lower_url = format!("local?root={}&read-only=true", lower.display());
+    format!(
+        "local-overlay://?root={}&lower-store={}&upper-layer={}&check-mount=false",
+        merged.display(),
+        lower_url.replace('%', "%25").replace('?', "%3F").replace('&', "%26").replace('=', "%3D"),
+        upper.display()
+    )
+}
+
 /// `flywheel dump-db` of `paths`, loaded with `nix-store --load-db` into `store`.
 pub fn register_lazily(setup: &Setup, store: &str, paths: &[String]) {
     let dump = Command::new(FLYWHEEL)
