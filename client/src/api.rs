@@ -7,6 +7,7 @@ use std::time::Duration;
 use flywheel_core::api::v1::cache_config::CacheConfig;
 use flywheel_core::api::v1::chunks::{BaseChunks, ChunkBatch, ChunkList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
 use flywheel_core::api::v1::get_missing_paths::{GetMissingPathsRequest, GetMissingPathsResponse};
+use flywheel_core::api::v1::traces::{validate_trace_key, Trace, TraceSummary, MAX_TRACE_BODY};
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::api::v1::ErrorBody;
 use flywheel_core::chunk::decompress_verified;
@@ -145,6 +146,32 @@ impl ApiClient {
             return Err(Error::corrupt("chunk stream has bytes after the last chunk"));
         }
         Ok(out)
+    }
+
+    /// The access trace stored under `key` (`GET trace/{key}`), or `None` when there is none.
+    #[instrument(skip_all, err, fields(key = %key))]
+    pub async fn trace(&self, key: &str) -> Result<Option<Trace>> {
+        validate_trace_key(key)?;
+        let response = match send(self.request(reqwest::Method::GET, self.api_url(&format!("trace/{key}")))).await {
+            Ok(response) => response,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        if response.content_length().is_some_and(|len| len > MAX_TRACE_BODY as u64) {
+            return Err(Error::corrupt(format!("the server's trace {key} is larger than a trace may be")));
+        }
+        let bytes = response.bytes().await.map_err(transport)?;
+        Trace::parse(&bytes).map(Some).map_err(|e| Error::corrupt(format!("trace {key} from the server: {}", e.message())))
+    }
+
+    /// Sends the trace of one run under `key` (`PUT trace/{key}`); the server merges it into
+    /// what it holds and says what it holds now.
+    #[instrument(skip_all, err, fields(key = %key, chunks = trace.chunks.len()))]
+    pub async fn put_trace(&self, key: &str, trace: &Trace) -> Result<TraceSummary> {
+        validate_trace_key(key)?;
+        let response = send(self.request(reqwest::Method::PUT, self.api_url(&format!("trace/{key}"))).json(trace)).await?;
+        let bytes = response.bytes().await.map_err(transport)?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(format!("trace answer from the server does not parse: {e}")))
     }
 
     /// Which of these store paths (hash parts) the cache lacks, with Attic's

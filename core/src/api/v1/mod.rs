@@ -6,6 +6,7 @@ pub mod cache_config;
 pub mod chunks;
 pub mod error;
 pub mod get_missing_paths;
+pub mod traces;
 pub mod upload_path;
 
 pub use error::ErrorBody;
