@@ -31,6 +31,13 @@ enum Command {
     Mount(MountArgs),
     /// Print the registration of a closure for `nix-store --load-db`.
     DumpDb(DumpDbArgs),
+    /// Make closures valid in the local Nix database at once, for a lazy mount to serve.
+    Lazy(LazyArgs),
+    /// Ask a running mount to prefetch what the last jobs with this trace key read, and to
+    /// record this job's reads under the key.
+    Prefetch(PrefetchArgs),
+    /// Ask a running mount to save what this job read under its trace key.
+    SaveTrace(SaveTraceArgs),
     /// Run the local substituter: a binary cache for nix-daemon backed by the chunk cache.
     Substitute(SubstituteArgs),
     /// Push store paths (and their closure), uploading only the chunks the server lacks.
@@ -119,6 +126,9 @@ fn main() -> anyhow::Result<()> {
         Command::Token(TokenCommand::Mint(args)) => mint(args),
         Command::Mount(args) => mount(args),
         Command::DumpDb(args) => dump_db(args),
+        Command::Lazy(args) => lazy(args),
+        Command::Prefetch(args) => prefetch(args),
+        Command::SaveTrace(args) => save_trace(args),
         Command::Substitute(args) => runner::substitute(args),
         Command::Push(args) => runner::push(args),
         Command::PushDaemon(args) => runner::push_daemon(args),
@@ -275,6 +285,18 @@ struct MountArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 127.0.0.1:9101.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Store paths up to this NAR size are fetched whole in the background once a job reads
+    /// from them (unless a trace covers them); 0 turns that off.
+    #[arg(long, default_value_t = flywheel_fuse::DEFAULT_FILL_MAX_NAR_SIZE)]
+    fill_max_nar_size: u64,
+    /// The control socket for `flywheel prefetch` and `save-trace`; default
+    /// `<cache-dir>/control.sock`.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Prefetch what the access trace stored under this key names, record this mount's reads
+    /// under it, and save them there at unmount.
+    #[arg(long, value_name = "KEY")]
+    prefetch: Option<String>,
     /// Where to mount.
     mountpoint: PathBuf,
     /// Check the arguments (and read the token file), then exit without mounting.
@@ -291,6 +313,9 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         if args.cache_size == 0 {
             anyhow::bail!("--cache-size must be more than 0");
         }
+        if let Some(key) = &args.prefetch {
+            flywheel_core::api::v1::traces::validate_trace_key(key)?;
+        }
         println!("config is valid");
         return Ok(());
     }
@@ -301,7 +326,138 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     config.offline_timeout = std::time::Duration::from_secs(args.offline_timeout.max(1));
     config.metrics_listen = args.metrics_listen;
     config.files_size = args.files_size;
+    config.fill_max_nar_size = args.fill_max_nar_size;
+    config.control_socket = args.control_socket;
+    if let Some(key) = &args.prefetch {
+        flywheel_core::api::v1::traces::validate_trace_key(key)?;
+    }
+    config.prefetch = args.prefetch;
     flywheel_fuse::mount(config)?;
+    Ok(())
+}
+
+/// Where a running mount listens for control requests.
+#[derive(Args)]
+struct ControlArgs {
+    /// The mount's control socket; default `<cache-dir>/control.sock`.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// The mount's cache dir, to find its control socket in.
+    #[arg(long, default_value = "/var/cache/flywheel")]
+    cache_dir: PathBuf,
+}
+
+impl ControlArgs {
+    fn socket(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| self.cache_dir.join(flywheel_fuse::CONTROL_SOCKET))
+    }
+}
+
+#[derive(Args)]
+struct PrefetchArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Answer only once everything the trace names is fetched.
+    #[arg(long)]
+    wait: bool,
+    /// The trace key, such as the job's name.
+    key: String,
+}
+
+fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
+    flywheel_core::api::v1::traces::validate_trace_key(&args.key)?;
+    let request = flywheel_fuse::control::ControlRequest::Prefetch { key: args.key, wait: args.wait };
+    let answer = flywheel_fuse::control::request(&args.control.socket(), &request)?;
+    println!("{}", answer.message);
+    Ok(())
+}
+
+#[derive(Args)]
+struct SaveTraceArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The trace key; by default the one `flywheel prefetch` (or `mount --prefetch`) named.
+    key: Option<String>,
+}
+
+fn save_trace(args: SaveTraceArgs) -> anyhow::Result<()> {
+    if let Some(key) = &args.key {
+        flywheel_core::api::v1::traces::validate_trace_key(key)?;
+    }
+    let request = flywheel_fuse::control::ControlRequest::SaveTrace { key: args.key };
+    let answer = flywheel_fuse::control::request(&args.control.socket(), &request)?;
+    println!("{}", answer.message);
+    Ok(())
+}
+
+#[derive(Args)]
+struct LazyArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Seconds to wait for the server per request.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// The Nix store to register in (`nix-store --store`), when not the machine's own.
+    #[arg(long)]
+    store: Option<String>,
+    /// The `nix-store` to run.
+    #[arg(long, default_value = "nix-store")]
+    nix_store: PathBuf,
+    /// A public key (`name:base64`) whose signature makes a narinfo trusted; by default the
+    /// `trusted-public-keys` of nix.conf.
+    #[arg(long = "trusted-key", value_name = "KEY")]
+    trusted_keys: Vec<String>,
+    /// Register without checking signatures.
+    #[arg(long)]
+    no_check_sigs: bool,
+    /// Then ask the mount to prefetch what this trace key names (see `flywheel prefetch`).
+    #[arg(long, value_name = "KEY")]
+    prefetch: Option<String>,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Store paths (full paths or base names) whose closures to register.
+    #[arg(required = true)]
+    paths: Vec<String>,
+}
+
+fn lazy(args: LazyArgs) -> anyhow::Result<()> {
+    use flywheel_substituter::lazy;
+    if let Some(key) = &args.prefetch {
+        flywheel_core::api::v1::traces::validate_trace_key(key)?;
+    }
+    let mut trusted_keys = args
+        .trusted_keys
+        .iter()
+        .map(|k| flywheel_core::nix::VerifyingKey::parse(k))
+        .collect::<Result<Vec<_>, _>>()
+        .context("--trusted-key")?;
+    if trusted_keys.is_empty() && !args.no_check_sigs {
+        let conf_dir = std::env::var_os("NIX_CONF_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/etc/nix"));
+        let conf = conf_dir.join("nix.conf");
+        let text = std::fs::read_to_string(&conf).unwrap_or_default();
+        trusted_keys = lazy::keys_in_nix_conf(&text);
+        if trusted_keys.is_empty() {
+            anyhow::bail!("no trusted key: pass --trusted-key, list it in {}, or pass --no-check-sigs", conf.display());
+        }
+    }
+    let api = flywheel_client::ApiClient::new(flywheel_client::ClientConfig {
+        server: args.server.server.clone(),
+        cache: args.server.cache.clone(),
+        token: args.server.token()?,
+        timeout: std::time::Duration::from_secs(args.timeout.max(1)),
+    })?;
+    let config = lazy::LazyConfig { nix_store: args.nix_store, store: args.store, trusted_keys, check_sigs: !args.no_check_sigs };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let report = runtime.block_on(lazy::register(&api, &args.paths, &config))?;
+    println!(
+        "registered {} paths; {} of the closure's {} were valid already",
+        report.registered, report.already_valid, report.closure
+    );
+    if let Some(key) = args.prefetch {
+        let request = flywheel_fuse::control::ControlRequest::Prefetch { key, wait: false };
+        let answer = flywheel_fuse::control::request(&args.control.socket(), &request).context("asking the mount to prefetch")?;
+        println!("{}", answer.message);
+    }
     Ok(())
 }
 

@@ -59,7 +59,8 @@ fn fuse_small_read_of_huge_path_fetches_at_most_two_chunks() {
     let huge = setup.push_fuse_corpus(&["huge"]).remove(0);
     let proxy = CountingProxy::start(&setup.server.url, common_fuse::CACHE, None);
     let cache_dir = tempfile::tempdir().unwrap();
-    let mount = setup.mount(&proxy.url, cache_dir.path(), &[]);
+    // On-demand reads alone: the background fill would fetch the whole path.
+    let mount = setup.mount(&proxy.url, cache_dir.path(), &["--fill-max-nar-size", "0"]);
     let size = std::fs::metadata(setup.physical(&huge).join("data/blob")).unwrap().len();
     assert!(size >= 50 << 20);
     let config = std::fs::read_to_string(mount.path(&huge).join("etc/config")).unwrap();
@@ -293,6 +294,61 @@ fn fuse_lazy_mode_overlay_dump_db_build_with(version: NixVersion) {
     let built = check_lazy_store(&setup.nix, &store, &paths[0], &store_dir);
     // What Nix wrote went to the upper layer.
     assert!(upper.join(built.trim_start_matches("/nix/store/")).exists());
+}
+
+nix_matrix! {
+    /// `flywheel lazy` registers a closure from the server's signed narinfo files once, in a
+    /// store whose directory is an overlay over the mount, and refuses unsigned ones.
+    fuse_lazy_command_registers_closures => fuse_lazy_command_registers_closures_with;
+}
+
+fn fuse_lazy_command_registers_closures_with(version: NixVersion) {
+    let setup = Setup::of(version);
+    let paths = setup.push_corpus(&["withRefs"]);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mount = setup.mount(&setup.server.url, cache_dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    let store_dir = root.join("nix/store");
+    let _overlay = mount_overlay(&mount.mountpoint, &work.path().join("upper"), &work.path().join("work"), &store_dir);
+    let store = format!("local?root={}", root.display());
+    let lazy = |key: &str, extra: &[&str]| {
+        // The settings the tests give Nix, for the nix-store that `flywheel lazy` runs.
+        let template = setup.nix.cmd("nix-store");
+        let mut cmd = Command::new(common::FLYWHEEL);
+        for (name, value) in template.get_envs() {
+            match value {
+                Some(value) => cmd.env(name, value),
+                None => cmd.env_remove(name),
+            };
+        }
+        cmd.args(["lazy", "--server", &setup.server.url, "--cache", common_fuse::CACHE, "--token-file"])
+            .arg(&setup.token_file)
+            .args(["--store", &store, "--trusted-key", key, "--nix-store"])
+            .arg(version.bin_dir().join("nix-store"))
+            .args(extra)
+            .args(&paths);
+        let out = cmd.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let valid = |path: &str| setup.nix.cmd("nix-store").args(["--store", &store, "--check-validity", path]).status().unwrap().success();
+
+    let stranger = flywheel_core::nix::SigningKey::generate("stranger-1").unwrap().verifying_key().to_nix_string();
+    let (ok, _, err) = lazy(&stranger, &[]);
+    assert!(!ok && err.contains("not signed by a trusted key"), "{err}");
+    assert!(!valid(&paths[0]), "a refused closure was registered");
+
+    let key = setup.public_key();
+    let control = ["--prefetch", "lazy-job", "--cache-dir", cache_dir.path().to_str().unwrap()];
+    let (ok, out, err) = lazy(&key, &control);
+    assert!(ok, "flywheel lazy: {err}");
+    assert!(out.contains("registered 3 paths; 0 of the closure's 3 were valid already"), "{out}");
+    assert!(out.contains("no trace under \"lazy-job\" yet"), "the mount was asked to prefetch: {out}");
+    check_lazy_store(&setup.nix, &store, &paths[0], &store_dir);
+
+    let (ok, out, err) = lazy(&key, &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("registered 0 paths; 3 of the closure's 3 were valid already"), "{out}");
 }
 
 /// Nix 2.30's `local-overlay` store over the mount: the mount is the lower store's directory,

@@ -14,17 +14,6 @@ mod substituter_common;
 use common_fuse::common::{fetch_metrics as metrics, metric_value as sample};
 use common_fuse::{CountingProxy, NixVersion, Setup, CACHE};
 
-fn public_key(setup: &Setup) -> String {
-    let config: serde_json::Value = reqwest::blocking::Client::new()
-        .get(format!("{}/_api/v1/cache-config/{CACHE}", setup.server.url))
-        .bearer_auth(setup.server.admin_token())
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    config["public_key"].as_str().unwrap().to_string()
-}
-
 fn realise(setup: &Setup, dst: &str, url: &str, key: &str, paths: &[String]) {
     let out = setup
         .nix
@@ -57,7 +46,7 @@ nix_matrix! {
 fn substituter_shares_its_cache_dir_with_a_running_mount_with(version: NixVersion) {
     let setup = Setup::of(version);
     let paths = setup.push_corpus(&["big", "tree", "single"]);
-    let key = public_key(&setup);
+    let key = setup.public_key();
     let cache_dir = tempfile::tempdir().unwrap();
     let mount_proxy = CountingProxy::start(&setup.server.url, common_fuse::CACHE, None);
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -23,8 +23,10 @@ use fuser::{
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, debug_span, info_span, warn, Instrument};
 
+use crate::background::{Background, Source};
 use crate::errno::errno;
 use crate::files::{self, MaterializedFiles};
+use crate::trace::Recorder;
 use crate::tree::{NodeKind, PathTree};
 
 /// Store paths never change, so the kernel may keep what it learns about them for long.
@@ -62,6 +64,9 @@ pub struct FsConfig {
     /// Where whole files read through the mount are kept decompressed for passthrough, and
     /// their byte budget; `None` turns passthrough off.
     pub materialized: Option<(std::path::PathBuf, u64)>,
+    /// Store paths up to this NAR size are fetched whole in the background once a job reads
+    /// from them (and no trace covers them); 0 turns the background fill off.
+    pub fill_max_nar_size: u64,
 }
 
 /// Decompressed chunks in memory, least recently used dropped first, bounded in bytes.
@@ -219,10 +224,10 @@ const BACKING_KEPT: usize = 256;
 /// materialized on a later full read).
 const MATERIALIZING_MAX: usize = 2;
 
-struct Inner {
-    store: ChunkStore,
+pub(crate) struct Inner {
+    pub(crate) store: ChunkStore,
     runtime: tokio::runtime::Handle,
-    config: FsConfig,
+    pub(crate) config: FsConfig,
     paths: RwLock<Vec<Arc<PathTree>>>,
     by_hash: RwLock<HashMap<String, usize>>,
     hot: Mutex<HotChunks>,
@@ -238,6 +243,10 @@ struct Inner {
     io: Mutex<IoModes>,
     materializing: std::sync::atomic::AtomicUsize,
     stats: FsStats,
+    /// What readers needed, for an access trace.
+    pub(crate) recorder: Recorder,
+    /// Chunks fetched ahead of readers.
+    pub(crate) background: Arc<Background>,
 }
 
 /// The filesystem. Hand it to `fuser`; every operation takes `&self`, so a multi-threaded
@@ -311,6 +320,7 @@ impl FlywheelFs {
                 None
             }
         });
+        let background = Background::start(store.clone(), config.offline_timeout, &runtime);
         FlywheelFs {
             inner: Arc::new(Inner {
                 store,
@@ -327,12 +337,19 @@ impl FlywheelFs {
                 io: Mutex::new(IoModes { backing: lru::LruCache::unbounded(), cached: HashMap::new() }),
                 materializing: Default::default(),
                 stats: FsStats::default(),
+                recorder: Recorder::new(),
+                background,
             }),
         }
     }
 }
 
 impl FlywheelFs {
+    /// The shared state, for the control socket.
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
     /// Hands over the session's notifier, so that new paths show up in cached listings of the
     /// root; and starts looking for paths other processes sharing the cache dir cached.
     pub fn start_notifications(&self, notifier: fuser::Notifier) {
@@ -373,6 +390,14 @@ impl FlywheelFs {
             let bytes = inner.files.as_ref().map_or(0, |f| f.used_bytes());
             render_sample(out, "flywheel_fuse_materialized_bytes", "gauge", "Bytes of files kept whole on disk for passthrough.", bytes as f64);
             render_sample(out, "flywheel_fuse_paths", "gauge", "Store paths known to the mount.", inner.paths.read().len() as f64);
+            let background = &inner.background.stats;
+            let _ = writeln!(out, "# HELP flywheel_fuse_prefetched_chunks_total Chunks fetched ahead of readers, by source.\n# TYPE flywheel_fuse_prefetched_chunks_total counter");
+            let _ = writeln!(out, "flywheel_fuse_prefetched_chunks_total{{source=\"trace\"}} {}", value(&background.trace_chunks));
+            let _ = writeln!(out, "flywheel_fuse_prefetched_chunks_total{{source=\"fill\"}} {}", value(&background.fill_chunks));
+            render_sample(out, "flywheel_fuse_prefetch_failures_total", "counter", "Background requests that failed (the chunks are fetched on demand instead).", value(&background.failed_requests));
+            let pending = inner.background.pending(Source::Trace) + inner.background.pending(Source::Fill);
+            render_sample(out, "flywheel_fuse_prefetch_pending", "gauge", "Background requests queued or running.", pending as f64);
+            render_sample(out, "flywheel_fuse_trace_chunks", "gauge", "Chunks the current access trace recording holds.", inner.recorder.len() as f64);
         }
     }
 }
@@ -469,9 +494,11 @@ impl Inner {
         let missing: Vec<ChunkRef> =
             chunks.iter().zip(&out).filter(|(_, d)| d.is_none()).map(|(c, _)| *c).collect();
         if !missing.is_empty() {
+            let demand = self.background.demand();
             let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.get_many(tree.hash_part(), &missing))
                 .await
                 .map_err(|_| Error::unavailable("chunks did not arrive within the offline timeout"))??;
+            drop(demand);
             let mut hot = self.hot.lock();
             let mut fetched = missing.iter().zip(fetched);
             for slot in out.iter_mut().filter(|d| d.is_none()) {
@@ -620,6 +647,52 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Queues the whole path for the background fill the first time a job reads from it,
+    /// unless a trace covers it or it is larger than the fill's limit.
+    fn start_fill(&self, tree: &Arc<PathTree>) {
+        if tree.fill_claimed.load(Ordering::Relaxed) || tree.fill_claimed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let limit = self.config.fill_max_nar_size;
+        if limit == 0 || tree.nar_size() > limit {
+            return;
+        }
+        debug!(store_path = %tree.base_name, chunks = tree.chunks.len(), "background fill queued");
+        self.background.queue(tree, &tree.chunks, Source::Fill);
+    }
+
+    /// Queues the chunks `trace` names for the background, in trace order, path by path:
+    /// each path is looked up (registering it), and chunks its manifest does not list (the
+    /// path changed, or the trace is stale) are left out. Paths the cache no longer has are
+    /// skipped. Returns (paths, chunks queued, paths skipped).
+    pub(crate) async fn prefetch_trace(self: &Arc<Self>, trace: &flywheel_core::api::v1::traces::Trace) -> (usize, usize, usize) {
+        let mut trees: HashMap<&str, Option<(Arc<PathTree>, std::collections::HashSet<ChunkRef>)>> = HashMap::new();
+        let (mut queued, mut skipped) = (0, 0);
+        for (base_name, chunks) in trace.runs() {
+            if !trees.contains_key(base_name) {
+                let resolved = match self.resolve(base_name).await {
+                    Ok((_, tree)) => {
+                        // The trace decides what of this path is fetched, not a whole-path fill.
+                        tree.fill_claimed.store(true, Ordering::Relaxed);
+                        let listed = tree.chunks.iter().copied().collect();
+                        Some((tree, listed))
+                    }
+                    Err(err) => {
+                        debug!(store_path = %base_name, "trace names a path the mount cannot open: {err}");
+                        skipped += 1;
+                        None
+                    }
+                };
+                trees.insert(base_name, resolved);
+            }
+            let Some(Some((tree, listed))) = trees.get(base_name) else { continue };
+            let wanted: Vec<ChunkRef> = chunks.into_iter().filter(|c| listed.contains(c)).collect();
+            queued += wanted.len();
+            self.background.queue(tree, &wanted, Source::Trace);
+        }
+        (trees.len(), queued, skipped)
     }
 
     /// Readahead across files: a file whose first read starts right after where the last read
@@ -772,6 +845,8 @@ impl Filesystem for FlywheelFs {
         };
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
         if let Some(id) = self.inner.open_io(ino_, &tree, nar_offset, size, &reply) {
+            // The kernel reads this file without the mount: count it read whole, for the trace.
+            self.inner.recorder.note(&tree, tree.chunk_range(nar_offset, nar_offset + size));
             self.inner.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
             let open = OpenFile { mode: IoMode::Passthrough, ..OpenFile::new(ino_) };
             self.inner.open_files.lock().insert(fh, Arc::new(open));
@@ -817,6 +892,8 @@ impl Filesystem for FlywheelFs {
             return reply.data(&[]);
         }
         let (start_nar, end_nar) = (nar_offset + offset, nar_offset + end);
+        self.inner.recorder.note(&tree, tree.chunk_range(start_nar, end_nar));
+        self.inner.start_fill(&tree);
         self.inner.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.stats.read_bytes.fetch_add(end - offset, Ordering::Relaxed);
         if let Some(open) = self.inner.open_files.lock().get(&fh.0).cloned() {

@@ -10,9 +10,12 @@
 //! a Nix store whose paths are valid at once and whose bytes arrive on demand.
 #![warn(missing_docs)]
 
+mod background;
+pub mod control;
 mod errno;
 mod files;
 mod fs;
+mod trace;
 mod tree;
 
 use std::path::PathBuf;
@@ -50,7 +53,26 @@ pub struct MountConfig {
     /// Byte budget of whole files kept decompressed under `cache_dir/files` for FUSE
     /// passthrough; 0 turns passthrough off.
     pub files_size: u64,
+    /// Store paths up to this NAR size are fetched whole in the background once a job reads
+    /// them; 0 turns that off.
+    pub fill_max_nar_size: u64,
+    /// The control socket (`flywheel prefetch`, `flywheel save-trace`); `<cache_dir>/control.sock`
+    /// when unset.
+    pub control_socket: Option<PathBuf>,
+    /// A trace key: prefetch what it names at once, record under it, and save the recording
+    /// there at unmount.
+    pub prefetch: Option<String>,
 }
+
+impl MountConfig {
+    /// Where the control socket is.
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| self.cache_dir.join(CONTROL_SOCKET))
+    }
+}
+
+/// File name of the control socket in the cache dir.
+pub const CONTROL_SOCKET: &str = "control.sock";
 
 impl MountConfig {
     /// Defaults for everything but the server, cache and mountpoint.
@@ -67,9 +89,19 @@ impl MountConfig {
             hot_bytes: 32 << 20,
             metrics_listen: None,
             files_size: 2 << 30,
+            fill_max_nar_size: DEFAULT_FILL_MAX_NAR_SIZE,
+            control_socket: None,
+            prefetch: None,
         }
     }
 }
+
+/// Default of [`MountConfig::fill_max_nar_size`]. Substituting a path downloads all of it, so
+/// filling a path a job reads from costs no more bytes than the substitution it replaces, and
+/// it runs only while the job's own reads do not wait. Past this size (about 2 s of a 1 Gbit/s
+/// link, compressed: a whole toolchain or a documentation tree), jobs typically read a small
+/// part, and on-demand reads with readahead serve it without spending the link on the rest.
+pub const DEFAULT_FILL_MAX_NAR_SIZE: u64 = 256 << 20;
 
 /// Mounts and serves until the filesystem is unmounted or the process gets SIGTERM or SIGINT,
 /// which unmount it (lazily if it is busy, so open files keep being answered).
@@ -99,8 +131,23 @@ pub fn mount(config: MountConfig) -> Result<()> {
             offline_timeout: config.offline_timeout,
             hot_bytes: config.hot_bytes,
             materialized: (config.files_size > 0).then(|| (config.cache_dir.join("files"), config.files_size)),
+            fill_max_nar_size: config.fill_max_nar_size,
         },
     );
+    let control_path = config.control_socket_path();
+    if let Err(err) = control::serve(fs.inner().clone(), &control_path, runtime.handle()) {
+        // The mount works without it; only `flywheel prefetch` and `save-trace` do not.
+        tracing::warn!("no control socket: {err}");
+    }
+    if let Some(key) = &config.prefetch {
+        let (inner, key) = (fs.inner().clone(), key.clone());
+        runtime.spawn(async move {
+            if let Err(err) = control::prefetch(&inner, &key, false).await {
+                tracing::warn!(key, "prefetch failed: {err}");
+            }
+        });
+    }
+    let saver = config.prefetch.is_some().then(|| fs.inner().clone());
     if let Some(addr) = config.metrics_listen {
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(addr))
@@ -147,6 +194,13 @@ pub fn mount(config: MountConfig) -> Result<()> {
     });
     tracing::info!(mountpoint = %config.mountpoint.display(), "mounted");
     let result = session.run().map_err(|e| Error::internal(format!("FUSE session failed: {e}")));
+    if let Some(inner) = saver {
+        match runtime.block_on(control::save(&inner, None)) {
+            Ok(saved) => tracing::info!("{}", saved.message),
+            Err(err) => tracing::warn!("saving the access trace failed: {err}"),
+        }
+    }
+    let _ = std::fs::remove_file(&control_path);
     if let Err(err) = cache.flush() {
         tracing::warn!("flushing the chunk cache failed: {err}");
     }

@@ -1,6 +1,7 @@
 //! One mounted store path: its file index flattened into numbered nodes, with the chunk list.
 
-use std::sync::atomic::AtomicU64;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
 
 use flywheel_core::api::v1::chunks::PathManifest;
@@ -41,6 +42,12 @@ pub(crate) struct PathTree {
     pub prefetched_to: AtomicU64,
     /// Bytes read by the current walk through the path in NAR order; 0 after a jump.
     pub walk_bytes: AtomicU64,
+    /// Per chunk, the trace recording that last noted it (see `crate::trace`): a chunk is
+    /// logged once per recording, and checking costs one atomic load.
+    pub traced: Box<[AtomicU32]>,
+    /// Whether the path's background fill was queued, or a trace's prefetch covers the path
+    /// (then the trace, not a fill, decides what to fetch).
+    pub fill_claimed: AtomicBool,
 }
 
 impl PathTree {
@@ -61,14 +68,26 @@ impl PathTree {
             last_read_end: AtomicU64::new(u64::MAX),
             prefetched_to: AtomicU64::new(0),
             walk_bytes: AtomicU64::new(0),
+            traced: (0..path.manifest.chunks.len()).map(|_| AtomicU32::new(0)).collect(),
+            fill_claimed: AtomicBool::new(false),
         })
     }
 
     /// The chunks covering NAR bytes `[start, end)`, and the NAR offset of the first.
     pub fn covering(&self, start: u64, end: u64) -> (&[ChunkRef], u64) {
-        let range = Manifest::chunks_covering(&self.offsets, start..end);
+        let range = self.chunk_range(start, end);
         let first = self.offsets.get(range.start).copied().unwrap_or(0);
         (&self.chunks[range], first)
+    }
+
+    /// Indexes of the chunks covering NAR bytes `[start, end)`.
+    pub fn chunk_range(&self, start: u64, end: u64) -> Range<usize> {
+        Manifest::chunks_covering(&self.offsets, start..end)
+    }
+
+    /// Size of the NAR.
+    pub fn nar_size(&self) -> u64 {
+        self.offsets.last().copied().unwrap_or(0)
     }
 }
 

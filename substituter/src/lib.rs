@@ -10,9 +10,11 @@
 //! - [`daemon`]: the post-build hook mode: a push daemon, the hook that hands it built paths
 //!   over a unix socket and returns at once, and `flush`.
 //! - [`local_store`]: the local Nix store, read through Nix's own tools.
+//! - [`lazy`]: `flywheel lazy`, which makes closures valid at once for a lazy mount.
 #![warn(missing_docs)]
 
 pub mod daemon;
+pub mod lazy;
 pub mod local_store;
 pub mod push;
 pub mod serve;

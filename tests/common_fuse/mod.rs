@@ -78,6 +78,18 @@ impl Setup {
         assert!(out.status.success(), "nix copy failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// The cache's public key, `name:base64`, as Nix's `trusted-public-keys` lists it.
+    pub fn public_key(&self) -> String {
+        let config: serde_json::Value = reqwest::blocking::Client::new()
+            .get(format!("{}/_api/v1/cache-config/{CACHE}", self.server.url))
+            .bearer_auth(self.server.admin_token())
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        config["public_key"].as_str().unwrap().to_string()
+    }
+
     /// Where a built path's files are on disk, for comparing with the mount.
     pub fn physical(&self, path: &str) -> PathBuf {
         PathBuf::from(format!("{}{path}", self.store_root))

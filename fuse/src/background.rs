@@ -1,0 +1,239 @@
+//! Fetching chunks ahead of readers, in the background: the chunks an access trace names
+//! (first), and whole store paths once a job starts reading them (then).
+//!
+//! The job's own reads always go first. They never queue here: a read that misses fetches its
+//! chunks itself, at once, and while any such read is waiting for the server no background
+//! request starts. Background requests are small (about half a megabyte, a few milliseconds of
+//! a 1 Gbit/s link), so a read that arrives while one is in flight shares the link only
+//! briefly. Chunks already in the local cache are skipped, and a chunk a read is fetching is
+//! waited for, not fetched twice (`ChunkStore` joins them).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_client::ChunkStore;
+use flywheel_core::manifest::ChunkRef;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tracing::{debug, Instrument};
+
+use crate::tree::PathTree;
+
+/// Background requests in flight at once, at most.
+const WORKERS: usize = 4;
+/// Raw bytes of chunks per background request: small enough that a read arriving meanwhile
+/// waits little for the link, large enough that a request's round trip is not the cost.
+const FILL_BATCH_BYTES: u64 = 512 * 1024;
+/// A trace's chunks are what the job will read next, so they go in larger requests.
+const TRACE_BATCH_BYTES: u64 = 2 * 1024 * 1024;
+
+/// Where a background fetch came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// An access trace of an earlier job.
+    Trace,
+    /// A store path a job started reading.
+    Fill,
+}
+
+struct Job {
+    tree: Arc<PathTree>,
+    chunks: Vec<ChunkRef>,
+    source: Source,
+}
+
+#[derive(Default)]
+struct Queues {
+    trace: VecDeque<Job>,
+    fill: VecDeque<Job>,
+}
+
+/// What the background fetches did, for `/metrics` and `prefetch --wait`.
+#[derive(Debug, Default)]
+pub(crate) struct BackgroundStats {
+    pub trace_chunks: AtomicU64,
+    pub fill_chunks: AtomicU64,
+    pub failed_requests: AtomicU64,
+}
+
+/// The background fetcher. Cheap to share.
+pub(crate) struct Background {
+    store: ChunkStore,
+    timeout: Duration,
+    queues: Mutex<Queues>,
+    /// Jobs queued or running, per source (index 0: trace, 1: fill).
+    pending: [AtomicUsize; 2],
+    work: Notify,
+    /// Reads of the mount waiting for the server.
+    demand: AtomicUsize,
+    demand_idle: Notify,
+    /// Notified when the trace's jobs are all done.
+    trace_done: Notify,
+    pub stats: BackgroundStats,
+}
+
+/// Held while a read of the mount waits for chunks; background requests wait meanwhile.
+pub(crate) struct Demand<'a>(&'a Background);
+
+impl Drop for Demand<'_> {
+    fn drop(&mut self) {
+        if self.0.demand.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.demand_idle.notify_waiters();
+        }
+    }
+}
+
+fn slot(source: Source) -> usize {
+    match source {
+        Source::Trace => 0,
+        Source::Fill => 1,
+    }
+}
+
+impl Background {
+    /// Starts the workers on `runtime`.
+    pub fn start(store: ChunkStore, timeout: Duration, runtime: &tokio::runtime::Handle) -> Arc<Self> {
+        let background = Arc::new(Background {
+            store,
+            timeout,
+            queues: Mutex::default(),
+            pending: Default::default(),
+            work: Notify::new(),
+            demand: AtomicUsize::new(0),
+            demand_idle: Notify::new(),
+            trace_done: Notify::new(),
+            stats: BackgroundStats::default(),
+        });
+        for worker in 0..WORKERS {
+            let weak = Arc::downgrade(&background);
+            runtime.spawn(Self::work(weak).instrument(tracing::debug_span!("background", worker)));
+        }
+        background
+    }
+
+    /// Marks a read of the mount as waiting for the server until the guard drops.
+    pub fn demand(&self) -> Demand<'_> {
+        self.demand.fetch_add(1, Ordering::AcqRel);
+        Demand(self)
+    }
+
+    /// Queues `chunks` of `tree`, in this order, in requests of a size fit for `source`.
+    pub fn queue(&self, tree: &Arc<PathTree>, chunks: &[ChunkRef], source: Source) {
+        let limit = match source {
+            Source::Trace => TRACE_BATCH_BYTES,
+            Source::Fill => FILL_BATCH_BYTES,
+        };
+        let mut jobs = Vec::new();
+        let mut batch: Vec<ChunkRef> = Vec::new();
+        let mut bytes = 0;
+        for chunk in chunks {
+            batch.push(*chunk);
+            bytes += u64::from(chunk.size);
+            if bytes >= limit {
+                jobs.push(std::mem::take(&mut batch));
+                bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            jobs.push(batch);
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        self.pending[slot(source)].fetch_add(jobs.len(), Ordering::AcqRel);
+        {
+            let mut queues = self.queues.lock();
+            let queue = match source {
+                Source::Trace => &mut queues.trace,
+                Source::Fill => &mut queues.fill,
+            };
+            queue.extend(jobs.into_iter().map(|chunks| Job { tree: tree.clone(), chunks, source }));
+        }
+        self.work.notify_waiters();
+    }
+
+    /// Jobs of `source` queued or running.
+    pub fn pending(&self, source: Source) -> usize {
+        self.pending[slot(source)].load(Ordering::Acquire)
+    }
+
+    /// Waits until every queued trace job is done.
+    pub async fn trace_drained(&self) {
+        loop {
+            let notified = self.trace_done.notified();
+            if self.pending(Source::Trace) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    async fn work(weak: std::sync::Weak<Background>) {
+        loop {
+            let Some(this) = weak.upgrade() else { return };
+            // Registered before the queue is looked at, so work queued in between wakes it.
+            let notified = this.work.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let job = {
+                let mut queues = this.queues.lock();
+                queues.trace.pop_front().or_else(|| queues.fill.pop_front())
+            };
+            let Some(job) = job else {
+                // Woken by new work, or now and then to notice that the mount is gone (the
+                // runtime's shutdown ends the workers too).
+                let _ = tokio::time::timeout(Duration::from_secs(5), notified).await;
+                continue;
+            };
+            this.wait_for_idle_link().await;
+            this.run(&job).await;
+            let source = slot(job.source);
+            if this.pending[source].fetch_sub(1, Ordering::AcqRel) == 1 && job.source == Source::Trace {
+                this.trace_done.notify_waiters();
+            }
+        }
+    }
+
+    /// Waits while reads of the mount wait for the server.
+    async fn wait_for_idle_link(&self) {
+        loop {
+            let notified = self.demand_idle.notified();
+            if self.demand.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    async fn run(&self, job: &Job) {
+        let cache = self.store.cache().clone();
+        let wanted = job.chunks.clone();
+        // A sled lookup per chunk: cheap, but it may touch the disk.
+        let missing: Vec<ChunkRef> = tokio::task::spawn_blocking(move || wanted.into_iter().filter(|c| !cache.contains(&c.hash)).collect())
+            .await
+            .unwrap_or_default();
+        if missing.is_empty() {
+            return;
+        }
+        let fetched = tokio::time::timeout(self.timeout, self.store.get_many(job.tree.hash_part(), &missing)).await;
+        match fetched {
+            Ok(Ok(_)) => {
+                let counter = match job.source {
+                    Source::Trace => &self.stats.trace_chunks,
+                    Source::Fill => &self.stats.fill_chunks,
+                };
+                counter.fetch_add(missing.len() as u64, Ordering::Relaxed);
+            }
+            Ok(Err(err)) => {
+                self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                debug!(store_path = %job.tree.base_name, "background fetch failed: {err}");
+            }
+            Err(_) => {
+                self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                debug!(store_path = %job.tree.base_name, "background fetch timed out");
+            }
+        }
+    }
+}
