@@ -10,7 +10,8 @@
 //!    began are marked too, so a push that finished during the run keeps its chunks. Per
 //!    cache, what it keeps beside its paths goes with them: chunk grants, uploaded NAR file
 //!    names and realisations once no live path needs them, logs and debug info after the
-//!    retention period.
+//!    retention period, access traces not rewritten within the retention period or
+//!    [`TRACE_MAX_AGE`]. Traces are hints: they keep no chunk and no path alive.
 //!
 //! The grace period protects uploads in flight: uploads count only on chunks written within
 //! half of it, write older ones again, and must store their manifest within the other half
@@ -69,7 +70,15 @@ pub struct GcReport {
     pub logs_deleted: usize,
     /// Realisations whose output path is no longer in their cache.
     pub realisations_deleted: usize,
+    /// Access traces not rewritten within their cache's retention period or [`TRACE_MAX_AGE`].
+    pub traces_deleted: usize,
 }
+
+/// Longest an access trace is kept without a run rewriting it, whatever the retention
+/// period (also when it is 0, forever). A trace nobody has sent for a month belongs to a
+/// job that is gone or changed: its order no longer predicts reads, and it would otherwise
+/// stay forever, since nothing else refers to it.
+pub const TRACE_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl GcReport {
     fn problem(&mut self, message: String) {
@@ -251,6 +260,7 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
         manifests = report.manifests_deleted,
         chunks = report.chunks_deleted,
         bytes = report.chunk_bytes_freed,
+        traces = report.traces_deleted,
         problems = report.problems.len(),
         dry_run,
         "garbage collection finished"
@@ -310,8 +320,9 @@ impl CacheLive {
 
 /// Sweeps what each cache keeps beside its paths: grants of chunks none of its live paths uses,
 /// records of uploaded NAR file names whose path is gone (or was published anew), realisations
-/// whose output path is gone, and build logs and debug info older than the retention period.
-/// Young objects stay (uploads in flight); grants stay entirely when the chunk lists of live
+/// whose output path is gone, build logs and debug info older than the retention period, and
+/// access traces not rewritten within the retention period or [`TRACE_MAX_AGE`]. Young objects
+/// stay (uploads in flight); grants stay entirely when the chunk lists of live
 /// paths are not all known, and realisations when the live paths are not all known.
 async fn sweep_cache_records(
     storage: &Storage,
@@ -366,6 +377,20 @@ async fn sweep_cache_records(
                 }
             }
         }
+        // Traces are never marked: whether a trace goes depends only on its own age, so it
+        // is swept even when the rest of the run is conservative. A PUT that rewrites a trace
+        // between the listing and the delete loses that run's merge; a hint can afford it.
+        let mut trace_max_age_ms = TRACE_MAX_AGE.as_millis() as u64;
+        if cache.retention > 0 {
+            trace_max_age_ms = trace_max_age_ms.min(cache.retention.saturating_mul(1000));
+        }
+        let traces_expired_before = now.saturating_sub(trace_max_age_ms);
+        match storage.list_objects(&format!("caches/{}/{}", cache.name, CacheFile::TRACES)).await {
+            Ok(traces) => doomed.extend(
+                traces.into_iter().filter(|t| modified_ms(t) < traces_expired_before).map(|t| (t.location, "trace")),
+            ),
+            Err(err) => report.problem(format!("cache {}: access traces could not be listed: {err}", cache.name)),
+        }
         for (key, kind) in doomed {
             if !dry_run {
                 if let Err(err) = storage.delete_object(&key).await {
@@ -377,6 +402,7 @@ async fn sweep_cache_records(
                 "grant" => report.grants_deleted += 1,
                 "nar-file" => report.nar_files_deleted += 1,
                 "realisation" => report.realisations_deleted += 1,
+                "trace" => report.traces_deleted += 1,
                 _ => report.logs_deleted += 1,
             }
         }

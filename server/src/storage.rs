@@ -17,7 +17,9 @@
 //! - `caches/{cache}/nar-files/{file}`: the hash part of the path whose uploader's narinfo
 //!   named `nar/{file}`, so that the NAR is served at that URL too;
 //! - `caches/{cache}/chunks/{hh}/{blake3}`: an empty grant: the cache holds that chunk, because
-//!   its bytes were uploaded to it (see [`Storage::grant_chunks`]).
+//!   its bytes were uploaded to it (see [`Storage::grant_chunks`]);
+//! - `caches/{cache}/traces/{key}`: an access trace (`PUT trace/{key}`), zstd-compressed JSON;
+//!   a hint, never a garbage collection root.
 //!
 //! Writes go chunks, then manifest, then path record, so a reader that finds a path record
 //! finds everything it needs.
@@ -177,6 +179,9 @@ pub enum CacheFile<'a> {
     Realisation(&'a str),
     /// A build trace entry's value (Nix 2.35 and later), named `{drv}/{output}`.
     BuildTrace(&'a str),
+    /// An access trace, named by its key, as zstd-compressed JSON: the JSON is mostly hex
+    /// chunk hashes, which zstd halves, and every PUT reads and writes the whole object.
+    Trace(&'a str),
 }
 
 impl CacheFile<'_> {
@@ -190,6 +195,8 @@ impl CacheFile<'_> {
     pub const REALISATIONS: &'static str = "realisations";
     /// See [`CacheFile::LOGS`].
     pub const BUILD_TRACE: &'static str = "build-trace-v2";
+    /// See [`CacheFile::LOGS`].
+    pub const TRACES: &'static str = "traces";
 
     fn key(&self, cache: &str) -> Path {
         let (dir, name) = match *self {
@@ -198,6 +205,7 @@ impl CacheFile<'_> {
             CacheFile::NarFile(name) => (Self::NAR_FILES, name),
             CacheFile::Realisation(name) => (Self::REALISATIONS, name),
             CacheFile::BuildTrace(name) => (Self::BUILD_TRACE, name),
+            CacheFile::Trace(name) => (Self::TRACES, name),
         };
         Path::from(format!("caches/{cache}/{dir}/{name}"))
     }
@@ -209,6 +217,7 @@ impl CacheFile<'_> {
             CacheFile::NarFile(_) => "NAR file name",
             CacheFile::Realisation(_) => "realisation",
             CacheFile::BuildTrace(_) => "build trace entry",
+            CacheFile::Trace(_) => "access trace",
         }
     }
 }

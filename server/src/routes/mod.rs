@@ -8,6 +8,7 @@ mod debuginfo;
 mod logs;
 mod publish;
 mod realisations;
+mod traces;
 mod upload_path;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
@@ -43,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .route("/_flywheel/v1/{cache}/upload-chunks", post(chunks::upload_many))
         .route("/_flywheel/v1/{cache}/commit", post(chunks::commit))
         .route("/_flywheel/v1/{cache}/base/{name}", get(chunks::base))
+        .route("/_flywheel/v1/{cache}/trace/{key}", get(traces::get).put(traces::put))
         .route("/{cache}/nix-cache-info", get(binary_cache::cache_info).put(binary_cache::put_cache_info))
         .route("/{cache}/nar/{file}", get(binary_cache::get_nar).put(binary_cache::put_nar))
         .route(
