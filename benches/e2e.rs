@@ -568,6 +568,121 @@ fn lazy_section(report: &mut Report, work: &Path) {
     }
 }
 
+/// A CI job as a whole (set-up plus the job) on a fresh runner: substituting its closure
+/// first, against the lazy mount with no trace (on-demand reads plus the background fill),
+/// with a trace saved by an earlier job, and warm; on loopback and over 1 Gbit/s and
+/// 100 Mbit/s links.
+fn job_section(report: &mut Report, work: &Path) {
+    use common_fuse::{mount_overlay, register_lazily, NixVersion, Setup, Unmount, CACHE};
+    const JOB_FILES: usize = 200;
+    const KEY: &str = "bench-job";
+    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output().unwrap();
+    let docs_dir = PathBuf::from(String::from_utf8(sysroot.stdout).unwrap().trim()).join("share/doc/rust/html/std");
+    let setup = Setup::of(NixVersion::V2_8);
+    let docs = setup.nix.run(setup.nix.cmd("nix-store").args(["--store", &setup.store_root, "--add"]).arg(&docs_dir)).trim().to_string();
+    let docs_mb = setup.nix.path_info(&setup.store_root, &docs).nar_size as f64 / MB;
+    let netrc = setup.server.netrc(&setup.token);
+    let out = setup.nix.copy_to(&setup.store_root, &format!("{}/{CACHE}?compression=zstd", setup.server.url), &netrc, std::slice::from_ref(&docs));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job = |store: &str| -> f64 {
+        let expr = format!(
+            "derivation {{ name = \"job-{}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
+             args = [ \"-c\" \"/bin/busybox find ${{builtins.storePath \"{docs}\"}} -name '*.html' | /bin/busybox sort | \
+             /bin/busybox head -n {JOB_FILES} | /bin/busybox xargs /bin/busybox cat | /bin/busybox wc -c > $out\" ]; }}",
+            common::unique_seed("j")
+        );
+        time_cmd(setup.nix.cmd("nix-build").args(["--store", store, "--no-out-link", "-E", &expr]).stdout(Stdio::null()))
+    };
+    let metrics_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // One lazy job on a fresh runner: (total, warm job, compressed bytes fetched).
+    let lazy_run = |url: &str, extra: &[&str]| -> (f64, f64, f64) {
+        let dir = tempfile::tempdir_in(work).unwrap();
+        let cache_dir = dir.path().join("cache");
+        std::fs::create_dir_all(&cache_dir).unwrap();
+        drop_caches();
+        let port = metrics_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mount = setup.mount(url, &cache_dir, &[extra, &["--metrics-listen", &listen]].concat());
+        let started = Instant::now();
+        let root = dir.path().join("root");
+        let overlay: Unmount = mount_overlay(&mount.mountpoint, &dir.path().join("upper"), &dir.path().join("work"), &root.join("nix/store"));
+        let store = format!("local?root={}", root.display());
+        register_lazily(&setup, &store, std::slice::from_ref(&docs));
+        job(&store);
+        let total = started.elapsed().as_secs_f64();
+        let fetched = common::metric_value(&common::fetch_metrics(&format!("http://{listen}/metrics")), "flywheel_runner_chunk_bytes_fetched_total");
+        drop_caches();
+        let warm = job(&store);
+        drop(overlay);
+        drop(mount);
+        (total, warm, fetched)
+    };
+    let substitute_run = |url: &str| -> f64 {
+        let dir = tempfile::tempdir_in(work).unwrap();
+        drop_caches();
+        let store = format!("local?root={}", dir.path().join("root").display());
+        let started = Instant::now();
+        let copied = setup
+            .nix
+            .cmd("nix")
+            .args(["copy", "--no-check-sigs", "--from", &format!("{url}/{CACHE}"), "--to", &store, "--option", "netrc-file"])
+            .arg(&netrc)
+            .arg(&docs)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        job(&store);
+        started.elapsed().as_secs_f64()
+    };
+    // The trace: one job on a fresh runner records it and saves it at unmount.
+    lazy_run(&setup.server.url, &["--prefetch", KEY, "--fill-max-nar-size", "0"]);
+    // What the job reads, compressed: an on-demand run without fill or trace fetches only that
+    // (and readahead).
+    let (_, _, read_bytes) = lazy_run(&setup.server.url, &["--fill-max-nar-size", "0"]);
+    report.section(
+        "CI job, lazy against substituting first",
+        &format!(
+            "A job (a derivation) lists every HTML file of the std docs of this machine's Rust toolchain ({docs_mb:.0} MB of \
+             NAR) and reads {JOB_FILES} of them, on a fresh runner: empty chunk cache, empty page cache, and a store that does \
+             not have the path. Each figure is set-up plus job, median of {RUNS} runs. The reference substitutes the path first \
+             (`nix copy --from` the server, zstd NARs, into a fresh store). The lazy runs mount the cache, mount an overlay over \
+             it and register the path (`dump-db | nix-store --load-db`), then run the job: with no trace (on-demand reads and \
+             the background fill of the path), and with the trace an earlier job saved (`flywheel mount --prefetch KEY`, which \
+             starts fetching the traced chunks at once). Warm is the same job again on that runner, page cache dropped. \
+             Links are the proxy of the substituter section (shared bandwidth limit, no added latency). Nix 2.8, server on \
+             local storage on this machine. On-demand reads alone fetch {:.1} MB (compressed) for this job.",
+            read_bytes / MB
+        ),
+    );
+    let links: [(&str, Option<f64>); 3] = [("loopback", None), ("1 Gbit/s", Some(125e6)), ("100 Mbit/s", Some(12.5e6))];
+    for (name, rate) in links {
+        let link = rate.map(|r| Link::start(&setup.server.url, r));
+        let url = link.as_ref().map(Link::url).unwrap_or_else(|| setup.server.url.clone());
+        let reference = median((0..RUNS).map(|_| substitute_run(&url)).collect());
+        let no_trace: Vec<(f64, f64, f64)> = (0..RUNS).map(|_| lazy_run(&url, &[])).collect();
+        let traced: Vec<(f64, f64, f64)> = (0..RUNS).map(|_| lazy_run(&url, &["--prefetch", KEY])).collect();
+        let cold = median(no_trace.iter().map(|r| r.0).collect());
+        let with_trace = median(traced.iter().map(|r| r.0).collect());
+        let warm = median(traced.iter().map(|r| r.1).collect());
+        let trace_bytes = median(traced.iter().map(|r| r.2).collect());
+        let fill_bytes = median(no_trace.iter().map(|r| r.2).collect());
+        let substitute = format!("substitute first: {reference:.2} s");
+        report.row(&format!("{name}: cold lazy, no trace"), format!("{cold:.2} s ({:.1} MB fetched)", fill_bytes / MB), substitute.clone(), format!("{} faster", ratio(reference / cold)), if name == "100 Mbit/s" { ">= 2x faster" } else { ">= 1x" });
+        report.row(
+            &format!("{name}: cold lazy, with a trace"),
+            format!("{with_trace:.2} s ({:.1} MB fetched, {:.2}x what the job reads)", trace_bytes / MB, trace_bytes / read_bytes.max(1.0)),
+            substitute,
+            format!("{} faster; {:.2}x the warm job", ratio(reference / with_trace), with_trace / warm),
+            match name {
+                "loopback" => ">= 1.5x faster, <= 1.3x warm, <= 1.5x bytes",
+                "100 Mbit/s" => ">= 4x faster, <= 1.3x warm",
+                _ => "<= 1.3x warm",
+            },
+        );
+        report.row(&format!("{name}: warm lazy"), format!("{warm:.2} s (job only)"), String::new(), String::new(), "");
+    }
+}
+
 /// The load run of the ops issue, against flywheel on S3 and against nginx serving the same
 /// paths as a `file://` binary cache (`nix copy --to file://`).
 fn load_section(report: &mut Report, work: &Path) {
@@ -1162,7 +1277,7 @@ fn main() {
         header: format!(
             "# Benchmarks\n\nWritten by `./scripts/bench.sh` (`cargo bench --bench e2e`) on {} cores. Each section names the \
              commit it was measured at and the load average when the run started: `./scripts/bench.sh SECTION` measures only \
-             the sections whose names contain SECTION (server, compression, lazy, load, fuse, substituter) and keeps the others. \
+             the sections whose names contain SECTION (server, compression, lazy, job, load, fuse, substituter) and keeps the others. \
              Medians of several runs; ratios compare figures taken in the same run.\n\
              Per-function figures come from `cargo bench -p flywheel-core` (criterion).\n",
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -1178,6 +1293,9 @@ fn main() {
     }
     if wants("lazy") {
         lazy_section(&mut report, work.path());
+    }
+    if wants("job") {
+        job_section(&mut report, work.path());
     }
     if wants("load") {
         load_section(&mut report, work.path());

@@ -668,7 +668,10 @@ impl Inner {
     /// path changed, or the trace is stale) are left out. Paths the cache no longer has are
     /// skipped. Returns (paths, chunks queued, paths skipped).
     pub(crate) async fn prefetch_trace(self: &Arc<Self>, trace: &flywheel_core::api::v1::traces::Trace) -> (usize, usize, usize) {
-        let mut trees: HashMap<&str, Option<(Arc<PathTree>, std::collections::HashSet<ChunkRef>)>> = HashMap::new();
+        // Per path the trace names: its tree and the chunks its manifest lists, or `None` when
+        // the mount cannot open it.
+        type Listed = Option<(Arc<PathTree>, std::collections::HashSet<ChunkRef>)>;
+        let mut trees: HashMap<&str, Listed> = HashMap::new();
         let (mut queued, mut skipped) = (0, 0);
         for (base_name, chunks) in trace.runs() {
             if !trees.contains_key(base_name) {
