@@ -30,16 +30,17 @@ install_rustfs() {
   mkdir -p "$PREFIX" "$RUSTFS_TARGET"
   # --locked: the versions RustFS released with (newer ones have broken its build before).
   # --ignore-rust-version: 1.0.1 declares rust-version 1.98.1; the installed toolchain is older
-  # and builds it. Default features first; only if they fail to build, without them (ftps,
-  # webdav and gcs, none of which the tests use).
+  # and builds it. Default features, unless RUSTFS_NO_DEFAULT_FEATURES=1 (ftps, webdav and gcs,
+  # none of which the tests use). No automatic fallback: a build stopped by a full disk or a
+  # signal would otherwise start over with other features and throw its hour of work away.
   local jobs="${RUSTFS_BUILD_JOBS:-2}"
   local args=(install rustfs --version "$RUSTFS_VERSION" --locked --ignore-rust-version
               --root "$PREFIX" -j "$jobs")
-  echo "building rustfs $RUSTFS_VERSION into $PREFIX (target dir $RUSTFS_TARGET; over an hour)"
-  if ! CARGO_TARGET_DIR="$RUSTFS_TARGET" cargo "${args[@]}"; then
-    echo "default features failed to build; retrying with --no-default-features"
-    CARGO_TARGET_DIR="$RUSTFS_TARGET" cargo "${args[@]}" --no-default-features
+  if [ "${RUSTFS_NO_DEFAULT_FEATURES:-}" = 1 ]; then
+    args+=(--no-default-features)
   fi
+  echo "building rustfs $RUSTFS_VERSION into $PREFIX (target dir $RUSTFS_TARGET; over an hour; about 4 GB of disk)"
+  CARGO_TARGET_DIR="$RUSTFS_TARGET" cargo "${args[@]}"
   "$RUSTFS" --version
 }
 
