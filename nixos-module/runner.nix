@@ -29,6 +29,7 @@ let
     "--cache-size" (toString cfg.cacheSize)
     "--files-size" (toString cfg.mount.filesSize)
     "--offline-timeout" (toString cfg.mount.offlineTimeout)
+    "--fill-max-nar-size" (toString cfg.mount.fillMaxNarSize)
   ] ++ lib.optionals (cfg.mount.metricsListen != null) [ "--metrics-listen" cfg.mount.metricsListen ]
     ++ [ cfg.mount.mountPoint ]);
   substituteCommand = execLine' ([ "substitute" ] ++ serverArgs ++ [
@@ -70,11 +71,11 @@ let
         ${builtins.storeDir}
     fi
     ${optionalString (cfg.lazy.paths != [ ]) ''
-      # Register the closures with their known hashes: Nix sees them valid at once.
-      ${lib.escapeShellArgs [ flywheel "dump-db" "--server" (toString cfg.serverUrl) "--cache" cfg.cache ]} \
+      # Register the closures (those not valid yet) with their known hashes, from narinfo files
+      # signed by a trusted key: Nix sees them valid at once.
+      ${lib.escapeShellArgs ([ flywheel "lazy" "--server" (toString cfg.serverUrl) "--cache" cfg.cache ] ++ lazyArgs)} \
         ${optionalString (cfg.tokenFile != null) ''--token-file "$CREDENTIALS_DIRECTORY/token"''} \
-        ${lib.escapeShellArgs cfg.lazy.paths} > "$RUNTIME_DIRECTORY/db"
-      ${config.nix.package}/bin/nix-store --load-db < "$RUNTIME_DIRECTORY/db"
+        ${lib.escapeShellArgs cfg.lazy.paths}
     ''}
   '';
   # The runner's own signing key, made once: the secret never leaves the runner's volume (and
@@ -101,6 +102,45 @@ let
     ${coreutils}/mv -f "$key.pub.tmp" "$key.pub"
     echo "flywheel-signing-key: this runner signs its builds with $(${coreutils}/cat "$key.pub") (also in $key.pub); list it in the cache's trusted uploader keys"
   '';
+  # What `flywheel lazy` needs beside the server: the Nix that registers, the keys that make
+  # a narinfo trusted (empty: those of nix.conf), and the mount's control socket (in the cache dir).
+  lazyArgs = [ "--nix-store" "${config.nix.package}/bin/nix-store" "--cache-dir" cfg.cacheDir ]
+    ++ lib.concatMap (k: [ "--trusted-key" k ]) cfg.trustedPublicKeys;
+  # The CI job's start and end, for the runner's own job hooks (as root). Start: make the job's
+  # closures valid at once and prefetch what the last jobs with its trace key read. End: save
+  # what this job read under its key, and wait for the push daemon's queue.
+  jobCommand = pkgs.writeShellScriptBin "flywheel-job" ''
+    set -eu
+    usage() {
+      echo "usage: flywheel-job start KEY [STORE_PATH...]   (make closures valid, prefetch KEY's trace)" >&2
+      echo "       flywheel-job end [KEY]                    (save this job's trace${optionalString cfg.push.enable ", flush the pushes"})" >&2
+      exit 2
+    }
+    [ "$#" -ge 1 ] || usage
+    command=$1
+    shift
+    case "$command" in
+      start)
+        [ "$#" -ge 1 ] || usage
+        key=$1
+        shift
+        if [ "$#" -gt 0 ]; then
+          exec ${lib.escapeShellArgs ([ flywheel "lazy" ] ++ serverArgsForRoot ++ lazyArgs)} --prefetch "$key" "$@"
+        fi
+        exec ${lib.escapeShellArgs [ flywheel "prefetch" "--cache-dir" cfg.cacheDir ]} "$key"
+        ;;
+      end)
+        ${lib.escapeShellArgs [ flywheel "save-trace" "--cache-dir" cfg.cacheDir ]} "$@"
+        ${optionalString cfg.push.enable (lib.escapeShellArgs [ flywheel "flush" "--socket" pushSocket ])}
+        ;;
+      *)
+        usage
+        ;;
+    esac
+  '';
+  # Outside systemd there are no credentials: root reads the token file itself.
+  serverArgsForRoot = [ "--server" (toString cfg.serverUrl) "--cache" cfg.cache ]
+    ++ optionals (cfg.tokenFile != null) [ "--token-file" (toString cfg.tokenFile) ];
   lazyStop = pkgs.writeShellScript "flywheel-lazy-store-stop" ''
     if ${util}/findmnt -n -t overlay ${builtins.storeDir} > /dev/null; then
       ${util}/umount -l ${builtins.storeDir}
@@ -224,6 +264,11 @@ in
         default = 2147483648;
         description = "Byte budget of whole files kept decompressed under `cacheDir/files` for FUSE passthrough (on top of `cacheSize`); 0 turns passthrough off.";
       };
+      fillMaxNarSize = mkOption {
+        type = types.ints.unsigned;
+        default = 268435456;
+        description = "Store paths up to this NAR size are fetched whole in the background once a job reads from them (reads always go first); larger ones are left to on-demand reads. 0 turns the fill off.";
+      };
       metricsListen = mkOption {
         type = types.nullOr types.str;
         default = null;
@@ -319,8 +364,12 @@ in
         default = false;
         description = ''
           Whether to overlay the Nix store: lower layers the local store and the FUSE mount, upper
-          layer on `dataDir`; paths registered with `flywheel dump-db | nix-store --load-db`
-          are valid at once and their bytes arrive on first read. Needs `mount.enable`.
+          layer on `dataDir`; paths registered with `flywheel lazy` are valid at once and their
+          bytes arrive on first read. Needs `mount.enable`. Puts `flywheel-job` on the PATH for
+          the CI runner's job hooks, run as root: `flywheel-job start KEY [STORE_PATH...]`
+          registers the job's closures and prefetches what the last jobs with trace key KEY
+          read; `flywheel-job end` saves what this job read under KEY (and, with `push.enable`,
+          waits for the pushes).
         '';
       };
       upperDir = mkOption {
@@ -339,7 +388,7 @@ in
         type = types.listOf types.str;
         default = [ ];
         example = [ "/nix/store/...-ci-toolchain" ];
-        description = "Store paths whose closures are registered in Nix's database when the overlay comes up.";
+        description = "Store paths whose closures are registered in Nix's database when the overlay comes up (`flywheel lazy`: narinfo files signed by one of `trustedPublicKeys`, or by a key of nix.conf when that list is empty).";
       };
     };
   };
@@ -498,6 +547,7 @@ in
     })
 
     (mkIf cfg.lazy.enable {
+      environment.systemPackages = [ jobCommand ];
       systemd.services.flywheel-lazy-store = {
         description = "flywheel lazy store: ${builtins.storeDir} as an overlay over the FUSE mount";
         wantedBy = [ "multi-user.target" ];

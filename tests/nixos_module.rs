@@ -472,9 +472,33 @@ fn runner_commands_are_accepted_by_the_binary_with(version: NixVersion) {
     let start = std::fs::read_to_string(nix.physical(lazy["serviceConfig"]["ExecStart"].as_str().unwrap())).unwrap();
     nix.script(lazy["serviceConfig"]["ExecStart"].as_str().unwrap());
     assert!(start.contains("lowerdir=/nix/store:/run/flywheel/store,upperdir=/pvc/flywheel/overlay/upper,workdir=/pvc/flywheel/overlay/work"), "{start}");
-    assert!(start.contains("'dump-db' '--server' 'http://cache.internal:8080' '--cache' 'ci'"), "{start}");
-    assert!(start.contains("--load-db"), "{start}");
+    assert!(start.contains("'lazy' '--server' 'http://cache.internal:8080' '--cache' 'ci' '--nix-store' '/usr/bin/nix-store' '--cache-dir' '/pvc/flywheel/cache' '--trusted-key' 'ci-1:su4pov7yoc5lV0pmcvVr6ZhwoE2SXYet+dEpco+aPQY='"), "{start}");
     assert_eq!(str_list(&eval["kernelModules"]), ["fuse", "overlay"]);
+    assert_eq!(flag(mount, "--fill-max-nar-size"), "268435456");
+
+    // The job hooks' command: its arguments are the binary's (the runs below fail only where a
+    // runner is missing: the mount's socket, the token), and misuse prints the usage.
+    let packages = str_list(&eval["systemPackages"]);
+    let job = packages.iter().find(|p| p.ends_with("-flywheel-job")).unwrap_or_else(|| panic!("no flywheel-job in {packages:?}"));
+    let job = nix.script(job);
+    let run = |args: &[&str]| {
+        let out = Command::new("sh").arg(&job).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for misuse in [&[][..], &["start"][..], &["restart", "k"][..]] {
+        let (code, err) = run(misuse);
+        assert_eq!(code, Some(2), "{misuse:?}: {err}");
+        assert!(err.contains("usage: flywheel-job start KEY"), "{err}");
+    }
+    let (code, err) = run(&["start", "ci-job"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no mount answers on /pvc/flywheel/cache/control.sock"), "{err}");
+    let (code, err) = run(&["start", "ci-job", "/nix/store/00000000000000000000000000000000-toolchain"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("/run/secrets/flywheel-token"), "flywheel lazy took its arguments and read the token file: {err}");
+    let (code, err) = run(&["end"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no mount answers on /pvc/flywheel/cache/control.sock"), "{err}");
 }
 
 nix_matrix! {

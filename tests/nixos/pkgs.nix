@@ -14,6 +14,12 @@ in
   util-linux = fake "util-linux" "/usr";
   nix = fake "nix" "/usr";
   writeText = name: text: builtins.toFile name text;
+  # A package with the script as `bin/NAME` in nixpkgs; here the script file itself, which the
+  # tests find by its name among `environment.systemPackages`.
+  writeShellScriptBin = name: text: fake name (builtins.toFile name ''
+    #!${runtimeShell}
+    ${text}
+  '');
   writeShellScript = name: text: builtins.toFile name ''
     #!${runtimeShell}
     ${text}
