@@ -289,6 +289,13 @@ struct MountArgs {
     /// from them (unless a trace covers them); 0 turns that off.
     #[arg(long, default_value_t = flywheel_fuse::DEFAULT_FILL_MAX_NAR_SIZE)]
     fill_max_nar_size: u64,
+    /// In which order the fill fetches a path: `nar` (the NAR's order) or `small-files-first`.
+    #[arg(long, default_value = "nar", value_parser = ["nar", "small-files-first"])]
+    fill_order: String,
+    /// Background requests allowed in flight while the job's reads wait for the server (0: the
+    /// fill pauses while any read waits).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=4))]
+    fill_alongside_reads: u16,
     /// The control socket for `flywheel prefetch` and `save-trace`; default
     /// `<cache-dir>/control.sock`.
     #[arg(long)]
@@ -327,6 +334,8 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     config.metrics_listen = args.metrics_listen;
     config.files_size = args.files_size;
     config.fill_max_nar_size = args.fill_max_nar_size;
+    config.fill_order = if args.fill_order == "small-files-first" { flywheel_fuse::FillOrder::SmallFilesFirst } else { flywheel_fuse::FillOrder::Nar };
+    config.fill_alongside_reads = usize::from(args.fill_alongside_reads);
     config.control_socket = args.control_socket;
     if let Some(key) = &args.prefetch {
         flywheel_core::api::v1::traces::validate_trace_key(key)?;

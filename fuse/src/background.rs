@@ -68,7 +68,12 @@ pub(crate) struct Background {
     work: Notify,
     /// Reads of the mount waiting for the server.
     demand: AtomicUsize,
-    demand_idle: Notify,
+    /// Background requests in flight.
+    running: AtomicUsize,
+    /// Background requests allowed in flight while reads wait (see [`Background::start`]).
+    alongside_reads: usize,
+    /// Notified when a read stops waiting or a background request ends.
+    link_freed: Notify,
     /// Notified when the trace's jobs are all done.
     trace_done: Notify,
     pub stats: BackgroundStats,
@@ -80,7 +85,7 @@ pub(crate) struct Demand<'a>(&'a Background);
 impl Drop for Demand<'_> {
     fn drop(&mut self) {
         if self.0.demand.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.demand_idle.notify_waiters();
+            self.0.link_freed.notify_waiters();
         }
     }
 }
@@ -93,8 +98,9 @@ fn slot(source: Source) -> usize {
 }
 
 impl Background {
-    /// Starts the workers on `runtime`.
-    pub fn start(store: ChunkStore, timeout: Duration, runtime: &tokio::runtime::Handle) -> Arc<Self> {
+    /// Starts the workers on `runtime`. While reads of the mount wait for the server, at most
+    /// `alongside_reads` background requests are in flight (0: none start until no read waits).
+    pub fn start(store: ChunkStore, timeout: Duration, alongside_reads: usize, runtime: &tokio::runtime::Handle) -> Arc<Self> {
         let background = Arc::new(Background {
             store,
             timeout,
@@ -102,7 +108,9 @@ impl Background {
             pending: Default::default(),
             work: Notify::new(),
             demand: AtomicUsize::new(0),
-            demand_idle: Notify::new(),
+            running: AtomicUsize::new(0),
+            alongside_reads,
+            link_freed: Notify::new(),
             trace_done: Notify::new(),
             stats: BackgroundStats::default(),
         });
@@ -187,8 +195,10 @@ impl Background {
                 let _ = tokio::time::timeout(Duration::from_secs(5), notified).await;
                 continue;
             };
-            this.wait_for_idle_link().await;
+            this.wait_for_link().await;
             this.run(&job).await;
+            this.running.fetch_sub(1, Ordering::AcqRel);
+            this.link_freed.notify_waiters();
             let source = slot(job.source);
             if this.pending[source].fetch_sub(1, Ordering::AcqRel) == 1 && job.source == Source::Trace {
                 this.trace_done.notify_waiters();
@@ -196,13 +206,16 @@ impl Background {
         }
     }
 
-    /// Waits while reads of the mount wait for the server.
-    async fn wait_for_idle_link(&self) {
+    /// Waits until a background request may start, and counts it as running: at once when no
+    /// read waits for the server, else only while fewer than `alongside_reads` run.
+    async fn wait_for_link(&self) {
         loop {
-            let notified = self.demand_idle.notified();
-            if self.demand.load(Ordering::Acquire) == 0 {
+            let notified = self.link_freed.notified();
+            let running = self.running.fetch_add(1, Ordering::AcqRel);
+            if self.demand.load(Ordering::Acquire) == 0 || running < self.alongside_reads {
                 return;
             }
+            self.running.fetch_sub(1, Ordering::AcqRel);
             notified.await;
         }
     }

@@ -67,6 +67,20 @@ pub struct FsConfig {
     /// Store paths up to this NAR size are fetched whole in the background once a job reads
     /// from them (and no trace covers them); 0 turns the background fill off.
     pub fill_max_nar_size: u64,
+    /// In which order the fill fetches a path's chunks.
+    pub fill_order: FillOrder,
+    /// Background requests allowed in flight while reads of the mount wait for the server.
+    pub fill_alongside_reads: usize,
+}
+
+/// The order in which the background fill fetches a store path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillOrder {
+    /// The NAR's order: what a walk through the tree reads next.
+    Nar,
+    /// The chunks of the smallest files first (modules, headers, configs: what a job opens
+    /// one by one), then the rest in NAR order.
+    SmallFilesFirst,
 }
 
 /// Decompressed chunks in memory, least recently used dropped first, bounded in bytes.
@@ -320,7 +334,7 @@ impl FlywheelFs {
                 None
             }
         });
-        let background = Background::start(store.clone(), config.offline_timeout, &runtime);
+        let background = Background::start(store.clone(), config.offline_timeout, config.fill_alongside_reads, &runtime);
         FlywheelFs {
             inner: Arc::new(Inner {
                 store,
@@ -660,7 +674,10 @@ impl Inner {
             return;
         }
         debug!(store_path = %tree.base_name, chunks = tree.chunks.len(), "background fill queued");
-        self.background.queue(tree, &tree.chunks, Source::Fill);
+        match self.config.fill_order {
+            FillOrder::Nar => self.background.queue(tree, &tree.chunks, Source::Fill),
+            FillOrder::SmallFilesFirst => self.background.queue(tree, &small_files_first(tree), Source::Fill),
+        }
     }
 
     /// Queues the chunks `trace` names for the background, in trace order, path by path:
@@ -994,6 +1011,31 @@ impl Filesystem for FlywheelFs {
     }
 }
 
+/// The chunks of `tree`: those of its files from the smallest file up, then any left (between
+/// files, or of no file), each once.
+fn small_files_first(tree: &PathTree) -> Vec<ChunkRef> {
+    let mut files: Vec<(u64, u64)> = tree
+        .nodes
+        .iter()
+        .filter_map(|node| match node.kind {
+            NodeKind::File { size, nar_offset, .. } if size > 0 => Some((size, nar_offset)),
+            _ => None,
+        })
+        .collect();
+    files.sort_unstable();
+    let mut taken = vec![false; tree.chunks.len()];
+    let mut order = Vec::with_capacity(tree.chunks.len());
+    let ranges = files.into_iter().map(|(size, offset)| tree.chunk_range(offset, offset + size)).chain(std::iter::once(0..tree.chunks.len()));
+    for range in ranges {
+        for index in range {
+            if !std::mem::replace(&mut taken[index], true) {
+                order.push(tree.chunks[index]);
+            }
+        }
+    }
+    order
+}
+
 fn file_type(kind: &NodeKind) -> FileType {
     match kind {
         NodeKind::Directory { .. } => FileType::Directory,
@@ -1005,6 +1047,36 @@ fn file_type(kind: &NodeKind) -> FileType {
 #[cfg(test)]
 mod tests {
     use super::ServedRanges;
+
+    #[test]
+    fn small_files_first_orders_chunks_by_file_size() {
+        use crate::tree::{NodeKind, PathTree, TreeNode};
+        use flywheel_core::chunk::ChunkHash;
+        use flywheel_core::manifest::ChunkRef;
+        let file = |size, nar_offset| TreeNode { kind: NodeKind::File { size, executable: false, nar_offset }, parent: 0 };
+        let chunks: Vec<ChunkRef> = (0..5u8).map(|i| ChunkRef { hash: ChunkHash::of(&[i]), size: 64 }).collect();
+        let tree = PathTree {
+            base_name: "x".into(),
+            nar_hash: flywheel_core::nix::Sha256Hash([0; 32]),
+            // A big file over chunks 0 and 1, a small one in chunk 2, a middling one in chunk 3;
+            // chunk 4 holds no file's bytes.
+            nodes: vec![
+                TreeNode { kind: NodeKind::Directory { children: Vec::new() }, parent: 0 },
+                file(120, 0),
+                file(10, 140),
+                file(50, 200),
+            ],
+            offsets: (0..=5u64).map(|i| i * 64).collect(),
+            traced: (0..5).map(|_| Default::default()).collect(),
+            chunks: chunks.clone(),
+            last_read_end: Default::default(),
+            prefetched_to: Default::default(),
+            walk_bytes: Default::default(),
+            fill_claimed: Default::default(),
+        };
+        let order = super::small_files_first(&tree);
+        assert_eq!(order, vec![chunks[2], chunks[3], chunks[0], chunks[1], chunks[4]]);
+    }
 
     #[test]
     fn served_ranges_know_when_a_file_was_read_whole() {

@@ -25,7 +25,7 @@ use std::time::Duration;
 use flywheel_client::{ApiClient, CacheConfig, ChunkCache, ChunkStore, ClientConfig};
 use flywheel_core::{Error, Result};
 
-pub use fs::{FlywheelFs, FsConfig};
+pub use fs::{FillOrder, FlywheelFs, FsConfig};
 
 /// Everything `flywheel mount` needs.
 #[derive(Debug, Clone)]
@@ -56,6 +56,10 @@ pub struct MountConfig {
     /// Store paths up to this NAR size are fetched whole in the background once a job reads
     /// them; 0 turns that off.
     pub fill_max_nar_size: u64,
+    /// In which order the fill fetches a path.
+    pub fill_order: FillOrder,
+    /// Background requests allowed in flight while reads wait for the server.
+    pub fill_alongside_reads: usize,
     /// The control socket (`flywheel prefetch`, `flywheel save-trace`); `<cache_dir>/control.sock`
     /// when unset.
     pub control_socket: Option<PathBuf>,
@@ -90,6 +94,8 @@ impl MountConfig {
             metrics_listen: None,
             files_size: 2 << 30,
             fill_max_nar_size: DEFAULT_FILL_MAX_NAR_SIZE,
+            fill_order: FillOrder::Nar,
+            fill_alongside_reads: 0,
             control_socket: None,
             prefetch: None,
         }
@@ -132,6 +138,8 @@ pub fn mount(config: MountConfig) -> Result<()> {
             hot_bytes: config.hot_bytes,
             materialized: (config.files_size > 0).then(|| (config.cache_dir.join("files"), config.files_size)),
             fill_max_nar_size: config.fill_max_nar_size,
+            fill_order: config.fill_order,
+            fill_alongside_reads: config.fill_alongside_reads,
         },
     );
     let control_path = config.control_socket_path();
