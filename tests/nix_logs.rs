@@ -137,12 +137,6 @@ nix_matrix! {
     debuginfo_round_trip_s3 => |version| debuginfo_round_trip(version, Backend::S3);
 }
 
-/// Runs `flywheel gc` over the server's storage; returns its report.
-fn run_gc(server: &Server, extra: &[&str]) -> String {
-    let out = std::process::Command::new(common::FLYWHEEL).args(["gc", "--config"]).arg(&server.config).args(extra).output().unwrap();
-    assert!(out.status.success(), "gc failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// The number of build logs and debug info records a `flywheel gc` report freed (or would).
 fn logs_in(report: &str) -> usize {
@@ -220,7 +214,7 @@ fn logs_expire_with_retention(version: NixVersion, backend: Backend) {
     // them (it compares their modification times with its own clock): dry runs change nothing.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let report = run_gc(&server, &["--dry-run"]);
+        let report = server.gc(&["--dry-run"]);
         let due = logs_in(&report);
         assert!(due <= short.len(), "a dry run would delete records of the long cache too:\n{report}");
         if due == short.len() {
@@ -230,7 +224,7 @@ fn logs_expire_with_retention(version: NixVersion, backend: Backend) {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert_eq!(records("short"), short, "a dry run deleted");
-    let report = run_gc(&server, &[]);
+    let report = server.gc(&[]);
     assert_eq!(logs_in(&report), short.len(), "{report}");
 
     // Expired: gone from storage and 404, to HTTP clients and to Nix alike.

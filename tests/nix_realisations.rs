@@ -420,11 +420,11 @@ fn realisations_follow_their_outputs(nix: &Nix, backend: Backend) {
     }
 
     // Nothing is dead yet.
-    let report = run_gc(&server);
+    let report = server.gc(&[]);
     assert!(report.contains(", 0 realisations"), "{report}");
     let resp = client.delete(format!("{url}/{}.narinfo", &gone.out_base()[..32])).bearer_auth(&admin).send().unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let report = run_gc(&server);
+    let report = server.gc(&[]);
     assert!(report.contains(", 2 realisations"), "{report}");
     for file in stored(&gone) {
         assert!(!file.exists(), "{} outlived its output path", file.display());
@@ -436,12 +436,6 @@ fn realisations_follow_their_outputs(nix: &Nix, backend: Backend) {
     assert_eq!(get_json(&client, &format!("{url}/realisations/{}.doi", kept.id), &pull)["outPath"], kept.out_base());
 }
 
-/// Runs `flywheel gc`, returning its report.
-fn run_gc(server: &Server) -> String {
-    let out = std::process::Command::new(common::FLYWHEEL).args(["gc", "--config"]).arg(&server.config).output().unwrap();
-    assert!(out.status.success(), "gc failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 #[test]
 fn realisations_follow_their_outputs_local() {

@@ -205,12 +205,6 @@ fn damaged_chunks_s3() {
     damaged_chunks(Backend::S3);
 }
 
-/// Runs `flywheel gc`, returning its report.
-fn run_gc(server: &Server, extra: &[&str]) -> String {
-    let out = std::process::Command::new(common::FLYWHEEL).args(["gc", "--config"]).arg(&server.config).args(extra).output().unwrap();
-    assert!(out.status.success(), "gc failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Stored bytes of the chunks a published path lists, read through the chunk API.
 fn chunk_files(server: &Server, token: &str, cache: &str, path: &str) -> std::collections::BTreeSet<String> {
@@ -251,10 +245,10 @@ fn retention_and_gc(backend: Backend) {
     assert_eq!(resp.status(), StatusCode::OK);
 
     // Nothing referenced goes; the orphan does.
-    let report = run_gc(&server, &["--dry-run"]);
+    let report = server.gc(&["--dry-run"]);
     assert!(report.contains("would free 0 paths, 0 manifests, 1 chunks"), "{report}");
     assert!(stored_chunks(&server).contains(&orphan.to_string()), "a dry run deleted");
-    run_gc(&server, &[]);
+    server.gc(&[]);
     let all: std::collections::BTreeSet<String> = chunks.iter().flatten().cloned().collect();
     assert_eq!(stored_chunks(&server), all);
 
@@ -271,7 +265,7 @@ fn retention_and_gc(backend: Backend) {
         let resp = client.get(format!("{url}/{}.narinfo", hash_part(path))).bearer_auth(&admin).send().unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
     }
-    let report = run_gc(&server, &[]);
+    let report = server.gc(&[]);
     assert!(report.contains(&format!("expired: ci {}", paths[1].trim_start_matches("/nix/store/"))), "{report}");
     assert_eq!(client.get(format!("{url}/{}.narinfo", hash_part(&paths[1]))).bearer_auth(&admin).send().unwrap().status(), StatusCode::NOT_FOUND);
     // Exactly the chunks only `bigNext` used are gone.
@@ -323,7 +317,7 @@ fn push_during_gc(backend: Backend) {
     let runs = collector.join().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(runs >= 1);
-    run_gc(&server, &[]);
+    server.gc(&[]);
     let pull = server.netrc(&server.mint(&["--pull", "ci"]));
     let dst = nix.store("dst");
     let out = nix.copy_from(&dst, &url, &pull, &key, &paths);
@@ -462,7 +456,7 @@ fn kill_9_during_uploads_never_shows_a_partial_path() {
     let pull = server.netrc(&server.mint(&["--pull", "ci"]));
     let out = nix.copy_from(&nix.store("dst"), &format!("{}/ci", server.url), &pull, &key, &paths);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    run_gc(&server, &[]);
+    server.gc(&[]);
     assert_eq!(stored_chunks(&server), chunk_files(&server, &token, "ci", &paths[0]));
 }
 
@@ -589,7 +583,7 @@ fn old_unreferenced_chunks_are_written_again_not_trusted() {
     for (chunk, old) in chunks.iter().zip(&before) {
         assert!(mtime(chunk).unwrap() > *old, "chunk {chunk} was trusted by the commit, not written again");
     }
-    run_gc(&server, &[]);
+    server.gc(&[]);
     let out = nix.copy_from(&nix.store("dst"), &url, &server.netrc(&admin), &key, &paths);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

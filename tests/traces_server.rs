@@ -339,12 +339,6 @@ fn corrupt_stored_trace_is_treated_as_absent() {
     assert!(log.contains("the stored trace does not parse"), "no warning in the server log");
 }
 
-/// Runs `flywheel gc` over the server's storage; returns its report.
-fn run_gc(server: &Server, extra: &[&str]) -> String {
-    let out = std::process::Command::new(common::FLYWHEEL).args(["gc", "--config"]).arg(&server.config).args(extra).output().unwrap();
-    assert!(out.status.success(), "gc failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// The number of access traces a `flywheel gc` report freed (or would).
 fn traces_in(report: &str) -> usize {
@@ -400,7 +394,7 @@ fn traces_expire_with_retention(backend: Backend) {
     // (by modification time, on its own clock): dry runs change nothing.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let report = run_gc(&server, &["--dry-run"]);
+        let report = server.gc(&["--dry-run"]);
         let due = traces_in(&report);
         assert!(due <= 1, "a dry run would delete the long cache's trace too:\n{report}");
         if due == 1 {
@@ -412,7 +406,7 @@ fn traces_expire_with_retention(backend: Backend) {
     assert_eq!(stored_traces(&server, "short"), short, "a dry run deleted");
     assert_eq!(server.object_sizes("chunks").len(), 1, "a dry run deleted");
 
-    let report = run_gc(&server, &[]);
+    let report = server.gc(&[]);
     assert_eq!(traces_in(&report), 1, "{report}");
     assert!(stored_traces(&server, "short").is_empty());
     assert_eq!(refusal(get_trace(&client, &server, "short", "job", Some(&admin))).0, StatusCode::NOT_FOUND);

@@ -540,6 +540,13 @@ impl Server {
     }
 
     /// Stops the server (storage stays).
+    /// Runs `flywheel gc` over this server's storage (with `extra` flags), returning its report.
+    pub fn gc(&self, extra: &[&str]) -> String {
+        let out = Command::new(FLYWHEEL).args(["gc", "--config"]).arg(&self.config).args(extra).output().unwrap();
+        assert!(out.status.success(), "gc failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     pub fn stop(&mut self) {
         self.child = None;
     }
