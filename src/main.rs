@@ -360,6 +360,13 @@ impl ControlArgs {
     fn socket(&self) -> PathBuf {
         self.control_socket.clone().unwrap_or_else(|| self.cache_dir.join(flywheel_fuse::CONTROL_SOCKET))
     }
+
+    /// Sends `request` to the mount and prints its answer.
+    fn ask(&self, request: flywheel_fuse::control::ControlRequest) -> anyhow::Result<()> {
+        let answer = flywheel_fuse::control::request(&self.socket(), &request)?;
+        println!("{}", answer.message);
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -375,10 +382,7 @@ struct PrefetchArgs {
 
 fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
     flywheel_core::api::v1::traces::validate_trace_key(&args.key)?;
-    let request = flywheel_fuse::control::ControlRequest::Prefetch { key: args.key, wait: args.wait };
-    let answer = flywheel_fuse::control::request(&args.control.socket(), &request)?;
-    println!("{}", answer.message);
-    Ok(())
+    args.control.ask(flywheel_fuse::control::ControlRequest::Prefetch { key: args.key, wait: args.wait })
 }
 
 #[derive(Args)]
@@ -393,10 +397,7 @@ fn save_trace(args: SaveTraceArgs) -> anyhow::Result<()> {
     if let Some(key) = &args.key {
         flywheel_core::api::v1::traces::validate_trace_key(key)?;
     }
-    let request = flywheel_fuse::control::ControlRequest::SaveTrace { key: args.key };
-    let answer = flywheel_fuse::control::request(&args.control.socket(), &request)?;
-    println!("{}", answer.message);
-    Ok(())
+    args.control.ask(flywheel_fuse::control::ControlRequest::SaveTrace { key: args.key })
 }
 
 #[derive(Args)]
@@ -463,9 +464,7 @@ fn lazy(args: LazyArgs) -> anyhow::Result<()> {
         report.registered, report.already_valid, report.closure
     );
     if let Some(key) = args.prefetch {
-        let request = flywheel_fuse::control::ControlRequest::Prefetch { key, wait: false };
-        let answer = flywheel_fuse::control::request(&args.control.socket(), &request).context("asking the mount to prefetch")?;
-        println!("{}", answer.message);
+        args.control.ask(flywheel_fuse::control::ControlRequest::Prefetch { key, wait: false }).context("asking the mount to prefetch")?;
     }
     Ok(())
 }
