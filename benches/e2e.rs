@@ -644,10 +644,10 @@ fn job_section(report: &mut Report, work: &Path) {
     let link_urls: Vec<(&str, Option<Link>)> = links.iter().map(|(name, rate)| (*name, rate.map(|r| Link::start(&setup.server.url, r)))).collect();
     let url_of = |link: &Option<Link>| link.as_ref().map(Link::url).unwrap_or_else(|| setup.server.url.clone());
     let policies: [(&str, &[&str]); 4] = [
-        ("no fill", &["--fill-max-nar-size", "0"]),
-        ("fill, NAR order (default)", &[]),
-        ("fill, NAR order, 1 request beside reads", &["--fill-alongside-reads", "1"]),
-        ("fill, small files first", &["--fill-order", "small-files-first"]),
+        ("no fill (default)", &[]),
+        ("fill, NAR order", &["--fill-max-nar-size", "268435456"]),
+        ("fill, NAR order, 1 request beside reads", &["--fill-max-nar-size", "268435456", "--fill-alongside-reads", "1"]),
+        ("fill, small files first", &["--fill-max-nar-size", "268435456", "--fill-order", "small-files-first"]),
     ];
     let mut policy_rows: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     let mut intro_bytes = Vec::new();
@@ -669,7 +669,7 @@ fn job_section(report: &mut Report, work: &Path) {
             }
             policy_rows.push((format!("{shape}, {name} (substitute first: {reference:.2} s)"), by_policy.clone()));
             let traced: Vec<(f64, f64, f64)> = (0..RUNS).map(|_| lazy_run(shape, &url, &["--prefetch", &key])).collect();
-            let (cold, fill_bytes) = by_policy[1];
+            let (cold, fill_bytes) = by_policy[0];
             let with_trace = median(traced.iter().map(|r| r.0).collect());
             let warm = median(traced.iter().map(|r| r.1).collect());
             let trace_bytes = median(traced.iter().map(|r| r.2).collect());
@@ -699,8 +699,7 @@ fn job_section(report: &mut Report, work: &Path) {
              the whole path (every 17th), one `sha256sum` process each, as an interpreter importing modules does. Each figure \
              is set-up plus job, median of {RUNS} runs. The reference substitutes the path first (`nix copy --from` the server, \
              zstd NARs, into a fresh store). The lazy runs mount the cache, mount an overlay over it and register the path \
-             (`dump-db | nix-store --load-db`), then run the job: with no trace (on-demand reads and the default background \
-             fill), and with the trace an earlier job saved (`flywheel mount --prefetch KEY`, which starts fetching the traced \
+             (`dump-db | nix-store --load-db`), then run the job: with no trace (on-demand reads, the default), and with the trace an earlier job saved (`flywheel mount --prefetch KEY`, which starts fetching the traced \
              chunks at once). Warm is the same job again on that runner, page cache dropped. Links are the proxy of the \
              substituter section (shared bandwidth limit, no added latency). Nix 2.8, server on local storage on this machine. \
              On-demand reads alone fetch (compressed): {}.",

@@ -266,8 +266,8 @@ in
       };
       fillMaxNarSize = mkOption {
         type = types.ints.unsigned;
-        default = 268435456;
-        description = "Store paths up to this NAR size are fetched whole in the background once a job reads from them (reads always go first); larger ones are left to on-demand reads. 0 turns the fill off.";
+        default = 0;
+        description = "Store paths up to this NAR size are fetched whole in the background once a job reads from them (reads always go first); larger ones are left to on-demand reads. 0 (the default, chosen by measurement: see BENCHMARKS.md) turns the fill off.";
       };
       metricsListen = mkOption {
         type = types.nullOr types.str;

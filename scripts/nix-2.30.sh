@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds Nix 2.30.5 from source once, into its own prefix, so the tests can run a modern Nix
 # beside Debian 12's nix-bin 2.8 (/usr/bin/nix*, /usr/lib/nix), which it does not touch.
-# Debian 12, as root. The first run takes about 15 minutes on 2 idle cores (43 to 49 minutes
-# measured while other builds shared them); later runs return in a fraction of a second.
+# Debian 12, as root. The first run took 19m51s at -O3 beside light other work on 2 cores, and
+# 22m34s at -O1 in the background of a whole test run; later runs return in a fraction of a second.
 #
 #   FLYWHEEL_NIX230_PREFIX  where Nix goes (default /opt/flywheel/nix-2.30.5)
 #   FLYWHEEL_NIX230_SOURCE  the source tarball (default /work/shared/third-party/nix-2.30.5.tar.gz)

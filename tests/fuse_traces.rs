@@ -157,7 +157,7 @@ fn background_fill_lets_reads_go_first() {
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
     let dir = tempfile::tempdir().unwrap();
-    let mount = setup.mount(&link.url, dir.path(), &["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
+    let mount = setup.mount(&link.url, dir.path(), &["--metrics-listen", &format!("127.0.0.1:{metrics_port}"), "--fill-max-nar-size", "268435456"]);
 
     // The job's first read of the path starts the fill of all of it.
     {

@@ -474,7 +474,7 @@ fn runner_commands_are_accepted_by_the_binary_with(version: NixVersion) {
     assert!(start.contains("lowerdir=/nix/store:/run/flywheel/store,upperdir=/pvc/flywheel/overlay/upper,workdir=/pvc/flywheel/overlay/work"), "{start}");
     assert!(start.contains("'lazy' '--server' 'http://cache.internal:8080' '--cache' 'ci' '--nix-store' '/usr/bin/nix-store' '--cache-dir' '/pvc/flywheel/cache' '--trusted-key' 'ci-1:su4pov7yoc5lV0pmcvVr6ZhwoE2SXYet+dEpco+aPQY='"), "{start}");
     assert_eq!(str_list(&eval["kernelModules"]), ["fuse", "overlay"]);
-    assert_eq!(flag(mount, "--fill-max-nar-size"), "268435456");
+    assert_eq!(flag(mount, "--fill-max-nar-size"), "0");
 
     // The job hooks' command: its arguments are the binary's (the runs below fail only where a
     // runner is missing: the mount's socket, the token), and misuse prints the usage.

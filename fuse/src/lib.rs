@@ -102,12 +102,11 @@ impl MountConfig {
     }
 }
 
-/// Default of [`MountConfig::fill_max_nar_size`]. Substituting a path downloads all of it, so
-/// filling a path a job reads from costs no more bytes than the substitution it replaces, and
-/// it runs only while the job's own reads do not wait. Past this size (about 2 s of a 1 Gbit/s
-/// link, compressed: a whole toolchain or a documentation tree), jobs typically read a small
-/// part, and on-demand reads with readahead serve it without spending the link on the rest.
-pub const DEFAULT_FILL_MAX_NAR_SIZE: u64 = 256 << 20;
+/// Default of [`MountConfig::fill_max_nar_size`]: off. Measured in the benchmark's `job`
+/// section, the fill never made a job faster by more than noise, and it made a job that opens
+/// scattered files one by one slower than substituting first (its requests share the link with
+/// the job's reads); traces do the prefetching instead. `--fill-max-nar-size` turns it on.
+pub const DEFAULT_FILL_MAX_NAR_SIZE: u64 = 0;
 
 /// Mounts and serves until the filesystem is unmounted or the process gets SIGTERM or SIGINT,
 /// which unmount it (lazily if it is busy, so open files keep being answered).
