@@ -257,6 +257,16 @@ impl ServerArgs {
         Ok(())
     }
 
+    /// A client of the cache that waits `timeout_secs` (at least 1) per request.
+    fn client(&self, timeout_secs: u64) -> anyhow::Result<flywheel_client::ApiClient> {
+        Ok(flywheel_client::ApiClient::new(flywheel_client::ClientConfig {
+            server: self.server.clone(),
+            cache: self.cache.clone(),
+            token: self.token()?,
+            timeout: std::time::Duration::from_secs(timeout_secs.max(1)),
+        })?)
+    }
+
     fn token(&self) -> anyhow::Result<Option<String>> {
         let Some(path) = &self.token_file else { return Ok(None) };
         let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -312,6 +322,9 @@ struct MountArgs {
 }
 
 fn mount(args: MountArgs) -> anyhow::Result<()> {
+    if let Some(key) = &args.prefetch {
+        flywheel_core::api::v1::traces::validate_trace_key(key)?;
+    }
     if args.check_config {
         args.server.check()?;
         if !args.mountpoint.is_absolute() || !args.cache_dir.is_absolute() {
@@ -319,9 +332,6 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
         }
         if args.cache_size == 0 {
             anyhow::bail!("--cache-size must be more than 0");
-        }
-        if let Some(key) = &args.prefetch {
-            flywheel_core::api::v1::traces::validate_trace_key(key)?;
         }
         println!("config is valid");
         return Ok(());
@@ -337,9 +347,6 @@ fn mount(args: MountArgs) -> anyhow::Result<()> {
     config.fill_order = if args.fill_order == "small-files-first" { flywheel_fuse::FillOrder::SmallFilesFirst } else { flywheel_fuse::FillOrder::Nar };
     config.fill_alongside_reads = usize::from(args.fill_alongside_reads);
     config.control_socket = args.control_socket;
-    if let Some(key) = &args.prefetch {
-        flywheel_core::api::v1::traces::validate_trace_key(key)?;
-    }
     config.prefetch = args.prefetch;
     flywheel_fuse::mount(config)?;
     Ok(())
@@ -450,12 +457,7 @@ fn lazy(args: LazyArgs) -> anyhow::Result<()> {
             anyhow::bail!("no trusted key: pass --trusted-key, list it in {}, or pass --no-check-sigs", conf.display());
         }
     }
-    let api = flywheel_client::ApiClient::new(flywheel_client::ClientConfig {
-        server: args.server.server.clone(),
-        cache: args.server.cache.clone(),
-        token: args.server.token()?,
-        timeout: std::time::Duration::from_secs(args.timeout.max(1)),
-    })?;
+    let api = args.server.client(args.timeout)?;
     let config = lazy::LazyConfig { nix_store: args.nix_store, store: args.store, trusted_keys, check_sigs: !args.no_check_sigs };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let report = runtime.block_on(lazy::register(&api, &args.paths, &config))?;
@@ -483,12 +485,7 @@ struct DumpDbArgs {
 
 fn dump_db(args: DumpDbArgs) -> anyhow::Result<()> {
     use flywheel_client::dump_db;
-    let api = flywheel_client::ApiClient::new(flywheel_client::ClientConfig {
-        server: args.server.server.clone(),
-        cache: args.server.cache.clone(),
-        token: args.server.token()?,
-        timeout: std::time::Duration::from_secs(args.timeout.max(1)),
-    })?;
+    let api = args.server.client(args.timeout)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let text = runtime.block_on(async {
         let store_dir = api.store_dir().await?;
