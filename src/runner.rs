@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use flywheel_substituter::status::{RunnerStatus, StatusQuery};
 use flywheel_substituter::{daemon, LocalStore, PushConfig, Pusher, SubstituteConfig, Substituter};
 
 use super::ServerArgs;
@@ -222,71 +223,23 @@ pub struct StatusArgs {
 /// The runner's state: the chunk cache (size, hit rate of every process sharing it), the mount,
 /// the substituter and the push daemon. Exits non-zero when the cache dir cannot be read.
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
-    use flywheel_client::{CacheConfig, ChunkCache};
-    let cache = if args.cache_dir.is_dir() {
-        // Joins the owner's cache through its socket; with no owner running, this process owns
-        // it for a moment (and the quota shown is the database's size only).
-        let cache = ChunkCache::open(&CacheConfig::new(&args.cache_dir, u64::MAX))
-            .with_context(|| format!("opening the chunk cache in {}", args.cache_dir.display()))?;
-        let stats = cache.shared_stats();
-        let lookups = stats.hits + stats.misses;
-        Some(serde_json::json!({
-            "dir": args.cache_dir,
-            "owned_by_a_daemon": !cache.is_owner(),
-            "used_bytes": cache.used_bytes(),
-            "quota_bytes": if cache.is_owner() { None } else { Some(cache.quota()) },
-            "hits": stats.hits,
-            "misses": stats.misses,
-            "hit_ratio": if lookups == 0 { None } else { Some(stats.hits as f64 / lookups as f64) },
-            "corrupt": stats.corrupt,
-            "evictions": stats.evictions,
-        }))
-    } else {
-        None
-    };
     let mount = match flywheel_fuse::mount_state(&args.mountpoint) {
         flywheel_fuse::MountState::Mounted => "mounted".to_string(),
         flywheel_fuse::MountState::NotMounted => "not mounted".to_string(),
         flywheel_fuse::MountState::Broken(err) => format!("mounted but not answering ({err}); unmount it with umount -l"),
     };
-    let substituter = match flywheel_substituter::serve::probe(&args.substituter, Duration::from_secs(2)) {
-        Ok(info) => format!("up ({info})"),
-        Err(err) => format!("down: {err}"),
+    let query = StatusQuery {
+        cache_dir: args.cache_dir,
+        mount: (args.mountpoint, mount),
+        substituter: args.substituter,
+        push_socket: args.push_socket,
     };
-    let push = if daemon::is_running(&args.push_socket) { "running" } else { "not running" };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let status = runtime.block_on(RunnerStatus::gather(query))?;
     if args.json {
-        let report = serde_json::json!({
-            "cache": cache,
-            "mount": { "mountpoint": args.mountpoint, "state": mount },
-            "substituter": { "url": args.substituter, "state": substituter },
-            "push_daemon": { "socket": args.push_socket, "state": push },
-        });
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.to_text());
     }
-    let gb = |b: u64| b as f64 / 1e9;
-    match &cache {
-        Some(c) => {
-            let used = c["used_bytes"].as_u64().unwrap_or(0);
-            let quota = c["quota_bytes"].as_u64().map(|q| format!(" of {:.2} GB", gb(q))).unwrap_or_default();
-            let owner = if c["owned_by_a_daemon"] == true { "shared with the running daemons" } else { "no daemon has it open" };
-            println!("chunk cache  {}: {:.2} GB{quota} ({owner})", args.cache_dir.display(), gb(used));
-            match c["hit_ratio"].as_f64() {
-                Some(ratio) => println!(
-                    "hit rate     {:.1}% ({} hits, {} misses since the owner opened it; {} corrupt entries dropped, {} evictions)",
-                    ratio * 100.0,
-                    c["hits"],
-                    c["misses"],
-                    c["corrupt"],
-                    c["evictions"]
-                ),
-                None => println!("hit rate     no lookups since the owner opened it"),
-            }
-        }
-        None => println!("chunk cache  {}: does not exist", args.cache_dir.display()),
-    }
-    println!("mount        {}: {mount}", args.mountpoint.display());
-    println!("substituter  {}: {substituter}", args.substituter);
-    println!("push daemon  {}: {push}", args.push_socket.display());
     Ok(())
 }

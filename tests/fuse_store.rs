@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use common_fuse::{common, dir_size, local_overlay_url, mount_lower_store, mount_overlay, register_lazily, sha256_file, CountingProxy, NixVersion, Setup};
-use flywheel_client::{CacheConfig, ChunkCache};
+use flywheel_client::{LocalCacheConfig, ChunkCache};
 use flywheel_core::nix::Sha256Hash;
 
 fn nar_hash_of(setup: &Setup, path: &std::path::Path) -> Sha256Hash {
@@ -199,7 +199,7 @@ fn fuse_corrupted_entry_is_refetched_and_cache_survives_kill9() {
     mount.kill9();
     let hash_part = common::hash_part(&big).to_string();
     let corrupted = {
-        let cache = ChunkCache::open(&CacheConfig::new(cache_dir.path(), 10 << 30)).unwrap();
+        let cache = ChunkCache::open(&LocalCacheConfig::new(cache_dir.path(), 10 << 30)).unwrap();
         let manifest = cache.get_manifest(&hash_part).expect("the manifest survived kill -9");
         let victim = manifest.manifest.chunks[manifest.manifest.chunks.len() / 2];
         assert!(cache.contains(&victim.hash), "chunks survived kill -9");
@@ -211,7 +211,7 @@ fn fuse_corrupted_entry_is_refetched_and_cache_survives_kill9() {
     assert_eq!(sha256_file(&mount.path(&big).join("blob")), expected, "bytes after corruption");
     assert_eq!(proxy.chunks_requested() - first, 1, "only the corrupted chunk is fetched again");
     assert!(mount.terminate());
-    let cache = ChunkCache::open(&CacheConfig::new(cache_dir.path(), 10 << 30)).unwrap();
+    let cache = ChunkCache::open(&LocalCacheConfig::new(cache_dir.path(), 10 << 30)).unwrap();
     assert!(cache.get(&corrupted).is_some(), "the repaired entry verifies");
 }
 
@@ -248,7 +248,7 @@ fn fuse_quota_holds_and_concurrent_readers_get_correct_bytes() {
     assert!(expected.len() as u64 > 2 * quota);
     assert!(dir_size(&cache_dir.path().join("chunks")) <= quota, "chunk files exceed the quota");
     assert!(mount.terminate());
-    let cache = ChunkCache::open(&CacheConfig::new(cache_dir.path(), quota)).unwrap();
+    let cache = ChunkCache::open(&LocalCacheConfig::new(cache_dir.path(), quota)).unwrap();
     assert!(cache.used_bytes() <= quota);
     assert!(cache.used_bytes() > quota / 2, "the cache is used");
 }

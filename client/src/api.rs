@@ -10,9 +10,10 @@ use flywheel_core::api::v1::get_missing_paths::{GetMissingPathsRequest, GetMissi
 use flywheel_core::api::v1::traces::{validate_trace_key, Trace, TraceSummary, MAX_TRACE_BODY};
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::api::v1::ErrorBody;
-use flywheel_core::chunk::decompress_verified;
+use flywheel_core::api::v1::chunk_bodies::{encode_upload_records, split_framed_chunks};
+use flywheel_core::chunk::{decompress_verified, max_frame_len};
 use flywheel_core::manifest::ChunkRef;
-use flywheel_core::nix::NarInfo;
+use flywheel_core::nix::{cache_info, NarInfo, NixCacheInfo};
 use flywheel_core::{Error, ErrorKind, Result};
 use reqwest::StatusCode;
 use tracing::instrument;
@@ -47,12 +48,6 @@ pub struct ApiClient {
     base: String,
     cache: String,
     token: Option<String>,
-}
-
-/// Largest zstd frame accepted for a chunk of `size` bytes: zstd never expands incompressible
-/// data by more than a small bound, so anything larger is not a chunk of that size.
-fn max_frame_len(size: u32) -> u64 {
-    u64::from(size) + u64::from(size) / 64 + 1024
 }
 
 impl ApiClient {
@@ -111,7 +106,7 @@ impl ApiClient {
             .await
             .map_err(lost_chunk)?;
         let frame = response.bytes().await.map_err(transport)?.to_vec();
-        if frame.len() as u64 > max_frame_len(chunk.size) {
+        if frame.len() as u64 > max_frame_len(u64::from(chunk.size)) {
             return Err(Error::corrupt(format!("chunk {} arrived as an oversized frame", chunk.hash)));
         }
         verify(chunk, frame)
@@ -128,24 +123,11 @@ impl ApiClient {
         let response =
             send(self.request(reqwest::Method::POST, self.api_url("chunks")).json(&body)).await.map_err(lost_chunk)?;
         let body = response.bytes().await.map_err(transport)?;
-        let mut rest: &[u8] = &body;
-        let mut out = Vec::with_capacity(chunks.len());
-        for chunk in chunks {
-            let Some((len, after)) = rest.split_first_chunk::<8>() else {
-                return Err(Error::unavailable(format!("chunk stream ended before chunk {}", chunk.hash)));
-            };
-            let len = u64::from_le_bytes(*len);
-            if len > max_frame_len(chunk.size) || len > after.len() as u64 {
-                return Err(Error::unavailable(format!("chunk stream is cut or malformed at chunk {}", chunk.hash)));
-            }
-            let (frame, after) = after.split_at(len as usize);
-            out.push(verify(*chunk, frame.to_vec())?);
-            rest = after;
-        }
-        if !rest.is_empty() {
-            return Err(Error::corrupt("chunk stream has bytes after the last chunk"));
-        }
-        Ok(out)
+        split_framed_chunks(&body, chunks)?
+            .into_iter()
+            .zip(chunks)
+            .map(|(frame, chunk)| verify(*chunk, frame.to_vec()))
+            .collect()
     }
 
     /// The access trace stored under `key` (`GET trace/{key}`), or `None` when there is none.
@@ -227,13 +209,7 @@ impl ApiClient {
     /// verifies each.
     #[instrument(skip_all, err, fields(chunks = chunks.len()))]
     pub async fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<()> {
-        let size: usize = chunks.iter().map(|(_, frame)| 40 + frame.len()).sum();
-        let mut body = Vec::with_capacity(size);
-        for (hash, frame) in chunks {
-            body.extend_from_slice(&hash.0);
-            body.extend_from_slice(&(frame.len() as u64).to_le_bytes());
-            body.extend_from_slice(frame);
-        }
+        let body = encode_upload_records(chunks);
         let url = self.api_url("upload-chunks");
         send(self.request(reqwest::Method::POST, url).header(reqwest::header::CONTENT_TYPE, "application/octet-stream").body(body))
             .await?;
@@ -276,12 +252,7 @@ impl ApiClient {
     /// The store directory the cache serves, from its `nix-cache-info`.
     pub async fn store_dir(&self) -> Result<String> {
         let url = format!("{}/{}/nix-cache-info", self.base, self.cache);
-        let text = send(self.request(reqwest::Method::GET, url)).await?.text().await.map_err(transport)?;
-        Ok(text
-            .lines()
-            .find_map(|line| line.strip_prefix("StoreDir:"))
-            .map(|dir| dir.trim().to_string())
-            .unwrap_or_else(|| flywheel_core::nix::DEFAULT_STORE_DIR.to_string()))
+        Ok(read_cache_info(self.request(reqwest::Method::GET, url)).await?.store_dir)
     }
 
     /// Fetches and parses the narinfo of the path whose hash part is `hash_part`.
@@ -292,6 +263,36 @@ impl ApiClient {
         let text = send(self.request(reqwest::Method::GET, url)).await?.text().await.map_err(transport)?;
         NarInfo::parse(&text, store_dir).map_err(|e| e.context(format!("narinfo of {hash_part}")))
     }
+}
+
+/// Reads the `nix-cache-info` of the binary cache at `base_url` (such as a local
+/// substituter's `http://127.0.0.1:37515`), waiting at most `timeout`: whether it is up, and
+/// what it announces.
+pub async fn probe_binary_cache(base_url: &str, timeout: Duration) -> Result<NixCacheInfo> {
+    let base = reqwest::Url::parse(base_url)
+        .ok()
+        .filter(|url| url.scheme() == "http" || url.scheme() == "https")
+        .ok_or_else(|| Error::invalid(format!("{base_url}: expected http://HOST:PORT")))?;
+    let http = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| Error::internal(format!("building the HTTP client: {e}")))?;
+    let url = format!("{}/nix-cache-info", base.as_str().trim_end_matches('/'));
+    read_cache_info(http.get(url)).await.map_err(|e| e.context(base_url))
+}
+
+/// Sends a request for a `nix-cache-info` and parses the answer, read up to its size bound.
+async fn read_cache_info(request: reqwest::RequestBuilder) -> Result<NixCacheInfo> {
+    let mut response = send(request).await?;
+    let mut body = Vec::new();
+    while let Some(piece) = response.chunk().await.map_err(transport)? {
+        if body.len() + piece.len() > cache_info::MAX_LEN {
+            return Err(Error::corrupt(format!("nix-cache-info is longer than {} bytes", cache_info::MAX_LEN)));
+        }
+        body.extend_from_slice(&piece);
+    }
+    let text = std::str::from_utf8(&body).map_err(|_| Error::corrupt("nix-cache-info is not UTF-8"))?;
+    NixCacheInfo::parse(text).map_err(|e| Error::corrupt(e.message().to_string()))
 }
 
 fn verify(chunk: ChunkRef, frame: Vec<u8>) -> Result<FetchedChunk> {

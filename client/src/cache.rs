@@ -40,7 +40,7 @@ const TOUCH_BATCH: usize = 64;
 
 /// How to open a [`ChunkCache`].
 #[derive(Debug, Clone)]
-pub struct CacheConfig {
+pub struct LocalCacheConfig {
     /// The directory of the sled database; created if missing.
     pub dir: PathBuf,
     /// Most bytes of chunk entries kept (frames plus a fixed per-entry overhead).
@@ -49,10 +49,10 @@ pub struct CacheConfig {
     pub memory: u64,
 }
 
-impl CacheConfig {
+impl LocalCacheConfig {
     /// A config with sled's page cache kept small, since the mount has its own hot-chunk cache.
     pub fn new(dir: impl Into<PathBuf>, quota: u64) -> Self {
-        CacheConfig { dir: dir.into(), quota, memory: 16 * 1024 * 1024 }
+        LocalCacheConfig { dir: dir.into(), quota, memory: 16 * 1024 * 1024 }
     }
 }
 
@@ -137,7 +137,7 @@ impl LocalCache {
     /// Opens (or creates) the cache in `config.dir`, counting the bytes already there.
     ///
     /// Fails with [`ErrorKind::AlreadyExists`] when another process holds the database.
-    pub fn open(config: &CacheConfig) -> Result<Self> {
+    pub fn open(config: &LocalCacheConfig) -> Result<Self> {
         std::fs::create_dir_all(&config.dir)
             .map_err(|e| Error::internal(format!("creating cache dir {}: {e}", config.dir.display())))?;
         let db = sled::Config::new()
@@ -564,7 +564,7 @@ mod tests {
     /// Opens a cache that this process has just dropped. sled's flusher thread lets go of the
     /// file lock a moment after the last handle is dropped, so a lock error is retried briefly
     /// (in production `share::open` does the same for a departing owner).
-    fn reopen(config: &CacheConfig) -> LocalCache {
+    fn reopen(config: &LocalCacheConfig) -> LocalCache {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match LocalCache::open(config) {
@@ -590,7 +590,7 @@ mod tests {
     #[test]
     fn roundtrip_and_persistence() {
         let dir = tempfile::tempdir().unwrap();
-        let config = CacheConfig::new(dir.path().join("db"), 10 << 20);
+        let config = LocalCacheConfig::new(dir.path().join("db"), 10 << 20);
         let (c, frame) = chunk(1, 100_000);
         {
             let cache = LocalCache::open(&config).unwrap();
@@ -610,7 +610,7 @@ mod tests {
         // The mount's readahead inserts a chunk while a read looks it up: the read may see no
         // frame file and then the fresh index entry, and must not take that for a broken entry.
         let dir = tempfile::tempdir().unwrap();
-        let cache = std::sync::Arc::new(LocalCache::open(&CacheConfig::new(dir.path(), 100 << 20)).unwrap());
+        let cache = std::sync::Arc::new(LocalCache::open(&LocalCacheConfig::new(dir.path(), 100 << 20)).unwrap());
         let chunks: Vec<(ChunkRef, Vec<u8>)> = (0..1000).map(|i| chunk(i, 20_000)).collect();
         let inserted = AtomicU64::new(0);
         let done = AtomicBool::new(false);
@@ -641,7 +641,7 @@ mod tests {
     fn the_database_lock_is_exclusive() {
         // `ChunkCache::open` relies on this to pick the owner; see `crate::share`.
         let dir = tempfile::tempdir().unwrap();
-        let config = CacheConfig::new(dir.path(), 1 << 20);
+        let config = LocalCacheConfig::new(dir.path(), 1 << 20);
         let _first = LocalCache::open(&config).unwrap();
         let err = LocalCache::open(&config).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
@@ -651,7 +651,7 @@ mod tests {
     #[test]
     fn corrupted_entries_are_detected_and_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = LocalCache::open(&CacheConfig::new(dir.path(), 10 << 20)).unwrap();
+        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), 10 << 20)).unwrap();
         let (c, frame) = chunk(2, 50_000);
         let (_, other_frame) = chunk(3, 50_000);
         // A frame file that went missing behind the index's back is a miss, not an error.
@@ -684,7 +684,7 @@ mod tests {
     fn quota_holds_under_a_larger_workload_and_evicts_lru() {
         let dir = tempfile::tempdir().unwrap();
         let quota = 4 << 20;
-        let cache = LocalCache::open(&CacheConfig::new(dir.path(), quota)).unwrap();
+        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), quota)).unwrap();
         let chunks: Vec<_> = (0..200).map(|i| chunk(100 + i, 64 * 1024)).collect();
         let (hot, hot_frame) = chunk(7, 64 * 1024);
         cache.insert(&hot.hash, &hot_frame);
@@ -708,7 +708,7 @@ mod tests {
         cache.flush().unwrap();
         drop(cache);
         // Reopened with a smaller quota, it shrinks at once.
-        let cache = reopen(&CacheConfig::new(dir.path(), quota / 2));
+        let cache = reopen(&LocalCacheConfig::new(dir.path(), quota / 2));
         assert!(cache.used_bytes() <= quota / 2);
         cache.flush().unwrap();
         // The frames on disk are within the quota.
@@ -720,7 +720,7 @@ mod tests {
         let orphan_path = cache.frame_path(&orphan.hash);
         assert!(orphan_path.exists());
         drop(cache);
-        let cache = reopen(&CacheConfig::new(dir.path(), quota / 2));
+        let cache = reopen(&LocalCacheConfig::new(dir.path(), quota / 2));
         assert!(!orphan_path.exists());
         assert!(cache.get(&chunks[199].0).is_some());
     }
@@ -732,7 +732,7 @@ mod tests {
     fn batched_inserts_keep_the_quota_and_the_count_exact() {
         let dir = tempfile::tempdir().unwrap();
         let quota = 1 << 20;
-        let cache = LocalCache::open(&CacheConfig::new(dir.path(), quota)).unwrap();
+        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), quota)).unwrap();
         let chunks: Vec<_> = (0..40).map(|i| chunk(500 + i, 64 * 1024)).collect();
         let mut batch: Vec<(ChunkHash, &[u8])> = chunks.iter().map(|(c, f)| (c.hash, f.as_slice())).collect();
         batch.push(batch[39]);
@@ -748,7 +748,7 @@ mod tests {
         cache.flush().unwrap();
         let used = cache.used_bytes();
         drop(cache);
-        let cache = reopen(&CacheConfig::new(dir.path(), quota));
+        let cache = reopen(&LocalCacheConfig::new(dir.path(), quota));
         assert_eq!(cache.used_bytes(), used);
         assert_eq!(dir_size(&dir.path().join("chunks")), kept.len() as u64 * chunks[0].1.len() as u64);
     }

@@ -27,5 +27,5 @@ pub mod share;
 pub mod store;
 
 pub use api::{ApiClient, ClientConfig, FetchedChunk};
-pub use cache::{CacheConfig, CacheStats, ChunkCache};
+pub use cache::{LocalCacheConfig, CacheStats, ChunkCache};
 pub use store::ChunkStore;

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flywheel_client::{ApiClient, CacheConfig, ChunkCache, ChunkStore, ClientConfig};
+use flywheel_client::{ApiClient, LocalCacheConfig, ChunkCache, ChunkStore, ClientConfig};
 use flywheel_core::{Error, Result};
 
 pub use fs::{FillOrder, FlywheelFs, FsConfig};
@@ -112,7 +112,7 @@ pub const DEFAULT_FILL_MAX_NAR_SIZE: u64 = 0;
 /// which unmount it (lazily if it is busy, so open files keep being answered).
 pub fn mount(config: MountConfig) -> Result<()> {
     limit_malloc_arenas();
-    let cache = Arc::new(ChunkCache::open(&CacheConfig::new(&config.cache_dir, config.cache_size))?);
+    let cache = Arc::new(ChunkCache::open(&LocalCacheConfig::new(&config.cache_dir, config.cache_size))?);
     let api = ApiClient::new(ClientConfig {
         server: config.server.clone(),
         cache: config.cache.clone(),

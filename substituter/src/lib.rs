@@ -11,6 +11,7 @@
 //!   over a unix socket and returns at once, and `flush`.
 //! - [`local_store`]: the local Nix store, read through Nix's own tools.
 //! - [`lazy`]: `flywheel lazy`, which makes closures valid at once for a lazy mount.
+//! - [`status`]: `flywheel status`, the runner's state in one report.
 #![warn(missing_docs)]
 
 pub mod daemon;
@@ -18,6 +19,7 @@ pub mod lazy;
 pub mod local_store;
 pub mod push;
 pub mod serve;
+pub mod status;
 
 pub use local_store::LocalStore;
 pub use push::{PushConfig, PushReport, Pusher};

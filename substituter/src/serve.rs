@@ -13,7 +13,6 @@
 //! requests do not wait for it: paths whose manifest and chunks are all cached are still
 //! served, the others are 404 at once.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,9 +23,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use flywheel_client::{ApiClient, CacheConfig, ChunkCache, ChunkStore, ClientConfig};
+use flywheel_client::{ApiClient, LocalCacheConfig, ChunkCache, ChunkStore, ClientConfig};
 use flywheel_core::api::v1::chunks::PathManifest;
-use flywheel_core::nix::{NarInfo, StorePath};
+use flywheel_core::nix::{cache_info, NarInfo, NixCacheInfo, StorePath};
 use flywheel_core::{Error, ErrorKind, Result};
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -107,7 +106,7 @@ struct Inner {
 impl Substituter {
     /// Opens the chunk cache (or joins the process owning it) and builds the client.
     pub fn open(config: SubstituteConfig) -> Result<Self> {
-        let cache = Arc::new(ChunkCache::open(&CacheConfig::new(&config.cache_dir, config.cache_size))?);
+        let cache = Arc::new(ChunkCache::open(&LocalCacheConfig::new(&config.cache_dir, config.cache_size))?);
         let api = ApiClient::new(ClientConfig {
             server: config.server.clone(),
             cache: config.cache.clone(),
@@ -233,39 +232,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Asks a running substituter at `url` (`http://HOST:PORT`) for `nix-cache-info`, for
-/// `flywheel status`; the answer's first line on success.
-pub fn probe(url: &str, timeout: Duration) -> Result<String> {
-    use std::io::{Read, Write};
-    let authority = url
-        .strip_prefix("http://")
-        .map(|rest| rest.trim_end_matches('/'))
-        .filter(|a| !a.is_empty() && !a.contains('/'))
-        .ok_or_else(|| Error::invalid(format!("{url}: expected http://HOST:PORT")))?;
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
-        .map_err(|e| Error::invalid(format!("{url}: {e}")))?
-        .next()
-        .ok_or_else(|| Error::invalid(format!("{url}: no address")))?;
-    let io = |e: std::io::Error| Error::unavailable(format!("{url}: {e}"));
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    write!(stream, "GET /nix-cache-info HTTP/1.0\r\nHost: {authority}\r\n\r\n").map_err(io)?;
-    let mut answer = Vec::new();
-    stream.take(64 * 1024).read_to_end(&mut answer).map_err(io)?;
-    let answer = String::from_utf8_lossy(&answer);
-    let status = answer.lines().next().unwrap_or_default().to_string();
-    if !status.contains(" 200 ") {
-        return Err(Error::unavailable(format!("{url}: answered {status:?}")));
-    }
-    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
-    Ok(body.lines().filter(|l| l.starts_with("StoreDir") || l.starts_with("Priority")).collect::<Vec<_>>().join(", "))
-}
-
-/// The address a listener ends up on, for printing.
-pub fn describe(addr: SocketAddr) -> String {
-    format!("http://{addr}")
-}
-
 /// An error as the substituter answers it: always 404, the one answer that makes Nix move on
 /// to its next substituter at once. The reason goes to the log and the body.
 struct Miss(Error);
@@ -288,8 +254,8 @@ impl IntoResponse for Miss {
 
 async fn cache_info(State(sub): State<Substituter>) -> Response {
     let c = &sub.inner.config;
-    let body = format!("StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n", c.store_dir, c.priority);
-    ([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response()
+    let info = NixCacheInfo { store_dir: c.store_dir.clone(), want_mass_query: true, priority: i32::try_from(c.priority).unwrap_or(i32::MAX) };
+    ([(header::CONTENT_TYPE, cache_info::CONTENT_TYPE)], info.render()).into_response()
 }
 
 async fn file(State(sub): State<Substituter>, Path(file): Path<String>) -> Result<Response, Miss> {

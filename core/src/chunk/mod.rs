@@ -52,6 +52,13 @@ pub fn check_chunk_len(len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Longest zstd frame a chunk of `len` bytes can take: zstd never grows data by more than a
+/// small bound, so a longer frame is not that chunk (or is padded, with empty blocks say, to
+/// take more room than its content).
+pub fn max_frame_len(len: u64) -> u64 {
+    len + len / 64 + 1024
+}
+
 /// Decompresses one stored chunk and checks it against its name and length; bytes that fail
 /// verification are never returned. The output buffer is sized from `expected_len` only once
 /// it is known to be possible ([`check_chunk_len`]) and to agree with the length the frame

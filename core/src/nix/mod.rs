@@ -5,12 +5,14 @@
 //! cache that an unmodified `nix` client trusts.
 
 pub mod base32;
+pub mod cache_info;
 pub mod hash;
 pub mod narinfo;
 pub mod realisation;
 pub mod signing;
 pub mod store_path;
 
+pub use cache_info::NixCacheInfo;
 pub use hash::Sha256Hash;
 pub use narinfo::NarInfo;
 pub use realisation::{BuildTraceKey, BuildTraceValue, DrvOutputId, Realisation};

@@ -1,8 +1,10 @@
-//! The chunk API's bodies: JSON wire types, chunk names and chunk-list deltas.
+//! The chunk API's bodies: JSON wire types, chunk names, chunk-list deltas and the
+//! `upload-chunks` records.
 
 use flywheel_core::api::v1::chunks::{
     BaseChunks, ChunkBatch, ChunkDelta, ChunkList, CommitRequest, DeltaRun, MAX_CHUNKS_PER_REQUEST,
 };
+use flywheel_core::api::v1::chunk_bodies::parse_upload_records;
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::manifest::ChunkRef;
 use flywheel_core::ErrorKind;
@@ -27,6 +29,17 @@ pub fn chunk_ref() -> impl Strategy<Value = ChunkRef> {
 
 fn chunk_refs(max: usize) -> impl Strategy<Value = Vec<ChunkRef>> {
     proptest::collection::vec(chunk_ref(), 0..max)
+}
+
+fn record(hash: &ChunkHash, frame: &[u8]) -> Vec<u8> {
+    let mut out = hash.0.to_vec();
+    out.extend_from_slice(&(frame.len() as u64).to_le_bytes());
+    out.extend_from_slice(frame);
+    out
+}
+
+fn huge() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(u64::MAX), (0u64..64).prop_map(|k| u64::MAX - k), Just(1 << 63), any::<u64>(), 0u64..100]
 }
 
 fn text() -> impl Strategy<Value = String> {
@@ -264,6 +277,45 @@ proptest! {
             (Ok(got), Some(want)) => prop_assert_eq!(got, want),
             (Err(err), None) => prop_assert_eq!(err.kind(), ErrorKind::InvalidInput),
             (got, want) => prop_assert!(false, "expand gave {:?}, the model {:?}", got, want),
+        }
+    }
+
+    #[test]
+    fn upload_records_round_trip(records in proptest::collection::vec((any::<[u8; 32]>(), proptest::collection::vec(any::<u8>(), 0..50)), 1..6)) {
+        let body: Vec<u8> = records.iter().flat_map(|(h, frame)| record(&ChunkHash(*h), frame)).collect();
+        let parsed = parse_upload_records(&body).unwrap();
+        prop_assert_eq!(parsed.len(), records.len());
+        for ((hash, range), (h, frame)) in parsed.iter().zip(&records) {
+            prop_assert_eq!(hash.0, *h);
+            prop_assert_eq!(&body[range.clone()], &frame[..]);
+        }
+    }
+
+    /// Garbage is refused with InvalidInput; what parses tiles the body exactly.
+    #[test]
+    fn upload_record_garbage_never_panics(
+        body in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            (any::<[u8; 32]>(), huge(), proptest::collection::vec(any::<u8>(), 0..100)).prop_map(|(h, len, rest)| {
+                let mut body = h.to_vec();
+                body.extend_from_slice(&len.to_le_bytes());
+                body.extend(rest);
+                body
+            }),
+        ],
+    ) {
+        match parse_upload_records(&body) {
+            Ok(records) => {
+                let mut at = 0;
+                for (hash, range) in records {
+                    prop_assert_eq!(&hash.0[..], &body[at..at + 32]);
+                    prop_assert_eq!(range.start, at + 40);
+                    prop_assert_eq!(range.len() as u64, u64::from_le_bytes(body[at + 32..at + 40].try_into().unwrap()));
+                    at = range.end;
+                }
+                prop_assert_eq!(at, body.len());
+            }
+            Err(err) => prop_assert_eq!(err.kind(), ErrorKind::InvalidInput),
         }
     }
 }

@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use flywheel_core::nix::{store_path::parse_hash_part, NarInfo, Sha256Hash, SigningKey, StorePath};
+use flywheel_core::nix::{cache_info, store_path::parse_hash_part, NarInfo, NixCacheInfo, Sha256Hash, SigningKey, StorePath};
 use flywheel_core::{Error, Result};
 use futures::{StreamExt, TryStreamExt};
 use tracing::instrument;
@@ -23,8 +23,8 @@ type ApiResult<T> = std::result::Result<T, ApiError>;
 /// `GET /{cache}/nix-cache-info`.
 pub async fn cache_info(State(state): State<AppState>, caller: Caller, Path(cache): Path<String>) -> ApiResult<Response> {
     let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
-    let body = format!("StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n", record.store_dir, record.priority);
-    Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response())
+    let info = NixCacheInfo { store_dir: record.store_dir, want_mass_query: true, priority: record.priority };
+    Ok(([(header::CONTENT_TYPE, cache_info::CONTENT_TYPE)], info.render()).into_response())
 }
 
 /// `PUT /{cache}/nix-cache-info`: Nix sends it when it thinks the cache is new (a push-only

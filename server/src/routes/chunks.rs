@@ -9,7 +9,8 @@ use axum::Json;
 use flywheel_core::api::v1::chunks::{
     BaseChunks, ChunkBatch, ChunkList, CommitRequest, DeltaRun, PathManifest, MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_REPEATS,
 };
-use flywheel_core::chunk::ChunkHash;
+use flywheel_core::api::v1::chunk_bodies::{framed_chunk, parse_upload_records};
+use flywheel_core::chunk::{max_frame_len, ChunkHash};
 use flywheel_core::manifest::ChunkRef;
 use flywheel_core::nix::{Sha256Hash, StorePath};
 use flywheel_core::Error;
@@ -162,8 +163,8 @@ async fn chunk_frames(
     Ok(futures::stream::iter(first.map(Ok)).chain(frames))
 }
 
-/// `POST chunks`: many verified chunks of one path, each framed as an 8-byte little-endian
-/// length and the zstd frame, in request order.
+/// `POST chunks`: many verified chunks of one path, framed as [`framed_chunk`] says, in
+/// request order.
 pub async fn get_many(
     State(state): State<AppState>,
     access: Access<Pull>,
@@ -176,10 +177,7 @@ pub async fn get_many(
         .await?
         .map_ok(move |(frame, _)| {
             metrics.bytes_out.fetch_add(8 + frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let mut framed = Vec::with_capacity(8 + frame.len());
-            framed.extend_from_slice(&(frame.len() as u64).to_le_bytes());
-            framed.extend_from_slice(&frame);
-            Bytes::from(framed)
+            Bytes::from(framed_chunk(&frame))
         })
         .map_err(std::io::Error::other);
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
@@ -252,8 +250,7 @@ async fn store_uploaded(state: &AppState, cache: &str, frames: Vec<(ChunkHash, B
 }
 
 /// `POST upload-chunks`: stores several chunks in one request (fewer requests, and headers,
-/// for a push of a few new chunks). The body is a sequence of records: the chunk's 32-byte
-/// BLAKE3 hash, an 8-byte little-endian frame length and the zstd frame. Every frame is
+/// for a push of a few new chunks), as [`parse_upload_records`] reads them. Every frame is
 /// checked like `PUT chunk/{hash}` before anything is stored; one bad record refuses the
 /// request.
 #[instrument(skip_all, fields(cache = %access.name, bytes = body.len()))]
@@ -313,43 +310,18 @@ fn check_uploaded(frame: &[u8], hash: &ChunkHash, max: usize) -> Result<(), Erro
         Ok(_) => return Err(not_a_frame("bytes follow the frame")),
         Err(_) => return Err(not_a_frame("the frame is cut or malformed")),
     }
-    // zstd never grows data by more than a small bound; a longer frame is padded (with empty
-    // blocks, say) to take more room than its content.
-    let longest = |len: usize| len + len / 64 + 1024;
-    if frame.len() > longest(max) {
+    let longest = |len: usize| max_frame_len(len as u64);
+    if frame.len() as u64 > longest(max) {
         return Err(not_a_frame("it is longer than any encoder makes"));
     }
     let data = zstd::bulk::decompress(frame, max).map_err(|e| not_a_frame(&e.to_string()))?;
-    if frame.len() > longest(data.len()) {
+    if frame.len() as u64 > longest(data.len()) {
         return Err(not_a_frame("it is padded beyond what an encoder makes for its content"));
     }
     if ChunkHash::of(&data) != *hash {
         return Err(Error::invalid(format!("chunk content does not hash to {hash}")));
     }
     Ok(())
-}
-
-/// Splits an `upload-chunks` body into (hash, frame range) records.
-fn parse_upload_records(body: &[u8]) -> Result<Vec<(ChunkHash, std::ops::Range<usize>)>, Error> {
-    let mut records = Vec::new();
-    let mut at = 0usize;
-    while at < body.len() {
-        let head = body
-            .get(at..at + 40)
-            .ok_or_else(|| Error::invalid(format!("upload-chunks body is truncated at byte {at}: a record needs 40 header bytes")))?;
-        let hash = ChunkHash(head[..32].try_into().map_err(|_| Error::invalid("bad hash"))?);
-        let len = u64::from_le_bytes(head[32..40].try_into().map_err(|_| Error::invalid("bad length"))?);
-        let start = at + 40;
-        let end = usize::try_from(len).ok().and_then(|len| start.checked_add(len)).filter(|&end| end <= body.len()).ok_or_else(|| {
-            Error::invalid(format!("upload-chunks record of chunk {hash} claims {len} bytes, more than the body holds"))
-        })?;
-        records.push((hash, start..end));
-        at = end;
-    }
-    if records.is_empty() {
-        return Err(Error::invalid("upload-chunks body holds no chunks"));
-    }
-    Ok(records)
 }
 
 /// `POST commit`: publishes a path from stored chunks, after rebuilding its NAR from them and
@@ -505,8 +477,8 @@ async fn blame_for_failed_check(state: &AppState, chunks: &[ChunkRef], err: Erro
 
 #[cfg(test)]
 mod tests {
-    //! Property tests of the body parsers (fuzzing stand-ins; see the core crate's
-    //! `tests/properties`).
+    //! Property tests of the commit's chunk list and of uploaded frames (fuzzing stand-ins; the
+    //! `upload-chunks` parser's are in the core crate's `tests/properties`).
 
     use super::*;
     use flywheel_core::ErrorKind;
@@ -517,58 +489,8 @@ mod tests {
         Config { cases, rng_seed: RngSeed::Fixed(0x666c_7977_6865_656c), failure_persistence: None, ..Config::default() }
     }
 
-    fn record(hash: &ChunkHash, frame: &[u8]) -> Vec<u8> {
-        let mut out = hash.0.to_vec();
-        out.extend_from_slice(&(frame.len() as u64).to_le_bytes());
-        out.extend_from_slice(frame);
-        out
-    }
-
-    fn huge() -> impl Strategy<Value = u64> {
-        prop_oneof![Just(u64::MAX), (0u64..64).prop_map(|k| u64::MAX - k), Just(1 << 63), any::<u64>(), 0u64..100]
-    }
-
     proptest! {
         #![proptest_config(config(500))]
-
-        #[test]
-        fn upload_records_round_trip(records in proptest::collection::vec((any::<[u8; 32]>(), proptest::collection::vec(any::<u8>(), 0..50)), 1..6)) {
-            let body: Vec<u8> = records.iter().flat_map(|(h, frame)| record(&ChunkHash(*h), frame)).collect();
-            let parsed = parse_upload_records(&body).unwrap();
-            prop_assert_eq!(parsed.len(), records.len());
-            for ((hash, range), (h, frame)) in parsed.iter().zip(&records) {
-                prop_assert_eq!(hash.0, *h);
-                prop_assert_eq!(&body[range.clone()], &frame[..]);
-            }
-        }
-
-        /// Garbage is refused with InvalidInput; what parses tiles the body exactly.
-        #[test]
-        fn upload_record_garbage_never_panics(
-            body in prop_oneof![
-                proptest::collection::vec(any::<u8>(), 0..200),
-                (any::<[u8; 32]>(), huge(), proptest::collection::vec(any::<u8>(), 0..100)).prop_map(|(h, len, rest)| {
-                    let mut body = h.to_vec();
-                    body.extend_from_slice(&len.to_le_bytes());
-                    body.extend(rest);
-                    body
-                }),
-            ],
-        ) {
-            match parse_upload_records(&body) {
-                Ok(records) => {
-                    let mut at = 0;
-                    for (hash, range) in records {
-                        prop_assert_eq!(&hash.0[..], &body[at..at + 32]);
-                        prop_assert_eq!(range.start, at + 40);
-                        prop_assert_eq!(range.len() as u64, u64::from_le_bytes(body[at + 32..at + 40].try_into().unwrap()));
-                        at = range.end;
-                    }
-                    prop_assert_eq!(at, body.len());
-                }
-                Err(err) => prop_assert_eq!(err.kind(), ErrorKind::InvalidInput),
-            }
-        }
 
         #[test]
         fn chunks_from_query_follows_the_order_or_refuses(

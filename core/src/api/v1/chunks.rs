@@ -2,13 +2,15 @@
 //!
 //! - `GET manifest/{store-path-hash}`: [`PathManifest`].
 //! - `GET chunk/{blake3}?path={store-path-hash}`: one chunk of that path, a zstd frame.
-//! - `POST chunks` with [`ChunkBatch`]: many chunks of one path, each as an 8-byte
-//!   little-endian length then the zstd frame, in request order.
+//! - `POST chunks` with [`ChunkBatch`]: many chunks of one path, framed as
+//!   [`chunk_bodies`](super::chunk_bodies) says, in request order.
 //!
 //! Reads name the path they read for: a cache serves a chunk only as part of one of its
 //! paths, so that knowing a chunk's hash never lets a caller read another cache's content.
 //! - `POST missing-chunks` with [`ChunkList`]: [`ChunkList`] of those not stored.
 //! - `PUT chunk/{blake3}` with a zstd frame: stores it after verification.
+//! - `POST upload-chunks` with records as [`chunk_bodies`](super::chunk_bodies) says: stores
+//!   several, after verifying each.
 //! - `POST commit` with [`CommitRequest`]: publishes a path made of stored chunks.
 //! - `GET base/{name}`: [`BaseChunks`] of the newest path published under the same package
 //!   name, so that a push of a new version can name its chunks as changes to the old one's.

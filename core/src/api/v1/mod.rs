@@ -3,6 +3,7 @@
 //! One file per endpoint, each headed by its route.
 
 pub mod cache_config;
+pub mod chunk_bodies;
 pub mod chunks;
 pub mod error;
 pub mod get_missing_paths;

@@ -12,15 +12,16 @@
 //! answers misses and drops writes (counted as write failures): the cache is an accelerator,
 //! never a reason to fail a read.
 //!
-//! The protocol is private to this module (both ends are this code): a request is one byte of
-//! operation and a length-prefixed body; a response is a status byte and a length-prefixed
-//! body.
+//! - [`owner`]: the owning process's side, answering on the socket;
+//! - `protocol`: the socket's requests and replies, both ends in one place (private: both ends
+//!   are this code).
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+mod owner;
+mod protocol;
+
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use flywheel_core::api::v1::chunks::PathManifest;
@@ -29,7 +30,9 @@ use flywheel_core::manifest::ChunkRef;
 use flywheel_core::{Error, ErrorKind, Result};
 use parking_lot::{Mutex, RwLock};
 
-use crate::cache::{CacheConfig, CacheStats, LocalCache};
+use crate::cache::{CacheStats, LocalCache, LocalCacheConfig};
+use owner::{open_owner, Owner};
+use protocol::{read_message, write_message, Reply, Request};
 
 /// Name of the owner's socket inside the cache dir.
 pub const SOCKET_NAME: &str = "owner.sock";
@@ -44,29 +47,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a detached cache looks for an owner or a free lock again.
 const REATTACH_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Largest body either side accepts (manifests of huge paths are the big ones).
-const MAX_BODY: u32 = 256 << 20;
-
-const OP_GET: u8 = 1;
-const OP_INSERT: u8 = 2;
-const OP_CONTAINS: u8 = 3;
-const OP_GET_MANIFEST: u8 = 4;
-const OP_PUT_MANIFEST: u8 = 5;
-const OP_MANIFEST_HASHES: u8 = 6;
-const OP_USAGE: u8 = 7;
-const OP_FLUSH: u8 = 8;
-const OP_STATS: u8 = 9;
-/// Several frames, each as a 32-byte hash, a 4-byte little-endian length and the frame.
-const OP_INSERT_MANY: u8 = 10;
-
-const ST_OK: u8 = 0;
-const ST_NONE: u8 = 1;
-const ST_ERR: u8 = 2;
-
 /// The local chunk cache, owned by this process or shared with the process that owns the
 /// cache dir (see the module docs). Share it behind an `Arc`; every method takes `&self`.
 pub struct ChunkCache {
-    config: CacheConfig,
+    config: LocalCacheConfig,
     role: RwLock<Role>,
     /// Counters of what this process saw (a client counts its own hits and misses).
     stats: ClientStats,
@@ -79,18 +63,6 @@ enum Role {
     Client(Client),
     /// Neither an owner is reachable nor the lock free: serve without caching.
     Detached,
-}
-
-struct Owner {
-    cache: Arc<LocalCache>,
-    socket: PathBuf,
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        // The accept loop holds only a weak reference and stops once the cache is gone.
-        let _ = std::fs::remove_file(&self.socket);
-    }
 }
 
 struct Client {
@@ -123,7 +95,7 @@ impl ChunkCache {
     ///
     /// Fails with [`ErrorKind::AlreadyExists`] only when the dir is locked and no owner
     /// answers on its socket within a few seconds.
-    pub fn open(config: &CacheConfig) -> Result<Self> {
+    pub fn open(config: &LocalCacheConfig) -> Result<Self> {
         let role = match open_owner(config) {
             Ok(owner) => Role::Owner(owner),
             Err(err) if err.kind() == ErrorKind::AlreadyExists => {
@@ -242,11 +214,9 @@ impl ChunkCache {
     fn usage(&self) -> (u64, u64) {
         self.with(
             |c| (c.quota(), c.used_bytes()),
-            |c| {
-                let body = c.call(OP_USAGE, &[])?.unwrap_or_default();
-                let quota = body.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
-                let used = body.get(8..16).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
-                Ok((quota, used))
+            |c| match c.call(&Request::Usage)? {
+                Reply::Usage { quota, used } => Ok((quota, used)),
+                other => Err(unexpected(other)),
             },
             || (self.config.quota, 0),
         )
@@ -276,12 +246,9 @@ impl ChunkCache {
     pub fn shared_stats(&self) -> CacheStats {
         self.with(
             |c| c.stats(),
-            |c| {
-                let body = c.call(OP_STATS, &[])?.unwrap_or_default();
-                let field = |i: usize| {
-                    body.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
-                };
-                Ok(CacheStats { hits: field(0), misses: field(1), corrupt: field(2), evictions: field(3), write_failures: field(4) })
+            |c| match c.call(&Request::Stats)? {
+                Reply::Stats(stats) => Ok(stats),
+                other => Err(unexpected(other)),
             },
             || self.stats(),
         )
@@ -289,7 +256,14 @@ impl ChunkCache {
 
     /// Whether the cache holds an entry for `hash`, without verifying it.
     pub fn contains(&self, hash: &ChunkHash) -> bool {
-        self.with(|c| c.contains(hash), |c| Ok(c.call(OP_CONTAINS, &hash.0)?.is_some()), || false)
+        self.with(
+            |c| c.contains(hash),
+            |c| match c.call(&Request::Contains(*hash))? {
+                Reply::Present(present) => Ok(present),
+                other => Err(unexpected(other)),
+            },
+            || false,
+        )
     }
 
     /// The verified contents of a chunk, or `None` when it is not cached. An entry that fails
@@ -298,9 +272,10 @@ impl ChunkCache {
         let found = self.with(
             |c| c.get(chunk),
             |c| {
-                let mut body = chunk.hash.0.to_vec();
-                body.extend_from_slice(&chunk.size.to_le_bytes());
-                match c.call(OP_GET, &body)? {
+                let Reply::Chunk(found) = c.call(&Request::Get(*chunk))? else {
+                    return Err(std::io::Error::other("the cache's owner answered a chunk read with something else"));
+                };
+                match found {
                     None => Ok(None),
                     Some(data) if data.len() == chunk.size as usize && ChunkHash::of(&data) == chunk.hash => {
                         Ok(Some(data))
@@ -328,7 +303,7 @@ impl ChunkCache {
                 c.insert(hash, frame);
                 true
             },
-            |c| c.call(OP_INSERT, &insert_body(hash, frame)).map(|_| true),
+            |c| c.call(&Request::Insert(*hash, frame)).and_then(done).map(|()| true),
             || false,
         );
         if !ok {
@@ -345,20 +320,14 @@ impl ChunkCache {
                 0
             },
             |c| {
-                let mut body = Vec::with_capacity(frames.iter().map(|(_, f)| 36 + f.len()).sum());
-                for (hash, frame) in frames {
-                    body.extend_from_slice(&hash.0);
-                    body.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-                    body.extend_from_slice(frame);
-                }
-                if c.call(OP_INSERT_MANY, &body).is_ok() {
+                if c.call(&Request::InsertMany(frames.to_vec())).and_then(done).is_ok() {
                     return Ok(0);
                 }
-                // An owner from before OP_INSERT_MANY refuses it: one frame at a time then. A
+                // An owner from before InsertMany refuses it: one frame at a time then. A
                 // failure here reconnects (or takes over) and sends them all again, which is
                 // harmless.
                 for (hash, frame) in frames {
-                    c.call(OP_INSERT, &insert_body(hash, frame))?;
+                    c.call(&Request::Insert(*hash, frame)).and_then(done)?;
                 }
                 Ok(0)
             },
@@ -371,9 +340,9 @@ impl ChunkCache {
     pub fn get_manifest(&self, hash_part: &str) -> Option<PathManifest> {
         self.with(
             |c| c.get_manifest(hash_part),
-            |c| {
-                let Some(json) = c.call(OP_GET_MANIFEST, hash_part.as_bytes())? else { return Ok(None) };
-                Ok(serde_json::from_slice::<PathManifest>(&json).ok().filter(|m| m.manifest.validate().is_ok()))
+            |c| match c.call(&Request::GetManifest(hash_part.to_string()))? {
+                Reply::Manifest(manifest) => Ok(manifest),
+                other => Err(unexpected(other)),
             },
             || None,
         )
@@ -383,13 +352,7 @@ impl ChunkCache {
     pub fn put_manifest(&self, hash_part: &str, manifest: &PathManifest) {
         self.with(
             |c| c.put_manifest(hash_part, manifest),
-            |c| {
-                let json = serde_json::to_vec(manifest).map_err(std::io::Error::other)?;
-                let mut body = (hash_part.len() as u32).to_le_bytes().to_vec();
-                body.extend_from_slice(hash_part.as_bytes());
-                body.extend_from_slice(&json);
-                c.call(OP_PUT_MANIFEST, &body).map(|_| ())
-            },
+            |c| c.call(&Request::PutManifest(hash_part.to_string(), manifest.clone())).and_then(done),
             || (),
         )
     }
@@ -398,9 +361,9 @@ impl ChunkCache {
     pub fn manifest_hashes(&self) -> Vec<String> {
         self.with(
             |c| c.manifest_hashes(),
-            |c| {
-                let body = c.call(OP_MANIFEST_HASHES, &[])?.unwrap_or_default();
-                Ok(String::from_utf8_lossy(&body).split('\n').filter(|s| !s.is_empty()).map(str::to_string).collect())
+            |c| match c.call(&Request::ManifestHashes)? {
+                Reply::ManifestHashes(hashes) => Ok(hashes),
+                other => Err(unexpected(other)),
             },
             Vec::new,
         )
@@ -410,155 +373,16 @@ impl ChunkCache {
     pub fn flush(&self) -> Result<()> {
         self.with(
             |c| c.flush(),
-            |c| {
-                c.call(OP_FLUSH, &[])?;
-                Ok(Ok(()))
-            },
+            |c| c.call(&Request::Flush).and_then(done).map(Ok),
             || Ok(()),
         )
     }
 }
 
-/// Opens the database as its owner and starts answering clients on the socket.
-fn open_owner(config: &CacheConfig) -> Result<Owner> {
-    let cache = Arc::new(LocalCache::open(config)?);
-    let socket = config.dir.join(SOCKET_NAME);
-    // A socket file left by an owner that died; we hold the lock, so it is stale.
-    let _ = std::fs::remove_file(&socket);
-    // Sharing is a bonus: an owner that cannot listen (a full disk, say) still serves itself.
-    let listening = UnixListener::bind(&socket).and_then(|listener| {
-        listener.set_nonblocking(true)?;
-        let weak = Arc::downgrade(&cache);
-        std::thread::Builder::new().name("cache-share".into()).spawn(move || accept_loop(listener, weak))?;
-        Ok(())
-    });
-    if let Err(err) = listening {
-        tracing::warn!(socket = %socket.display(), "cannot listen for processes sharing the cache; others cannot open it while this one runs: {err}");
-    }
-    Ok(Owner { cache, socket })
-}
-
-fn accept_loop(listener: UnixListener, cache: Weak<LocalCache>) {
-    loop {
-        if cache.strong_count() == 0 {
-            return;
-        }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let cache = cache.clone();
-                let _ = stream.set_nonblocking(false);
-                let _ = std::thread::Builder::new().name("cache-share-conn".into()).spawn(move || serve_conn(stream, cache));
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
-            Err(err) => {
-                tracing::debug!("accepting a cache client failed: {err}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-/// Answers one client's requests until it hangs up or the cache is closed.
-fn serve_conn(mut stream: UnixStream, cache: Weak<LocalCache>) {
-    loop {
-        let Ok((op, body)) = read_message(&mut stream) else { return };
-        let Some(cache) = cache.upgrade() else { return };
-        let (status, reply) = answer(&cache, op, &body);
-        drop(cache);
-        if write_message(&mut stream, status, &reply).is_err() {
-            return;
-        }
-    }
-}
-
-/// The body of an `OP_INSERT`: the hash, then the frame.
-fn insert_body(hash: &ChunkHash, frame: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(32 + frame.len());
-    body.extend_from_slice(&hash.0);
-    body.extend_from_slice(frame);
-    body
-}
-
-fn hash_of(body: &[u8]) -> Option<ChunkHash> {
-    body.get(..32).and_then(|b| <[u8; 32]>::try_from(b).ok()).map(ChunkHash)
-}
-
-fn answer(cache: &LocalCache, op: u8, body: &[u8]) -> (u8, Vec<u8>) {
-    let bad = || (ST_ERR, b"malformed request".to_vec());
-    match op {
-        OP_GET => {
-            let (Some(hash), Some(size)) = (hash_of(body), body.get(32..36).and_then(|b| b.try_into().ok())) else {
-                return bad();
-            };
-            let chunk = ChunkRef { hash, size: u32::from_le_bytes(size) };
-            match cache.get(&chunk) {
-                // Verified by the owner; the client checks the hash again.
-                Some(data) => (ST_OK, data),
-                None => (ST_NONE, Vec::new()),
-            }
-        }
-        OP_INSERT => {
-            let Some(hash) = hash_of(body) else { return bad() };
-            cache.insert(&hash, &body[32..]);
-            (ST_OK, Vec::new())
-        }
-        OP_INSERT_MANY => {
-            let mut frames: Vec<(ChunkHash, &[u8])> = Vec::new();
-            let mut rest = body;
-            while !rest.is_empty() {
-                let (Some(hash), Some(len)) = (hash_of(rest), rest.get(32..36).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes))
-                else {
-                    return bad();
-                };
-                let Some(frame) = rest.get(36..36 + len as usize) else { return bad() };
-                frames.push((hash, frame));
-                rest = &rest[36 + len as usize..];
-            }
-            cache.insert_many(&frames);
-            (ST_OK, Vec::new())
-        }
-        OP_CONTAINS => match hash_of(body) {
-            Some(hash) if cache.contains(&hash) => (ST_OK, Vec::new()),
-            Some(_) => (ST_NONE, Vec::new()),
-            None => bad(),
-        },
-        OP_GET_MANIFEST => {
-            let hash_part = String::from_utf8_lossy(body);
-            match cache.get_manifest(&hash_part).and_then(|m| serde_json::to_vec(&m).ok()) {
-                Some(json) => (ST_OK, json),
-                None => (ST_NONE, Vec::new()),
-            }
-        }
-        OP_PUT_MANIFEST => {
-            let Some(len) = body.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes) else { return bad() };
-            let Some(hash_part) = body.get(4..4 + len as usize) else { return bad() };
-            let Ok(manifest) = serde_json::from_slice::<PathManifest>(&body[4 + len as usize..]) else { return bad() };
-            cache.put_manifest(&String::from_utf8_lossy(hash_part), &manifest);
-            (ST_OK, Vec::new())
-        }
-        OP_MANIFEST_HASHES => (ST_OK, cache.manifest_hashes().join("\n").into_bytes()),
-        OP_USAGE => {
-            let mut out = cache.quota().to_le_bytes().to_vec();
-            out.extend_from_slice(&cache.used_bytes().to_le_bytes());
-            (ST_OK, out)
-        }
-        OP_STATS => {
-            let stats = cache.stats();
-            let fields = [stats.hits, stats.misses, stats.corrupt, stats.evictions, stats.write_failures];
-            (ST_OK, fields.iter().flat_map(|f| f.to_le_bytes()).collect())
-        }
-        OP_FLUSH => match cache.flush() {
-            Ok(()) => (ST_OK, Vec::new()),
-            Err(err) => (ST_ERR, err.to_string().into_bytes()),
-        },
-        _ => bad(),
-    }
-}
-
 impl Client {
-    /// One request and its answer: `Some(body)` for OK, `None` for "none"; an error answer or
-    /// a broken connection is an I/O error.
-    fn call(&self, op: u8, body: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+    /// One request and its answer; a broken connection or a reply that does not parse is an
+    /// I/O error.
+    fn call(&self, request: &Request) -> std::io::Result<Reply> {
         let stream = self.idle.lock().pop();
         let mut stream = match stream {
             Some(stream) => stream,
@@ -570,39 +394,28 @@ impl Client {
             }
         };
         let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-        write_request(&mut stream, op, body)?;
+        let (op, body) = request.encode();
+        write_message(&mut stream, op, &body)?;
         let (status, reply) = read_message(&mut stream)?;
         self.idle.lock().push(stream);
-        match status {
-            ST_OK => Ok(Some(reply)),
-            ST_NONE => Ok(None),
-            _ => Err(std::io::Error::other(format!("cache owner: {}", String::from_utf8_lossy(&reply)))),
-        }
+        request.decode_reply(status, reply).map_err(|_| std::io::Error::other("the cache's owner sent a malformed reply"))
     }
 }
 
-fn write_request(stream: &mut UnixStream, op: u8, body: &[u8]) -> std::io::Result<()> {
-    write_message(stream, op, body)
-}
-
-fn write_message(stream: &mut UnixStream, tag: u8, body: &[u8]) -> std::io::Result<()> {
-    let mut head = [0u8; 5];
-    head[0] = tag;
-    head[1..].copy_from_slice(&(body.len() as u32).to_le_bytes());
-    stream.write_all(&head)?;
-    stream.write_all(body)
-}
-
-fn read_message(stream: &mut UnixStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut head = [0u8; 5];
-    stream.read_exact(&mut head)?;
-    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
-    if len > MAX_BODY {
-        return Err(std::io::Error::other("message too large"));
+/// A reply that does not answer the request sent: the owner is not this code.
+fn unexpected(reply: Reply) -> std::io::Error {
+    match reply {
+        Reply::Failed(why) => std::io::Error::other(format!("cache owner: {why}")),
+        other => std::io::Error::other(format!("the cache's owner answered {other:?}")),
     }
-    let mut body = vec![0u8; len as usize];
-    stream.read_exact(&mut body)?;
-    Ok((head[0], body))
+}
+
+/// Success for requests answered with [`Reply::Done`].
+fn done(reply: Reply) -> std::io::Result<()> {
+    match reply {
+        Reply::Done => Ok(()),
+        other => Err(unexpected(other)),
+    }
 }
 
 #[cfg(test)]
@@ -618,7 +431,7 @@ mod tests {
     #[test]
     fn a_second_opener_shares_the_cache_and_takes_over_when_the_owner_goes() {
         let dir = tempfile::tempdir().unwrap();
-        let config = CacheConfig::new(dir.path(), 10 << 20);
+        let config = LocalCacheConfig::new(dir.path(), 10 << 20);
         let first = ChunkCache::open(&config).unwrap();
         let second = ChunkCache::open(&config).unwrap();
         assert!(first.is_owner());
@@ -635,13 +448,12 @@ mod tests {
         second.insert_many(&[(d.hash, &frame_d), (e.hash, &frame_e)]);
         assert!(first.get(&d).is_some() && first.get(&e).is_some(), "the owner has the client's batch");
         let (f, frame_f) = chunk(6, 1000);
-        let mut truncated = f.hash.0.to_vec();
-        truncated.extend_from_slice(&(frame_f.len() as u32 + 1).to_le_bytes());
-        truncated.extend_from_slice(&frame_f);
+        let (op, mut truncated) = Request::InsertMany(vec![(f.hash, &frame_f)]).encode();
+        truncated.pop();
         {
             let role = first.role.read();
             let Role::Owner(owner) = &*role else { panic!("the first opener owns the cache") };
-            assert_eq!(answer(&owner.cache, OP_INSERT_MANY, &truncated).0, ST_ERR);
+            assert!(matches!(owner::answer_message(&owner.cache, op, &truncated), Reply::Failed(_)));
             assert!(!owner.cache.contains(&f.hash));
         }
         assert!(second.contains(&b.hash));

@@ -1,0 +1,347 @@
+//! The owner's socket protocol, both ends in one place. A request is one byte of operation
+//! and a length-prefixed body; a reply is one status byte (ok, none, error) and a
+//! length-prefixed body, whose meaning depends on the request it answers.
+//!
+//! The bytes stay as they were before this module existed, so that a runner upgraded while an
+//! older mount owns the cache still shares it.
+
+use std::io::{Read, Write};
+
+use flywheel_core::api::v1::chunks::PathManifest;
+use flywheel_core::chunk::ChunkHash;
+use flywheel_core::manifest::ChunkRef;
+
+use crate::cache::CacheStats;
+
+/// Largest body either side accepts (manifests of huge paths are the big ones).
+const MAX_BODY: u32 = 256 << 20;
+
+const OP_GET: u8 = 1;
+const OP_INSERT: u8 = 2;
+const OP_CONTAINS: u8 = 3;
+const OP_GET_MANIFEST: u8 = 4;
+const OP_PUT_MANIFEST: u8 = 5;
+const OP_MANIFEST_HASHES: u8 = 6;
+const OP_USAGE: u8 = 7;
+const OP_FLUSH: u8 = 8;
+const OP_STATS: u8 = 9;
+const OP_INSERT_MANY: u8 = 10;
+
+const ST_OK: u8 = 0;
+const ST_NONE: u8 = 1;
+const ST_ERR: u8 = 2;
+
+/// One operation on the owner's cache.
+#[derive(Debug, Clone)]
+pub(super) enum Request<'a> {
+    /// The verified contents of a chunk.
+    Get(ChunkRef),
+    /// Store one frame.
+    Insert(ChunkHash, &'a [u8]),
+    /// Store several frames in one write (owners older than this operation refuse it).
+    InsertMany(Vec<(ChunkHash, &'a [u8])>),
+    /// Whether an entry exists.
+    Contains(ChunkHash),
+    /// A path's manifest, by hash part.
+    GetManifest(String),
+    /// Remember a path's manifest.
+    PutManifest(String, PathManifest),
+    /// Hash parts of every cached manifest.
+    ManifestHashes,
+    /// Quota and bytes used.
+    Usage,
+    /// Write everything to disk.
+    Flush,
+    /// The owner's counters.
+    Stats,
+}
+
+/// The owner's answer to a [`Request`]; which variant answers which request is fixed.
+#[derive(Debug, Clone)]
+pub(super) enum Reply {
+    /// To `Get`: the contents, or `None` when not cached.
+    Chunk(Option<Vec<u8>>),
+    /// To `Contains`.
+    Present(bool),
+    /// To `GetManifest`: `None` when not cached (or when what came back does not parse).
+    Manifest(Option<PathManifest>),
+    /// To `ManifestHashes`.
+    ManifestHashes(Vec<String>),
+    /// To `Usage`.
+    Usage { quota: u64, used: u64 },
+    /// To `Stats`.
+    Stats(CacheStats),
+    /// To `Insert`, `InsertMany`, `PutManifest` and `Flush`.
+    Done,
+    /// The request failed, or was malformed.
+    Failed(String),
+}
+
+/// A request or reply that breaks the protocol.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Malformed;
+
+impl<'a> Request<'a> {
+    /// The operation byte and body.
+    pub(super) fn encode(&self) -> (u8, Vec<u8>) {
+        match self {
+            Request::Get(chunk) => (OP_GET, [&chunk.hash.0[..], &chunk.size.to_le_bytes()].concat()),
+            Request::Insert(hash, frame) => (OP_INSERT, [&hash.0[..], frame].concat()),
+            Request::InsertMany(frames) => {
+                let mut body = Vec::with_capacity(frames.iter().map(|(_, f)| 36 + f.len()).sum());
+                for (hash, frame) in frames {
+                    body.extend_from_slice(&hash.0);
+                    body.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+                    body.extend_from_slice(frame);
+                }
+                (OP_INSERT_MANY, body)
+            }
+            Request::Contains(hash) => (OP_CONTAINS, hash.0.to_vec()),
+            Request::GetManifest(hash_part) => (OP_GET_MANIFEST, hash_part.as_bytes().to_vec()),
+            Request::PutManifest(hash_part, manifest) => {
+                let mut body = (hash_part.len() as u32).to_le_bytes().to_vec();
+                body.extend_from_slice(hash_part.as_bytes());
+                // Serializing a manifest into a Vec cannot fail.
+                body.extend_from_slice(&serde_json::to_vec(manifest).unwrap_or_default());
+                (OP_PUT_MANIFEST, body)
+            }
+            Request::ManifestHashes => (OP_MANIFEST_HASHES, Vec::new()),
+            Request::Usage => (OP_USAGE, Vec::new()),
+            Request::Flush => (OP_FLUSH, Vec::new()),
+            Request::Stats => (OP_STATS, Vec::new()),
+        }
+    }
+
+    /// Reads a request from its operation byte and body (which it borrows frames from).
+    pub(super) fn decode(op: u8, body: &'a [u8]) -> Result<Self, Malformed> {
+        Ok(match op {
+            OP_GET => {
+                let (hash, rest) = hash_and_rest(body)?;
+                Request::Get(ChunkRef { hash, size: u32::from_le_bytes(*exact::<4>(rest)?) })
+            }
+            OP_INSERT => {
+                let (hash, frame) = hash_and_rest(body)?;
+                Request::Insert(hash, frame)
+            }
+            OP_INSERT_MANY => {
+                let mut frames = Vec::new();
+                let mut rest = body;
+                while !rest.is_empty() {
+                    let (hash, after) = hash_and_rest(rest)?;
+                    let (len, after) = after.split_first_chunk::<4>().ok_or(Malformed)?;
+                    let len = u32::from_le_bytes(*len) as usize;
+                    let frame = after.get(..len).ok_or(Malformed)?;
+                    frames.push((hash, frame));
+                    rest = &after[len..];
+                }
+                Request::InsertMany(frames)
+            }
+            OP_CONTAINS => Request::Contains(ChunkHash(*exact::<32>(body)?)),
+            OP_GET_MANIFEST => Request::GetManifest(utf8(body)?),
+            OP_PUT_MANIFEST => {
+                let (len, rest) = body.split_first_chunk::<4>().ok_or(Malformed)?;
+                let len = u32::from_le_bytes(*len) as usize;
+                let hash_part = utf8(rest.get(..len).ok_or(Malformed)?)?;
+                let manifest = serde_json::from_slice::<PathManifest>(&rest[len..]).map_err(|_| Malformed)?;
+                Request::PutManifest(hash_part, manifest)
+            }
+            OP_MANIFEST_HASHES => Request::ManifestHashes,
+            OP_USAGE => Request::Usage,
+            OP_FLUSH => Request::Flush,
+            OP_STATS => Request::Stats,
+            _ => return Err(Malformed),
+        })
+    }
+
+    /// Reads the owner's answer to this request from its status byte and body.
+    pub(super) fn decode_reply(&self, status: u8, body: Vec<u8>) -> Result<Reply, Malformed> {
+        if status == ST_ERR {
+            return Ok(Reply::Failed(String::from_utf8_lossy(&body).into_owned()));
+        }
+        let found = match status {
+            ST_OK => true,
+            ST_NONE => false,
+            _ => return Err(Malformed),
+        };
+        Ok(match self {
+            Request::Get(_) => Reply::Chunk(found.then_some(body)),
+            Request::Contains(_) => Reply::Present(found),
+            Request::GetManifest(_) => Reply::Manifest(
+                found
+                    .then(|| serde_json::from_slice::<PathManifest>(&body).ok())
+                    .flatten()
+                    .filter(|m| m.manifest.validate().is_ok()),
+            ),
+            Request::ManifestHashes => Reply::ManifestHashes(
+                String::from_utf8_lossy(&body).split('\n').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+            ),
+            Request::Usage => {
+                let [quota, used] = u64_fields::<2>(&body)?;
+                Reply::Usage { quota, used }
+            }
+            Request::Stats => {
+                let [hits, misses, corrupt, evictions, write_failures] = u64_fields::<5>(&body)?;
+                Reply::Stats(CacheStats { hits, misses, corrupt, evictions, write_failures })
+            }
+            Request::Insert(..) | Request::InsertMany(_) | Request::PutManifest(..) | Request::Flush => Reply::Done,
+        })
+    }
+}
+
+impl Reply {
+    /// The status byte and body.
+    pub(super) fn encode(&self) -> (u8, Vec<u8>) {
+        match self {
+            Reply::Chunk(Some(data)) => (ST_OK, data.clone()),
+            Reply::Chunk(None) | Reply::Manifest(None) | Reply::Present(false) => (ST_NONE, Vec::new()),
+            Reply::Present(true) | Reply::Done => (ST_OK, Vec::new()),
+            // Serializing a manifest into a Vec cannot fail.
+            Reply::Manifest(Some(manifest)) => (ST_OK, serde_json::to_vec(manifest).unwrap_or_default()),
+            Reply::ManifestHashes(hashes) => (ST_OK, hashes.join("\n").into_bytes()),
+            Reply::Usage { quota, used } => (ST_OK, [quota.to_le_bytes(), used.to_le_bytes()].concat()),
+            Reply::Stats(s) => {
+                let fields = [s.hits, s.misses, s.corrupt, s.evictions, s.write_failures];
+                (ST_OK, fields.iter().flat_map(|f| f.to_le_bytes()).collect())
+            }
+            Reply::Failed(why) => (ST_ERR, why.as_bytes().to_vec()),
+        }
+    }
+
+    /// The answer to a request that did not parse.
+    pub(super) fn malformed() -> Reply {
+        Reply::Failed("malformed request".to_string())
+    }
+}
+
+fn hash_and_rest(body: &[u8]) -> Result<(ChunkHash, &[u8]), Malformed> {
+    body.split_first_chunk::<32>().map(|(hash, rest)| (ChunkHash(*hash), rest)).ok_or(Malformed)
+}
+
+fn exact<const N: usize>(body: &[u8]) -> Result<&[u8; N], Malformed> {
+    body.try_into().map_err(|_| Malformed)
+}
+
+fn utf8(bytes: &[u8]) -> Result<String, Malformed> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| Malformed)
+}
+
+fn u64_fields<const N: usize>(body: &[u8]) -> Result<[u64; N], Malformed> {
+    if body.len() != N * 8 {
+        return Err(Malformed);
+    }
+    let mut fields = [0u64; N];
+    for (field, bytes) in fields.iter_mut().zip(body.chunks_exact(8)) {
+        *field = u64::from_le_bytes(*exact::<8>(bytes)?);
+    }
+    Ok(fields)
+}
+
+/// Writes one message: a tag (operation or status) and a length-prefixed body.
+pub(super) fn write_message(stream: &mut impl Write, tag: u8, body: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(body.len()).ok().filter(|&len| len <= MAX_BODY).ok_or_else(|| std::io::Error::other("message too large"))?;
+    let mut head = [0u8; 5];
+    head[0] = tag;
+    head[1..].copy_from_slice(&len.to_le_bytes());
+    stream.write_all(&head)?;
+    stream.write_all(body)
+}
+
+/// Reads one message; a body over the bound is refused before it is allocated.
+pub(super) fn read_message(stream: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    stream.read_exact(&mut head)?;
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
+    if len > MAX_BODY {
+        return Err(std::io::Error::other("message too large"));
+    }
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body)?;
+    Ok((head[0], body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flywheel_core::manifest::Manifest;
+
+    fn manifest() -> PathManifest {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"hello").unwrap();
+        let mut nar = Vec::new();
+        flywheel_core::nar::dump_path(dir.path(), &mut nar).unwrap();
+        let parsed = flywheel_core::nar::parse(&nar[..]).unwrap();
+        let manifest = Manifest {
+            version: flywheel_core::manifest::MANIFEST_VERSION,
+            nar_hash: flywheel_core::nix::Sha256Hash::digest(&nar),
+            nar_size: parsed.nar_size,
+            chunks: vec![ChunkRef { hash: ChunkHash::of(&nar), size: nar.len() as u32 }],
+            root: parsed.root,
+        };
+        PathManifest {
+            store_path: format!("/nix/store/{}-f", "0".repeat(32)),
+            references: vec![],
+            deriver: None,
+            sigs: vec!["k:sig".into()],
+            ca: None,
+            manifest: std::sync::Arc::new(manifest),
+        }
+    }
+
+    /// Requests and replies have no `PartialEq` (manifests do not); their debug forms show
+    /// every field.
+    fn same(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    /// Every request, written and read back through a byte stream, is the same request, and
+    /// each reply it can get reads back as itself.
+    #[test]
+    fn requests_and_replies_round_trip() {
+        let frame_a = b"frame a".to_vec();
+        let frame_b = Vec::new();
+        let hash = ChunkHash([7; 32]);
+        let stats = CacheStats { hits: 1, misses: 2, corrupt: 3, evictions: 4, write_failures: 5 };
+        let cases: Vec<(Request, Vec<Reply>)> = vec![
+            (Request::Get(ChunkRef { hash, size: 123 }), vec![Reply::Chunk(Some(b"data".to_vec())), Reply::Chunk(None)]),
+            (Request::Insert(hash, &frame_a), vec![Reply::Done]),
+            (Request::InsertMany(vec![(hash, &frame_a), (ChunkHash([8; 32]), &frame_b)]), vec![Reply::Done]),
+            (Request::Contains(hash), vec![Reply::Present(true), Reply::Present(false)]),
+            (Request::GetManifest("abc".into()), vec![Reply::Manifest(Some(manifest())), Reply::Manifest(None)]),
+            (Request::PutManifest("abc".into(), manifest()), vec![Reply::Done]),
+            (Request::ManifestHashes, vec![Reply::ManifestHashes(vec!["a".into(), "b".into()]), Reply::ManifestHashes(vec![])]),
+            (Request::Usage, vec![Reply::Usage { quota: 10, used: u64::MAX }]),
+            (Request::Flush, vec![Reply::Done, Reply::Failed("disk full".into())]),
+            (Request::Stats, vec![Reply::Stats(stats)]),
+        ];
+        for (request, replies) in cases {
+            let (op, body) = request.encode();
+            let mut wire = Vec::new();
+            write_message(&mut wire, op, &body).unwrap();
+            let (op, body) = read_message(&mut wire.as_slice()).unwrap();
+            let decoded = Request::decode(op, &body).unwrap();
+            assert!(same(&decoded, &request), "{decoded:?} != {request:?}");
+            for reply in replies {
+                let (status, body) = reply.encode();
+                let decoded = request.decode_reply(status, body).unwrap();
+                assert!(same(&decoded, &reply), "{request:?}: {decoded:?} != {reply:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_messages_are_refused() {
+        let (op, body) = Request::InsertMany(vec![(ChunkHash([1; 32]), b"frame".as_slice())]).encode();
+        assert!(Request::decode(op, &body).is_ok());
+        assert!(Request::decode(op, &body[..body.len() - 1]).is_err());
+        assert!(Request::decode(op, &body[..20]).is_err());
+        assert!(Request::decode(OP_CONTAINS, &[0; 31]).is_err());
+        assert!(Request::decode(OP_GET, &[0; 35]).is_err());
+        assert!(Request::decode(OP_PUT_MANIFEST, &[200, 0, 0, 0, b'x']).is_err());
+        assert!(Request::decode(99, &[]).is_err());
+        assert!(Request::Usage.decode_reply(ST_OK, vec![0; 15]).is_err());
+        assert!(Request::Usage.decode_reply(7, vec![]).is_err());
+        let mut oversized = vec![OP_GET];
+        oversized.extend_from_slice(&(MAX_BODY + 1).to_le_bytes());
+        assert!(read_message(&mut oversized.as_slice()).is_err());
+    }
+}
