@@ -489,7 +489,7 @@ fn dump_db(args: DumpDbArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let text = runtime.block_on(async {
         let store_dir = api.store_dir().await?;
-        let roots = args.paths.iter().map(|p| dump_db::parse_path_arg(p, &store_dir)).collect::<Result<Vec<_>, _>>()?;
+        let roots = args.paths.iter().map(|p| flywheel_core::nix::StorePath::from_arg(p, &store_dir)).collect::<Result<Vec<_>, _>>()?;
         let infos = dump_db::closure(&api, &roots, &store_dir).await?;
         Ok::<_, flywheel_core::Error>(dump_db::render(&infos, &store_dir))
     })?;

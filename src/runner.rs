@@ -82,12 +82,7 @@ pub struct PushTarget {
 
 impl PushTarget {
     fn pusher(&self, closure: bool) -> anyhow::Result<Pusher> {
-        let api = flywheel_client::ApiClient::new(flywheel_client::ClientConfig {
-            server: self.server.server.clone(),
-            cache: self.server.cache.clone(),
-            token: self.server.token()?,
-            timeout: Duration::from_secs(self.timeout.max(1)),
-        })?;
+        let api = self.server.client(self.timeout)?;
         let config = PushConfig { closure, upstream_keys: self.upstream_keys.clone(), jobs: self.jobs.max(1), ..PushConfig::default() };
         Ok(Pusher::new(api, LocalStore::new(self.store.clone())?, config))
     }

@@ -14,17 +14,6 @@ use crate::api::ApiClient;
 /// narinfo requests in flight at once.
 const PARALLEL: usize = 16;
 
-/// Parses a path given on the command line: a full store path or a base name. A full path may
-/// name a file inside a store path; the store path is what counts.
-pub fn parse_path_arg(arg: &str, store_dir: &str) -> Result<StorePath> {
-    let dir = store_dir.trim_end_matches('/');
-    match arg.strip_prefix(dir).and_then(|rest| rest.strip_prefix('/')) {
-        Some(rest) => StorePath::from_base_name(rest.split('/').next().unwrap_or(rest)),
-        None if !arg.contains('/') => StorePath::from_base_name(arg),
-        None => Err(Error::invalid(format!("{arg:?} is not in the store directory {dir}"))),
-    }
-}
-
 /// The narinfo of every path in the closure of `roots`, by path.
 pub async fn closure(api: &ApiClient, roots: &[StorePath], store_dir: &str) -> Result<BTreeMap<StorePath, NarInfo>> {
     let mut done: BTreeMap<StorePath, NarInfo> = BTreeMap::new();

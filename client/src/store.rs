@@ -10,8 +10,8 @@ use flywheel_core::{Error, ErrorKind, Result};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use parking_lot::Mutex;
 
-use crate::api::ApiClient;
-use crate::cache::ChunkCache;
+use crate::api::{ApiClient, ClientConfig};
+use crate::cache::{ChunkCache, LocalCacheConfig};
 use crate::metrics::FetchMetrics;
 
 /// Up to this many missing chunks are fetched with one `GET` each (in parallel); more go in
@@ -62,6 +62,13 @@ impl ChunkStore {
             pending_writes: Arc::new(tokio::sync::Semaphore::new(PENDING_WRITE_UNITS as usize)),
             metrics: Arc::default(),
         }
+    }
+
+    /// Opens the local cache in `cache` (or joins the process that owns it) and builds the
+    /// client of `server`: what every runner daemon reading chunks starts with.
+    pub fn open(server: ClientConfig, cache: &LocalCacheConfig) -> Result<Self> {
+        let cache = Arc::new(ChunkCache::open(cache)?);
+        Ok(ChunkStore::new(ApiClient::new(server)?, cache))
     }
 
     /// The server client.

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use flywheel_client::ChunkStore;
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::manifest::ChunkRef;
+use flywheel_core::metrics::{Collect, Exposition, Kind, Labels};
 use flywheel_core::nix::StorePath;
 use flywheel_core::{Error, ErrorKind, Result};
 use fuser::{
@@ -378,41 +379,53 @@ impl FlywheelFs {
         });
     }
 
-    /// Appends the filesystem's metrics in Prometheus text format, for `/metrics`.
-    pub fn metrics_renderer(&self) -> impl Fn(&mut String) + Send + Sync + 'static {
-        let inner = self.inner.clone();
-        move |out: &mut String| {
-            use flywheel_core::metrics::render_sample;
-            use std::fmt::Write as _;
-            let stats = &inner.stats;
-            let value = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as f64;
-            let _ = writeln!(out, "# HELP flywheel_fuse_requests_total FUSE requests by operation.\n# TYPE flywheel_fuse_requests_total counter");
-            for (op, counter) in [
-                ("lookup", &stats.lookups),
-                ("getattr", &stats.getattrs),
-                ("opendir", &stats.opendirs),
-                ("readdir", &stats.readdirs),
-                ("open", &stats.opens),
-                ("read", &stats.reads),
-            ] {
-                let _ = writeln!(out, "flywheel_fuse_requests_total{{op=\"{op}\"}} {}", value(counter));
-            }
-            render_sample(out, "flywheel_fuse_reads_total", "counter", "READ requests the mount answered.", value(&stats.reads));
-            render_sample(out, "flywheel_fuse_read_bytes_total", "counter", "Bytes those reads returned.", value(&stats.read_bytes));
-            render_sample(out, "flywheel_fuse_passthrough_opens_total", "counter", "Opens answered with a backing file, read by the kernel directly.", value(&stats.passthrough_opens));
-            render_sample(out, "flywheel_fuse_materialized_files_total", "counter", "Files written whole to disk for passthrough.", value(&stats.materialized_files));
-            let bytes = inner.files.as_ref().map_or(0, |f| f.used_bytes());
-            render_sample(out, "flywheel_fuse_materialized_bytes", "gauge", "Bytes of files kept whole on disk for passthrough.", bytes as f64);
-            render_sample(out, "flywheel_fuse_paths", "gauge", "Store paths known to the mount.", inner.paths.read().len() as f64);
-            let background = &inner.background.stats;
-            let _ = writeln!(out, "# HELP flywheel_fuse_prefetched_chunks_total Chunks fetched ahead of readers, by source.\n# TYPE flywheel_fuse_prefetched_chunks_total counter");
-            let _ = writeln!(out, "flywheel_fuse_prefetched_chunks_total{{source=\"trace\"}} {}", value(&background.trace_chunks));
-            let _ = writeln!(out, "flywheel_fuse_prefetched_chunks_total{{source=\"fill\"}} {}", value(&background.fill_chunks));
-            render_sample(out, "flywheel_fuse_prefetch_failures_total", "counter", "Background requests that failed (the chunks are fetched on demand instead).", value(&background.failed_requests));
-            let pending = inner.background.pending(Source::Trace) + inner.background.pending(Source::Fill);
-            render_sample(out, "flywheel_fuse_prefetch_pending", "gauge", "Background requests queued or running.", pending as f64);
-            render_sample(out, "flywheel_fuse_trace_chunks", "gauge", "Chunks the current access trace recording holds.", inner.recorder.len() as f64);
-        }
+    /// The filesystem's metrics, for `/metrics`.
+    pub fn metrics(&self) -> Arc<dyn Collect> {
+        Arc::new(MountMetrics(self.inner.clone()))
+    }
+}
+
+/// The mount's FUSE requests, reads, passthrough files and background fetches.
+struct MountMetrics(Arc<Inner>);
+
+impl Collect for MountMetrics {
+    fn collect(&self, out: &mut Exposition) {
+        let inner = &self.0;
+        let stats = &inner.stats;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let ops = [
+            ("lookup", &stats.lookups),
+            ("getattr", &stats.getattrs),
+            ("opendir", &stats.opendirs),
+            ("readdir", &stats.readdirs),
+            ("open", &stats.opens),
+            ("read", &stats.reads),
+        ];
+        out.family(
+            "flywheel_fuse_requests_total",
+            Kind::Counter,
+            "FUSE requests by operation.",
+            ops.map(|(op, counter)| (Labels::of(&[("op", op)]), load(counter) as f64)),
+        );
+        out.counter("flywheel_fuse_reads_total", "READ requests the mount answered.", load(&stats.reads));
+        out.counter("flywheel_fuse_read_bytes_total", "Bytes those reads returned.", load(&stats.read_bytes));
+        out.counter("flywheel_fuse_passthrough_opens_total", "Opens answered with a backing file, read by the kernel directly.", load(&stats.passthrough_opens));
+        out.counter("flywheel_fuse_materialized_files_total", "Files written whole to disk for passthrough.", load(&stats.materialized_files));
+        let bytes = inner.files.as_ref().map_or(0, |f| f.used_bytes());
+        out.gauge("flywheel_fuse_materialized_bytes", "Bytes of files kept whole on disk for passthrough.", bytes as f64);
+        out.gauge("flywheel_fuse_paths", "Store paths known to the mount.", inner.paths.read().len() as f64);
+        let background = &inner.background.stats;
+        out.family(
+            "flywheel_fuse_prefetched_chunks_total",
+            Kind::Counter,
+            "Chunks fetched ahead of readers, by source.",
+            [("trace", &background.trace_chunks), ("fill", &background.fill_chunks)]
+                .map(|(source, counter)| (Labels::of(&[("source", source)]), load(counter) as f64)),
+        );
+        out.counter("flywheel_fuse_prefetch_failures_total", "Background requests that failed (the chunks are fetched on demand instead).", load(&background.failed_requests));
+        let pending = inner.background.pending(Source::Trace) + inner.background.pending(Source::Fill);
+        out.gauge("flywheel_fuse_prefetch_pending", "Background requests queued or running.", pending as f64);
+        out.gauge("flywheel_fuse_trace_chunks", "Chunks the current access trace recording holds.", inner.recorder.len() as f64);
     }
 }
 

@@ -22,7 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flywheel_client::{ApiClient, LocalCacheConfig, ChunkCache, ChunkStore, ClientConfig};
+use flywheel_core::metrics::{Collect, Registry};
+use flywheel_client::{ChunkStore, ClientConfig, LocalCacheConfig};
 use flywheel_core::{Error, Result};
 
 pub use fs::{FillOrder, FlywheelFs, FsConfig};
@@ -112,13 +113,14 @@ pub const DEFAULT_FILL_MAX_NAR_SIZE: u64 = 0;
 /// which unmount it (lazily if it is busy, so open files keep being answered).
 pub fn mount(config: MountConfig) -> Result<()> {
     limit_malloc_arenas();
-    let cache = Arc::new(ChunkCache::open(&LocalCacheConfig::new(&config.cache_dir, config.cache_size))?);
-    let api = ApiClient::new(ClientConfig {
+    let server = ClientConfig {
         server: config.server.clone(),
         cache: config.cache.clone(),
         token: config.token.clone(),
         timeout: config.offline_timeout,
-    })?;
+    };
+    let store = ChunkStore::open(server, &LocalCacheConfig::new(&config.cache_dir, config.cache_size))?;
+    let cache = store.cache().clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads.max(2))
         // Local cache reads run on the blocking pool; a few threads keep the cores busy, and
@@ -128,7 +130,6 @@ pub fn mount(config: MountConfig) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::internal(format!("starting the runtime: {e}")))?;
-    let store = ChunkStore::new(api, cache.clone());
     let fs = FlywheelFs::new(
         store.clone(),
         runtime.handle().clone(),
@@ -159,15 +160,8 @@ pub fn mount(config: MountConfig) -> Result<()> {
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(addr))
             .map_err(|e| Error::internal(format!("listening for metrics on {addr}: {e}")))?;
-        let metrics_store = store.clone();
-        let render_fs = fs.metrics_renderer();
-        let render = Arc::new(move || {
-            let mut out = String::new();
-            render_fs(&mut out);
-            flywheel_client::metrics::render_store(&metrics_store, &mut out);
-            out
-        });
-        runtime.spawn(flywheel_client::metrics::serve(listener, render));
+        let registry = Registry::with([fs.metrics(), Arc::new(store.clone()) as Arc<dyn Collect>]);
+        runtime.spawn(flywheel_client::metrics::serve(listener, registry));
         tracing::info!(%addr, "serving metrics");
     }
     let mut options = fuser::Config::default();

@@ -1,11 +1,10 @@
 //! Prometheus metrics of the server, rendered in the text exposition format at `/metrics`
-//! (the format's pieces are in [`flywheel_core::metrics`]).
+//! (through [`flywheel_core::metrics`], as every process's metrics are).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use flywheel_core::metrics::escape_label;
+use flywheel_core::metrics::{Collect, Exposition, Kind, Labels};
 pub use flywheel_core::metrics::Histogram;
 use parking_lot::Mutex;
 
@@ -39,15 +38,24 @@ impl Metrics {
 
     /// The metrics in Prometheus text format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP flywheel_http_requests_total Requests by route, method and status.\n# TYPE flywheel_http_requests_total counter"
+        let mut out = Exposition::default();
+        self.collect(&mut out);
+        out.finish()
+    }
+}
+
+impl Collect for Metrics {
+    fn collect(&self, out: &mut Exposition) {
+        let requests = self.requests.lock();
+        out.family(
+            "flywheel_http_requests_total",
+            Kind::Counter,
+            "Requests by route, method and status.",
+            requests.iter().map(|((route, method, status), n)| {
+                (Labels::of(&[("route", route), ("method", method), ("status", &status.to_string())]), *n as f64)
+            }),
         );
-        for ((route, method, status), n) in self.requests.lock().iter() {
-            let route = escape_label(route);
-            let _ = writeln!(out, "flywheel_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}");
-        }
+        drop(requests);
         let counters: [(&str, &str, &AtomicU64); 7] = [
             ("flywheel_nar_bytes_received_total", "Uncompressed NAR bytes received by uploads.", &self.nar_bytes_in),
             ("flywheel_bytes_sent_total", "Bytes of NARs and chunks sent.", &self.bytes_out),
@@ -58,10 +66,9 @@ impl Metrics {
             ("flywheel_chunks_received_total", "Chunks received through the chunk API and verified.", &self.chunks_received),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            out.counter(name, help, value.load(Ordering::Relaxed));
         }
-        self.chunk_fetch_seconds.render(&mut out, "flywheel_chunk_fetch_seconds", "Time to read and verify one chunk from storage.");
-        out
+        out.histogram("flywheel_chunk_fetch_seconds", "Time to read and verify one chunk from storage.", &self.chunk_fetch_seconds);
     }
 }
 

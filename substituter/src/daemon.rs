@@ -21,11 +21,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flywheel_core::metrics::{Collect, Exposition, Registry};
 use flywheel_core::{Error, Result};
 use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::push::Pusher;
+use crate::retry::RetryPolicy;
 
 /// Default path of the daemon's socket.
 pub const DEFAULT_SOCKET: &str = "/run/flywheel/push.sock";
@@ -112,7 +114,7 @@ pub async fn run(pusher: Pusher, config: DaemonConfig, shutdown: impl std::futur
                 .map_err(|e| Error::internal(format!("listening for metrics on {addr}: {e}")))?;
             let shared = shared.clone();
             tracing::info!(%addr, "serving metrics");
-            Some(tokio::spawn(flywheel_client::metrics::serve(listener, Arc::new(move || render_metrics(&shared)))))
+            Some(tokio::spawn(flywheel_client::metrics::serve(listener, Registry::with([shared as Arc<dyn Collect>]))))
         }
         None => None,
     };
@@ -139,19 +141,18 @@ pub async fn run(pusher: Pusher, config: DaemonConfig, shutdown: impl std::futur
     Ok(())
 }
 
-fn render_metrics(shared: &Shared) -> String {
-    use flywheel_core::metrics::render_sample;
-    let state = shared.state.lock();
-    let t = &state.totals;
-    let mut out = String::new();
-    render_sample(&mut out, "flywheel_push_paths_pushed_total", "counter", "Store paths pushed and committed.", t.paths_pushed as f64);
-    render_sample(&mut out, "flywheel_push_batches_failed_total", "counter", "Batches that failed after every attempt.", t.batches_failed as f64);
-    render_sample(&mut out, "flywheel_push_nar_bytes_total", "counter", "NAR bytes of the pushed paths.", t.nar_bytes as f64);
-    render_sample(&mut out, "flywheel_push_chunks_uploaded_total", "counter", "Chunks uploaded (the others were on the server).", t.chunks_uploaded as f64);
-    render_sample(&mut out, "flywheel_push_uploaded_bytes_total", "counter", "Compressed chunk bytes uploaded.", t.uploaded_frame_bytes as f64);
-    render_sample(&mut out, "flywheel_push_queue_length", "gauge", "Items waiting to be pushed.", state.queue.len() as f64);
-    render_sample(&mut out, "flywheel_push_busy", "gauge", "1 while a batch is being pushed.", if state.busy { 1.0 } else { 0.0 });
-    out
+impl Collect for Shared {
+    fn collect(&self, out: &mut Exposition) {
+        let state = self.state.lock();
+        let t = &state.totals;
+        out.counter("flywheel_push_paths_pushed_total", "Store paths pushed and committed.", t.paths_pushed);
+        out.counter("flywheel_push_batches_failed_total", "Batches that failed after every attempt.", t.batches_failed);
+        out.counter("flywheel_push_nar_bytes_total", "NAR bytes of the pushed paths.", t.nar_bytes);
+        out.counter("flywheel_push_chunks_uploaded_total", "Chunks uploaded (the others were on the server).", t.chunks_uploaded);
+        out.counter("flywheel_push_uploaded_bytes_total", "Compressed chunk bytes uploaded.", t.uploaded_frame_bytes);
+        out.gauge("flywheel_push_queue_length", "Items waiting to be pushed.", state.queue.len() as f64);
+        out.gauge("flywheel_push_busy", "1 while a batch is being pushed.", if state.busy { 1.0 } else { 0.0 });
+    }
 }
 
 async fn connection(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
@@ -247,37 +248,27 @@ async fn worker(pusher: Pusher, config: DaemonConfig, shared: Arc<Shared>) {
         paths.dedup();
         if !paths.is_empty() {
             let started = Instant::now();
-            let mut attempt = 1;
-            loop {
-                match pusher.push(&paths).await {
-                    Ok(report) => {
-                        tracing::info!(
-                            paths = paths.len(),
-                            pushed = report.pushed.len(),
-                            uploaded = report.uploaded_frame_bytes,
-                            elapsed = ?started.elapsed(),
-                            "batch pushed"
-                        );
-                        let mut state = shared.state.lock();
-                        state.pushed_since_flush += report.pushed.len() as u64;
-                        state.totals.paths_pushed += report.pushed.len() as u64;
-                        state.totals.nar_bytes += report.nar_bytes;
-                        state.totals.chunks_uploaded += report.chunks_uploaded;
-                        state.totals.uploaded_frame_bytes += report.uploaded_frame_bytes;
-                        state.pushed.extend(paths.iter().cloned());
-                        break;
-                    }
-                    Err(err) if attempt < config.attempts => {
-                        tracing::warn!(attempt, "pushing a batch failed, retrying: {err}");
-                        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
-                        attempt += 1;
-                    }
-                    Err(err) => {
-                        tracing::warn!("pushing a batch failed for good: {err}");
-                        shared.state.lock().totals.batches_failed += 1;
-                        failures.push(err.to_string());
-                        break;
-                    }
+            match RetryPolicy::batch(config.attempts).run("pushing a batch", || pusher.push(&paths)).await {
+                Ok(report) => {
+                    tracing::info!(
+                        paths = paths.len(),
+                        pushed = report.pushed.len(),
+                        uploaded = report.uploaded_frame_bytes,
+                        elapsed = ?started.elapsed(),
+                        "batch pushed"
+                    );
+                    let mut state = shared.state.lock();
+                    state.pushed_since_flush += report.pushed.len() as u64;
+                    state.totals.paths_pushed += report.pushed.len() as u64;
+                    state.totals.nar_bytes += report.nar_bytes;
+                    state.totals.chunks_uploaded += report.chunks_uploaded;
+                    state.totals.uploaded_frame_bytes += report.uploaded_frame_bytes;
+                    state.pushed.extend(paths.iter().cloned());
+                }
+                Err(err) => {
+                    tracing::warn!("pushing a batch failed for good: {err}");
+                    shared.state.lock().totals.batches_failed += 1;
+                    failures.push(err.to_string());
                 }
             }
         }

@@ -46,7 +46,7 @@ pub async fn register(api: &ApiClient, roots: &[String], config: &LazyConfig) ->
         return Err(Error::invalid("no trusted public key to check the cache's signatures with"));
     }
     let store_dir = api.store_dir().await?;
-    let roots = roots.iter().map(|p| dump_db::parse_path_arg(p, &store_dir)).collect::<Result<Vec<_>>>()?;
+    let roots = roots.iter().map(|p| flywheel_core::nix::StorePath::from_arg(p, &store_dir)).collect::<Result<Vec<_>>>()?;
     let infos = dump_db::closure(api, &roots, &store_dir).await?;
     if config.check_sigs {
         check_signatures(&infos, &config.trusted_keys, &store_dir)?;

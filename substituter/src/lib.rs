@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod lazy;
 pub mod local_store;
 pub mod push;
+pub mod retry;
 pub mod serve;
 pub mod status;
 

@@ -27,6 +27,7 @@ use futures::{StreamExt, TryStreamExt};
 use sha2::Digest;
 
 use crate::local_store::{LocalPathInfo, LocalStore};
+use crate::retry::RetryPolicy;
 
 /// How a push behaves.
 #[derive(Debug, Clone)]
@@ -296,7 +297,7 @@ impl Pusher {
                 Err(err) => tracing::debug!("commit by chunk query refused, sending the chunk list: {err}"),
             }
         }
-        retry(|| self.api.commit(&request)).await
+        RetryPolicy::REQUEST.run("committing a path", || self.api.commit(&request)).await
     }
 
     /// Pushes a path as changes to the last one the cache holds under its unversioned name
@@ -379,7 +380,7 @@ impl Pusher {
             .flat_map(|ready| futures::stream::iter(split_by_bytes(ready, UPLOAD_BATCH_BYTES)))
             .map(|batch| async move {
                 let frames: Vec<(ChunkHash, &[u8])> = batch.iter().map(|(hash, _, frame)| (*hash, frame.as_slice())).collect();
-                retry(|| self.api.put_chunks(&frames)).await?;
+                RetryPolicy::REQUEST.run("uploading chunks", || self.api.put_chunks(&frames)).await?;
                 for (_, raw, frame) in &batch {
                     counters.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
                     counters.uploaded_bytes.fetch_add(*raw as u64, Ordering::Relaxed);
@@ -455,28 +456,6 @@ fn split_by_bytes(ready: Vec<(ChunkHash, usize, Vec<u8>)>, max_bytes: usize) -> 
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// Retries an operation that failed for a transient reason (the server unreachable or
-/// overloaded), a few times with growing pauses.
-async fn retry<T, F, Fut>(mut op: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let mut delay = Duration::from_millis(200);
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Err(err) if err.kind() == ErrorKind::Unavailable && attempt < 3 => {
-                tracing::debug!("retrying after a transient failure: {err}");
-                tokio::time::sleep(delay).await;
-                delay *= 3;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
 }
 
 /// A `Write` that hashes the NAR and cuts it into chunks.
@@ -559,7 +538,6 @@ fn compress_missing(
     mut missing: HashSet<ChunkHash>,
     tx: tokio::sync::mpsc::Sender<(ChunkHash, usize, Vec<u8>)>,
 ) -> Result<()> {
-    const DONE: &str = "all missing chunks sent";
     let mut failure: Option<Error> = None;
     let mut sink = ChunkingSink {
         chunker: Some(Chunker::new(params)),
@@ -571,16 +549,15 @@ fn compress_missing(
             let hash = ChunkHash::of(&chunk);
             if expected.get(i).map(|c| c.hash) != Some(hash) {
                 failure = Some(Error::corrupt(format!("{} changed while it was being pushed", physical.display())));
-                return Err(std::io::Error::other("changed"));
+                return Err(std::io::Error::other(EarlyStop::Changed));
             }
             if missing.remove(&hash) {
                 let frame = compress(&chunk, level).map_err(std::io::Error::other)?;
                 if tx.blocking_send((hash, chunk.len(), frame)).is_err() {
-                    // The uploader stopped (an upload failed); its error is the one reported.
-                    return Err(std::io::Error::other("uploader stopped"));
+                    return Err(std::io::Error::other(EarlyStop::UploaderStopped));
                 }
                 if missing.is_empty() {
-                    return Err(std::io::Error::other(DONE));
+                    return Err(std::io::Error::other(EarlyStop::AllSent));
                 }
             }
             Ok(())
@@ -592,11 +569,36 @@ fn compress_missing(
     }
     match dumped {
         Ok(()) => Ok(()),
-        Err(err) if err.to_string() == DONE => Ok(()),
-        Err(err) if err.to_string() == "uploader stopped" => Ok(()),
-        Err(err) => Err(io_error(physical, err)),
+        Err(err) => match err.get_ref().and_then(|inner| inner.downcast_ref::<EarlyStop>()) {
+            Some(EarlyStop::AllSent | EarlyStop::UploaderStopped) => Ok(()),
+            Some(EarlyStop::Changed) | None => Err(io_error(physical, err)),
+        },
     }
 }
+
+/// Why pass 2 ended the NAR walk early. It travels as the NAR writer's `io::Error` and is
+/// read back by type: only a real I/O error is reported as one.
+#[derive(Debug)]
+enum EarlyStop {
+    /// Every missing chunk was sent: the rest of the NAR is not needed.
+    AllSent,
+    /// The uploader stopped (an upload failed); its error is the one reported.
+    UploaderStopped,
+    /// The path no longer cuts into the chunks of pass 1 (reported through `failure`).
+    Changed,
+}
+
+impl std::fmt::Display for EarlyStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EarlyStop::AllSent => "all missing chunks sent",
+            EarlyStop::UploaderStopped => "the uploader stopped",
+            EarlyStop::Changed => "the path changed while it was read",
+        })
+    }
+}
+
+impl std::error::Error for EarlyStop {}
 
 /// The paths in dependency levels: every path's references (within the set) are in earlier
 /// levels. Cycles cannot occur in a Nix store (self-references are ignored).
@@ -621,14 +623,11 @@ fn dependency_levels(infos: Vec<LocalPathInfo>) -> Vec<Vec<LocalPathInfo>> {
 }
 
 fn hash_part(path: &str) -> Result<String> {
-    let base = path.rsplit('/').next().unwrap_or(path);
-    let hash = base.get(..32).ok_or_else(|| Error::invalid(format!("{path:?} is not a store path")))?;
-    flywheel_core::nix::store_path::parse_hash_part(hash)?;
-    Ok(hash.to_string())
+    Ok(StorePath::from_path_in_any_store(path)?.hash_part())
 }
 
 fn short_name(path: &str) -> String {
-    path.rsplit('/').next().unwrap_or(path).get(33..).unwrap_or(path).to_string()
+    StorePath::from_path_in_any_store(path).map_or_else(|_| path.to_string(), |p| p.name)
 }
 
 fn progress_bar(enabled: bool, total: u64, paths: usize) -> indicatif::ProgressBar {

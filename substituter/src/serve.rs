@@ -23,9 +23,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use flywheel_client::{ApiClient, LocalCacheConfig, ChunkCache, ChunkStore, ClientConfig};
+use flywheel_client::{ChunkStore, ClientConfig, LocalCacheConfig};
 use flywheel_core::api::v1::chunks::PathManifest;
 use flywheel_core::nix::{cache_info, NarInfo, NixCacheInfo, StorePath};
+use flywheel_core::metrics::{Collect, Exposition, Kind, Labels, Registry};
 use flywheel_core::{Error, ErrorKind, Result};
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -106,16 +107,16 @@ struct Inner {
 impl Substituter {
     /// Opens the chunk cache (or joins the process owning it) and builds the client.
     pub fn open(config: SubstituteConfig) -> Result<Self> {
-        let cache = Arc::new(ChunkCache::open(&LocalCacheConfig::new(&config.cache_dir, config.cache_size))?);
-        let api = ApiClient::new(ClientConfig {
+        let server = ClientConfig {
             server: config.server.clone(),
             cache: config.cache.clone(),
             token: config.token.clone(),
             timeout: config.chunk_timeout,
-        })?;
+        };
+        let store = ChunkStore::open(server, &LocalCacheConfig::new(&config.cache_dir, config.cache_size))?;
         Ok(Substituter {
             inner: Arc::new(Inner {
-                store: ChunkStore::new(api, cache),
+                store,
                 config,
                 requests: Mutex::default(),
                 nar_bytes_sent: Default::default(),
@@ -144,23 +145,7 @@ impl Substituter {
     /// The substituter's metrics in Prometheus text format: requests by route and status, NAR
     /// bytes sent, and its chunk store's fetches and cache.
     pub fn render_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::from(
-            "# HELP flywheel_substituter_requests_total Requests from Nix by route and status.\n# TYPE flywheel_substituter_requests_total counter\n",
-        );
-        for ((route, status), n) in self.inner.requests.lock().iter() {
-            let route = flywheel_core::metrics::escape_label(route);
-            let _ = writeln!(out, "flywheel_substituter_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
-        }
-        flywheel_core::metrics::render_sample(
-            &mut out,
-            "flywheel_substituter_nar_bytes_sent_total",
-            "counter",
-            "NAR bytes sent to Nix.",
-            self.inner.nar_bytes_sent.load(std::sync::atomic::Ordering::Relaxed) as f64,
-        );
-        flywheel_client::metrics::render_store(&self.inner.store, &mut out);
-        out
+        Registry::with([Arc::new(self.clone()) as Arc<dyn Collect>]).render()
     }
 
     fn server_down(&self) -> bool {
@@ -258,6 +243,25 @@ async fn cache_info(State(sub): State<Substituter>) -> Response {
     ([(header::CONTENT_TYPE, cache_info::CONTENT_TYPE)], info.render()).into_response()
 }
 
+impl Collect for Substituter {
+    fn collect(&self, out: &mut Exposition) {
+        let requests = self.inner.requests.lock();
+        out.family(
+            "flywheel_substituter_requests_total",
+            Kind::Counter,
+            "Requests from Nix by route and status.",
+            requests.iter().map(|((route, status), n)| (Labels::of(&[("route", route), ("status", &status.to_string())]), *n as f64)),
+        );
+        drop(requests);
+        out.counter(
+            "flywheel_substituter_nar_bytes_sent_total",
+            "NAR bytes sent to Nix.",
+            self.inner.nar_bytes_sent.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.inner.store.collect(out);
+    }
+}
+
 async fn file(State(sub): State<Substituter>, Path(file): Path<String>) -> Result<Response, Miss> {
     let Some(hash) = file.strip_suffix(".narinfo") else {
         return Err(Error::not_found(format!("{file}: not served here")).into());
@@ -307,7 +311,7 @@ async fn count_requests(State(sub): State<Substituter>, request: axum::extract::
 async fn metrics(State(sub): State<Substituter>) -> Response {
     // Rendering may ask the cache's owner over its socket: not on a runtime worker.
     let body = tokio::task::spawn_blocking(move || sub.render_metrics()).await.unwrap_or_default();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    ([(header::CONTENT_TYPE, flywheel_core::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// One window of a NAR stream: its chunks, and the permit that counts it against

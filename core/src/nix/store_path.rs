@@ -113,6 +113,23 @@ impl StorePath {
         Self::from_base_name(base)
     }
 
+    /// Parses a path given by a person (on a command line, say): a base name, or a path in
+    /// `store_dir`, which may name a file inside a store path; the store path is what counts.
+    pub fn from_arg(arg: &str, store_dir: &str) -> Result<Self> {
+        let dir = store_dir.trim_end_matches('/');
+        match arg.strip_prefix(dir).and_then(|rest| rest.strip_prefix('/')) {
+            Some(rest) => Self::from_base_name(rest.split('/').next().unwrap_or(rest)),
+            None if !arg.contains('/') => Self::from_base_name(arg),
+            None => Err(Error::invalid(format!("{arg:?} is not in the store directory {dir}"))),
+        }
+    }
+
+    /// Parses the last component of an absolute path in any store directory (another
+    /// machine's, say).
+    pub fn from_path_in_any_store(path: &str) -> Result<Self> {
+        Self::from_base_name(path.rsplit('/').next().unwrap_or(path))
+    }
+
     /// `<hash part>-<name>`.
     pub fn base_name(&self) -> String {
         format!("{}-{}", self.hash_part(), self.name)
@@ -245,6 +262,17 @@ mod tests {
         assert_eq!(other, p);
         assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{A}\""));
         assert_eq!(serde_json::from_str::<StorePath>(&format!("\"{A}\"")).unwrap(), p);
+    }
+
+    #[test]
+    fn paths_given_by_people() {
+        let base = "0c0ckjhibxyvhrxdb55dp3iwzal15ppw-hello-2.12";
+        for arg in [base.to_string(), format!("/nix/store/{base}"), format!("/nix/store/{base}/bin/hello")] {
+            assert_eq!(StorePath::from_arg(&arg, "/nix/store/").unwrap().base_name(), base, "{arg}");
+        }
+        assert!(StorePath::from_arg(&format!("/opt/store/{base}"), "/nix/store").is_err());
+        assert!(StorePath::from_arg("/nix/store/not-a-store-path", "/nix/store").is_err());
+        assert_eq!(StorePath::from_path_in_any_store(&format!("/other/{base}")).unwrap().name, "hello-2.12");
     }
 
     #[test]

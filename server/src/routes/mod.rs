@@ -83,7 +83,7 @@ pub fn router(state: AppState) -> Router {
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> impl axum::response::IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    ([(axum::http::header::CONTENT_TYPE, flywheel_core::metrics::CONTENT_TYPE)], state.metrics.render())
 }
 
 /// Counts every request by its route template (never the raw path, which would make a series
