@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use flywheel_server::auth::Permissions;
+use flywheel_server::auth::{AtticClaim, Permissions};
 use flywheel_server::{bootstrap, ServerConfig};
 use runner::{FlushArgs, HookArgs, PushArgs, PushDaemonArgs, StatusArgs, SubstituteArgs};
 
@@ -185,7 +185,7 @@ async fn shutdown_signal() {
 
 fn mint(args: MintArgs) -> anyhow::Result<()> {
     let config = ServerConfig::load(&args.config)?;
-    let mut caches: Vec<(String, Permissions)> = Vec::new();
+    let mut caches = AtticClaim::default();
     type Grant<'a> = (&'a Vec<String>, fn(&mut Permissions));
     let grants: [Grant; 7] = [
         (&args.pull, |p| p.pull = true),
@@ -198,33 +198,15 @@ fn mint(args: MintArgs) -> anyhow::Result<()> {
     ];
     for (patterns, grant) in grants {
         for pattern in patterns {
-            validate_pattern(pattern)?;
-            match caches.iter_mut().find(|(p, _)| p == pattern) {
-                Some((_, perms)) => grant(perms),
-                None => {
-                    let mut perms = Permissions::default();
-                    grant(&mut perms);
-                    caches.push((pattern.clone(), perms));
-                }
-            }
+            caches.grant(pattern, grant)?;
         }
     }
-    if caches.is_empty() {
+    if caches.caches.is_empty() {
         anyhow::bail!("grant at least one permission (--pull, --push, ...)");
     }
     let validity = args.validity.as_secs();
     let token = bootstrap::mint(&config, &args.sub, validity, caches)?;
     println!("{token}");
-    Ok(())
-}
-
-fn validate_pattern(pattern: &str) -> anyhow::Result<()> {
-    let ok = !pattern.is_empty()
-        && pattern.len() <= 50
-        && pattern.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '+' | '*'));
-    if !ok {
-        anyhow::bail!("invalid cache pattern {pattern:?}: letters, digits, '-', '_', '+' and '*' only");
-    }
     Ok(())
 }
 
@@ -278,7 +260,7 @@ impl ServerArgs {
 struct MountArgs {
     #[command(flatten)]
     server: ServerArgs,
-    /// Directory of the local chunk cache (a sled database); shared with other processes
+    /// Directory of the local chunk cache (frame files and their sled index); shared with other processes
     /// opening it (the first owns it, the others go through its socket).
     #[arg(long, default_value = "/var/cache/flywheel")]
     cache_dir: PathBuf,

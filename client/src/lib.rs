@@ -3,8 +3,8 @@
 //! - [`ApiClient`] talks to a flywheel server: it fetches path manifests, narinfo files and
 //!   chunks (one per `GET`, or many per `POST chunks`), and verifies every chunk against its
 //!   BLAKE3 name before handing it out.
-//! - [`ChunkCache`] is the local chunk cache on the runner's persistent volume: a sled database
-//!   of zstd frames with a byte quota and LRU eviction. Entries are verified on every read, so a
+//! - [`ChunkCache`] is the local chunk cache on the runner's persistent volume: zstd frames as
+//!   files, indexed by a sled database, with a byte quota and LRU eviction. Entries are verified on every read, so a
 //!   corrupted entry is dropped and fetched again rather than served. The database also keeps
 //!   the manifests of paths seen before, so a restarted mount knows them without the server.
 //! - [`ChunkStore`] puts the two together: chunks come from the cache when present and from the

@@ -102,6 +102,27 @@ pub struct AtticClaim {
     pub caches: IndexMap<String, Permissions>,
 }
 
+impl AtticClaim {
+    /// Grants what `set` turns on to caches matching `pattern`, after checking the pattern: a
+    /// cache name's characters, plus `*`. A pattern named again keeps its first place.
+    pub fn grant(&mut self, pattern: &str, set: impl Fn(&mut Permissions)) -> Result<()> {
+        validate_cache_pattern(pattern)?;
+        set(self.caches.entry(pattern.to_string()).or_default());
+        Ok(())
+    }
+}
+
+/// Checks a cache pattern of a token: 1 to 50 letters, digits, `-`, `_`, `+` and `*`.
+pub fn validate_cache_pattern(pattern: &str) -> Result<()> {
+    let ok = !pattern.is_empty()
+        && pattern.len() <= 50
+        && pattern.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '+' | '*'));
+    if !ok {
+        return Err(Error::invalid(format!("invalid cache pattern {pattern:?}: letters, digits, '-', '_', '+' and '*' only")));
+    }
+    Ok(())
+}
+
 /// The claims of a token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -249,6 +270,22 @@ mod tests {
             exp,
             nbf: None,
             attic: AtticClaim { caches: caches.iter().map(|(p, perms)| (p.to_string(), *perms)).collect() },
+        }
+    }
+
+    #[test]
+    fn grants_check_patterns_and_keep_their_order() {
+        let mut claim = AtticClaim::default();
+        claim.grant("ci-*", |p| p.pull = true).unwrap();
+        claim.grant("main", |p| p.push = true).unwrap();
+        claim.grant("ci-*", |p| p.push = true).unwrap();
+        let order: Vec<(&str, Permissions)> = claim.caches.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(
+            order,
+            [("ci-*", Permissions { pull: true, push: true, ..Default::default() }), ("main", Permissions { push: true, ..Default::default() })]
+        );
+        for bad in ["", "a/b", "a b", &"a".repeat(51)] {
+            assert!(claim.grant(bad, |p| p.pull = true).is_err(), "{bad:?}");
         }
     }
 

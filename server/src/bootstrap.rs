@@ -92,7 +92,9 @@ pub async fn create_default_cache(config: &ServerConfig, config_path: PathBuf) -
             key
         }
     };
-    let admin_token = mint(config, "admin", 10 * 365 * 24 * 3600, vec![("*".into(), Permissions::all())])?;
+    let mut everything = AtticClaim::default();
+    everything.grant("*", |p| *p = Permissions::all())?;
+    let admin_token = mint(config, "admin", 10 * 365 * 24 * 3600, everything)?;
     Ok(FirstStart { config_path, admin_token, public_key: key.verifying_key().to_nix_string() })
 }
 
@@ -144,14 +146,14 @@ pub fn mint(
     config: &ServerConfig,
     sub: &str,
     validity_secs: u64,
-    caches: Vec<(String, Permissions)>,
+    caches: AtticClaim,
 ) -> anyhow::Result<String> {
     let authority = TokenAuthority::from_base64(&config.token_hs256_secret_base64)?;
     let claims = Claims {
         sub: sub.to_string(),
         exp: now() + validity_secs,
         nbf: None,
-        attic: AtticClaim { caches: caches.into_iter().collect() },
+        attic: caches,
     };
     Ok(authority.mint(&claims)?)
 }
