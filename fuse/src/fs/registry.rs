@@ -1,0 +1,104 @@
+//! Store paths appearing in the mount: registered on lookup from the server's manifest, or
+//! from the local cache for a listing of the root.
+
+use super::*;
+
+impl Inner {
+    pub(super) fn registered(&self, hash_part: &str) -> Option<(usize, Arc<PathTree>)> {
+        let index = *self.by_hash.read().get(hash_part)?;
+        Some((index, self.paths.read()[index].clone()))
+    }
+
+    /// Makes a path known to the mount; idempotent.
+    pub(super) fn register(&self, hash_part: &str, base_name: String, manifest: &flywheel_core::api::v1::chunks::PathManifest) -> (usize, Arc<PathTree>) {
+        let mut by_hash = self.by_hash.write();
+        if let Some(&index) = by_hash.get(hash_part) {
+            return (index, self.paths.read()[index].clone());
+        }
+        let tree = PathTree::build(base_name, manifest);
+        let mut paths = self.paths.write();
+        paths.push(tree.clone());
+        by_hash.insert(hash_part.to_string(), paths.len() - 1);
+        self.root_changed();
+        (paths.len() - 1, tree)
+    }
+
+    /// Drops the kernel's cached listing and attributes of the root after a path appeared.
+    /// Sent from the blocking pool: the kernel may hold the root while it waits for the lookup
+    /// that registered the path.
+    pub(super) fn root_changed(&self) {
+        if let Some(notifier) = self.notifier.get().cloned() {
+            self.runtime.spawn_blocking(move || {
+                if let Err(err) = notifier.inval_inode(INodeNo::ROOT, 0, 0) {
+                    debug!("invalidating the root's listing failed: {err}");
+                }
+            });
+        }
+    }
+
+    /// Finds a store path by base name: already registered, in the local cache, or on the
+    /// server. `NotFound` when the server does not have it (or has it under another name).
+    pub(super) async fn resolve(&self, base_name: &str) -> Result<(usize, Arc<PathTree>)> {
+        let path = StorePath::from_base_name(base_name)?;
+        let hash_part = path.hash_part();
+        if let Some((index, tree)) = self.registered(&hash_part) {
+            return if tree.base_name == base_name { Ok((index, tree)) } else { Err(Error::not_found(base_name)) };
+        }
+        let manifest = match self.store.cache().get_manifest(&hash_part) {
+            Some(manifest) => manifest,
+            None => {
+                let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.api().manifest(&hash_part))
+                    .await
+                    .map_err(|_| Error::unavailable("the server did not answer within the offline timeout"))??;
+                self.store.cache().put_manifest(&hash_part, &fetched);
+                fetched
+            }
+        };
+        let served_name = manifest.store_path.rsplit('/').next().unwrap_or_default();
+        if served_name != base_name {
+            return Err(Error::not_found(format!("{base_name} is not in the cache (its hash names {served_name})")));
+        }
+        Ok(self.register(&hash_part, base_name.to_string(), &manifest))
+    }
+
+    /// Registers every path whose manifest the local cache holds, for a listing of the root.
+    pub(super) fn register_cached(&self) {
+        for hash_part in self.store.cache().manifest_hashes() {
+            if self.by_hash.read().contains_key(&hash_part) {
+                continue;
+            }
+            if let Some(manifest) = self.store.cache().get_manifest(&hash_part) {
+                if let Some(base_name) = manifest.store_path.rsplit('/').next() {
+                    self.register(&hash_part, base_name.to_string(), &manifest);
+                }
+            }
+        }
+    }
+
+    /// Chunks of `tree` from memory when there, else from the store (cache or server), bounded
+    /// by the offline timeout.
+    pub(super) async fn chunks(&self, tree: &PathTree, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
+        let mut out: Vec<Option<Arc<[u8]>>> = {
+            let mut hot = self.hot.lock();
+            chunks.iter().map(|c| hot.get(&c.hash)).collect()
+        };
+        let missing: Vec<ChunkRef> =
+            chunks.iter().zip(&out).filter(|(_, d)| d.is_none()).map(|(c, _)| *c).collect();
+        if !missing.is_empty() {
+            let demand = self.background.demand();
+            let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.get_many(tree.hash_part(), &missing))
+                .await
+                .map_err(|_| Error::unavailable("chunks did not arrive within the offline timeout"))??;
+            drop(demand);
+            let mut hot = self.hot.lock();
+            let mut fetched = missing.iter().zip(fetched);
+            for slot in out.iter_mut().filter(|d| d.is_none()) {
+                if let Some((chunk, data)) = fetched.next() {
+                    hot.put(chunk.hash, data.clone());
+                    *slot = Some(data);
+                }
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
