@@ -10,6 +10,14 @@
 //! because a push stopped half-way; a push that stops leaves its uploaded chunks on the
 //! server, and the next push of the path sends only the rest. A cache that requires uploader
 //! signatures has every path checked against its trusted keys before anything is sent.
+//!
+//! - `nar_pass`: the two passes over the NAR;
+//! - `upload`: the missing chunks, asked about and uploaded;
+//! - `commit`: the ways a path is committed.
+
+mod commit;
+mod nar_pass;
+mod upload;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -27,7 +35,8 @@ use futures::{StreamExt, TryStreamExt};
 use sha2::Digest;
 
 use crate::local_store::{LocalPathInfo, LocalStore};
-use crate::retry::RetryPolicy;
+use commit::DELTA_MIN_CHUNKS;
+use nar_pass::chunk_nar;
 
 /// How a push behaves.
 #[derive(Debug, Clone)]
@@ -286,115 +295,7 @@ impl Pusher {
             }
         }
         let query = self.upload_missing(&physical, &request.chunks, &unique, counters).await?;
-        if let Some(query) = query {
-            // The server remembers the list asked about: name it instead of listing the chunks
-            // again. Any refusal (the server forgot it, another replica answered) falls back to
-            // the full list, which also reports the real error if there is one.
-            let short = by_query(&request, &unique, query);
-            match self.api.commit(&short).await {
-                Ok(()) => return Ok(()),
-                Err(err) if matches!(err.kind(), ErrorKind::Unauthorized | ErrorKind::Forbidden) => return Err(err),
-                Err(err) => tracing::debug!("commit by chunk query refused, sending the chunk list: {err}"),
-            }
-        }
-        RetryPolicy::REQUEST.run("committing a path", || self.api.commit(&request)).await
-    }
-
-    /// Pushes a path as changes to the last one the cache holds under its unversioned name
-    /// (a new version of a package): asks only about the chunks that one lacks, and commits the
-    /// chunk list as runs of its list. What goes over the wire then grows with the change, not
-    /// with the NAR. `Ok(false)` when there is no such path, or it shares too little.
-    async fn push_as_changes(
-        &self,
-        physical: &std::path::Path,
-        request: &CommitRequest,
-        unique: &[ChunkHash],
-        counters: &Counters,
-    ) -> Result<bool> {
-        let base = match self.api.base(&short_name(&request.store_path)).await {
-            Ok(base) => base,
-            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(false),
-            Err(err) => return Err(err),
-        };
-        let in_base: HashSet<ChunkHash> = base.chunks.iter().map(|c| c.hash).collect();
-        let ask: Vec<ChunkHash> = unique.iter().filter(|h| !in_base.contains(h)).copied().collect();
-        // Sharing less than half, the delta would save little over the full list.
-        if ask.len() * 2 > unique.len() {
-            return Ok(false);
-        }
-        if !ask.is_empty() {
-            self.upload_missing(physical, &request.chunks, &ask, counters).await?;
-        }
-        let delta = ChunkDelta::between(hash_part(&base.store_path)?, &base.chunks, &request.chunks);
-        let as_changes = CommitRequest { chunks: Vec::new(), chunks_delta: Some(delta), ..request.clone() };
-        self.api.commit(&as_changes).await?;
-        counters.as_changes.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(store_path = %request.store_path, base = %base.store_path, "pushed as changes");
-        Ok(true)
-    }
-
-    /// Asks the server which of `ask` it lacks and uploads those; returns the name of the
-    /// question, for a commit that follows (see [`by_query`]).
-    async fn upload_missing(
-        &self,
-        physical: &std::path::Path,
-        chunks: &[ChunkRef],
-        ask: &[ChunkHash],
-        counters: &Counters,
-    ) -> Result<Option<String>> {
-        let (missing, query) = self.api.missing_chunks(ask).await?;
-        let missing: HashSet<ChunkHash> = missing.into_iter().collect();
-        if !missing.is_empty() {
-            self.upload(physical, chunks, missing, counters).await?;
-        }
-        Ok(query)
-    }
-
-    /// Pass 2: makes the NAR again and uploads the chunks in `missing`, `jobs` at once.
-    async fn upload(
-        &self,
-        physical: &std::path::Path,
-        chunks: &[ChunkRef],
-        missing: HashSet<ChunkHash>,
-        counters: &Counters,
-    ) -> Result<()> {
-        let (tx, rx) = tokio::sync::mpsc::channel::<(ChunkHash, usize, Vec<u8>)>(self.config.jobs.max(UPLOAD_BATCH));
-        // A push of a few new chunks (the common case: a new version of a path) waits for all
-        // of them and sends one request; a bigger one sends whatever is ready, in parallel.
-        let missing_bytes: u64 = {
-            let mut seen = HashSet::new();
-            chunks.iter().filter(|c| missing.contains(&c.hash) && seen.insert(c.hash)).map(|c| u64::from(c.size)).sum()
-        };
-        let one_request = missing.len() <= UPLOAD_BATCH && missing_bytes <= UPLOAD_BATCH_BYTES as u64;
-        let physical = physical.to_path_buf();
-        let expected: Vec<ChunkRef> = chunks.to_vec();
-        let (params, level) = (self.config.chunking, self.config.zstd_level);
-        let producer = tokio::task::spawn_blocking(move || compress_missing(&physical, params, level, &expected, missing, tx));
-        // Chunks ready together go in one request: fewer requests, fewer headers.
-        let batches: futures::stream::BoxStream<'_, Vec<(ChunkHash, usize, Vec<u8>)>> = if one_request {
-            tokio_stream_from(rx).chunks(UPLOAD_BATCH).boxed()
-        } else {
-            tokio_stream_from(rx).ready_chunks(UPLOAD_BATCH).boxed()
-        };
-        let uploads = batches
-            .flat_map(|ready| futures::stream::iter(split_by_bytes(ready, UPLOAD_BATCH_BYTES)))
-            .map(|batch| async move {
-                let frames: Vec<(ChunkHash, &[u8])> = batch.iter().map(|(hash, _, frame)| (*hash, frame.as_slice())).collect();
-                RetryPolicy::REQUEST.run("uploading chunks", || self.api.put_chunks(&frames)).await?;
-                for (_, raw, frame) in &batch {
-                    counters.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
-                    counters.uploaded_bytes.fetch_add(*raw as u64, Ordering::Relaxed);
-                    counters.uploaded_frame_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
-                }
-                Ok::<_, Error>(())
-            })
-            .buffer_unordered(self.config.jobs.max(1))
-            .try_collect::<()>();
-        // An upload error drops the receiver, which stops the producer.
-        let uploaded = uploads.await;
-        let produced = producer.await.map_err(|e| Error::internal(format!("chunking task failed: {e}")))?;
-        uploaded?;
-        produced
+        self.commit(&request, &unique, query).await
     }
 }
 
@@ -410,195 +311,6 @@ fn uploader_signature(keys: &TrustedKeys, store_dir: &str, info: &LocalPathInfo)
     let fingerprint = flywheel_core::nix::fingerprint(store_dir, &path, &nar_hash, info.nar_size, &references);
     keys.require_signature(&info.path, &fingerprint, &info.signatures)
 }
-
-/// The commit `full` with its chunks named by the `missing-chunks` question `query`, which
-/// asked about `asked` (the unique chunks, in order of first appearance).
-fn by_query(full: &CommitRequest, asked: &[ChunkHash], query: String) -> CommitRequest {
-    let index: std::collections::HashMap<ChunkHash, u32> = asked.iter().enumerate().map(|(i, h)| (*h, i as u32)).collect();
-    let order: Vec<u32> = full.chunks.iter().map(|c| index.get(&c.hash).copied().unwrap_or(u32::MAX)).collect();
-    let identity = order.iter().enumerate().all(|(i, &o)| o as usize == i) && order.len() == asked.len();
-    CommitRequest {
-        chunks: Vec::new(),
-        chunks_query: Some(query),
-        chunk_order: (!identity).then_some(order),
-        chunk_sizes: full.chunks.iter().map(|c| c.size).collect(),
-        ..full.clone()
-    }
-}
-
-/// Paths of fewer chunks are not pushed as changes to an earlier version: their chunk list
-/// is short anyway, and looking the earlier version up would cost a round trip per path.
-const DELTA_MIN_CHUNKS: usize = 16;
-
-/// Most chunks in one upload request.
-const UPLOAD_BATCH: usize = 16;
-/// Most frame bytes in one upload request, well under the server's 16 MiB request limit
-/// whatever the chunk sizes.
-const UPLOAD_BATCH_BYTES: usize = 4 << 20;
-
-/// Splits ready chunks into batches of at most `max_bytes` of frames (a single larger frame
-/// goes alone).
-fn split_by_bytes(ready: Vec<(ChunkHash, usize, Vec<u8>)>, max_bytes: usize) -> Vec<Vec<(ChunkHash, usize, Vec<u8>)>> {
-    let mut batches: Vec<Vec<(ChunkHash, usize, Vec<u8>)>> = Vec::new();
-    let mut bytes = 0;
-    for item in ready {
-        if batches.is_empty() || bytes + item.2.len() > max_bytes {
-            batches.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += item.2.len();
-        if let Some(batch) = batches.last_mut() {
-            batch.push(item);
-        }
-    }
-    batches
-}
-
-fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// A `Write` that hashes the NAR and cuts it into chunks.
-struct ChunkingSink<'a, F: FnMut(usize, Vec<u8>) -> std::io::Result<()>> {
-    chunker: Option<Chunker>,
-    sha: sha2::Sha256,
-    size: u64,
-    index: usize,
-    emit: F,
-    bar: Option<&'a indicatif::ProgressBar>,
-}
-
-impl<F: FnMut(usize, Vec<u8>) -> std::io::Result<()>> Write for ChunkingSink<'_, F> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.sha.update(buf);
-        self.size += buf.len() as u64;
-        if let Some(bar) = self.bar {
-            bar.inc(buf.len() as u64);
-        }
-        let (index, emit) = (&mut self.index, &mut self.emit);
-        let chunker = self.chunker.as_mut().ok_or_else(|| std::io::Error::other("chunker finished"))?;
-        chunker.push(buf, &mut |chunk: Vec<u8>| {
-            let i = *index;
-            *index += 1;
-            emit(i, chunk)
-        })?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<F: FnMut(usize, Vec<u8>) -> std::io::Result<()>> ChunkingSink<'_, F> {
-    fn finish(mut self) -> std::io::Result<(Sha256Hash, u64)> {
-        let (index, emit) = (&mut self.index, &mut self.emit);
-        if let Some(chunker) = self.chunker.take() {
-            chunker.finish(&mut |chunk: Vec<u8>| {
-                let i = *index;
-                *index += 1;
-                emit(i, chunk)
-            })?;
-        }
-        Ok((Sha256Hash(self.sha.finalize().into()), self.size))
-    }
-}
-
-fn io_error(path: &std::path::Path, err: std::io::Error) -> Error {
-    let kind = if err.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Unavailable };
-    Error::new(kind, format!("making the NAR of {}: {err}", path.display()))
-}
-
-/// Pass 1: the chunk list, NAR hash and size of the path at `physical`.
-fn chunk_nar(physical: &std::path::Path, params: ChunkParams, bar: &indicatif::ProgressBar) -> Result<(Vec<ChunkRef>, Sha256Hash, u64)> {
-    let mut chunks = Vec::new();
-    let mut sink = ChunkingSink {
-        chunker: Some(Chunker::new(params)),
-        sha: sha2::Sha256::new(),
-        size: 0,
-        index: 0,
-        bar: Some(bar),
-        emit: |_, chunk: Vec<u8>| {
-            chunks.push(ChunkRef { hash: ChunkHash::of(&chunk), size: chunk.len() as u32 });
-            Ok(())
-        },
-    };
-    flywheel_core::nar::dump_path(physical, &mut sink).map_err(|e| io_error(physical, e))?;
-    let (hash, size) = sink.finish().map_err(|e| io_error(physical, e))?;
-    Ok((chunks, hash, size))
-}
-
-/// Pass 2: makes the NAR again, checks it cuts into the same chunks, and sends the missing
-/// ones compressed to the uploader; stops once the last missing chunk is sent.
-fn compress_missing(
-    physical: &std::path::Path,
-    params: ChunkParams,
-    level: i32,
-    expected: &[ChunkRef],
-    mut missing: HashSet<ChunkHash>,
-    tx: tokio::sync::mpsc::Sender<(ChunkHash, usize, Vec<u8>)>,
-) -> Result<()> {
-    let mut failure: Option<Error> = None;
-    let mut sink = ChunkingSink {
-        chunker: Some(Chunker::new(params)),
-        sha: sha2::Sha256::new(),
-        size: 0,
-        index: 0,
-        bar: None,
-        emit: |i: usize, chunk: Vec<u8>| {
-            let hash = ChunkHash::of(&chunk);
-            if expected.get(i).map(|c| c.hash) != Some(hash) {
-                failure = Some(Error::corrupt(format!("{} changed while it was being pushed", physical.display())));
-                return Err(std::io::Error::other(EarlyStop::Changed));
-            }
-            if missing.remove(&hash) {
-                let frame = compress(&chunk, level).map_err(std::io::Error::other)?;
-                if tx.blocking_send((hash, chunk.len(), frame)).is_err() {
-                    return Err(std::io::Error::other(EarlyStop::UploaderStopped));
-                }
-                if missing.is_empty() {
-                    return Err(std::io::Error::other(EarlyStop::AllSent));
-                }
-            }
-            Ok(())
-        },
-    };
-    let dumped = flywheel_core::nar::dump_path(physical, &mut sink).and_then(|_| sink.finish().map(|_| ()));
-    if let Some(err) = failure {
-        return Err(err);
-    }
-    match dumped {
-        Ok(()) => Ok(()),
-        Err(err) => match err.get_ref().and_then(|inner| inner.downcast_ref::<EarlyStop>()) {
-            Some(EarlyStop::AllSent | EarlyStop::UploaderStopped) => Ok(()),
-            Some(EarlyStop::Changed) | None => Err(io_error(physical, err)),
-        },
-    }
-}
-
-/// Why pass 2 ended the NAR walk early. It travels as the NAR writer's `io::Error` and is
-/// read back by type: only a real I/O error is reported as one.
-#[derive(Debug)]
-enum EarlyStop {
-    /// Every missing chunk was sent: the rest of the NAR is not needed.
-    AllSent,
-    /// The uploader stopped (an upload failed); its error is the one reported.
-    UploaderStopped,
-    /// The path no longer cuts into the chunks of pass 1 (reported through `failure`).
-    Changed,
-}
-
-impl std::fmt::Display for EarlyStop {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            EarlyStop::AllSent => "all missing chunks sent",
-            EarlyStop::UploaderStopped => "the uploader stopped",
-            EarlyStop::Changed => "the path changed while it was read",
-        })
-    }
-}
-
-impl std::error::Error for EarlyStop {}
 
 /// The paths in dependency levels: every path's references (within the set) are in earlier
 /// levels. Cycles cannot occur in a Nix store (self-references are ignored).
@@ -646,46 +358,9 @@ fn progress_bar(enabled: bool, total: u64, paths: usize) -> indicatif::ProgressB
     bar
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_commit_by_query_names_chunks_by_their_place_in_the_question() {
-        let (a, b) = (ChunkHash::of(b"a"), ChunkHash::of(b"b"));
-        let full = CommitRequest {
-            store_path: "/nix/store/00000000000000000000000000000000-x".into(),
-            nar_hash: "sha256:x".into(),
-            nar_size: 7,
-            references: Vec::new(),
-            deriver: None,
-            sigs: Vec::new(),
-            ca: None,
-            chunks: vec![ChunkRef { hash: a, size: 3 }, ChunkRef { hash: b, size: 4 }],
-            chunks_query: None,
-            chunk_order: None,
-            chunk_sizes: Vec::new(),
-            chunks_delta: None,
-        };
-        let short = by_query(&full, &[a, b], "q".into());
-        assert!(short.chunks.is_empty());
-        assert_eq!(short.chunk_order, None, "the question's own order needs no list");
-        assert_eq!(short.chunk_sizes, vec![3, 4]);
-        let repeated = CommitRequest { chunks: vec![full.chunks[0], full.chunks[1], full.chunks[0]], ..full.clone() };
-        let short = by_query(&repeated, &[a, b], "q".into());
-        assert_eq!(short.chunk_order, Some(vec![0, 1, 0]));
-        assert_eq!(short.chunk_sizes, vec![3, 4, 3]);
-    }
-
-    #[test]
-    fn upload_batches_stay_under_the_byte_limit() {
-        let item = |len: usize| (ChunkHash::of(&len.to_le_bytes()), len, vec![0u8; len]);
-        let batches = split_by_bytes(vec![item(3), item(4), item(2), item(9), item(1)], 8);
-        let sizes: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|(_, raw, _)| *raw).collect()).collect();
-        assert_eq!(sizes, vec![vec![3, 4], vec![2], vec![9], vec![1]]);
-        assert!(split_by_bytes(Vec::new(), 8).is_empty());
-    }
 
     #[test]
     fn uploader_signatures_are_checked_as_the_server_checks_them() {
