@@ -1,0 +1,158 @@
+//! CI jobs on a lazy mount against substituting first, with and without traces.
+
+use super::*;
+
+/// A CI job as a whole (set-up plus the job) on a fresh runner: substituting its closure
+/// first, against the lazy mount with no trace (on-demand reads plus the background fill),
+/// with a trace saved by an earlier job, and warm; on loopback and over 1 Gbit/s and
+/// 100 Mbit/s links; for two shapes of job. Then the fill policies side by side.
+pub(crate) fn job_section(report: &mut Report, work: &Path) {
+    use common_fuse::{mount_overlay, register_lazily, NixVersion, Setup, Unmount, CACHE};
+    const JOB_FILES: usize = 200;
+    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output().unwrap();
+    let docs_dir = PathBuf::from(String::from_utf8(sysroot.stdout).unwrap().trim()).join("share/doc/rust/html/std");
+    let setup = Setup::of(NixVersion::V2_8);
+    let docs = setup.nix.run(setup.nix.cmd("nix-store").args(["--store", &setup.store_root, "--add"]).arg(&docs_dir)).trim().to_string();
+    let docs_mb = setup.nix.path_info(&setup.store_root, &docs).nar_size as f64 / MB;
+    let netrc = setup.server.netrc(&setup.token);
+    let out = setup.nix.copy_to(&setup.store_root, &format!("{}/{CACHE}?compression=zstd", setup.server.url), &netrc, std::slice::from_ref(&docs));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Two shapes: a walk reading files in NAR order (readahead's best case), and a job that
+    // opens files spread over the whole path one by one, a process each (as an interpreter
+    // importing modules does), which no readahead foresees.
+    let shapes: [(&str, String); 2] = [
+        ("walk", format!("/bin/busybox find $p -name '*.html' | /bin/busybox sort | /bin/busybox head -n {JOB_FILES} | /bin/busybox xargs /bin/busybox cat | /bin/busybox wc -c")),
+        ("scattered", format!("/bin/busybox find $p -name '*.html' | /bin/busybox sort | /bin/busybox awk 'NR % 17 == 0' | /bin/busybox head -n {JOB_FILES} | while read f; do /bin/busybox sha256sum $f; done | /bin/busybox wc -l")),
+    ];
+    let job = |shape: &str, store: &str| -> f64 {
+        let script = &shapes.iter().find(|(name, _)| *name == shape).unwrap().1;
+        let expr = format!(
+            "derivation {{ name = \"job-{}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
+             args = [ \"-c\" ''p=${{builtins.storePath \"{docs}\"}}; {script} > $out'' ]; }}",
+            common::unique_seed("j")
+        );
+        time_cmd(setup.nix.cmd("nix-build").args(["--store", store, "--no-out-link", "-E", &expr]).stdout(Stdio::null()))
+    };
+    let metrics_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // One lazy job on a fresh runner: (total, warm job, compressed bytes fetched).
+    let lazy_run = |shape: &str, url: &str, extra: &[&str]| -> (f64, f64, f64) {
+        let dir = tempfile::tempdir_in(work).unwrap();
+        let cache_dir = dir.path().join("cache");
+        std::fs::create_dir_all(&cache_dir).unwrap();
+        drop_caches();
+        let port = metrics_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mount = setup.mount(url, &cache_dir, &[extra, &["--metrics-listen", &listen]].concat());
+        let started = Instant::now();
+        let root = dir.path().join("root");
+        let overlay: Unmount = mount_overlay(&mount.mountpoint, &dir.path().join("upper"), &dir.path().join("work"), &root.join("nix/store"));
+        let store = format!("local?root={}", root.display());
+        register_lazily(&setup, &store, std::slice::from_ref(&docs));
+        job(shape, &store);
+        let total = started.elapsed().as_secs_f64();
+        let fetched = common::metric_value(&common::fetch_metrics(&format!("http://{listen}/metrics")), "flywheel_runner_chunk_bytes_fetched_total");
+        drop_caches();
+        let warm = job(shape, &store);
+        drop(overlay);
+        drop(mount);
+        (total, warm, fetched)
+    };
+    let substitute_run = |shape: &str, url: &str| -> f64 {
+        let dir = tempfile::tempdir_in(work).unwrap();
+        drop_caches();
+        let store = format!("local?root={}", dir.path().join("root").display());
+        let started = Instant::now();
+        let copied = setup
+            .nix
+            .cmd("nix")
+            .args(["copy", "--no-check-sigs", "--from", &format!("{url}/{CACHE}"), "--to", &store, "--option", "netrc-file"])
+            .arg(&netrc)
+            .arg(&docs)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        job(shape, &store);
+        started.elapsed().as_secs_f64()
+    };
+    let links: [(&str, Option<f64>); 3] = [("loopback", None), ("1 Gbit/s", Some(125e6)), ("100 Mbit/s", Some(12.5e6))];
+    let link_urls: Vec<(&str, Option<Link>)> = links.iter().map(|(name, rate)| (*name, rate.map(|r| Link::start(&setup.server.url, r)))).collect();
+    let url_of = |link: &Option<Link>| link.as_ref().map(Link::url).unwrap_or_else(|| setup.server.url.clone());
+    let policies: [(&str, &[&str]); 4] = [
+        ("no fill (default)", &[]),
+        ("fill, NAR order", &["--fill-max-nar-size", "268435456"]),
+        ("fill, NAR order, 1 request beside reads", &["--fill-max-nar-size", "268435456", "--fill-alongside-reads", "1"]),
+        ("fill, small files first", &["--fill-max-nar-size", "268435456", "--fill-order", "small-files-first"]),
+    ];
+    let mut policy_rows: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut intro_bytes = Vec::new();
+    let mut rows: Vec<(String, String, String, String, &str)> = Vec::new();
+    for (shape, _) in &shapes {
+        let key = format!("bench-{shape}");
+        // The trace: one job on a fresh runner records it and saves it at unmount.
+        lazy_run(shape, &setup.server.url, &["--prefetch", &key, "--fill-max-nar-size", "0"]);
+        // What the job reads, compressed: on-demand reads alone fetch only that (and readahead).
+        let (_, _, read_bytes) = lazy_run(shape, &setup.server.url, &["--fill-max-nar-size", "0"]);
+        intro_bytes.push(format!("{shape} {:.1} MB", read_bytes / MB));
+        for (name, link) in &link_urls {
+            let url = url_of(link);
+            let reference = median((0..RUNS).map(|_| substitute_run(shape, &url)).collect());
+            let mut by_policy = Vec::new();
+            for (_, flags) in &policies {
+                let runs: Vec<(f64, f64, f64)> = (0..RUNS).map(|_| lazy_run(shape, &url, flags)).collect();
+                by_policy.push((median(runs.iter().map(|r| r.0).collect()), median(runs.iter().map(|r| r.2).collect())));
+            }
+            policy_rows.push((format!("{shape}, {name} (substitute first: {reference:.2} s)"), by_policy.clone()));
+            let traced: Vec<(f64, f64, f64)> = (0..RUNS).map(|_| lazy_run(shape, &url, &["--prefetch", &key])).collect();
+            let (cold, fill_bytes) = by_policy[0];
+            let with_trace = median(traced.iter().map(|r| r.0).collect());
+            let warm = median(traced.iter().map(|r| r.1).collect());
+            let trace_bytes = median(traced.iter().map(|r| r.2).collect());
+            let substitute = format!("substitute first: {reference:.2} s");
+            let slow = *name == "100 Mbit/s";
+            rows.push((format!("{shape}, {name}: cold lazy, no trace"), format!("{cold:.2} s ({:.1} MB fetched)", fill_bytes / MB), substitute.clone(), format!("{} faster", ratio(reference / cold)), if slow { ">= 2x faster" } else { ">= 1x" }));
+            rows.push((
+                format!("{shape}, {name}: cold lazy, with a trace"),
+                format!("{with_trace:.2} s ({:.1} MB fetched, {:.2}x what the job reads)", trace_bytes / MB, trace_bytes / read_bytes.max(1.0)),
+                substitute,
+                format!("{} faster; {:.2}x the warm job", ratio(reference / with_trace), with_trace / warm),
+                match *name {
+                    "loopback" => ">= 1.5x faster, <= 1.3x warm, <= 1.5x bytes",
+                    "100 Mbit/s" => ">= 4x faster, <= 1.3x warm",
+                    _ => "<= 1.3x warm",
+                },
+            ));
+            rows.push((format!("{shape}, {name}: warm lazy"), format!("{warm:.2} s (job only)"), String::new(), String::new(), ""));
+        }
+    }
+    report.section(
+        "CI job, lazy against substituting first",
+        &format!(
+            "Jobs (derivations) over the std docs of this machine's Rust toolchain ({docs_mb:.0} MB of NAR), on a fresh runner: \
+             empty chunk cache, empty page cache, and a store that does not have the path. *walk* lists every HTML file and \
+             reads {JOB_FILES} of them in name order (NAR order) with one `cat`; *scattered* reads {JOB_FILES} files spread over \
+             the whole path (every 17th), one `sha256sum` process each, as an interpreter importing modules does. Each figure \
+             is set-up plus job, median of {RUNS} runs. The reference substitutes the path first (`nix copy --from` the server, \
+             zstd NARs, into a fresh store). The lazy runs mount the cache, mount an overlay over it and register the path \
+             (`dump-db | nix-store --load-db`), then run the job: with no trace (on-demand reads, the default), and with the trace an earlier job saved (`flywheel mount --prefetch KEY`, which starts fetching the traced \
+             chunks at once). Warm is the same job again on that runner, page cache dropped. Links are the proxy of the \
+             substituter section (shared bandwidth limit, no added latency). Nix 2.8, server on local storage on this machine. \
+             On-demand reads alone fetch (compressed): {}.",
+            intro_bytes.join(", ")
+        ),
+    );
+    for (figure, ours, reference, ratio_text, target) in rows {
+        report.row(&figure, ours, reference, ratio_text, target);
+    }
+    report.section(
+        "Background fill policies",
+        &format!(
+            "The cold lazy jobs of the section above with no trace, under each fill policy (`--fill-max-nar-size 0`; the \
+             default; `--fill-alongside-reads 1`; `--fill-order small-files-first`): set-up plus job, median of {RUNS} runs, \
+             and the compressed bytes fetched by the job's end."
+        ),
+    );
+    for (figure, by_policy) in policy_rows {
+        let cells: Vec<String> = policies.iter().zip(&by_policy).map(|((name, _), (t, b))| format!("{name}: {t:.2} s, {:.1} MB", b / MB)).collect();
+        report.row(&figure, cells[..2].join("; "), cells[2..].join("; "), String::new(), "");
+    }
+}
