@@ -294,3 +294,31 @@ fn impossible_chunk_sizes_are_refused() {
     assert!(!resp.bytes().unwrap().is_empty());
     assert_served(&server, "pub", &token, &published);
 }
+
+/// Refusals by the request parsers themselves (a path segment that is not UTF-8, a query that
+/// does not parse, a body over the limit) answer with Attic's error body and their own status,
+/// like every other refusal.
+#[test]
+fn parser_refusals_answer_with_attics_error_body() {
+    let server = Server::start(Backend::Local);
+    server.create_cache("pub", true);
+    let token = server.admin_token();
+    let client = client();
+    let api = format!("{}/_flywheel/v1/pub", server.url);
+    let big = vec![0u8; 17 << 20];
+    let cases = [
+        (client.get(format!("{api}/chunk/%FF%FE")), StatusCode::BAD_REQUEST),
+        (client.get(format!("{api}/chunk/{}?path=a&path=b", "0".repeat(64))), StatusCode::BAD_REQUEST),
+        (client.post(format!("{api}/upload-chunks")).bearer_auth(&token).body(big.clone()), StatusCode::PAYLOAD_TOO_LARGE),
+        (client.put(format!("{api}/chunk/{}", "0".repeat(64))).bearer_auth(&token).body(big), StatusCode::PAYLOAD_TOO_LARGE),
+    ];
+    for (request, status) in cases {
+        let resp = request.send().unwrap();
+        let url = resp.url().to_string();
+        assert_eq!(resp.status(), status, "{url}");
+        let body: serde_json::Value = resp.json().unwrap_or_else(|e| panic!("{url}: the refusal is not JSON: {e}"));
+        assert_eq!(body["code"], status.as_u16(), "{url}: {body}");
+        assert_eq!(body["error"], "RequestError", "{url}: {body}");
+        assert!(!body["message"].as_str().unwrap_or_default().is_empty(), "{url}: {body}");
+    }
+}

@@ -12,12 +12,21 @@ pub struct ApiError {
     error: Error,
     /// Attic's name for errors that have a more specific one than the kind.
     name: Option<&'static str>,
+    /// A status other than the kind's (an extractor's refusal, such as 413 for a body over
+    /// the limit).
+    status: Option<StatusCode>,
 }
 
 impl ApiError {
     /// An error with Attic's specific name (`NoSuchCache`, `CacheAlreadyExists`, ...).
     pub fn named(error: Error, name: &'static str) -> Self {
-        ApiError { error, name: Some(name) }
+        ApiError { error, name: Some(name), status: None }
+    }
+
+    /// An axum extractor's refusal of a request: its status, with Attic's body.
+    pub fn rejected(status: StatusCode, message: String) -> Self {
+        let kind = if status.is_server_error() { ErrorKind::Internal } else { ErrorKind::InvalidInput };
+        ApiError { error: Error::new(kind, message), name: None, status: Some(status) }
     }
 
     /// The kind.
@@ -28,7 +37,7 @@ impl ApiError {
 
 impl From<Error> for ApiError {
     fn from(error: Error) -> Self {
-        ApiError { error, name: None }
+        ApiError { error, name: None, status: None }
     }
 }
 
@@ -49,7 +58,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let kind = self.error.kind();
-        let status = status_of(kind);
+        let status = self.status.unwrap_or_else(|| status_of(kind));
         let (name, message) = match kind {
             ErrorKind::Corrupt | ErrorKind::Internal => {
                 tracing::error!(error = %self.error, kind = %kind, "request failed");

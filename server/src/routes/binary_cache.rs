@@ -2,7 +2,7 @@
 //! and nix-daemon's substituter speak.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -11,6 +11,7 @@ use flywheel_core::{Error, Result};
 use futures::{StreamExt, TryStreamExt};
 use tracing::instrument;
 
+use super::{ApiBytes, ApiPath};
 use super::publish::PathMetadata;
 use super::{authorize, Access, Caller, Push};
 use crate::error::ApiError;
@@ -21,7 +22,7 @@ use crate::storage::{CacheRecord, PathRecord};
 type ApiResult<T> = std::result::Result<T, ApiError>;
 
 /// `GET /{cache}/nix-cache-info`.
-pub async fn cache_info(State(state): State<AppState>, caller: Caller, Path(cache): Path<String>) -> ApiResult<Response> {
+pub async fn cache_info(State(state): State<AppState>, caller: Caller, ApiPath(cache): ApiPath<String>) -> ApiResult<Response> {
     let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
     let info = NixCacheInfo { store_dir: record.store_dir, want_mass_query: true, priority: record.priority };
     Ok(([(header::CONTENT_TYPE, cache_info::CONTENT_TYPE)], info.render()).into_response())
@@ -34,7 +35,7 @@ pub async fn cache_info(State(state): State<AppState>, caller: Caller, Path(cach
 /// waiting a second for one. Answered before it, the connection was closed, or, depending on
 /// timing, kept with the late body read as the start of the next request, which Nix then saw
 /// fail with a 400. [`Access`] checks the token first, so only a pusher's body is read.
-pub async fn put_cache_info(_access: Access<Push>, _body: Bytes) -> ApiResult<StatusCode> {
+pub async fn put_cache_info(_access: Access<Push>, ApiBytes(_body): ApiBytes) -> ApiResult<StatusCode> {
     Ok(StatusCode::OK)
 }
 
@@ -76,7 +77,7 @@ pub fn render_narinfo(record: &PathRecord, cache: &CacheRecord) -> Result<String
 pub async fn get_file(
     State(state): State<AppState>,
     caller: Caller,
-    Path((cache, file)): Path<(String, String)>,
+    ApiPath((cache, file)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
     let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
     if let Some(hash_part) = file.strip_suffix(".narinfo") {
@@ -99,8 +100,8 @@ pub async fn get_file(
 pub async fn put_file(
     State(state): State<AppState>,
     access: Access<Push>,
-    Path((_, file)): Path<(String, String)>,
-    body: Bytes,
+    ApiPath((_, file)): ApiPath<(String, String)>,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<StatusCode> {
     let (cache, record) = (access.name, access.record);
     if file.ends_with(".ls") {
@@ -182,7 +183,7 @@ fn is_uploaders_nar_file(file: &str) -> bool {
 pub async fn delete_file(
     State(state): State<AppState>,
     caller: Caller,
-    Path((cache, file)): Path<(String, String)>,
+    ApiPath((cache, file)): ApiPath<(String, String)>,
 ) -> ApiResult<StatusCode> {
     authorize(&state, &caller, &cache, "delete", |p| p.delete).await?;
     let Some(hash_part) = file.strip_suffix(".narinfo") else {
@@ -204,7 +205,7 @@ pub async fn delete_file(
 pub async fn get_nar(
     State(state): State<AppState>,
     caller: Caller,
-    Path((cache, file)): Path<(String, String)>,
+    ApiPath((cache, file)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
     authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
     let no_such = || Error::not_found(format!("no such NAR {file:?}"));
@@ -361,7 +362,7 @@ fn encode_blocking(
 pub async fn put_nar(
     State(state): State<AppState>,
     caller: Caller,
-    Path((cache, file)): Path<(String, String)>,
+    ApiPath((cache, file)): ApiPath<(String, String)>,
     body: Body,
 ) -> ApiResult<StatusCode> {
     let record = authorize(&state, &caller, &cache, "push", |p| p.push).await?;

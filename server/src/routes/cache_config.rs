@@ -1,6 +1,6 @@
 //! `GET|POST|PATCH|DELETE /_api/v1/cache-config/{cache}`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use flywheel_core::api::v1::cache_config::{CacheConfig, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig};
@@ -9,6 +9,7 @@ use flywheel_core::nix::SigningKey;
 use flywheel_core::{Error, ErrorKind};
 
 
+use super::ApiPath;
 use super::{authorize, Access, ApiJson, Caller, Configure, CreateCache, Need};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -30,7 +31,7 @@ fn check_store_dir(store_dir: &str) -> Result<(), Error> {
 pub async fn read(
     State(state): State<AppState>,
     caller: Caller,
-    Path(cache): Path<String>,
+    ApiPath(cache): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Json<CacheConfig>, ApiError> {
     let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
@@ -111,9 +112,7 @@ impl axum::extract::FromRequestParts<AppState> for MayCreate {
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let caller = Caller::from_request_parts(parts, state).await?;
-        let Path(cache) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| Error::invalid(format!("the URL's path: {}", e.body_text())))?;
+        let ApiPath(cache) = ApiPath::<String>::from_request_parts(parts, state).await?;
         validate_cache_name(&cache)?;
         if !CreateCache::granted(&caller.permissions_for(&cache)) {
             let kind = if caller.0.is_some() { ErrorKind::Forbidden } else { ErrorKind::Unauthorized };
@@ -192,7 +191,7 @@ pub async fn update(
 pub async fn destroy(
     State(state): State<AppState>,
     caller: Caller,
-    Path(cache): Path<String>,
+    ApiPath(cache): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     authorize(&state, &caller, &cache, "destroy", |p| p.destroy_cache).await?;
     state.storage.delete_cache(&cache).await?;

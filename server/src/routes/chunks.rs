@@ -2,7 +2,7 @@
 //! chunks they lack. Wire types and framing are in `flywheel_core::api::v1::chunks`.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,6 +17,7 @@ use flywheel_core::Error;
 use futures::{StreamExt, TryStreamExt};
 use tracing::instrument;
 
+use super::{ApiBytes, ApiPath, ApiQuery};
 use super::binary_cache::{path_record, render_narinfo};
 use super::publish::PathMetadata;
 use super::{Access, ApiJson, Pull, Push};
@@ -43,7 +44,7 @@ fn check_count(n: usize) -> Result<(), Error> {
 pub async fn manifest(
     State(state): State<AppState>,
     access: Access<Pull>,
-    Path((_, hash)): Path<(String, String)>,
+    ApiPath((_, hash)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
     let (cache, record) = (&access.name, &access.record);
     let path = path_record(&state, cache, &hash).await?;
@@ -70,7 +71,7 @@ pub async fn manifest(
 pub async fn base(
     State(state): State<AppState>,
     access: Access<Pull>,
-    Path((_, name)): Path<(String, String)>,
+    ApiPath((_, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<BaseChunks>> {
     let cache = &access.name;
     let unversioned = StorePath::new([0; 20], name.as_str())?.unversioned_name();
@@ -125,8 +126,8 @@ fn path_named(path: Option<String>) -> Result<String, Error> {
 pub async fn get_one(
     State(state): State<AppState>,
     access: Access<Pull>,
-    Path((_, hash)): Path<(String, String)>,
-    Query(of): Query<ChunkOf>,
+    ApiPath((_, hash)): ApiPath<(String, String)>,
+    ApiQuery(of): ApiQuery<ChunkOf>,
 ) -> ApiResult<Response> {
     let hash = parse_chunk(&hash)?;
     let path = path_named(of.path)?;
@@ -213,8 +214,8 @@ pub async fn missing(
 pub async fn put_one(
     State(state): State<AppState>,
     access: Access<Push>,
-    Path((_, hash)): Path<(String, String)>,
-    frame: Bytes,
+    ApiPath((_, hash)): ApiPath<(String, String)>,
+    ApiBytes(frame): ApiBytes,
 ) -> ApiResult<StatusCode> {
     let hash = parse_chunk(&hash)?;
     let max = state.config.chunking.max_size as usize;
@@ -257,7 +258,7 @@ async fn store_uploaded(state: &AppState, cache: &str, frames: Vec<(ChunkHash, B
 pub async fn upload_many(
     State(state): State<AppState>,
     access: Access<Push>,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<StatusCode> {
     let records = parse_upload_records(&body)?;
     check_count(records.len())?;

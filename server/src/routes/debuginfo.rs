@@ -3,12 +3,13 @@
 //! the NAR (`archive`, relative to `debuginfo/`) and the file in it (`member`).
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use flywheel_core::Error;
 use tracing::instrument;
 
+use super::{ApiBytes, ApiPath};
 use super::{Access, Pull, Push};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -38,8 +39,8 @@ fn build_id(name: &str) -> Result<&str, Error> {
 pub async fn put(
     State(state): State<AppState>,
     access: Access<Push>,
-    Path((_, name)): Path<(String, String)>,
-    body: Bytes,
+    ApiPath((_, name)): ApiPath<(String, String)>,
+    ApiBytes(body): ApiBytes,
 ) -> Result<StatusCode, ApiError> {
     let id = build_id(&name)?;
     let info: DebugInfo = serde_json::from_slice(&body)
@@ -58,7 +59,7 @@ pub async fn put(
 pub async fn get(
     State(state): State<AppState>,
     access: Access<Pull>,
-    Path((_, name)): Path<(String, String)>,
+    ApiPath((_, name)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     // Nix looks before it uploads: a name that cannot be a build ID is simply not there.
     let id = build_id(&name).map_err(|_| Error::not_found(format!("no debug info named {name:?}")))?;

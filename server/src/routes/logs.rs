@@ -2,13 +2,14 @@
 //! `nix log --store` and `nix-store -l` read them.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use flywheel_core::nix::StorePath;
 use flywheel_core::Error;
 use tracing::instrument;
 
+use super::{ApiBytes, ApiPath};
 use super::{Access, Pull, Push};
 use crate::error::ApiError;
 use crate::ingest::Compression;
@@ -33,9 +34,9 @@ fn log_name(name: &str) -> Result<String, Error> {
 pub async fn put(
     State(state): State<AppState>,
     access: Access<Push>,
-    Path((_, name)): Path<(String, String)>,
+    ApiPath((_, name)): ApiPath<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<StatusCode, ApiError> {
     let name = log_name(&name)?;
     let encoding = headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?"));
@@ -56,7 +57,7 @@ pub async fn put(
 pub async fn get(
     State(state): State<AppState>,
     access: Access<Pull>,
-    Path((_, name)): Path<(String, String)>,
+    ApiPath((_, name)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let name = log_name(&name)?;
     let stored = state

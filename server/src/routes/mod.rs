@@ -112,9 +112,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
         let encoding = req.headers().get(axum::http::header::CONTENT_ENCODING).cloned();
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| Error::invalid(format!("reading the body: {}", e.body_text())))?;
+        let ApiBytes(bytes) = ApiBytes::from_request(req, state).await?;
         let bytes = match encoding.as_ref().map(|v| v.as_bytes()) {
             None | Some(b"identity") => bytes,
             // Chunk lists are long runs of hex: compressed, a push's metadata stays small.
@@ -140,6 +138,47 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| Error::invalid(format!("the body is not the expected JSON: {e}")).into())
+    }
+}
+
+/// A refusal of one of axum's extractors, answered with Attic's error body.
+fn rejected(rejection: impl axum::response::IntoResponse + std::fmt::Display) -> ApiError {
+    let message = rejection.to_string();
+    ApiError::rejected(rejection.into_response().status(), message)
+}
+
+/// axum's `Path`, refused with Attic's error body.
+pub struct ApiPath<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(value) = axum::extract::Path::<T>::from_request_parts(parts, state).await.map_err(rejected)?;
+        Ok(ApiPath(value))
+    }
+}
+
+/// axum's `Query`, refused with Attic's error body.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Query(value) = axum::extract::Query::<T>::from_request_parts(parts, state).await.map_err(rejected)?;
+        Ok(ApiQuery(value))
+    }
+}
+
+/// A whole request body (within the route's limit), refused with Attic's error body.
+pub struct ApiBytes(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::body::Bytes::from_request(req, state).await.map(ApiBytes).map_err(rejected)
     }
 }
 

@@ -12,13 +12,14 @@
 //! cannot get.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use flywheel_core::nix::{BuildTraceKey, BuildTraceValue, DrvOutputId, Realisation, SigningKey, StorePath};
 use flywheel_core::Error;
 use tracing::instrument;
 
+use super::{ApiBytes, ApiPath};
 use super::{Access, Pull, Push};
 use crate::error::ApiError;
 use crate::ingest::Compression;
@@ -75,9 +76,9 @@ fn json_response(json: Vec<u8>) -> Response {
 pub async fn put_realisation(
     State(state): State<AppState>,
     access: Access<Push>,
-    Path((_, file)): Path<(String, String)>,
+    ApiPath((_, file)): ApiPath<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<StatusCode, ApiError> {
     let id = realisation_id(&file)?;
     let realisation = Realisation::parse_json(&decoded_body(&headers, body)?).map_err(|e| e.context(format!("realisations/{file}")))?;
@@ -95,7 +96,7 @@ pub async fn put_realisation(
 pub async fn get_realisation(
     State(state): State<AppState>,
     access: Access<Pull>,
-    Path((_, file)): Path<(String, String)>,
+    ApiPath((_, file)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let id = realisation_id(&file)?;
     let name = format!("{}/{}", id.drv_hash.to_hex(), id.output);
@@ -115,9 +116,9 @@ pub async fn get_realisation(
 pub async fn put_build_trace(
     State(state): State<AppState>,
     access: Access<Push>,
-    Path((_, drv, file)): Path<(String, String, String)>,
+    ApiPath((_, drv, file)): ApiPath<(String, String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<StatusCode, ApiError> {
     let key = build_trace_key(&drv, &file)?;
     let value = BuildTraceValue::parse_json(&decoded_body(&headers, body)?)
@@ -134,7 +135,7 @@ pub async fn put_build_trace(
 pub async fn get_build_trace(
     State(state): State<AppState>,
     access: Access<Pull>,
-    Path((_, drv, file)): Path<(String, String, String)>,
+    ApiPath((_, drv, file)): ApiPath<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let key = build_trace_key(&drv, &file)?;
     let name = format!("{}/{}", key.drv_path, key.output);

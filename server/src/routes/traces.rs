@@ -8,7 +8,7 @@
 //! worst it costs is one job without prefetching.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,6 +16,7 @@ use flywheel_core::api::v1::traces::{validate_trace_key, Trace, TraceSummary, MA
 use flywheel_core::Error;
 use tracing::instrument;
 
+use super::ApiPath;
 use super::{Access, Pull, Push};
 use crate::error::ApiError;
 use crate::ingest::Compression;
@@ -28,7 +29,7 @@ use crate::storage::CacheFile;
 pub async fn get(
     State(state): State<AppState>,
     access: Access<Pull>,
-    Path((_, key)): Path<(String, String)>,
+    ApiPath((_, key)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     validate_trace_key(&key)?;
     let (_, json) = load(&state, &access.name, &key)
@@ -48,7 +49,7 @@ pub async fn get(
 pub async fn put(
     State(state): State<AppState>,
     access: Access<Push>,
-    Path((_, key)): Path<(String, String)>,
+    ApiPath((_, key)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<TraceSummary>, ApiError> {
