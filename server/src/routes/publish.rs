@@ -15,15 +15,23 @@ const MAX_FIELD_LEN: usize = 4096;
 
 /// Metadata of a path as a client sent it, before checks.
 pub struct PathMetadata<'a> {
+    /// The store path, a base name or a full path in the cache's store dir.
     pub store_path: &'a str,
     /// The cache it is published to: its store dir, and its rule on uploader signatures.
     pub cache: &'a CacheRecord,
+    /// The NAR's SHA-256, which the route checks the NAR against.
     pub nar_hash: Sha256Hash,
+    /// The NAR's size.
     pub nar_size: u64,
+    /// References, base names or full paths.
     pub references: &'a [String],
+    /// The deriver; empty or `unknown-deriver` means none.
     pub deriver: Option<&'a str>,
+    /// The system it was built for.
     pub system: Option<&'a str>,
+    /// Signatures, `name:base64`.
     pub sigs: &'a [String],
+    /// Content address.
     pub ca: Option<&'a str>,
 }
 
@@ -111,4 +119,76 @@ pub fn check_uploader_signature(cache: &CacheRecord, store_path: &StorePath, rec
     keys.require_signature(&store_path.to_absolute(&cache.store_dir), &fingerprint, &record.sigs).inspect_err(|err| {
         tracing::warn!(cache = %cache.name, store_path = %record.store_path, "upload refused: {}", err.message());
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flywheel_core::ErrorKind;
+
+    const A: &str = "0c0ckjhibxyvhrxdb55dp3iwzal15ppw-a";
+    const B: &str = "1c0ckjhibxyvhrxdb55dp3iwzal15ppw-b";
+
+    fn cache() -> CacheRecord {
+        CacheRecord {
+            name: "main".into(),
+            signing_key: String::new(),
+            is_public: true,
+            store_dir: "/nix/store".into(),
+            priority: 41,
+            upstream_cache_key_names: Vec::new(),
+            retention_period: None,
+            trusted_uploader_keys: Vec::new(),
+            require_uploader_signature: false,
+        }
+    }
+
+    fn metadata<'a>(cache: &'a CacheRecord, references: &'a [String], sigs: &'a [String]) -> PathMetadata<'a> {
+        PathMetadata {
+            store_path: A,
+            cache,
+            nar_hash: Sha256Hash([7; 32]),
+            nar_size: 100,
+            references,
+            deriver: Some("unknown-deriver"),
+            system: Some("x86_64-linux"),
+            sigs,
+            ca: Some(""),
+        }
+    }
+
+    #[test]
+    fn records_are_normalized() {
+        let cache = cache();
+        let references = [format!("/nix/store/{B}"), A.to_string(), B.to_string()];
+        let sigs = ["k:c2ln".to_string()];
+        let (path, record) = metadata(&cache, &references, &sigs).into_record().unwrap();
+        assert_eq!(path.base_name(), A);
+        assert_eq!(record.references, [A, B], "full paths become base names, sorted, once each");
+        assert_eq!(record.deriver, None);
+        assert_eq!(record.ca, None, "an empty CA is no CA");
+        assert_eq!(record.system.as_deref(), Some("x86_64-linux"));
+    }
+
+    #[test]
+    fn bad_fields_are_refused() {
+        let cache = cache();
+        let none: [String; 0] = [];
+        let outside = [format!("/opt/store/{B}")];
+        assert_eq!(metadata(&cache, &outside, &none).into_record().unwrap_err().kind(), ErrorKind::InvalidInput);
+        for sig in ["nocolon", "k:", ":v", "k:a b"] {
+            let sigs = [sig.to_string()];
+            assert!(metadata(&cache, &none, &sigs).into_record().is_err(), "{sig:?}");
+        }
+        let mut empty = metadata(&cache, &none, &none);
+        empty.nar_size = 0;
+        assert!(empty.into_record().unwrap_err().message().contains("NarSize"));
+        let mut newline = metadata(&cache, &none, &none);
+        newline.system = Some("x86_64-linux\nStorePath: /nix/store/evil");
+        assert!(newline.into_record().is_err());
+        let mut required = cache.clone();
+        required.require_uploader_signature = true;
+        required.trusted_uploader_keys = vec!["runner:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()];
+        assert_eq!(metadata(&required, &none, &none).into_record().unwrap_err().kind(), ErrorKind::Forbidden);
+    }
 }
