@@ -24,8 +24,10 @@ pub mod cache;
 pub mod dump_db;
 pub mod metrics;
 pub mod share;
+pub mod source;
 pub mod store;
 
 pub use api::{ApiClient, ClientConfig, FetchedChunk};
 pub use cache::{LocalCacheConfig, CacheStats, ChunkCache};
+pub use source::{ChunkSource, MemorySource};
 pub use store::ChunkStore;

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use crate::api::{ApiClient, ClientConfig};
 use crate::cache::{ChunkCache, LocalCacheConfig};
 use crate::metrics::FetchMetrics;
+use crate::source::ChunkSource;
 
 /// Up to this many missing chunks are fetched with one `GET` each (in parallel); more go in
 /// `POST chunks` batches. Single GETs are what a small read needs, and they show up one per chunk
@@ -39,7 +40,7 @@ type Caching = tokio::task::JoinHandle<()>;
 /// Chunks from the cache, or else from the server (then cached). Cheap to clone.
 #[derive(Clone)]
 pub struct ChunkStore {
-    api: ApiClient,
+    source: Arc<dyn ChunkSource>,
     cache: Arc<ChunkCache>,
     in_flight: Arc<Mutex<HashMap<ChunkHash, InFlight>>>,
     pending_writes: Arc<tokio::sync::Semaphore>,
@@ -53,10 +54,10 @@ impl std::fmt::Debug for ChunkStore {
 }
 
 impl ChunkStore {
-    /// Combines a client and a cache.
-    pub fn new(api: ApiClient, cache: Arc<ChunkCache>) -> Self {
+    /// Combines a source of chunks (the server's client, or memory in tests) and a cache.
+    pub fn new(source: Arc<dyn ChunkSource>, cache: Arc<ChunkCache>) -> Self {
         ChunkStore {
-            api,
+            source,
             cache,
             in_flight: Arc::default(),
             pending_writes: Arc::new(tokio::sync::Semaphore::new(PENDING_WRITE_UNITS as usize)),
@@ -68,12 +69,12 @@ impl ChunkStore {
     /// client of `server`: what every runner daemon reading chunks starts with.
     pub fn open(server: ClientConfig, cache: &LocalCacheConfig) -> Result<Self> {
         let cache = Arc::new(ChunkCache::open(cache)?);
-        Ok(ChunkStore::new(ApiClient::new(server)?, cache))
+        Ok(ChunkStore::new(Arc::new(ApiClient::new(server)?), cache))
     }
 
-    /// The server client.
-    pub fn api(&self) -> &ApiClient {
-        &self.api
+    /// Where chunks the cache lacks come from: the server.
+    pub fn source(&self) -> &dyn ChunkSource {
+        self.source.as_ref()
     }
 
     /// The local cache.
@@ -254,16 +255,16 @@ impl ChunkStore {
             chunks
                 .iter()
                 .map(|c| {
-                    let (api, chunk, path) = (self.api.clone(), *c, path.clone());
-                    timed(async move { api.chunk(&path, chunk).await.map(|f| vec![f]) }.boxed())
+                    let (source, chunk, path) = (self.source.clone(), *c, path.clone());
+                    timed(async move { source.chunk(&path, chunk).await.map(|f| vec![f]) }.boxed())
                 })
                 .collect()
         } else {
             chunks
                 .chunks(BATCH)
                 .map(|batch| {
-                    let (api, batch, path) = (self.api.clone(), batch.to_vec(), path.clone());
-                    timed(async move { api.chunks(&path, &batch).await }.boxed())
+                    let (source, batch, path) = (self.source.clone(), batch.to_vec(), path.clone());
+                    timed(async move { source.chunks(&path, &batch).await }.boxed())
                 })
                 .collect()
         };

@@ -124,7 +124,7 @@ async fn handle(inner: &Arc<Inner>, request: ControlRequest) -> Result<ControlRe
 pub(crate) async fn prefetch(inner: &Arc<Inner>, key: &str, wait: bool) -> Result<ControlResponse> {
     validate_trace_key(key)?;
     inner.recorder.restart(Some(key.to_string()));
-    let fetched = tokio::time::timeout(inner.config.offline_timeout, inner.store.api().trace(key))
+    let fetched = tokio::time::timeout(inner.config.offline_timeout, inner.store.source().trace(key))
         .await
         .map_err(|_| Error::unavailable("the server did not answer within the offline timeout"))?;
     let trace = match fetched {
@@ -164,7 +164,7 @@ pub(crate) async fn save(inner: &Arc<Inner>, key: Option<String>) -> Result<Cont
     })?;
     validate_trace_key(&key)?;
     let trace = inner.recorder.trace();
-    let summary = tokio::time::timeout(inner.config.offline_timeout, inner.store.api().put_trace(&key, &trace))
+    let summary = tokio::time::timeout(inner.config.offline_timeout, inner.store.source().put_trace(&key, &trace))
         .await
         .map_err(|_| Error::unavailable("the server did not answer within the offline timeout"))??;
     inner.recorder.restart(Some(key.clone()));

@@ -73,6 +73,12 @@ impl PathTree {
         })
     }
 
+    /// The child `name` of directory node `node`, if there is one.
+    pub fn child(&self, node: u32, name: &str) -> Option<u32> {
+        let NodeKind::Directory { children } = &self.nodes.get(node as usize)?.kind else { return None };
+        children.binary_search_by(|(child, _)| child.as_str().cmp(name)).ok().map(|i| children[i].1)
+    }
+
     /// The chunks covering NAR bytes `[start, end)`, and the NAR offset of the first.
     pub fn covering(&self, start: u64, end: u64) -> (&[ChunkRef], u64) {
         let range = self.chunk_range(start, end);

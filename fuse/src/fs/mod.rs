@@ -16,6 +16,8 @@ mod ops;
 mod passthrough;
 mod readahead;
 mod registry;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -339,4 +341,31 @@ impl Inner {
         out
     }
 
+
+    /// Chunks of `tree` from memory when there, else from the store (cache or server), bounded
+    /// by the offline timeout.
+    async fn chunks(&self, tree: &PathTree, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
+        let mut out: Vec<Option<Arc<[u8]>>> = {
+            let mut hot = self.hot.lock();
+            chunks.iter().map(|c| hot.get(&c.hash)).collect()
+        };
+        let missing: Vec<ChunkRef> =
+            chunks.iter().zip(&out).filter(|(_, d)| d.is_none()).map(|(c, _)| *c).collect();
+        if !missing.is_empty() {
+            let demand = self.background.demand();
+            let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.get_many(tree.hash_part(), &missing))
+                .await
+                .map_err(|_| Error::unavailable("chunks did not arrive within the offline timeout"))??;
+            drop(demand);
+            let mut hot = self.hot.lock();
+            let mut fetched = missing.iter().zip(fetched);
+            for slot in out.iter_mut().filter(|d| d.is_none()) {
+                if let Some((chunk, data)) = fetched.next() {
+                    hot.put(chunk.hash, data.clone());
+                    *slot = Some(data);
+                }
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
 }

@@ -49,15 +49,12 @@ impl Filesystem for FlywheelFs {
             return;
         }
         let Some((tree, path, node)) = self.inner.node(parent) else { return reply.error(FsError::NotFound.errno()) };
-        let NodeKind::Directory { children } = &tree.nodes[node as usize].kind else {
+        if !matches!(tree.nodes[node as usize].kind, NodeKind::Directory { .. }) {
             return reply.error(FsError::NotADirectory.errno());
-        };
-        match children.binary_search_by(|(child, _)| child.as_str().cmp(name)) {
-            Ok(i) => {
-                let child = children[i].1;
-                reply.entry(&TTL, &attr(ino(path, child), &tree.nodes[child as usize].kind), Generation(0))
-            }
-            Err(_) => reply.entry(&TTL, &negative_entry(), Generation(0)),
+        }
+        match tree.child(node, name) {
+            Some(child) => reply.entry(&TTL, &attr(ino(path, child), &tree.nodes[child as usize].kind), Generation(0)),
+            None => reply.entry(&TTL, &negative_entry(), Generation(0)),
         }
     }
 

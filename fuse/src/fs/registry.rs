@@ -47,7 +47,7 @@ impl Inner {
         let manifest = match self.store.cache().get_manifest(&hash_part) {
             Some(manifest) => manifest,
             None => {
-                let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.api().manifest(&hash_part))
+                let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.source().manifest(&hash_part))
                     .await
                     .map_err(|_| Error::unavailable("the server did not answer within the offline timeout"))??;
                 self.store.cache().put_manifest(&hash_part, &fetched);
@@ -73,32 +73,5 @@ impl Inner {
                 }
             }
         }
-    }
-
-    /// Chunks of `tree` from memory when there, else from the store (cache or server), bounded
-    /// by the offline timeout.
-    pub(super) async fn chunks(&self, tree: &PathTree, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
-        let mut out: Vec<Option<Arc<[u8]>>> = {
-            let mut hot = self.hot.lock();
-            chunks.iter().map(|c| hot.get(&c.hash)).collect()
-        };
-        let missing: Vec<ChunkRef> =
-            chunks.iter().zip(&out).filter(|(_, d)| d.is_none()).map(|(c, _)| *c).collect();
-        if !missing.is_empty() {
-            let demand = self.background.demand();
-            let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.get_many(tree.hash_part(), &missing))
-                .await
-                .map_err(|_| Error::unavailable("chunks did not arrive within the offline timeout"))??;
-            drop(demand);
-            let mut hot = self.hot.lock();
-            let mut fetched = missing.iter().zip(fetched);
-            for slot in out.iter_mut().filter(|d| d.is_none()) {
-                if let Some((chunk, data)) = fetched.next() {
-                    hot.put(chunk.hash, data.clone());
-                    *slot = Some(data);
-                }
-            }
-        }
-        Ok(out.into_iter().flatten().collect())
     }
 }

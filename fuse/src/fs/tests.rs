@@ -1,0 +1,155 @@
+//! In-process tests of the filesystem's logic over an in-memory source: paths resolved from
+//! manifests, file bytes assembled from chunks, the local cache after a restart, and damaged
+//! chunks. No kernel, no server, no root; the mounted filesystem is tested in `tests/`.
+
+use std::collections::BTreeMap;
+
+use flywheel_client::{ChunkCache, LocalCacheConfig, MemorySource};
+use flywheel_core::chunk::ChunkParams;
+
+use super::*;
+
+const BASE_NAME: &str = "0c0ckjhibxyvhrxdb55dp3iwzal15ppw-tree";
+/// Small chunks, so that files span several.
+const PARAMS: ChunkParams = ChunkParams { min_size: 4096, avg_size: 8192, max_size: 16384 };
+
+/// Files of the test path, by relative name: small, spanning chunks, nested, empty.
+fn files() -> BTreeMap<&'static str, Vec<u8>> {
+    let mut seed = 7u64;
+    let mut noise = |len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (seed >> 56) as u8
+            })
+            .collect()
+    };
+    BTreeMap::from([
+        ("small", b"hello".to_vec()),
+        ("big", noise(200_000)),
+        ("dir/nested", noise(30_000)),
+        ("dir/empty", Vec::new()),
+    ])
+}
+
+struct Fixture {
+    fs: FlywheelFs,
+    source: Arc<MemorySource>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Fixture {
+    /// A filesystem over `source` with its local cache in `cache_dir`.
+    fn new(source: Arc<MemorySource>, cache_dir: &std::path::Path) -> Fixture {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let cache = Arc::new(ChunkCache::open(&LocalCacheConfig::new(cache_dir, 64 << 20)).unwrap());
+        let store = ChunkStore::new(source.clone(), cache);
+        let config = FsConfig {
+            offline_timeout: Duration::from_secs(10),
+            hot_bytes: 1 << 20,
+            materialized: None,
+            fill_max_nar_size: 0,
+            fill_order: crate::FillOrder::Nar,
+            fill_alongside_reads: 1,
+        };
+        let fs = FlywheelFs::new(store, runtime.handle().clone(), config);
+        Fixture { fs, source, runtime }
+    }
+
+    fn resolve(&self, base_name: &str) -> Result<Arc<PathTree>> {
+        self.runtime.block_on(self.fs.inner.resolve(base_name)).map(|(_, tree)| tree)
+    }
+
+    /// The bytes `[offset, offset + len)` of file `name`, as a READ assembles them.
+    fn read(&self, tree: &Arc<PathTree>, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let node = name.split('/').try_fold(0u32, |node, part| tree.child(node, part)).expect("no such file");
+        let NodeKind::File { size, nar_offset, .. } = tree.nodes[node as usize].kind else { panic!("{name} is no file") };
+        let (start, end) = (nar_offset + offset, nar_offset + (offset + len).min(size));
+        let (covering, first_offset) = tree.covering(start, end);
+        let chunks = self.runtime.block_on(self.fs.inner.chunks(tree, covering))?;
+        Ok(Inner::assemble(&chunks, first_offset, start, end))
+    }
+}
+
+/// A source holding the test path.
+fn source() -> Arc<MemorySource> {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in files() {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let mut nar = Vec::new();
+    flywheel_core::nar::dump_path(dir.path(), &mut nar).unwrap();
+    let source = Arc::new(MemorySource::default());
+    source.add_path(&format!("/nix/store/{BASE_NAME}"), &nar, Vec::new(), PARAMS).unwrap();
+    source
+}
+
+#[test]
+fn paths_resolve_and_read_back_byte_for_byte() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::new(source(), cache_dir.path());
+    let tree = fixture.resolve(BASE_NAME).unwrap();
+    assert!(tree.chunks.len() > 10, "the path spans many chunks");
+    for (name, bytes) in files() {
+        assert_eq!(fixture.read(&tree, name, 0, bytes.len() as u64 + 10).unwrap(), bytes, "{name}");
+    }
+    // A range across chunk boundaries, and reading it again needs no further chunk.
+    let big = &files()["big"];
+    assert_eq!(fixture.read(&tree, "big", 12_345, 50_000).unwrap(), big[12_345..62_345]);
+    let served = fixture.source.chunks_served();
+    assert_eq!(fixture.read(&tree, "big", 1000, 100_000).unwrap(), big[1000..101_000]);
+    assert_eq!(fixture.source.chunks_served(), served, "chunks read before came from memory or the local cache");
+}
+
+#[test]
+fn a_restarted_mount_reads_from_its_local_cache_alone() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    {
+        let fixture = Fixture::new(source(), cache_dir.path());
+        let tree = fixture.resolve(BASE_NAME).unwrap();
+        for (name, bytes) in files() {
+            fixture.read(&tree, name, 0, bytes.len() as u64).unwrap();
+        }
+    }
+    // The server now holds nothing: the manifest and every chunk come from the cache.
+    let fixture = Fixture::new(Arc::new(MemorySource::default()), cache_dir.path());
+    let tree = fixture.resolve(BASE_NAME).unwrap();
+    for (name, bytes) in files() {
+        assert_eq!(fixture.read(&tree, name, 0, bytes.len() as u64).unwrap(), bytes, "{name}");
+    }
+    assert_eq!(fixture.source.chunks_served(), 0);
+}
+
+#[test]
+fn damaged_chunks_are_never_served() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::new(source(), cache_dir.path());
+    let tree = fixture.resolve(BASE_NAME).unwrap();
+    let node = tree.child(0, "big").unwrap();
+    let NodeKind::File { nar_offset, .. } = tree.nodes[node as usize].kind else { unreachable!() };
+    let (covering, _) = tree.covering(nar_offset, nar_offset + 1);
+    let damaged = covering[0];
+    let other = flywheel_core::chunk::compress(&vec![0u8; damaged.size as usize], 1).unwrap();
+    fixture.source.damage(&damaged.hash, other);
+    let err = fixture.read(&tree, "big", 0, 100).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert_eq!(crate::errno::FsError::from(&err).errno(), fuser::Errno::EIO);
+    // Files in other chunks still read.
+    assert_eq!(fixture.read(&tree, "small", 0, 5).unwrap(), b"hello");
+}
+
+#[test]
+fn unknown_and_misnamed_paths_are_not_found() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::new(source(), cache_dir.path());
+    let unknown = fixture.resolve("1c0ckjhibxyvhrxdb55dp3iwzal15ppw-tree").unwrap_err();
+    assert_eq!(unknown.kind(), ErrorKind::NotFound);
+    let misnamed = fixture.resolve("0c0ckjhibxyvhrxdb55dp3iwzal15ppw-other").unwrap_err();
+    assert_eq!(misnamed.kind(), ErrorKind::NotFound);
+    assert!(fixture.resolve("not-a-store-path").is_err());
+    // Refused names register nothing; the real one still resolves.
+    assert!(fixture.fs.inner.paths.read().is_empty());
+    assert_eq!(fixture.resolve(BASE_NAME).unwrap().base_name, BASE_NAME);
+}
