@@ -12,7 +12,7 @@
 //! answers misses and drops writes (counted as write failures): the cache is an accelerator,
 //! never a reason to fail a read.
 //!
-//! - [`owner`]: the owning process's side, answering on the socket;
+//! - `owner`: the owning process's side, answering on the socket;
 //! - `protocol`: the socket's requests and replies, both ends in one place (private: both ends
 //!   are this code).
 

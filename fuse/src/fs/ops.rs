@@ -183,7 +183,7 @@ impl Filesystem for FlywheelFs {
     /// Directories need no per-open state. Answering ENOSYS once makes the kernel stop sending
     /// OPENDIR and RELEASEDIR altogether (two round trips per directory of a `find`) and cache
     /// every listing (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR is its default then); the root's
-    /// cached listing is dropped when a path is registered (see [`Inner::root_changed`]).
+    /// cached listing is dropped when a path is registered (see `Inner::root_changed`).
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.inner.stats.opendirs.fetch_add(1, Ordering::Relaxed);
         reply.error(FsError::Unsupported.errno());
