@@ -10,7 +10,7 @@ use flywheel_core::api::v1::get_missing_paths::{GetMissingPathsRequest, GetMissi
 use flywheel_core::api::v1::traces::{validate_trace_key, Trace, TraceSummary, MAX_TRACE_BODY};
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::api::v1::ErrorBody;
-use flywheel_core::api::v1::chunk_bodies::{encode_upload_records, split_framed_chunks};
+use flywheel_core::api::v1::chunk_bodies::{encode_upload_records, split_framed_chunks, FRAME_PREFIX_LEN};
 use flywheel_core::chunk::{decompress_verified, max_frame_len};
 use flywheel_core::manifest::ChunkRef;
 use flywheel_core::nix::{cache_info, NarInfo, NixCacheInfo};
@@ -89,7 +89,7 @@ impl ApiClient {
     pub async fn manifest(&self, hash_part: &str) -> Result<PathManifest> {
         flywheel_core::nix::store_path::parse_hash_part(hash_part)?;
         let response = send(self.request(reqwest::Method::GET, self.api_url(&format!("manifest/{hash_part}")))).await?;
-        let bytes = response.bytes().await.map_err(transport)?;
+        let bytes = read_capped(response, MAX_MANIFEST_BODY, "manifest").await?;
         let manifest: PathManifest = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("manifest of {hash_part} from the server does not parse: {e}")))?;
         manifest.manifest.validate().map_err(|e| Error::corrupt(e.message().to_string()))?;
@@ -105,7 +105,7 @@ impl ApiClient {
         let response = send(self.request(reqwest::Method::GET, url))
             .await
             .map_err(lost_chunk)?;
-        let frame = response.bytes().await.map_err(transport)?.to_vec();
+        let frame = read_capped(response, max_frame_len(u64::from(chunk.size)) as usize, "chunk").await?;
         if frame.len() as u64 > max_frame_len(u64::from(chunk.size)) {
             return Err(Error::corrupt(format!("chunk {} arrived as an oversized frame", chunk.hash)));
         }
@@ -122,7 +122,9 @@ impl ApiClient {
         let body = ChunkBatch { path: path.to_string(), chunks: chunks.to_vec() };
         let response =
             send(self.request(reqwest::Method::POST, self.api_url("chunks")).json(&body)).await.map_err(lost_chunk)?;
-        let body = response.bytes().await.map_err(transport)?;
+        // No answer is longer than the longest frames of these chunks with their prefixes.
+        let longest: u64 = chunks.iter().map(|c| FRAME_PREFIX_LEN as u64 + max_frame_len(u64::from(c.size))).sum();
+        let body = read_capped(response, usize::try_from(longest).unwrap_or(usize::MAX), "chunk stream").await?;
         split_framed_chunks(&body, chunks)?
             .into_iter()
             .zip(chunks)
@@ -139,10 +141,7 @@ impl ApiClient {
             Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(err),
         };
-        if response.content_length().is_some_and(|len| len > MAX_TRACE_BODY as u64) {
-            return Err(Error::corrupt(format!("the server's trace {key} is larger than a trace may be")));
-        }
-        let bytes = response.bytes().await.map_err(transport)?;
+        let bytes = read_capped(response, MAX_TRACE_BODY, "trace").await?;
         Trace::parse(&bytes).map(Some).map_err(|e| Error::corrupt(format!("trace {key} from the server: {}", e.message())))
     }
 
@@ -152,7 +151,7 @@ impl ApiClient {
     pub async fn put_trace(&self, key: &str, trace: &Trace) -> Result<TraceSummary> {
         validate_trace_key(key)?;
         let response = send(self.request(reqwest::Method::PUT, self.api_url(&format!("trace/{key}"))).json(trace)).await?;
-        let bytes = response.bytes().await.map_err(transport)?;
+        let bytes = read_capped(response, MAX_SMALL_ANSWER, "trace answer").await?;
         serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(format!("trace answer from the server does not parse: {e}")))
     }
 
@@ -163,7 +162,7 @@ impl ApiClient {
         let body = GetMissingPathsRequest { cache: self.cache.clone(), store_path_hashes: hash_parts.to_vec() };
         let url = format!("{}/_api/v1/get-missing-paths", self.base);
         let response = send(self.request(reqwest::Method::POST, url).json(&body)).await?;
-        let bytes = response.bytes().await.map_err(transport)?;
+        let bytes = read_capped(response, MAX_LIST_ANSWER, "get-missing-paths answer").await?;
         let parsed: GetMissingPathsResponse = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("get-missing-paths answer from the server does not parse: {e}")))?;
         Ok(parsed.missing_paths)
@@ -181,7 +180,7 @@ impl ApiClient {
             let body = ChunkList { chunks: batch.to_vec(), query: None };
             let request = zstd_json(self.request(reqwest::Method::POST, self.api_url("missing-chunks")), &body)?;
             let response = send(request).await?;
-            let bytes = response.bytes().await.map_err(transport)?;
+            let bytes = read_capped(response, MAX_LIST_ANSWER, "missing-chunks answer").await?;
             let parsed: ChunkList = serde_json::from_slice(&bytes)
                 .map_err(|e| Error::corrupt(format!("missing-chunks answer from the server does not parse: {e}")))?;
             let asked: std::collections::HashSet<&ChunkHash> = batch.iter().collect();
@@ -223,7 +222,7 @@ impl ApiClient {
     pub async fn base(&self, name: &str) -> Result<BaseChunks> {
         flywheel_core::nix::StorePath::new([0; 20], name)?;
         let response = send(self.request(reqwest::Method::GET, self.api_url(&format!("base/{name}")))).await?;
-        let bytes = response.bytes().await.map_err(transport)?;
+        let bytes = read_capped(response, MAX_LIST_ANSWER, "base answer").await?;
         let base: BaseChunks = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("base answer from the server does not parse: {e}")))?;
         if base.chunks.len() > MAX_CHUNKS_PER_REQUEST {
@@ -245,7 +244,7 @@ impl ApiClient {
     #[instrument(skip_all)]
     pub async fn cache_config(&self) -> Result<CacheConfig> {
         let url = format!("{}/_api/v1/cache-config/{}", self.base, self.cache);
-        let bytes = send(self.request(reqwest::Method::GET, url)).await?.bytes().await.map_err(transport)?;
+        let bytes = read_capped(send(self.request(reqwest::Method::GET, url)).await?, MAX_SMALL_ANSWER, "cache-config answer").await?;
         serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(format!("cache-config answer from the server does not parse: {e}")))
     }
 
@@ -260,8 +259,9 @@ impl ApiClient {
     pub async fn narinfo(&self, hash_part: &str, store_dir: &str) -> Result<NarInfo> {
         flywheel_core::nix::store_path::parse_hash_part(hash_part)?;
         let url = format!("{}/{}/{hash_part}.narinfo", self.base, self.cache);
-        let text = send(self.request(reqwest::Method::GET, url)).await?.text().await.map_err(transport)?;
-        NarInfo::parse(&text, store_dir).map_err(|e| e.context(format!("narinfo of {hash_part}")))
+        let bytes = read_capped(send(self.request(reqwest::Method::GET, url)).await?, MAX_NARINFO_BODY, "narinfo").await?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| Error::corrupt(format!("narinfo of {hash_part} is not UTF-8")))?;
+        NarInfo::parse(text, store_dir).map_err(|e| e.context(format!("narinfo of {hash_part}")))
     }
 }
 
@@ -283,16 +283,34 @@ pub async fn probe_binary_cache(base_url: &str, timeout: Duration) -> Result<Nix
 
 /// Sends a request for a `nix-cache-info` and parses the answer, read up to its size bound.
 async fn read_cache_info(request: reqwest::RequestBuilder) -> Result<NixCacheInfo> {
-    let mut response = send(request).await?;
+    let body = read_capped(send(request).await?, cache_info::MAX_LEN, "nix-cache-info").await?;
+    let text = std::str::from_utf8(&body).map_err(|_| Error::corrupt("nix-cache-info is not UTF-8"))?;
+    NixCacheInfo::parse(text).map_err(|e| Error::corrupt(e.message().to_string()))
+}
+
+/// Longest manifest read from the server: the JSON of a NAR of many GB with a million files.
+const MAX_MANIFEST_BODY: usize = 256 << 20;
+/// Longest narinfo read: ten thousand references, with room to spare.
+const MAX_NARINFO_BODY: usize = 4 << 20;
+/// Longest chunk or path list read: [`MAX_CHUNKS_PER_REQUEST`] entries, with room to spare.
+const MAX_LIST_ANSWER: usize = 32 << 20;
+/// Longest answer of the routes that answer with a few fields.
+const MAX_SMALL_ANSWER: usize = 1 << 20;
+
+/// Reads a whole answer of the server, refusing one longer than `max` bytes as it arrives (a
+/// broken or hostile server must not make a runner allocate without bound).
+async fn read_capped(mut response: reqwest::Response, max: usize, what: &str) -> Result<Vec<u8>> {
+    if response.content_length().is_some_and(|len| len > max as u64) {
+        return Err(Error::corrupt(format!("the server's {what} is longer than {max} bytes")));
+    }
     let mut body = Vec::new();
     while let Some(piece) = response.chunk().await.map_err(transport)? {
-        if body.len() + piece.len() > cache_info::MAX_LEN {
-            return Err(Error::corrupt(format!("nix-cache-info is longer than {} bytes", cache_info::MAX_LEN)));
+        if body.len() + piece.len() > max {
+            return Err(Error::corrupt(format!("the server's {what} is longer than {max} bytes")));
         }
         body.extend_from_slice(&piece);
     }
-    let text = std::str::from_utf8(&body).map_err(|_| Error::corrupt("nix-cache-info is not UTF-8"))?;
-    NixCacheInfo::parse(text).map_err(|e| Error::corrupt(e.message().to_string()))
+    Ok(body)
 }
 
 fn verify(chunk: ChunkRef, frame: Vec<u8>) -> Result<FetchedChunk> {
@@ -330,7 +348,7 @@ async fn send(builder: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => ErrorKind::Unavailable,
         _ => ErrorKind::Internal,
     };
-    let body = response.bytes().await.unwrap_or_default();
+    let body = read_capped(response, MAX_SMALL_ANSWER, "error answer").await.unwrap_or_default();
     let message = match serde_json::from_slice::<ErrorBody>(&body) {
         Ok(body) => body.message,
         Err(_) => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
@@ -347,4 +365,58 @@ fn zstd_json(request: reqwest::RequestBuilder, body: &impl serde::Serialize) -> 
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(reqwest::header::CONTENT_ENCODING, "zstd")
         .body(compressed))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Answers of a hostile server: every read is bounded, whatever it announces or streams.
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers every request with `head`, then streams zeros until the client
+    /// hangs up.
+    async fn endless_server(head: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let piece = format!("{:x}\r\n{}\r\n", 64 << 10, "0".repeat(64 << 10));
+                    while stream.write_all(piece.as_bytes()).await.is_ok() {}
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn client(server: String) -> ApiClient {
+        ApiClient::new(ClientConfig { server, cache: "main".into(), token: None, timeout: Duration::from_secs(30) }).unwrap()
+    }
+
+    #[tokio::test]
+    async fn endless_answers_are_cut_at_their_bound() {
+        let api = client(endless_server("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").await);
+        let hash = "0c0ckjhibxyvhrxdb55dp3iwzal15ppw";
+        let err = api.narinfo(hash, "/nix/store").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        assert!(err.message().contains("longer than"), "{err}");
+        let chunk = ChunkRef { hash: ChunkHash([1; 32]), size: 100 };
+        assert!(api.chunk(hash, chunk).await.unwrap_err().message().contains("longer than"));
+        assert!(api.chunks(hash, &[chunk, chunk]).await.unwrap_err().message().contains("longer than"));
+        assert!(api.trace("job").await.unwrap_err().message().contains("longer than"));
+        assert!(api.store_dir().await.unwrap_err().message().contains("longer than"));
+    }
+
+    #[tokio::test]
+    async fn announced_lengths_over_the_bound_are_refused_before_reading() {
+        let api = client(endless_server("HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n").await);
+        let err = api.manifest("0c0ckjhibxyvhrxdb55dp3iwzal15ppw").await.unwrap_err();
+        assert!(err.message().contains("longer than"), "{err}");
+    }
 }
