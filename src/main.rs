@@ -424,21 +424,7 @@ fn lazy(args: LazyArgs) -> anyhow::Result<()> {
     if let Some(key) = &args.prefetch {
         flywheel_core::api::v1::traces::validate_trace_key(key)?;
     }
-    let mut trusted_keys = args
-        .trusted_keys
-        .iter()
-        .map(|k| flywheel_core::nix::VerifyingKey::parse(k))
-        .collect::<Result<Vec<_>, _>>()
-        .context("--trusted-key")?;
-    if trusted_keys.is_empty() && !args.no_check_sigs {
-        let conf_dir = std::env::var_os("NIX_CONF_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/etc/nix"));
-        let conf = conf_dir.join("nix.conf");
-        let text = std::fs::read_to_string(&conf).unwrap_or_default();
-        trusted_keys = lazy::keys_in_nix_conf(&text);
-        if trusted_keys.is_empty() {
-            anyhow::bail!("no trusted key: pass --trusted-key, list it in {}, or pass --no-check-sigs", conf.display());
-        }
-    }
+    let trusted_keys = if args.no_check_sigs { Vec::new() } else { lazy::trusted_keys(&args.trusted_keys)? };
     let api = args.server.client(args.timeout)?;
     let config = lazy::LazyConfig { nix_store: args.nix_store, store: args.store, trusted_keys, check_sigs: !args.no_check_sigs };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -469,12 +455,7 @@ fn dump_db(args: DumpDbArgs) -> anyhow::Result<()> {
     use flywheel_client::dump_db;
     let api = args.server.client(args.timeout)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let text = runtime.block_on(async {
-        let store_dir = api.store_dir().await?;
-        let roots = args.paths.iter().map(|p| flywheel_core::nix::StorePath::from_arg(p, &store_dir)).collect::<Result<Vec<_>, _>>()?;
-        let infos = dump_db::closure(&api, &roots, &store_dir).await?;
-        Ok::<_, flywheel_core::Error>(dump_db::render(&infos, &store_dir))
-    })?;
+    let text = runtime.block_on(dump_db::dump(&api, &args.paths))?;
     use std::io::Write;
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(())

@@ -14,6 +14,15 @@ use crate::api::ApiClient;
 /// narinfo requests in flight at once.
 const PARALLEL: usize = 16;
 
+/// The registration of the closure of `paths` (full store paths or base names) in the cache's
+/// store dir, in `nix-store --load-db`'s format.
+pub async fn dump(api: &ApiClient, paths: &[String]) -> Result<String> {
+    let store_dir = api.store_dir().await?;
+    let roots = paths.iter().map(|p| StorePath::from_arg(p, &store_dir)).collect::<Result<Vec<_>>>()?;
+    let infos = closure(api, &roots, &store_dir).await?;
+    Ok(render(&infos, &store_dir))
+}
+
 /// The narinfo of every path in the closure of `roots`, by path.
 pub async fn closure(api: &ApiClient, roots: &[StorePath], store_dir: &str) -> Result<BTreeMap<StorePath, NarInfo>> {
     let mut done: BTreeMap<StorePath, NarInfo> = BTreeMap::new();

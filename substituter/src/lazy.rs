@@ -123,6 +123,25 @@ fn load_db(config: &LazyConfig, registration: &str) -> Result<()> {
     Ok(())
 }
 
+/// The keys narinfo signatures are checked against: `explicit` (`name:base64` each) when
+/// given, else those nix-daemon trusts (the `nix.conf` in `$NIX_CONF_DIR`, or `/etc/nix`).
+/// Having none is an error: registering unchecked paths must be asked for.
+pub fn trusted_keys(explicit: &[String]) -> Result<Vec<VerifyingKey>> {
+    if !explicit.is_empty() {
+        return explicit.iter().map(|k| VerifyingKey::parse(k).map_err(|e| e.context("--trusted-key"))).collect();
+    }
+    let conf_dir = std::env::var_os("NIX_CONF_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| "/etc/nix".into());
+    let conf = conf_dir.join("nix.conf");
+    let keys = keys_in_nix_conf(&std::fs::read_to_string(&conf).unwrap_or_default());
+    if keys.is_empty() {
+        return Err(Error::invalid(format!(
+            "no trusted key: pass --trusted-key, list it in {}, or pass --no-check-sigs",
+            conf.display()
+        )));
+    }
+    Ok(keys)
+}
+
 /// The keys of `trusted-public-keys` and `extra-trusted-public-keys` in a `nix.conf`.
 pub fn keys_in_nix_conf(text: &str) -> Vec<VerifyingKey> {
     text.lines()
