@@ -41,7 +41,7 @@ pub async fn serve(
     let state = AppState::new(config)?;
     let local_root = match &state.config.storage {
         config::StorageConfig::Local { path } => Some(path.clone()),
-        config::StorageConfig::S3 { .. } => None,
+        config::StorageConfig::Memory {} | config::StorageConfig::S3 { .. } => None,
     };
     tokio::spawn(gc::periodic(state.storage.clone(), state.config.gc.clone(), local_root));
     let limits = state.config.limits.clone();
