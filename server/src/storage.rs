@@ -111,12 +111,8 @@ pub struct ReuseWindow {
 }
 
 impl ReuseWindow {
-    /// The window for a grace period in seconds, on the system clock.
-    pub fn for_grace_period(grace_secs: u64) -> Self {
-        Self::with_clock(grace_secs, SystemClock::shared())
-    }
-
-    /// The window for a grace period in seconds, reading the time from `clock`.
+    /// The window for a grace period in seconds, reading the time from `clock` (see
+    /// [`Storage::reuse_window`], which passes the storage's own).
     pub fn with_clock(grace_secs: u64, clock: SharedClock) -> Self {
         ReuseWindow { window_ms: grace_secs.saturating_mul(1000) / 2, clock }
     }
