@@ -78,7 +78,7 @@ pub fn gc(args: GcArgs) -> anyhow::Result<()> {
     let verb = if report.dry_run { "would free" } else { "freed" };
     if let flywheel_server::config::StorageConfig::Local { path } = &config.storage {
         let grace = std::time::Duration::from_secs(config.gc.grace_period);
-        let (files, bytes) = flywheel_server::gc::sweep_local_staging(path, grace, args.dry_run)
+        let (files, bytes) = flywheel_server::gc::sweep_local_staging(path, grace, storage.clock().as_ref(), args.dry_run)
             .context("sweeping staging files left by crashes")?;
         if files > 0 {
             println!("{verb} {files} staging files left by crashes ({bytes} bytes)");

@@ -102,14 +102,24 @@ fn fuse_interrupted_read_is_answered_and_the_mount_carries_on() {
     let big = setup.push_corpus(&["big"]).remove(0);
     let expected = sha256_file(&setup.physical(&big).join("blob"));
     let cache_dir = tempfile::tempdir().unwrap();
-    let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &["--offline-timeout", "30"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &["--offline-timeout", "30", "--metrics-listen", &metrics]);
+    let reads = || common::metric_value(&common::fetch_metrics(&format!("http://{metrics}/metrics")), "flywheel_fuse_reads_total");
     let blob = mount.path(&big).join("blob");
     assert!(std::fs::metadata(&blob).unwrap().len() > 1 << 20);
+    assert_eq!(reads(), 0.0, "nothing read the blob yet");
     // Freeze the server: the read below waits on it.
     let pid = setup.server.pid().to_string();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
     let mut reader = std::process::Command::new("cat").arg(&blob).stdout(std::process::Stdio::null()).spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Until the mount has the READ, which it cannot answer while the server is frozen.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while reads() == 0.0 {
+        assert!(reader.try_wait().unwrap().is_none(), "the read ended without reaching the mount");
+        assert!(std::time::Instant::now() < deadline, "the read never reached the mount");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(reader.try_wait().unwrap().is_none(), "the read did not wait for the frozen server");
     reader.kill().unwrap();
     // A killed reader never waits for the answer (a hang guard, not a timing check).
@@ -182,6 +192,44 @@ fn libc_eio() -> i32 {
     5
 }
 
+/// Waits until a `kill -9` of the mount would leave the manifest of `hash_part` and every one
+/// of its chunks in the cache: a copy of the cache's database taken now (what a crash leaves on
+/// disk) opens with all of them indexed. sled writes its log in the background.
+fn wait_until_crash_safe(cache_dir: &std::path::Path, hash_part: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let copy = tempfile::tempdir().unwrap();
+        copy_database(cache_dir, copy.path());
+        let whole = ChunkCache::open(&CacheConfig::new(copy.path(), 10 << 30)).ok().is_some_and(|cache| {
+            cache.get_manifest(hash_part).is_some_and(|m| m.manifest.chunks.iter().all(|c| cache.contains(&c.hash)))
+        });
+        if whole {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cache's index did not reach the disk within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Copies a cache directory without its chunk frames and whole files, which are plain files
+/// outside the database (and many MB).
+fn copy_database(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let name = entry.file_name();
+        if name == "chunks" || name == "files" {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_database(&entry.path(), &target);
+        } else {
+            // sled may replace a file while this copies; the next round copies it again.
+            let _ = std::fs::copy(entry.path(), &target);
+        }
+    }
+}
+
 #[test]
 fn fuse_corrupted_entry_is_refetched_and_cache_survives_kill9() {
     let setup = Setup::new();
@@ -194,10 +242,10 @@ fn fuse_corrupted_entry_is_refetched_and_cache_survives_kill9() {
     assert_eq!(sha256_file(&mount.path(&big).join("blob")), expected);
     let first = proxy.chunks_requested();
     assert!(first > 10);
-    // sled flushes every 500 ms; give it time, then crash.
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    mount.kill9();
+    // sled flushes in the background: crash once everything read is on disk.
     let hash_part = common::hash_part(&big).to_string();
+    wait_until_crash_safe(cache_dir.path(), &hash_part);
+    mount.kill9();
     let corrupted = {
         let cache = ChunkCache::open(&LocalCacheConfig::new(cache_dir.path(), 10 << 30)).unwrap();
         let manifest = cache.get_manifest(&hash_part).expect("the manifest survived kill -9");

@@ -252,7 +252,9 @@ fn retention_and_gc(backend: Backend) {
     let all: std::collections::BTreeSet<String> = chunks.iter().flatten().cloned().collect();
     assert_eq!(stored_chunks(&server), all);
 
-    // Retention of 2 s: `big` and `single` are read now, `bigNext` is not.
+    // Retention of 2 s, then 3 s pass without reads (the stored publication and access times
+    // move back, rather than the test waiting; the conformance suite moves the server's clock
+    // instead); `big` and `single` are read now, `bigNext` is not.
     let resp = client
         .patch(format!("{}/_api/v1/cache-config/ci", server.url))
         .bearer_auth(&admin)
@@ -260,7 +262,9 @@ fn retention_and_gc(backend: Backend) {
         .send()
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "{}", resp.text().unwrap());
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    for path in &paths {
+        server.age_path("ci", hash_part(path), std::time::Duration::from_secs(3));
+    }
     for path in [&paths[0], &paths[2]] {
         let resp = client.get(format!("{url}/{}.narinfo", hash_part(path))).bearer_auth(&admin).send().unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
@@ -413,7 +417,7 @@ impl std::io::Read for Trickle {
 
 #[test]
 fn kill_9_during_uploads_never_shows_a_partial_path() {
-    use rand::Rng;
+    use rand::{Rng, SeedableRng};
     use sha2::Digest;
     let nix = Nix::new();
     let mut server = Server::start_with(Backend::Local, "[gc]\ninterval = 0\ngrace-period = 0\n");
@@ -424,7 +428,7 @@ fn kill_9_during_uploads_never_shows_a_partial_path() {
     let nar = nix.dump(&src, &paths[0]);
     let nar_hash = info["nar_hash"].as_str().unwrap().to_string();
     let token = server.admin_token();
-    let mut rng = rand::thread_rng();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(common::test_seed("kill timing"));
     let client = Client::builder().timeout(std::time::Duration::from_secs(30)).build().unwrap();
     for round in 0..10 {
         let url = format!("{}/_api/v1/upload-path", server.url);
@@ -511,11 +515,15 @@ fn load_run_has_no_errors() {
 /// An upload never counts on an unreferenced chunk older than half the grace period (GC may be
 /// about to sweep it): the missing-chunks answer lists it, and an upload writes it again, which
 /// makes it young. Then the path substitutes.
+///
+/// Chunks grow old by having their files' modification times moved back past half the grace
+/// period, rather than by waiting (`conformance::reuse_window_makes_old_chunks_written_again`
+/// moves the clock instead, on every backend).
 #[test]
 fn old_unreferenced_chunks_are_written_again_not_trusted() {
     let nix = Nix::new();
-    // Grace 10 s: chunks count on for 5 s after they are written, which the pushes below need.
-    let server = Server::start_with(Backend::Local, "[gc]\ninterval = 0\ngrace-period = 10\n");
+    // Grace 1 h: chunks count on for 30 min after they are written.
+    let server = Server::start_with(Backend::Local, "[gc]\ninterval = 0\ngrace-period = 3600\n");
     let key = server.create_cache("ci", false);
     let src = nix.store("src");
     let paths = nix.build(&src, &common::unique_seed("stale"), &["big"]);
@@ -542,9 +550,19 @@ fn old_unreferenced_chunks_are_written_again_not_trusted() {
     // The path goes; its chunks stay until a collection, and grow older than half the grace.
     let resp = client.delete(format!("{url}/{}.narinfo", hash_part(&paths[0]))).bearer_auth(&admin).send().unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let mtime = |hash: &str| std::fs::metadata(server.objects.join("chunks").join(&hash[..2]).join(hash)).map(|m| m.modified().unwrap());
-    let before: Vec<_> = chunks.iter().map(|c| mtime(c).unwrap_or_else(|e| panic!("chunk {c} not at its expected place: {e}"))).collect();
-    std::thread::sleep(std::time::Duration::from_millis(5500));
+    let chunk_file = |hash: &str| server.objects.join("chunks").join(&hash[..2]).join(hash);
+    let mtime = |hash: &str| std::fs::metadata(chunk_file(hash)).map(|m| m.modified().unwrap());
+    // Past half the grace period: written 31 minutes ago, as far as storage tells.
+    let age_chunks = || -> Vec<std::time::SystemTime> {
+        let written = std::time::SystemTime::now() - std::time::Duration::from_secs(31 * 60);
+        for chunk in &chunks {
+            let file = std::fs::File::options().write(true).open(chunk_file(chunk));
+            let file = file.unwrap_or_else(|e| panic!("chunk {chunk} not at its expected place: {e}"));
+            file.set_modified(written).unwrap();
+        }
+        chunks.iter().map(|c| mtime(c).unwrap()).collect()
+    };
+    let before = age_chunks();
     assert_eq!(missing(&chunks), chunks, "stale chunks must be sent again");
 
     // A new push of the same path writes them again (now young) and publishes it.
@@ -566,8 +584,7 @@ fn old_unreferenced_chunks_are_written_again_not_trusted() {
         .unwrap();
     let resp = client.delete(format!("{url}/{}.narinfo", hash_part(&paths[0]))).bearer_auth(&admin).send().unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let before: Vec<_> = chunks.iter().map(|c| mtime(c).unwrap()).collect();
-    std::thread::sleep(std::time::Duration::from_millis(5500));
+    let before = age_chunks();
     let commit = serde_json::json!({
         "storePath": manifest["storePath"],
         "narHash": manifest["manifest"]["narHash"],

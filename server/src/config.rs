@@ -243,6 +243,10 @@ fn default_upload_queue_timeout() -> u64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", rename_all_fields = "kebab-case", deny_unknown_fields)]
 pub enum StorageConfig {
+    /// In memory, gone when the process ends: for tests and trying the server out. Every open
+    /// within one process shares the same objects; other processes (`flywheel gc`, replicas)
+    /// cannot see them.
+    Memory {},
     /// A local directory.
     Local {
         /// The directory; created if missing.
@@ -397,7 +401,7 @@ impl StorageConfig {
     /// The S3 timeouts and retries, or `None` for local storage.
     pub fn s3_retry(&self) -> Option<S3Retry> {
         match self {
-            StorageConfig::Local { .. } => None,
+            StorageConfig::Memory {} | StorageConfig::Local { .. } => None,
             StorageConfig::S3 {
                 connect_timeout,
                 request_timeout,
@@ -517,6 +521,7 @@ impl ServerConfig {
     pub fn open_store(&self) -> anyhow::Result<Arc<dyn ObjectStore>> {
         use anyhow::Context;
         match &self.storage {
+            StorageConfig::Memory {} => Ok(memory_store()),
             StorageConfig::Local { path } => {
                 std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
                 let store = object_store::local::LocalFileSystem::new_with_prefix(path)
@@ -562,6 +567,13 @@ impl ServerConfig {
     }
 }
 
+/// The process's in-memory store: one, so that the config's every open (the first start's,
+/// the server's) sees the same objects.
+fn memory_store() -> Arc<dyn ObjectStore> {
+    static STORE: std::sync::OnceLock<Arc<object_store::memory::InMemory>> = std::sync::OnceLock::new();
+    STORE.get_or_init(|| Arc::new(object_store::memory::InMemory::new())).clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,6 +612,24 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(s3.storage, StorageConfig::S3 { path_style: true, .. }));
+        let memory: ServerConfig = toml::from_str(
+            "token-hs256-secret-base64 = 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0'\n[storage]\ntype = 'memory'\n",
+        )
+        .unwrap();
+        assert!(matches!(memory.storage, StorageConfig::Memory {}));
+        memory.check().unwrap();
+        // One store per process: what one open wrote, the next open reads.
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            use object_store::ObjectStoreExt;
+            let key = object_store::path::Path::from("probe");
+            memory.open_store().unwrap().put(&key, bytes::Bytes::from_static(b"x").into()).await.unwrap();
+            assert_eq!(memory.open_store().unwrap().get(&key).await.unwrap().bytes().await.unwrap(), bytes::Bytes::from_static(b"x"));
+        });
+        assert!(toml::from_str::<ServerConfig>(
+            "token-hs256-secret-base64 = 'x'\n[storage]\ntype = 'memory'\npath = '/tmp/x'\n"
+        )
+        .is_err());
         assert!(toml::from_str::<ServerConfig>(
             "token-hs256-secret-base64 = 'x'\nbogus = 1\n[storage]\ntype = 'local'\npath = '/tmp/x'\n"
         )

@@ -36,7 +36,8 @@ use flywheel_core::Result;
 use object_store::ObjectStoreExt;
 
 use crate::config::GcConfig;
-use crate::storage::{modified_ms, now, now_ms, CacheFile, Reuse, Storage};
+use crate::clock::Clock;
+use crate::storage::{modified_ms, CacheFile, Reuse, Storage};
 
 /// What a collection did (or, in a dry run, would do).
 #[derive(Debug, Default, Clone)]
@@ -96,9 +97,11 @@ impl GcReport {
 /// is young) keeps every chunk in this run; an unreadable manifest nothing needs is garbage
 /// like any other. A failed delete is reported and the rest goes on. Only a failure to list
 /// the store itself ends a run: then nothing is known.
+///
+/// "Now" is the storage's clock (see [`Storage::with_clock`]).
 pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Result<GcReport> {
-    let started = now();
-    let started_ms = now_ms();
+    let started_ms = storage.clock().now_ms();
+    let started = started_ms / 1000;
     // Objects modified after this instant are within the grace period.
     let grace_cutoff_ms = started_ms.saturating_sub(config.grace_period.saturating_mul(1000));
     let young = |meta: &object_store::ObjectMeta| modified_ms(meta) > grace_cutoff_ms;
@@ -332,7 +335,7 @@ async fn sweep_cache_records(
     dry_run: bool,
     report: &mut GcReport,
 ) {
-    let now = now_ms();
+    let now = storage.clock().now_ms();
     let grants_known = !report.manifests_sweep_skipped && !report.chunks_sweep_skipped;
     for cache in caches {
         let young = |meta: &object_store::ObjectMeta| modified_ms(meta) > grace_cutoff_ms;
@@ -464,7 +467,7 @@ pub async fn periodic(storage: Storage, config: GcConfig, local_root: Option<std
         }
         if let Some(root) = &local_root {
             let grace = Duration::from_secs(config.grace_period);
-            if let Err(err) = sweep_local_staging(root, grace, false) {
+            if let Err(err) = sweep_local_staging(root, grace, storage.clock().as_ref(), false) {
                 tracing::warn!(error = %err, "sweeping staging files failed; it runs again later");
             }
         }
@@ -474,9 +477,11 @@ pub async fn periodic(storage: Storage, config: GcConfig, local_root: Option<std
 /// Deletes the staging files that a crash (a `kill -9` in the middle of a write) leaves in a
 /// local storage directory: `object_store` writes each object to `{key}#{n}` and renames it,
 /// and listings never show those names, so the mark and sweep above cannot see them. Returns
-/// the files and bytes freed (or that would be, in a dry run).
-pub fn sweep_local_staging(root: &std::path::Path, grace: Duration, dry_run: bool) -> Result<(usize, u64)> {
+/// the files and bytes freed (or that would be, in a dry run). A file is old when `clock` is
+/// more than `grace` past its modification time.
+pub fn sweep_local_staging(root: &std::path::Path, grace: Duration, clock: &dyn Clock, dry_run: bool) -> Result<(usize, u64)> {
     let mut freed = (0usize, 0u64);
+    let old_before_ms = clock.now_ms().saturating_sub(grace.as_millis() as u64);
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let entries = match std::fs::read_dir(&dir) {
@@ -498,7 +503,12 @@ pub fn sweep_local_staging(root: &std::path::Path, grace: Duration, dry_run: boo
                 continue;
             }
             let staging = entry.file_name().to_str().is_some_and(|name| name.contains('#'));
-            let old = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > grace);
+            let modified_ms = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64);
+            let old = modified_ms.is_some_and(|m| m < old_before_ms);
             if staging && old {
                 freed.0 += 1;
                 freed.1 += meta.len();

@@ -379,7 +379,7 @@ impl Ingester {
             return Err(Error::internal(format!("ingest built an inconsistent manifest: {err}")));
         }
         self.metrics.nar_bytes_in.fetch_add(manifest.nar_size, std::sync::atomic::Ordering::Relaxed);
-        Ok(Ingested { manifest, stats, refreshed, started, window: self.window, storage: self.storage.clone() })
+        Ok(Ingested { manifest, stats, refreshed, started, window: self.window.clone(), storage: self.storage.clone() })
     }
 
     /// Stores a chunk unless a fresh copy is stored already (see [`ReuseWindow`]).

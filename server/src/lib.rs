@@ -2,6 +2,7 @@
 //! deduplicated, zstd-compressed FastCDC chunks in an object store.
 //!
 //! - [`config`]: the TOML configuration.
+//! - [`clock`]: where storage and garbage collection read the time.
 //! - [`connections`]: accepting connections, with their limit and timeouts.
 //! - [`storage`]: chunks, manifests, path records and cache configs over `object_store`.
 //! - [`ingest`]: a NAR stream in, chunks and a manifest out.
@@ -15,6 +16,7 @@
 
 pub mod auth;
 pub mod bootstrap;
+pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod error;
@@ -39,7 +41,7 @@ pub async fn serve(
     let state = AppState::new(config)?;
     let local_root = match &state.config.storage {
         config::StorageConfig::Local { path } => Some(path.clone()),
-        config::StorageConfig::S3 { .. } => None,
+        config::StorageConfig::Memory {} | config::StorageConfig::S3 { .. } => None,
     };
     tokio::spawn(gc::periodic(state.storage.clone(), state.config.gc.clone(), local_root));
     let limits = state.config.limits.clone();

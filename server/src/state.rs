@@ -262,7 +262,7 @@ impl AppState {
             config.chunking,
             config.zstd_level,
             config.chunk_parallelism,
-            ReuseWindow::for_grace_period(config.gc.grace_period),
+            storage.reuse_window(config.gc.grace_period),
             metrics.clone(),
         )
         .with_reader_limit(config.limits.max_uploads, std::time::Duration::from_secs(config.limits.upload_queue_timeout));
@@ -322,7 +322,7 @@ impl AppState {
 
     /// How young a stored chunk must be for an upload to count on it.
     pub fn reuse_window(&self) -> ReuseWindow {
-        ReuseWindow::for_grace_period(self.config.gc.grace_period)
+        self.storage.reuse_window(self.config.gc.grace_period)
     }
 
     /// Remembers the chunk list of a `missing-chunks` question; returns its name, or `None`

@@ -25,7 +25,6 @@
 //! finds everything it needs.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use flywheel_core::chunk::ChunkHash;
@@ -36,6 +35,8 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::clock::{Clock, SharedClock, SystemClock};
 
 /// A cache's settings as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,16 +100,21 @@ pub enum Reuse {
 /// uploads count only on chunks written within half the grace period, and write older ones
 /// again (which makes them young, so the sweep spares them); and an upload must finish within
 /// the other half. With a grace period of 0 (no protection asked for), every chunk counts.
-#[derive(Debug, Clone, Copy)]
+///
+/// "Now" is read from the same clock as garbage collection's, so that both judge a chunk's
+/// age alike.
+#[derive(Debug, Clone)]
 pub struct ReuseWindow {
     /// Half the grace period, in milliseconds; 0 for no limit.
     pub window_ms: u64,
+    clock: SharedClock,
 }
 
 impl ReuseWindow {
-    /// The window for a grace period in seconds.
-    pub fn for_grace_period(grace_secs: u64) -> Self {
-        ReuseWindow { window_ms: grace_secs.saturating_mul(1000) / 2 }
+    /// The window for a grace period in seconds, reading the time from `clock` (see
+    /// [`Storage::reuse_window`], which passes the storage's own).
+    pub fn with_clock(grace_secs: u64, clock: SharedClock) -> Self {
+        ReuseWindow { window_ms: grace_secs.saturating_mul(1000) / 2, clock }
     }
 
     /// Chunks written at or after this instant (ms since the epoch) may be counted on now.
@@ -116,7 +122,7 @@ impl ReuseWindow {
         if self.window_ms == 0 {
             return 0;
         }
-        now_ms().saturating_sub(self.window_ms)
+        self.clock.now_ms().saturating_sub(self.window_ms)
     }
 
     /// Longest an upload may take between its first reuse decision and its commit.
@@ -125,9 +131,10 @@ impl ReuseWindow {
     }
 }
 
-/// Milliseconds since the epoch.
+/// Milliseconds since the epoch, on the system clock (for what is not judged against a
+/// [`Storage`]'s clock).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemClock.now_ms()
 }
 
 /// An object's modification time in milliseconds since the epoch.
@@ -226,6 +233,7 @@ impl CacheFile<'_> {
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
+    clock: SharedClock,
 }
 
 fn storage_error(err: object_store::Error, what: &str) -> Error {
@@ -242,20 +250,37 @@ fn version_of(meta: &object_store::ObjectMeta) -> String {
     }
 }
 
-/// Seconds since the epoch.
+/// Seconds since the epoch, on the system clock (for what is not judged against a
+/// [`Storage`]'s clock).
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemClock.now_secs()
 }
 
 impl Storage {
-    /// Wraps an object store.
+    /// Wraps an object store, on the system clock.
     pub fn new(store: Arc<dyn ObjectStore>) -> Self {
-        Storage { store }
+        Self::with_clock(store, SystemClock::shared())
+    }
+
+    /// Wraps an object store; access records, staging markers, the reuse window and garbage
+    /// collection read the time from `clock`.
+    pub fn with_clock(store: Arc<dyn ObjectStore>, clock: SharedClock) -> Self {
+        Storage { store, clock }
     }
 
     /// The object store underneath.
     pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+
+    /// The clock this storage judges ages by.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// The reuse window for a grace period in seconds, on this storage's clock.
+    pub fn reuse_window(&self, grace_secs: u64) -> ReuseWindow {
+        ReuseWindow::with_clock(grace_secs, self.clock.clone())
     }
 
     fn chunk_key(hash: &ChunkHash) -> Path {
@@ -566,7 +591,7 @@ impl Storage {
     /// Records that a path was accessed now.
     pub async fn put_access(&self, cache: &str, hash_part: &str) -> Result<()> {
         self.store
-            .put(&Self::access_key(cache, hash_part), PutPayload::from(now().to_string().into_bytes()))
+            .put(&Self::access_key(cache, hash_part), PutPayload::from(self.clock.now_secs().to_string().into_bytes()))
             .await
             .map_err(|e| storage_error(e, "access record"))?;
         Ok(())
@@ -659,7 +684,7 @@ impl Storage {
     /// Notes that a NAR arrived through a Nix PUT, so its narinfo may publish it.
     pub async fn put_pending(&self, cache: &str, nar_hash: &Sha256Hash) -> Result<()> {
         self.store
-            .put(&Self::pending_key(cache, nar_hash), PutPayload::from(now().to_string().into_bytes()))
+            .put(&Self::pending_key(cache, nar_hash), PutPayload::from(self.clock.now_secs().to_string().into_bytes()))
             .await
             .map_err(|e| storage_error(e, "pending upload"))?;
         Ok(())

@@ -69,6 +69,17 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str) {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// The seed of a test's random choices: `FLYWHEEL_TEST_SEED` when set (to replay a failure),
+/// else a fresh one. Printed either way, so that a failing run names the seed that replays it.
+pub fn test_seed(what: &str) -> u64 {
+    let seed = match std::env::var("FLYWHEEL_TEST_SEED") {
+        Ok(seed) => seed.trim().parse().unwrap_or_else(|_| panic!("FLYWHEEL_TEST_SEED={seed:?} is not a u64")),
+        Err(_) => rand::random(),
+    };
+    eprintln!("{what}: seed {seed} (FLYWHEEL_TEST_SEED={seed} replays it)");
+    seed
+}
+
 /// A unique seed per corpus, so tests never share store paths by accident.
 pub fn unique_seed(tag: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
@@ -384,6 +395,18 @@ impl ExternalS3 {
             .unwrap()
     }
 
+    /// Replaces the object `key` with what `edit` makes of its bytes.
+    fn rewrite(&self, key: &str, edit: impl FnOnce(Vec<u8>) -> Vec<u8>) {
+        use object_store::ObjectStoreExt;
+        let store = self.store();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let key = object_store::path::Path::from(key);
+            let bytes = store.get(&key).await.unwrap().bytes().await.unwrap();
+            store.put(&key, edit(bytes.to_vec()).into()).await.unwrap();
+        });
+    }
+
     /// Every object under `prefix`, with its size and (when `hash`) SHA-256: what
     /// `dir_files` reads from s3s-fs's bucket directory, read through S3 instead.
     fn objects(&self, prefix: &str, hash: bool) -> BTreeMap<String, (u64, [u8; 32])> {
@@ -645,6 +668,37 @@ impl Server {
                 .collect();
         }
         dir_files(&self.objects.join(prefix)).into_iter().map(|(key, (size, _))| (key, size)).collect()
+    }
+
+    /// Replaces the stored object `key` (relative to the bucket) with what `edit` makes of its
+    /// bytes, in place under the running server.
+    pub fn rewrite_object(&self, key: &str, edit: impl FnOnce(Vec<u8>) -> Vec<u8>) {
+        if let Some(s3) = &self.external_s3 {
+            return s3.rewrite(key, edit);
+        }
+        let file = self.objects.join(key);
+        let bytes = std::fs::read(&file).unwrap_or_else(|e| panic!("reading stored object {key}: {e}"));
+        std::fs::write(&file, edit(bytes)).unwrap();
+    }
+
+    /// Makes a published path look `by` older to retention: its publication time and its last
+    /// recorded access (if any) move back, as if the test had waited that long without reading
+    /// it. Retention counts from those stored times, not from object modification times.
+    pub fn age_path(&self, cache: &str, hash_part: &str, by: Duration) {
+        let by = by.as_secs();
+        self.rewrite_object(&format!("caches/{cache}/paths/{hash_part}.json"), |bytes| {
+            let mut record: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            let created = record["created_at"].as_u64().expect("a path record has created_at");
+            record["created_at"] = serde_json::json!(created.saturating_sub(by));
+            serde_json::to_vec(&record).unwrap()
+        });
+        let access = format!("caches/{cache}/access/{hash_part}");
+        if self.object_sizes(&format!("caches/{cache}/access")).contains_key(hash_part) {
+            self.rewrite_object(&access, |bytes| {
+                let at: u64 = String::from_utf8(bytes).unwrap().trim().parse().expect("an access record holds seconds");
+                at.saturating_sub(by).to_string().into_bytes()
+            });
+        }
     }
 
     /// Every stored object, with its size and SHA-256. (s3s-fs keeps sidecar files of deleted
