@@ -200,7 +200,7 @@ fn wait_until_crash_safe(cache_dir: &std::path::Path, hash_part: &str) {
     loop {
         let copy = tempfile::tempdir().unwrap();
         copy_database(cache_dir, copy.path());
-        let whole = ChunkCache::open(&CacheConfig::new(copy.path(), 10 << 30)).ok().is_some_and(|cache| {
+        let whole = ChunkCache::open(&LocalCacheConfig::new(copy.path(), 10 << 30)).ok().is_some_and(|cache| {
             cache.get_manifest(hash_part).is_some_and(|m| m.manifest.chunks.iter().all(|c| cache.contains(&c.hash)))
         });
         if whole {

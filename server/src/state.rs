@@ -282,7 +282,7 @@ impl AppState {
         })
     }
 
-    /// The manifest a published path needs, parsed once and shared (see [`ManifestCache`]);
+    /// The manifest a published path needs, parsed once and shared (see `ManifestCache`);
     /// its absence is damage, not a miss.
     pub async fn manifest_of(&self, path: &PathRecord) -> flywheel_core::Result<Arc<Manifest>> {
         Ok(self.manifests.get(&self.storage, path).await?.manifest.clone())
