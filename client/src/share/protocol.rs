@@ -262,29 +262,14 @@ pub(super) fn read_message(stream: &mut impl Read) -> std::io::Result<(u8, Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flywheel_core::manifest::Manifest;
 
     fn manifest() -> PathManifest {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), b"hello").unwrap();
         let mut nar = Vec::new();
         flywheel_core::nar::dump_path(dir.path(), &mut nar).unwrap();
-        let parsed = flywheel_core::nar::parse(&nar[..]).unwrap();
-        let manifest = Manifest {
-            version: flywheel_core::manifest::MANIFEST_VERSION,
-            nar_hash: flywheel_core::nix::Sha256Hash::digest(&nar),
-            nar_size: parsed.nar_size,
-            chunks: vec![ChunkRef { hash: ChunkHash::of(&nar), size: nar.len() as u32 }],
-            root: parsed.root,
-        };
-        PathManifest {
-            store_path: format!("/nix/store/{}-f", "0".repeat(32)),
-            references: vec![],
-            deriver: None,
-            sigs: vec!["k:sig".into()],
-            ca: None,
-            manifest: std::sync::Arc::new(manifest),
-        }
+        let path = format!("/nix/store/{}-f", "0".repeat(32));
+        crate::MemorySource::default().add_path(&path, &nar, vec![], Default::default()).unwrap()
     }
 
     /// Requests and replies have no `PartialEq` (manifests do not); their debug forms show
