@@ -295,6 +295,48 @@ fn impossible_chunk_sizes_are_refused() {
     assert_served(&server, "pub", &token, &published);
 }
 
+/// Sends a request head and `body_len` zero bytes of body (from another thread, which stops
+/// when the server stops reading), and reads the answer: its status and its body (by its
+/// `Content-Length`).
+fn raw_exchange(server: &Server, head: &str, body_len: usize) -> (u16, Vec<u8>) {
+    let mut stream = connect(server);
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let piece = [0u8; 64 << 10];
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(piece.len());
+            if writer.write_all(&piece[..n]).is_err() {
+                return;
+            }
+            left -= n;
+        }
+    });
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let body_start = loop {
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the server closed before answering: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    };
+    let head_text = String::from_utf8_lossy(&seen[..body_start]).to_ascii_lowercase();
+    let len: usize = head_text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the answer has a Content-Length");
+    while seen.len() < body_start + len {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the answer was cut short");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    (status_of(&seen).expect("an HTTP/1.1 status line"), seen[body_start..body_start + len].to_vec())
+}
+
 /// Refusals by the request parsers themselves (a path segment that is not UTF-8, a query that
 /// does not parse, a body over the limit) answer with Attic's error body and their own status,
 /// like every other refusal.
@@ -303,22 +345,30 @@ fn parser_refusals_answer_with_attics_error_body() {
     let server = Server::start(Backend::Local);
     server.create_cache("pub", true);
     let token = server.admin_token();
-    let client = client();
-    let api = format!("{}/_flywheel/v1/pub", server.url);
-    let big = vec![0u8; 17 << 20];
+    let zeros = "0".repeat(64);
+    let too_big = 17 << 20;
     let cases = [
-        (client.get(format!("{api}/chunk/%FF%FE")), StatusCode::BAD_REQUEST),
-        (client.get(format!("{api}/chunk/{}?path=a&path=b", "0".repeat(64))), StatusCode::BAD_REQUEST),
-        (client.post(format!("{api}/upload-chunks")).bearer_auth(&token).body(big.clone()), StatusCode::PAYLOAD_TOO_LARGE),
-        (client.put(format!("{api}/chunk/{}", "0".repeat(64))).bearer_auth(&token).body(big), StatusCode::PAYLOAD_TOO_LARGE),
+        ("GET /_flywheel/v1/pub/chunk/%FF%FE HTTP/1.1\r\nHost: x\r\n\r\n".to_string(), 0, 400),
+        (format!("GET /_flywheel/v1/pub/chunk/{zeros}?path=a&path=b HTTP/1.1\r\nHost: x\r\n\r\n"), 0, 400),
+        (
+            format!("POST /_flywheel/v1/pub/upload-chunks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {too_big}\r\n\r\n"),
+            too_big,
+            413,
+        ),
+        (
+            format!("PUT /_flywheel/v1/pub/chunk/{zeros} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {too_big}\r\n\r\n"),
+            too_big,
+            413,
+        ),
     ];
-    for (request, status) in cases {
-        let resp = request.send().unwrap();
-        let url = resp.url().to_string();
-        assert_eq!(resp.status(), status, "{url}");
-        let body: serde_json::Value = resp.json().unwrap_or_else(|e| panic!("{url}: the refusal is not JSON: {e}"));
-        assert_eq!(body["code"], status.as_u16(), "{url}: {body}");
-        assert_eq!(body["error"], "RequestError", "{url}: {body}");
-        assert!(!body["message"].as_str().unwrap_or_default().is_empty(), "{url}: {body}");
+    for (head, body_len, status) in cases {
+        let what = head.lines().next().unwrap_or_default().to_string();
+        let (got, body) = raw_exchange(&server, &head, body_len);
+        assert_eq!(got, status, "{what}");
+        let body: serde_json::Value =
+            serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{what}: the refusal is not JSON ({e}): {:?}", String::from_utf8_lossy(&body)));
+        assert_eq!(body["code"], status, "{what}: {body}");
+        assert_eq!(body["error"], "RequestError", "{what}: {body}");
+        assert!(!body["message"].as_str().unwrap_or_default().is_empty(), "{what}: {body}");
     }
 }
