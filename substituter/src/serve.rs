@@ -387,7 +387,7 @@ mod tests {
     //! The substituter's routes in-process over an in-memory source: no server, no Nix.
 
     use super::*;
-    use flywheel_client::{ChunkCache, MemorySource};
+    use flywheel_client::{ChunkCache, ChunkSource, MemorySource};
     use flywheel_core::chunk::ChunkParams;
     use tower::ServiceExt;
 
@@ -425,7 +425,8 @@ mod tests {
         let params = ChunkParams { min_size: 4096, avg_size: 8192, max_size: 16384 };
         source.add_path(PATH, &nar, vec![PATH.to_string()], params).unwrap();
         let cache_dir = tempfile::tempdir().unwrap();
-        let router = substituter(source.clone(), cache_dir.path()).router();
+        let sub = substituter(source.clone(), cache_dir.path());
+        let router = sub.router();
         let (status, info) = get(&router, "/nix-cache-info").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(NixCacheInfo::parse(std::str::from_utf8(&info).unwrap()).unwrap().priority, 10);
@@ -437,7 +438,15 @@ mod tests {
         let (status, served) = get(&router, &format!("/{}", narinfo.url)).await;
         assert_eq!(status, StatusCode::OK);
         assert!(served == nar, "the NAR comes back byte for byte");
-        // A second substitution takes every chunk from the local cache.
+        // A second substitution takes every chunk from the local cache (once the background
+        // writes of the first have landed).
+        let cache = sub.store().cache().clone();
+        let chunks = source.manifest(HASH).await.unwrap().manifest.chunks.clone();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !chunks.iter().all(|c| cache.contains(&c.hash)) {
+            assert!(Instant::now() < deadline, "fetched chunks never reached the local cache");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let fetched = source.chunks_served();
         assert!(get(&router, &format!("/{}", narinfo.url)).await.1 == nar);
         assert_eq!(source.chunks_served(), fetched);

@@ -112,6 +112,14 @@ fn a_restarted_mount_reads_from_its_local_cache_alone() {
         for (name, bytes) in files() {
             fixture.read(&tree, name, 0, bytes.len() as u64).unwrap();
         }
+        // Fetched chunks are written to the cache in the background: wait until every one is.
+        let cache = fixture.fs.inner.store.cache().clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !tree.chunks.iter().all(|c| cache.contains(&c.hash)) {
+            assert!(std::time::Instant::now() < deadline, "fetched chunks never reached the local cache");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        cache.flush().unwrap();
     }
     // The server now holds nothing: the manifest and every chunk come from the cache.
     let fixture = Fixture::new(Arc::new(MemorySource::default()), cache_dir.path());
