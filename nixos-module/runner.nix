@@ -10,6 +10,7 @@ let
   server = config.services.flywheel.server;
   flywheel = "${config.services.flywheel.package}/bin/flywheel";
   arg = import ./exec-args.nix { inherit lib; };
+  option = import ./option.nix { inherit lib; };
   # An ExecStart line: the program, then arguments escaped for systemd, except `{ raw = ...; }`
   # ones (systemd specifiers).
   tokenArgs = optionals (cfg.tokenFile != null) [ "--token-file" { raw = "%d/token"; } ];
@@ -148,25 +149,8 @@ let
   '';
 
   # Hardening for services that may live in their own mount namespace.
-  sandboxed = {
-    NoNewPrivileges = true;
-    ProtectSystem = "strict";
-    ProtectHome = true;
-    PrivateTmp = true;
-    PrivateDevices = true;
-    ProtectKernelTunables = true;
-    ProtectKernelModules = true;
-    ProtectKernelLogs = true;
-    ProtectControlGroups = true;
-    ProtectClock = true;
-    ProtectHostname = true;
-    RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-    RestrictNamespaces = true;
-    RestrictRealtime = true;
-    RestrictSUIDSGID = true;
-    LockPersonality = true;
-    MemoryDenyWriteExecute = true;
-    SystemCallArchitectures = "native";
+  hardening = import ./hardening.nix;
+  sandboxed = hardening.sandbox // {
     SystemCallFilter = [ "@system-service" "~@privileged" ];
     CapabilityBoundingSet = "";
     UMask = "0077";
@@ -176,37 +160,21 @@ in
   options.services.flywheel.runner = {
     enable = mkEnableOption "the flywheel runner side: FUSE mount, local substituter, push daemon and Nix settings";
 
-    serverUrl = mkOption {
-      type = types.nullOr types.str;
-      default = null;
-      example = "http://cache.example.org:8080";
-      description = "Required. Base URL of the flywheel cache server.";
-    };
+    serverUrl = option (types.nullOr types.str) null
+      "Required. Base URL of the flywheel cache server." // { example = "http://cache.example.org:8080"; };
 
-    cache = mkOption {
-      type = types.str;
-      default = "main";
-      description = "Name of the cache on the server.";
-    };
+    cache = option types.str "main"
+      "Name of the cache on the server.";
 
-    tokenFile = mkOption {
-      type = types.nullOr types.path;
-      default = null;
-      example = "/run/secrets/flywheel-token";
-      description = ''
+    tokenFile = option (types.nullOr types.path) null ''
         A file holding a token (JWT, e.g. from `flywheel token mint`) that may pull from the
         cache, and push to it if `push.enable`. Passed to the services as a systemd credential;
         never copied into the Nix store (give a string, not a Nix path literal). Null: anonymous
         (a public cache).
-      '';
-    };
+      '' // { example = "/run/secrets/flywheel-token"; };
 
-    dataDir = mkOption {
-      type = types.str;
-      default = "/var/lib/flywheel-runner";
-      example = "/pvc/flywheel";
-      description = "The runner's persistent volume (PVC) directory, which holds the chunk cache and the lazy store's upper layer.";
-    };
+    dataDir = option types.str "/var/lib/flywheel-runner"
+      "The runner's persistent volume (PVC) directory, which holds the chunk cache and the lazy store's upper layer." // { example = "/pvc/flywheel"; };
 
     cacheDir = mkOption {
       type = types.str;
@@ -215,115 +183,57 @@ in
       description = "Directory of the local chunk cache, shared by the FUSE mount and the local substituter.";
     };
 
-    cacheSize = mkOption {
-      type = types.ints.positive;
-      default = 10737418240;
-      description = "Byte quota of the local chunk cache (LRU eviction beyond it); 10 GiB by default.";
-    };
+    cacheSize = option types.ints.positive 10737418240
+      "Byte quota of the local chunk cache (LRU eviction beyond it); 10 GiB by default.";
 
-    configureNix = mkOption {
-      type = types.bool;
-      default = true;
-      description = ''
+    configureNix = option types.bool true ''
         Whether to set `nix.settings`: the local substituter first in `substituters`,
         `trustedPublicKeys`, `narinfo-cache-negative-ttl` and the post-build hook.
       '';
-    };
 
-    trustedPublicKeys = mkOption {
-      type = types.listOf types.str;
-      default = [ ];
-      example = [ "main-1:su4pov7yoc5lV0pmcvVr6ZhwoE2SXYet+dEpco+aPQY=" ];
-      description = "Public keys of the cache (`flywheel serve` prints it; `GET /_api/v1/cache-config/NAME` answers it), added to `nix.settings.trusted-public-keys`.";
-    };
+    trustedPublicKeys = option (types.listOf types.str) [ ]
+      "Public keys of the cache (`flywheel serve` prints it; `GET /_api/v1/cache-config/NAME` answers it), added to `nix.settings.trusted-public-keys`." // { example = [ "main-1:su4pov7yoc5lV0pmcvVr6ZhwoE2SXYet+dEpco+aPQY=" ]; };
 
-    narinfoCacheNegativeTtl = mkOption {
-      type = types.ints.unsigned;
-      default = 30;
-      description = "Seconds Nix remembers that a path was missing (`narinfo-cache-negative-ttl`), so that paths pushed by other runners are found soon.";
-    };
+    narinfoCacheNegativeTtl = option types.ints.unsigned 30
+      "Seconds Nix remembers that a path was missing (`narinfo-cache-negative-ttl`), so that paths pushed by other runners are found soon.";
 
     mount = {
-      enable = mkOption {
-        type = types.bool;
-        default = true;
-        description = "Whether to run the lazy FUSE store (`flywheel mount`).";
-      };
-      mountPoint = mkOption {
-        type = types.str;
-        default = "/run/flywheel/store";
-        description = "Where the FUSE store is mounted (outside the Nix store).";
-      };
-      offlineTimeout = mkOption {
-        type = types.ints.positive;
-        default = 10;
-        description = "Seconds to wait for the server before a read of uncached content fails with EIO.";
-      };
-      filesSize = mkOption {
-        type = types.ints.unsigned;
-        default = 2147483648;
-        description = "Byte budget of whole files kept decompressed under `cacheDir/files` for FUSE passthrough (on top of `cacheSize`); 0 turns passthrough off.";
-      };
-      fillMaxNarSize = mkOption {
-        type = types.ints.unsigned;
-        default = 0;
-        description = "Store paths up to this NAR size are fetched whole in the background once a job reads from them (reads always go first); larger ones are left to on-demand reads. 0 (the default, chosen by measurement: see BENCHMARKS.md) turns the fill off.";
-      };
-      metricsListen = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        example = "127.0.0.1:9101";
-        description = "Address where the mount serves Prometheus `/metrics`; null: none. (The substituter serves `/metrics` on its own port.)";
-      };
+      enable = option types.bool true
+        "Whether to run the lazy FUSE store (`flywheel mount`).";
+      mountPoint = option types.str "/run/flywheel/store"
+        "Where the FUSE store is mounted (outside the Nix store).";
+      offlineTimeout = option types.ints.positive 10
+        "Seconds to wait for the server before a read of uncached content fails with EIO.";
+      filesSize = option types.ints.unsigned 2147483648
+        "Byte budget of whole files kept decompressed under `cacheDir/files` for FUSE passthrough (on top of `cacheSize`); 0 turns passthrough off.";
+      fillMaxNarSize = option types.ints.unsigned 0
+        "Store paths up to this NAR size are fetched whole in the background once a job reads from them (reads always go first); larger ones are left to on-demand reads. 0 (the default, chosen by measurement: see BENCHMARKS.md) turns the fill off.";
+      metricsListen = option (types.nullOr types.str) null
+        "Address where the mount serves Prometheus `/metrics`; null: none. (The substituter serves `/metrics` on its own port.)" // { example = "127.0.0.1:9101"; };
     };
 
     substituter = {
-      enable = mkOption {
-        type = types.bool;
-        default = true;
-        description = "Whether to run the local substituter (`flywheel substitute`) on 127.0.0.1.";
-      };
-      port = mkOption {
-        type = types.port;
-        default = 37515;
-        description = "Port of the local substituter on 127.0.0.1.";
-      };
-      priority = mkOption {
-        type = types.ints.unsigned;
-        default = 30;
-        description = "Substituter priority announced to Nix (lower is tried first; cache.nixos.org has 40).";
-      };
-      narinfoTimeout = mkOption {
-        type = types.ints.positive;
-        default = 3;
-        description = "Seconds a narinfo request may wait for the server before the substituter answers 404 and Nix moves on.";
-      };
+      enable = option types.bool true
+        "Whether to run the local substituter (`flywheel substitute`) on 127.0.0.1.";
+      port = option types.port 37515
+        "Port of the local substituter on 127.0.0.1.";
+      priority = option types.ints.unsigned 30
+        "Substituter priority announced to Nix (lower is tried first; cache.nixos.org has 40).";
+      narinfoTimeout = option types.ints.positive 3
+        "Seconds a narinfo request may wait for the server before the substituter answers 404 and Nix moves on.";
     };
 
     push = {
-      enable = mkOption {
-        type = types.bool;
-        default = false;
-        description = "Whether to push every build: the push daemon (`flywheel push-daemon`) and nix-daemon's post-build hook (`flywheel hook`). Needs `tokenFile` with push permission. `flywheel flush` waits for the queue (end of a CI job).";
-      };
-      ignoreUpstreamKeys = mkOption {
-        type = types.listOf types.str;
-        default = [ "cache.nixos.org-1" ];
-        description = "Key names of upstream caches whose paths are not pushed.";
-      };
-      metricsListen = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        example = "127.0.0.1:9102";
-        description = "Address where the push daemon serves Prometheus `/metrics`; null: none.";
-      };
+      enable = option types.bool false
+        "Whether to push every build: the push daemon (`flywheel push-daemon`) and nix-daemon's post-build hook (`flywheel hook`). Needs `tokenFile` with push permission. `flywheel flush` waits for the queue (end of a CI job).";
+      ignoreUpstreamKeys = option (types.listOf types.str) [ "cache.nixos.org-1" ]
+        "Key names of upstream caches whose paths are not pushed.";
+      metricsListen = option (types.nullOr types.str) null
+        "Address where the push daemon serves Prometheus `/metrics`; null: none." // { example = "127.0.0.1:9102"; };
     };
 
     signing = {
-      enable = mkOption {
-        type = types.bool;
-        default = false;
-        description = ''
+      enable = option types.bool false ''
           Whether the runner signs its builds with a key of its own. On first boot the
           `flywheel-signing-key` service generates the key into `signing.keyFile` (mode 0600,
           never in the Nix store), writes its public half to `keyFile.pub` and prints it to the
@@ -333,18 +243,12 @@ in
           in the cache's trusted uploader keys (`services.flywheel.server.caches.<name>.trustedUploaderKeys`,
           or `trusted_uploader_keys` through `cache-config`).
         '';
-      };
-      keyName = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        example = "runner-a-1";
-        description = ''
+      keyName = option (types.nullOr types.str) null ''
           Name of the generated key. Null: the host name and the time of generation
           (`<hostname>-<unix seconds>`), so that every runner, and every key a runner makes
           again after losing its volume, has a name of its own. Used only when a key is
           generated.
-        '';
-      };
+        '' // { example = "runner-a-1"; };
       keyFile = mkOption {
         type = types.str;
         default = "${cfg.dataDir}/signing-key";
@@ -359,10 +263,7 @@ in
     };
 
     lazy = {
-      enable = mkOption {
-        type = types.bool;
-        default = false;
-        description = ''
+      enable = option types.bool false ''
           Whether to overlay the Nix store: lower layers the local store and the FUSE mount, upper
           layer on `dataDir`; paths registered with `flywheel lazy` are valid at once and their
           bytes arrive on first read. Needs `mount.enable`. Puts `flywheel-job` on the PATH for
@@ -371,7 +272,6 @@ in
           read; `flywheel-job end` saves what this job read under KEY (and, with `push.enable`,
           waits for the pushes).
         '';
-      };
       upperDir = mkOption {
         type = types.str;
         default = "${cfg.dataDir}/overlay/upper";
@@ -384,12 +284,8 @@ in
         defaultText = literalExpression ''"''${config.services.flywheel.runner.dataDir}/overlay/work"'';
         description = "Work directory of the store overlay, on the same file system as `upperDir`.";
       };
-      paths = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-        example = [ "/nix/store/...-ci-toolchain" ];
-        description = "Store paths whose closures are registered in Nix's database when the overlay comes up (`flywheel lazy`: narinfo files signed by one of `trustedPublicKeys`, or by a key of nix.conf when that list is empty).";
-      };
+      paths = option (types.listOf types.str) [ ]
+        "Store paths whose closures are registered in Nix's database when the overlay comes up (`flywheel lazy`: narinfo files signed by one of `trustedPublicKeys`, or by a key of nix.conf when that list is empty)." // { example = [ "/nix/store/...-ci-toolchain" ]; };
     };
   };
 
@@ -466,15 +362,8 @@ in
           Restart = "on-failure";
           RestartSec = 2;
           LoadCredential = credential;
-          NoNewPrivileges = true;
-          RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
-          LockPersonality = true;
-          MemoryDenyWriteExecute = true;
-          SystemCallArchitectures = "native";
           CapabilityBoundingSet = "CAP_SYS_ADMIN CAP_DAC_READ_SEARCH";
-        };
+        } // hardening.always;
       };
     })
 

@@ -88,33 +88,24 @@ let
   '';
 
   inStore = p: p != null && lib.hasPrefix "${builtins.storeDir}/" (toString p);
-  nullOrStr = description: mkOption { type = types.nullOr types.str; default = null; inherit description; };
+  option = import ./option.nix { inherit lib; };
+  nullOrStr = option (types.nullOr types.str) null;
 in
 {
   options.services.flywheel.server = {
     enable = mkEnableOption "the flywheel binary cache server (`flywheel serve`)";
 
-    tokenSecretFile = mkOption {
-      type = types.nullOr types.path;
-      default = null;
-      example = "/run/secrets/flywheel-token-secret";
-      description = ''
+    tokenSecretFile = option (types.nullOr types.path) null ''
         Required. A file holding base64 of at least 32 random bytes (Attic's
         `token-hs256-secret-base64`), e.g. made by `openssl rand -base64 48`. It signs every
         token. Read at service start through systemd's `LoadCredential`; never copied into the
         Nix store (give a string, not a Nix path literal).
-      '';
-    };
+      '' // { example = "/run/secrets/flywheel-token-secret"; };
 
-    environmentFile = mkOption {
-      type = types.nullOr types.path;
-      default = null;
-      example = "/run/secrets/flywheel-s3.env";
-      description = ''
+    environmentFile = option (types.nullOr types.path) null ''
         A systemd `EnvironmentFile` read at service start, e.g. with `AWS_ACCESS_KEY_ID=` and
         `AWS_SECRET_ACCESS_KEY=` for S3 storage.
-      '';
-    };
+      '' // { example = "/run/secrets/flywheel-s3.env"; };
 
     caches = mkOption {
       default = { };
@@ -129,83 +120,44 @@ in
       '';
       type = types.attrsOf (types.submodule {
         options = {
-          signingKeyFile = mkOption {
-            type = types.nullOr types.str;
-            default = null;
-            example = "/run/secrets/flywheel-main.key";
-            description = ''
+          signingKeyFile = option (types.nullOr types.str) null ''
               Required. A file holding the cache's secret signing key in Nix's format (made by
               `nix key generate-secret --key-name main-1`). Read at service start through
               systemd's `LoadCredential`; never copied into the Nix store. Clients trust its
               public key (`nix key convert-secret-to-public`).
-            '';
-          };
-          public = mkOption {
-            type = types.bool;
-            default = false;
-            description = "Whether anyone may pull from the cache without a token.";
-          };
-          priority = mkOption {
-            type = types.int;
-            default = 41;
-            description = "Priority announced in `nix-cache-info`; lower is preferred by Nix.";
-          };
-          retentionPeriod = mkOption {
-            type = types.nullOr types.ints.unsigned;
-            default = null;
-            description = "Seconds a path is kept after its last access; null: `settings.gc.default-retention-period`.";
-          };
-          upstreamCacheKeyNames = mkOption {
-            type = types.listOf types.str;
-            default = [ "cache.nixos.org-1" ];
-            description = "Key names of upstream caches, whose paths clients do not push.";
-          };
-          trustedUploaderKeys = mkOption {
-            type = types.listOf types.str;
-            default = [ ];
-            example = [ "runner-a-1:igeBjeQ3Qac+vYwZm7O2W7beqCySeapjFnmFL9HU2fo=" ];
-            description = ''
+            '' // { example = "/run/secrets/flywheel-main.key"; };
+          public = option types.bool false
+            "Whether anyone may pull from the cache without a token.";
+          priority = option types.int 41
+            "Priority announced in `nix-cache-info`; lower is preferred by Nix.";
+          retentionPeriod = option (types.nullOr types.ints.unsigned) null
+            "Seconds a path is kept after its last access; null: `settings.gc.default-retention-period`.";
+          upstreamCacheKeyNames = option (types.listOf types.str) [ "cache.nixos.org-1" ]
+            "Key names of upstream caches, whose paths clients do not push.";
+          trustedUploaderKeys = option (types.listOf types.str) [ ] ''
               Public keys (`name:base64`) of trusted uploaders, such as the key each runner
               generates (`services.flywheel.runner.signing`, written to its `signing-key.pub`).
               Rotate a key by adding the new one, deploying the runner with it, then removing
               the old one.
-            '';
-          };
-          requireUploaderSignature = mkOption {
-            type = types.bool;
-            default = false;
-            description = ''
+            '' // { example = [ "runner-a-1:igeBjeQ3Qac+vYwZm7O2W7beqCySeapjFnmFL9HU2fo=" ]; };
+          requireUploaderSignature = option types.bool false ''
               Whether the server refuses (403) every upload whose path carries no valid
               signature by one of `trustedUploaderKeys`. Needs at least one key.
             '';
-          };
         };
       });
     };
 
-    openFirewall = mkOption {
-      type = types.bool;
-      default = false;
-      description = "Whether to open the port of `settings.listen` in the firewall.";
-    };
+    openFirewall = option types.bool false
+      "Whether to open the port of `settings.listen` in the firewall.";
 
     settings = {
-      listen = mkOption {
-        type = types.str;
-        default = "127.0.0.1:8080";
-        example = "[::]:8080";
-        description = "IP address and port to listen on (`listen`).";
-      };
-      zstd-level = mkOption {
-        type = types.ints.between 1 19;
-        default = 3;
-        description = "zstd level of stored chunks (`zstd-level`).";
-      };
-      chunk-parallelism = mkOption {
-        type = types.ints.between 1 1024;
-        default = 64;
-        description = "Chunks stored or fetched at once per request (`chunk-parallelism`).";
-      };
+      listen = option types.str "127.0.0.1:8080"
+        "IP address and port to listen on (`listen`)." // { example = "[::]:8080"; };
+      zstd-level = option (types.ints.between 1 19) 3
+        "zstd level of stored chunks (`zstd-level`).";
+      chunk-parallelism = option (types.ints.between 1 1024) 64
+        "Chunks stored or fetched at once per request (`chunk-parallelism`).";
       api-endpoint = nullOrStr ''
         The URL clients reach the server at, for `cache-config` answers (`api-endpoint`); null:
         the request's Host header.
@@ -216,26 +168,14 @@ in
         max-size = mkOption { type = types.ints.positive; default = 262144; description = "FastCDC maximum chunk size in bytes (`chunking.max-size`, Attic's default)."; };
       };
       gc = {
-        default-retention-period = mkOption {
-          type = types.ints.unsigned;
-          default = 0;
-          description = "Seconds a path is kept after its last access, for caches without their own period; 0 keeps paths forever (`gc.default-retention-period`).";
-        };
-        interval = mkOption {
-          type = types.ints.unsigned;
-          default = 43200;
-          description = "Seconds between garbage collections in the server; 0 runs none (`gc.interval`).";
-        };
-        grace-period = mkOption {
-          type = types.ints.unsigned;
-          default = 21600;
-          description = "Unreferenced chunks and manifests younger than this many seconds are kept, so uploads in flight lose nothing (`gc.grace-period`).";
-        };
-        access-record-interval = mkOption {
-          type = types.ints.positive;
-          default = 3600;
-          description = "Seconds between two access records of one path (`gc.access-record-interval`).";
-        };
+        default-retention-period = option types.ints.unsigned 0
+          "Seconds a path is kept after its last access, for caches without their own period; 0 keeps paths forever (`gc.default-retention-period`).";
+        interval = option types.ints.unsigned 43200
+          "Seconds between garbage collections in the server; 0 runs none (`gc.interval`).";
+        grace-period = option types.ints.unsigned 21600
+          "Unreferenced chunks and manifests younger than this many seconds are kept, so uploads in flight lose nothing (`gc.grace-period`).";
+        access-record-interval = option types.ints.positive 3600
+          "Seconds between two access records of one path (`gc.access-record-interval`).";
       };
       limits = let
         seconds = default: description: mkOption { type = types.ints.between 1 86400; inherit default description; };
@@ -243,67 +183,37 @@ in
         header-read-timeout = seconds 10 "Seconds from a new connection, or a request's first byte, to the end of its headers (`limits.header-read-timeout`).";
         idle-timeout = seconds 60 "Seconds a kept-alive connection may wait for its next request (`limits.idle-timeout`).";
         body-idle-timeout = seconds 30 "Seconds without request body bytes, or without the client taking response bytes, before a request is given up (`limits.body-idle-timeout`).";
-        body-min-rate = mkOption {
-          type = types.ints.unsigned;
-          default = 1024;
-          description = "Bytes per second a request body must average over each `body-idle-timeout` of waiting (`limits.body-min-rate`).";
-        };
+        body-min-rate = option types.ints.unsigned 1024
+          "Bytes per second a request body must average over each `body-idle-timeout` of waiting (`limits.body-min-rate`).";
         request-timeout = seconds 60 "Seconds a request without a body (narinfo, listings; not NAR downloads) may take to be answered (`limits.request-timeout`).";
-        max-connections = mkOption {
-          type = types.ints.between 1 1000000;
-          default = 4096;
-          description = ''
+        max-connections = option (types.ints.between 1 1000000) 4096 ''
             Connections served at once (`limits.max-connections`); further ones wait in the
             listen backlog. The server lowers it to three quarters of its open file limit,
             which the service sets to 65536 (LimitNOFILE).
           '';
-        };
-        max-uploads = mkOption {
-          type = types.ints.between 1 256;
-          default = 64;
-          description = "NAR uploads decoded at once, each on a thread of the server's blocking pool (`limits.max-uploads`).";
-        };
+        max-uploads = option (types.ints.between 1 256) 64
+          "NAR uploads decoded at once, each on a thread of the server's blocking pool (`limits.max-uploads`).";
         upload-queue-timeout = seconds 30 "Seconds an upload waits for one of `max-uploads` before it is refused with 503 (`limits.upload-queue-timeout`).";
       };
       storage = {
-        type = mkOption {
-          type = types.enum [ "local" "s3" ];
-          default = "local";
-          description = "Where chunks, manifests and path records live: a local directory or an S3 bucket (`storage.type`).";
-        };
-        path = mkOption {
-          type = types.str;
-          default = "${stateDir}/storage";
-          description = "Directory of `local` storage (`storage.path`); created if missing.";
-        };
+        type = option (types.enum [ "local" "s3" ]) "local"
+          "Where chunks, manifests and path records live: a local directory or an S3 bucket (`storage.type`).";
+        path = option types.str "${stateDir}/storage"
+          "Directory of `local` storage (`storage.path`); created if missing.";
         bucket = nullOrStr "S3 bucket (`storage.bucket`); required when `type` is `s3`.";
-        region = mkOption {
-          type = types.str;
-          default = "us-east-1";
-          description = "S3 region (`storage.region`); S3-compatible servers usually accept any.";
-        };
+        region = option types.str "us-east-1"
+          "S3 region (`storage.region`); S3-compatible servers usually accept any.";
         endpoint = nullOrStr "S3 endpoint URL, e.g. `http://127.0.0.1:9000` (`storage.endpoint`); null: AWS.";
         access-key-id = nullOrStr "S3 access key id (`storage.access-key-id`); null: `AWS_ACCESS_KEY_ID` from `environmentFile`.";
-        secret-access-key-file = mkOption {
-          type = types.nullOr types.path;
-          default = null;
-          example = "/run/secrets/flywheel-s3-secret";
-          description = ''
+        secret-access-key-file = option (types.nullOr types.path) null ''
             A file holding the S3 secret key, passed to the server as a systemd credential and
             never copied into the Nix store; null: `AWS_SECRET_ACCESS_KEY` from
             `environmentFile`.
-          '';
-        };
-        path-style = mkOption {
-          type = types.nullOr types.bool;
-          default = null;
-          description = "Path-style S3 addressing (`storage.path-style`), which RustFS and s3s-fs need; null: the server's default (true).";
-        };
-        allow-http = mkOption {
-          type = types.nullOr types.bool;
-          default = null;
-          description = "Allow a plain `http://` S3 endpoint (`storage.allow-http`); null: the server's default (false).";
-        };
+          '' // { example = "/run/secrets/flywheel-s3-secret"; };
+        path-style = option (types.nullOr types.bool) null
+          "Path-style S3 addressing (`storage.path-style`), which RustFS and s3s-fs need; null: the server's default (true).";
+        allow-http = option (types.nullOr types.bool) null
+          "Allow a plain `http://` S3 endpoint (`storage.allow-http`); null: the server's default (false).";
       };
     };
   };
@@ -395,30 +305,11 @@ in
         # One descriptor per connection (limits.max-connections, 4096 by default) plus storage
         # files and S3 sockets; the usual 1024 let about 1100 idle sockets stop the server.
         LimitNOFILE = 65536;
-
-        # Hardening.
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
+      } // (import ./hardening.nix).sandbox // {
         PrivateUsers = !lowPort;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
         ProtectProc = "invisible";
         ProcSubset = "pid";
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
         RemoveIPC = true;
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        SystemCallArchitectures = "native";
         SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
         CapabilityBoundingSet = if lowPort then "CAP_NET_BIND_SERVICE" else "";
         AmbientCapabilities = if lowPort then "CAP_NET_BIND_SERVICE" else "";
