@@ -1,10 +1,19 @@
 //! Subcommands for the operator of the cache host: `fsck` and `gc`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
+use flywheel_server::storage::Storage;
 use flywheel_server::ServerConfig;
+
+/// The server's config, its storage, and a runtime to drive it: what an offline operation needs.
+fn open_storage(config: &Path) -> anyhow::Result<(ServerConfig, Storage, tokio::runtime::Runtime)> {
+    let config = ServerConfig::load(config)?;
+    let storage = Storage::new(config.open_store().context("opening storage")?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    Ok((config, storage, runtime))
+}
 
 #[derive(Args)]
 pub struct FsckArgs {
@@ -22,9 +31,7 @@ pub struct FsckArgs {
 /// Checks every chunk of every published path; without `--dry-run`, takes damaged paths out of
 /// service so that a re-push repairs them.
 pub fn fsck(args: FsckArgs) -> anyhow::Result<()> {
-    let config = ServerConfig::load(&args.config)?;
-    let storage = flywheel_server::storage::Storage::new(config.open_store().context("opening storage")?);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (_, storage, runtime) = open_storage(&args.config)?;
     let report = runtime
         .block_on(flywheel_server::fsck::fsck(&storage, args.parallelism.max(1), !args.dry_run))
         .context("checking storage")?;
@@ -69,9 +76,7 @@ pub struct GcArgs {
 
 /// Expires paths past their retention and sweeps unreferenced manifests and chunks.
 pub fn gc(args: GcArgs) -> anyhow::Result<()> {
-    let config = ServerConfig::load(&args.config)?;
-    let storage = flywheel_server::storage::Storage::new(config.open_store().context("opening storage")?);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (config, storage, runtime) = open_storage(&args.config)?;
     let report = runtime
         .block_on(flywheel_server::gc::collect(&storage, &config.gc, args.dry_run))
         .context("collecting garbage")?;

@@ -64,26 +64,20 @@ fn main() {
         stamp: format!("(Measured at commit {commit}; load average at start: {load}.)"),
         sections: Vec::new(),
     };
-    if wants("server") {
-        server_section(&mut report, work.path());
-    }
-    if wants("compression") {
-        compression_section(&mut report, work.path());
-    }
-    if wants("lazy") {
-        lazy_section(&mut report, work.path());
-    }
-    if wants("job") {
-        job_section(&mut report, work.path());
-    }
-    if wants("load") {
-        load_section(&mut report, work.path());
-    }
-    if wants("fuse") {
-        fuse_section(&mut report, work.path());
-    }
-    if wants("substituter") {
-        substituter_section(&mut report, work.path());
+    type Section = fn(&mut Report, &Path);
+    let sections: [(&str, Section); 7] = [
+        ("server", server_section),
+        ("compression", compression_section),
+        ("lazy", lazy_section),
+        ("job", job_section),
+        ("load", load_section),
+        ("fuse", fuse_section),
+        ("substituter", substituter_section),
+    ];
+    for (name, run) in sections {
+        if wants(name) {
+            run(&mut report, work.path());
+        }
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
     let previous = if filter.is_empty() { None } else { std::fs::read_to_string(&path).ok() };

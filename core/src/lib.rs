@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod nar;
 pub mod nix;
 pub mod xz;
+mod text_form;
 
 pub use error::{Error, ErrorKind, Result};

@@ -86,6 +86,16 @@ impl GcReport {
         tracing::warn!(problem = %message, "garbage collection carries on past a problem");
         self.problems.push(message);
     }
+
+    /// A listing's entries; a listing that failed is reported and read as empty, and since a
+    /// path or staged NAR missing from it could still need its manifest, no manifest is swept.
+    fn listed<T>(&mut self, listing: flywheel_core::Result<Vec<T>>, what: impl FnOnce() -> String) -> Vec<T> {
+        listing.unwrap_or_else(|err| {
+            self.problem(format!("{} could not be listed: {err}", what()));
+            self.manifests_sweep_skipped = true;
+            Vec::new()
+        })
+    }
 }
 
 /// Runs one collection over all caches.
@@ -121,14 +131,7 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
             }
         };
         caches.push(CacheLive { name: cache.clone(), retention: period, ..Default::default() });
-        let hash_parts = match storage.list_paths(&cache).await {
-            Ok(hash_parts) => hash_parts,
-            Err(err) => {
-                report.problem(format!("cache {cache}: paths could not be listed: {err}"));
-                report.manifests_sweep_skipped = true;
-                Vec::new()
-            }
-        };
+        let hash_parts = report.listed(storage.list_paths(&cache).await, || format!("cache {cache}: paths"));
         for hash_part in hash_parts {
             let path = match storage.get_path(&cache, &hash_part).await {
                 Ok(Some(path)) => path,
@@ -169,14 +172,10 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
                 live.keep(&path);
             }
         }
-        let pending = match storage.list_objects(&format!("caches/{cache}/pending")).await {
-            Ok(pending) => pending,
-            Err(err) => {
-                report.problem(format!("cache {cache}: staged NARs could not be listed: {err}"));
-                report.manifests_sweep_skipped = true;
-                Vec::new()
-            }
-        };
+        let pending = report.listed(
+            storage.list_objects(&format!("caches/{cache}/pending")).await,
+            || format!("cache {cache}: staged NARs"),
+        );
         for pending in pending {
             let young = young(&pending);
             match pending.location.filename().and_then(|n| Sha256Hash::parse(&format!("sha256:{n}")).ok()) {

@@ -463,11 +463,7 @@ mod tests {
 
     use super::*;
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, RngSeed};
-
-    fn config(cases: u32) -> Config {
-        Config { cases, rng_seed: RngSeed::Fixed(0x666c_7977_6865_656c), failure_persistence: None, ..Config::default() }
-    }
+    use crate::proptest_config as config;
 
     proptest! {
         #![proptest_config(config(1000))]

@@ -29,6 +29,14 @@ pub mod routes;
 pub mod state;
 pub mod storage;
 
+/// The configuration of the unit tests' property tests (fuzzing stand-ins): `cases` cases from
+/// a fixed seed, so that a failure in CI replays here, and no files written.
+#[cfg(test)]
+pub(crate) fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    use proptest::test_runner::{Config, RngSeed};
+    Config { cases, rng_seed: RngSeed::Fixed(0x666c_7977_6865_656c), failure_persistence: None, ..Config::default() }
+}
+
 pub use config::ServerConfig;
 pub use state::AppState;
 

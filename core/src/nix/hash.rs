@@ -1,6 +1,5 @@
 //! SHA-256 hashes in the textual forms Nix uses.
 
-use std::fmt;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -70,38 +69,7 @@ fn decode_base64(b64: &str, whole: &str) -> Result<Vec<u8>> {
         .map_err(|e| Error::invalid(format!("invalid base64 in hash {whole:?}: {e}")))
 }
 
-impl fmt::Display for Sha256Hash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_nix_base32())
-    }
-}
-
-impl fmt::Debug for Sha256Hash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Sha256Hash({})", self.to_nix_base32())
-    }
-}
-
-impl std::str::FromStr for Sha256Hash {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Self::parse(s)
-    }
-}
-
-impl serde::Serialize for Sha256Hash {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_nix_base32())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Sha256Hash {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        Sha256Hash::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
+crate::text_form::text_form!(Sha256Hash, to_nix_base32, parse);
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,6 @@
 //! Store paths: `<store dir>/<32 nixbase32 chars>-<name>`.
 
 use std::cmp::Ordering;
-use std::fmt;
 
 use super::base32;
 use crate::error::{Error, Result};
@@ -187,39 +186,7 @@ impl PartialOrd for StorePath {
     }
 }
 
-impl fmt::Display for StorePath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.base_name())
-    }
-}
-
-impl fmt::Debug for StorePath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StorePath({})", self.base_name())
-    }
-}
-
-impl std::str::FromStr for StorePath {
-    type Err = Error;
-
-    /// Parses a base name.
-    fn from_str(s: &str) -> Result<Self> {
-        Self::from_base_name(s)
-    }
-}
-
-impl serde::Serialize for StorePath {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.base_name())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for StorePath {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        StorePath::from_base_name(&s).map_err(serde::de::Error::custom)
-    }
-}
+crate::text_form::text_form!(StorePath, base_name, from_base_name);
 
 #[cfg(test)]
 mod tests {

@@ -132,43 +132,29 @@ pub async fn update(
     if patch.retention_period.is_some() && !caller.permissions_for(&cache).configure_cache_retention {
         return Err(Error::new(ErrorKind::Forbidden, "changing retention needs the configure-cache-retention permission").into());
     }
+    /// Sets `slot` when the patch carries a value, and tells whether it did.
+    fn set<T>(slot: &mut T, value: Option<T>) -> bool {
+        value.map(|value| *slot = value).is_some()
+    }
     let mut changed = false;
     if let Some(keypair) = &patch.keypair {
         record.signing_key = signing_key(keypair, &cache)?;
         changed = true;
     }
-    if let Some(is_public) = patch.is_public {
-        record.is_public = is_public;
-        changed = true;
+    if let Some(store_dir) = &patch.store_dir {
+        check_store_dir(store_dir)?;
     }
-    if let Some(store_dir) = patch.store_dir {
-        check_store_dir(&store_dir)?;
-        record.store_dir = store_dir;
-        changed = true;
-    }
-    if let Some(priority) = patch.priority {
-        record.priority = priority;
-        changed = true;
-    }
-    if let Some(names) = patch.upstream_cache_key_names {
-        record.upstream_cache_key_names = names;
-        changed = true;
-    }
-    if let Some(retention) = patch.retention_period {
-        record.retention_period = match retention {
-            RetentionPeriodConfig::Global => None,
-            RetentionPeriodConfig::Period(seconds) => Some(seconds),
-        };
-        changed = true;
-    }
-    if let Some(keys) = patch.trusted_uploader_keys {
-        record.trusted_uploader_keys = keys;
-        changed = true;
-    }
-    if let Some(require) = patch.require_uploader_signature {
-        record.require_uploader_signature = require;
-        changed = true;
-    }
+    let retention_period = patch.retention_period.map(|retention| match retention {
+        RetentionPeriodConfig::Global => None,
+        RetentionPeriodConfig::Period(seconds) => Some(seconds),
+    });
+    changed |= set(&mut record.is_public, patch.is_public);
+    changed |= set(&mut record.store_dir, patch.store_dir);
+    changed |= set(&mut record.priority, patch.priority);
+    changed |= set(&mut record.upstream_cache_key_names, patch.upstream_cache_key_names);
+    changed |= set(&mut record.retention_period, retention_period);
+    changed |= set(&mut record.trusted_uploader_keys, patch.trusted_uploader_keys);
+    changed |= set(&mut record.require_uploader_signature, patch.require_uploader_signature);
     if !changed {
         return Err(Error::invalid("no modifiable fields were set").into());
     }
