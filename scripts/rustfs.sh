@@ -111,6 +111,7 @@ for binary in "${!BY_BINARY[@]}"; do
   test_args+=(--test "$binary")
 done
 cargo test --no-run "${test_args[@]}"
+cargo test --no-run -p flywheel-server --test conformance
 
 work=$(mktemp -d /tmp/flywheel-rustfs.XXXXXX)
 mkdir -p "$work/data" "$work/logs"
@@ -169,21 +170,29 @@ export FLYWHEEL_TEST_S3_ENDPOINT="$endpoint" FLYWHEEL_TEST_S3_ACCESS_KEY="$acces
 
 status=0
 summary=()
+# Runs one test command (after its label), keeps its output in OUT, and adds its result line
+# and the names of its failed tests to the summary.
+run_tests() {
+  local label=$1 out=$2
+  shift 2
+  echo "== $label"
+  "$@" 2>&1 | tee "$out" || status=1
+  local result
+  result=$(grep -E '^test result:' "$out" | tail -n 1 || true)
+  summary+=("$label: ${result:-did not run (see $out)}")
+  while read -r failed; do
+    summary+=("  FAILED $failed")
+  done < <(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$out")
+}
+
 for binary in $(printf '%s\n' "${!BY_BINARY[@]}" | sort); do
   # shellcheck disable=SC2086 # the names are words on purpose
   set -- ${BY_BINARY[$binary]}
-  echo "== $binary: $*"
-  if cargo test --test "$binary" -- --exact "$@" 2>&1 | tee "$work/$binary.out"; then
-    :
-  else
-    status=1
-  fi
-  result=$(grep -E '^test result:' "$work/$binary.out" | tail -n 1 || true)
-  summary+=("$binary: ${result:-did not run (see $work/$binary.out)}")
-  while read -r failed; do
-    summary+=("  FAILED $failed")
-  done < <(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$work/$binary.out")
+  run_tests "$binary: $*" "$work/$binary.out" cargo test --test "$binary" -- --exact "$@"
 done
+# The storage conformance suite's S3 cases (conditional writes, listings, GC, replicas), each
+# in a fresh bucket: what the server counts on from its object store, asked of RustFS itself.
+run_tests "conformance (s3::)" "$work/conformance.out" cargo test -p flywheel-server --test conformance -- s3::
 
 echo
 echo "== summary against RustFS ($endpoint; logs and test output in $work)"

@@ -6,12 +6,17 @@
 //! Time is a [`ManualClock`]: scenarios move it past grace and retention periods instead of
 //! sleeping through them.
 //!
+//! With `FLYWHEEL_TEST_S3_ENDPOINT` set, the S3 cases run against that server instead, each in
+//! a fresh bucket (`scripts/rustfs.sh` runs them on a real RustFS).
+//!
 //! `s3s-fs` missing fails the S3 cases under `CI=true` (`cargo install s3s-fs --version 0.14.1
 //! --features binary`, which `scripts/test.sh` does); elsewhere they say so and pass, so that
 //! the crate's own tests run on a machine without it.
 
 #[path = "conformance/scenarios.rs"]
 mod scenarios;
+#[path = "../../tests/common/external_s3.rs"]
+mod external_s3;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -71,8 +76,12 @@ impl Fixture {
         Self::new(Box::new(open), Some(root), vec![Box::new(dir)])
     }
 
-    /// Over a fresh s3s-fs, or `None` (after saying why) when it is not installed outside CI.
+    /// Over a fresh s3s-fs, or `None` (after saying why) when it is not installed outside CI;
+    /// over a fresh bucket of the S3 server `FLYWHEEL_TEST_S3_ENDPOINT` names, when it is set.
     fn s3() -> Option<Self> {
+        if let Some(external) = external_s3::ExternalS3::from_env() {
+            return Some(Self::new(Box::new(move || Arc::new(external.store())), None, Vec::new()));
+        }
         let s3s = S3sFs::start()?;
         let endpoint = s3s.endpoint.clone();
         let open = move || -> Arc<dyn ObjectStore> {
