@@ -230,7 +230,7 @@ pub struct Ingested {
     pub stats: IngestStats,
     /// Stale chunks this upload wrote again: checked once more after the manifest is stored.
     refreshed: Vec<ChunkHash>,
-    started: std::time::Instant,
+    started: u64,
     window: ReuseWindow,
     storage: Storage,
 }
@@ -321,7 +321,7 @@ impl Ingester {
         let slot = self.reader_slot().await?;
         let body = futures::stream::iter(first).chain(body);
         let (chunk_tx, chunk_rx) = mpsc::channel::<(ChunkHash, Vec<u8>)>(self.parallelism);
-        let started = std::time::Instant::now();
+        let started = self.storage.clock().now_ms();
         let reusable_after = self.window.reusable_after();
         let reader = spawn_nar_reader(body, compression, Some((self.params, chunk_tx)), slot);
         let mut refreshed = Vec::new();

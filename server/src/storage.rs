@@ -495,8 +495,9 @@ impl Storage {
         Ok(())
     }
 
-    /// Stores the manifest of an upload (`what`: "upload", "commit") that began at `started`;
-    /// from then on garbage collection keeps its chunks.
+    /// Stores the manifest of an upload (`what`: "upload", "commit") that began at `started`
+    /// (milliseconds, on this storage's clock, which garbage collection also reads); from then
+    /// on garbage collection keeps its chunks.
     ///
     /// Fails when the upload took longer than the reuse window (a collection may have swept a
     /// chunk it counted on), or when a chunk it wrote again (`refreshed`) is gone once the
@@ -505,7 +506,7 @@ impl Storage {
     pub async fn put_upload_manifest(
         &self,
         manifest: &Manifest,
-        started: std::time::Instant,
+        started: u64,
         window: ReuseWindow,
         refreshed: &[ChunkHash],
         what: &str,
@@ -513,10 +514,10 @@ impl Storage {
         self.put_manifest(manifest).await?;
         // Measured once the manifest is stored: from then on a collection keeps the chunks.
         if let Some(limit) = window.max_upload() {
-            if started.elapsed() > limit {
+            let took = std::time::Duration::from_millis(self.clock.now_ms().saturating_sub(started));
+            if took > limit {
                 return Err(Error::unavailable(format!(
-                    "the {what} took {:?}, longer than half the garbage collection grace period ({limit:?}); {what} it again",
-                    started.elapsed()
+                    "the {what} took {took:?}, longer than half the garbage collection grace period ({limit:?}); {what} it again"
                 )));
             }
         }

@@ -150,7 +150,7 @@ pub async fn put_file(
         sigs: &info.sigs,
         ca: info.ca.as_deref(),
     }
-    .into_record()?;
+    .into_record(state.storage.clock().now_secs())?;
     // A cache that requires uploader signatures holds the NAR's chunks only from here, once
     // the signed narinfo is accepted (see `put_nar`): a refused upload leaves it holding
     // nothing new.

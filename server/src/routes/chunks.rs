@@ -376,7 +376,7 @@ pub async fn commit(
         sigs: &request.sigs,
         ca: request.ca.as_deref(),
     }
-    .into_record()?;
+    .into_record(state.storage.clock().now_secs())?;
     let max = state.config.chunking.max_size;
     if request.chunks.iter().any(|c| c.size == 0 || c.size > max) {
         return Err(Error::invalid(format!("chunk sizes must be between 1 and {max}")).into());
@@ -409,7 +409,7 @@ pub async fn commit(
         return Err(not_uploaded(not_held.len(), first, cache).into());
     }
     let window = state.reuse_window();
-    let started = std::time::Instant::now();
+    let started = state.storage.clock().now_ms();
     let reusable_after = window.reusable_after();
     let reuse: Vec<(ChunkHash, Reuse)> = futures::stream::iter(unique)
         .map(|hash| {

@@ -4,7 +4,7 @@
 use flywheel_core::nix::{fingerprint, Sha256Hash, StorePath, TrustedKeys};
 use flywheel_core::{Error, Result};
 
-use crate::storage::{now, CacheRecord, PathRecord};
+use crate::storage::{CacheRecord, PathRecord};
 
 /// Most references a path may have.
 const MAX_REFERENCES: usize = 10_000;
@@ -48,7 +48,7 @@ impl PathMetadata<'_> {
     /// Checks every field, and the signatures when the cache requires an uploader's (see
     /// [`check_uploader_signature`]), and builds the record. Routes call it before they write
     /// anything for the path, so a refused path leaves storage as it was.
-    pub fn into_record(self) -> Result<(StorePath, PathRecord)> {
+    pub fn into_record(self, published_at: u64) -> Result<(StorePath, PathRecord)> {
         let store_dir = self.cache.store_dir.as_str();
         let store_path = parse_store_path(self.store_path, store_dir)?;
         if self.references.len() > MAX_REFERENCES {
@@ -95,7 +95,7 @@ impl PathMetadata<'_> {
             system: self.system.map(str::to_string),
             sigs: self.sigs.to_vec(),
             ca: self.ca.filter(|c| !c.is_empty()).map(str::to_string),
-            created_at: now(),
+            created_at: published_at,
             nar_file: None,
         };
         check_uploader_signature(self.cache, &store_path, &record)?;
@@ -162,7 +162,7 @@ mod tests {
         let cache = cache();
         let references = [format!("/nix/store/{B}"), A.to_string(), B.to_string()];
         let sigs = ["k:c2ln".to_string()];
-        let (path, record) = metadata(&cache, &references, &sigs).into_record().unwrap();
+        let (path, record) = metadata(&cache, &references, &sigs).into_record(1_800_000_000).unwrap();
         assert_eq!(path.base_name(), A);
         assert_eq!(record.references, [A, B], "full paths become base names, sorted, once each");
         assert_eq!(record.deriver, None);
@@ -175,20 +175,20 @@ mod tests {
         let cache = cache();
         let none: [String; 0] = [];
         let outside = [format!("/opt/store/{B}")];
-        assert_eq!(metadata(&cache, &outside, &none).into_record().unwrap_err().kind(), ErrorKind::InvalidInput);
+        assert_eq!(metadata(&cache, &outside, &none).into_record(1_800_000_000).unwrap_err().kind(), ErrorKind::InvalidInput);
         for sig in ["nocolon", "k:", ":v", "k:a b"] {
             let sigs = [sig.to_string()];
-            assert!(metadata(&cache, &none, &sigs).into_record().is_err(), "{sig:?}");
+            assert!(metadata(&cache, &none, &sigs).into_record(1_800_000_000).is_err(), "{sig:?}");
         }
         let mut empty = metadata(&cache, &none, &none);
         empty.nar_size = 0;
-        assert!(empty.into_record().unwrap_err().message().contains("NarSize"));
+        assert!(empty.into_record(1_800_000_000).unwrap_err().message().contains("NarSize"));
         let mut newline = metadata(&cache, &none, &none);
         newline.system = Some("x86_64-linux\nStorePath: /nix/store/evil");
-        assert!(newline.into_record().is_err());
+        assert!(newline.into_record(1_800_000_000).is_err());
         let mut required = cache.clone();
         required.require_uploader_signature = true;
         required.trusted_uploader_keys = vec!["runner:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()];
-        assert_eq!(metadata(&required, &none, &none).into_record().unwrap_err().kind(), ErrorKind::Forbidden);
+        assert_eq!(metadata(&required, &none, &none).into_record(1_800_000_000).unwrap_err().kind(), ErrorKind::Forbidden);
     }
 }

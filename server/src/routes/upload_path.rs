@@ -80,7 +80,7 @@ pub async fn handle(
         sigs: &info.sigs,
         ca: info.ca.as_deref(),
     }
-    .into_record()?;
+    .into_record(state.storage.clock().now_secs())?;
     if store_path.hash_part() != info.store_path_hash {
         return Err(Error::invalid(format!(
             "store_path_hash {:?} does not match store_path {:?}",

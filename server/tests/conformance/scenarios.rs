@@ -370,6 +370,15 @@ pub async fn reuse_window_makes_old_chunks_written_again(fixture: &Fixture) {
     assert_eq!(stats.new_chunks, 0, "they were stored already");
     assert!(stats.new_stored_bytes > 0, "stale chunks were trusted, not written again");
 
+    // An upload that took longer than the window may have counted on chunks a collection has
+    // swept since: storing its manifest then fails, so that the path is not published.
+    let started = storage.clock().now_ms();
+    let limit = window.max_upload().expect("a grace period bounds uploads");
+    storage.put_upload_manifest(&manifest, started, window.clone(), &[], "upload").await.unwrap();
+    fixture.clock.advance(limit + Duration::from_secs(1));
+    let late = storage.put_upload_manifest(&manifest, started, window, &[], "upload").await.unwrap_err();
+    assert_eq!(late.kind(), ErrorKind::Unavailable, "{late}");
+
     // With no grace period there is no window: every stored chunk counts.
     let unbounded = storage.reuse_window(0);
     assert_eq!(unbounded.reusable_after(), 0);
