@@ -5,37 +5,77 @@ use super::*;
 /// A CI job as a whole (set-up plus the job) on a fresh runner: substituting its closure
 /// first, against the lazy mount with no trace (on-demand reads plus the background fill),
 /// with a trace saved by an earlier job, and warm; on loopback and over 1 Gbit/s and
-/// 100 Mbit/s links; for two shapes of job. Then the fill policies side by side.
+/// 100 Mbit/s links; for three shapes of job. Then the fill policies side by side.
 pub(crate) fn job_section(report: &mut Report, work: &Path) {
     use common_fuse::{mount_overlay, register_lazily, NixVersion, Setup, Unmount, CACHE};
     const JOB_FILES: usize = 200;
-    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output().unwrap();
-    let docs_dir = PathBuf::from(String::from_utf8(sysroot.stdout).unwrap().trim()).join("share/doc/rust/html/std");
     let setup = Setup::of(NixVersion::V2_8);
-    let docs = setup.nix.run(setup.nix.cmd("nix-store").args(["--store", &setup.store_root, "--add"]).arg(&docs_dir)).trim().to_string();
-    let docs_mb = setup.nix.path_info(&setup.store_root, &docs).nar_size as f64 / MB;
     let netrc = setup.server.netrc(&setup.token);
-    let out = setup.nix.copy_to(&setup.store_root, &format!("{}/{CACHE}?compression=zstd", setup.server.url), &netrc, std::slice::from_ref(&docs));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // Two shapes: a walk reading files in NAR order (readahead's best case), and a job that
-    // opens files spread over the whole path one by one, a process each (as an interpreter
-    // importing modules does), which no readahead foresees.
-    let shapes: [(&str, String); 2] = [
-        ("walk", format!("/bin/busybox find $p -name '*.html' | /bin/busybox sort | /bin/busybox head -n {JOB_FILES} | /bin/busybox xargs /bin/busybox cat | /bin/busybox wc -c")),
-        ("scattered", format!("/bin/busybox find $p -name '*.html' | /bin/busybox sort | /bin/busybox awk 'NR % 17 == 0' | /bin/busybox head -n {JOB_FILES} | while read f; do /bin/busybox sha256sum $f; done | /bin/busybox wc -l")),
+    // Adds a directory of this machine to the store and pushes it: (store path, NAR MB).
+    let push = |dir: &Path| -> (String, f64) {
+        let path = setup.nix.run(setup.nix.cmd("nix-store").args(["--store", &setup.store_root, "--add"]).arg(dir)).trim().to_string();
+        let nar_mb = setup.nix.path_info(&setup.store_root, &path).nar_size as f64 / MB;
+        let out = setup.nix.copy_to(&setup.store_root, &format!("{}/{CACHE}?compression=zstd", setup.server.url), &netrc, std::slice::from_ref(&path));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (path, nar_mb)
+    };
+    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output().unwrap();
+    let (docs, docs_mb) = push(&PathBuf::from(String::from_utf8(sysroot.stdout).unwrap().trim()).join("share/doc/rust/html/std"));
+    // This machine's Python with its site-packages (boto3 among them): a tool environment of
+    // the size CI jobs carry, of which one job uses a little. Its binary finds its prefix from
+    // where it runs, and LD_LIBRARY_PATH points it at the store's libpython instead of the
+    // RUNPATH into the original install.
+    let python = Command::new("python3").args(["-c", "import sys, boto3; print(sys.base_prefix, '%d.%d' % sys.version_info[:2])"]).output().unwrap();
+    assert!(python.status.success(), "python3 with boto3 is needed (pip install boto3): {}", String::from_utf8_lossy(&python.stderr));
+    let python = String::from_utf8(python.stdout).unwrap();
+    let (python_prefix, python_version) = python.trim().split_once(' ').unwrap();
+    let (python_env, python_mb) = push(Path::new(python_prefix));
+    // Three shapes: a walk reading files in NAR order (readahead's best case); a job that opens
+    // files spread over the whole path one by one, a process each, which no readahead
+    // foresees; and a Python job that imports boto3 and makes an S3 client. The policy
+    // comparison runs on the first two (the Python path is larger than the fill's limit).
+    struct Shape {
+        name: &'static str,
+        path: String,
+        script: String,
+        compare_policies: bool,
+    }
+    let shapes = [
+        Shape {
+            name: "walk",
+            path: docs.clone(),
+            script: format!("/bin/busybox find $p -name '*.html' | /bin/busybox sort | /bin/busybox head -n {JOB_FILES} | /bin/busybox xargs /bin/busybox cat | /bin/busybox wc -c"),
+            compare_policies: true,
+        },
+        Shape {
+            name: "scattered",
+            path: docs.clone(),
+            script: format!("/bin/busybox find $p -name '*.html' | /bin/busybox sort | /bin/busybox awk 'NR % 17 == 0' | /bin/busybox head -n {JOB_FILES} | while read f; do /bin/busybox sha256sum $f; done | /bin/busybox wc -l"),
+            compare_policies: true,
+        },
+        Shape {
+            name: "python",
+            path: python_env.clone(),
+            script: format!(
+                "LD_LIBRARY_PATH=$p/lib PYTHONDONTWRITEBYTECODE=1 $p/bin/python{python_version} -c \"import boto3; \
+                 print(type(boto3.session.Session().client('s3', region_name='us-east-1')).__name__)\""
+            ),
+            compare_policies: false,
+        },
     ];
-    let job = |shape: &str, store: &str| -> f64 {
-        let script = &shapes.iter().find(|(name, _)| *name == shape).unwrap().1;
+    let job = |shape: &Shape, store: &str| -> f64 {
         let expr = format!(
             "derivation {{ name = \"job-{}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
-             args = [ \"-c\" ''p=${{builtins.storePath \"{docs}\"}}; {script} > $out'' ]; }}",
-            common::unique_seed("j")
+             args = [ \"-c\" ''p=${{builtins.storePath \"{}\"}}; {} > $out'' ]; }}",
+            common::unique_seed("j"),
+            shape.path,
+            shape.script
         );
         time_cmd(setup.nix.cmd("nix-build").args(["--store", store, "--no-out-link", "-E", &expr]).stdout(Stdio::null()))
     };
     let metrics_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // One lazy job on a fresh runner: (total, warm job, compressed bytes fetched).
-    let lazy_run = |shape: &str, url: &str, extra: &[&str]| -> (f64, f64, f64) {
+    let lazy_run = |shape: &Shape, url: &str, extra: &[&str]| -> (f64, f64, f64) {
         let dir = tempfile::tempdir_in(work).unwrap();
         let cache_dir = dir.path().join("cache");
         std::fs::create_dir_all(&cache_dir).unwrap();
@@ -47,7 +87,7 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
         let root = dir.path().join("root");
         let overlay: Unmount = mount_overlay(&mount.mountpoint, &dir.path().join("upper"), &dir.path().join("work"), &root.join("nix/store"));
         let store = format!("local?root={}", root.display());
-        register_lazily(&setup, &store, std::slice::from_ref(&docs));
+        register_lazily(&setup, &store, std::slice::from_ref(&shape.path));
         job(shape, &store);
         let total = started.elapsed().as_secs_f64();
         let fetched = common::metric_value(&common::fetch_metrics(&format!("http://{listen}/metrics")), "flywheel_runner_chunk_bytes_fetched_total");
@@ -57,7 +97,7 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
         drop(mount);
         (total, warm, fetched)
     };
-    let substitute_run = |shape: &str, url: &str| -> f64 {
+    let substitute_run = |shape: &Shape, url: &str| -> f64 {
         let dir = tempfile::tempdir_in(work).unwrap();
         drop_caches();
         let store = format!("local?root={}", dir.path().join("root").display());
@@ -67,7 +107,7 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
             .cmd("nix")
             .args(["copy", "--no-check-sigs", "--from", &format!("{url}/{CACHE}"), "--to", &store, "--option", "netrc-file"])
             .arg(&netrc)
-            .arg(&docs)
+            .arg(&shape.path)
             .status()
             .unwrap();
         assert!(copied.success());
@@ -86,22 +126,24 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
     let mut policy_rows: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     let mut intro_bytes = Vec::new();
     let mut rows: Vec<(String, String, String, String, &str)> = Vec::new();
-    for (shape, _) in &shapes {
-        let key = format!("bench-{shape}");
+    for shape in &shapes {
+        let key = format!("bench-{}", shape.name);
         // The trace: one job on a fresh runner records it and saves it at unmount.
         lazy_run(shape, &setup.server.url, &["--prefetch", &key, "--fill-max-nar-size", "0"]);
         // What the job reads, compressed: on-demand reads alone fetch only that (and readahead).
         let (_, _, read_bytes) = lazy_run(shape, &setup.server.url, &["--fill-max-nar-size", "0"]);
-        intro_bytes.push(format!("{shape} {:.1} MB", read_bytes / MB));
+        intro_bytes.push(format!("{} {:.1} MB", shape.name, read_bytes / MB));
         for (name, link) in &link_urls {
             let url = url_of(link);
             let reference = median((0..RUNS).map(|_| substitute_run(shape, &url)).collect());
             let mut by_policy = Vec::new();
-            for (_, flags) in &policies {
+            for (_, flags) in if shape.compare_policies { &policies[..] } else { &policies[..1] } {
                 let runs: Vec<(f64, f64, f64)> = (0..RUNS).map(|_| lazy_run(shape, &url, flags)).collect();
                 by_policy.push((median(runs.iter().map(|r| r.0).collect()), median(runs.iter().map(|r| r.2).collect())));
             }
-            policy_rows.push((format!("{shape}, {name} (substitute first: {reference:.2} s)"), by_policy.clone()));
+            if shape.compare_policies {
+                policy_rows.push((format!("{}, {name} (substitute first: {reference:.2} s)", shape.name), by_policy.clone()));
+            }
             let traced: Vec<(f64, f64, f64)> = (0..RUNS).map(|_| lazy_run(shape, &url, &["--prefetch", &key])).collect();
             let (cold, fill_bytes) = by_policy[0];
             let with_trace = median(traced.iter().map(|r| r.0).collect());
@@ -109,9 +151,9 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
             let trace_bytes = median(traced.iter().map(|r| r.2).collect());
             let substitute = format!("substitute first: {reference:.2} s");
             let slow = *name == "100 Mbit/s";
-            rows.push((format!("{shape}, {name}: cold lazy, no trace"), format!("{cold:.2} s ({:.1} MB fetched)", fill_bytes / MB), substitute.clone(), format!("{} faster", ratio(reference / cold)), if slow { ">= 2x faster" } else { ">= 1x" }));
+            rows.push((format!("{}, {name}: cold lazy, no trace", shape.name), format!("{cold:.2} s ({:.1} MB fetched)", fill_bytes / MB), substitute.clone(), format!("{} faster", ratio(reference / cold)), if slow { ">= 2x faster" } else { ">= 1x" }));
             rows.push((
-                format!("{shape}, {name}: cold lazy, with a trace"),
+                format!("{}, {name}: cold lazy, with a trace", shape.name),
                 format!("{with_trace:.2} s ({:.1} MB fetched, {:.2}x what the job reads)", trace_bytes / MB, trace_bytes / read_bytes.max(1.0)),
                 substitute,
                 format!("{} faster; {:.2}x the warm job", ratio(reference / with_trace), with_trace / warm),
@@ -121,16 +163,18 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
                     _ => "<= 1.3x warm",
                 },
             ));
-            rows.push((format!("{shape}, {name}: warm lazy"), format!("{warm:.2} s (job only)"), String::new(), String::new(), ""));
+            rows.push((format!("{}, {name}: warm lazy", shape.name), format!("{warm:.2} s (job only)"), String::new(), String::new(), ""));
         }
     }
     report.section(
         "CI job, lazy against substituting first",
         &format!(
-            "Jobs (derivations) over the std docs of this machine's Rust toolchain ({docs_mb:.0} MB of NAR), on a fresh runner: \
-             empty chunk cache, empty page cache, and a store that does not have the path. *walk* lists every HTML file and \
-             reads {JOB_FILES} of them in name order (NAR order) with one `cat`; *scattered* reads {JOB_FILES} files spread over \
-             the whole path (every 17th), one `sha256sum` process each, as an interpreter importing modules does. Each figure \
+            "Jobs (derivations) on a fresh runner: empty chunk cache, empty page cache, and a store that does not have the \
+             path. *walk* and *scattered* run over the std docs of this machine's Rust toolchain ({docs_mb:.0} MB of NAR): \
+             *walk* lists every HTML file and reads {JOB_FILES} of them in name order (NAR order) with one `cat`; *scattered* \
+             reads {JOB_FILES} files spread over the whole path (every 17th), one `sha256sum` process each. *python* runs \
+             this machine's Python {python_version} environment from the store ({python_mb:.0} MB of NAR, its site-packages \
+             included), importing boto3 and making an S3 client, as a deploy step does. Each figure \
              is set-up plus job, median of {RUNS} runs. The reference substitutes the path first (`nix copy --from` the server, \
              zstd NARs, into a fresh store). The lazy runs mount the cache, mount an overlay over it and register the path \
              (`dump-db | nix-store --load-db`), then run the job: with no trace (on-demand reads, the default), and with the trace an earlier job saved (`flywheel mount --prefetch KEY`, which starts fetching the traced \
