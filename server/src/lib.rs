@@ -9,6 +9,7 @@
 //! - [`auth`]: Attic-compatible JWT tokens.
 //! - [`routes`]: the HTTP frontends (Nix binary cache, Attic API, chunk API).
 //! - [`metrics`]: Prometheus counters at `/metrics`.
+//! - [`narinfo_cache`]: narinfos and 404s answered lately, kept in memory for a bounded time.
 //! - [`gc`]: retention and garbage collection.
 //! - [`fsck`]: finding missing or corrupt chunks and taking damaged paths out of service.
 //! - [`bootstrap`]: the zero-configuration first start.
@@ -24,6 +25,7 @@ pub mod fsck;
 pub mod gc;
 pub mod ingest;
 pub mod metrics;
+pub mod narinfo_cache;
 pub mod preflight;
 pub mod routes;
 pub mod state;

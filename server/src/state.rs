@@ -8,6 +8,7 @@ use crate::auth::TokenAuthority;
 use crate::config::ServerConfig;
 use crate::ingest::Ingester;
 use crate::metrics::Metrics;
+use crate::narinfo_cache::NarinfoCache;
 use crate::preflight::VerifiedChunks;
 use crate::storage::{CacheRecord, PathRecord, ReuseWindow, Storage};
 use bytes::Bytes;
@@ -42,6 +43,9 @@ pub struct AppState {
     chunk_queries: Arc<parking_lot::Mutex<ChunkQueries>>,
     /// Parsed manifests, shared by the requests that need them.
     manifests: Arc<ManifestCache>,
+    /// Narinfos (and 404s) answered lately; see [`crate::narinfo_cache`] for how stale they
+    /// may be.
+    pub narinfos: Arc<NarinfoCache>,
 }
 
 /// Bytes (approximate, in memory) of parsed manifests kept between requests.
@@ -269,7 +273,6 @@ impl AppState {
         let chunk_reads = Arc::new(tokio::sync::Semaphore::new(config.chunk_parallelism));
         Ok(AppState {
             config: Arc::new(config),
-            storage,
             tokens,
             ingester,
             metrics,
@@ -279,6 +282,8 @@ impl AppState {
             cache_records: Arc::default(),
             chunk_queries: Arc::new(parking_lot::Mutex::new(ChunkQueries { by_name: lru::LruCache::unbounded(), chunks: 0 })),
             manifests: Arc::new(ManifestCache::new()),
+            narinfos: Arc::new(NarinfoCache::new(storage.clock().clone())),
+            storage,
         })
     }
 
@@ -370,6 +375,25 @@ impl AppState {
     /// Drops a cache's remembered settings after this process changed them.
     pub fn forget_cache_record(&self, cache: &str) {
         self.cache_records.lock().remove(cache);
+        // Narinfos are signed with the cache's key and name its store dir.
+        self.narinfos.forget_cache(cache);
+    }
+
+    /// Publishes a path: its record is stored, and the next narinfo request on this replica
+    /// sees it (a 404 remembered for it is dropped).
+    pub async fn publish_path(&self, cache: &str, record: &PathRecord) -> flywheel_core::Result<()> {
+        self.storage.put_path(cache, record).await?;
+        self.narinfos.forget(cache, record.store_path.get(..32).unwrap_or_default());
+        Ok(())
+    }
+
+    /// Takes a path out of a cache; the next narinfo request on this replica answers 404.
+    pub async fn delete_path(&self, cache: &str, hash_part: &str) -> flywheel_core::Result<()> {
+        // Forgotten after the delete, whatever its outcome: a request that read the record
+        // before it holds an older ticket, so what it read is not kept either.
+        let deleted = self.storage.delete_path(cache, hash_part).await;
+        self.narinfos.forget(cache, hash_part);
+        deleted
     }
 }
 

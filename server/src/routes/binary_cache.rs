@@ -16,6 +16,7 @@ use super::publish::PathMetadata;
 use super::{authorize, Access, Caller, Push};
 use crate::error::ApiError;
 use crate::ingest::{verified_chunks, Compression};
+use crate::narinfo_cache::Answer;
 use crate::state::AppState;
 use crate::storage::{CacheRecord, PathRecord};
 
@@ -81,8 +82,22 @@ pub async fn get_file(
 ) -> ApiResult<Response> {
     let record = authorize(&state, &caller, &cache, "pull", |p| p.pull).await?;
     if let Some(hash_part) = file.strip_suffix(".narinfo") {
-        let path = path_record(&state, &cache, hash_part).await?;
-        let text = render_narinfo(&path, &record)?;
+        parse_hash_part(hash_part)?;
+        let answer = match state.narinfos.get(&cache, hash_part) {
+            Some(answer) => answer,
+            None => {
+                let ticket = state.narinfos.ticket();
+                let answer = match state.storage.get_path(&cache, hash_part).await? {
+                    Some(path) => Answer::Found(Bytes::from(render_narinfo(&path, &record)?)),
+                    None => Answer::Missing,
+                };
+                state.narinfos.insert(&cache, hash_part, ticket, answer.clone());
+                answer
+            }
+        };
+        let Answer::Found(text) = answer else {
+            return Err(Error::not_found(format!("{hash_part} is not in cache {cache:?}")).into());
+        };
         state.record_access(&cache, hash_part).await;
         return Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response());
     }
@@ -163,7 +178,7 @@ pub async fn put_file(
         state.storage.put_nar_file(&cache, file, hash_part).await?;
         path.nar_file = Some(file.to_string());
     }
-    state.storage.put_path(&cache, &path).await?;
+    state.publish_path(&cache, &path).await?;
     // The staging marker stays until garbage collection finds it older than the grace
     // period: another client (or replica) may be publishing the same NAR at this moment.
     tracing::info!(store_path = %path.store_path, "published through narinfo PUT");
@@ -190,7 +205,7 @@ pub async fn delete_file(
         return Err(Error::invalid(format!("cannot delete {file:?}: name a path as {{hash}}.narinfo")).into());
     };
     path_record(&state, &cache, hash_part).await?;
-    state.storage.delete_path(&cache, hash_part).await?;
+    state.delete_path(&cache, hash_part).await?;
     tracing::info!(hash = hash_part, "path deleted");
     Ok(StatusCode::OK)
 }

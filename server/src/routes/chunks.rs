@@ -445,7 +445,7 @@ pub async fn commit(
         state.storage.put_chunk(hash, frame).await?;
     }
     state.storage.put_upload_manifest(&manifest, started, window, &stale, "commit").await?;
-    state.storage.put_path(cache, &path).await?;
+    state.publish_path(cache, &path).await?;
     tracing::info!(store_path = %path.store_path, "published through chunk commit");
     Ok(StatusCode::OK)
 }

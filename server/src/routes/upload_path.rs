@@ -101,7 +101,7 @@ pub async fn handle(
     }
     let (manifest, stats) = ingested.commit().await?;
     let held_before = super::binary_cache::grant_nar(&state, &info.cache, &manifest).await?;
-    state.storage.put_path(&info.cache, &record).await?;
+    state.publish_path(&info.cache, &record).await?;
     tracing::info!(new_chunks = stats.new_chunks, chunks = stats.chunks, "published through upload-path");
     // What the uploader learns is relative to this cache alone: whether other caches store
     // these chunks is theirs to know.
