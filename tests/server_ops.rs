@@ -402,6 +402,58 @@ fn two_replicas_over_one_bucket() {
     }
 }
 
+/// Narinfo answers are kept in memory for a short time (`server/src/narinfo_cache.rs`): a
+/// replica sees its own publishes and deletes at once, and another replica's once its kept
+/// answer has aged out. The exact bound is checked on a manual clock in that module's tests;
+/// here the replicas only have to converge.
+#[test]
+fn narinfo_answers_follow_publishes_and_deletes() {
+    let nix = Nix::new();
+    let a = Server::start(Backend::S3);
+    let b = a.replica();
+    a.create_cache("ci", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("narinfo-ttl"), &["single", "empty", "tree"]);
+    let admin = a.admin_token();
+    let push = a.netrc(&a.mint(&["--push", "ci", "--pull", "ci"]));
+    let client = Client::new();
+    let status = |server: &Server, path: &str| {
+        client.get(format!("{}/ci/{}.narinfo", server.url, hash_part(path))).bearer_auth(&admin).send().unwrap().status()
+    };
+    let eventually = |server: &Server, path: &str, wanted: StatusCode| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while status(server, path) != wanted {
+            assert!(std::time::Instant::now() < deadline, "{path} never answered {wanted} through {}", server.url);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let copy = |path: &str| {
+        let out = nix.copy_to(&src, &format!("{}/ci", a.url), &push, &[path.to_string()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+
+    // A 404 answered here ends with a publish here, at once.
+    assert_eq!(status(&a, &paths[0]), StatusCode::NOT_FOUND);
+    assert_eq!(status(&b, &paths[0]), StatusCode::NOT_FOUND);
+    copy(&paths[0]);
+    assert_eq!(status(&a, &paths[0]), StatusCode::OK);
+    // The other replica held a 404: it sees the path once that has aged out.
+    eventually(&b, &paths[0], StatusCode::OK);
+
+    // A delete here is seen here at once, and by the other replica, which held a 200, later.
+    copy(&paths[1]);
+    assert_eq!(status(&a, &paths[1]), StatusCode::OK);
+    assert_eq!(status(&b, &paths[1]), StatusCode::OK);
+    let resp = client.delete(format!("{}/ci/{}.narinfo", a.url, hash_part(&paths[1]))).bearer_auth(&admin).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(status(&a, &paths[1]), StatusCode::NOT_FOUND);
+    eventually(&b, &paths[1], StatusCode::NOT_FOUND);
+
+    // A path never asked about is seen at once by both.
+    copy(&paths[2]);
+    assert_eq!(status(&b, &paths[2]), StatusCode::OK);
+}
+
 /// A request body that trickles out, so that a kill lands in the middle of an upload.
 struct Trickle {
     data: std::io::Cursor<Vec<u8>>,

@@ -71,7 +71,16 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
             shape.path,
             shape.script
         );
-        time_cmd(setup.nix.cmd("nix-build").args(["--store", store, "--no-out-link", "-E", &expr]).stdout(Stdio::null()))
+        // A build for a store under another root runs in a sandbox, which has only busybox from
+        // the host; Python also needs the host's loader and C library.
+        time_cmd(
+            setup
+                .nix
+                .cmd("nix-build")
+                .args(["--store", store, "--no-out-link", "--option", "extra-sandbox-paths", "/lib64=/usr/lib64 /lib=/usr/lib /usr/lib"])
+                .args(["-E", &expr])
+                .stdout(Stdio::null()),
+        )
     };
     let metrics_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // One lazy job on a fresh runner: (total, warm job, compressed bytes fetched).
