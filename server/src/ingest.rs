@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
+use crate::preflight::VerifiedChunks;
 use crate::storage::{Reuse, ReuseWindow, Storage};
 
 /// How an uploaded NAR is compressed on the wire.
@@ -269,6 +270,9 @@ pub struct Ingester {
     readers: Arc<Semaphore>,
     /// How long an upload waits for a reader before it is refused.
     reader_wait: std::time::Duration,
+    /// Frames known to verify: those written here are added, so their first download need not
+    /// decompress them.
+    verified: Arc<VerifiedChunks>,
 }
 
 impl Ingester {
@@ -282,8 +286,24 @@ impl Ingester {
         metrics: Arc<Metrics>,
     ) -> Self {
         let limits = crate::config::LimitsConfig::default();
-        Ingester { storage, params, zstd_level, parallelism, window, metrics, readers: Arc::new(Semaphore::new(0)), reader_wait: std::time::Duration::ZERO }
-            .with_reader_limit(limits.max_uploads, std::time::Duration::from_secs(limits.upload_queue_timeout))
+        Ingester {
+            storage,
+            params,
+            zstd_level,
+            parallelism,
+            window,
+            metrics,
+            readers: Arc::new(Semaphore::new(0)),
+            reader_wait: std::time::Duration::ZERO,
+            verified: Arc::default(),
+        }
+        .with_reader_limit(limits.max_uploads, std::time::Duration::from_secs(limits.upload_queue_timeout))
+    }
+
+    /// Shares `verified` (the server's) instead of a memory of its own.
+    pub fn with_verified_chunks(mut self, verified: Arc<VerifiedChunks>) -> Self {
+        self.verified = verified;
+        self
     }
 
     /// Runs at most `readers` NAR readers at once (`limits.max-uploads`); a further upload
@@ -392,9 +412,11 @@ impl Ingester {
         }
         // Compressing a chunk takes a few hundred microseconds: short enough to do on the
         // worker, and cheaper than a hop to the blocking pool for every chunk.
-        let frame = chunk::compress(&data, self.zstd_level)?;
+        let frame = Bytes::from(chunk::compress(&data, self.zstd_level)?);
         let stored = frame.len() as u64;
-        self.storage.put_chunk(&hash, Bytes::from(frame)).await?;
+        let version = self.storage.put_chunk(&hash, frame.clone()).await?;
+        // Made here from bytes just hashed: it verifies by construction.
+        self.verified.remember(hash, version, &frame);
         self.metrics.stored_bytes.fetch_add(stored, std::sync::atomic::Ordering::Relaxed);
         if reuse == Reuse::Stale {
             self.metrics.chunks_deduplicated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -411,7 +433,7 @@ impl Ingester {
         let storage = self.storage.clone();
         // A commit is rare next to downloads: it is held only to its own parallelism.
         let reads = Arc::new(tokio::sync::Semaphore::new(self.parallelism));
-        let chunks = verified_chunks(storage, refs.clone(), self.parallelism, reads, self.metrics.clone())
+        let chunks = verified_chunks(storage, refs.clone(), self.parallelism, reads, self.metrics.clone(), self.verified.clone())
             .map(|item| item.map(|(_, data)| data).map_err(io::Error::from));
         let reader = spawn_nar_reader(chunks, Compression::None, None, slot);
         let (parsed, nar_hash) = reader.await.map_err(join_error)??;
@@ -431,12 +453,59 @@ pub fn verified_chunks(
     parallelism: usize,
     reads: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
+    verified: Arc<VerifiedChunks>,
+) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
+    fetch_verified(storage, refs, parallelism, reads, metrics, verified, Needs::Data)
+}
+
+/// The stored frames of `refs` in order, each verified, as [`verified_chunks`] fetches them.
+/// A frame whose digest matches one that verified before (see [`VerifiedChunks`]) is passed
+/// on without being decompressed; any other is decompressed and verified.
+pub fn verified_frames(
+    storage: Storage,
+    refs: Vec<ChunkRef>,
+    parallelism: usize,
+    reads: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<Metrics>,
+    verified: Arc<VerifiedChunks>,
+) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
+    fetch_verified(storage, refs, parallelism, reads, metrics, verified, Needs::Frames).map(|item| item.map(|(frame, _)| frame))
+}
+
+/// `stream` once its first item is in, so that a failure there (a first chunk missing from
+/// storage) is an error answer before the status line rather than a 200 cut short.
+pub async fn first_item_in<T: Send + 'static>(
+    stream: impl Stream<Item = Result<T>> + Send + 'static,
+) -> Result<impl Stream<Item = Result<T>> + Send + 'static> {
+    let mut stream = Box::pin(stream);
+    let first = stream.next().await.transpose()?;
+    Ok(futures::stream::iter(first.map(Ok)).chain(stream))
+}
+
+/// What a reader of stored chunks takes from each.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    /// The frame alone: the uncompressed bytes are left empty unless they had to be made.
+    Frames,
+    /// The frame and the uncompressed bytes.
+    Data,
+}
+
+fn fetch_verified(
+    storage: Storage,
+    refs: Vec<ChunkRef>,
+    parallelism: usize,
+    reads: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<Metrics>,
+    verified: Arc<VerifiedChunks>,
+    needs: Needs,
 ) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
     futures::stream::iter(refs)
         .map(move |chunk_ref| {
             let storage = storage.clone();
             let metrics = metrics.clone();
             let reads = reads.clone();
+            let verified = verified.clone();
             // A task per chunk spreads verification over the worker threads; the work is short
             // enough not to need the blocking pool.
             let task = tokio::spawn(async move {
@@ -444,12 +513,19 @@ pub fn verified_chunks(
                 // Never closed, so this only waits.
                 let permit = reads.acquire_owned().await.ok();
                 let started = std::time::Instant::now();
-                let frame = storage.get_chunk(&chunk_ref.hash).await?;
+                let (frame, version) = storage.get_chunk_versioned(&chunk_ref.hash).await?;
                 drop(permit);
-                let data = chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
+                let data = if needs == Needs::Frames && verified.is_known_frame(&chunk_ref.hash, &frame) {
+                    metrics.frames_known.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Bytes::new()
+                } else {
+                    let data = chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
+                    verified.remember_read(chunk_ref.hash, version, &frame);
+                    Bytes::from(data)
+                };
                 metrics.chunk_fetch_seconds.observe(started.elapsed());
                 metrics.chunks_fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok::<_, Error>((frame, Bytes::from(data)))
+                Ok::<_, Error>((frame, data))
             });
             async move { task.await.map_err(|e| Error::internal(format!("chunk task failed: {e}")))? }
         })

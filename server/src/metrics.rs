@@ -26,6 +26,9 @@ pub struct Metrics {
     pub chunks_received: AtomicU64,
     /// Chunks read from storage (each verified).
     pub chunks_fetched: AtomicU64,
+    /// Of those, frames sent after matching the digest of a frame that verified before,
+    /// without being decompressed (see [`crate::preflight`]).
+    pub frames_known: AtomicU64,
     /// Latency of reading and verifying one chunk from storage.
     pub chunk_fetch_seconds: Histogram,
 }
@@ -56,13 +59,14 @@ impl Collect for Metrics {
             }),
         );
         drop(requests);
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 8] = [
             ("flywheel_nar_bytes_received_total", "Uncompressed NAR bytes received by uploads.", &self.nar_bytes_in),
             ("flywheel_bytes_sent_total", "Bytes of NARs and chunks sent.", &self.bytes_out),
             ("flywheel_chunks_deduplicated_total", "Uploaded chunks that were stored already.", &self.chunks_deduplicated),
             ("flywheel_chunks_stored_total", "Uploaded chunks that were new.", &self.chunks_stored),
             ("flywheel_stored_bytes_total", "Compressed bytes written for new chunks.", &self.stored_bytes),
             ("flywheel_chunks_fetched_total", "Chunks read from storage and verified.", &self.chunks_fetched),
+            ("flywheel_frames_checked_by_digest_total", "Stored frames sent after matching the digest of a frame that verified before, not decompressed.", &self.frames_known),
             ("flywheel_chunks_received_total", "Chunks received through the chunk API and verified.", &self.chunks_received),
         ];
         for (name, help, value) in counters {

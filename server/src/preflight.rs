@@ -7,6 +7,14 @@
 //! checked in the last 30 seconds is not looked over again. The bytes sent
 //! are verified again as they stream, so an object changed in place after the check still never
 //! reaches a client unverified: the stream is cut instead.
+//!
+//! The same LRU keeps the BLAKE3 digest of each verified frame (of its compressed bytes). A
+//! frame read again is checked against it at BLAKE3 speed over a third of the bytes, instead
+//! of being decompressed and hashed: this is what lets `.nar.zst` and the chunk API send
+//! stored frames without decompressing them. Frames this process wrote (ingest, the chunk
+//! API) are remembered as they are written, so the first download after an upload skips the
+//! preflight's reads too. The memory is per process: after a restart, or on another replica,
+//! each frame is decompressed and verified once more before its digest counts.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -22,7 +30,7 @@ use parking_lot::Mutex;
 
 use crate::storage::Storage;
 
-/// Chunk versions remembered as verified; about 100 bytes each.
+/// Chunk frames remembered as verified; about 130 bytes each.
 const REMEMBERED: usize = 200_000;
 
 /// NARs remembered as checked.
@@ -31,9 +39,19 @@ const REMEMBERED_NARS: usize = 4096;
 /// How long a NAR that passed the check is served without checking it again.
 const NAR_CHECK_FRESH: Duration = Duration::from_secs(30);
 
-/// The chunk versions and NARs verified lately.
+/// What is known of a chunk's stored frame that verified.
+struct KnownFrame {
+    /// The object's version token when it was read or written (see [`Storage::chunk_version`]),
+    /// when the store gave one.
+    version: Option<String>,
+    /// BLAKE3 of the frame's compressed bytes: a frame that hashes to it is the one that
+    /// verified, whatever the object's version says.
+    digest: blake3::Hash,
+}
+
+/// The chunk frames and NARs verified lately.
 pub struct VerifiedChunks {
-    seen: Mutex<LruCache<ChunkHash, String>>,
+    seen: Mutex<LruCache<ChunkHash, KnownFrame>>,
     nars: Mutex<LruCache<Sha256Hash, Instant>>,
 }
 
@@ -86,12 +104,121 @@ impl VerifiedChunks {
         let Some(version) = storage.chunk_version(&chunk_ref.hash).await? else {
             return Err(Error::corrupt(format!("chunk {} is missing from storage", chunk_ref.hash)));
         };
-        if self.seen.lock().get(&chunk_ref.hash) == Some(&version) {
+        if self.seen.lock().get(&chunk_ref.hash).is_some_and(|known| known.version.as_deref() == Some(version.as_str())) {
             return Ok(());
         }
         let (frame, version) = storage.get_chunk_versioned(&chunk_ref.hash).await?;
         chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
-        self.seen.lock().put(chunk_ref.hash, version);
+        self.remember_read(chunk_ref.hash, version, &frame);
         Ok(())
+    }
+
+    /// Records `frame` as the verified frame of `hash`, stored as `version` when known. The
+    /// caller must have verified it (or made it from bytes it hashed itself).
+    pub fn remember(&self, hash: ChunkHash, version: Option<String>, frame: &[u8]) {
+        let digest = blake3::hash(frame);
+        self.seen.lock().put(hash, KnownFrame { version, digest });
+    }
+
+    /// Records `frame` as [`VerifiedChunks::remember`] does, unless this version of `hash` is
+    /// remembered already (which spares hashing a frame read and verified again).
+    pub fn remember_read(&self, hash: ChunkHash, version: String, frame: &[u8]) {
+        if self.seen.lock().peek(&hash).is_some_and(|known| known.version.as_deref() == Some(version.as_str())) {
+            return;
+        }
+        self.remember(hash, Some(version), frame);
+    }
+
+    /// Whether `frame` is, byte for byte, a frame of `hash` that verified before.
+    pub fn is_known_frame(&self, hash: &ChunkHash, frame: &[u8]) -> bool {
+        let Some(expected) = self.seen.lock().get(hash).map(|known| known.digest) else {
+            return false;
+        };
+        // `blake3::Hash` compares in constant time; the hash runs outside the lock.
+        blake3::hash(frame) == expected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::ingest::verified_frames;
+    use crate::metrics::Metrics;
+
+    struct Fixture {
+        storage: Storage,
+        verified: Arc<VerifiedChunks>,
+        metrics: Arc<Metrics>,
+        chunk: ChunkRef,
+    }
+
+    impl Fixture {
+        async fn new() -> Self {
+            let storage = Storage::new(Arc::new(object_store::memory::InMemory::new()));
+            let data: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            let chunk = ChunkRef { hash: ChunkHash::of(&data), size: data.len() as u32 };
+            let fixture = Fixture { storage, verified: Arc::default(), metrics: Arc::default(), chunk };
+            fixture.store(&chunk::compress(&data, 3).unwrap(), true).await;
+            fixture
+        }
+
+        /// Stores `frame` as the chunk's object, remembered as written when `remember` says so.
+        async fn store(&self, frame: &[u8], remember: bool) {
+            let version = self.storage.put_chunk(&self.chunk.hash, Bytes::copy_from_slice(frame)).await.unwrap();
+            if remember {
+                self.verified.remember(self.chunk.hash, version, frame);
+            }
+        }
+
+        async fn send(&self) -> Result<Vec<Bytes>> {
+            let reads = Arc::new(tokio::sync::Semaphore::new(4));
+            let frames = verified_frames(self.storage.clone(), vec![self.chunk], 4, reads, self.metrics.clone(), self.verified.clone());
+            frames.try_collect().await
+        }
+
+        fn sent_by_digest(&self) -> u64 {
+            self.metrics.frames_known.load(Ordering::Relaxed)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_written_frame_is_sent_by_its_digest_without_decompressing() {
+        let fixture = Fixture::new().await;
+        let sent = fixture.send().await.unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(fixture.sent_by_digest(), 1);
+        assert_eq!(chunk::decompress_verified(&sent[0], &fixture.chunk.hash, fixture.chunk.size as usize).unwrap().len(), 200_000);
+        // The preflight trusts the version the write answered with: no read needed.
+        fixture.verified.check(&fixture.storage, &Sha256Hash([1; 32]), &[fixture.chunk], 2).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn another_valid_frame_is_verified_by_decompressing_then_known() {
+        let fixture = Fixture::new().await;
+        let data = chunk::decompress_verified(&fixture.send().await.unwrap()[0], &fixture.chunk.hash, 200_000).unwrap();
+        // The same chunk compressed otherwise (a repack, another replica's write).
+        let other = chunk::compress(&data, 19).unwrap();
+        fixture.store(&other, false).await;
+        assert_eq!(fixture.send().await.unwrap(), vec![Bytes::from(other.clone())]);
+        assert_eq!(fixture.sent_by_digest(), 1, "an unknown frame went out unchecked");
+        assert_eq!(fixture.send().await.unwrap(), vec![Bytes::from(other)]);
+        assert_eq!(fixture.sent_by_digest(), 2, "the frame that verified is not known by its digest");
+    }
+
+    #[tokio::test]
+    async fn a_frame_changed_in_place_is_never_sent() {
+        let fixture = Fixture::new().await;
+        fixture.send().await.unwrap();
+        // A valid zstd frame of other bytes, in the chunk's place.
+        fixture.store(&chunk::compress(&[7u8; 200_000], 3).unwrap(), false).await;
+        let err = fixture.send().await.unwrap_err();
+        assert_eq!(err.kind(), flywheel_core::ErrorKind::Corrupt);
+        let err = fixture.verified.check(&fixture.storage, &Sha256Hash([2; 32]), &[fixture.chunk], 2).await.unwrap_err();
+        assert_eq!(err.kind(), flywheel_core::ErrorKind::Corrupt);
+        assert_eq!(fixture.sent_by_digest(), 1);
     }
 }

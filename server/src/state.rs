@@ -28,7 +28,8 @@ pub struct AppState {
     pub ingester: Ingester,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
-    /// Chunk versions checked lately, for the check before a NAR is sent.
+    /// Chunk frames verified lately: for the check before a NAR is sent, and so that a frame
+    /// read again is checked by its digest rather than decompressed.
     pub verified: Arc<VerifiedChunks>,
     /// Chunk reads in flight against storage, server-wide (`chunk-parallelism`): one big NAR
     /// gets all of them, many streams at once share them, so the object store sees a bounded
@@ -270,13 +271,15 @@ impl AppState {
             metrics.clone(),
         )
         .with_reader_limit(config.limits.max_uploads, std::time::Duration::from_secs(config.limits.upload_queue_timeout));
+        let verified = Arc::new(VerifiedChunks::default());
+        let ingester = ingester.with_verified_chunks(verified.clone());
         let chunk_reads = Arc::new(tokio::sync::Semaphore::new(config.chunk_parallelism));
         Ok(AppState {
             config: Arc::new(config),
             tokens,
             ingester,
             metrics,
-            verified: Arc::default(),
+            verified,
             chunk_reads,
             recorded_access: Arc::default(),
             cache_records: Arc::default(),

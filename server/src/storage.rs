@@ -394,10 +394,13 @@ impl Storage {
         Ok((bytes, version))
     }
 
-    /// Stores a chunk's zstd frame.
-    pub async fn put_chunk(&self, hash: &ChunkHash, frame: Bytes) -> Result<()> {
-        self.store.put(&Self::chunk_key(hash), PutPayload::from(frame)).await.map_err(|e| storage_error(e, "chunk"))?;
-        Ok(())
+    /// Stores a chunk's zstd frame; answers its version token (see
+    /// [`Storage::chunk_version`]) when the store gives one on a write.
+    pub async fn put_chunk(&self, hash: &ChunkHash, frame: Bytes) -> Result<Option<String>> {
+        let written =
+            self.store.put(&Self::chunk_key(hash), PutPayload::from(frame)).await.map_err(|e| storage_error(e, "chunk"))?;
+        // The same token a HEAD answers with (see `version_of`), when the store names one.
+        Ok(written.e_tag)
     }
 
     /// A chunk's stored zstd frame, unverified.

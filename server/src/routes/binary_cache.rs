@@ -15,7 +15,7 @@ use super::{ApiBytes, ApiPath};
 use super::publish::PathMetadata;
 use super::{authorize, Access, Caller, Push};
 use crate::error::ApiError;
-use crate::ingest::{verified_chunks, Compression};
+use crate::ingest::{first_item_in, verified_chunks, verified_frames, Compression};
 use crate::narinfo_cache::Answer;
 use crate::state::AppState;
 use crate::storage::{CacheRecord, PathRecord};
@@ -243,29 +243,27 @@ pub async fn get_nar(
     let manifest = state.manifest_of(&path).await?;
     state.record_access(&cache, &hash_part).await;
     state.verified.check(&state.storage, &manifest.nar_hash, &manifest.chunks, state.config.chunk_parallelism).await?;
-    let mut chunks = Box::pin(verified_chunks(
-        state.storage.clone(),
-        manifest.chunks.clone(),
-        state.config.chunk_parallelism,
-        state.chunk_reads.clone(),
-        state.metrics.clone(),
-    ));
-    let first = chunks.next().await.transpose()?;
-    let chunks = futures::stream::iter(first.map(Ok)).chain(chunks).map_err(|err| {
-        tracing::error!(error = %err, "NAR stream failed after its start");
-        std::io::Error::other(err)
-    });
     let metrics = state.metrics.clone();
     let counted = move |piece: Bytes| {
         metrics.bytes_out.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
         piece
     };
-    let (body, content_type) = match compression {
-        Compression::Zstd => (Body::from_stream(chunks.map_ok(move |(frame, _)| counted(frame))), "application/zstd"),
-        Compression::None => (Body::from_stream(chunks.map_ok(move |(_, data)| counted(data))), "application/x-nix-nar"),
-        other => {
-            let data = chunks.map_ok(|(_, data)| data);
-            (Body::from_stream(send_encoded(data, other).map_ok(counted)), "application/octet-stream")
+    let (storage, refs, parallelism) = (state.storage.clone(), manifest.chunks.clone(), state.config.chunk_parallelism);
+    let (reads, metrics, verified) = (state.chunk_reads.clone(), state.metrics.clone(), state.verified.clone());
+    let cut = |err: Error| {
+        tracing::error!(error = %err, "NAR stream failed after its start");
+        std::io::Error::other(err)
+    };
+    let (body, content_type) = if compression == Compression::Zstd {
+        // The stored frames as they are: checked by digest, decompressed only when unknown.
+        let frames = first_item_in(verified_frames(storage, refs, parallelism, reads, metrics, verified)).await?;
+        (Body::from_stream(frames.map_ok(counted).map_err(cut)), "application/zstd")
+    } else {
+        let data = first_item_in(verified_chunks(storage, refs, parallelism, reads, metrics, verified)).await?;
+        let data = data.map_ok(|(_, data)| data).map_err(cut);
+        match compression {
+            Compression::None => (Body::from_stream(data.map_ok(counted)), "application/x-nix-nar"),
+            other => (Body::from_stream(send_encoded(data, other).map_ok(counted)), "application/octet-stream"),
         }
     };
     let mut response = Response::new(body);

@@ -22,7 +22,7 @@ use super::binary_cache::{path_record, render_narinfo};
 use super::publish::PathMetadata;
 use super::{Access, ApiJson, Pull, Push};
 use crate::error::ApiError;
-use crate::ingest::verified_chunks;
+use crate::ingest::{first_item_in, verified_frames};
 use crate::state::AppState;
 use crate::storage::Reuse;
 
@@ -139,7 +139,7 @@ pub async fn get_one(
     let size = manifest_size
         .ok_or_else(|| Error::not_found(format!("path {path} of cache {:?} has no chunk {hash}", access.name)))?;
     let mut frames = Box::pin(chunk_frames(&state, vec![ChunkRef { hash, size }]).await?);
-    let (frame, _) = frames.next().await.ok_or_else(|| Error::internal("a one-chunk read yielded nothing"))??;
+    let frame = frames.next().await.ok_or_else(|| Error::internal("a one-chunk read yielded nothing"))??;
     state.metrics.bytes_out.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
     Ok(([(header::CONTENT_TYPE, "application/zstd")], frame).into_response())
 }
@@ -152,16 +152,16 @@ pub async fn get_one(
 async fn chunk_frames(
     state: &AppState,
     chunks: Vec<ChunkRef>,
-) -> Result<impl futures::Stream<Item = Result<(Bytes, Bytes), Error>> + Send + 'static, Error> {
-    let mut frames = Box::pin(verified_chunks(
+) -> Result<impl futures::Stream<Item = Result<Bytes, Error>> + Send + 'static, Error> {
+    first_item_in(verified_frames(
         state.storage.clone(),
         chunks,
         state.config.chunk_parallelism,
         state.chunk_reads.clone(),
         state.metrics.clone(),
-    ));
-    let first = frames.next().await.transpose()?;
-    Ok(futures::stream::iter(first.map(Ok)).chain(frames))
+        state.verified.clone(),
+    ))
+    .await
 }
 
 /// `POST chunks`: many verified chunks of one path, framed as [`framed_chunk`] says, in
@@ -176,7 +176,7 @@ pub async fn get_many(
     let metrics = state.metrics.clone();
     let stream = chunk_frames(&state, chunks)
         .await?
-        .map_ok(move |(frame, _)| {
+        .map_ok(move |frame| {
             metrics.bytes_out.fetch_add(8 + frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
             Bytes::from(framed_chunk(&frame))
         })
@@ -236,9 +236,11 @@ async fn store_uploaded(state: &AppState, cache: &str, frames: Vec<(ChunkHash, B
     futures::stream::iter(frames)
         .map(|(hash, frame)| {
             let storage = state.storage.clone();
+            let verified = state.verified.clone();
             async move {
                 if storage.chunk_reusable(&hash, reusable_after).await? != Reuse::Fresh {
-                    storage.put_chunk(&hash, frame).await?;
+                    let version = storage.put_chunk(&hash, frame.clone()).await?;
+                    verified.remember(hash, version, &frame);
                 }
                 Ok::<(), Error>(())
             }
@@ -442,7 +444,11 @@ pub async fn commit(
     let stale: Vec<ChunkHash> = reuse.iter().filter(|(_, r)| *r == Reuse::Stale).map(|(h, _)| *h).collect();
     for hash in &stale {
         let frame = state.storage.get_chunk(hash).await?;
-        state.storage.put_chunk(hash, frame).await?;
+        let known = state.verified.is_known_frame(hash, &frame);
+        let version = state.storage.put_chunk(hash, frame.clone()).await?;
+        if known {
+            state.verified.remember(*hash, version, &frame);
+        }
     }
     state.storage.put_upload_manifest(&manifest, started, window, &stale, "commit").await?;
     state.publish_path(cache, &path).await?;
