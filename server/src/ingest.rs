@@ -430,11 +430,15 @@ impl Ingester {
     /// every chunk must be stored and verify, and the whole must be a valid NAR.
     pub async fn verify_chunks(&self, refs: Vec<ChunkRef>) -> Result<Manifest> {
         let slot = self.reader_slot().await?;
-        let storage = self.storage.clone();
-        // A commit is rare next to downloads: it is held only to its own parallelism.
-        let reads = Arc::new(tokio::sync::Semaphore::new(self.parallelism));
-        let chunks = verified_chunks(storage, refs.clone(), self.parallelism, reads, self.metrics.clone(), self.verified.clone())
-            .map(|item| item.map(|(_, data)| data).map_err(io::Error::from));
+        let reader = ChunkReader {
+            storage: self.storage.clone(),
+            parallelism: self.parallelism,
+            // A commit is rare next to downloads: it is held only to its own parallelism.
+            reads: Arc::new(Semaphore::new(self.parallelism)),
+            metrics: self.metrics.clone(),
+            verified: self.verified.clone(),
+        };
+        let chunks = reader.chunks(refs.clone()).map(|item| item.map(|(_, data)| data).map_err(io::Error::from));
         let reader = spawn_nar_reader(chunks, Compression::None, None, slot);
         let (parsed, nar_hash) = reader.await.map_err(join_error)??;
         let manifest =
@@ -444,32 +448,67 @@ impl Ingester {
     }
 }
 
-/// The chunks of `refs` in order, each fetched and verified; yields the stored frame and the
-/// uncompressed bytes. Fetches run `parallelism` ahead. A size no chunk can have (the sizes
-/// may come from a request) fails as invalid input before storage is asked or memory taken.
-pub fn verified_chunks(
-    storage: Storage,
-    refs: Vec<ChunkRef>,
-    parallelism: usize,
-    reads: Arc<tokio::sync::Semaphore>,
-    metrics: Arc<Metrics>,
-    verified: Arc<VerifiedChunks>,
-) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
-    fetch_verified(storage, refs, parallelism, reads, metrics, verified, Needs::Data)
+/// Reads stored chunks back, each verified, `parallelism` ahead of the consumer and within a
+/// shared bound on reads in flight.
+#[derive(Clone)]
+pub struct ChunkReader {
+    /// Where the chunks are.
+    pub storage: Storage,
+    /// Chunks fetched ahead of the one being consumed.
+    pub parallelism: usize,
+    /// Reads in flight against storage, shared with other readers.
+    pub reads: Arc<Semaphore>,
+    /// Counts fetches.
+    pub metrics: Arc<Metrics>,
+    /// Frames known to verify (see [`VerifiedChunks`]).
+    pub verified: Arc<VerifiedChunks>,
 }
 
-/// The stored frames of `refs` in order, each verified, as [`verified_chunks`] fetches them.
-/// A frame whose digest matches one that verified before (see [`VerifiedChunks`]) is passed
-/// on without being decompressed; any other is decompressed and verified.
-pub fn verified_frames(
-    storage: Storage,
-    refs: Vec<ChunkRef>,
-    parallelism: usize,
-    reads: Arc<tokio::sync::Semaphore>,
-    metrics: Arc<Metrics>,
-    verified: Arc<VerifiedChunks>,
-) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
-    fetch_verified(storage, refs, parallelism, reads, metrics, verified, Needs::Frames).map(|item| item.map(|(frame, _)| frame))
+impl ChunkReader {
+    /// The chunks of `refs` in order: the stored frame and the uncompressed bytes of each. A
+    /// size no chunk can have (the sizes may come from a request) fails as invalid input
+    /// before storage is asked or memory taken.
+    pub fn chunks(&self, refs: Vec<ChunkRef>) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
+        self.fetch(refs, Needs::Data)
+    }
+
+    /// The stored frames of `refs` in order, as [`ChunkReader::chunks`] reads them. A frame
+    /// whose digest matches one that verified before is passed on without being
+    /// decompressed; any other is decompressed and verified.
+    pub fn frames(&self, refs: Vec<ChunkRef>) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
+        self.fetch(refs, Needs::Frames).map(|item| item.map(|(frame, _)| frame))
+    }
+
+    fn fetch(&self, refs: Vec<ChunkRef>, needs: Needs) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
+        let reader = self.clone();
+        futures::stream::iter(refs)
+            .map(move |chunk_ref| {
+                let ChunkReader { storage, reads, metrics, verified, .. } = reader.clone();
+                // A task per chunk spreads verification over the worker threads; the work is
+                // short enough not to need the blocking pool.
+                let task = tokio::spawn(async move {
+                    chunk::check_chunk_len(u64::from(chunk_ref.size))?;
+                    // Never closed, so this only waits.
+                    let permit = reads.acquire_owned().await.ok();
+                    let started = std::time::Instant::now();
+                    let (frame, version) = storage.get_chunk_versioned(&chunk_ref.hash).await?;
+                    drop(permit);
+                    let data = if needs == Needs::Frames && verified.is_known_frame(&chunk_ref.hash, &frame) {
+                        metrics.frames_known.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Bytes::new()
+                    } else {
+                        let data = chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
+                        verified.remember_read(chunk_ref.hash, version, &frame);
+                        Bytes::from(data)
+                    };
+                    metrics.chunk_fetch_seconds.observe(started.elapsed());
+                    metrics.chunks_fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok::<_, Error>((frame, data))
+                });
+                async move { task.await.map_err(|e| Error::internal(format!("chunk task failed: {e}")))? }
+            })
+            .buffered(self.parallelism)
+    }
 }
 
 /// `stream` once its first item is in, so that a failure there (a first chunk missing from
@@ -489,47 +528,6 @@ enum Needs {
     Frames,
     /// The frame and the uncompressed bytes.
     Data,
-}
-
-fn fetch_verified(
-    storage: Storage,
-    refs: Vec<ChunkRef>,
-    parallelism: usize,
-    reads: Arc<tokio::sync::Semaphore>,
-    metrics: Arc<Metrics>,
-    verified: Arc<VerifiedChunks>,
-    needs: Needs,
-) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
-    futures::stream::iter(refs)
-        .map(move |chunk_ref| {
-            let storage = storage.clone();
-            let metrics = metrics.clone();
-            let reads = reads.clone();
-            let verified = verified.clone();
-            // A task per chunk spreads verification over the worker threads; the work is short
-            // enough not to need the blocking pool.
-            let task = tokio::spawn(async move {
-                chunk::check_chunk_len(u64::from(chunk_ref.size))?;
-                // Never closed, so this only waits.
-                let permit = reads.acquire_owned().await.ok();
-                let started = std::time::Instant::now();
-                let (frame, version) = storage.get_chunk_versioned(&chunk_ref.hash).await?;
-                drop(permit);
-                let data = if needs == Needs::Frames && verified.is_known_frame(&chunk_ref.hash, &frame) {
-                    metrics.frames_known.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Bytes::new()
-                } else {
-                    let data = chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
-                    verified.remember_read(chunk_ref.hash, version, &frame);
-                    Bytes::from(data)
-                };
-                metrics.chunk_fetch_seconds.observe(started.elapsed());
-                metrics.chunks_fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok::<_, Error>((frame, data))
-            });
-            async move { task.await.map_err(|e| Error::internal(format!("chunk task failed: {e}")))? }
-        })
-        .buffered(parallelism)
 }
 
 #[cfg(test)]

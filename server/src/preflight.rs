@@ -146,7 +146,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::ingest::verified_frames;
+    use crate::ingest::ChunkReader;
     use crate::metrics::Metrics;
 
     struct Fixture {
@@ -175,9 +175,14 @@ mod tests {
         }
 
         async fn send(&self) -> Result<Vec<Bytes>> {
-            let reads = Arc::new(tokio::sync::Semaphore::new(4));
-            let frames = verified_frames(self.storage.clone(), vec![self.chunk], 4, reads, self.metrics.clone(), self.verified.clone());
-            frames.try_collect().await
+            let reader = ChunkReader {
+                storage: self.storage.clone(),
+                parallelism: 4,
+                reads: Arc::new(tokio::sync::Semaphore::new(4)),
+                metrics: self.metrics.clone(),
+                verified: self.verified.clone(),
+            };
+            reader.frames(vec![self.chunk]).try_collect().await
         }
 
         fn sent_by_digest(&self) -> u64 {

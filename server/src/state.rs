@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 
 use crate::auth::TokenAuthority;
 use crate::config::ServerConfig;
-use crate::ingest::Ingester;
+use crate::ingest::{ChunkReader, Ingester};
 use crate::metrics::Metrics;
 use crate::narinfo_cache::NarinfoCache;
 use crate::preflight::VerifiedChunks;
@@ -288,6 +288,17 @@ impl AppState {
             narinfos: Arc::new(NarinfoCache::new(storage.clock().clone())),
             storage,
         })
+    }
+
+    /// A reader of stored chunks within the server-wide bound on reads (`chunk-parallelism`).
+    pub fn chunk_reader(&self) -> ChunkReader {
+        ChunkReader {
+            storage: self.storage.clone(),
+            parallelism: self.config.chunk_parallelism,
+            reads: self.chunk_reads.clone(),
+            metrics: self.metrics.clone(),
+            verified: self.verified.clone(),
+        }
     }
 
     /// The manifest a published path needs, parsed once and shared (see `ManifestCache`);

@@ -15,7 +15,7 @@ use super::{ApiBytes, ApiPath};
 use super::publish::PathMetadata;
 use super::{authorize, Access, Caller, Push};
 use crate::error::ApiError;
-use crate::ingest::{first_item_in, verified_chunks, verified_frames, Compression};
+use crate::ingest::{first_item_in, Compression};
 use crate::narinfo_cache::Answer;
 use crate::state::AppState;
 use crate::storage::{CacheRecord, PathRecord};
@@ -248,18 +248,17 @@ pub async fn get_nar(
         metrics.bytes_out.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
         piece
     };
-    let (storage, refs, parallelism) = (state.storage.clone(), manifest.chunks.clone(), state.config.chunk_parallelism);
-    let (reads, metrics, verified) = (state.chunk_reads.clone(), state.metrics.clone(), state.verified.clone());
+    let (reader, refs) = (state.chunk_reader(), manifest.chunks.clone());
     let cut = |err: Error| {
         tracing::error!(error = %err, "NAR stream failed after its start");
         std::io::Error::other(err)
     };
     let (body, content_type) = if compression == Compression::Zstd {
         // The stored frames as they are: checked by digest, decompressed only when unknown.
-        let frames = first_item_in(verified_frames(storage, refs, parallelism, reads, metrics, verified)).await?;
+        let frames = first_item_in(reader.frames(refs)).await?;
         (Body::from_stream(frames.map_ok(counted).map_err(cut)), "application/zstd")
     } else {
-        let data = first_item_in(verified_chunks(storage, refs, parallelism, reads, metrics, verified)).await?;
+        let data = first_item_in(reader.chunks(refs)).await?;
         let data = data.map_ok(|(_, data)| data).map_err(cut);
         match compression {
             Compression::None => (Body::from_stream(data.map_ok(counted)), "application/x-nix-nar"),

@@ -22,7 +22,7 @@ use super::binary_cache::{path_record, render_narinfo};
 use super::publish::PathMetadata;
 use super::{Access, ApiJson, Pull, Push};
 use crate::error::ApiError;
-use crate::ingest::{first_item_in, verified_frames};
+use crate::ingest::first_item_in;
 use crate::state::AppState;
 use crate::storage::Reuse;
 
@@ -153,15 +153,7 @@ async fn chunk_frames(
     state: &AppState,
     chunks: Vec<ChunkRef>,
 ) -> Result<impl futures::Stream<Item = Result<Bytes, Error>> + Send + 'static, Error> {
-    first_item_in(verified_frames(
-        state.storage.clone(),
-        chunks,
-        state.config.chunk_parallelism,
-        state.chunk_reads.clone(),
-        state.metrics.clone(),
-        state.verified.clone(),
-    ))
-    .await
+    first_item_in(state.chunk_reader().frames(chunks)).await
 }
 
 /// `POST chunks`: many verified chunks of one path, framed as [`framed_chunk`] says, in
