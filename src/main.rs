@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use flywheel_server::auth::{AtticClaim, Permissions};
+use flywheel_server::auth::{AtticClaim, Permissions, StateClaim, StatePermissions};
 use flywheel_server::{bootstrap, ServerConfig};
 use runner::{FlushArgs, HookArgs, PushArgs, PushDaemonArgs, StatusArgs, SubstituteArgs};
 
@@ -54,6 +54,9 @@ enum Command {
     Fsck(ops::FsckArgs),
     /// Expire paths past their retention and delete unreferenced manifests and chunks.
     Gc(ops::GcArgs),
+    /// Inspect OpenTofu/Terraform states, roll one back, or break a stale lock.
+    #[command(subcommand)]
+    State(ops::StateCommand),
 }
 
 #[derive(Args)]
@@ -110,6 +113,19 @@ struct MintArgs {
     /// Cache patterns the holder may destroy.
     #[arg(long, value_name = "PATTERN")]
     destroy_cache: Vec<String>,
+    /// Stack patterns (`project/stack`, `*` matches any run of characters) whose
+    /// OpenTofu/Terraform state the holder may read.
+    #[arg(long, value_name = "PATTERN")]
+    state_read: Vec<String>,
+    /// Stack patterns whose state the holder may write, delete and roll back.
+    #[arg(long, value_name = "PATTERN")]
+    state_write: Vec<String>,
+    /// Stack patterns whose state the holder may lock and unlock (force-unlock included).
+    #[arg(long, value_name = "PATTERN")]
+    state_lock: Vec<String>,
+    /// Stack patterns the holder may read, write and lock: what `tofu apply` needs.
+    #[arg(long, value_name = "PATTERN")]
+    state: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -137,6 +153,7 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => runner::status(args),
         Command::Fsck(args) => ops::fsck(args),
         Command::Gc(args) => ops::gc(args),
+        Command::State(command) => ops::state(command),
     }
 }
 
@@ -201,11 +218,24 @@ fn mint(args: MintArgs) -> anyhow::Result<()> {
             caches.grant(pattern, grant)?;
         }
     }
-    if caches.caches.is_empty() {
-        anyhow::bail!("grant at least one permission (--pull, --push, ...)");
+    let mut stacks = StateClaim::default();
+    type StateGrant<'a> = (&'a Vec<String>, fn(&mut StatePermissions));
+    let state_grants: [StateGrant; 4] = [
+        (&args.state_read, |p| p.read = true),
+        (&args.state_write, |p| p.write = true),
+        (&args.state_lock, |p| p.lock = true),
+        (&args.state, |p| *p = StatePermissions { read: true, write: true, lock: true }),
+    ];
+    for (patterns, grant) in state_grants {
+        for pattern in patterns {
+            stacks.grant(pattern, grant)?;
+        }
+    }
+    if caches.caches.is_empty() && stacks.is_empty() {
+        anyhow::bail!("grant at least one permission (--pull, --push, ..., --state, ...)");
     }
     let validity = args.validity.as_secs();
-    let token = bootstrap::mint(&config, &args.sub, validity, caches)?;
+    let token = bootstrap::mint(&config, &args.sub, validity, caches, stacks)?;
     println!("{token}");
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Subcommands for the operator of the cache host: `fsck` and `gc`.
+//! Subcommands for the operator of the cache host: `fsck`, `gc` and `state`.
 
 use std::path::{Path, PathBuf};
 
@@ -114,4 +114,115 @@ pub fn gc(args: GcArgs) -> anyhow::Result<()> {
         report.grants_deleted, report.nar_files_deleted, report.logs_deleted, report.realisations_deleted, report.traces_deleted
     );
     Ok(())
+}
+
+/// What an operator does to OpenTofu/Terraform states, straight on the server's storage.
+#[derive(clap::Subcommand)]
+pub enum StateCommand {
+    /// List the stacks that have a state, versions or a lock.
+    List(StateArgs),
+    /// List a stack's stored versions, oldest first.
+    Versions(StackArgs),
+    /// Print a stack's current state, or one version of it, to stdout.
+    Get(StateGetArgs),
+    /// Make an earlier version current again (the rollback is itself a new version).
+    Rollback(StateRollbackArgs),
+    /// Break a stack's lock, whoever holds it (a job that died holding it).
+    Unlock(StackArgs),
+}
+
+#[derive(Args)]
+pub struct StateArgs {
+    /// The server's config file (its storage and `[tfstate]` settings).
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+pub struct StackArgs {
+    #[command(flatten)]
+    common: StateArgs,
+    /// The stack, as `project/stack`.
+    stack: String,
+}
+
+#[derive(Args)]
+pub struct StateGetArgs {
+    #[command(flatten)]
+    stack: StackArgs,
+    /// A stored version instead of the current state.
+    #[arg(long)]
+    version: Option<String>,
+}
+
+#[derive(Args)]
+pub struct StateRollbackArgs {
+    #[command(flatten)]
+    stack: StackArgs,
+    /// The version to make current (see `flywheel state versions`).
+    version: String,
+}
+
+/// Runs one `flywheel state` command.
+pub fn state(command: StateCommand) -> anyhow::Result<()> {
+    use flywheel_server::tfstate::{StackId, StateStore, UnlockOutcome, WriteOutcome};
+    let config_path = match &command {
+        StateCommand::List(args) => &args.config,
+        StateCommand::Versions(args) | StateCommand::Unlock(args) => &args.common.config,
+        StateCommand::Get(args) => &args.stack.common.config,
+        StateCommand::Rollback(args) => &args.stack.common.config,
+    };
+    let (config, storage, runtime) = open_storage(config_path)?;
+    let states = StateStore::for_config(storage, &config.tfstate);
+    let stack = |name: &str| StackId::parse(name).context("naming the stack");
+    runtime.block_on(async {
+        match &command {
+            StateCommand::List(_) => {
+                for id in states.stacks().await.context("listing stacks")? {
+                    println!("{id}");
+                }
+            }
+            StateCommand::Versions(args) => {
+                let id = stack(&args.stack)?;
+                for v in states.versions(&id).await.context("listing versions")? {
+                    println!("{}\t{} bytes", v.version, v.size);
+                }
+            }
+            StateCommand::Get(args) => {
+                let id = stack(&args.stack.stack)?;
+                let bytes = match &args.version {
+                    Some(version) => states.version(&id, version).await?,
+                    None => states.get(&id).await?,
+                };
+                let bytes = bytes.with_context(|| format!("{id} has no such state"))?;
+                use std::io::Write;
+                std::io::stdout().write_all(&bytes)?;
+            }
+            StateCommand::Rollback(args) => {
+                let id = stack(&args.stack.stack)?;
+                // An operator's rollback goes through the lock like any write: a rollback
+                // under a running apply would be overwritten by it.
+                match states.rollback(&id, &args.version, None).await? {
+                    None => anyhow::bail!("{id} has no version {}", args.version),
+                    Some(WriteOutcome::Done(new)) => {
+                        println!("{id} is at version {} again (stored as {})", args.version, new.unwrap_or_default())
+                    }
+                    Some(WriteOutcome::Locked(holder)) => anyhow::bail!(
+                        "{id} is locked by {}: wait for it, or break the lock with `flywheel state unlock`",
+                        String::from_utf8_lossy(&holder)
+                    ),
+                    Some(WriteOutcome::LockNotHeld) => anyhow::bail!("{id}: unexpected lock answer"),
+                }
+            }
+            StateCommand::Unlock(args) => {
+                let id = stack(&args.stack)?;
+                match states.unlock(&id, None).await? {
+                    UnlockOutcome::Released => println!("{id}: lock broken"),
+                    UnlockOutcome::NotLocked => println!("{id} was not locked"),
+                    UnlockOutcome::HeldByOther(_) => anyhow::bail!("{id}: unexpected unlock answer"),
+                }
+            }
+        }
+        Ok(())
+    })
 }

@@ -123,6 +123,60 @@ pub fn validate_cache_pattern(pattern: &str) -> Result<()> {
     Ok(())
 }
 
+/// The claim that holds OpenTofu/Terraform state permissions: flywheel's own, which Attic
+/// ignores (its tokens and ours stay interchangeable for the caches).
+pub const STATE_CLAIM: &str = "https://jwt.flywheel.dev/tfstate/v1";
+
+/// Permission bits for the state of stacks matching one pattern.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatePermissions {
+    /// Read the state and its versions.
+    #[serde(rename = "r", default, with = "bool_int", skip_serializing_if = "is_false")]
+    pub read: bool,
+    /// Write, delete and roll back the state.
+    #[serde(rename = "w", default, with = "bool_int", skip_serializing_if = "is_false")]
+    pub write: bool,
+    /// Take and release the lock, and break another holder's (`force-unlock`).
+    #[serde(rename = "l", default, with = "bool_int", skip_serializing_if = "is_false")]
+    pub lock: bool,
+}
+
+impl StatePermissions {
+    /// Whether any bit is set.
+    pub fn any(&self) -> bool {
+        self.read || self.write || self.lock
+    }
+}
+
+/// State permissions by stack pattern (`project/stack`, `*` matching any run of characters,
+/// `/` included), in the order the token lists them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StateClaim {
+    /// Pattern to permissions.
+    pub stacks: IndexMap<String, StatePermissions>,
+}
+
+impl StateClaim {
+    /// Whether it grants nothing (and is left out of the token).
+    pub fn is_empty(&self) -> bool {
+        self.stacks.is_empty()
+    }
+
+    /// Grants what `set` turns on to stacks matching `pattern`, after checking the pattern.
+    pub fn grant(&mut self, pattern: &str, set: impl Fn(&mut StatePermissions)) -> Result<()> {
+        let ok = !pattern.is_empty()
+            && pattern.len() <= 257
+            && pattern.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | '*'));
+        if !ok {
+            return Err(Error::invalid(format!(
+                "invalid stack pattern {pattern:?}: project/stack of letters, digits, '-', '_', '.' and '*'"
+            )));
+        }
+        set(self.stacks.entry(pattern.to_string()).or_default());
+        Ok(())
+    }
+}
+
 /// The claims of a token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -136,6 +190,9 @@ pub struct Claims {
     /// The permissions.
     #[serde(rename = "https://jwt.attic.rs/v1")]
     pub attic: AtticClaim,
+    /// State permissions, if any.
+    #[serde(rename = "https://jwt.flywheel.dev/tfstate/v1", default, skip_serializing_if = "StateClaim::is_empty")]
+    pub tfstate: StateClaim,
 }
 
 impl Claims {
@@ -148,6 +205,20 @@ impl Claims {
             .caches
             .iter()
             .find(|(pattern, _)| wildcard_match(pattern.as_bytes(), cache.as_bytes()))
+            .map(|(_, perms)| *perms)
+            .unwrap_or_default()
+    }
+
+    /// The state permissions for `stack` (`project/stack`): an exact pattern wins, else the
+    /// first pattern that matches.
+    pub fn state_permissions_for(&self, stack: &str) -> StatePermissions {
+        if let Some(perms) = self.tfstate.stacks.get(stack) {
+            return *perms;
+        }
+        self.tfstate
+            .stacks
+            .iter()
+            .find(|(pattern, _)| wildcard_match(pattern.as_bytes(), stack.as_bytes()))
             .map(|(_, perms)| *perms)
             .unwrap_or_default()
     }
@@ -270,6 +341,7 @@ mod tests {
             exp,
             nbf: None,
             attic: AtticClaim { caches: caches.iter().map(|(p, perms)| (p.to_string(), *perms)).collect() },
+            tfstate: StateClaim::default(),
         }
     }
 
@@ -316,6 +388,30 @@ mod tests {
         let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap();
         let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert_eq!(value[ATTIC_CLAIM]["caches"]["ci-*"]["r"], 1);
+    }
+
+    #[test]
+    fn state_permissions_by_stack() {
+        let auth = authority();
+        let mut c = claims(&[("*", Permissions::all())], 4_000_000_000);
+        let all = |p: &mut StatePermissions| {
+            p.read = true;
+            p.write = true;
+            p.lock = true;
+        };
+        c.tfstate.grant("infra/prod", |p| p.read = true).unwrap();
+        c.tfstate.grant("infra/*", all).unwrap();
+        assert!(c.tfstate.grant("infra prod", all).is_err());
+        let c = auth.verify(&auth.mint(&c).unwrap()).unwrap();
+        assert_eq!(c.state_permissions_for("infra/prod"), StatePermissions { read: true, ..Default::default() });
+        assert!(c.state_permissions_for("infra/dev").lock);
+        assert!(!c.state_permissions_for("apps/prod").any());
+        // A token without state grants has no state claim at all, as Attic's tokens.
+        let plain = auth.mint(&claims(&[("*", Permissions::all())], 4_000_000_000)).unwrap();
+        assert!(!auth.verify(&plain).unwrap().state_permissions_for("infra/prod").any());
+        let payload = plain.split('.').nth(1).unwrap();
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap();
+        assert!(!String::from_utf8(json).unwrap().contains(STATE_CLAIM));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use flywheel_core::nix::SigningKey;
 
-use crate::auth::{AtticClaim, Claims, Permissions, TokenAuthority};
+use crate::auth::{AtticClaim, Claims, Permissions, StateClaim, TokenAuthority};
 use crate::config::{ServerConfig, StorageConfig};
 use crate::storage::{now, CacheRecord, Storage};
 
@@ -46,6 +46,7 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(ServerConfig, Option<P
         chunk_parallelism: crate::config::DEFAULT_CHUNK_PARALLELISM,
         gc: Default::default(),
         limits: Default::default(),
+        tfstate: Default::default(),
         caches: Default::default(),
     };
     let text = format!(
@@ -94,7 +95,13 @@ pub async fn create_default_cache(config: &ServerConfig, config_path: PathBuf) -
     };
     let mut everything = AtticClaim::default();
     everything.grant("*", |p| *p = Permissions::all())?;
-    let admin_token = mint(config, "admin", 10 * 365 * 24 * 3600, everything)?;
+    let mut every_stack = StateClaim::default();
+    every_stack.grant("*", |p| {
+        p.read = true;
+        p.write = true;
+        p.lock = true;
+    })?;
+    let admin_token = mint(config, "admin", 10 * 365 * 24 * 3600, everything, every_stack)?;
     Ok(FirstStart { config_path, admin_token, public_key: key.verifying_key().to_nix_string() })
 }
 
@@ -141,12 +148,14 @@ pub async fn apply_declared_caches(config: &ServerConfig, storage: &Storage) -> 
     Ok(())
 }
 
-/// Mints a token for `sub`, valid `validity_secs` from now, with the given pattern permissions.
+/// Mints a token for `sub`, valid `validity_secs` from now, with the given pattern permissions
+/// on caches and on OpenTofu/Terraform stacks.
 pub fn mint(
     config: &ServerConfig,
     sub: &str,
     validity_secs: u64,
     caches: AtticClaim,
+    tfstate: StateClaim,
 ) -> anyhow::Result<String> {
     let authority = TokenAuthority::from_base64(&config.token_hs256_secret_base64)?;
     let claims = Claims {
@@ -154,6 +163,7 @@ pub fn mint(
         exp: now() + validity_secs,
         nbf: None,
         attic: caches,
+        tfstate,
     };
     Ok(authority.mint(&claims)?)
 }

@@ -46,6 +46,9 @@ pub struct ServerConfig {
     /// Timeouts and limits that keep slow or silent clients from holding the server.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The OpenTofu/Terraform state backend.
+    #[serde(default)]
+    pub tfstate: TfStateConfig,
     /// Caches declared here, by name: created on start, and brought in line with this config
     /// when they exist (caches made through the API are left alone).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -201,6 +204,69 @@ impl LimitsConfig {
         }
         Ok(())
     }
+}
+
+/// The OpenTofu/Terraform state backend (`/_state/v1/{project}/{stack}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TfStateConfig {
+    /// Largest state accepted, in bytes; a larger one is refused with 413.
+    #[serde(default = "default_tfstate_max_size")]
+    pub max_size: u64,
+    /// Versions kept per stack, the current one included; older ones are deleted by the write
+    /// that pushes them out.
+    #[serde(default = "default_tfstate_keep_versions")]
+    pub keep_versions: usize,
+    /// How locks are made exclusive across replicas.
+    #[serde(default)]
+    pub locking: StateLocking,
+}
+
+/// How state locks are made exclusive (see [`crate::tfstate`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateLocking {
+    /// Conditional creates, unless a probe finds that the store ignores them; then claims.
+    #[default]
+    Auto,
+    /// Conditional creates (`If-None-Match: *`): for stores that check and write atomically,
+    /// as AWS S3 and local directories do.
+    Conditional,
+    /// Claim objects and a listing: for S3 servers that accept `If-None-Match: *` but check it
+    /// apart from the write (`s3s-fs`), so that two creates at once can both succeed.
+    Claims,
+}
+
+impl Default for TfStateConfig {
+    fn default() -> Self {
+        TfStateConfig {
+            max_size: default_tfstate_max_size(),
+            keep_versions: default_tfstate_keep_versions(),
+            locking: StateLocking::default(),
+        }
+    }
+}
+
+impl TfStateConfig {
+    fn check(&self) -> anyhow::Result<()> {
+        // A state is read whole into memory for its checksum, so it is bounded by memory.
+        if self.max_size == 0 || self.max_size > 1 << 30 {
+            anyhow::bail!("tfstate.max-size must be between 1 byte and 1 GiB, not {}", self.max_size);
+        }
+        if !(1..=10_000).contains(&self.keep_versions) {
+            anyhow::bail!("tfstate.keep-versions must be between 1 and 10000, not {}", self.keep_versions);
+        }
+        Ok(())
+    }
+}
+
+/// States of large estates run to a few MiB; 32 MiB leaves room and still bounds memory.
+fn default_tfstate_max_size() -> u64 {
+    32 << 20
+}
+/// A month of daily applies.
+fn default_tfstate_keep_versions() -> usize {
+    30
 }
 
 /// Slow clients get 10 s for their headers, ten times what a loaded link needs for a few
@@ -490,6 +556,7 @@ impl ServerConfig {
         use anyhow::Context;
         self.chunking.validate()?;
         self.limits.check()?;
+        self.tfstate.check()?;
         if !(1..=19).contains(&self.zstd_level) {
             anyhow::bail!("zstd-level must be between 1 and 19, not {}", self.zstd_level);
         }

@@ -11,6 +11,7 @@
 //! - [`metrics`]: Prometheus counters at `/metrics`.
 //! - [`narinfo_cache`]: narinfos and 404s answered lately, kept in memory for a bounded time.
 //! - [`gc`]: retention and garbage collection.
+//! - [`tfstate`]: OpenTofu/Terraform states, their versions and locks.
 //! - [`fsck`]: finding missing or corrupt chunks and taking damaged paths out of service.
 //! - [`bootstrap`]: the zero-configuration first start.
 #![warn(missing_docs)]
@@ -30,6 +31,7 @@ pub mod preflight;
 pub mod routes;
 pub mod state;
 pub mod storage;
+pub mod tfstate;
 
 /// The configuration of the unit tests' property tests (fuzzing stand-ins): `cases` cases from
 /// a fixed seed, so that a failure in CI replays here, and no files written.

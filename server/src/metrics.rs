@@ -31,6 +31,18 @@ pub struct Metrics {
     pub frames_known: AtomicU64,
     /// Latency of reading and verifying one chunk from storage.
     pub chunk_fetch_seconds: Histogram,
+    /// OpenTofu/Terraform states written (rollbacks included).
+    pub tfstate_writes: AtomicU64,
+    /// Bytes of those states.
+    pub tfstate_bytes_written: AtomicU64,
+    /// State locks taken.
+    pub tfstate_locks: AtomicU64,
+    /// Lock requests, writes and unlocks refused because another holder has the lock.
+    pub tfstate_lock_conflicts: AtomicU64,
+    /// Locks broken by a forced unlock.
+    pub tfstate_locks_broken: AtomicU64,
+    /// Time the object store took for one state request (read, write, lock or unlock).
+    pub tfstate_seconds: Histogram,
 }
 
 impl Metrics {
@@ -59,7 +71,7 @@ impl Collect for Metrics {
             }),
         );
         drop(requests);
-        let counters: [(&str, &str, &AtomicU64); 8] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
             ("flywheel_nar_bytes_received_total", "Uncompressed NAR bytes received by uploads.", &self.nar_bytes_in),
             ("flywheel_bytes_sent_total", "Bytes of NARs and chunks sent.", &self.bytes_out),
             ("flywheel_chunks_deduplicated_total", "Uploaded chunks that were stored already.", &self.chunks_deduplicated),
@@ -68,11 +80,17 @@ impl Collect for Metrics {
             ("flywheel_chunks_fetched_total", "Chunks read from storage and verified.", &self.chunks_fetched),
             ("flywheel_frames_checked_by_digest_total", "Stored frames sent after matching the digest of a frame that verified before, not decompressed.", &self.frames_known),
             ("flywheel_chunks_received_total", "Chunks received through the chunk API and verified.", &self.chunks_received),
+            ("flywheel_tfstate_writes_total", "OpenTofu/Terraform states written, rollbacks included.", &self.tfstate_writes),
+            ("flywheel_tfstate_bytes_written_total", "Bytes of the states written.", &self.tfstate_bytes_written),
+            ("flywheel_tfstate_locks_total", "State locks taken.", &self.tfstate_locks),
+            ("flywheel_tfstate_lock_conflicts_total", "Lock requests, writes and unlocks refused because another holder has the lock.", &self.tfstate_lock_conflicts),
+            ("flywheel_tfstate_locks_broken_total", "State locks broken by a forced unlock.", &self.tfstate_locks_broken),
         ];
         for (name, help, value) in counters {
             out.counter(name, help, value.load(Ordering::Relaxed));
         }
         out.histogram("flywheel_chunk_fetch_seconds", "Time to read and verify one chunk from storage.", &self.chunk_fetch_seconds);
+        out.histogram("flywheel_tfstate_seconds", "Time the object store took for one state request.", &self.tfstate_seconds);
     }
 }
 

@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::narinfo_cache::NarinfoCache;
 use crate::preflight::VerifiedChunks;
 use crate::storage::{CacheRecord, PathRecord, ReuseWindow, Storage};
+use crate::tfstate::StateStore;
 use bytes::Bytes;
 use flywheel_core::manifest::Manifest;
 use flywheel_core::nix::Sha256Hash;
@@ -47,6 +48,8 @@ pub struct AppState {
     /// Narinfos (and 404s) answered lately; see [`crate::narinfo_cache`] for how stale they
     /// may be.
     pub narinfos: Arc<NarinfoCache>,
+    /// OpenTofu/Terraform states, on the same object store.
+    pub tfstates: StateStore,
 }
 
 /// Bytes (approximate, in memory) of parsed manifests kept between requests.
@@ -274,6 +277,7 @@ impl AppState {
         let verified = Arc::new(VerifiedChunks::default());
         let ingester = ingester.with_verified_chunks(verified.clone());
         let chunk_reads = Arc::new(tokio::sync::Semaphore::new(config.chunk_parallelism));
+        let config_tfstate = config.tfstate.clone();
         Ok(AppState {
             config: Arc::new(config),
             tokens,
@@ -286,6 +290,7 @@ impl AppState {
             chunk_queries: Arc::new(parking_lot::Mutex::new(ChunkQueries { by_name: lru::LruCache::unbounded(), chunks: 0 })),
             manifests: Arc::new(ManifestCache::new()),
             narinfos: Arc::new(NarinfoCache::new(storage.clock().clone())),
+            tfstates: StateStore::for_config(storage.clone(), &config_tfstate),
             storage,
         })
     }

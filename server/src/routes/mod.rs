@@ -1,4 +1,5 @@
-//! The HTTP frontends: the Nix binary cache, Attic's API and the chunk API.
+//! The HTTP frontends: the Nix binary cache, Attic's API, the chunk API and the
+//! OpenTofu/Terraform state backend.
 
 mod binary_cache;
 mod cache_config;
@@ -8,12 +9,13 @@ mod debuginfo;
 mod logs;
 mod publish;
 mod realisations;
+mod tfstate;
 mod traces;
 mod upload_path;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
-use axum::routing::{get, post, put};
+use axum::routing::{any, get, post, put};
 use axum::Router;
 use flywheel_core::api::v1::validate_cache_name;
 use flywheel_core::{Error, ErrorKind};
@@ -45,6 +47,11 @@ pub fn router(state: AppState) -> Router {
         .route("/_flywheel/v1/{cache}/commit", post(chunks::commit))
         .route("/_flywheel/v1/{cache}/base/{name}", get(chunks::base))
         .route("/_flywheel/v1/{cache}/trace/{key}", get(traces::get).put(traces::put))
+        .route("/_state/v1/{project}/{stack}", any(tfstate::stack))
+        .route("/_state/v1/{project}/{stack}/lock", any(tfstate::lock_address))
+        .route("/_state/v1/{project}/{stack}/versions", get(tfstate::versions))
+        .route("/_state/v1/{project}/{stack}/versions/{version}", get(tfstate::version))
+        .route("/_state/v1/{project}/{stack}/rollback/{version}", post(tfstate::rollback))
         .route("/{cache}/nix-cache-info", get(binary_cache::cache_info).put(binary_cache::put_cache_info))
         .route("/{cache}/nar/{file}", get(binary_cache::get_nar).put(binary_cache::put_nar))
         .route(
