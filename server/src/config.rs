@@ -213,8 +213,9 @@ pub struct TfStateConfig {
     /// Largest state accepted, in bytes; a larger one is refused with 413.
     #[serde(default = "default_tfstate_max_size")]
     pub max_size: u64,
-    /// Versions kept per stack, the current one included; older ones are deleted by the write
-    /// that pushes them out.
+    /// Versions kept per stack, the current one included; older ones are deleted by a later
+    /// write (every `keep-versions / 4`-th write of a stack prunes, so up to a quarter more
+    /// may be there between two prunes).
     #[serde(default = "default_tfstate_keep_versions")]
     pub keep_versions: usize,
     /// How locks are made exclusive across replicas.

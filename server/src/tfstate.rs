@@ -215,7 +215,17 @@ pub struct StateStore {
     last_version_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// How locks are made exclusive on this store, once probed.
     lock_mode: std::sync::Arc<tokio::sync::OnceCell<LockMode>>,
+    /// Writes of each stack since its versions were last pruned (see `prune_due`), for the
+    /// stacks written lately.
+    writes_since_prune: std::sync::Arc<parking_lot::Mutex<lru::LruCache<StackId, u32>>>,
 }
+
+/// Stacks whose count of writes since the last prune is kept; a stack pushed out starts
+/// counting again, which only delays its next prune.
+const PRUNE_COUNTERS: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(4096) {
+    Some(n) => n,
+    None => unreachable!(),
+};
 
 /// How a store makes a lock exclusive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +251,7 @@ impl StateStore {
             keep_versions: keep_versions.max(1),
             last_version_ms: Default::default(),
             lock_mode: Default::default(),
+            writes_since_prune: std::sync::Arc::new(parking_lot::Mutex::new(lru::LruCache::new(PRUNE_COUNTERS))),
         }
     }
 
@@ -329,7 +340,7 @@ impl StateStore {
     async fn claims(&self, stack: &StackId) -> Result<Vec<String>> {
         let mut claims: Vec<String> = self
             .storage
-            .list_objects(&stack.claims_prefix().to_string())
+            .list_objects(stack.claims_prefix().as_ref())
             .await?
             .into_iter()
             .filter_map(|meta| Some(meta.location.filename()?.to_string()))
@@ -372,10 +383,30 @@ impl StateStore {
                 Error::unavailable(format!("storage failed writing the state of {stack}: {e}"))
             })
         };
-        put(stack.version_key(&version), state.clone()).await?;
-        put(stack.current_key(), state).await?;
-        self.prune(stack).await?;
+        // Both at once: whichever a crash leaves out, the state before this write is a stored
+        // version already, so nothing that was current is ever lost.
+        futures::try_join!(put(stack.version_key(&version), state.clone()), put(stack.current_key(), state))?;
+        if self.prune_due(stack) {
+            self.prune(stack).await?;
+        }
         Ok(WriteOutcome::Done(Some(version)))
+    }
+
+    /// Whether this write should prune the stack's versions: every `keep_versions / 4`-th write
+    /// of a stack in this process (every write for small `keep_versions`), since a prune lists
+    /// the versions, which costs a state write more than its two PUTs. A stack thus holds at
+    /// most `keep_versions / 4` versions (per replica writing it) beyond `keep_versions`.
+    fn prune_due(&self, stack: &StackId) -> bool {
+        let every = (self.keep_versions / 4).max(1) as u32;
+        let mut writes = self.writes_since_prune.lock();
+        let count = writes.get_or_insert_mut(stack.clone(), || 0);
+        *count += 1;
+        if *count >= every {
+            *count = 0;
+            true
+        } else {
+            false
+        }
     }
 
     fn next_version_ms(&self) -> u64 {
