@@ -312,6 +312,11 @@ fn operator_commands() {
     let (ok, _, err) = run(&["rollback", "ops/main", versions[0]]);
     assert!(ok, "{err}");
     assert_eq!(stack.get().bytes().unwrap().as_ref(), &first[..]);
+    // Garbage collection is for the caches: it leaves states and their versions alone.
+    server.gc(&[]);
+    assert_eq!(stack.get().bytes().unwrap().as_ref(), &first[..]);
+    let (_, after_gc, _) = run(&["versions", "ops/main"]);
+    assert_eq!(after_gc.lines().count(), 3);
     let (ok, _, err) = run(&["get", "bad name"]);
     assert!(!ok);
     assert!(err.contains("project/stack"), "{err}");
