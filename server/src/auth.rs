@@ -198,30 +198,27 @@ pub struct Claims {
 impl Claims {
     /// The permissions for `cache`: an exact pattern wins, else the first pattern that matches.
     pub fn permissions_for(&self, cache: &str) -> Permissions {
-        if let Some(perms) = self.attic.caches.get(cache) {
-            return *perms;
-        }
-        self.attic
-            .caches
-            .iter()
-            .find(|(pattern, _)| wildcard_match(pattern.as_bytes(), cache.as_bytes()))
-            .map(|(_, perms)| *perms)
-            .unwrap_or_default()
+        by_pattern(&self.attic.caches, cache)
     }
 
     /// The state permissions for `stack` (`project/stack`): an exact pattern wins, else the
     /// first pattern that matches.
     pub fn state_permissions_for(&self, stack: &str) -> StatePermissions {
-        if let Some(perms) = self.tfstate.stacks.get(stack) {
-            return *perms;
-        }
-        self.tfstate
-            .stacks
-            .iter()
-            .find(|(pattern, _)| wildcard_match(pattern.as_bytes(), stack.as_bytes()))
-            .map(|(_, perms)| *perms)
-            .unwrap_or_default()
+        by_pattern(&self.tfstate.stacks, stack)
     }
+}
+
+/// The permissions `grants` gives `name`: an exact pattern wins, else the first pattern that
+/// matches, else none.
+fn by_pattern<P: Copy + Default>(grants: &IndexMap<String, P>, name: &str) -> P {
+    if let Some(perms) = grants.get(name) {
+        return *perms;
+    }
+    grants
+        .iter()
+        .find(|(pattern, _)| wildcard_match(pattern.as_bytes(), name.as_bytes()))
+        .map(|(_, perms)| *perms)
+        .unwrap_or_default()
 }
 
 /// `*` matches any run of bytes, including none; everything else matches itself.
