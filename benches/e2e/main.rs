@@ -11,6 +11,7 @@ mod common_fuse;
 #[path = "../../tests/substituter_common/mod.rs"]
 mod substituter_common;
 
+mod attic;
 mod compression;
 mod fuse;
 mod job;
@@ -35,6 +36,7 @@ use load::load_section;
 use server::server_section;
 use substituter::substituter_section;
 use tfstate::tfstate_section;
+use attic::Attic;
 use support::*;
 
 const RUNS: usize = 3;

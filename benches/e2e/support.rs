@@ -299,6 +299,11 @@ impl Link {
 }
 
 pub(crate) fn upload_path(server: &Server, token: &str, nar: &Path, nar_hash_hex: &str, nar_size: u64) -> f64 {
+    upload_path_to(&server.url, token, nar, nar_hash_hex, nar_size)
+}
+
+/// The same upload to any server of Attic's API (flywheel or atticd) at `base`, into `bench`.
+pub(crate) fn upload_path_to(base: &str, token: &str, nar: &Path, nar_hash_hex: &str, nar_size: u64) -> f64 {
     let hash = "0".repeat(32);
     let info = serde_json::json!({
         "cache": "bench", "store_path_hash": hash, "store_path": format!("/nix/store/{hash}-lib"),
@@ -310,6 +315,6 @@ pub(crate) fn upload_path(server: &Server, token: &str, nar: &Path, nar_hash_hex
             .args(["-sf", "-X", "PUT", "-H", &format!("Authorization: Bearer {token}")])
             .args(["-H", &format!("X-Attic-Nar-Info: {info}"), "-T"])
             .arg(nar)
-            .arg(format!("{}/_api/v1/upload-path", server.url)),
+            .arg(format!("{base}/_api/v1/upload-path")),
     )
 }
