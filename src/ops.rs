@@ -110,8 +110,13 @@ pub fn gc(args: GcArgs) -> anyhow::Result<()> {
         report.chunks_kept
     );
     println!(
-        "{verb} {} chunk grants, {} uploaded NAR file names, {} logs and debug info records, {} realisations, {} access traces",
-        report.grants_deleted, report.nar_files_deleted, report.logs_deleted, report.realisations_deleted, report.traces_deleted
+        "{verb} {} chunk grants, {} uploaded NAR file names, {} logs and debug info records, {} realisations, {} access traces, {} Bazel records",
+        report.grants_deleted,
+        report.nar_files_deleted,
+        report.logs_deleted,
+        report.realisations_deleted,
+        report.traces_deleted,
+        report.bazel_records_deleted
     );
     Ok(())
 }

@@ -304,9 +304,18 @@ impl TokenAuthority {
         let token = if scheme.eq_ignore_ascii_case("bearer") {
             rest.trim().to_string()
         } else if scheme.eq_ignore_ascii_case("basic") {
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(rest.trim())
-                .map_err(|_| Error::new(ErrorKind::Unauthorized, "Basic credentials are not valid base64"))?;
+            // Bazel encodes the credentials of a cache URL with the URL-safe alphabet; other
+            // clients with the standard one.
+            let encoded = rest.trim();
+            let decoded = [
+                &base64::engine::general_purpose::STANDARD,
+                &base64::engine::general_purpose::URL_SAFE,
+                &base64::engine::general_purpose::STANDARD_NO_PAD,
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            ]
+            .iter()
+            .find_map(|engine| engine.decode(encoded).ok())
+            .ok_or_else(|| Error::new(ErrorKind::Unauthorized, "Basic credentials are not valid base64"))?;
             let text = String::from_utf8(decoded)
                 .map_err(|_| Error::new(ErrorKind::Unauthorized, "Basic credentials are not text"))?;
             // The user name is ignored: the password is the token.

@@ -47,6 +47,7 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(ServerConfig, Option<P
         gc: Default::default(),
         limits: Default::default(),
         tfstate: Default::default(),
+        bazel: Default::default(),
         caches: Default::default(),
     };
     let text = format!(

@@ -49,6 +49,9 @@ pub struct ServerConfig {
     /// The OpenTofu/Terraform state backend.
     #[serde(default)]
     pub tfstate: TfStateConfig,
+    /// The Bazel remote cache (gRPC and HTTP).
+    #[serde(default)]
+    pub bazel: BazelConfig,
     /// Caches declared here, by name: created on start, and brought in line with this config
     /// when they exist (caches made through the API are left alone).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -259,6 +262,74 @@ impl TfStateConfig {
         }
         Ok(())
     }
+}
+
+/// The Bazel remote cache: REAPI over gRPC on a listener of its own, and Bazel's HTTP cache
+/// protocol (`/{cache}/ac/{sha256}`, `/{cache}/cas/{sha256}`) on the main one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BazelConfig {
+    /// Where the gRPC listener binds (`--remote_cache=grpc://HOST:PORT`); none when unset.
+    #[serde(default)]
+    pub grpc_listen: Option<std::net::SocketAddr>,
+    /// The cache that gRPC requests with an empty `instance_name` go to (Bazel sends the
+    /// value of `--remote_instance_name`, empty by default); such requests are refused when
+    /// unset.
+    #[serde(default)]
+    pub default_instance: Option<String>,
+    /// Largest CAS blob accepted, in bytes; a larger upload is refused before it is read.
+    #[serde(default = "default_bazel_max_blob_size")]
+    pub max_blob_size: u64,
+    /// Largest action result accepted, in bytes.
+    #[serde(default = "default_bazel_max_action_result_size")]
+    pub max_action_result_size: u64,
+    /// gRPC connections served at once; further ones are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for BazelConfig {
+    fn default() -> Self {
+        BazelConfig {
+            grpc_listen: None,
+            default_instance: None,
+            max_blob_size: default_bazel_max_blob_size(),
+            max_action_result_size: default_bazel_max_action_result_size(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+impl BazelConfig {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.max_blob_size == 0 || self.max_blob_size > 1 << 40 {
+            anyhow::bail!("bazel.max-blob-size must be between 1 byte and 1 TiB, not {}", self.max_blob_size);
+        }
+        // Action results are read whole and decoded in memory.
+        if self.max_action_result_size == 0 || self.max_action_result_size > 64 << 20 {
+            anyhow::bail!(
+                "bazel.max-action-result-size must be between 1 byte and 64 MiB, not {}",
+                self.max_action_result_size
+            );
+        }
+        if self.max_connections == 0 {
+            anyhow::bail!("bazel.max-connections must be at least 1");
+        }
+        if let Some(name) = &self.default_instance {
+            flywheel_core::api::v1::validate_cache_name(name)
+                .map_err(|e| anyhow::anyhow!("bazel.default-instance: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Toolchain archives and container layers reach a few GiB.
+fn default_bazel_max_blob_size() -> u64 {
+    4 << 30
+}
+/// Action results list outputs by digest; stdout and stderr inline are the big part.
+fn default_bazel_max_action_result_size() -> u64 {
+    4 << 20
 }
 
 /// States of large estates run to a few MiB; 32 MiB leaves room and still bounds memory.
@@ -558,6 +629,7 @@ impl ServerConfig {
         self.chunking.validate()?;
         self.limits.check()?;
         self.tfstate.check()?;
+        self.bazel.check()?;
         if !(1..=19).contains(&self.zstd_level) {
             anyhow::bail!("zstd-level must be between 1 and 19, not {}", self.zstd_level);
         }

@@ -33,6 +33,11 @@ impl ApiError {
     pub fn kind(&self) -> ErrorKind {
         self.error.kind()
     }
+
+    /// The error, for a frontend other than HTTP (gRPC).
+    pub fn into_error(self) -> Error {
+        self.error
+    }
 }
 
 impl From<Error> for ApiError {

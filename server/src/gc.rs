@@ -11,7 +11,9 @@
 //!    cache, what it keeps beside its paths goes with them: chunk grants, uploaded NAR file
 //!    names and realisations once no live path needs them, logs and debug info after the
 //!    retention period, access traces not rewritten within the retention period or
-//!    [`TRACE_MAX_AGE`]. Traces are hints: they keep no chunk and no path alive.
+//!    [`TRACE_MAX_AGE`]. Traces are hints: they keep no chunk and no path alive. Bazel's
+//!    blob records keep the chunks they list; they and action results expire once not
+//!    written within the retention period (a rebuild writes them again).
 //!
 //! The grace period protects uploads in flight: uploads count only on chunks written within
 //! half of it, write older ones again, and must store their manifest within the other half
@@ -73,6 +75,8 @@ pub struct GcReport {
     pub realisations_deleted: usize,
     /// Access traces not rewritten within their cache's retention period or [`TRACE_MAX_AGE`].
     pub traces_deleted: usize,
+    /// Bazel blobs and action results not written within their cache's retention period.
+    pub bazel_records_deleted: usize,
 }
 
 /// Longest an access trace is kept without a run rewriting it, whatever the retention
@@ -223,6 +227,13 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
         }
     }
 
+    // Bazel's records: expire them, and mark the chunks of those that stay. Listed after the
+    // manifests, so that a record written while this ran is marked too (its chunks, written
+    // before it, are young in any case).
+    for cache in &caches {
+        mark_bazel(storage, cache, started_ms, &young, dry_run, &mut live_chunks, &mut report).await;
+    }
+
     if report.chunks_sweep_skipped {
         tracing::warn!("no chunk is deleted in this run: a manifest in use could not be read");
     }
@@ -263,6 +274,7 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
         chunks = report.chunks_deleted,
         bytes = report.chunk_bytes_freed,
         traces = report.traces_deleted,
+        bazel = report.bazel_records_deleted,
         problems = report.problems.len(),
         dry_run,
         "garbage collection finished"
@@ -295,6 +307,58 @@ async fn mark(
             report.problem(format!("manifest {key} is in use but unreadable, so no chunk is deleted: {err}"));
             report.chunks_sweep_skipped = true;
             None
+        }
+    }
+}
+
+/// Expires a cache's Bazel records (CAS blobs and action results) not written within its
+/// retention period, and marks the chunks of the blobs that stay. A blob record that cannot be
+/// read keeps every chunk in this run, as an unreadable manifest does.
+async fn mark_bazel(
+    storage: &Storage,
+    cache: &CacheLive,
+    started_ms: u64,
+    young: &(dyn Fn(&object_store::ObjectMeta) -> bool + Sync),
+    dry_run: bool,
+    live: &mut HashSet<ChunkHash>,
+    report: &mut GcReport,
+) {
+    use crate::bazel::{records_prefix, record::BlobRecord, Store};
+    let expired = |meta: &object_store::ObjectMeta| {
+        cache.retention > 0
+            && !young(meta)
+            && started_ms.saturating_sub(modified_ms(meta)) / 1000 > cache.retention
+    };
+    for store in [Store::Ac, Store::Cas] {
+        let prefix = records_prefix(&cache.name, store);
+        let records = report.listed(storage.list_objects(&prefix).await, || format!("cache {}: Bazel records", cache.name));
+        for meta in records {
+            if expired(&meta) {
+                if !dry_run {
+                    if let Err(err) = storage.delete_object(&meta.location).await {
+                        report.problem(format!("{}: {err}", meta.location));
+                    }
+                }
+                report.bazel_records_deleted += 1;
+                continue;
+            }
+            if store == Store::Ac {
+                continue;
+            }
+            match storage.get_object(&meta.location).await {
+                Ok(Some(bytes)) => match BlobRecord::decode(&bytes) {
+                    Ok(record) => live.extend(record.chunks().iter().map(|c| c.hash)),
+                    Err(err) => {
+                        // A damaged record names no chunk anyone can read through it.
+                        report.problem(format!("{}: {err}", meta.location));
+                    }
+                },
+                Ok(None) => {}
+                Err(err) => {
+                    report.problem(format!("Bazel blob record {} is unreadable, so no chunk is deleted: {err}", meta.location));
+                    report.chunks_sweep_skipped = true;
+                }
+            }
         }
     }
 }

@@ -169,6 +169,18 @@ fn spawn_nar_reader(
     chunks: Option<(ChunkParams, ChunkSender)>,
     slot: OwnedSemaphorePermit,
 ) -> tokio::task::JoinHandle<Result<(ParsedNar, Sha256Hash)>> {
+    spawn_reader(body, compression, chunks, slot, |tee| nar::parse(tee))
+}
+
+/// Reads `body` on a blocking thread as [`spawn_nar_reader`] does, handing the decoded bytes
+/// to `consume` through a reader that hashes them (SHA-256) and cuts chunks.
+fn spawn_reader<T: Send + 'static>(
+    body: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
+    compression: Compression,
+    chunks: Option<(ChunkParams, ChunkSender)>,
+    slot: OwnedSemaphorePermit,
+    consume: impl FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(T, Sha256Hash)>> {
     let (body_tx, body_rx) = mpsc::channel::<io::Result<Bytes>>(32);
     tokio::spawn(async move {
         let mut body = std::pin::pin!(body);
@@ -197,12 +209,12 @@ fn spawn_nar_reader(
             sha: Sha256::new(),
             chunker: chunks.map(|(params, tx)| (Chunker::new(params), tx)),
         };
-        let parsed = nar::parse(&mut tee)?;
+        let consumed = consume(&mut tee)?;
         if let Some((chunker, out)) = tee.chunker.take() {
             chunker.finish(&mut |chunk| send_chunk(&out, chunk))?;
         }
         let digest: [u8; 32] = tee.sha.finalize().into();
-        Ok((parsed, Sha256Hash(digest)))
+        Ok((consumed, Sha256Hash(digest)))
     })
 }
 
@@ -243,6 +255,31 @@ impl Ingested {
     pub async fn commit(self) -> Result<(Manifest, IngestStats)> {
         self.storage.put_upload_manifest(&self.manifest, self.started, self.window, &self.refreshed, "upload").await?;
         Ok((self.manifest, self.stats))
+    }
+}
+
+/// A blob whose chunks are stored, and whose record (what names the chunks) is not yet.
+pub struct IngestedBlob {
+    /// Its chunks, in order.
+    pub chunks: Vec<ChunkRef>,
+    /// Its length.
+    pub size: u64,
+    /// Its SHA-256.
+    pub sha256: Sha256Hash,
+    /// Numbers.
+    pub stats: IngestStats,
+    refreshed: Vec<ChunkHash>,
+    started: u64,
+    window: ReuseWindow,
+    storage: Storage,
+}
+
+impl IngestedBlob {
+    /// Once the caller has stored what names the chunks: fails as
+    /// [`Storage::check_upload_finished`] does, and then the blob must not be counted on.
+    pub async fn finish(self) -> Result<IngestStats> {
+        self.storage.check_upload_finished(self.started, &self.window, &self.refreshed, "upload").await?;
+        Ok(self.stats)
     }
 }
 
@@ -344,45 +381,7 @@ impl Ingester {
         let started = self.storage.clock().now_ms();
         let reusable_after = self.window.reusable_after();
         let reader = spawn_nar_reader(body, compression, Some((self.params, chunk_tx)), slot);
-        let mut refreshed = Vec::new();
-
-        let mut refs = Vec::new();
-        let mut stats = IngestStats::default();
-        let mut store_error = None;
-        {
-            let stored = futures::stream::unfold(chunk_rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
-                .map(|(hash, data)| {
-                    // A task per chunk, so compression runs on every worker thread.
-                    let task = tokio::spawn(self.clone().store_chunk(hash, data, reusable_after));
-                    async move { task.await.map_err(|e| Error::internal(format!("chunk task failed: {e}")))? }
-                })
-                .buffered(self.parallelism);
-            let mut stored = std::pin::pin!(stored);
-            while let Some(result) = stored.next().await {
-                match result {
-                    Ok((chunk_ref, stored)) => {
-                        stats.chunks += 1;
-                        match stored {
-                            Stored::Written(bytes) => {
-                                stats.new_chunks += 1;
-                                stats.new_stored_bytes += bytes;
-                            }
-                            Stored::Refreshed(bytes) => {
-                                stats.new_stored_bytes += bytes;
-                                stats.deduplicated_bytes += u64::from(chunk_ref.size);
-                                refreshed.push(chunk_ref.hash);
-                            }
-                            Stored::Deduplicated => stats.deduplicated_bytes += u64::from(chunk_ref.size),
-                        }
-                        refs.push(chunk_ref);
-                    }
-                    Err(err) => {
-                        store_error = Some(err);
-                        break;
-                    }
-                }
-            }
-        }
+        let (refs, stats, refreshed, store_error) = self.store_chunks(chunk_rx, reusable_after).await;
         let read = reader.await.map_err(join_error).and_then(|r| r);
         let (parsed, nar_hash) = match (store_error, read) {
             (Some(err), _) | (None, Err(err)) => return Err(err),
@@ -400,6 +399,81 @@ impl Ingester {
         }
         self.metrics.nar_bytes_in.fetch_add(manifest.nar_size, std::sync::atomic::Ordering::Relaxed);
         Ok(Ingested { manifest, stats, refreshed, started, window: self.window.clone(), storage: self.storage.clone() })
+    }
+
+    /// Stores the chunks a reader cuts, in parallel and in order, until the reader is done or
+    /// a chunk fails to store. Returns what was stored, and the error that stopped it.
+    async fn store_chunks(
+        &self,
+        chunk_rx: mpsc::Receiver<(ChunkHash, Vec<u8>)>,
+        reusable_after: u64,
+    ) -> (Vec<ChunkRef>, IngestStats, Vec<ChunkHash>, Option<Error>) {
+        let mut refreshed = Vec::new();
+        let mut refs = Vec::new();
+        let mut stats = IngestStats::default();
+        let stored = futures::stream::unfold(chunk_rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+            .map(|(hash, data)| {
+                // A task per chunk, so compression runs on every worker thread.
+                let task = tokio::spawn(self.clone().store_chunk(hash, data, reusable_after));
+                async move { task.await.map_err(|e| Error::internal(format!("chunk task failed: {e}")))? }
+            })
+            .buffered(self.parallelism);
+        let mut stored = std::pin::pin!(stored);
+        while let Some(result) = stored.next().await {
+            match result {
+                Ok((chunk_ref, stored)) => {
+                    stats.chunks += 1;
+                    match stored {
+                        Stored::Written(bytes) => {
+                            stats.new_chunks += 1;
+                            stats.new_stored_bytes += bytes;
+                        }
+                        Stored::Refreshed(bytes) => {
+                            stats.new_stored_bytes += bytes;
+                            stats.deduplicated_bytes += u64::from(chunk_ref.size);
+                            refreshed.push(chunk_ref.hash);
+                        }
+                        Stored::Deduplicated => stats.deduplicated_bytes += u64::from(chunk_ref.size),
+                    }
+                    refs.push(chunk_ref);
+                }
+                Err(err) => return (refs, stats, refreshed, Some(err)),
+            }
+        }
+        (refs, stats, refreshed, None)
+    }
+
+    /// Reads a blob of any content (a Bazel CAS blob) from `body`, decoding it as
+    /// `compression` says and refusing more than `limit` bytes of content, and stores its chunks as [`Ingester::ingest`] stores a NAR's. The caller checks
+    /// the returned size and SHA-256 against what the blob should be, then stores what names
+    /// the chunks and calls [`IngestedBlob::finish`].
+    pub async fn ingest_blob(
+        &self,
+        body: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
+        compression: Compression,
+        limit: u64,
+    ) -> Result<IngestedBlob> {
+        let mut body = Box::pin(body);
+        let first = body.next().await;
+        let slot = self.reader_slot().await?;
+        let body = futures::stream::iter(first).chain(body);
+        let (chunk_tx, chunk_rx) = mpsc::channel::<(ChunkHash, Vec<u8>)>(self.parallelism);
+        let started = self.storage.clock().now_ms();
+        let reusable_after = self.window.reusable_after();
+        let reader = spawn_reader(body, compression, Some((self.params, chunk_tx)), slot, move |tee| {
+            let copied = io::copy(&mut tee.take(limit + 1), &mut io::sink())?;
+            if copied > limit {
+                return Err(Error::invalid(format!("the blob is longer than {limit} bytes")));
+            }
+            Ok(copied)
+        });
+        let (chunks, stats, refreshed, store_error) = self.store_chunks(chunk_rx, reusable_after).await;
+        let read = reader.await.map_err(join_error).and_then(|r| r);
+        let (size, sha256) = match (store_error, read) {
+            (Some(err), _) | (None, Err(err)) => return Err(err),
+            (None, Ok(read)) => read,
+        };
+        Ok(IngestedBlob { chunks, size, sha256, stats, refreshed, started, window: self.window.clone(), storage: self.storage.clone() })
     }
 
     /// Stores a chunk unless a fresh copy is stored already (see [`ReuseWindow`]).

@@ -12,11 +12,13 @@
 //! - [`narinfo_cache`]: narinfos and 404s answered lately, kept in memory for a bounded time.
 //! - [`gc`]: retention and garbage collection.
 //! - [`tfstate`]: OpenTofu/Terraform states, their versions and locks.
+//! - [`bazel`]: the Bazel remote cache (REAPI over gRPC, and Bazel's HTTP cache) on the chunks.
 //! - [`fsck`]: finding missing or corrupt chunks and taking damaged paths out of service.
 //! - [`bootstrap`]: the zero-configuration first start.
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod bazel;
 pub mod bootstrap;
 pub mod clock;
 pub mod config;
@@ -57,7 +59,21 @@ pub async fn serve(
     };
     tokio::spawn(gc::periodic(state.storage.clone(), state.config.gc.clone(), local_root));
     let limits = state.config.limits.clone();
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let grpc = match state.config.bazel.grpc_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("binding the Bazel gRPC listener (bazel.grpc-listen) to {addr}: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "Bazel remote cache (gRPC) listening");
+            Some(tokio::spawn(bazel::grpc::serve(state.clone(), listener, shutdown.clone())))
+        }
+        None => None,
+    };
     let app = routes::router(state);
     connections::serve(listener, app, &limits, shutdown).await?;
+    if let Some(grpc) = grpc {
+        grpc.await.map_err(|e| anyhow::anyhow!("the Bazel gRPC listener failed: {e}"))??;
+    }
     Ok(())
 }

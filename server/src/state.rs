@@ -50,6 +50,8 @@ pub struct AppState {
     pub narinfos: Arc<NarinfoCache>,
     /// OpenTofu/Terraform states, on the same object store.
     pub tfstates: StateStore,
+    /// The Bazel remote cache, on the same chunks.
+    pub bazel: crate::bazel::BazelStore,
 }
 
 /// Bytes (approximate, in memory) of parsed manifests kept between requests.
@@ -278,7 +280,24 @@ impl AppState {
         let ingester = ingester.with_verified_chunks(verified.clone());
         let chunk_reads = Arc::new(tokio::sync::Semaphore::new(config.chunk_parallelism));
         let config_tfstate = config.tfstate.clone();
+        let bazel = crate::bazel::BazelStore::new(
+            storage.clone(),
+            ingester.clone(),
+            ChunkReader {
+                storage: storage.clone(),
+                parallelism: config.chunk_parallelism,
+                reads: chunk_reads.clone(),
+                metrics: metrics.clone(),
+                verified: verified.clone(),
+            },
+            verified.clone(),
+            config.chunking,
+            config.zstd_level,
+            config.chunk_parallelism,
+            config.bazel.clone(),
+        );
         Ok(AppState {
+            bazel,
             config: Arc::new(config),
             tokens,
             ingester,

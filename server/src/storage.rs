@@ -515,6 +515,18 @@ impl Storage {
         what: &str,
     ) -> Result<()> {
         self.put_manifest(manifest).await?;
+        self.check_upload_finished(started, &window, refreshed, what).await
+    }
+
+    /// The checks of [`Storage::put_upload_manifest`] once an upload's chunks are named by
+    /// what garbage collection reads (a manifest, a Bazel blob record).
+    pub async fn check_upload_finished(
+        &self,
+        started: u64,
+        window: &ReuseWindow,
+        refreshed: &[ChunkHash],
+        what: &str,
+    ) -> Result<()> {
         // Measured once the manifest is stored: from then on a collection keeps the chunks.
         if let Some(limit) = window.max_upload() {
             let took = std::time::Duration::from_millis(self.clock.now_ms().saturating_sub(started));

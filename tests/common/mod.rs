@@ -51,7 +51,7 @@ pub fn require_tool(name: &str) -> PathBuf {
     panic!("`{name}` is not installed; run `./scripts/test.sh`, which installs what the tests need");
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

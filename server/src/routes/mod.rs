@@ -1,6 +1,7 @@
-//! The HTTP frontends: the Nix binary cache, Attic's API, the chunk API and the
-//! OpenTofu/Terraform state backend.
+//! The HTTP frontends: the Nix binary cache, Attic's API, the chunk API, the
+//! OpenTofu/Terraform state backend and Bazel's HTTP cache.
 
+mod bazel;
 mod binary_cache;
 mod cache_config;
 mod chunks;
@@ -52,6 +53,15 @@ pub fn router(state: AppState) -> Router {
         .route("/_state/v1/{project}/{stack}/versions", get(tfstate::versions))
         .route("/_state/v1/{project}/{stack}/versions/{version}", get(tfstate::version))
         .route("/_state/v1/{project}/{stack}/rollback/{version}", post(tfstate::rollback))
+        .route(
+            "/{cache}/ac/{hash}",
+            get(bazel::get_ac).put(bazel::put_ac).layer(DefaultBodyLimit::max(bazel::MAX_AC_BODY)),
+        )
+        // Blob uploads are bounded by their Content-Length, checked against bazel.max-blob-size.
+        .route(
+            "/{cache}/cas/{hash}",
+            get(bazel::get_cas).head(bazel::head_cas).put(bazel::put_cas).layer(DefaultBodyLimit::disable()),
+        )
         .route("/{cache}/nix-cache-info", get(binary_cache::cache_info).put(binary_cache::put_cache_info))
         .route("/{cache}/nar/{file}", get(binary_cache::get_nar).put(binary_cache::put_nar))
         .route(
@@ -90,7 +100,11 @@ pub fn router(state: AppState) -> Router {
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> impl axum::response::IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, flywheel_core::metrics::CONTENT_TYPE)], state.metrics.render())
+    use flywheel_core::metrics::Collect;
+    let mut out = flywheel_core::metrics::Exposition::default();
+    state.metrics.collect(&mut out);
+    state.bazel.metrics.collect(&mut out);
+    ([(axum::http::header::CONTENT_TYPE, flywheel_core::metrics::CONTENT_TYPE)], out.finish())
 }
 
 /// Counts every request by its route template (never the raw path, which would make a series
