@@ -514,6 +514,47 @@ fn gc_keeps_blobs_and_expires_them_s3() {
     gc_keeps_blobs_and_expires_them(Backend::S3);
 }
 
+/// Silent sockets on the gRPC listener: one past `bazel.max-connections` is closed at once,
+/// the others once `limits.header-read-timeout` passes without a byte; then clients are served.
+#[test]
+fn silent_grpc_connections_are_dropped() {
+    use std::io::Read;
+    let port = common::free_port();
+    let server = Server::start_with(
+        Backend::Local,
+        &format!("[limits]\nheader-read-timeout = 3\n[bazel]\ngrpc-listen = \"127.0.0.1:{port}\"\nmax-connections = 4\n"),
+    );
+    server.create_cache("bzl", false);
+    let token = server.mint(&["--pull", "bzl"]);
+    let silent: Vec<std::net::TcpStream> = (0..4).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    // The listen backlog is first in, first out: the server accepts the four before the fifth.
+    let mut fifth = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    fifth.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+    assert_eq!(fifth.read(&mut [0u8; 16]).map_err(|e| e.kind()), Ok(0), "the fifth connection is closed at once");
+    // The four are still open now, and closed once the deadline passes.
+    for mut socket in silent {
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match socket.read(&mut buf) {
+                // hyper may answer an idle connection with a GOAWAY before closing it.
+                Ok(n) if n > 0 => continue,
+                Ok(_) => break,
+                Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(err) => panic!("a silent connection stayed open: {err}"),
+            }
+        }
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let grpc = Grpc::connect(port).await;
+        let caps = CapabilitiesClient::new(grpc.channel.clone())
+            .get_capabilities(req(GetCapabilitiesRequest { instance_name: "bzl".into() }, &token))
+            .await;
+        assert!(caps.is_ok(), "{caps:?}");
+    });
+}
+
 #[test]
 fn grpc_protocol_local() {
     grpc_protocol(Backend::Local);

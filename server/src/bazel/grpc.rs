@@ -463,7 +463,19 @@ impl ByteStream for BazelGrpc {
                 metrics.add(Protocol::Grpc, Counter::BytesOut, piece.data.len() as u64);
             }
         });
-        Ok(Response::new(Box::pin(counted)))
+        // A reader that stops reading does not hold the stream forever: it gets the request
+        // timeout plus the time the blob takes at limits.body-min-rate.
+        let limits = &self.state.config.limits;
+        let transfer = Duration::from_secs(resource.digest.size / limits.body_min_rate.max(1));
+        let deadline = tokio::time::Instant::now() + self.request_timeout() + transfer;
+        let bounded = counted.take_until(tokio::time::sleep_until(deadline)).chain(
+            futures::stream::once(async move {
+                (tokio::time::Instant::now() >= deadline)
+                    .then(|| Err(Status::deadline_exceeded("the read took longer than its deadline")))
+            })
+            .filter_map(futures::future::ready),
+        );
+        Ok(Response::new(Box::pin(bounded)))
     }
 
     #[tracing::instrument(skip_all)]
@@ -664,14 +676,16 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(state.config.bazel.max_connections));
-    let incoming = futures::stream::unfold((listener, slots), |(listener, slots)| async move {
+    let preface_timeout = Duration::from_secs(state.config.limits.header_read_timeout);
+    let incoming = futures::stream::unfold((listener, slots), move |(listener, slots)| async move {
         loop {
             let accepted = listener.accept().await;
             match accepted {
                 Ok((stream, _)) => match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
                         let _ = stream.set_nodelay(true);
-                        return Some((Ok::<_, io::Error>(Connection { stream, _slot: slot }), (listener, slots)));
+                        let preface = Some(Box::pin(tokio::time::sleep(preface_timeout)));
+                        return Some((Ok::<_, io::Error>(Connection { stream, preface, _slot: slot }), (listener, slots)));
                     }
                     Err(_) => {
                         tracing::warn!("bazel.max-connections reached: a gRPC connection is closed");
@@ -696,9 +710,13 @@ pub async fn serve(
     Ok(())
 }
 
-/// An accepted connection, holding its slot of `bazel.max-connections` until it closes.
+/// An accepted connection, holding its slot of `bazel.max-connections` until it closes. A
+/// client that sends nothing within `limits.header-read-timeout` of connecting is dropped, so
+/// that silent sockets cannot take every slot.
 struct Connection {
     stream: tokio::net::TcpStream,
+    /// Until the first bytes arrive: when the connection is given up.
+    preface: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -716,7 +734,27 @@ impl tokio::io::AsyncRead for Connection {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        use std::future::Future;
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.preface = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => {
+                let expired = this.preface.as_mut().is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "nothing sent within limits.header-read-timeout of connecting")))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
     }
 }
 
