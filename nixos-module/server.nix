@@ -19,7 +19,10 @@ let
 
   listenMatch = builtins.match "(\\[[0-9A-Fa-f:.]+]|[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+):([0-9]+)" s.listen;
   port = if listenMatch == null then null else lib.toInt (builtins.elemAt listenMatch 1);
-  lowPort = port != null && port < 1024;
+  grpcMatch = if s.bazel.grpc-listen == null then null
+    else builtins.match "(\\[[0-9A-Fa-f:.]+]|[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+):([0-9]+)" s.bazel.grpc-listen;
+  grpcPort = if grpcMatch == null then null else lib.toInt (builtins.elemAt grpcMatch 1);
+  lowPort = (port != null && port < 1024) || (grpcPort != null && grpcPort < 1024);
   localOutside = !isS3 && !lib.hasPrefix "${stateDir}/" st.path;
 
   # Everything but the secrets. The start script prepends the token secret (a top-level key, so
@@ -35,6 +38,7 @@ let
           max-connections max-uploads upload-queue-timeout;
       };
       tfstate = { inherit (s.tfstate) max-size keep-versions locking; };
+      bazel = { inherit (s.bazel) grpc-listen default-instance max-blob-size max-action-result-size max-connections; };
     };
   storageToml =
     "\n[storage]\n"
@@ -150,7 +154,7 @@ in
     };
 
     openFirewall = option types.bool false
-      "Whether to open the port of `settings.listen` in the firewall.";
+      "Whether to open the ports of `settings.listen` and `settings.bazel.grpc-listen` in the firewall.";
 
     settings = {
       listen = option types.str "127.0.0.1:8080"
@@ -206,6 +210,21 @@ in
             probes the store for conditional creates; `claims` is for S3 servers whose
             If-None-Match check is not atomic with the write (s3s-fs).
           '';
+      };
+      bazel = {
+        grpc-listen = nullOrStr ''
+            IP address and port of the Bazel remote cache's gRPC listener (`bazel.grpc-listen`),
+            for `bazel --remote_cache=grpc://HOST:PORT`; null: none. Bazel's HTTP cache protocol
+            is served on `listen` in any case.
+          '' // { example = "0.0.0.0:9092"; };
+        default-instance = nullOrStr
+          "The cache that gRPC requests without `--remote_instance_name` use (`bazel.default-instance`); null: such requests are refused.";
+        max-blob-size = option (types.ints.between 1 1099511627776) 4294967296
+          "Largest Bazel CAS blob accepted, in bytes (`bazel.max-blob-size`).";
+        max-action-result-size = option (types.ints.between 1 67108864) 4194304
+          "Largest Bazel action result accepted, in bytes (`bazel.max-action-result-size`).";
+        max-connections = option (types.ints.between 1 1000000) 4096
+          "gRPC connections served at once (`bazel.max-connections`); one more is closed as soon as it is accepted.";
       };
       storage = {
         type = option (types.enum [ "local" "s3" ]) "local"
@@ -287,7 +306,8 @@ in
     users.groups.flywheel = { };
 
     environment.systemPackages = [ config.services.flywheel.package ];
-    networking.firewall.allowedTCPPorts = optional (cfg.openFirewall && port != null) port;
+    networking.firewall.allowedTCPPorts = optional (cfg.openFirewall && port != null) port
+      ++ optional (cfg.openFirewall && grpcPort != null) grpcPort;
 
     # Local storage outside the state directory: create it for the service user.
     systemd.tmpfiles.rules = optional localOutside

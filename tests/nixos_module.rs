@@ -198,7 +198,7 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
               enable = true;
               tokenSecretFile = "/run/secrets/flywheel-token-secret";
               openFirewall = true;
-              settings = {{ listen = "0.0.0.0:8090"; zstd-level = 5; api-endpoint = "https://cache.example.org/"; storage.path = "{}"; gc.grace-period = 7200; tfstate.keep-versions = 50; }};
+              settings = {{ listen = "0.0.0.0:8090"; zstd-level = 5; api-endpoint = "https://cache.example.org/"; storage.path = "{}"; gc.grace-period = 7200; tfstate.keep-versions = 50; bazel.grpc-listen = "0.0.0.0:9092"; bazel.default-instance = "main"; }};
               caches.main = {{
                 signingKeyFile = "/run/secrets/flywheel-main.key"; priority = 30; retentionPeriod = 86400;
                 trustedUploaderKeys = [ "{RUNNER_KEY}" ]; requireUploaderSignature = true;
@@ -229,7 +229,7 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
     // Storage outside /var/lib/flywheel: created by tmpfiles, writable through the sandbox.
     assert_eq!(str_list(&sc["ReadWritePaths"]), [storage.display().to_string()]);
     assert!(str_list(&eval["tmpfiles"]).contains(&format!("d {} 0750 flywheel flywheel - -", storage.display())));
-    assert_eq!(eval["firewall"], serde_json::json!([8090]));
+    assert_eq!(eval["firewall"], serde_json::json!([8090, 9092]), "the HTTP and the Bazel gRPC port");
     assert_eq!(eval["users"]["flywheel"]["isSystemUser"], true);
 
     // Run the service's start script as systemd would, with --check-config passed through.
@@ -269,6 +269,11 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
     let tfstate: Vec<&str> = tfstate.lines().take_while(|l| !l.starts_with('[')).collect();
     for line in ["keep-versions = 50", "max-size = 33554432", "locking = \"auto\""] {
         assert!(tfstate.contains(&line), "{line:?} missing from [tfstate] of\n{rendered}");
+    }
+    let bazel = rendered.split("[bazel]\n").nth(1).unwrap_or_else(|| panic!("no [bazel] in\n{rendered}"));
+    let bazel: Vec<&str> = bazel.lines().take_while(|l| !l.starts_with('[')).collect();
+    for line in ["grpc-listen = \"0.0.0.0:9092\"", "default-instance = \"main\"", "max-blob-size = 4294967296", "max-connections = 4096"] {
+        assert!(bazel.contains(&line), "{line:?} missing from [bazel] of\n{rendered}");
     }
     let main = rendered.split("[caches.main]\n").nth(1).unwrap_or_else(|| panic!("no [caches.main] in\n{rendered}"));
     let main: Vec<&str> = main.lines().take_while(|l| !l.starts_with('[')).collect();
