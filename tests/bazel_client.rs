@@ -7,8 +7,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::bazel::count;
 use common::{Backend, Server};
 
 /// The workspace's actions (`bazel build //:all`).
@@ -18,69 +18,21 @@ const ACTIONS: usize = 6;
 const OUTPUTS: [&str; 7] =
     ["hello.txt", "upper.txt", "big.txt", "pair_a.txt", "pair_b.txt", "from_source.txt", "all_joined.txt"];
 
-struct Build {
-    summary: String,
-    outputs: Vec<Vec<u8>>,
-}
-
-/// Runs `bazel build //:all` in a copy of the workspace, in the output base `base`, with the
-/// remote-cache flags `cache`.
-fn bazel_build(bazel: &Path, root: &Path, base: &str, cache: &[String]) -> Build {
-    let workspace = root.join("workspace");
-    if !workspace.exists() {
-        std::fs::create_dir_all(&workspace).unwrap();
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bazel/workspace");
-        for entry in std::fs::read_dir(source).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), workspace.join(entry.file_name())).unwrap();
-        }
-    }
-    let output_base = root.join(base);
-    let out = Command::new(bazel)
-        .current_dir(&workspace)
-        .arg("--nohome_rc")
-        .arg(format!("--output_user_root={}", root.join("user-root").display()))
-        .arg(format!("--output_base={}", output_base.display()))
-        .args(["--batch", "--host_jvm_args=-Xmx512m", "build"])
-        .args(["--spawn_strategy=local", "--incompatible_strict_action_env", "--symlink_prefix=/", "--noshow_progress"])
-        .args(["--color=no", "--curses=no", "--remote_timeout=30", "--remote_retries=0"])
-        .args(cache)
-        .arg("//:all")
-        .env("HOME", root)
-        .output()
-        .expect("running bazel");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "bazel build failed:\n{stderr}");
-    let summary = stderr
-        .lines()
-        .find(|l| l.contains(" processes: ") || l.contains(" process: "))
-        .unwrap_or_else(|| panic!("no process summary in Bazel's output:\n{stderr}"))
-        .to_string();
-    let bin = output_base.join("execroot/flywheel_bazel_test/bazel-out/k8-fastbuild/bin");
-    let outputs = OUTPUTS.iter().map(|name| std::fs::read(bin.join(name)).unwrap()).collect();
-    Build { summary, outputs }
-}
-
-/// The number before `what` in a summary such as `7 processes: 6 remote cache hit, 1 internal.`
-fn count(summary: &str, what: &str) -> usize {
-    let (_, parts) = summary.split_once(": ").unwrap();
-    let parts = parts.split_once(": ").map_or(parts, |(_, p)| p);
-    parts
-        .trim_end_matches('.')
-        .split(", ")
-        .find_map(|part| part.strip_suffix(what).and_then(|n| n.trim().parse().ok()))
-        .unwrap_or(0)
+fn build(bazel: &Path, root: &Path, base: &str, flags: &[String]) -> (String, Vec<Vec<u8>>) {
+    let flags: Vec<String> = flags.iter().cloned().chain(["--remote_timeout=30".into(), "--remote_retries=0".into()]).collect();
+    let run = common::bazel::build(bazel, root, base, &flags);
+    (run.summary, common::bazel::outputs(root, base, &OUTPUTS))
 }
 
 fn cold_then_cached(bazel: &Path, root: &Path, cache: Vec<String>) {
-    let cold = bazel_build(bazel, root, "cold", &cache);
-    assert_eq!(count(&cold.summary, "remote cache hit"), 0, "{}", cold.summary);
-    assert_eq!(count(&cold.summary, "local"), ACTIONS, "{}", cold.summary);
-    let cached = bazel_build(bazel, root, "cached", &cache);
-    assert_eq!(count(&cached.summary, "remote cache hit"), ACTIONS, "{}", cached.summary);
-    assert_eq!(count(&cached.summary, "local"), 0, "no action may run: {}", cached.summary);
-    assert!(cold.outputs == cached.outputs, "cached outputs differ from built ones");
-    assert_eq!(cached.outputs[2].len(), 2 << 20);
+    let (cold, cold_outputs) = build(bazel, root, "cold", &cache);
+    assert_eq!(count(&cold, "remote cache hit"), 0, "{cold}");
+    assert_eq!(count(&cold, "local"), ACTIONS, "{cold}");
+    let (cached, cached_outputs) = build(bazel, root, "cached", &cache);
+    assert_eq!(count(&cached, "remote cache hit"), ACTIONS, "{cached}");
+    assert_eq!(count(&cached, "local"), 0, "no action may run: {cached}");
+    assert!(cold_outputs == cached_outputs, "cached outputs differ from built ones");
+    assert_eq!(cached_outputs[2].len(), 2 << 20);
 }
 
 fn bazel_against(backend: Backend) {
@@ -113,7 +65,7 @@ fn bazel_against(backend: Backend) {
 
     // A token that may only pull: Bazel reads the hits and uploads nothing.
     let reader = server.mint(&["--pull", "bazel-*"]);
-    let read_only = bazel_build(
+    let (read_only, _) = build(
         &bazel,
         &dir.path().join("read-only"),
         "ro",
@@ -124,7 +76,7 @@ fn bazel_against(backend: Backend) {
             "--noremote_upload_local_results".into(),
         ],
     );
-    assert_eq!(count(&read_only.summary, "remote cache hit"), ACTIONS, "{}", read_only.summary);
+    assert_eq!(count(&read_only, "remote cache hit"), ACTIONS, "{read_only}");
 }
 
 #[test]

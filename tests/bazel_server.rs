@@ -461,13 +461,7 @@ fn gc_keeps_blobs_and_expires_them(backend: Backend) {
     let client = reqwest::blocking::Client::new();
     for (cache, seconds) in [("keep", 86_400), ("short", 3600)] {
         server.create_cache(cache, false);
-        let resp = client
-            .patch(format!("{}/_api/v1/cache-config/{cache}", server.url))
-            .bearer_auth(&admin)
-            .json(&serde_json::json!({"retention_period": {"Period": seconds}}))
-            .send()
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
+        server.set_retention(cache, seconds);
     }
     let big = blob(40, 2_000_000);
     let small = blob(41, 900);

@@ -160,13 +160,7 @@ fn logs_expire_with_retention(version: NixVersion, backend: Backend) {
     let client = Client::new();
     for (cache, seconds) in [("short", 1), ("long", 86_400)] {
         server.create_cache(cache, false);
-        let resp = client
-            .patch(format!("{}/_api/v1/cache-config/{cache}", server.url))
-            .bearer_auth(&admin)
-            .json(&serde_json::json!({"retention_period": {"Period": seconds}}))
-            .send()
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "{}", resp.text().unwrap());
+        server.set_retention(cache, seconds);
     }
     let src = nix.store("src");
     let seed = common::unique_seed("retained");

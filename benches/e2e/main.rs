@@ -12,6 +12,7 @@ mod common_fuse;
 mod substituter_common;
 
 mod attic;
+mod bazel;
 mod compression;
 mod fuse;
 mod job;
@@ -37,6 +38,7 @@ use server::server_section;
 use substituter::substituter_section;
 use tfstate::tfstate_section;
 use attic::Attic;
+use bazel::bazel_section;
 use support::*;
 
 const RUNS: usize = 3;
@@ -62,7 +64,7 @@ fn main() {
         header: format!(
             "# Benchmarks\n\nWritten by `./scripts/bench.sh` (`cargo bench --bench e2e`) on {} cores. Each section names the \
              commit it was measured at and the load average when the run started: `./scripts/bench.sh SECTION` measures only \
-             the sections whose names contain SECTION (server, compression, lazy, job, load, fuse, substituter, tfstate) and keeps the others. \
+             the sections whose names contain SECTION (server, compression, lazy, job, load, fuse, substituter, tfstate, bazel) and keeps the others. \
              Medians of several runs; ratios compare figures taken in the same run.\n\
              Per-function figures come from `cargo bench -p flywheel-core` (criterion).\n",
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -71,7 +73,7 @@ fn main() {
         sections: Vec::new(),
     };
     type Section = fn(&mut Report, &Path);
-    let sections: [(&str, Section); 8] = [
+    let sections: [(&str, Section); 9] = [
         ("server", server_section),
         ("compression", compression_section),
         ("lazy", lazy_section),
@@ -80,6 +82,7 @@ fn main() {
         ("fuse", fuse_section),
         ("substituter", substituter_section),
         ("tfstate", tfstate_section),
+        ("bazel", bazel_section),
     ];
     for (name, run) in sections {
         if wants(name) {

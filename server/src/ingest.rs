@@ -283,6 +283,19 @@ impl IngestedBlob {
     }
 }
 
+/// An upload read and its chunks stored.
+struct UploadRead<T> {
+    /// What the reader made of the bytes (a parsed NAR, a length).
+    consumed: T,
+    sha256: Sha256Hash,
+    chunks: Vec<ChunkRef>,
+    stats: IngestStats,
+    /// Stale chunks written again (see [`Ingested`]).
+    refreshed: Vec<ChunkHash>,
+    /// When the upload began, on the storage's clock.
+    started: u64,
+}
+
 /// What storing one chunk did.
 enum Stored {
     /// It was new; this many compressed bytes were written.
@@ -370,23 +383,8 @@ impl Ingester {
         body: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
         compression: Compression,
     ) -> Result<Ingested> {
-        // A client that sends headers and then nothing must not hold a reader: the slot is
-        // taken once the body's first bytes are here (a stalled body ends at the connection's
-        // body timeout).
-        let mut body = Box::pin(body);
-        let first = body.next().await;
-        let slot = self.reader_slot().await?;
-        let body = futures::stream::iter(first).chain(body);
-        let (chunk_tx, chunk_rx) = mpsc::channel::<(ChunkHash, Vec<u8>)>(self.parallelism);
-        let started = self.storage.clock().now_ms();
-        let reusable_after = self.window.reusable_after();
-        let reader = spawn_nar_reader(body, compression, Some((self.params, chunk_tx)), slot);
-        let (refs, stats, refreshed, store_error) = self.store_chunks(chunk_rx, reusable_after).await;
-        let read = reader.await.map_err(join_error).and_then(|r| r);
-        let (parsed, nar_hash) = match (store_error, read) {
-            (Some(err), _) | (None, Err(err)) => return Err(err),
-            (None, Ok(read)) => read,
-        };
+        let read = self.read_and_store(body, compression, |tee| nar::parse(tee)).await?;
+        let UploadRead { consumed: parsed, sha256: nar_hash, chunks: refs, stats, refreshed, started } = read;
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             nar_hash,
@@ -399,6 +397,33 @@ impl Ingester {
         }
         self.metrics.nar_bytes_in.fetch_add(manifest.nar_size, std::sync::atomic::Ordering::Relaxed);
         Ok(Ingested { manifest, stats, refreshed, started, window: self.window.clone(), storage: self.storage.clone() })
+    }
+
+    /// Reads an upload from `body` through `consume` (on a blocking thread, which the reader
+    /// slots bound), hashing it and storing the chunks it is cut into.
+    async fn read_and_store<T: Send + 'static>(
+        &self,
+        body: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
+        compression: Compression,
+        consume: impl FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
+    ) -> Result<UploadRead<T>> {
+        // A client that sends headers and then nothing must not hold a reader: the slot is
+        // taken once the body's first bytes are here (a stalled body ends at the connection's
+        // body timeout).
+        let mut body = Box::pin(body);
+        let first = body.next().await;
+        let slot = self.reader_slot().await?;
+        let body = futures::stream::iter(first).chain(body);
+        let (chunk_tx, chunk_rx) = mpsc::channel::<(ChunkHash, Vec<u8>)>(self.parallelism);
+        let started = self.storage.clock().now_ms();
+        let reusable_after = self.window.reusable_after();
+        let reader = spawn_reader(body, compression, Some((self.params, chunk_tx)), slot, consume);
+        let (chunks, stats, refreshed, store_error) = self.store_chunks(chunk_rx, reusable_after).await;
+        let read = reader.await.map_err(join_error).and_then(|r| r);
+        match (store_error, read) {
+            (Some(err), _) | (None, Err(err)) => Err(err),
+            (None, Ok((consumed, sha256))) => Ok(UploadRead { consumed, sha256, chunks, stats, refreshed, started }),
+        }
     }
 
     /// Stores the chunks a reader cuts, in parallel and in order, until the reader is done or
@@ -453,26 +478,16 @@ impl Ingester {
         compression: Compression,
         limit: u64,
     ) -> Result<IngestedBlob> {
-        let mut body = Box::pin(body);
-        let first = body.next().await;
-        let slot = self.reader_slot().await?;
-        let body = futures::stream::iter(first).chain(body);
-        let (chunk_tx, chunk_rx) = mpsc::channel::<(ChunkHash, Vec<u8>)>(self.parallelism);
-        let started = self.storage.clock().now_ms();
-        let reusable_after = self.window.reusable_after();
-        let reader = spawn_reader(body, compression, Some((self.params, chunk_tx)), slot, move |tee| {
-            let copied = io::copy(&mut tee.take(limit + 1), &mut io::sink())?;
-            if copied > limit {
-                return Err(Error::invalid(format!("the blob is longer than {limit} bytes")));
-            }
-            Ok(copied)
-        });
-        let (chunks, stats, refreshed, store_error) = self.store_chunks(chunk_rx, reusable_after).await;
-        let read = reader.await.map_err(join_error).and_then(|r| r);
-        let (size, sha256) = match (store_error, read) {
-            (Some(err), _) | (None, Err(err)) => return Err(err),
-            (None, Ok(read)) => read,
-        };
+        let read = self
+            .read_and_store(body, compression, move |tee| {
+                let copied = io::copy(&mut tee.take(limit + 1), &mut io::sink())?;
+                if copied > limit {
+                    return Err(Error::invalid(format!("the blob is longer than {limit} bytes")));
+                }
+                Ok(copied)
+            })
+            .await?;
+        let UploadRead { consumed: size, sha256, chunks, stats, refreshed, started } = read;
         Ok(IngestedBlob { chunks, size, sha256, stats, refreshed, started, window: self.window.clone(), storage: self.storage.clone() })
     }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest;
 
+pub mod bazel;
 pub mod faults;
 pub mod load;
 #[path = "external_s3.rs"]
@@ -567,6 +568,17 @@ impl Server {
             .json()
             .unwrap();
         config["public_key"].as_str().unwrap().to_string()
+    }
+
+    /// Sets a cache's retention period, in seconds.
+    pub fn set_retention(&self, cache: &str, seconds: u64) {
+        let resp = reqwest::blocking::Client::new()
+            .patch(format!("{}/_api/v1/cache-config/{cache}", self.url))
+            .bearer_auth(self.admin_token())
+            .json(&serde_json::json!({"retention_period": {"Period": seconds}}))
+            .send()
+            .unwrap();
+        assert!(resp.status().is_success(), "setting the retention of {cache}: {}", resp.text().unwrap());
     }
 
     /// A netrc file holding `token` for 127.0.0.1.

@@ -393,12 +393,7 @@ impl BazelStore {
         let Some(record) = self.read_record(cache, &digest).await? else { return Ok(None) };
         match record {
             BlobRecord::Inline { size, frame } => {
-                let data = zstd::bulk::decompress(&frame, size as usize)
-                    .map_err(|e| Error::corrupt(format!("blob {digest} in cache {cache}: {e}")))?;
-                let sha: [u8; 32] = Sha256::digest(&data).into();
-                if sha != digest.sha256 {
-                    return Err(Error::corrupt(format!("blob {digest} in cache {cache} does not hash to its name")));
-                }
+                inline_verified(&frame, size, &digest, cache)?;
                 Ok(Some(Box::pin(futures::stream::once(async move { Ok(frame) }))))
             }
             BlobRecord::Chunks { chunks, .. } => {
@@ -426,22 +421,32 @@ impl BazelStore {
             return Ok(Some(Box::pin(futures::stream::empty())));
         }
         let Some(record) = self.read_record(cache, &digest).await? else { return Ok(None) };
+        self.stream_record(cache, digest, record).await.map(Some)
+    }
+
+    /// [`BazelStore::read_blob`] by hash alone (Bazel's HTTP protocol names blobs so), with
+    /// the blob's full digest.
+    pub async fn read_blob_by_hash(&self, cache: &str, sha256: &[u8; 32]) -> Result<Option<(BlobDigest, BlobStream)>> {
+        if *sha256 == EMPTY_SHA256 {
+            return Ok(Some((BlobDigest { sha256: *sha256, size: 0 }, Box::pin(futures::stream::empty()))));
+        }
+        let Some(record) = self.read_record_by_hash(cache, sha256).await? else { return Ok(None) };
+        let digest = BlobDigest { sha256: *sha256, size: record.size() };
+        Ok(Some((digest, self.stream_record(cache, digest, record).await?)))
+    }
+
+    async fn stream_record(&self, cache: &str, digest: BlobDigest, record: BlobRecord) -> Result<BlobStream> {
         match record {
             BlobRecord::Inline { size, frame } => {
-                let data = zstd::bulk::decompress(&frame, size as usize)
-                    .map_err(|e| Error::corrupt(format!("blob {digest} in cache {cache}: {e}")))?;
-                let sha: [u8; 32] = Sha256::digest(&data).into();
-                if sha != digest.sha256 {
-                    return Err(Error::corrupt(format!("blob {digest} in cache {cache} does not hash to its name")));
-                }
-                Ok(Some(Box::pin(futures::stream::once(async move { Ok(Bytes::from(data)) }))))
+                let data = Bytes::from(inline_verified(&frame, size, &digest, cache)?);
+                Ok(Box::pin(futures::stream::once(async move { Ok(data) })))
             }
             BlobRecord::Chunks { chunks, .. } => {
                 self.verified
                     .check(&self.storage, &Sha256Hash(digest.sha256), &chunks, self.parallelism)
                     .await?;
                 let data = first_item_in(self.reader.chunks(chunks)).await?;
-                Ok(Some(Box::pin(hashed(data.map(|item| item.map(|(_, data)| data)), digest))))
+                Ok(Box::pin(hashed(data.map(|item| item.map(|(_, data)| data)), digest)))
             }
         }
     }
@@ -530,6 +535,18 @@ impl BazelStore {
         parsed.dedup();
         Ok(self.has_blobs(cache, &parsed).await?.into_iter().all(|present| present))
     }
+}
+
+/// The blob an inline record holds, once it decompresses to `size` bytes that hash to
+/// `digest`.
+fn inline_verified(frame: &[u8], size: u64, digest: &BlobDigest, cache: &str) -> Result<Vec<u8>> {
+    let data = zstd::bulk::decompress(frame, size as usize)
+        .map_err(|e| Error::corrupt(format!("blob {digest} in cache {cache}: {e}")))?;
+    let sha: [u8; 32] = Sha256::digest(&data).into();
+    if sha != digest.sha256 || data.len() as u64 != size {
+        return Err(Error::corrupt(format!("blob {digest} in cache {cache} does not hash to its name")));
+    }
+    Ok(data)
 }
 
 /// Reads a body of at most `size` bytes whole; a longer one is refused.

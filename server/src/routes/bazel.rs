@@ -75,11 +75,7 @@ pub async fn get_cas(
     ApiPath((_, hash)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let sha256 = parse_sha256(&hash)?;
-    let found = match state.bazel.digest_of(&access.name, &sha256).await? {
-        Some(digest) => state.bazel.read_blob(&access.name, digest).await?.map(|stream| (digest, stream)),
-        None => None,
-    };
-    let Some((digest, stream)) = found else {
+    let Some((digest, stream)) = state.bazel.read_blob_by_hash(&access.name, &sha256).await? else {
         count(&state, Counter::CasMiss, 1);
         return Err(Error::not_found(format!("blob {hash} is not in the cache")).into());
     };
