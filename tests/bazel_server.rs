@@ -276,6 +276,8 @@ fn grpc_protocol(backend: Backend) {
         let over_d = digest(&over);
         let refused = grpc.write(&rw, &format!("bzl/uploads/u7/blobs/{}/{}", over_d.hash, over_d.size_bytes), &over, 0, true).await;
         assert_eq!(refused.unwrap_err().code(), Code::InvalidArgument);
+        let codes = grpc.batch_upload("bzl", &rw, &[(over_d.clone(), over.clone())]).await.unwrap();
+        assert_eq!(codes, vec![Code::InvalidArgument as i32], "a batch upload over the limit");
         assert_eq!(grpc.missing("bzl", &rw, std::slice::from_ref(&over_d)).await.unwrap(), vec![over_d.clone()]);
         // Pull-only tokens cannot write through ByteStream either.
         let ro_name = format!("bzl/uploads/u8/blobs/{}/{}", small_d.hash, small_d.size_bytes);
