@@ -56,6 +56,7 @@ command -v nix-store >/dev/null || missing+=(nix-bin)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 command -v xz >/dev/null || missing+=(xz-utils)
 command -v curl >/dev/null || missing+=(curl)
+command -v bazel >/dev/null || missing+=(bazel-bootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   apt-get update -qq
@@ -89,6 +90,10 @@ PLAIN_TESTS=(
   # State locks by conditional create against RustFS (locking = "auto"), and real Terraform.
   tfstate_server:protocol_s3 tfstate_server:lock_race_between_replicas_s3
   tfstate_terraform:terraform_s3
+  # The Bazel cache over both protocols, and real Bazel (gc_keeps_blobs_and_expires_them_s3
+  # ages records by editing s3s-fs's files, so it stays out).
+  bazel_server:grpc_protocol_s3 bazel_server:http_protocol_s3 bazel_server:many_clients_s3
+  bazel_client:bazel_builds_from_the_cache_s3
   hardening_scope:cross_cache_reads_and_publishes_are_refused_s3
   # Faults injected by a proxy between the server and RustFS.
   hardening_faults:retries_ride_out_throttling_errors_and_resets
