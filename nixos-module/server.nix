@@ -221,7 +221,7 @@ in
           "The cache that gRPC requests without `--remote_instance_name` use (`bazel.default-instance`); null: such requests are refused.";
         max-blob-size = option (types.ints.between 1 1099511627776) 4294967296
           "Largest Bazel CAS blob accepted, in bytes (`bazel.max-blob-size`).";
-        max-action-result-size = option (types.ints.between 1 67108864) 4194304
+        max-action-result-size = option (types.ints.between 1 7340032) 4194304
           "Largest Bazel action result accepted, in bytes (`bazel.max-action-result-size`).";
         max-connections = option (types.ints.between 1 1000000) 4096
           "gRPC connections served at once (`bazel.max-connections`); one more is closed as soon as it is accepted.";

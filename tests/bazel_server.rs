@@ -190,6 +190,12 @@ fn grpc_protocol(backend: Backend) {
         assert_eq!(cache_caps.digest_functions, vec![1]);
         assert!(cache_caps.supported_compressors.contains(&1));
         assert!(cache_caps.action_cache_update_capabilities.unwrap().update_enabled);
+        let read_only_caps = CapabilitiesClient::new(grpc.channel.clone())
+            .get_capabilities(req(GetCapabilitiesRequest { instance_name: "bzl".into() }, &ro))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!read_only_caps.cache_capabilities.unwrap().action_cache_update_capabilities.unwrap().update_enabled);
 
         // Who may do what.
         let small = blob(1, 1000);
@@ -253,8 +259,13 @@ fn grpc_protocol(backend: Backend) {
         let zname = format!("bzl/uploads/u2/compressed-blobs/zstd/{}/{}", z_d.hash, z_d.size_bytes);
         grpc.write(&rw, &zname, &compressed, 0, true).await.unwrap();
         assert_eq!(grpc.read(&ro, &format!("bzl/blobs/{}/{}", z_d.hash, z_d.size_bytes), 0, 0).await.unwrap(), z);
-        let sent = grpc.read(&ro, &format!("bzl/compressed-blobs/zstd/{}/{}", z_d.hash, z_d.size_bytes), 0, 0).await.unwrap();
+        let zread = format!("bzl/compressed-blobs/zstd/{}/{}", z_d.hash, z_d.size_bytes);
+        let sent = grpc.read(&ro, &zread, 0, 0).await.unwrap();
         assert_eq!(zstd::decode_all(&sent[..]).unwrap(), z);
+        // A resumed compressed read: the offset counts uncompressed bytes; a limit is refused.
+        let rest = grpc.read(&ro, &zread, 100_000, 0).await.unwrap();
+        assert_eq!(zstd::decode_all(&rest[..]).unwrap(), &z[100_000..]);
+        assert_eq!(grpc.read(&ro, &zread, 0, 10).await.unwrap_err().code(), Code::InvalidArgument);
         // A small blob compressed, and a compressed blob that is not what it claims.
         let s2 = blob(6, 3000);
         let s2_d = digest(&s2);
@@ -456,7 +467,8 @@ fn many_clients(backend: Backend) {
 
 /// Garbage collection keeps the chunks of Bazel blobs (with no grace period, so only the
 /// blob records keep them), and expires a cache's records once they are older than its
-/// retention period (aged here by their objects' modification times).
+/// retention period (aged here by their objects' modification times) unless a use refreshed
+/// them.
 fn gc_keeps_blobs_and_expires_them(backend: Backend) {
     let server = Server::start_with(backend, "[gc]\ninterval = 0\ngrace-period = 0\n");
     let admin = server.admin_token();
@@ -489,15 +501,77 @@ fn gc_keeps_blobs_and_expires_them(backend: Backend) {
             file.set_modified(two_hours_ago).unwrap();
         }
     }
-    let report = server.gc(&[]);
-    assert!(report.contains("3 Bazel records"), "{report}");
     let get = |cache: &str, kind: &str, hash: &str| client.get(format!("{}/{cache}/{kind}/{hash}", server.url)).bearer_auth(&admin).send().unwrap();
+    // A hit of the action refreshes it and the output it names, past half the retention
+    // period; the big blob, which nothing used, is left to expire.
+    assert_eq!(get("short", "ac", &action).status(), StatusCode::OK);
+    let report = server.gc(&[]);
+    assert!(report.contains(" 1 Bazel records"), "{report}");
     assert_eq!(get("keep", "cas", &digest(&big).hash).bytes().unwrap().as_ref(), &big[..]);
     assert_eq!(get("keep", "cas", &digest(&small).hash).bytes().unwrap().as_ref(), &small[..]);
     assert_eq!(get("keep", "ac", &action).status(), StatusCode::OK);
-    for (kind, hash) in [("cas", digest(&big).hash), ("cas", digest(&small).hash), ("ac", action.clone())] {
+    assert_eq!(get("short", "cas", &digest(&big).hash).status(), StatusCode::NOT_FOUND);
+    assert_eq!(get("short", "cas", &digest(&small).hash).bytes().unwrap().as_ref(), &small[..]);
+    assert_eq!(get("short", "ac", &action).status(), StatusCode::OK);
+    // Aged again and unused, everything goes.
+    for dir in ["cas", "ac"] {
+        for entry in std::fs::read_dir(records.join(dir)).unwrap() {
+            let file = std::fs::File::options().write(true).open(entry.unwrap().path()).unwrap();
+            file.set_modified(two_hours_ago).unwrap();
+        }
+    }
+    let report = server.gc(&[]);
+    assert!(report.contains(" 2 Bazel records"), "{report}");
+    for (kind, hash) in [("cas", digest(&small).hash), ("ac", action.clone())] {
         assert_eq!(get("short", kind, &hash).status(), StatusCode::NOT_FOUND, "{kind} {hash}");
     }
+}
+
+/// A blob whose chunk is gone from storage: its read is a miss (not an error Bazel would stop
+/// on), the blob is taken out of the cache, an action result naming it is a miss, and a new
+/// upload repairs it.
+fn damaged_blobs_heal(backend: Backend) {
+    let (server, port) = start(backend);
+    let rw = server.mint(&["--pull", "bzl", "--push", "bzl"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let big = blob(50, 1_200_000);
+    let big_d = digest(&big);
+    let action = digest(b"damaged action");
+    runtime.block_on(async {
+        let grpc = Grpc::connect(port).await;
+        grpc.write(&rw, &format!("bzl/uploads/d1/blobs/{}/{}", big_d.hash, big_d.size_bytes), &big, 0, true).await.unwrap();
+        let result = ActionResult {
+            output_files: vec![OutputFile { path: "o".into(), digest: Some(big_d.clone()), ..Default::default() }],
+            ..Default::default()
+        };
+        grpc.update_ac("bzl", &rw, &action, &result).await.unwrap();
+        assert!(grpc.get_ac("bzl", &rw, &action).await.is_ok());
+    });
+    // Take one of its chunks out of storage (the record lists them after a 17-byte head).
+    let record = std::fs::read(server.objects.join(format!("caches/bzl/bazel/cas/{}", big_d.hash))).unwrap();
+    let chunk = hex::encode(&record[17 + 36..17 + 36 + 32]);
+    std::fs::remove_file(server.objects.join(format!("chunks/{}/{chunk}", &chunk[..2]))).unwrap();
+    runtime.block_on(async {
+        let grpc = Grpc::connect(port).await;
+        let name = format!("bzl/blobs/{}/{}", big_d.hash, big_d.size_bytes);
+        assert_eq!(grpc.read(&rw, &name, 0, 0).await.unwrap_err().code(), Code::NotFound);
+        assert_eq!(grpc.missing("bzl", &rw, std::slice::from_ref(&big_d)).await.unwrap(), vec![big_d.clone()]);
+        assert_eq!(grpc.get_ac("bzl", &rw, &action).await.unwrap_err().code(), Code::NotFound);
+        // Bazel uploads it again: whole again, and the action hits again.
+        grpc.write(&rw, &format!("bzl/uploads/d2/blobs/{}/{}", big_d.hash, big_d.size_bytes), &big, 0, true).await.unwrap();
+        assert_eq!(grpc.read(&rw, &name, 0, 0).await.unwrap(), big);
+        assert!(grpc.get_ac("bzl", &rw, &action).await.is_ok());
+    });
+}
+
+#[test]
+fn damaged_blobs_heal_local() {
+    damaged_blobs_heal(Backend::Local);
+}
+
+#[test]
+fn damaged_blobs_heal_s3() {
+    damaged_blobs_heal(Backend::S3);
 }
 
 #[test]
@@ -514,22 +588,38 @@ fn gc_keeps_blobs_and_expires_them_s3() {
 /// the others once `limits.header-read-timeout` passes without a byte; then clients are served.
 #[test]
 fn silent_grpc_connections_are_dropped() {
-    use std::io::Read;
+    use std::io::{Read, Write};
     let port = common::free_port();
     let server = Server::start_with(
         Backend::Local,
-        &format!("[limits]\nheader-read-timeout = 3\n[bazel]\ngrpc-listen = \"127.0.0.1:{port}\"\nmax-connections = 4\n"),
+        &format!("[limits]\nheader-read-timeout = 10\n[bazel]\ngrpc-listen = \"127.0.0.1:{port}\"\nmax-connections = 4\n"),
     );
     server.create_cache("bzl", false);
     let token = server.mint(&["--pull", "bzl"]);
     let silent: Vec<std::net::TcpStream> = (0..4).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
     // The listen backlog is first in, first out: the server accepts the four before the fifth.
     let mut fifth = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    fifth.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
-    assert_eq!(fifth.read(&mut [0u8; 16]).map_err(|e| e.kind()), Ok(0), "the fifth connection is closed at once");
-    // The four are still open now, and closed once the deadline passes.
+    fifth.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    assert_eq!(fifth.read(&mut [0u8; 16]).map_err(|e| e.kind()), Ok(0), "the fifth connection is closed");
+    // Closed by the limit, not the silence: the four are still open then.
+    for socket in &silent {
+        socket.set_nonblocking(true).unwrap();
+        // The server may have sent its HTTP/2 settings already; open means no end of stream.
+        let mut buf = [0u8; 256];
+        let open = loop {
+            match (&*socket).read(&mut buf) {
+                Ok(0) => break false,
+                Ok(_) => continue,
+                Err(e) => break e.kind() == std::io::ErrorKind::WouldBlock,
+            }
+        };
+        assert!(open, "a silent connection was closed before the fifth");
+        socket.set_nonblocking(false).unwrap();
+    }
+    // One byte is not the HTTP/2 preface: such a connection goes too once the deadline passes.
+    (&silent[0]).write_all(b"P").unwrap();
     for mut socket in silent {
-        socket.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        socket.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
         let mut buf = [0u8; 64];
         loop {
             match socket.read(&mut buf) {

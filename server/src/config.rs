@@ -305,10 +305,10 @@ impl BazelConfig {
         if self.max_blob_size == 0 || self.max_blob_size > 1 << 40 {
             anyhow::bail!("bazel.max-blob-size must be between 1 byte and 1 TiB, not {}", self.max_blob_size);
         }
-        // Action results are read whole and decoded in memory.
-        if self.max_action_result_size == 0 || self.max_action_result_size > 64 << 20 {
+        // Action results are read whole, and go out in one gRPC message.
+        if self.max_action_result_size == 0 || self.max_action_result_size > 7 << 20 {
             anyhow::bail!(
-                "bazel.max-action-result-size must be between 1 byte and 64 MiB, not {}",
+                "bazel.max-action-result-size must be between 1 byte and 7 MiB (one gRPC message), not {}",
                 self.max_action_result_size
             );
         }

@@ -226,10 +226,11 @@ async fn handle(
     Ok(response.map(|body| GuardedBody { inner: body, _in_flight: in_flight }))
 }
 
-/// Whether `path` is a NAR download (`/{cache}/nar/{file}`), whose answer starts only once all
-/// of its chunks are checked, which takes as long as the NAR is big.
+/// Whether `path` is a NAR or Bazel blob download (`/{cache}/nar/{file}`,
+/// `/{cache}/cas/{sha256}`), whose answer starts only once all of its chunks are checked, which
+/// takes as long as the NAR or blob is big.
 fn is_nar_download(path: &str) -> bool {
-    path.trim_start_matches('/').split('/').nth(1) == Some("nar")
+    matches!(path.trim_start_matches('/').split('/').nth(1), Some("nar" | "cas"))
 }
 
 /// What the watchdog of a connection knows about it.

@@ -331,9 +331,36 @@ async fn mark_bazel(
     };
     for store in [Store::Ac, Store::Cas] {
         let prefix = records_prefix(&cache.name, store);
-        let records = report.listed(storage.list_objects(&prefix).await, || format!("cache {}: Bazel records", cache.name));
+        let records = match storage.list_objects(&prefix).await {
+            Ok(records) => records,
+            Err(err) => {
+                report.problem(format!("cache {}: Bazel records unlisted, so no chunk is deleted: {err}", cache.name));
+                if store == Store::Cas {
+                    report.chunks_sweep_skipped = true;
+                }
+                continue;
+            }
+        };
         for meta in records {
             if expired(&meta) {
+                // Written again since the listing (an upload, or a refresh of a record in
+                // use): it stays.
+                match storage.object_store().head(&meta.location).await {
+                    // Compared in whole seconds: S3 lists times in milliseconds, but a HEAD
+                    // answers them in seconds.
+                    Ok(now) if modified_ms(&now) / 1000 > modified_ms(&meta) / 1000 => {
+                        if store == Store::Cas {
+                            if let Ok(Some(bytes)) = storage.get_object(&meta.location).await {
+                                if let Ok(record) = BlobRecord::decode(&bytes) {
+                                    live.extend(record.chunks().iter().map(|c| c.hash));
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    Err(object_store::Error::NotFound { .. }) => continue,
+                    _ => {}
+                }
                 if !dry_run {
                     if let Err(err) = storage.delete_object(&meta.location).await {
                         report.problem(format!("{}: {err}", meta.location));
@@ -349,8 +376,15 @@ async fn mark_bazel(
                 Ok(Some(bytes)) => match BlobRecord::decode(&bytes) {
                     Ok(record) => live.extend(record.chunks().iter().map(|c| c.hash)),
                     Err(err) => {
-                        // A damaged record names no chunk anyone can read through it.
-                        report.problem(format!("{}: {err}", meta.location));
+                        // A damaged record names no chunk anyone can read through it; taken
+                        // out, the blob reads as missing and the next upload repairs it.
+                        report.problem(format!("{}: {err}; deleted", meta.location));
+                        if !dry_run {
+                            if let Err(err) = storage.delete_object(&meta.location).await {
+                                report.problem(format!("{}: {err}", meta.location));
+                            }
+                        }
+                        report.bazel_records_deleted += 1;
                     }
                 },
                 Ok(None) => {}

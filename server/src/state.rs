@@ -295,6 +295,7 @@ impl AppState {
             config.zstd_level,
             config.chunk_parallelism,
             config.bazel.clone(),
+            config.gc.default_retention_period,
         );
         Ok(AppState {
             bazel,

@@ -44,14 +44,18 @@ use crate::ingest::Compression;
 use crate::routes::{authorize, Caller};
 use crate::state::AppState;
 
-/// Largest gRPC message, either way: a batch of [`MAX_BATCH_BYTES`] plus its framing.
-const MAX_MESSAGE: usize = 8 << 20;
+/// Largest gRPC message, either way: a batch of [`MAX_BATCH_BYTES`] plus its framing, or the
+/// largest action result (`bazel.max-action-result-size` is bounded below it).
+pub const MAX_MESSAGE: usize = 8 << 20;
 
 /// Bytes of blobs one batch request may carry or ask for (announced in the capabilities).
 pub const MAX_BATCH_BYTES: u64 = 4 << 20;
 
 /// Digests one request may name.
 const MAX_DIGESTS: usize = 100_000;
+
+/// Blobs one batch may carry or ask for: each is a storage request, done one after another.
+const MAX_BATCH_BLOBS: usize = 4096;
 
 /// How long the part of a broken ByteStream write is kept for its resumption.
 pub const PARTIAL_WRITE_TTL: Duration = Duration::from_secs(600);
@@ -66,15 +70,30 @@ const READ_PIECE: usize = 1 << 20;
 #[derive(Clone)]
 pub struct BazelGrpc {
     state: AppState,
-    partial: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<PartialWrite>>>>>,
+    partial: Arc<Mutex<HashMap<String, PartialEntry>>>,
 }
 
 /// What a broken write sent so far.
 struct PartialWrite {
     file: Option<tokio::fs::File>,
-    committed: u64,
+    /// Bytes in `file` that count; shared with the table, so that QueryWriteStatus answers
+    /// without waiting for a write in progress.
+    committed: Arc<std::sync::atomic::AtomicU64>,
     touched: Instant,
 }
+
+impl PartialWrite {
+    fn committed(&self) -> u64 {
+        self.committed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_committed(&self, value: u64) {
+        self.committed.store(value, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A partial write in the table: the write itself, and its committed length.
+type PartialEntry = (Arc<tokio::sync::Mutex<PartialWrite>>, Arc<std::sync::atomic::AtomicU64>);
 
 /// A gRPC status for an error; internal details stay in the log.
 pub fn status(err: Error) -> Status {
@@ -120,7 +139,7 @@ impl BazelGrpc {
     }
 
     /// The cache an instance name stands for, once the caller may `need` on it.
-    async fn cache<T>(&self, request: &Request<T>, instance: &str, need: Need) -> Result<String, Status> {
+    async fn cache<T>(&self, request: &Request<T>, instance: &str, need: Need) -> Result<(String, Option<Duration>), Status> {
         let cache = if instance.is_empty() {
             self.state.bazel.config.default_instance.clone().ok_or_else(|| {
                 Status::invalid_argument("no instance name: set --remote_instance_name to the cache's name (no bazel.default-instance is configured)")
@@ -134,8 +153,9 @@ impl BazelGrpc {
             Need::Pull => ("pull", |p| p.pull),
             Need::Push => ("push", |p| p.push),
         };
-        authorize(&self.state, &caller, &cache, what, granted).await.map_err(|e| status(e.into_error()))?;
-        Ok(cache)
+        let record = authorize(&self.state, &caller, &cache, what, granted).await.map_err(|e| status(e.into_error()))?;
+        let refresh_after = self.state.bazel.refresh_after(&record);
+        Ok((cache, refresh_after))
     }
 
     fn count(&self, counter: Counter, n: u64) {
@@ -186,11 +206,14 @@ impl Capabilities for BazelGrpc {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name))]
     async fn get_capabilities(&self, request: Request<GetCapabilitiesRequest>) -> Result<Response<ServerCapabilities>, Status> {
         self.cache(&request, &request.get_ref().instance_name, Need::Pull).await?;
+        // Updates are announced only to callers who may push: Bazel then tells a pull-only
+        // user to pass --noremote_upload_local_results instead of failing each upload.
+        let may_push = self.cache(&request, &request.get_ref().instance_name, Need::Push).await.is_ok();
         let version = |minor| Some(SemVer { major: 2, minor, patch: 0, prerelease: String::new() });
         Ok(Response::new(ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
                 digest_functions: vec![digest_function::Value::Sha256 as i32],
-                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities { update_enabled: true }),
+                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities { update_enabled: may_push }),
                 cache_priority_capabilities: None,
                 max_batch_total_size_bytes: MAX_BATCH_BYTES as i64,
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
@@ -215,11 +238,11 @@ impl ActionCache for BazelGrpc {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name))]
     async fn get_action_result(&self, request: Request<GetActionResultRequest>) -> Result<Response<ActionResult>, Status> {
         self.bounded(async {
-            let cache = self.cache(&request, &request.get_ref().instance_name, Need::Pull).await?;
+            let (cache, refresh) = self.cache(&request, &request.get_ref().instance_name, Need::Pull).await?;
             let request = request.get_ref();
             check_digest_function(request.digest_function)?;
             let action = BlobDigest::from_proto(request.action_digest.as_ref()).map_err(status)?;
-            let (lookup, bytes) = self.state.bazel.action_result(&cache, &action.sha256).await.map_err(status)?;
+            let (lookup, bytes) = self.state.bazel.action_result(&cache, &action.sha256, refresh).await.map_err(status)?;
             match lookup {
                 ActionLookup::Hit(result) => {
                     self.count(Counter::AcHit, 1);
@@ -238,7 +261,7 @@ impl ActionCache for BazelGrpc {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name))]
     async fn update_action_result(&self, request: Request<UpdateActionResultRequest>) -> Result<Response<ActionResult>, Status> {
         self.bounded(async {
-            let cache = self.cache(&request, &request.get_ref().instance_name, Need::Push).await?;
+            let (cache, _) = self.cache(&request, &request.get_ref().instance_name, Need::Push).await?;
             let request = request.into_inner();
             check_digest_function(request.digest_function)?;
             let action = BlobDigest::from_proto(request.action_digest.as_ref()).map_err(status)?;
@@ -259,7 +282,7 @@ impl ContentAddressableStorage for BazelGrpc {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name))]
     async fn find_missing_blobs(&self, request: Request<FindMissingBlobsRequest>) -> Result<Response<FindMissingBlobsResponse>, Status> {
         self.bounded(async {
-            let cache = self.cache(&request, &request.get_ref().instance_name, Need::Pull).await?;
+            let (cache, refresh) = self.cache(&request, &request.get_ref().instance_name, Need::Pull).await?;
             let request = request.get_ref();
             check_digest_function(request.digest_function)?;
             if request.blob_digests.len() > MAX_DIGESTS {
@@ -271,7 +294,7 @@ impl ContentAddressableStorage for BazelGrpc {
                 .map(|d| BlobDigest::from_proto(Some(d)))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(status)?;
-            let present = self.state.bazel.has_blobs(&cache, &digests).await.map_err(status)?;
+            let present = self.state.bazel.has_blobs(&cache, &digests, refresh).await.map_err(status)?;
             let missing: Vec<_> = digests.iter().zip(&present).filter(|(_, p)| !**p).map(|(d, _)| d.to_proto()).collect();
             self.count(Counter::CasHit, (digests.len() - missing.len()) as u64);
             self.count(Counter::CasMiss, missing.len() as u64);
@@ -283,9 +306,12 @@ impl ContentAddressableStorage for BazelGrpc {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name))]
     async fn batch_update_blobs(&self, request: Request<BatchUpdateBlobsRequest>) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         self.bounded(async {
-            let cache = self.cache(&request, &request.get_ref().instance_name, Need::Push).await?;
+            let (cache, _) = self.cache(&request, &request.get_ref().instance_name, Need::Push).await?;
             let request = request.into_inner();
             check_digest_function(request.digest_function)?;
+            if request.requests.len() > MAX_BATCH_BLOBS {
+                return Err(Status::invalid_argument(format!("more than {MAX_BATCH_BLOBS} blobs in one batch")));
+            }
             let mut responses = Vec::with_capacity(request.requests.len());
             for blob in request.requests {
                 let outcome = async {
@@ -308,9 +334,12 @@ impl ContentAddressableStorage for BazelGrpc {
     #[tracing::instrument(skip_all, fields(instance = %request.get_ref().instance_name))]
     async fn batch_read_blobs(&self, request: Request<BatchReadBlobsRequest>) -> Result<Response<BatchReadBlobsResponse>, Status> {
         self.bounded(async {
-            let cache = self.cache(&request, &request.get_ref().instance_name, Need::Pull).await?;
+            let (cache, _) = self.cache(&request, &request.get_ref().instance_name, Need::Pull).await?;
             let request = request.into_inner();
             check_digest_function(request.digest_function)?;
+            if request.digests.len() > MAX_BATCH_BLOBS {
+                return Err(Status::invalid_argument(format!("more than {MAX_BATCH_BLOBS} blobs in one batch")));
+            }
             let digests = request
                 .digests
                 .iter()
@@ -421,17 +450,22 @@ impl ByteStream for BazelGrpc {
     #[tracing::instrument(skip_all, fields(resource = %request.get_ref().resource_name))]
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadStream>, Status> {
         let resource = Resource::parse(&request.get_ref().resource_name, false).map_err(status)?;
-        let cache = self.cache(&request, &resource.instance, Need::Pull).await?;
+        let (cache, _) = self.cache(&request, &resource.instance, Need::Pull).await?;
         let ReadRequest { read_offset, read_limit, .. } = request.into_inner();
         let (offset, limit) = match (u64::try_from(read_offset), u64::try_from(read_limit)) {
             (Ok(offset), Ok(limit)) => (offset, if limit == 0 { u64::MAX } else { limit }),
-            _ => return Err(Status::out_of_range("negative read_offset or read_limit")),
+            _ => return Err(Status::invalid_argument("negative read_offset or read_limit")),
         };
-        if !resource.compressed && offset > resource.digest.size {
+        // For compressed reads REAPI counts read_offset in uncompressed bytes and forbids a
+        // read_limit (the compressed length is unknown to the client).
+        if resource.compressed && read_limit != 0 {
+            return Err(Status::invalid_argument("a read_limit is not allowed on compressed-blobs reads"));
+        }
+        if offset > resource.digest.size {
             return Err(Status::out_of_range(format!("read_offset {offset} is past the blob's {} bytes", resource.digest.size)));
         }
         let bazel = &self.state.bazel;
-        let stream = if resource.compressed {
+        let stream = if resource.compressed && offset == 0 {
             bazel.read_blob_zstd(&cache, resource.digest).await
         } else {
             bazel.read_blob(&cache, resource.digest).await
@@ -442,7 +476,17 @@ impl ByteStream for BazelGrpc {
         };
         self.count(Counter::CasHit, 1);
         let metrics = self.state.bazel.metrics.clone();
-        let pieces = window(stream, offset, limit).flat_map(|item| {
+        let stream: super::BlobStream = if resource.compressed && offset > 0 {
+            // A resumed compressed read: the rest of the blob, each piece its own zstd frame
+            // (frames one after another are one valid zstd stream).
+            Box::pin(window(stream, offset, u64::MAX).map(|piece| {
+                let piece = piece?;
+                zstd::bulk::compress(&piece, 1).map(Bytes::from).map_err(|e| Error::internal(format!("zstd: {e}")))
+            }))
+        } else {
+            Box::pin(window(stream, offset, limit))
+        };
+        let pieces = stream.flat_map(|item| {
             let pieces: Vec<Result<ReadResponse, Status>> = match item {
                 Ok(bytes) => {
                     let mut out = Vec::new();
@@ -468,9 +512,19 @@ impl ByteStream for BazelGrpc {
         let limits = &self.state.config.limits;
         let transfer = Duration::from_secs(resource.digest.size / limits.body_min_rate.max(1));
         let deadline = tokio::time::Instant::now() + self.request_timeout() + transfer;
-        let bounded = counted.take_until(tokio::time::sleep_until(deadline)).chain(
+        let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let timer = {
+            let expired = expired.clone();
+            async move {
+                tokio::time::sleep_until(deadline).await;
+                expired.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        // Only a read the timer cut short ends in the error; one that finished first ends cleanly.
+        let bounded = counted.take_until(timer).chain(
             futures::stream::once(async move {
-                (tokio::time::Instant::now() >= deadline)
+                expired
+                    .load(std::sync::atomic::Ordering::Relaxed)
                     .then(|| Err(Status::deadline_exceeded("the read took longer than its deadline")))
             })
             .filter_map(futures::future::ready),
@@ -478,23 +532,23 @@ impl ByteStream for BazelGrpc {
         Ok(Response::new(Box::pin(bounded)))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(resource = tracing::field::Empty))]
     async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
         let idle = self.body_idle_timeout();
         let header = request.metadata().clone();
         let mut messages = request.into_inner();
         let first = next_message(&mut messages, idle).await?.ok_or_else(|| Status::invalid_argument("a write without a message"))?;
         let resource = Resource::parse(&first.resource_name, true).map_err(status)?;
+        tracing::Span::current().record("resource", first.resource_name.as_str());
         let mut auth_request = Request::new(());
         *auth_request.metadata_mut() = header;
-        let cache = self.cache(&auth_request, &resource.instance, Need::Push).await?;
+        let (cache, _) = self.cache(&auth_request, &resource.instance, Need::Push).await?;
         let digest = resource.digest;
         self.state.bazel.check_blob_size(digest.size).map_err(status)?;
         let compression = if resource.compressed { Compression::Zstd } else { Compression::None };
         // The most a client may send: the blob, or its zstd form (which for incompressible
         // data is a little longer).
         let limit = if resource.compressed { digest.size + digest.size / 64 + (1 << 16) } else { digest.size };
-        tracing::Span::current().record("resource", first.resource_name.as_str());
 
         // The whole blob in one message: no file on the way.
         if first.write_offset == 0 && first.finish_write {
@@ -511,27 +565,47 @@ impl ByteStream for BazelGrpc {
 
         let name = first.resource_name.clone();
         let partial = self.partial_write(&name, first.write_offset)?;
-        let mut partial = partial.lock().await;
+        let mut partial = match tokio::time::timeout(self.body_idle_timeout(), partial.lock_owned()).await {
+            Ok(partial) => partial,
+            Err(_) => return Err(Status::aborted("another write of this resource is in progress")),
+        };
         if first.write_offset == 0 {
             partial.file = None;
-            partial.committed = 0;
-        } else if u64::try_from(first.write_offset) != Ok(partial.committed) {
+            partial.set_committed(0);
+        } else if u64::try_from(first.write_offset) != Ok(partial.committed()) {
             return Err(Status::invalid_argument(format!(
                 "write_offset {} but {} bytes are committed (QueryWriteStatus tells)",
-                first.write_offset, partial.committed
+                first.write_offset,
+                partial.committed()
             )));
+        } else if let Some(file) = partial.file.as_mut() {
+            // A message cut off mid-write may have left bytes past what was committed.
+            let committed = u64::try_from(first.write_offset).unwrap_or(0);
+            let truncated = async {
+                file.set_len(committed).await?;
+                file.seek(io::SeekFrom::Start(committed)).await
+            };
+            if let Err(err) = truncated.await {
+                drop(partial);
+                self.partial.lock().remove(&name);
+                return Err(status(Error::internal(format!("resuming a partial write: {err}"))));
+            }
         }
         let mut message = Some(first);
         let mut finished = false;
+        let started = Instant::now();
+        let mut received = 0u64;
+        let min_rate = self.state.config.limits.body_min_rate;
         while let Some(write) = message.take() {
-            if u64::try_from(write.write_offset) != Ok(partial.committed) {
+            if u64::try_from(write.write_offset) != Ok(partial.committed()) {
                 return Err(Status::invalid_argument(format!(
                     "write_offset {} but {} bytes are committed",
-                    write.write_offset, partial.committed
+                    write.write_offset,
+                    partial.committed()
                 )));
             }
             let len = write.data.len() as u64;
-            if partial.committed + len > limit {
+            if partial.committed() + len > limit {
                 return Err(Status::invalid_argument(format!("more bytes sent than a blob of {} bytes takes", digest.size)));
             }
             if partial.file.is_none() {
@@ -539,14 +613,26 @@ impl ByteStream for BazelGrpc {
                 partial.file = Some(tokio::fs::File::from_std(file));
             }
             if let Some(file) = partial.file.as_mut() {
-                file.write_all(&write.data).await.map_err(|e| status(Error::internal(format!("keeping a partial write: {e}"))))?;
+                if let Err(err) = file.write_all(&write.data).await {
+                    // What the file holds is no longer known: the write starts over.
+                    drop(partial);
+                    self.partial.lock().remove(&name);
+                    return Err(status(Error::internal(format!("keeping a partial write: {err}"))));
+                }
             }
-            partial.committed += len;
+            partial.set_committed(partial.committed() + len);
             partial.touched = Instant::now();
+            received += len;
             self.count(Counter::BytesIn, len);
             if write.finish_write {
                 finished = true;
                 break;
+            }
+            // A trickle cannot hold a write open forever: past the first idle period, it must
+            // keep up limits.body-min-rate on average.
+            let elapsed = started.elapsed();
+            if elapsed > idle && received < min_rate.saturating_mul(elapsed.as_secs()) {
+                return Err(Status::deadline_exceeded("the write is slower than limits.body-min-rate"));
             }
             // A broken stream leaves what came so far for a resumption.
             message = next_message(&mut messages, idle).await?;
@@ -554,7 +640,7 @@ impl ByteStream for BazelGrpc {
         if !finished {
             return Err(Status::invalid_argument("the write ended without finish_write"));
         }
-        let committed = partial.committed;
+        let committed = partial.committed();
         let mut file = partial.file.take().ok_or_else(|| Status::internal("a partial write lost its file"))?;
         drop(partial);
         self.partial.lock().remove(&name);
@@ -567,13 +653,13 @@ impl ByteStream for BazelGrpc {
     #[tracing::instrument(skip_all, fields(resource = %request.get_ref().resource_name))]
     async fn query_write_status(&self, request: Request<QueryWriteStatusRequest>) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let resource = Resource::parse(&request.get_ref().resource_name, true).map_err(status)?;
-        let cache = self.cache(&request, &resource.instance, Need::Push).await?;
+        let (cache, _) = self.cache(&request, &resource.instance, Need::Push).await?;
         let partial = self.partial.lock().get(&request.get_ref().resource_name).cloned();
-        if let Some(partial) = partial {
-            let partial = partial.lock().await;
-            return Ok(Response::new(QueryWriteStatusResponse { committed_size: partial.committed as i64, complete: false }));
+        if let Some((_, committed)) = partial {
+            let committed = committed.load(std::sync::atomic::Ordering::Relaxed);
+            return Ok(Response::new(QueryWriteStatusResponse { committed_size: committed as i64, complete: false }));
         }
-        let present = self.state.bazel.has_blobs(&cache, &[resource.digest]).await.map_err(status)?;
+        let present = self.state.bazel.has_blobs(&cache, &[resource.digest], None).await.map_err(status)?;
         let complete = present.first().copied().unwrap_or(false);
         let committed = if complete { resource.digest.size as i64 } else { 0 };
         Ok(Response::new(QueryWriteStatusResponse { committed_size: committed, complete }))
@@ -585,8 +671,8 @@ impl BazelGrpc {
     /// first, then the oldest if the table is full.
     fn partial_write(&self, name: &str, offset: i64) -> Result<Arc<tokio::sync::Mutex<PartialWrite>>, Status> {
         let mut table = self.partial.lock();
-        table.retain(|_, p| p.try_lock().map_or(true, |p| p.touched.elapsed() < PARTIAL_WRITE_TTL));
-        if let Some(existing) = table.get(name) {
+        table.retain(|_, (p, _)| p.try_lock().map_or(true, |p| p.touched.elapsed() < PARTIAL_WRITE_TTL));
+        if let Some((existing, _)) = table.get(name) {
             return Ok(existing.clone());
         }
         if offset != 0 {
@@ -597,7 +683,7 @@ impl BazelGrpc {
         if table.len() >= MAX_PARTIAL_WRITES {
             let oldest = table
                 .iter()
-                .filter_map(|(k, p)| p.try_lock().ok().map(|p| (k.clone(), p.touched)))
+                .filter_map(|(k, (p, _))| p.try_lock().ok().map(|p| (k.clone(), p.touched)))
                 .min_by_key(|(_, touched)| *touched)
                 .map(|(k, _)| k);
             match oldest {
@@ -607,8 +693,9 @@ impl BazelGrpc {
                 None => return Err(Status::resource_exhausted("too many ByteStream writes at once; try again")),
             }
         }
-        let entry = Arc::new(tokio::sync::Mutex::new(PartialWrite { file: None, committed: 0, touched: Instant::now() }));
-        table.insert(name.to_string(), entry.clone());
+        let committed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let entry = Arc::new(tokio::sync::Mutex::new(PartialWrite { file: None, committed: committed.clone(), touched: Instant::now() }));
+        table.insert(name.to_string(), (entry.clone(), committed));
         Ok(entry)
     }
 }
@@ -685,7 +772,7 @@ pub async fn serve(
                     Ok(slot) => {
                         let _ = stream.set_nodelay(true);
                         let preface = Some(Box::pin(tokio::time::sleep(preface_timeout)));
-                        return Some((Ok::<_, io::Error>(Connection { stream, preface, _slot: slot }), (listener, slots)));
+                        return Some((Ok::<_, io::Error>(Connection { stream, preface, received: 0, _slot: slot }), (listener, slots)));
                     }
                     Err(_) => {
                         tracing::warn!("bazel.max-connections reached: a gRPC connection is closed");
@@ -710,13 +797,18 @@ pub async fn serve(
     Ok(())
 }
 
+/// Length of the HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+const HTTP2_PREFACE_LEN: usize = 24;
+
 /// An accepted connection, holding its slot of `bazel.max-connections` until it closes. A
-/// client that sends nothing within `limits.header-read-timeout` of connecting is dropped, so
-/// that silent sockets cannot take every slot.
+/// client that has not sent the HTTP/2 preface within `limits.header-read-timeout` of
+/// connecting is dropped, so that silent sockets cannot take every slot.
 struct Connection {
     stream: tokio::net::TcpStream,
-    /// Until the first bytes arrive: when the connection is given up.
+    /// Until the HTTP/2 client preface has arrived: when the connection is given up.
     preface: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes received so far, counted up to the preface's length.
+    received: usize,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -740,7 +832,8 @@ impl tokio::io::AsyncRead for Connection {
         let this = &mut *self;
         match std::pin::Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
+                this.received = this.received.saturating_add(buf.filled().len() - before);
+                if this.received >= HTTP2_PREFACE_LEN {
                     this.preface = None;
                 }
                 Poll::Ready(Ok(()))

@@ -14,7 +14,9 @@
 //!   miss, so that Bazel rebuilds rather than failing later on a missing output.
 //! - Records live under `caches/{cache}/bazel/{cas,ac}/{sha256 hex}`: a cache sees only its
 //!   own blobs, whatever other caches store. Garbage collection keeps the chunks that records
-//!   name, and expires records not written or used within the cache's retention period.
+//!   name, and expires records not written within the cache's retention period; a record in
+//!   use (found by FindMissingBlobs, or named by an action result that hits) is written again
+//!   once older than half that period, so only unused records expire.
 
 pub mod grpc;
 pub mod record;
@@ -22,6 +24,7 @@ pub mod record;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use flywheel_core::chunk::{self, ChunkParams};
@@ -36,7 +39,7 @@ use sha2::{Digest as _, Sha256};
 use crate::config::BazelConfig;
 use crate::ingest::{first_item_in, ChunkReader, Compression, Ingester};
 use crate::preflight::VerifiedChunks;
-use crate::storage::Storage;
+use crate::storage::{CacheRecord, Storage};
 use flywheel_reapi::execution::{ActionResult, Tree};
 use record::BlobRecord;
 
@@ -234,6 +237,8 @@ pub struct BazelStore {
     pub config: Arc<BazelConfig>,
     /// Counters.
     pub metrics: Arc<BazelMetrics>,
+    /// Retention of caches without their own period (`gc.default-retention-period`), seconds.
+    default_retention: u64,
 }
 
 /// A stream of a blob's bytes, each piece verified, ending in an error if the whole does not
@@ -259,8 +264,10 @@ impl BazelStore {
         zstd_level: i32,
         parallelism: usize,
         config: BazelConfig,
+        default_retention: u64,
     ) -> Self {
         BazelStore {
+            default_retention,
             storage,
             ingester,
             reader,
@@ -285,7 +292,8 @@ impl BazelStore {
     }
 
     async fn read_record(&self, cache: &str, digest: &BlobDigest) -> Result<Option<BlobRecord>> {
-        let record = self.read_record_by_hash(cache, &digest.sha256).await?;
+        let record = self.read_record_by_hash(cache, &digest.sha256).await;
+        let record = self.healed(cache, digest, record).await?.flatten();
         // Same hash, other size: a client's wrong digest, not this blob.
         Ok(record.filter(|record| record.size() == digest.size))
     }
@@ -305,22 +313,32 @@ impl BazelStore {
         Ok(self.read_record_by_hash(cache, sha256).await?.map(|record| BlobDigest { sha256: *sha256, size: record.size() }))
     }
 
-    /// Which of `digests` the cache holds, in order.
-    pub async fn has_blobs(&self, cache: &str, digests: &[BlobDigest]) -> Result<Vec<bool>> {
-        let storage = self.storage.clone();
+    /// How old a record may get before a use writes it again, so that garbage collection,
+    /// which expires records by their last write, keeps what is in use: half the cache's
+    /// retention period; `None` when records are kept forever.
+    pub fn refresh_after(&self, record: &CacheRecord) -> Option<Duration> {
+        let retention = record.retention_period.map(u64::from).unwrap_or(self.default_retention);
+        (retention > 0).then(|| Duration::from_secs(retention / 2))
+    }
+
+    /// Which of `digests` the cache holds, in order. A held record older than `refresh_after`
+    /// is written again (see [`BazelStore::refresh_after`]).
+    pub async fn has_blobs(&self, cache: &str, digests: &[BlobDigest], refresh_after: Option<Duration>) -> Result<Vec<bool>> {
         futures::stream::iter(digests.iter().copied())
             .map(|digest| {
-                let storage = storage.clone();
                 let cache = cache.to_string();
                 async move {
                     if digest.is_empty() {
                         return Ok(true);
                     }
                     let key = record_key(&cache, Store::Cas, &digest.sha256);
-                    match storage.object_store().head(&key).await {
+                    match self.storage.object_store().head(&key).await {
                         // The record's length does not tell the blob's: a hash stored with
                         // another size is caught when it is read.
-                        Ok(_) => Ok(true),
+                        Ok(meta) => {
+                            self.refresh_if_old(&key, &meta, refresh_after).await;
+                            Ok(true)
+                        }
                         Err(object_store::Error::NotFound { .. }) => Ok(false),
                         Err(err) => Err(Error::unavailable(format!("looking up {key}: {err}"))),
                     }
@@ -331,6 +349,24 @@ impl BazelStore {
             .await
             .into_iter()
             .collect()
+    }
+
+    /// Writes a record again, as it is, once it is older than `refresh_after`. Best effort: a
+    /// failure only leaves the record to expire on its first write's schedule.
+    async fn refresh_if_old(&self, key: &Path, meta: &object_store::ObjectMeta, refresh_after: Option<Duration>) {
+        let Some(refresh_after) = refresh_after else { return };
+        let age_ms = self.storage.clock().now_ms().saturating_sub(crate::storage::modified_ms(meta));
+        if age_ms < refresh_after.as_millis() as u64 {
+            return;
+        }
+        let rewritten = async {
+            let bytes = self.storage.get_object(key).await?.ok_or_else(|| Error::not_found("gone"))?;
+            self.storage.object_store().put(key, PutPayload::from(bytes)).await.map_err(|e| Error::unavailable(e.to_string()))?;
+            Ok::<_, Error>(())
+        };
+        if let Err(err) = rewritten.await {
+            tracing::warn!(%key, error = %err, "could not refresh a Bazel record in use");
+        }
     }
 
     /// Stores a blob read from `body` (compressed as `compression` says), which must hash to
@@ -377,7 +413,12 @@ impl BazelStore {
         }
         let record = BlobRecord::Chunks { size: ingested.size, chunks: ingested.chunks.clone() };
         self.write_record(cache, Store::Cas, &digest.sha256, record.encode()).await?;
-        ingested.finish().await?;
+        if let Err(err) = ingested.finish().await {
+            // The record is the publication: it must not stay naming chunks a collection may
+            // have taken, or FindMissingBlobs would keep the blob from being sent again.
+            self.forget_blob(cache, &digest, "its upload could not be confirmed").await;
+            return Err(err);
+        }
         Ok(())
     }
 
@@ -391,16 +432,20 @@ impl BazelStore {
             return Ok(Some(Box::pin(futures::stream::once(async move { Ok(Bytes::from(frame)) }))));
         }
         let Some(record) = self.read_record(cache, &digest).await? else { return Ok(None) };
-        match record {
-            BlobRecord::Inline { size, frame } => {
-                inline_verified(&frame, size, &digest, cache)?;
-                Ok(Some(Box::pin(futures::stream::once(async move { Ok(frame) }))))
-            }
-            BlobRecord::Chunks { chunks, .. } => {
-                self.verified.check(&self.storage, &Sha256Hash(digest.sha256), &chunks, self.parallelism).await?;
-                Ok(Some(Box::pin(first_item_in(self.reader.frames(chunks)).await?)))
+        let stream: Result<BlobStream> = async {
+            match record {
+                BlobRecord::Inline { size, frame } => {
+                    inline_verified(&frame, size, &digest, cache)?;
+                    Ok(Box::pin(futures::stream::once(async move { Ok(frame) })) as BlobStream)
+                }
+                BlobRecord::Chunks { chunks, .. } => {
+                    self.verified.check(&self.storage, &Sha256Hash(digest.sha256), &chunks, self.parallelism).await?;
+                    Ok(Box::pin(first_item_in(self.reader.frames(chunks)).await?) as BlobStream)
+                }
             }
         }
+        .await;
+        self.healed(cache, &digest, stream).await
     }
 
     async fn write_record(&self, cache: &str, store: Store, sha256: &[u8; 32], bytes: Bytes) -> Result<()> {
@@ -421,7 +466,31 @@ impl BazelStore {
             return Ok(Some(Box::pin(futures::stream::empty())));
         }
         let Some(record) = self.read_record(cache, &digest).await? else { return Ok(None) };
-        self.stream_record(cache, digest, record).await.map(Some)
+        self.healed(cache, &digest, self.stream_record(cache, digest, record).await).await
+    }
+
+    /// A read's outcome, with a blob found damaged (a chunk missing or failing its check, a
+    /// record that does not decode) taken out of the cache and answered as missing: Bazel
+    /// then sees a miss, runs the action and uploads the blob again, which repairs it.
+    async fn healed<T>(&self, cache: &str, digest: &BlobDigest, read: Result<T>) -> Result<Option<T>> {
+        match read {
+            Ok(value) => Ok(Some(value)),
+            Err(err) if err.kind() == ErrorKind::Corrupt => {
+                self.forget_blob(cache, digest, &err.to_string()).await;
+                Ok(None)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Deletes a blob's record (best effort: a failure is logged, and the next read finds the
+    /// damage again).
+    async fn forget_blob(&self, cache: &str, digest: &BlobDigest, why: &str) {
+        let key = record_key(cache, Store::Cas, &digest.sha256);
+        tracing::warn!(%key, why, "Bazel blob taken out of its cache");
+        if let Err(err) = self.storage.delete_object(&key).await {
+            tracing::error!(%key, error = %err, "could not delete a damaged Bazel blob record");
+        }
     }
 
     /// [`BazelStore::read_blob`] by hash alone (Bazel's HTTP protocol names blobs so), with
@@ -432,7 +501,8 @@ impl BazelStore {
         }
         let Some(record) = self.read_record_by_hash(cache, sha256).await? else { return Ok(None) };
         let digest = BlobDigest { sha256: *sha256, size: record.size() };
-        Ok(Some((digest, self.stream_record(cache, digest, record).await?)))
+        let stream = self.healed(cache, &digest, self.stream_record(cache, digest, record).await).await?;
+        Ok(stream.map(|stream| (digest, stream)))
     }
 
     async fn stream_record(&self, cache: &str, digest: BlobDigest, record: BlobRecord) -> Result<BlobStream> {
@@ -454,11 +524,15 @@ impl BazelStore {
     /// A blob whole in memory, for batch reads; `None` if the cache does not hold it.
     pub async fn read_blob_bytes(&self, cache: &str, digest: BlobDigest) -> Result<Option<Bytes>> {
         let Some(mut stream) = self.read_blob(cache, digest).await? else { return Ok(None) };
-        let mut out = bytes::BytesMut::with_capacity(digest.size.min(16 << 20) as usize);
-        while let Some(piece) = stream.next().await {
-            out.extend_from_slice(&piece?);
+        let collected = async {
+            let mut out = bytes::BytesMut::with_capacity(digest.size.min(16 << 20) as usize);
+            while let Some(piece) = stream.next().await {
+                out.extend_from_slice(&piece?);
+            }
+            Ok(out.freeze())
         }
-        Ok(Some(out.freeze()))
+        .await;
+        self.healed(cache, &digest, collected).await
     }
 
     /// Stores an action result as sent, once it decodes.
@@ -476,9 +550,21 @@ impl BazelStore {
 
     /// The action result stored for `action`, answered only if every output it names is in
     /// the cache (see the module's doc).
-    pub async fn action_result(&self, cache: &str, action: &[u8; 32]) -> Result<(ActionLookup, Option<Bytes>)> {
+    pub async fn action_result(
+        &self,
+        cache: &str,
+        action: &[u8; 32],
+        refresh_after: Option<Duration>,
+    ) -> Result<(ActionLookup, Option<Bytes>)> {
         let key = record_key(cache, Store::Ac, action);
-        let Some(bytes) = self.storage.get_object(&key).await? else { return Ok((ActionLookup::Missing, None)) };
+        let (bytes, meta) = match self.storage.object_store().get(&key).await {
+            Ok(result) => {
+                let meta = result.meta.clone();
+                (result.bytes().await.map_err(|e| Error::unavailable(format!("reading {key}: {e}")))?, meta)
+            }
+            Err(object_store::Error::NotFound { .. }) => return Ok((ActionLookup::Missing, None)),
+            Err(err) => return Err(Error::unavailable(format!("reading {key}: {err}"))),
+        };
         let result = match ActionResult::decode(bytes.clone()) {
             Ok(result) => result,
             Err(err) => {
@@ -486,15 +572,16 @@ impl BazelStore {
                 return Ok((ActionLookup::Incomplete, None));
             }
         };
-        if !self.outputs_present(cache, &result).await? {
+        if !self.outputs_present(cache, &result, refresh_after).await? {
             return Ok((ActionLookup::Incomplete, None));
         }
+        self.refresh_if_old(&key, &meta, refresh_after).await;
         Ok((ActionLookup::Hit(Box::new(result)), Some(bytes)))
     }
 
     /// Whether every blob `result` names is in the cache: output files, stdout and stderr, and
     /// for each output directory its tree and the files the tree lists.
-    async fn outputs_present(&self, cache: &str, result: &ActionResult) -> Result<bool> {
+    async fn outputs_present(&self, cache: &str, result: &ActionResult, refresh_after: Option<Duration>) -> Result<bool> {
         let mut digests = Vec::new();
         let mut trees = Vec::new();
         for file in &result.output_files {
@@ -533,7 +620,7 @@ impl BazelStore {
         }
         parsed.sort_by_key(|d| d.sha256);
         parsed.dedup();
-        Ok(self.has_blobs(cache, &parsed).await?.into_iter().all(|present| present))
+        Ok(self.has_blobs(cache, &parsed, refresh_after).await?.into_iter().all(|present| present))
     }
 }
 

@@ -81,7 +81,8 @@ impl BlobRecord {
                 out.reserve(4 + chunks.len() * CHUNK_ENTRY);
                 out.put_u8(CHUNKS);
                 out.put_u64_le(*size);
-                out.put_u32_le(chunks.len() as u32);
+                // Blobs are bounded far below 2^32 chunks (bazel.max-blob-size is at most 1 TiB).
+                out.put_u32_le(u32::try_from(chunks.len()).unwrap_or(u32::MAX));
                 for chunk in chunks {
                     out.put_slice(&chunk.hash.0);
                     out.put_u32_le(chunk.size);

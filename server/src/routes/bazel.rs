@@ -16,9 +16,8 @@ use crate::error::ApiError;
 use crate::ingest::Compression;
 use crate::state::AppState;
 
-/// Largest action result body read (the configured limit is checked after; it cannot be set
-/// higher than this).
-pub const MAX_AC_BODY: usize = 64 << 20;
+/// Largest action result body read (the configured limit, at most 7 MiB, is checked after).
+pub const MAX_AC_BODY: usize = 7 << 20;
 
 fn count(state: &AppState, counter: Counter, n: u64) {
     state.bazel.metrics.add(Protocol::Http, counter, n);
@@ -33,7 +32,7 @@ pub async fn get_ac(
     ApiPath((_, hash)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let action = parse_sha256(&hash)?;
-    match state.bazel.action_result(&access.name, &action).await? {
+    match state.bazel.action_result(&access.name, &action, state.bazel.refresh_after(&access.record)).await? {
         (ActionLookup::Hit(_), Some(bytes)) => {
             count(&state, Counter::AcHit, 1);
             count(&state, Counter::BytesOut, bytes.len() as u64);
