@@ -38,7 +38,7 @@ let
           max-connections max-uploads upload-queue-timeout;
       };
       tfstate = { inherit (s.tfstate) max-size keep-versions locking; };
-      bazel = { inherit (s.bazel) grpc-listen default-instance max-blob-size max-action-result-size max-connections; };
+      bazel = { inherit (s.bazel) grpc-listen default-instance max-blob-size max-action-result-size max-connections spool-max-bytes; };
     };
   storageToml =
     "\n[storage]\n"
@@ -225,6 +225,8 @@ in
           "Largest Bazel action result accepted, in bytes (`bazel.max-action-result-size`).";
         max-connections = option (types.ints.between 1 1000000) 4096
           "gRPC connections served at once (`bazel.max-connections`); one more is closed as soon as it is accepted.";
+        spool-max-bytes = option types.ints.positive 17179869184
+          "Bytes of ByteStream writes kept in temporary files at once, arriving or waiting to be resumed (`bazel.spool-max-bytes`).";
       };
       storage = {
         type = option (types.enum [ "local" "s3" ]) "local"

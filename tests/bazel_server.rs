@@ -564,6 +564,34 @@ fn damaged_blobs_heal(backend: Backend) {
     });
 }
 
+/// ByteStream writes held in temporary files are bounded by `bazel.spool-max-bytes`: a write
+/// past it is refused as exhausted until the held ones finish.
+#[test]
+fn spooled_writes_are_bounded() {
+    let port = common::free_port();
+    let server = Server::start_with(
+        Backend::Local,
+        &format!("[bazel]\ngrpc-listen = \"127.0.0.1:{port}\"\nspool-max-bytes = 1048576\n"),
+    );
+    server.create_cache("bzl", false);
+    let rw = server.mint(&["--pull", "bzl", "--push", "bzl"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let grpc = Grpc::connect(port).await;
+        let (a, b) = (blob(60, 1_000_000), blob(61, 600_000));
+        let (a_d, b_d) = (digest(&a), digest(&b));
+        let a_name = format!("bzl/uploads/s1/blobs/{}/{}", a_d.hash, a_d.size_bytes);
+        let b_name = format!("bzl/uploads/s2/blobs/{}/{}", b_d.hash, b_d.size_bytes);
+        // 900 KiB of the first held, unfinished; not even the second's first message fits.
+        assert!(grpc.write(&rw, &a_name, &a[..900 << 10], 0, false).await.is_err());
+        assert_eq!(grpc.write(&rw, &b_name, &b, 0, true).await.unwrap_err().code(), Code::ResourceExhausted);
+        // The first finishes, which frees its bytes; then the second goes through.
+        grpc.write(&rw, &a_name, &a[900 << 10..], 900 << 10, true).await.unwrap();
+        grpc.write(&rw, &b_name, &b, 0, true).await.unwrap();
+        assert!(grpc.missing("bzl", &rw, &[a_d, b_d]).await.unwrap().is_empty());
+    });
+}
+
 #[test]
 fn damaged_blobs_heal_local() {
     damaged_blobs_heal(Backend::Local);

@@ -286,6 +286,10 @@ pub struct BazelConfig {
     /// gRPC connections served at once; further ones are closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Bytes of ByteStream writes kept in temporary files (`$TMPDIR`) at once, while they
+    /// arrive or wait to be resumed; a write that would pass it is refused as exhausted.
+    #[serde(default = "default_bazel_spool_max_bytes")]
+    pub spool_max_bytes: u64,
 }
 
 impl Default for BazelConfig {
@@ -296,6 +300,7 @@ impl Default for BazelConfig {
             max_blob_size: default_bazel_max_blob_size(),
             max_action_result_size: default_bazel_max_action_result_size(),
             max_connections: default_max_connections(),
+            spool_max_bytes: default_bazel_spool_max_bytes(),
         }
     }
 }
@@ -323,6 +328,10 @@ impl BazelConfig {
     }
 }
 
+/// Four of the largest blobs at once.
+fn default_bazel_spool_max_bytes() -> u64 {
+    16 << 30
+}
 /// Toolchain archives and container layers reach a few GiB.
 fn default_bazel_max_blob_size() -> u64 {
     4 << 30

@@ -608,6 +608,11 @@ impl ByteStream for BazelGrpc {
             if partial.committed() + len > limit {
                 return Err(Status::invalid_argument(format!("more bytes sent than a blob of {} bytes takes", digest.size)));
             }
+            if self.spooled() + len > self.state.bazel.config.spool_max_bytes {
+                return Err(Status::resource_exhausted(
+                    "ByteStream writes in progress hold bazel.spool-max-bytes already; try again later",
+                ));
+            }
             if partial.file.is_none() {
                 let file = tempfile::tempfile().map_err(|e| status(Error::internal(format!("a file for a partial write: {e}"))))?;
                 partial.file = Some(tokio::fs::File::from_std(file));
@@ -667,6 +672,11 @@ impl ByteStream for BazelGrpc {
 }
 
 impl BazelGrpc {
+    /// Bytes all partial writes hold in their files.
+    fn spooled(&self) -> u64 {
+        self.partial.lock().values().map(|(_, committed)| committed.load(std::sync::atomic::Ordering::Relaxed)).sum()
+    }
+
     /// The partial write of `name`, made if there is none and `offset` is 0. Expired ones go
     /// first, then the oldest if the table is full.
     fn partial_write(&self, name: &str, offset: i64) -> Result<Arc<tokio::sync::Mutex<PartialWrite>>, Status> {
