@@ -408,36 +408,41 @@ pub struct Resource {
 impl Resource {
     /// Parses `{instance}/blobs/{hash}/{size}` or `{instance}/compressed-blobs/zstd/{hash}/{size}`
     /// (reads), or the same after `{instance}/uploads/{uuid}/` and with any trailing metadata
-    /// (writes).
+    /// (writes). The instance is a cache's name, one segment or none; a cache may be named like
+    /// a keyword (`blobs`), so the name with an instance is tried first, then without.
     pub fn parse(name: &str, write: bool) -> Result<Self, Error> {
-        let bad = || Error::invalid(format!("{:?} is not a ByteStream resource name of a blob", super::truncate(name)));
         let parts: Vec<&str> = name.split('/').collect();
-        let (instance, rest) = if write {
-            let at = parts.iter().position(|p| *p == "uploads").ok_or_else(bad)?;
-            // uploads/{uuid}/...
-            if parts.len() < at + 2 {
-                return Err(bad());
+        let with_instance = parts.split_first().and_then(|(instance, rest)| Self::parse_after(instance, rest, write));
+        with_instance
+            .or_else(|| Self::parse_after("", &parts, write))
+            .ok_or_else(|| Error::invalid(format!("{:?} is not a ByteStream resource name of a blob", super::truncate(name))))?
+    }
+
+    fn parse_after(instance: &str, parts: &[&str], write: bool) -> Option<Result<Self, Error>> {
+        let rest = if write {
+            match parts {
+                ["uploads", _uuid, rest @ ..] => rest,
+                _ => return None,
             }
-            (&parts[..at], &parts[at + 2..])
         } else {
-            let at = parts.iter().position(|p| *p == "blobs" || *p == "compressed-blobs").ok_or_else(bad)?;
-            (&parts[..at], &parts[at..])
+            parts
         };
         let (compressed, rest) = match rest {
             ["blobs", rest @ ..] => (false, rest),
             ["compressed-blobs", "zstd", rest @ ..] => (true, rest),
-            ["compressed-blobs", other, ..] => {
-                return Err(Error::invalid(format!("compressor {other:?} is not supported; use zstd")));
+            ["compressed-blobs", other, _, _, ..] => {
+                return Some(Err(Error::invalid(format!("compressor {other:?} is not supported; use zstd"))));
             }
-            _ => return Err(bad()),
+            _ => return None,
         };
         let (hash, size) = match rest {
             [hash, size] => (hash, size),
             [hash, size, ..] if write => (hash, size),
-            _ => return Err(bad()),
+            _ => return None,
         };
-        let size: i64 = size.parse().map_err(|_| bad())?;
-        Ok(Resource { instance: instance.join("/"), digest: BlobDigest::parse(hash, size)?, compressed })
+        let size: i64 = size.parse().ok()?;
+        let digest = BlobDigest::parse(hash, size).ok()?;
+        Some(Ok(Resource { instance: instance.to_string(), digest, compressed }))
     }
 }
 
@@ -888,5 +893,46 @@ impl tokio::io::AsyncWrite for Connection {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn resource_names_parse() {
+        let read = Resource::parse(&format!("main/blobs/{HASH}/0"), false).unwrap();
+        assert_eq!((read.instance.as_str(), read.digest.size, read.compressed), ("main", 0, false));
+        let bare = Resource::parse(&format!("blobs/{HASH}/7"), false).unwrap();
+        assert_eq!((bare.instance.as_str(), bare.digest.size), ("", 7));
+        let named_like_a_keyword = Resource::parse(&format!("blobs/blobs/{HASH}/7"), false).unwrap();
+        assert_eq!(named_like_a_keyword.instance, "blobs");
+        let zstd = Resource::parse(&format!("main/compressed-blobs/zstd/{HASH}/9"), false).unwrap();
+        assert!(zstd.compressed);
+        let write = Resource::parse(&format!("main/uploads/u-1/blobs/{HASH}/5/some/metadata"), true).unwrap();
+        assert_eq!((write.instance.as_str(), write.digest.size), ("main", 5));
+        let bare_write = Resource::parse(&format!("uploads/u-1/compressed-blobs/zstd/{HASH}/5"), true).unwrap();
+        assert_eq!((bare_write.instance.as_str(), bare_write.compressed), ("", true));
+    }
+
+    #[test]
+    fn bad_resource_names_are_refused() {
+        for (name, write) in [
+            (format!("main/blobs/{HASH}"), false),
+            (format!("main/blobs/{HASH}/-1"), false),
+            (format!("main/blobs/{HASH}/5/extra"), false),
+            ("main/blobs/XYZ/5".to_string(), false),
+            (format!("main/uploads/blobs/{HASH}/5"), true),
+            (format!("main/blobs/{HASH}/5"), true),
+            (format!("main/compressed-blobs/gzip/{HASH}/5"), false),
+            (String::new(), false),
+            ("/".repeat(10), true),
+        ] {
+            let err = Resource::parse(&name, write).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidInput, "{name}");
+        }
     }
 }
