@@ -164,8 +164,14 @@ impl Grpc {
 }
 
 fn start(backend: Backend) -> (Server, u16) {
+    start_with(backend, &format!("max-blob-size = {LIMIT}\n"), "")
+}
+
+/// A server with a gRPC listener, `bazel` added to its `[bazel]` table and `top` before it,
+/// and the caches `bzl` and `other`.
+fn start_with(backend: Backend, bazel: &str, top: &str) -> (Server, u16) {
     let port = common::free_port();
-    let server = Server::start_with(backend, &format!("[bazel]\ngrpc-listen = \"127.0.0.1:{port}\"\nmax-blob-size = {LIMIT}\n"));
+    let server = Server::start_with(backend, &format!("{top}[bazel]\ngrpc-listen = \"127.0.0.1:{port}\"\n{bazel}"));
     server.create_cache("bzl", false);
     server.create_cache("other", false);
     (server, port)
@@ -568,12 +574,7 @@ fn damaged_blobs_heal(backend: Backend) {
 /// past it is refused as exhausted until the held ones finish.
 #[test]
 fn spooled_writes_are_bounded() {
-    let port = common::free_port();
-    let server = Server::start_with(
-        Backend::Local,
-        &format!("[bazel]\ngrpc-listen = \"127.0.0.1:{port}\"\nspool-max-bytes = 1048576\n"),
-    );
-    server.create_cache("bzl", false);
+    let (server, port) = start_with(Backend::Local, "spool-max-bytes = 1048576\n", "");
     let rw = server.mint(&["--pull", "bzl", "--push", "bzl"]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -613,16 +614,12 @@ fn gc_keeps_blobs_and_expires_them_s3() {
 }
 
 /// Silent sockets on the gRPC listener: one past `bazel.max-connections` is closed at once,
-/// the others once `limits.header-read-timeout` passes without a byte; then clients are served.
+/// the others once `limits.header-read-timeout` passes without the HTTP/2 preface (one byte
+/// is not enough); then clients are served.
 #[test]
 fn silent_grpc_connections_are_dropped() {
     use std::io::{Read, Write};
-    let port = common::free_port();
-    let server = Server::start_with(
-        Backend::Local,
-        &format!("[limits]\nheader-read-timeout = 10\n[bazel]\ngrpc-listen = \"127.0.0.1:{port}\"\nmax-connections = 4\n"),
-    );
-    server.create_cache("bzl", false);
+    let (server, port) = start_with(Backend::Local, "max-connections = 4\n", "[limits]\nheader-read-timeout = 10\n");
     let token = server.mint(&["--pull", "bzl"]);
     let silent: Vec<std::net::TcpStream> = (0..4).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
     // The listen backlog is first in, first out: the server accepts the four before the fifth.

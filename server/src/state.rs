@@ -291,11 +291,7 @@ impl AppState {
                 verified: verified.clone(),
             },
             verified.clone(),
-            config.chunking,
-            config.zstd_level,
-            config.chunk_parallelism,
-            config.bazel.clone(),
-            config.gc.default_retention_period,
+            &config,
         );
         Ok(AppState {
             bazel,

@@ -253,30 +253,25 @@ const LOOKUP_PARALLELISM: usize = 32;
 const MAX_CHECKED_TREE: u64 = 64 << 20;
 
 impl BazelStore {
-    /// A store over the server's storage, ingester and chunk reader.
-    #[allow(clippy::too_many_arguments)]
+    /// A store over the server's storage, ingester and chunk reader, set up as `config` says.
     pub fn new(
         storage: Storage,
         ingester: Ingester,
         reader: ChunkReader,
         verified: Arc<VerifiedChunks>,
-        params: ChunkParams,
-        zstd_level: i32,
-        parallelism: usize,
-        config: BazelConfig,
-        default_retention: u64,
+        config: &crate::config::ServerConfig,
     ) -> Self {
         BazelStore {
-            default_retention,
             storage,
             ingester,
             reader,
             verified,
-            params,
-            zstd_level,
-            parallelism,
-            config: Arc::new(config),
+            params: config.chunking,
+            zstd_level: config.zstd_level,
+            parallelism: config.chunk_parallelism,
+            config: Arc::new(config.bazel.clone()),
             metrics: Arc::default(),
+            default_retention: config.gc.default_retention_period,
         }
     }
 
