@@ -208,6 +208,10 @@ fn grpc_protocol(backend: Backend) {
         let small_d = digest(&small);
         assert_eq!(grpc.batch_upload("bzl", "", &[(small_d.clone(), small.clone())]).await.unwrap_err().code(), Code::Unauthenticated);
         assert_eq!(grpc.batch_upload("bzl", &ro, &[(small_d.clone(), small.clone())]).await.unwrap_err().code(), Code::PermissionDenied);
+        // A bad token is refused from the headers, before the message is read.
+        assert_eq!(grpc.batch_upload("bzl", "not.a.token", &[(small_d.clone(), small.clone())]).await.unwrap_err().code(), Code::Unauthenticated);
+        let refused = grpc.write("not.a.token", &format!("bzl/uploads/x/blobs/{}/{}", small_d.hash, small_d.size_bytes), &small, 0, true).await;
+        assert_eq!(refused.unwrap_err().code(), Code::Unauthenticated);
         let other_err = grpc.batch_upload("bzl", &other, &[(small_d.clone(), small.clone())]).await.unwrap_err().code();
         assert!(matches!(other_err, Code::PermissionDenied | Code::Unauthenticated), "{other_err:?}");
         assert_eq!(grpc.missing("", &rw, std::slice::from_ref(&small_d)).await.unwrap_err().code(), Code::InvalidArgument);

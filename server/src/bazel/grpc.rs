@@ -37,6 +37,7 @@ use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ActionLookup, BlobDigest, Counter, Protocol};
@@ -125,6 +126,26 @@ fn rpc_status(err: Option<Error>) -> rpc::Status {
     }
 }
 
+/// The verified claims of a call's token (none without one), put in its extensions by
+/// [`Authenticate`] before the message is read.
+#[derive(Clone)]
+struct Authenticated(Option<crate::auth::Claims>);
+
+/// Checks a call's token from its headers: a bad one is refused before any message of the
+/// call is read or decoded, so that only callers with a valid token (or none, for public
+/// caches) make the server take in up to a message's size.
+#[derive(Clone)]
+struct Authenticate(crate::auth::TokenAuthority);
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request.metadata().get("authorization").map(|v| v.as_bytes());
+        let claims = self.0.authenticate(header).map_err(status)?;
+        request.extensions_mut().insert(Authenticated(claims));
+        Ok(request)
+    }
+}
+
 /// What a call needs on its cache.
 #[derive(Clone, Copy)]
 enum Need {
@@ -147,8 +168,13 @@ impl BazelGrpc {
         } else {
             instance.to_string()
         };
-        let header = request.metadata().get("authorization").map(|v| v.as_bytes());
-        let caller = Caller(self.state.tokens.authenticate(header).map_err(status)?);
+        let caller = match request.extensions().get::<Authenticated>() {
+            Some(Authenticated(claims)) => Caller(claims.clone()),
+            None => {
+                let header = request.metadata().get("authorization").map(|v| v.as_bytes());
+                Caller(self.state.tokens.authenticate(header).map_err(status)?)
+            }
+        };
         let (what, granted): (&str, fn(&crate::auth::Permissions) -> bool) = match need {
             Need::Pull => ("pull", |p| p.pull),
             Need::Push => ("push", |p| p.push),
@@ -162,19 +188,29 @@ impl BazelGrpc {
         self.state.bazel.metrics.add(Protocol::Grpc, counter, n);
     }
 
-    /// The services, each bounding its messages to 8 MiB either way.
+    /// The services, each bounding its messages to 8 MiB either way, behind a check of the
+    /// token that runs on the request's headers, before any message is read.
     pub fn router(self) -> tonic::service::Routes {
-        let mut routes = tonic::service::Routes::default();
-        routes = routes
-            .add_service(CapabilitiesServer::new(self.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
-            .add_service(ActionCacheServer::new(self.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
-            .add_service(
+        let check = Authenticate(self.state.tokens.clone());
+        tonic::service::Routes::default()
+            .add_service(InterceptedService::new(
+                CapabilitiesServer::new(self.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
+                check.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                ActionCacheServer::new(self.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
+                check.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 ContentAddressableStorageServer::new(self.clone())
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
-            )
-            .add_service(ByteStreamServer::new(self).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE));
-        routes
+                check.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                ByteStreamServer::new(self).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
+                check,
+            ))
     }
 
     fn request_timeout(&self) -> Duration {
@@ -540,13 +576,15 @@ impl ByteStream for BazelGrpc {
     #[tracing::instrument(skip_all, fields(resource = tracing::field::Empty))]
     async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
         let idle = self.body_idle_timeout();
-        let header = request.metadata().clone();
+        let mut auth_request = Request::new(());
+        *auth_request.metadata_mut() = request.metadata().clone();
+        if let Some(authenticated) = request.extensions().get::<Authenticated>() {
+            auth_request.extensions_mut().insert(authenticated.clone());
+        }
         let mut messages = request.into_inner();
         let first = next_message(&mut messages, idle).await?.ok_or_else(|| Status::invalid_argument("a write without a message"))?;
         let resource = Resource::parse(&first.resource_name, true).map_err(status)?;
         tracing::Span::current().record("resource", first.resource_name.as_str());
-        let mut auth_request = Request::new(());
-        *auth_request.metadata_mut() = header;
         let (cache, _) = self.cache(&auth_request, &resource.instance, Need::Push).await?;
         let digest = resource.digest;
         self.state.bazel.check_blob_size(digest.size).map_err(status)?;
