@@ -35,7 +35,7 @@ pub fn fsck(args: FsckArgs) -> anyhow::Result<()> {
     let report = runtime
         .block_on(flywheel_server::fsck::fsck(&storage, args.parallelism.max(1), !args.dry_run))
         .context("checking storage")?;
-    println!("checked {} paths and {} chunks", report.paths, report.chunks_checked);
+    println!("checked {} paths, {} Bazel blobs and {} chunks", report.paths, report.blobs, report.chunks_checked);
     for hash in &report.missing {
         println!("missing chunk {hash}");
     }
@@ -57,6 +57,9 @@ pub fn fsck(args: FsckArgs) -> anyhow::Result<()> {
     let verb = if report.repaired { "taken out of service" } else { "damaged (dry run: left as is)" };
     for (cache, path) in &report.damaged_paths {
         println!("{verb}: {cache} /nix/store/{path}");
+    }
+    for (cache, sha256) in &report.damaged_blobs {
+        println!("{verb}: {cache} Bazel blob {sha256}");
     }
     if report.repaired && !report.damaged_paths.is_empty() {
         println!("push the paths above again to repair them");

@@ -537,9 +537,9 @@ fn gc_keeps_blobs_and_expires_them(backend: Backend) {
     }
 }
 
-/// A blob whose chunk is gone from storage: its read is a miss (not an error Bazel would stop
-/// on), the blob is taken out of the cache, an action result naming it is a miss, and a new
-/// upload repairs it.
+/// A blob whose chunk is gone from storage: fsck names it and takes it out; a read of it is a
+/// miss (not an error Bazel would stop on) that takes it out too, an action result naming it
+/// is a miss, and a new upload repairs it.
 fn damaged_blobs_heal(backend: Backend) {
     let (server, port) = start(backend);
     let rw = server.mint(&["--pull", "bzl", "--push", "bzl"]);
@@ -560,6 +560,30 @@ fn damaged_blobs_heal(backend: Backend) {
     // Take one of its chunks out of storage (the record lists them after a 17-byte head).
     let record = std::fs::read(server.objects.join(format!("caches/bzl/bazel/cas/{}", big_d.hash))).unwrap();
     let chunk = hex::encode(&record[17 + 36..17 + 36 + 32]);
+    std::fs::remove_file(server.objects.join(format!("chunks/{}/{chunk}", &chunk[..2]))).unwrap();
+    // fsck names it and, not in a dry run, takes it out of the cache.
+    let fsck = |extra: &[&str]| {
+        let out = std::process::Command::new(common::FLYWHEEL).args(["fsck", "--config"]).arg(&server.config).args(extra).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let report = fsck(&["--dry-run"]);
+    assert!(report.contains(&format!("bzl Bazel blob {}", big_d.hash)), "{report}");
+    assert!(report.contains(&format!("missing chunk {chunk}")), "{report}");
+    runtime.block_on(async {
+        let grpc = Grpc::connect(port).await;
+        assert!(grpc.missing("bzl", &rw, std::slice::from_ref(&big_d)).await.unwrap().is_empty(), "a dry run changes nothing");
+    });
+    assert!(fsck(&[]).contains(&format!("bzl Bazel blob {}", big_d.hash)));
+    runtime.block_on(async {
+        let grpc = Grpc::connect(port).await;
+        assert_eq!(grpc.missing("bzl", &rw, std::slice::from_ref(&big_d)).await.unwrap(), vec![big_d.clone()]);
+    });
+    // Put back as it was, the damage is found by a read instead.
+    runtime.block_on(async {
+        let grpc = Grpc::connect(port).await;
+        grpc.write(&rw, &format!("bzl/uploads/d0/blobs/{}/{}", big_d.hash, big_d.size_bytes), &big, 0, true).await.unwrap();
+    });
     std::fs::remove_file(server.objects.join(format!("chunks/{}/{chunk}", &chunk[..2]))).unwrap();
     runtime.block_on(async {
         let grpc = Grpc::connect(port).await;

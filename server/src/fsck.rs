@@ -1,7 +1,8 @@
-//! Finding chunks that are missing or corrupt in storage, and taking the paths that need them
-//! out of service so that an ordinary re-push repairs them.
+//! Finding chunks that are missing or corrupt in storage, and taking the paths (and Bazel
+//! blobs) that need them out of service so that an ordinary re-push repairs them.
 //!
-//! Every chunk referenced by a published path is read and verified once. A corrupt chunk object
+//! Every chunk referenced by a published path or a Bazel blob record is read and verified
+//! once; a Bazel blob kept inline in its record is checked against its SHA-256. A corrupt chunk object
 //! is deleted (otherwise a re-push would find it "stored" and skip it); every path that needs a
 //! missing or corrupt chunk loses its path record, so it reads as missing (narinfo 404, listed
 //! by `get-missing-paths`) until it is pushed again.
@@ -35,6 +36,11 @@ pub struct FsckReport {
     /// `(cache, store path)` of every path that needs a missing or corrupt chunk or manifest,
     /// or whose record or manifest does not parse (named by its hash part then).
     pub damaged_paths: Vec<(String, String)>,
+    /// Bazel blob records looked at.
+    pub blobs: usize,
+    /// `(cache, sha256)` of Bazel blobs whose record does not decode, whose inline content
+    /// does not hash to its name, or that need a missing or corrupt chunk.
+    pub damaged_blobs: Vec<(String, String)>,
     /// Objects that could not be read for another reason than damage (storage that did not
     /// answer, say), and actions that failed, each naming its object. Nothing is concluded
     /// from them: the paths involved are left as they are.
@@ -63,6 +69,9 @@ pub async fn fsck(storage: &Storage, parallelism: usize, repair: bool) -> Result
     let mut users: HashMap<ChunkHash, Vec<(String, String)>> = HashMap::new();
     let mut sizes: BTreeMap<ChunkHash, u32> = BTreeMap::new();
     let mut damaged: BTreeSet<(String, String)> = BTreeSet::new();
+    // The same for Bazel blobs, by (cache, sha256 hex).
+    let mut blob_users: HashMap<ChunkHash, Vec<(String, String)>> = HashMap::new();
+    let mut damaged_blobs: BTreeSet<(String, String)> = BTreeSet::new();
     for cache in storage.list_caches().await? {
         let hash_parts = match storage.list_paths(&cache).await {
             Ok(hash_parts) => hash_parts,
@@ -118,6 +127,7 @@ pub async fn fsck(storage: &Storage, parallelism: usize, repair: bool) -> Result
                 users.entry(chunk_ref.hash).or_default().push(path.clone());
             }
         }
+        check_bazel_blobs(storage, &cache, &mut report, &mut sizes, &mut blob_users, &mut damaged_blobs).await;
     }
     report.chunks_checked = sizes.len();
     let verdicts: Vec<(ChunkHash, std::result::Result<Option<ErrorKind>, String>)> = futures::stream::iter(sizes)
@@ -154,12 +164,22 @@ pub async fn fsck(storage: &Storage, parallelism: usize, repair: bool) -> Result
     }
     damaged.extend(report.missing.iter().chain(&report.corrupt).flat_map(|hash| users.get(hash).cloned().unwrap_or_default()));
     report.damaged_paths = damaged.into_iter().collect();
+    damaged_blobs
+        .extend(report.missing.iter().chain(&report.corrupt).flat_map(|hash| blob_users.get(hash).cloned().unwrap_or_default()));
+    report.damaged_blobs = damaged_blobs.into_iter().collect();
     if repair {
         for (cache, name) in report.damaged_paths.clone() {
             // Named by store path, or by hash part when the record did not parse: both start
             // with the hash part.
             if let Err(err) = storage.delete_path(&cache, &name[..32.min(name.len())]).await {
                 report.problem(format!("taking {cache}/{name} out of service: {err}"));
+            }
+        }
+        for (cache, sha256) in report.damaged_blobs.clone() {
+            // Without its record the blob reads as missing, and Bazel uploads it again.
+            let key = object_store::path::Path::from(format!("{}/{sha256}", crate::bazel::records_prefix(&cache, crate::bazel::Store::Cas)));
+            if let Err(err) = storage.delete_object(&key).await {
+                report.problem(format!("taking Bazel blob {cache}/{sha256} out: {err}"));
             }
         }
         for hash in report.corrupt.clone() {
@@ -170,6 +190,61 @@ pub async fn fsck(storage: &Storage, parallelism: usize, repair: bool) -> Result
         report.repaired = true;
     }
     Ok(report)
+}
+
+/// Reads a cache's Bazel blob records: chunked ones add their chunks to those to verify,
+/// inline ones are checked here, and records that do not decode are damaged.
+async fn check_bazel_blobs(
+    storage: &Storage,
+    cache: &str,
+    report: &mut FsckReport,
+    sizes: &mut BTreeMap<ChunkHash, u32>,
+    users: &mut HashMap<ChunkHash, Vec<(String, String)>>,
+    damaged: &mut BTreeSet<(String, String)>,
+) {
+    use crate::bazel::record::BlobRecord;
+    use sha2::Digest;
+    let prefix = crate::bazel::records_prefix(cache, crate::bazel::Store::Cas);
+    let records = match storage.list_objects(&prefix).await {
+        Ok(records) => records,
+        Err(err) => {
+            report.problem(format!("cache {cache}: Bazel blobs could not be listed: {err}"));
+            return;
+        }
+    };
+    for meta in records {
+        let Some(sha256) = meta.location.filename().map(str::to_string) else { continue };
+        let bytes = match storage.get_object(&meta.location).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => continue,
+            Err(err) => {
+                report.problem(format!("{}: {err}", meta.location));
+                continue;
+            }
+        };
+        report.blobs += 1;
+        let blob = (cache.to_string(), sha256.clone());
+        match BlobRecord::decode(&bytes) {
+            Ok(BlobRecord::Chunks { chunks, .. }) => {
+                for chunk_ref in chunks {
+                    sizes.insert(chunk_ref.hash, chunk_ref.size);
+                    users.entry(chunk_ref.hash).or_default().push(blob.clone());
+                }
+            }
+            Ok(BlobRecord::Inline { size, frame }) => {
+                let whole = zstd::bulk::decompress(&frame, size as usize)
+                    .is_ok_and(|data| data.len() as u64 == size && hex::encode(sha2::Sha256::digest(&data)) == sha256);
+                if !whole {
+                    tracing::warn!(cache, sha256, "inline Bazel blob does not hash to its name");
+                    damaged.insert(blob);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(cache, sha256, error = %err, "Bazel blob record does not decode");
+                damaged.insert(blob);
+            }
+        }
+    }
 }
 
 /// Whether an error reading an object means the object itself is bad (rather than that
