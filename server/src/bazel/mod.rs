@@ -331,7 +331,7 @@ impl BazelStore {
                         // The record's length does not tell the blob's: a hash stored with
                         // another size is caught when it is read.
                         Ok(meta) => {
-                            self.refresh_if_old(&key, &meta, refresh_after).await;
+                            self.refresh_if_old(&key, &meta, None, refresh_after).await;
                             Ok(true)
                         }
                         Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -346,16 +346,26 @@ impl BazelStore {
             .collect()
     }
 
-    /// Writes a record again, as it is, once it is older than `refresh_after`. Best effort: a
-    /// failure only leaves the record to expire on its first write's schedule.
-    async fn refresh_if_old(&self, key: &Path, meta: &object_store::ObjectMeta, refresh_after: Option<Duration>) {
+    /// Writes a record again, as it is (`bytes` when the caller has read them already), once
+    /// it is older than `refresh_after`. Best effort: a failure only leaves the record to
+    /// expire on its first write's schedule.
+    async fn refresh_if_old(
+        &self,
+        key: &Path,
+        meta: &object_store::ObjectMeta,
+        bytes: Option<Bytes>,
+        refresh_after: Option<Duration>,
+    ) {
         let Some(refresh_after) = refresh_after else { return };
         let age_ms = self.storage.clock().now_ms().saturating_sub(crate::storage::modified_ms(meta));
         if age_ms < refresh_after.as_millis() as u64 {
             return;
         }
         let rewritten = async {
-            let bytes = self.storage.get_object(key).await?.ok_or_else(|| Error::not_found("gone"))?;
+            let bytes = match bytes {
+                Some(bytes) => bytes,
+                None => self.storage.get_object(key).await?.ok_or_else(|| Error::not_found("gone"))?,
+            };
             self.storage.object_store().put(key, PutPayload::from(bytes)).await.map_err(|e| Error::unavailable(e.to_string()))?;
             Ok::<_, Error>(())
         };
@@ -570,7 +580,7 @@ impl BazelStore {
         if !self.outputs_present(cache, &result, refresh_after).await? {
             return Ok((ActionLookup::Incomplete, None));
         }
-        self.refresh_if_old(&key, &meta, refresh_after).await;
+        self.refresh_if_old(&key, &meta, Some(bytes.clone()), refresh_after).await;
         Ok((ActionLookup::Hit(Box::new(result)), Some(bytes)))
     }
 
