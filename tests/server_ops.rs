@@ -144,6 +144,14 @@ fn damaged_chunks(backend: Backend) {
     let chunks: Vec<String> =
         manifest["manifest"]["chunks"].as_array().unwrap().iter().map(|c| c["hash"].as_str().unwrap().to_string()).collect();
     assert!(chunks.len() > 10, "the big path has {} chunks", chunks.len());
+    // Asked for zstd, the manifest comes compressed, and is the same JSON.
+    let manifest_url = format!("{}/_flywheel/v1/ci/manifest/{big}", server.url);
+    let plain = client.get(&manifest_url).bearer_auth(&admin).send().unwrap().bytes().unwrap();
+    let compressed = client.get(&manifest_url).bearer_auth(&admin).header("Accept-Encoding", "gzip, zstd").send().unwrap();
+    assert_eq!(compressed.headers()["content-encoding"], "zstd");
+    let compressed = compressed.bytes().unwrap();
+    assert!(compressed.len() < plain.len(), "{} compressed bytes for {} of JSON", compressed.len(), plain.len());
+    assert_eq!(zstd::decode_all(&compressed[..]).unwrap(), plain);
     let object = |hash: &str| server.objects.join("chunks").join(&hash[..2]).join(hash);
     let (lost, rotten) = (&chunks[chunks.len() / 2], &chunks[chunks.len() - 2]);
     std::fs::remove_file(object(lost)).unwrap();

@@ -9,6 +9,7 @@ use super::*;
 pub(crate) fn job_section(report: &mut Report, work: &Path) {
     use common_fuse::{mount_overlay, register_lazily, NixVersion, Setup, Unmount, CACHE};
     const JOB_FILES: usize = 200;
+    const JOB_RUNS_SHORT: usize = 5;
     let setup = Setup::of(NixVersion::V2_8);
     let netrc = setup.server.netrc(&setup.token);
     // Adds a directory of this machine to the store and pushes it: (store path, NAR MB).
@@ -63,6 +64,9 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
             compare_policies: false,
         },
     ];
+    // While tuning one shape: BENCH_JOB_SHAPES=python (a comma-separated list) runs only those.
+    let only: Option<Vec<String>> = std::env::var("BENCH_JOB_SHAPES").ok().map(|v| v.split(',').map(str::to_string).collect());
+    let shapes: Vec<Shape> = shapes.into_iter().filter(|s| only.as_ref().is_none_or(|only| only.iter().any(|o| o == s.name))).collect();
     let job = |shape: &Shape, store: &str| -> f64 {
         let expr = format!(
             "derivation {{ name = \"job-{}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
@@ -99,7 +103,15 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
         register_lazily(&setup, &store, std::slice::from_ref(&shape.path));
         job(shape, &store);
         let total = started.elapsed().as_secs_f64();
-        let fetched = common::metric_value(&common::fetch_metrics(&format!("http://{listen}/metrics")), "flywheel_runner_chunk_bytes_fetched_total");
+        let metrics = common::fetch_metrics(&format!("http://{listen}/metrics"));
+        let fetched = common::metric_value(&metrics, "flywheel_runner_chunk_bytes_fetched_total");
+        if only.is_some() {
+            let lines: Vec<&str> = metrics
+                .lines()
+                .filter(|l| !l.starts_with('#') && (l.contains("fetch_seconds_sum") || l.contains("fetch_seconds_count") || l.contains("prefetched") || l.contains("chunks_fetched") || l.contains("reads_total") || l.contains("passthrough_opens")))
+                .collect();
+            eprintln!("JOBDEBUG {} {url} {extra:?} total {:.2} s: {}", shape.name, started.elapsed().as_secs_f64(), lines.join("; "));
+        }
         drop_caches();
         let warm = job(shape, &store);
         drop(overlay);
@@ -142,18 +154,29 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
         // What the job reads, compressed: on-demand reads alone fetch only that (and readahead).
         let (_, _, read_bytes) = lazy_run(shape, &setup.server.url, &["--fill-max-nar-size", "0"]);
         intro_bytes.push(format!("{} {:.1} MB", shape.name, read_bytes / MB));
+        // The short jobs move by a tenth of a second when a neighbour of this shared machine
+        // wakes, so they get more runs; and the variants take turns within each round, so a
+        // noisy stretch falls on all of them rather than on one.
+        let runs = if shape.compare_policies { JOB_RUNS_SHORT } else { RUNS };
+        let compared = if shape.compare_policies { &policies[..] } else { &policies[..1] };
         for (name, link) in &link_urls {
             let url = url_of(link);
-            let reference = median((0..RUNS).map(|_| substitute_run(shape, &url)).collect());
-            let mut by_policy = Vec::new();
-            for (_, flags) in if shape.compare_policies { &policies[..] } else { &policies[..1] } {
-                let runs: Vec<(f64, f64, f64)> = (0..RUNS).map(|_| lazy_run(shape, &url, flags)).collect();
-                by_policy.push((median(runs.iter().map(|r| r.0).collect()), median(runs.iter().map(|r| r.2).collect())));
+            let mut references = Vec::new();
+            let mut by_policy_runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); compared.len()];
+            let mut traced: Vec<(f64, f64, f64)> = Vec::new();
+            for _ in 0..runs {
+                references.push(substitute_run(shape, &url));
+                for ((_, flags), runs) in compared.iter().zip(&mut by_policy_runs) {
+                    runs.push(lazy_run(shape, &url, flags));
+                }
+                traced.push(lazy_run(shape, &url, &["--prefetch", &key]));
             }
+            let reference = median(references);
+            let by_policy: Vec<(f64, f64)> =
+                by_policy_runs.iter().map(|runs| (median(runs.iter().map(|r| r.0).collect()), median(runs.iter().map(|r| r.2).collect()))).collect();
             if shape.compare_policies {
                 policy_rows.push((format!("{}, {name} (substitute first: {reference:.2} s)", shape.name), by_policy.clone()));
             }
-            let traced: Vec<(f64, f64, f64)> = (0..RUNS).map(|_| lazy_run(shape, &url, &["--prefetch", &key])).collect();
             let (cold, fill_bytes) = by_policy[0];
             let with_trace = median(traced.iter().map(|r| r.0).collect());
             let warm = median(traced.iter().map(|r| r.1).collect());
@@ -184,7 +207,7 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
              reads {JOB_FILES} files spread over the whole path (every 17th), one `sha256sum` process each. *python* runs \
              this machine's Python {python_version} environment from the store ({python_mb:.0} MB of NAR, its site-packages \
              included), importing boto3 and making an S3 client, as a deploy step does. Each figure \
-             is set-up plus job, median of {RUNS} runs. The reference substitutes the path first (`nix copy --from` the server, \
+             is set-up plus job, median of {JOB_RUNS_SHORT} runs (python: {RUNS}), the variants taking turns. The reference substitutes the path first (`nix copy --from` the server, \
              zstd NARs, into a fresh store). The lazy runs mount the cache, mount an overlay over it and register the path \
              (`dump-db | nix-store --load-db`), then run the job: with no trace (on-demand reads, the default), and with the trace an earlier job saved (`flywheel mount --prefetch KEY`, which starts fetching the traced \
              chunks at once). Warm is the same job again on that runner, page cache dropped. Links are the proxy of the \
@@ -200,7 +223,7 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
         "Background fill policies",
         &format!(
             "The cold lazy jobs of the section above with no trace, under each fill policy (`--fill-max-nar-size 0`; the \
-             default; `--fill-alongside-reads 1`; `--fill-order small-files-first`): set-up plus job, median of {RUNS} runs, \
+             default; `--fill-alongside-reads 1`; `--fill-order small-files-first`): set-up plus job, median of {JOB_RUNS_SHORT} runs, \
              and the compressed bytes fetched by the job's end."
         ),
     );

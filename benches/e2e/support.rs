@@ -260,6 +260,10 @@ impl Link {
             for client in listener.incoming() {
                 let Ok(mut client) = client else { continue };
                 let Ok(mut server) = std::net::TcpStream::connect(&target) else { continue };
+                // A link adds no latency of its own: pieces go on as they come, not after
+                // the peer's delayed ACK of the last one (Nagle's algorithm).
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
                 let (mut client_r, mut server_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut client_r, &mut server_w);

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_core::api::v1::cache_config::CacheConfig;
-use flywheel_core::api::v1::chunks::{BaseChunks, ChunkBatch, ChunkList, CommitRequest, PathManifest, MAX_CHUNKS_PER_REQUEST};
+use flywheel_core::api::v1::chunks::{
+    decompress_manifest, BaseChunks, ChunkBatch, ChunkList, CommitRequest, PathManifest, MANIFEST_ENCODING, MAX_CHUNKS_PER_REQUEST,
+};
 use flywheel_core::api::v1::get_missing_paths::{GetMissingPathsRequest, GetMissingPathsResponse};
 use flywheel_core::api::v1::traces::{validate_trace_key, Trace, TraceSummary, MAX_TRACE_BODY};
 use flywheel_core::chunk::ChunkHash;
@@ -88,8 +90,21 @@ impl ApiClient {
     #[instrument(skip_all, err, fields(store_path.hash = %hash_part))]
     pub async fn manifest(&self, hash_part: &str) -> Result<PathManifest> {
         flywheel_core::nix::store_path::parse_hash_part(hash_part)?;
-        let response = send(self.request(reqwest::Method::GET, self.api_url(&format!("manifest/{hash_part}")))).await?;
-        let bytes = read_capped(response, MAX_MANIFEST_BODY, "manifest").await?;
+        let request = self
+            .request(reqwest::Method::GET, self.api_url(&format!("manifest/{hash_part}")))
+            .header(reqwest::header::ACCEPT_ENCODING, MANIFEST_ENCODING);
+        let response = send(request).await?;
+        let encoding = response.headers().get(reqwest::header::CONTENT_ENCODING).cloned();
+        let mut bytes = read_capped(response, MAX_MANIFEST_BODY, "manifest").await?;
+        match encoding {
+            None => {}
+            Some(encoding) if encoding.as_bytes().eq_ignore_ascii_case(MANIFEST_ENCODING.as_bytes()) => {
+                bytes = tokio::task::spawn_blocking(move || decompress_manifest(&bytes, MAX_MANIFEST_BODY))
+                    .await
+                    .map_err(|e| Error::internal(format!("decompressing a manifest: {e}")))??;
+            }
+            Some(other) => return Err(Error::corrupt(format!("the server's manifest came in an encoding not asked for: {other:?}"))),
+        }
         let manifest: PathManifest = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("manifest of {hash_part} from the server does not parse: {e}")))?;
         manifest.manifest.validate().map_err(|e| Error::corrupt(e.message().to_string()))?;
@@ -411,6 +426,17 @@ mod tests {
         assert!(api.chunks(hash, &[chunk, chunk]).await.unwrap_err().message().contains("longer than"));
         assert!(api.trace("job").await.unwrap_err().message().contains("longer than"));
         assert!(api.store_dir().await.unwrap_err().message().contains("longer than"));
+    }
+
+    #[tokio::test]
+    async fn manifests_in_an_encoding_not_asked_for_are_refused() {
+        let head = "HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let err = client(endless_server(head).await).manifest("0c0ckjhibxyvhrxdb55dp3iwzal15ppw").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        // Zeros are no zstd frame.
+        let head = "HTTP/1.1 200 OK\r\nContent-Encoding: zstd\r\nContent-Length: 65536\r\n\r\n";
+        let err = client(endless_server(head).await).manifest("0c0ckjhibxyvhrxdb55dp3iwzal15ppw").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
     }
 
     #[tokio::test]

@@ -63,6 +63,7 @@ pub struct MemorySource {
     frames: Mutex<HashMap<ChunkHash, Vec<u8>>>,
     traces: Mutex<HashMap<String, Trace>>,
     chunks_served: AtomicU64,
+    manifests_served: AtomicU64,
 }
 
 impl MemorySource {
@@ -106,6 +107,11 @@ impl MemorySource {
         self.chunks_served.load(Ordering::Relaxed)
     }
 
+    /// Manifests handed out so far.
+    pub fn manifests_served(&self) -> u64 {
+        self.manifests_served.load(Ordering::Relaxed)
+    }
+
     fn serve(&self, path: &str, chunk: ChunkRef) -> Result<FetchedChunk> {
         let listed = self.paths.lock().get(path).is_some_and(|p| p.manifest.chunks.contains(&chunk));
         if !listed {
@@ -121,7 +127,15 @@ impl MemorySource {
 impl ChunkSource for MemorySource {
     fn manifest<'a>(&'a self, hash_part: &'a str) -> BoxFuture<'a, Result<PathManifest>> {
         let found = self.paths.lock().get(hash_part).cloned();
-        async move { found.ok_or_else(|| Error::not_found(format!("no path {hash_part}"))) }.boxed()
+        if found.is_some() {
+            self.manifests_served.fetch_add(1, Ordering::Relaxed);
+        }
+        async move {
+            // A server's answer takes a while: other callers get to run in between.
+            YieldOnce(false).await;
+            found.ok_or_else(|| Error::not_found(format!("no path {hash_part}")))
+        }
+        .boxed()
     }
 
     fn chunk<'a>(&'a self, path: &'a str, chunk: ChunkRef) -> BoxFuture<'a, Result<FetchedChunk>> {
@@ -149,5 +163,20 @@ impl ChunkSource for MemorySource {
         let summary = TraceSummary { paths: merged.paths.len(), chunks: merged.chunks.len(), dropped };
         traces.insert(key.to_string(), merged);
         async move { Ok(summary) }.boxed()
+    }
+}
+
+/// Pending once, then ready: lets the other tasks (or the other futures of a join) run.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if std::mem::replace(&mut self.0, true) {
+            return std::task::Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }

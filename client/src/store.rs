@@ -175,7 +175,7 @@ impl ChunkStore {
     /// decompression, so it runs on the blocking pool, split over a few tasks when there are many
     /// (readahead asks for dozens at once): the cores decompress in parallel and the runtime's
     /// workers stay free.
-    async fn cached(&self, chunks: &[ChunkRef]) -> Vec<Option<Arc<[u8]>>> {
+    pub async fn cached(&self, chunks: &[ChunkRef]) -> Vec<Option<Arc<[u8]>>> {
         const PER_TASK: usize = 8;
         let tasks = chunks.chunks(PER_TASK).map(|group| {
             let cache = self.cache.clone();

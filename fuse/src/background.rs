@@ -28,6 +28,11 @@ const WORKERS: usize = 4;
 const FILL_BATCH_BYTES: u64 = 512 * 1024;
 /// A trace's chunks are what the job will read next, so they go in larger requests.
 const TRACE_BATCH_BYTES: u64 = 2 * 1024 * 1024;
+/// The first request of a trace's prefetch: the job starts reading at once, and the
+/// [`WORKERS`] first requests share the link, so the first ones are small (each next one
+/// twice the last, up to [`TRACE_BATCH_BYTES`]); the job's first chunks then arrive after a
+/// fraction of a large request's time.
+const TRACE_FIRST_BATCH_BYTES: u64 = 128 * 1024;
 
 /// Where a background fetch came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +81,8 @@ pub(crate) struct Background {
     link_freed: Notify,
     /// Notified when the trace's jobs are all done.
     trace_done: Notify,
+    /// Trace requests queued since the trace queue was last empty: sets the next one's size.
+    trace_batches: AtomicUsize,
     pub stats: BackgroundStats,
 }
 
@@ -112,6 +119,7 @@ impl Background {
             alongside_reads,
             link_freed: Notify::new(),
             trace_done: Notify::new(),
+            trace_batches: AtomicUsize::new(0),
             stats: BackgroundStats::default(),
         });
         for worker in 0..WORKERS {
@@ -129,9 +137,13 @@ impl Background {
 
     /// Queues `chunks` of `tree`, in this order, in requests of a size fit for `source`.
     pub fn queue(&self, tree: &Arc<PathTree>, chunks: &[ChunkRef], source: Source) {
-        let limit = match source {
-            Source::Trace => TRACE_BATCH_BYTES,
+        let limit = |batches_before: usize| match source {
+            Source::Trace => trace_batch_bytes(batches_before),
             Source::Fill => FILL_BATCH_BYTES,
+        };
+        let mut batches_before = match source {
+            Source::Trace => self.trace_batches.load(Ordering::Acquire),
+            Source::Fill => 0,
         };
         let mut jobs = Vec::new();
         let mut batch: Vec<ChunkRef> = Vec::new();
@@ -139,10 +151,14 @@ impl Background {
         for chunk in chunks {
             batch.push(*chunk);
             bytes += u64::from(chunk.size);
-            if bytes >= limit {
+            if bytes >= limit(batches_before + jobs.len()) {
                 jobs.push(std::mem::take(&mut batch));
                 bytes = 0;
             }
+        }
+        batches_before += jobs.len() + usize::from(!batch.is_empty());
+        if source == Source::Trace {
+            self.trace_batches.store(batches_before, Ordering::Release);
         }
         if !batch.is_empty() {
             jobs.push(batch);
@@ -201,6 +217,7 @@ impl Background {
             this.link_freed.notify_waiters();
             let source = slot(job.source);
             if this.pending[source].fetch_sub(1, Ordering::AcqRel) == 1 && job.source == Source::Trace {
+                this.trace_batches.store(0, Ordering::Release);
                 this.trace_done.notify_waiters();
             }
         }
@@ -248,5 +265,23 @@ impl Background {
                 debug!(store_path = %job.tree.base_name, "background fetch timed out");
             }
         }
+    }
+}
+
+/// Raw bytes of the trace request that follows `batches_before` others of the same prefetch.
+fn trace_batch_bytes(batches_before: usize) -> u64 {
+    let doublings = u32::try_from(batches_before).unwrap_or(u32::MAX).min(TRACE_BATCH_BYTES.ilog2());
+    (TRACE_FIRST_BATCH_BYTES << doublings).min(TRACE_BATCH_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_requests_start_small_and_grow_to_the_full_size() {
+        let sizes: Vec<u64> = (0..7).map(trace_batch_bytes).collect();
+        assert_eq!(sizes, [128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 2 << 20, 2 << 20]);
+        assert_eq!(trace_batch_bytes(usize::MAX), TRACE_BATCH_BYTES);
     }
 }

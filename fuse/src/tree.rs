@@ -48,6 +48,10 @@ pub(crate) struct PathTree {
     /// Whether the path's background fill was queued, or a trace's prefetch covers the path
     /// (then the trace, not a fill, decides what to fetch).
     pub fill_claimed: AtomicBool,
+    /// Whether an access trace's prefetch covers the path. Its readahead then loads chunks
+    /// from the local cache only: the trace fetches what the job will read, and readahead's
+    /// guesses from the server would take the link from it.
+    pub trace_covered: AtomicBool,
 }
 
 impl PathTree {
@@ -70,6 +74,7 @@ impl PathTree {
             walk_bytes: AtomicU64::new(0),
             traced: (0..path.manifest.chunks.len()).map(|_| AtomicU32::new(0)).collect(),
             fill_claimed: AtomicBool::new(false),
+            trace_covered: AtomicBool::new(false),
         })
     }
 

@@ -91,6 +91,11 @@ pub async fn serve(
                 }
             },
         };
+        // Answers are written in pieces (headers, then body frames); with Nagle's algorithm a
+        // small piece waits for the client's delayed ACK of the last, up to 40 ms a request.
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %err, "setting TCP_NODELAY failed");
+        }
         let (router, builder, stop) = (router.clone(), builder.clone(), stop_rx.clone());
         tokio::spawn(serve_connection(stream, peer, router, builder, limits, slot, stop));
     }

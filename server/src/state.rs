@@ -248,7 +248,10 @@ impl AppState {
     pub async fn manifest_response(
         &self,
         path: flywheel_core::api::v1::chunks::PathManifest,
+        compressed: bool,
     ) -> flywheel_core::Result<axum::response::Response> {
+        use axum::http::header::{CONTENT_ENCODING, CONTENT_TYPE, VARY};
+        use flywheel_core::api::v1::chunks::{compress_manifest, MANIFEST_ENCODING};
         let kept = self.manifests.kept.lock().by_hash.get(&path.manifest.nar_hash).map(|c| c.json.clone());
         let json = match kept {
             Some(json) => json,
@@ -257,8 +260,16 @@ impl AppState {
                 .map_err(|e| flywheel_core::Error::internal(format!("serializing a manifest: {e}")))?,
         };
         let pieces = path.json_pieces(json);
+        if compressed {
+            // Megabytes of JSON for a large path: off the runtime's workers.
+            let body = tokio::task::spawn_blocking(move || compress_manifest(&pieces))
+                .await
+                .map_err(|e| flywheel_core::Error::internal(format!("compressing a manifest: {e}")))??;
+            let headers = [(CONTENT_TYPE, "application/json"), (CONTENT_ENCODING, MANIFEST_ENCODING), (VARY, "accept-encoding")];
+            return Ok((headers, body).into_response());
+        }
         let body = axum::body::Body::from_stream(futures::stream::iter(pieces.map(Ok::<_, std::convert::Infallible>)));
-        Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
+        Ok(([(CONTENT_TYPE, "application/json"), (VARY, "accept-encoding")], body).into_response())
     }
 
     /// Opens storage and sets everything up from a config.

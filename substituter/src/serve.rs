@@ -212,7 +212,13 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    use axum::serve::ListenerExt;
     let app = substituter.router();
+    // Nix asks for narinfo after narinfo on one connection: without TCP_NODELAY an answer
+    // written in two pieces waits for Nix's delayed ACK.
+    let listener = listener.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

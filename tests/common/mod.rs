@@ -711,6 +711,9 @@ impl CountingProxy {
                     continue;
                 }
                 let Ok(server) = TcpStream::connect(&target) else { continue };
+                // Pieces go on as they come, not after the peer's delayed ACK (Nagle).
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
                 let (gets, fields, puts, bytes, dead) = (gets.clone(), fields.clone(), puts.clone(), bytes.clone(), dead.clone());
                 let (get_pattern, put_pattern, batch_pattern) = (get_pattern.clone(), put_pattern.clone(), batch_pattern.clone());
                 let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());

@@ -174,6 +174,9 @@ pub(crate) struct Inner {
     pub(crate) config: FsConfig,
     paths: RwLock<Vec<Arc<PathTree>>>,
     by_hash: RwLock<HashMap<String, usize>>,
+    /// Per hash part being looked up on the server: one lookup fetches its manifest, and the
+    /// others (the job's processes and a trace's prefetch, at once) wait for it.
+    resolving: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     hot: Mutex<HotChunks>,
     open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
@@ -272,6 +275,7 @@ impl FlywheelFs {
                 config,
                 paths: RwLock::default(),
                 by_hash: RwLock::default(),
+                resolving: Mutex::default(),
                 hot: Mutex::new(HotChunks { map: lru::LruCache::unbounded(), bytes: 0, limit }),
                 open_files: Mutex::default(),
                 next_fh: AtomicU64::new(1),
@@ -341,6 +345,18 @@ impl Inner {
         out
     }
 
+
+    /// Loads those of `chunks` the local cache holds into the hot chunks; asks the server
+    /// for none.
+    async fn load_cached(&self, chunks: &[ChunkRef]) {
+        let found = self.store.cached(chunks).await;
+        let mut hot = self.hot.lock();
+        for (chunk, data) in chunks.iter().zip(found) {
+            if let Some(data) = data {
+                hot.put(chunk.hash, data);
+            }
+        }
+    }
 
     /// Chunks of `tree` from memory when there, else from the store (cache or server), bounded
     /// by the offline timeout.

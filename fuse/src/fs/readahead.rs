@@ -37,6 +37,7 @@ impl Inner {
                     Ok((_, tree)) => {
                         // The trace decides what of this path is fetched, not a whole-path fill.
                         tree.fill_claimed.store(true, Ordering::Relaxed);
+                        tree.trace_covered.store(true, Ordering::Relaxed);
                         let listed = tree.chunks.iter().copied().collect();
                         Some((tree, listed))
                     }
@@ -105,14 +106,17 @@ impl Inner {
         }
         let (inner, tree) = (self.clone(), tree.clone());
         let span = debug_span!("readahead", kind, store_path = %tree.base_name, chunks = wanted.len());
-        self.runtime.spawn(
-            async move {
-                if let Err(err) = inner.chunks(&tree, &wanted).await {
-                    tracing::debug!("readahead failed: {err}");
-                }
-            }
-            .instrument(span),
-        );
+        self.runtime.spawn(async move { inner.read_ahead(&tree, &wanted).await }.instrument(span));
+    }
+
+    /// Loads `wanted` into the hot chunks: from the local cache or the server, or from the
+    /// local cache alone when a trace's prefetch covers the path.
+    pub(super) async fn read_ahead(&self, tree: &PathTree, wanted: &[ChunkRef]) {
+        if tree.trace_covered.load(Ordering::Relaxed) {
+            self.load_cached(wanted).await;
+        } else if let Err(err) = self.chunks(tree, wanted).await {
+            tracing::debug!("readahead failed: {err}");
+        }
     }
 }
 
@@ -168,6 +172,7 @@ mod tests {
             prefetched_to: Default::default(),
             walk_bytes: Default::default(),
             fill_claimed: Default::default(),
+            trace_covered: Default::default(),
         };
         let order = super::small_files_first(&tree);
         assert_eq!(order, vec![chunks[2], chunks[3], chunks[0], chunks[1], chunks[4]]);

@@ -41,16 +41,41 @@ impl Inner {
     pub(super) async fn resolve(&self, base_name: &str) -> Result<(usize, Arc<PathTree>)> {
         let path = StorePath::from_base_name(base_name)?;
         let hash_part = path.hash_part();
-        if let Some((index, tree)) = self.registered(&hash_part) {
-            return if tree.base_name == base_name { Ok((index, tree)) } else { Err(Error::not_found(base_name)) };
+        if let Some(found) = self.registered_as(&hash_part, base_name) {
+            return found;
         }
-        let manifest = match self.store.cache().get_manifest(&hash_part) {
+        let turn = self.resolving.lock().entry(hash_part.clone()).or_default().clone();
+        let resolved = {
+            let _turn = turn.lock().await;
+            match self.registered_as(&hash_part, base_name) {
+                Some(found) => found,
+                None => self.fetch_and_register(&hash_part, base_name).await,
+            }
+        };
+        let mut resolving = self.resolving.lock();
+        // Held by the map and this lookup alone: nobody waits for this hash part any more.
+        if Arc::strong_count(&turn) == 2 {
+            resolving.remove(&hash_part);
+        }
+        resolved
+    }
+
+    /// The registered path of `hash_part`, when there is one: found if its name is
+    /// `base_name`, else not found.
+    fn registered_as(&self, hash_part: &str, base_name: &str) -> Option<Result<(usize, Arc<PathTree>)>> {
+        let (index, tree) = self.registered(hash_part)?;
+        Some(if tree.base_name == base_name { Ok((index, tree)) } else { Err(Error::not_found(base_name)) })
+    }
+
+    /// Registers `base_name` from the manifest the local cache holds, or else the server's.
+    async fn fetch_and_register(&self, hash_part: &str, base_name: &str) -> Result<(usize, Arc<PathTree>)> {
+        let manifest = match self.store.cache().get_manifest(hash_part) {
             Some(manifest) => manifest,
             None => {
-                let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.source().manifest(&hash_part))
+                let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.source().manifest(hash_part))
                     .await
                     .map_err(|_| Error::unavailable("the server did not answer within the offline timeout"))??;
-                self.store.cache().put_manifest(&hash_part, &fetched);
+                self.store.cache().put_manifest(hash_part, &fetched);
                 fetched
             }
         };
@@ -58,7 +83,7 @@ impl Inner {
         if served_name != base_name {
             return Err(Error::not_found(format!("{base_name} is not in the cache (its hash names {served_name})")));
         }
-        Ok(self.register(&hash_part, base_name.to_string(), &manifest))
+        Ok(self.register(hash_part, base_name.to_string(), &manifest))
     }
 
     /// Registers every path whose manifest the local cache holds, for a listing of the root.

@@ -42,7 +42,17 @@ impl Fixture {
     /// A filesystem over `source` with its local cache in `cache_dir`.
     fn new(source: Arc<MemorySource>, cache_dir: &std::path::Path) -> Fixture {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let cache = Arc::new(ChunkCache::open(&LocalCacheConfig::new(cache_dir, 64 << 20)).unwrap());
+        // sled lets go of a dropped cache's lock from its own thread, a moment later.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let cache = loop {
+            match ChunkCache::open(&LocalCacheConfig::new(cache_dir, 64 << 20)) {
+                Ok(cache) => break Arc::new(cache),
+                Err(err) if err.kind() == ErrorKind::AlreadyExists && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(err) => panic!("opening the chunk cache: {err}"),
+            }
+        };
         let store = ChunkStore::new(source.clone(), cache);
         let config = FsConfig {
             offline_timeout: Duration::from_secs(10),
@@ -160,4 +170,59 @@ fn unknown_and_misnamed_paths_are_not_found() {
     // Refused names register nothing; the real one still resolves.
     assert!(fixture.fs.inner.paths.read().is_empty());
     assert_eq!(fixture.resolve(BASE_NAME).unwrap().base_name, BASE_NAME);
+}
+
+#[test]
+fn readahead_of_a_traced_path_loads_from_the_local_cache_alone() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::new(source(), cache_dir.path());
+    let tree = fixture.resolve(BASE_NAME).unwrap();
+    tree.trace_covered.store(true, Ordering::Relaxed);
+    let inner = &fixture.fs.inner;
+    fixture.runtime.block_on(inner.read_ahead(&tree, &tree.chunks));
+    assert_eq!(fixture.source.chunks_served(), 0, "the trace, not readahead, fetches a traced path's chunks");
+    assert!(inner.hot.lock().map.is_empty());
+    // A chunk the local cache holds is loaded into memory all the same.
+    assert_eq!(fixture.read(&tree, "small", 0, 5).unwrap(), b"hello");
+    assert_eq!(fixture.source.chunks_served(), 1);
+    let node = tree.child(0, "small").unwrap();
+    let NodeKind::File { nar_offset, .. } = tree.nodes[node as usize].kind else { unreachable!() };
+    let small = tree.covering(nar_offset, nar_offset + 5).0[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !inner.store.cache().contains(&small.hash) {
+        assert!(std::time::Instant::now() < deadline, "the fetched chunk never reached the local cache");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    inner.hot.lock().map.pop(&small.hash);
+    fixture.runtime.block_on(inner.read_ahead(&tree, &tree.chunks));
+    assert_eq!(fixture.source.chunks_served(), 1);
+    assert!(inner.hot.lock().map.contains(&small.hash), "the cached chunk is hot again");
+    // Without a trace, readahead fetches what it wants from the server.
+    tree.trace_covered.store(false, Ordering::Relaxed);
+    fixture.runtime.block_on(inner.read_ahead(&tree, &tree.chunks));
+    let distinct: std::collections::HashSet<_> = tree.chunks.iter().map(|c| c.hash).collect();
+    assert_eq!(fixture.source.chunks_served(), distinct.len() as u64);
+}
+
+#[test]
+fn lookups_of_one_path_at_once_fetch_its_manifest_once() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::new(source(), cache_dir.path());
+    let inner = &fixture.fs.inner;
+    let resolved: Vec<usize> = fixture.runtime.block_on(async {
+        let lookups: Vec<_> = (0..8)
+            .map(|_| {
+                let inner = inner.clone();
+                tokio::spawn(async move { inner.resolve(BASE_NAME).await.map(|(index, _)| index) })
+            })
+            .collect();
+        let mut resolved = Vec::new();
+        for lookup in lookups {
+            resolved.push(lookup.await.unwrap().unwrap());
+        }
+        resolved
+    });
+    assert!(resolved.iter().all(|&index| index == resolved[0]), "every lookup finds the one registered path");
+    assert_eq!(fixture.source.manifests_served(), 1);
+    assert!(inner.resolving.lock().is_empty(), "nothing is left waiting");
 }

@@ -45,6 +45,7 @@ pub async fn manifest(
     State(state): State<AppState>,
     access: Access<Pull>,
     ApiPath((_, hash)): ApiPath<(String, String)>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<Response> {
     let (cache, record) = (&access.name, &access.record);
     let path = path_record(&state, cache, &hash).await?;
@@ -61,7 +62,24 @@ pub async fn manifest(
         sigs: narinfo.sigs,
         ca: path.ca,
         manifest,
-    }).await?)
+    }, accepts_encoding(&headers, flywheel_core::api::v1::chunks::MANIFEST_ENCODING)).await?)
+}
+
+/// Whether the request's `Accept-Encoding` takes `encoding` (named, and not with `q=0`).
+fn accepts_encoding(headers: &axum::http::HeaderMap, encoding: &str) -> bool {
+    headers
+        .get_all(axum::http::header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let named = parts.next().is_some_and(|name| name.eq_ignore_ascii_case(encoding));
+            let refused = parts.any(|param| {
+                param.strip_prefix("q=").is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0))
+            });
+            named && !refused
+        })
 }
 
 /// `GET base/{name}`: the chunk list of the path last published under the unversioned name of
@@ -538,5 +556,24 @@ mod tests {
                 prop_assert!(check_uploaded(&trailing, &hash, 4096).is_err());
             }
         }
+    }
+
+    #[test]
+    fn accept_encoding_is_read_as_http_says() {
+        let accepts = |values: &[&str]| {
+            let mut headers = axum::http::HeaderMap::new();
+            for value in values {
+                headers.append(axum::http::header::ACCEPT_ENCODING, value.parse().unwrap());
+            }
+            accepts_encoding(&headers, "zstd")
+        };
+        assert!(accepts(&["zstd"]));
+        assert!(accepts(&["gzip, ZSTD;q=0.5"]));
+        assert!(accepts(&["gzip", "br, zstd"]));
+        assert!(!accepts(&[]));
+        assert!(!accepts(&["gzip, br"]));
+        assert!(!accepts(&["zstd;q=0"]));
+        assert!(!accepts(&["zstd ; q=0.0"]));
+        assert!(!accepts(&["zstdx"]));
     }
 }

@@ -23,6 +23,43 @@ use crate::manifest::{ChunkRef, Manifest};
 /// Most chunks one request may name.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 100_000;
 
+/// The `Content-Encoding` a [`PathManifest`] answer comes in when the client's
+/// `Accept-Encoding` names it. A manifest lists every file of its path: megabytes of JSON for
+/// a tool environment, which the runner waits for before the first read; zstd makes it about
+/// a third.
+pub const MANIFEST_ENCODING: &str = "zstd";
+
+/// Largest zstd window, as a power of two, a compressed manifest may need (8 MiB): a client
+/// refuses frames that would make it hold more. [`compress_manifest`] stays within it.
+const MANIFEST_WINDOW_LOG: u32 = 23;
+
+/// Compresses the body of a manifest answer (its JSON, in pieces) for [`MANIFEST_ENCODING`].
+pub fn compress_manifest(pieces: &[bytes::Bytes]) -> crate::Result<Vec<u8>> {
+    use std::io::Write;
+    let failed = |err: std::io::Error| crate::Error::internal(format!("compressing a manifest: {err}"));
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).map_err(failed)?;
+    encoder.window_log(MANIFEST_WINDOW_LOG).map_err(failed)?;
+    for piece in pieces {
+        encoder.write_all(piece).map_err(failed)?;
+    }
+    encoder.finish().map_err(failed)
+}
+
+/// Decompresses a manifest answer in [`MANIFEST_ENCODING`], refusing one that holds more than
+/// `max` bytes or needs a larger window than a manifest's: a server's answer is outside input.
+pub fn decompress_manifest(body: &[u8], max: usize) -> crate::Result<Vec<u8>> {
+    use std::io::Read;
+    let damaged = |err: std::io::Error| crate::Error::corrupt(format!("the compressed manifest does not decompress: {err}"));
+    let mut decoder = zstd::stream::read::Decoder::new(body).map_err(damaged)?;
+    decoder.window_log_max(MANIFEST_WINDOW_LOG).map_err(damaged)?;
+    let mut json = Vec::new();
+    decoder.take(max as u64 + 1).read_to_end(&mut json).map_err(damaged)?;
+    if json.len() > max {
+        return Err(crate::Error::corrupt(format!("the compressed manifest holds more than {max} bytes")));
+    }
+    Ok(json)
+}
+
 /// A store path's narinfo fields together with its manifest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -263,6 +300,26 @@ mod tests {
         let huge = ChunkBatch { path, chunks: vec![chunk(1, 100), chunk(2, u32::MAX)] };
         let err = serde_json::from_str::<ChunkBatch>(&serde_json::to_string(&huge).unwrap()).unwrap_err();
         assert!(err.to_string().contains("over the limit"), "{err}");
+    }
+
+    #[test]
+    fn compressed_manifests_round_trip_and_bad_ones_are_refused() {
+        let pieces = [bytes::Bytes::from_static(b"{\"a\":"), bytes::Bytes::from(vec![b'7'; 100_000]), bytes::Bytes::from_static(b"}")];
+        let whole: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+        let compressed = compress_manifest(&pieces).unwrap();
+        assert!(compressed.len() < whole.len() / 10);
+        assert_eq!(decompress_manifest(&compressed, whole.len()).unwrap(), whole);
+        // One byte over the bound, garbage, a cut frame.
+        assert_eq!(decompress_manifest(&compressed, whole.len() - 1).unwrap_err().kind(), crate::ErrorKind::Corrupt);
+        assert_eq!(decompress_manifest(b"not zstd at all", 1 << 20).unwrap_err().kind(), crate::ErrorKind::Corrupt);
+        assert!(decompress_manifest(&compressed[..compressed.len() / 2], 1 << 20).is_err());
+        // A frame that needs a larger window than a manifest's is refused before it costs memory.
+        // (A stream of unknown size declares the whole window it was given.)
+        let mut wide = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        wide.window_log(27).unwrap();
+        std::io::Write::write_all(&mut wide, &[1u8; 1024]).unwrap();
+        let wide = wide.finish().unwrap();
+        assert_eq!(decompress_manifest(&wide, 128 << 20).unwrap_err().kind(), crate::ErrorKind::Corrupt);
     }
 
     #[test]
