@@ -10,15 +10,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Blob contents as `Bytes`: a blob read from storage goes out without another copy.
     config.bytes(["."]);
     let protos = [
-        std::path::PathBuf::from("proto/build/bazel/remote/execution/v2/remote_execution.proto"),
-        std::path::PathBuf::from("proto/google/bytestream/bytestream.proto"),
+        std::path::PathBuf::from("third_party/build/bazel/remote/execution/v2/remote_execution.proto"),
+        std::path::PathBuf::from("third_party/google/bytestream/bytestream.proto"),
     ];
     tonic_prost_build::configure().build_server(true).build_client(true).compile_with_config(
         config,
         &protos,
-        &[std::path::PathBuf::from("proto"), well_known],
+        &[std::path::PathBuf::from("third_party"), well_known],
     )?;
-    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=third_party");
     Ok(())
 }
 

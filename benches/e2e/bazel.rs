@@ -359,25 +359,16 @@ pub(crate) fn bazel_section(report: &mut Report, work: &Path) {
         ),
     );
     let rate = |secs: f64| digest.size_bytes as f64 / MB / secs;
-    let nar_rate = rate(median(nar_up));
-    for (figure, secs) in [("CAS upload, gRPC ByteStream", median(grpc_up)), ("CAS upload, HTTP PUT", median(http_up))] {
-        report.row(
-            figure,
-            format!("{:.0} MB/s", rate(secs)),
-            format!("NAR upload-path, same bytes: {nar_rate:.0} MB/s"),
-            ratio(rate(secs) / nar_rate),
-            "",
-        );
-    }
-    let nginx_rate = rate(median(nginx_down));
-    for (figure, secs) in [("CAS download, gRPC ByteStream", median(grpc_down)), ("CAS download, HTTP GET", median(http_down))] {
-        report.row(
-            figure,
-            format!("{:.0} MB/s", rate(secs)),
-            format!("nginx, same file: {nginx_rate:.0} MB/s"),
-            ratio(rate(secs) / nginx_rate),
-            "",
-        );
+    let (nar_rate, nginx_rate) = (rate(median(nar_up)), rate(median(nginx_down)));
+    let uploads_against = format!("NAR upload-path, same bytes: {nar_rate:.0} MB/s");
+    let downloads_against = format!("nginx, same file: {nginx_rate:.0} MB/s");
+    for (figure, secs, reference, reference_rate) in [
+        ("CAS upload, gRPC ByteStream", median(grpc_up), &uploads_against, nar_rate),
+        ("CAS upload, HTTP PUT", median(http_up), &uploads_against, nar_rate),
+        ("CAS download, gRPC ByteStream", median(grpc_down), &downloads_against, nginx_rate),
+        ("CAS download, HTTP GET", median(http_down), &downloads_against, nginx_rate),
+    ] {
+        report.row(figure, format!("{:.0} MB/s", rate(secs)), reference.clone(), ratio(rate(secs) / reference_rate), "");
     }
     for (kind, reference) in [
         ("GetActionResult (hit)", "GET /ac (hit)"),
