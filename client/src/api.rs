@@ -94,16 +94,17 @@ impl ApiClient {
             .request(reqwest::Method::GET, self.api_url(&format!("manifest/{hash_part}")))
             .header(reqwest::header::ACCEPT_ENCODING, MANIFEST_ENCODING);
         let response = send(request).await?;
-        let encoding = response.headers().get(reqwest::header::CONTENT_ENCODING).cloned();
-        let mut bytes = read_capped(response, MAX_MANIFEST_BODY, "manifest").await?;
-        match encoding {
-            None => {}
-            Some(encoding) if encoding.as_bytes().eq_ignore_ascii_case(MANIFEST_ENCODING.as_bytes()) => {
-                bytes = tokio::task::spawn_blocking(move || decompress_manifest(&bytes, MAX_MANIFEST_BODY))
-                    .await
-                    .map_err(|e| Error::internal(format!("decompressing a manifest: {e}")))??;
-            }
+        // Checked before the body is read: a body nobody can decode is not worth downloading.
+        let compressed = match response.headers().get(reqwest::header::CONTENT_ENCODING) {
+            None => false,
+            Some(encoding) if encoding.as_bytes().eq_ignore_ascii_case(MANIFEST_ENCODING.as_bytes()) => true,
             Some(other) => return Err(Error::corrupt(format!("the server's manifest came in an encoding not asked for: {other:?}"))),
+        };
+        let mut bytes = read_capped(response, MAX_MANIFEST_BODY, "manifest").await?;
+        if compressed {
+            bytes = tokio::task::spawn_blocking(move || decompress_manifest(&bytes, MAX_MANIFEST_BODY))
+                .await
+                .map_err(|e| Error::internal(format!("decompressing a manifest: {e}")))??;
         }
         let manifest: PathManifest = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("manifest of {hash_part} from the server does not parse: {e}")))?;
@@ -433,10 +434,12 @@ mod tests {
         let head = "HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nTransfer-Encoding: chunked\r\n\r\n";
         let err = client(endless_server(head).await).manifest("0c0ckjhibxyvhrxdb55dp3iwzal15ppw").await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-        // Zeros are no zstd frame.
+        assert!(err.message().contains("encoding not asked for"), "{err}");
+        // Zeros are no zstd frame: refused as such, not parsed as JSON.
         let head = "HTTP/1.1 200 OK\r\nContent-Encoding: zstd\r\nContent-Length: 65536\r\n\r\n";
         let err = client(endless_server(head).await).manifest("0c0ckjhibxyvhrxdb55dp3iwzal15ppw").await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        assert!(!err.message().contains("does not parse"), "{err}");
     }
 
     #[tokio::test]

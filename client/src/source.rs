@@ -56,14 +56,17 @@ impl ChunkSource for ApiClient {
 }
 
 /// Paths held in memory, served as a cache would serve them: a chunk only as part of a path
-/// that lists it. For tests; it counts the chunks it hands out, and can be told to damage them.
+/// that lists it. For tests; it counts the chunks it hands out and the manifests asked for, and can be told to damage them.
 #[derive(Default)]
 pub struct MemorySource {
     paths: Mutex<HashMap<String, PathManifest>>,
     frames: Mutex<HashMap<ChunkHash, Vec<u8>>>,
     traces: Mutex<HashMap<String, Trace>>,
     chunks_served: AtomicU64,
-    manifests_served: AtomicU64,
+    manifest_requests: AtomicU64,
+    /// Manifest answers wait for a read lock of this: a test holding the write lock keeps
+    /// lookups waiting until it has them all where it wants them.
+    manifest_gate: tokio::sync::RwLock<()>,
 }
 
 impl MemorySource {
@@ -107,9 +110,14 @@ impl MemorySource {
         self.chunks_served.load(Ordering::Relaxed)
     }
 
-    /// Manifests handed out so far.
-    pub fn manifests_served(&self) -> u64 {
-        self.manifests_served.load(Ordering::Relaxed)
+    /// Holds every manifest answer back until the guard is dropped (`None` when held already).
+    pub fn hold_manifests(&self) -> Option<tokio::sync::RwLockWriteGuard<'_, ()>> {
+        self.manifest_gate.try_write().ok()
+    }
+
+    /// Manifests asked for so far, found or not.
+    pub fn manifest_requests(&self) -> u64 {
+        self.manifest_requests.load(Ordering::Relaxed)
     }
 
     fn serve(&self, path: &str, chunk: ChunkRef) -> Result<FetchedChunk> {
@@ -127,12 +135,11 @@ impl MemorySource {
 impl ChunkSource for MemorySource {
     fn manifest<'a>(&'a self, hash_part: &'a str) -> BoxFuture<'a, Result<PathManifest>> {
         let found = self.paths.lock().get(hash_part).cloned();
-        if found.is_some() {
-            self.manifests_served.fetch_add(1, Ordering::Relaxed);
-        }
+        self.manifest_requests.fetch_add(1, Ordering::Relaxed);
         async move {
             // A server's answer takes a while: other callers get to run in between.
             YieldOnce(false).await;
+            drop(self.manifest_gate.read().await);
             found.ok_or_else(|| Error::not_found(format!("no path {hash_part}")))
         }
         .boxed()

@@ -174,9 +174,10 @@ pub(crate) struct Inner {
     pub(crate) config: FsConfig,
     paths: RwLock<Vec<Arc<PathTree>>>,
     by_hash: RwLock<HashMap<String, usize>>,
-    /// Per hash part being looked up on the server: one lookup fetches its manifest, and the
-    /// others (the job's processes and a trace's prefetch, at once) wait for it.
-    resolving: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per store path (base name) being looked up on the server: one lookup fetches its manifest, and the
+    /// others (the job's processes and a trace's prefetch, at once) share its outcome, a
+    /// failure included, so a server that is down costs them one offline timeout, not one each.
+    resolving: Mutex<HashMap<String, Arc<registry::Lookup>>>,
     hot: Mutex<HotChunks>,
     open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
@@ -349,9 +350,17 @@ impl Inner {
     /// Loads those of `chunks` the local cache holds into the hot chunks; asks the server
     /// for none.
     async fn load_cached(&self, chunks: &[ChunkRef]) {
-        let found = self.store.cached(chunks).await;
+        // Those in memory already would only be read and decompressed again.
+        let wanted: Vec<ChunkRef> = {
+            let hot = self.hot.lock();
+            chunks.iter().filter(|c| !hot.map.contains(&c.hash)).copied().collect()
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        let found = self.store.cached(&wanted).await;
         let mut hot = self.hot.lock();
-        for (chunk, data) in chunks.iter().zip(found) {
+        for (chunk, data) in wanted.iter().zip(found) {
             if let Some(data) = data {
                 hot.put(chunk.hash, data);
             }

@@ -54,6 +54,16 @@ impl Inner {
             queued += wanted.len();
             self.background.queue(tree, &wanted, Source::Trace);
         }
+        // Once the trace's chunks are all fetched, readahead may ask the server again: a later
+        // job on this mount, with another trace or none, may read what this trace did not name.
+        let covered: Vec<Arc<PathTree>> = trees.values().flatten().map(|(tree, _)| tree.clone()).collect();
+        let inner = self.clone();
+        self.runtime.spawn(async move {
+            inner.background.trace_drained().await;
+            for tree in covered {
+                tree.trace_covered.store(false, Ordering::Relaxed);
+            }
+        });
         (trees.len(), queued, skipped)
     }
 

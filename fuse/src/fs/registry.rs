@@ -3,6 +3,46 @@
 
 use super::*;
 
+/// The shared outcome of one lookup of a hash part on the server.
+#[derive(Default)]
+pub(crate) struct Lookup {
+    outcome: tokio::sync::OnceCell<std::result::Result<(), (ErrorKind, String)>>,
+}
+
+/// A lookup's place in the map of lookups under way. Clones of the entry are made and dropped
+/// only under the map's lock, so the last one out sees itself alone and takes the entry away,
+/// whether its lookup finished, failed or was cancelled: the next lookup asks again.
+struct LookupTurn<'a> {
+    map: &'a Mutex<HashMap<String, Arc<Lookup>>>,
+    key: &'a str,
+    lookup: Option<Arc<Lookup>>,
+}
+
+impl<'a> LookupTurn<'a> {
+    fn join(map: &'a Mutex<HashMap<String, Arc<Lookup>>>, key: &'a str) -> Self {
+        let lookup = map.lock().entry(key.to_string()).or_default().clone();
+        LookupTurn { map, key, lookup: Some(lookup) }
+    }
+}
+
+impl std::ops::Deref for LookupTurn<'_> {
+    type Target = Lookup;
+
+    fn deref(&self) -> &Lookup {
+        self.lookup.as_deref().expect("a turn holds its lookup until dropped")
+    }
+}
+
+impl Drop for LookupTurn<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock();
+        drop(self.lookup.take());
+        if map.get(self.key).is_some_and(|entry| Arc::strong_count(entry) == 1) {
+            map.remove(self.key);
+        }
+    }
+}
+
 impl Inner {
     pub(super) fn registered(&self, hash_part: &str) -> Option<(usize, Arc<PathTree>)> {
         let index = *self.by_hash.read().get(hash_part)?;
@@ -44,20 +84,25 @@ impl Inner {
         if let Some(found) = self.registered_as(&hash_part, base_name) {
             return found;
         }
-        let turn = self.resolving.lock().entry(hash_part.clone()).or_default().clone();
-        let resolved = {
-            let _turn = turn.lock().await;
-            match self.registered_as(&hash_part, base_name) {
-                Some(found) => found,
-                None => self.fetch_and_register(&hash_part, base_name).await,
-            }
-        };
-        let mut resolving = self.resolving.lock();
-        // Held by the map and this lookup alone: nobody waits for this hash part any more.
-        if Arc::strong_count(&turn) == 2 {
-            resolving.remove(&hash_part);
+        // Keyed by the whole name: a lookup under another name of the hash part (not found,
+        // unless it is the served one) must not share this one's outcome.
+        let lookup = LookupTurn::join(&self.resolving, base_name);
+        let outcome = lookup
+            .outcome
+            .get_or_init(|| async {
+                match self.registered_as(&hash_part, base_name) {
+                    Some(found) => found.map(|_| ()),
+                    None => self.fetch_and_register(&hash_part, base_name).await.map(|_| ()),
+                }
+                .map_err(|err| (err.kind(), err.message().to_string()))
+            })
+            .await
+            .clone();
+        drop(lookup);
+        match outcome {
+            Ok(()) => self.registered_as(&hash_part, base_name).unwrap_or_else(|| Err(Error::not_found(base_name))),
+            Err((kind, message)) => Err(Error::new(kind, message)),
         }
-        resolved
     }
 
     /// The registered path of `hash_part`, when there is one: found if its name is

@@ -173,6 +173,25 @@ fn unknown_and_misnamed_paths_are_not_found() {
 }
 
 #[test]
+fn a_path_is_trace_covered_until_its_trace_is_fetched() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::new(source(), cache_dir.path());
+    let tree = fixture.resolve(BASE_NAME).unwrap();
+    let inner = &fixture.fs.inner;
+    let trace = flywheel_core::api::v1::traces::Trace::from_reads(tree.chunks.iter().map(|c| (BASE_NAME, *c)));
+    let (paths, queued, skipped) = fixture.runtime.block_on(inner.prefetch_trace(&trace));
+    assert_eq!((paths, skipped), (1, 0));
+    assert!(queued > 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tree.trace_covered.load(Ordering::Relaxed) {
+        assert!(std::time::Instant::now() < deadline, "the path stayed trace-covered after its trace was fetched");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let distinct: std::collections::HashSet<_> = tree.chunks.iter().map(|c| c.hash).collect();
+    assert_eq!(fixture.source.chunks_served(), distinct.len() as u64, "the trace fetched each chunk once");
+}
+
+#[test]
 fn readahead_of_a_traced_path_loads_from_the_local_cache_alone() {
     let cache_dir = tempfile::tempdir().unwrap();
     let fixture = Fixture::new(source(), cache_dir.path());
@@ -223,6 +242,41 @@ fn lookups_of_one_path_at_once_fetch_its_manifest_once() {
         resolved
     });
     assert!(resolved.iter().all(|&index| index == resolved[0]), "every lookup finds the one registered path");
-    assert_eq!(fixture.source.manifests_served(), 1);
+    assert_eq!(fixture.source.manifest_requests(), 1);
     assert!(inner.resolving.lock().is_empty(), "nothing is left waiting");
+}
+
+#[test]
+fn lookups_of_one_missing_path_at_once_share_one_answer() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::new(source(), cache_dir.path());
+    let inner = &fixture.fs.inner;
+    let missing = format!("{}-absent", "1".repeat(32));
+    let outcomes: Vec<ErrorKind> = fixture.runtime.block_on(async {
+        // The answer waits until all eight lookups are under way.
+        let held = fixture.source.hold_manifests().unwrap();
+        let lookups: Vec<_> = (0..8)
+            .map(|_| {
+                let (inner, missing) = (inner.clone(), missing.clone());
+                tokio::spawn(async move { inner.resolve(&missing).await.map(|_| ()).map_err(|err| err.kind()) })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while inner.resolving.lock().get(&missing).map_or(0, Arc::strong_count) < 9 {
+            assert!(std::time::Instant::now() < deadline, "the lookups never all started");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(held);
+        let mut outcomes = Vec::new();
+        for lookup in lookups {
+            outcomes.push(lookup.await.unwrap().unwrap_err());
+        }
+        outcomes
+    });
+    assert!(outcomes.iter().all(|&kind| kind == ErrorKind::NotFound), "{outcomes:?}");
+    assert_eq!(fixture.source.manifest_requests(), 1, "the waiting lookups take the first one's answer");
+    assert!(inner.resolving.lock().is_empty(), "nothing is left waiting");
+    // A later lookup asks again: the path may have been pushed since.
+    assert!(fixture.runtime.block_on(inner.resolve(&missing)).is_err());
+    assert_eq!(fixture.source.manifest_requests(), 2);
 }

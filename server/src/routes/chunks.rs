@@ -75,8 +75,11 @@ fn accepts_encoding(headers: &axum::http::HeaderMap, encoding: &str) -> bool {
         .any(|item| {
             let mut parts = item.split(';').map(str::trim);
             let named = parts.next().is_some_and(|name| name.eq_ignore_ascii_case(encoding));
+            // Parameter names are case-insensitive (RFC 9110, 5.6.6): `Q=0` refuses too.
             let refused = parts.any(|param| {
-                param.strip_prefix("q=").is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0))
+                param.split_once('=').is_some_and(|(name, q)| {
+                    name.trim().eq_ignore_ascii_case("q") && q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+                })
             });
             named && !refused
         })
@@ -574,6 +577,8 @@ mod tests {
         assert!(!accepts(&["gzip, br"]));
         assert!(!accepts(&["zstd;q=0"]));
         assert!(!accepts(&["zstd ; q=0.0"]));
+        assert!(!accepts(&["zstd;Q=0"]));
+        assert!(!accepts(&["zstd; q = 0"]));
         assert!(!accepts(&["zstdx"]));
     }
 }
