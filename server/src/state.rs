@@ -87,6 +87,9 @@ struct CachedManifest {
     bytes: usize,
     json: Bytes,
     listing: tokio::sync::OnceCell<Bytes>,
+    /// `json` as one zstd frame, once a request asked for it compressed: a fleet of runners
+    /// looking the path up at once would each compress megabytes again.
+    json_zstd: tokio::sync::OnceCell<Bytes>,
 }
 
 impl ManifestCache {
@@ -166,8 +169,15 @@ impl ManifestCache {
             .await??;
         // The stored JSON is what `GET manifest` sends, kept as read; the `.ls` listing, once
         // made, takes about as much again.
-        let bytes = manifest.approx_heap_bytes() + json.len() * 2;
-        let cached = Arc::new(CachedManifest { manifest: Arc::new(manifest), bytes, json, listing: Default::default() });
+        // The compressed JSON, once made, about a third of it.
+        let bytes = manifest.approx_heap_bytes() + json.len() * 2 + json.len() / 3;
+        let cached = Arc::new(CachedManifest {
+            manifest: Arc::new(manifest),
+            bytes,
+            json,
+            listing: Default::default(),
+            json_zstd: Default::default(),
+        });
         // Least recently used first out, down to the budget; a manifest larger than the whole
         // budget stays alone until the next one comes, so the requests that follow it (a
         // fleet of runners pulling one path) still share it.
@@ -244,32 +254,51 @@ impl AppState {
     }
 
     /// The response to `GET manifest/{hash}`: `path` as JSON, with the JSON of its manifest as
-    /// stored, shared by the responses (one evicted meanwhile is serialized again).
+    /// stored, shared by the responses (one evicted meanwhile is serialized again); with
+    /// `compressed`, in [`MANIFEST_ENCODING`](flywheel_core::api::v1::chunks::MANIFEST_ENCODING),
+    /// the manifest's frame made once and shared likewise.
     pub async fn manifest_response(
         &self,
         path: flywheel_core::api::v1::chunks::PathManifest,
         compressed: bool,
     ) -> flywheel_core::Result<axum::response::Response> {
         use axum::http::header::{CONTENT_ENCODING, CONTENT_TYPE, VARY};
-        use flywheel_core::api::v1::chunks::{compress_manifest, MANIFEST_ENCODING};
-        let kept = self.manifests.kept.lock().by_hash.get(&path.manifest.nar_hash).map(|c| c.json.clone());
-        let json = match kept {
-            Some(json) => json,
+        use flywheel_core::api::v1::chunks::{compress_manifest, compress_manifest_piece, MANIFEST_ENCODING};
+        let kept = self.manifests.kept.lock().by_hash.get(&path.manifest.nar_hash).cloned();
+        let json = match &kept {
+            Some(cached) => cached.json.clone(),
             None => serde_json::to_vec(&*path.manifest)
                 .map(Bytes::from)
                 .map_err(|e| flywheel_core::Error::internal(format!("serializing a manifest: {e}")))?,
         };
         let pieces = path.json_pieces(json);
-        if compressed {
-            // Megabytes of JSON for a large path: off the runtime's workers.
-            let body = tokio::task::spawn_blocking(move || compress_manifest(&pieces))
-                .await
-                .map_err(|e| flywheel_core::Error::internal(format!("compressing a manifest: {e}")))??;
-            let headers = [(CONTENT_TYPE, "application/json"), (CONTENT_ENCODING, MANIFEST_ENCODING), (VARY, "accept-encoding")];
-            return Ok((headers, body).into_response());
+        if !compressed {
+            let body = axum::body::Body::from_stream(futures::stream::iter(pieces.map(Ok::<_, std::convert::Infallible>)));
+            return Ok(([(CONTENT_TYPE, "application/json"), (VARY, "accept-encoding")], body).into_response());
         }
-        let body = axum::body::Body::from_stream(futures::stream::iter(pieces.map(Ok::<_, std::convert::Infallible>)));
-        Ok(([(CONTENT_TYPE, "application/json"), (VARY, "accept-encoding")], body).into_response())
+        // Megabytes of JSON for a large path: compressed off the runtime's workers.
+        let compress = |job: Box<dyn FnOnce() -> flywheel_core::Result<Vec<u8>> + Send>| async move {
+            tokio::task::spawn_blocking(job)
+                .await
+                .map_err(|e| flywheel_core::Error::internal(format!("compressing a manifest: {e}")))?
+                .map(Bytes::from)
+        };
+        let [head, manifest_json, tail] = pieces;
+        let frames: Vec<Bytes> = match kept {
+            Some(cached) => {
+                let manifest_frame = cached
+                    .json_zstd
+                    .get_or_try_init(|| compress(Box::new(move || compress_manifest_piece(&manifest_json))))
+                    .await?
+                    .clone();
+                // The path's own fields are a few hundred bytes.
+                vec![Bytes::from(compress_manifest_piece(&head)?), manifest_frame, Bytes::from(compress_manifest_piece(&tail)?)]
+            }
+            None => vec![compress(Box::new(move || compress_manifest(&[head, manifest_json, tail]))).await?],
+        };
+        let headers = [(CONTENT_TYPE, "application/json"), (CONTENT_ENCODING, MANIFEST_ENCODING), (VARY, "accept-encoding")];
+        let body = axum::body::Body::from_stream(futures::stream::iter(frames.into_iter().map(Ok::<_, std::convert::Infallible>)));
+        Ok((headers, body).into_response())
     }
 
     /// Opens storage and sets everything up from a config.

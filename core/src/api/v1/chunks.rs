@@ -33,15 +33,20 @@ pub const MANIFEST_ENCODING: &str = "zstd";
 /// refuses frames that would make it hold more. [`compress_manifest`] stays within it.
 const MANIFEST_WINDOW_LOG: u32 = 23;
 
-/// Compresses the body of a manifest answer (its JSON, in pieces) for [`MANIFEST_ENCODING`].
+/// Compresses the body of a manifest answer (its JSON, in pieces) for [`MANIFEST_ENCODING`]:
+/// a frame per piece, one after the other, which decodes as the pieces joined. A server keeps
+/// the frame of a manifest's JSON and compresses only the path's fields around it per answer.
 pub fn compress_manifest(pieces: &[bytes::Bytes]) -> crate::Result<Vec<u8>> {
+    Ok(pieces.iter().map(|piece| compress_manifest_piece(piece)).collect::<crate::Result<Vec<_>>>()?.concat())
+}
+
+/// One piece of a manifest answer as a zstd frame within the window a client accepts.
+pub fn compress_manifest_piece(piece: &[u8]) -> crate::Result<Vec<u8>> {
     use std::io::Write;
     let failed = |err: std::io::Error| crate::Error::internal(format!("compressing a manifest: {err}"));
     let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).map_err(failed)?;
     encoder.window_log(MANIFEST_WINDOW_LOG).map_err(failed)?;
-    for piece in pieces {
-        encoder.write_all(piece).map_err(failed)?;
-    }
+    encoder.write_all(piece).map_err(failed)?;
     encoder.finish().map_err(failed)
 }
 
