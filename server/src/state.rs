@@ -291,7 +291,7 @@ impl AppState {
                     .get_or_try_init(|| compress(Box::new(move || compress_manifest_piece(&manifest_json))))
                     .await?
                     .clone();
-                // The path's own fields are a few hundred bytes.
+                // The path's own fields are small (its references, some KB at most): inline.
                 vec![Bytes::from(compress_manifest_piece(&head)?), manifest_frame, Bytes::from(compress_manifest_piece(&tail)?)]
             }
             None => vec![compress(Box::new(move || compress_manifest(&[head, manifest_json, tail]))).await?],
