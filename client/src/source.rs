@@ -56,7 +56,8 @@ impl ChunkSource for ApiClient {
 }
 
 /// Paths held in memory, served as a cache would serve them: a chunk only as part of a path
-/// that lists it. For tests; it counts the chunks it hands out and the manifests asked for, and can be told to damage them.
+/// that lists it. For tests; it counts the chunks it hands out and the manifests asked for,
+/// and can be told to damage chunks or hold manifest answers back.
 #[derive(Default)]
 pub struct MemorySource {
     paths: Mutex<HashMap<String, PathManifest>>,
@@ -138,7 +139,7 @@ impl ChunkSource for MemorySource {
         self.manifest_requests.fetch_add(1, Ordering::Relaxed);
         async move {
             // A server's answer takes a while: other callers get to run in between.
-            YieldOnce(false).await;
+            tokio::task::yield_now().await;
             drop(self.manifest_gate.read().await);
             found.ok_or_else(|| Error::not_found(format!("no path {hash_part}")))
         }
@@ -170,20 +171,5 @@ impl ChunkSource for MemorySource {
         let summary = TraceSummary { paths: merged.paths.len(), chunks: merged.chunks.len(), dropped };
         traces.insert(key.to_string(), merged);
         async move { Ok(summary) }.boxed()
-    }
-}
-
-/// Pending once, then ready: lets the other tasks (or the other futures of a join) run.
-struct YieldOnce(bool);
-
-impl std::future::Future for YieldOnce {
-    type Output = ();
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if std::mem::replace(&mut self.0, true) {
-            return std::task::Poll::Ready(());
-        }
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
     }
 }

@@ -141,7 +141,7 @@ impl Background {
             Source::Trace => trace_batch_bytes(batches_before),
             Source::Fill => FILL_BATCH_BYTES,
         };
-        let mut batches_before = match source {
+        let batches_before = match source {
             Source::Trace => self.trace_batches.load(Ordering::Acquire),
             Source::Fill => 0,
         };
@@ -156,12 +156,11 @@ impl Background {
                 bytes = 0;
             }
         }
-        batches_before += jobs.len() + usize::from(!batch.is_empty());
-        if source == Source::Trace {
-            self.trace_batches.store(batches_before, Ordering::Release);
-        }
         if !batch.is_empty() {
             jobs.push(batch);
+        }
+        if source == Source::Trace {
+            self.trace_batches.store(batches_before + jobs.len(), Ordering::Release);
         }
         if jobs.is_empty() {
             return;

@@ -48,9 +48,10 @@ pub(crate) struct PathTree {
     /// Whether the path's background fill was queued, or a trace's prefetch covers the path
     /// (then the trace, not a fill, decides what to fetch).
     pub fill_claimed: AtomicBool,
-    /// Whether an access trace's prefetch covers the path. Its readahead then loads chunks
-    /// from the local cache only: the trace fetches what the job will read, and readahead's
-    /// guesses from the server would take the link from it.
+    /// Whether an access trace's prefetch covers the path, until the trace's chunks are all
+    /// fetched. Its readahead then loads chunks from the local cache only: the trace fetches
+    /// what the job will read, and readahead's guesses from the server would take the link
+    /// from it.
     pub trace_covered: AtomicBool,
 }
 

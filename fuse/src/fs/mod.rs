@@ -174,9 +174,10 @@ pub(crate) struct Inner {
     pub(crate) config: FsConfig,
     paths: RwLock<Vec<Arc<PathTree>>>,
     by_hash: RwLock<HashMap<String, usize>>,
-    /// Per store path (base name) being looked up on the server: one lookup fetches its manifest, and the
-    /// others (the job's processes and a trace's prefetch, at once) share its outcome, a
-    /// failure included, so a server that is down costs them one offline timeout, not one each.
+    /// Per store path (base name) being looked up on the server: one lookup fetches its
+    /// manifest, and the others (the job's processes and a trace's prefetch, at once) share its
+    /// outcome, a failure included, so a server that is down costs them one offline timeout,
+    /// not one each.
     resolving: Mutex<HashMap<String, Arc<registry::Lookup>>>,
     hot: Mutex<HotChunks>,
     open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
