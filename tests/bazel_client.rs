@@ -4,6 +4,7 @@
 //! none, by Bazel's own summary. Each Bazel run costs about 2.5 s of JVM start on top of the
 //! build (`--batch`, so that no server outlives the test).
 
+#[macro_use]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -79,14 +80,8 @@ fn bazel_against(backend: Backend) {
     assert_eq!(count(&read_only, "remote cache hit"), ACTIONS, "{read_only}");
 }
 
-#[test]
-fn bazel_builds_from_the_cache_local() {
-    bazel_against(Backend::Local);
-}
-
-#[test]
-fn bazel_builds_from_the_cache_s3() {
-    bazel_against(Backend::S3);
+backend_matrix! {
+    bazel_against => bazel_builds_from_the_cache_local, bazel_builds_from_the_cache_s3;
 }
 
 #[test]

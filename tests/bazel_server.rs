@@ -124,6 +124,17 @@ impl Grpc {
         Ok(response.into_inner().committed_size)
     }
 
+    /// What the server says of an upload: its committed size, and whether it is complete.
+    async fn write_status(&self, token: &str, resource: &str) -> (i64, bool) {
+        let status = self
+            .bytestream()
+            .query_write_status(req(QueryWriteStatusRequest { resource_name: resource.into() }, token))
+            .await
+            .unwrap()
+            .into_inner();
+        (status.committed_size, status.complete)
+    }
+
     async fn read(&self, token: &str, resource: &str, offset: i64, limit: i64) -> Result<Vec<u8>, tonic::Status> {
         let mut stream = self
             .bytestream()
@@ -240,13 +251,7 @@ fn grpc_protocol(backend: Backend) {
         let resource = format!("bzl/uploads/1b4e28ba-2fa1-11d2-883f-0016d3cca427/blobs/{}/{}", big_d.hash, big_d.size_bytes);
         let half = 1 << 20;
         assert!(grpc.write(&rw, &resource, &big[..half], 0, false).await.is_err());
-        let status = grpc
-            .bytestream()
-            .query_write_status(req(QueryWriteStatusRequest { resource_name: resource.clone() }, &rw))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!((status.committed_size, status.complete), (half as i64, false));
+        assert_eq!(grpc.write_status(&rw, &resource).await, (half as i64, false));
         assert_eq!(grpc.missing("bzl", &rw, std::slice::from_ref(&big_d)).await.unwrap().len(), 1);
         // A write that skips ahead of what is committed is refused.
         assert_eq!(grpc.write(&rw, &resource, &big[half + 10..], half + 10, true).await.unwrap_err().code(), Code::InvalidArgument);
@@ -254,13 +259,7 @@ fn grpc_protocol(backend: Backend) {
         let read_name = format!("bzl/blobs/{}/{}", big_d.hash, big_d.size_bytes);
         assert_eq!(grpc.read(&ro, &read_name, 0, 0).await.unwrap(), big);
         assert_eq!(grpc.read(&ro, &read_name, 1_000_000, 300_000).await.unwrap(), &big[1_000_000..1_300_000]);
-        let status = grpc
-            .bytestream()
-            .query_write_status(req(QueryWriteStatusRequest { resource_name: resource.clone() }, &rw))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(status.complete);
+        assert!(grpc.write_status(&rw, &resource).await.1);
 
         // zstd both ways.
         let z = blob(5, 700_000);
@@ -621,24 +620,9 @@ fn spooled_writes_are_bounded() {
     });
 }
 
-#[test]
-fn damaged_blobs_heal_local() {
-    damaged_blobs_heal(Backend::Local);
-}
-
-#[test]
-fn damaged_blobs_heal_s3() {
-    damaged_blobs_heal(Backend::S3);
-}
-
-#[test]
-fn gc_keeps_blobs_and_expires_them_local() {
-    gc_keeps_blobs_and_expires_them(Backend::Local);
-}
-
-#[test]
-fn gc_keeps_blobs_and_expires_them_s3() {
-    gc_keeps_blobs_and_expires_them(Backend::S3);
+backend_matrix! {
+    damaged_blobs_heal => damaged_blobs_heal_local, damaged_blobs_heal_s3;
+    gc_keeps_blobs_and_expires_them => gc_keeps_blobs_and_expires_them_local, gc_keeps_blobs_and_expires_them_s3;
 }
 
 /// Silent sockets on the gRPC listener: one past `bazel.max-connections` is closed at once,
@@ -694,32 +678,8 @@ fn silent_grpc_connections_are_dropped() {
     });
 }
 
-#[test]
-fn grpc_protocol_local() {
-    grpc_protocol(Backend::Local);
-}
-
-#[test]
-fn grpc_protocol_s3() {
-    grpc_protocol(Backend::S3);
-}
-
-#[test]
-fn http_protocol_local() {
-    http_protocol(Backend::Local);
-}
-
-#[test]
-fn http_protocol_s3() {
-    http_protocol(Backend::S3);
-}
-
-#[test]
-fn many_clients_local() {
-    many_clients(Backend::Local);
-}
-
-#[test]
-fn many_clients_s3() {
-    many_clients(Backend::S3);
+backend_matrix! {
+    grpc_protocol => grpc_protocol_local, grpc_protocol_s3;
+    http_protocol => http_protocol_local, http_protocol_s3;
+    many_clients => many_clients_local, many_clients_s3;
 }

@@ -3,12 +3,7 @@
 { seed ? "0" }:
 let
   bb = "/bin/busybox";
-  mk = name: script: derivation {
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-  };
+  mk = import ./derivation.nix;
 in rec {
   single = mk "single-file-${seed}" "echo hello ${seed} > $out";
   # Several MB of random bytes.

@@ -5,7 +5,6 @@
 #[macro_use]
 mod common;
 
-use std::io::{Read, Write};
 
 use common::{hash_part, Backend, Nix, Server};
 use flywheel_core::chunk::{ChunkHash, ChunkParams, Chunker};
@@ -155,50 +154,8 @@ fn cross_cache_reads_and_publishes_are_refused(backend: Backend) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-#[test]
-fn cross_cache_reads_and_publishes_are_refused_local() {
-    cross_cache_reads_and_publishes_are_refused(Backend::Local);
-}
-
-#[test]
-fn cross_cache_reads_and_publishes_are_refused_s3() {
-    cross_cache_reads_and_publishes_are_refused(Backend::S3);
-}
-
-/// Sends a request head that announces `announced` body bytes, and only `sent` of them, then
-/// reads the answer: a route that checks the token before the body answers at once, one that
-/// reads the body first waits for bytes that never come (until the read times out here).
-fn answer_to_partial_body(server: &Server, method: &str, path: &str, headers: &[(&str, String)], announced: usize, sent: usize) -> String {
-    answer_to_cut_body(server, method, path, headers, announced, sent, false)
-}
-
-/// As [`answer_to_partial_body`]; with `close`, the client then ends its side of the
-/// connection, so the body is shorter than announced.
-fn answer_to_cut_body(
-    server: &Server,
-    method: &str,
-    path: &str,
-    headers: &[(&str, String)],
-    announced: usize,
-    sent: usize,
-    close: bool,
-) -> String {
-    let addr = server.url.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {announced}\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(&vec![b'{'; sent]).unwrap();
-    if close {
-        stream.shutdown(std::net::Shutdown::Write).unwrap();
-    }
-    let mut answer = vec![0u8; 4096];
-    let n = stream.read(&mut answer).unwrap_or(0);
-    String::from_utf8_lossy(&answer[..n]).into_owned()
+backend_matrix! {
+    cross_cache_reads_and_publishes_are_refused => cross_cache_reads_and_publishes_are_refused_local, cross_cache_reads_and_publishes_are_refused_s3;
 }
 
 /// Every route that takes a body refuses a caller without the permission before it reads the
@@ -223,14 +180,14 @@ fn permissions_are_checked_before_the_body() {
         ("PATCH", "/_api/v1/cache-config/ci"),
     ];
     for (method, path) in routes {
-        let anonymous = answer_to_partial_body(&server, method, path, &[], announced, 1024);
+        let anonymous = server.raw_request(method, path, &[], announced, &[b'{'; 1024], false);
         assert!(anonymous.starts_with("HTTP/1.1 401"), "{method} {path} without a token: {anonymous:?}");
         if path.ends_with("/chunks") {
             continue; // pull is what it needs
         }
         let preamble = [("X-Attic-Nar-Info-Preamble-Size", "100".to_string()), ("Authorization", pull_only.clone())];
         let headers: &[(&str, String)] = if path.ends_with("upload-path") { &preamble } else { &preamble[1..] };
-        let pull = answer_to_partial_body(&server, method, path, headers, announced, 1024);
+        let pull = server.raw_request(method, path, headers, announced, &[b'{'; 1024], false);
         assert!(pull.starts_with("HTTP/1.1 403"), "{method} {path} with a pull token: {pull:?}");
     }
 }
@@ -287,13 +244,7 @@ fn chunk_routes_refuse_bad_input_cleanly() {
     let info = nix.path_info(&src, &paths[0]);
     let nar = nix.dump(&src, &paths[0]);
     let pieces = Chunker::chunk_all(ChunkParams::default(), &nar);
-    let mut body = Vec::new();
-    for piece in &pieces {
-        body.extend_from_slice(&ChunkHash::of(piece).0);
-        let frame = flywheel_core::chunk::compress(piece, 3).unwrap();
-        body.extend_from_slice(&(frame.len() as u64).to_le_bytes());
-        body.extend_from_slice(&frame);
-    }
+    let body = common::upload_body(pieces.iter().map(Vec::as_slice));
     assert_eq!(client.post(api("upload-chunks")).bearer_auth(&admin).body(body).send().unwrap().status(), StatusCode::OK);
     let mut chunks: Vec<Value> = pieces.iter().map(|p| json!({"hash": ChunkHash::of(p).to_string(), "size": p.len()})).collect();
     let last = chunks.len() - 1;
@@ -373,7 +324,7 @@ fn short_bodies_are_the_callers_mistake() {
     ];
     for (method, path, extra) in routes {
         let headers: Vec<(&str, String)> = auth.iter().cloned().chain(extra).collect();
-        let answer = answer_to_cut_body(&server, method, &path, &headers, 100_000, 50, true);
+        let answer = server.raw_request(method, &path, &headers, 100_000, &[b'{'; 50], true);
         assert!(answer.starts_with("HTTP/1.1 400"), "{method} {path}: {answer:?}");
     }
 }

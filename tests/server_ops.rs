@@ -4,6 +4,7 @@
 mod common;
 
 use common::{hash_part, Backend, Nix, Server};
+use flywheel_core::api::v1::chunk_bodies::encode_upload_records;
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
 
@@ -67,14 +68,8 @@ fn metrics_follow_traffic(backend: Backend) {
     assert!(delta("flywheel_http_requests_total{route=\"/{cache}/nar/{file}\",method=\"PUT\",status=\"200\"}") >= 1.0);
 }
 
-#[test]
-fn metrics_follow_traffic_local() {
-    metrics_follow_traffic(Backend::Local);
-}
-
-#[test]
-fn metrics_follow_traffic_s3() {
-    metrics_follow_traffic(Backend::S3);
+backend_matrix! {
+    metrics_follow_traffic => metrics_follow_traffic_local, metrics_follow_traffic_s3;
 }
 
 fn delete_path(backend: Backend) {
@@ -111,14 +106,8 @@ fn delete_path(backend: Backend) {
     assert_eq!(missing["missing_paths"], serde_json::json!([hash_part(&paths[0])]));
 }
 
-#[test]
-fn delete_path_local() {
-    delete_path(Backend::Local);
-}
-
-#[test]
-fn delete_path_s3() {
-    delete_path(Backend::S3);
+backend_matrix! {
+    delete_path => delete_path_local, delete_path_s3;
 }
 
 fn damaged_chunks(backend: Backend) {
@@ -218,14 +207,8 @@ fn zstd_frame_of(data: &[u8]) -> Vec<u8> {
     flywheel_core::chunk::compress(data, 3).unwrap()
 }
 
-#[test]
-fn damaged_chunks_local() {
-    damaged_chunks(Backend::Local);
-}
-
-#[test]
-fn damaged_chunks_s3() {
-    damaged_chunks(Backend::S3);
+backend_matrix! {
+    damaged_chunks => damaged_chunks_local, damaged_chunks_s3;
 }
 
 
@@ -306,14 +289,8 @@ fn retention_and_gc(backend: Backend) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-#[test]
-fn retention_and_gc_local() {
-    retention_and_gc(Backend::Local);
-}
-
-#[test]
-fn retention_and_gc_s3() {
-    retention_and_gc(Backend::S3);
+backend_matrix! {
+    retention_and_gc => retention_and_gc_local, retention_and_gc_s3;
 }
 
 fn push_during_gc(backend: Backend) {
@@ -354,14 +331,8 @@ fn push_during_gc(backend: Backend) {
     }
 }
 
-#[test]
-fn push_during_gc_local() {
-    push_during_gc(Backend::Local);
-}
-
-#[test]
-fn push_during_gc_s3() {
-    push_during_gc(Backend::S3);
+backend_matrix! {
+    push_during_gc => push_during_gc_local, push_during_gc_s3;
 }
 
 #[test]
@@ -681,12 +652,7 @@ fn upload_chunks_takes_whole_batches_and_refuses_bad_records() {
     server.create_cache("ci", false);
     let admin = server.admin_token();
     let client = Client::new();
-    let record = |data: &[u8], frame: &[u8]| -> Vec<u8> {
-        let mut out = flywheel_core::chunk::ChunkHash::of(data).0.to_vec();
-        out.extend_from_slice(&(frame.len() as u64).to_le_bytes());
-        out.extend_from_slice(frame);
-        out
-    };
+    let record = |data: &[u8], frame: &[u8]| encode_upload_records(&[(flywheel_core::chunk::ChunkHash::of(data), frame)]);
     let frame = |data: &[u8]| flywheel_core::chunk::compress(data, 3).unwrap();
     let (a, b) = (b"first chunk of the batch".to_vec(), b"second chunk of the batch".to_vec());
     let good = [record(&a, &frame(&a)), record(&b, &frame(&b))].concat();
@@ -748,13 +714,7 @@ fn commit_by_chunk_query() {
     };
     let answer = ask("ci");
     let query = answer["query"].as_str().expect("missing-chunks names its question").to_string();
-    let mut body = Vec::new();
-    for piece in &pieces {
-        body.extend_from_slice(&ChunkHash::of(piece).0);
-        let frame = flywheel_core::chunk::compress(piece, 3).unwrap();
-        body.extend_from_slice(&(frame.len() as u64).to_le_bytes());
-        body.extend_from_slice(&frame);
-    }
+    let body = common::upload_body(pieces.iter().map(Vec::as_slice));
     assert_eq!(client.post(api("ci", "upload-chunks")).bearer_auth(&admin).body(body).send().unwrap().status(), StatusCode::OK);
     let sizes: Vec<usize> = pieces.iter().map(|c| c.len()).collect();
     let commit = |cache: &str, extra: serde_json::Value| {
@@ -820,13 +780,8 @@ fn commit_as_changes_to_a_base() {
     let nar = nix.dump(&src, &paths[1]);
     let pieces = Chunker::chunk_all(ChunkParams::default(), &nar);
     let chunks: Vec<ChunkRef> = pieces.iter().map(|p| ChunkRef { hash: ChunkHash::of(p), size: p.len() as u32 }).collect();
-    let mut body = Vec::new();
-    for piece in pieces.iter().filter(|p| !base.chunks.iter().any(|c| c.hash == ChunkHash::of(p))) {
-        body.extend_from_slice(&ChunkHash::of(piece).0);
-        let frame = zstd_frame_of(piece);
-        body.extend_from_slice(&(frame.len() as u64).to_le_bytes());
-        body.extend_from_slice(&frame);
-    }
+    let new_pieces = pieces.iter().filter(|p| !base.chunks.iter().any(|c| c.hash == ChunkHash::of(p)));
+    let body = common::upload_body(new_pieces.map(Vec::as_slice));
     assert!(!body.is_empty() && body.len() < nar.len() / 4, "{} bytes of new chunks", body.len());
     assert_eq!(client.post(api("upload-chunks")).bearer_auth(&admin).body(body).send().unwrap().status(), StatusCode::OK);
 

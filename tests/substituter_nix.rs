@@ -5,6 +5,7 @@
 #[macro_use]
 mod substituter_common;
 
+use flywheel_core::api::v1::chunk_bodies::framed_chunk;
 use substituter_common::{new_chunks, CountingProxy, NixVersion, Setup, StaticCache};
 
 nix_matrix! {
@@ -157,13 +158,8 @@ fn fake_wrong_chunks(target: String) -> String {
         }
         if method == "POST" && path.ends_with("/chunks") {
             let request: serde_json::Value = serde_json::from_slice(body).unwrap();
-            let mut out = Vec::new();
-            for chunk in request["chunks"].as_array().unwrap() {
-                let frame = wrong(chunk["size"].as_u64().unwrap() as usize);
-                out.extend_from_slice(&(frame.len() as u64).to_le_bytes());
-                out.extend_from_slice(&frame);
-            }
-            return (200, out);
+            let frames = request["chunks"].as_array().unwrap().iter().map(|chunk| wrong(chunk["size"].as_u64().unwrap() as usize));
+            return (200, frames.flat_map(|frame| framed_chunk(&frame)).collect());
         }
         substituter_common::forward(&target, method, path, headers, body)
     })

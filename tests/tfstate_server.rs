@@ -205,14 +205,8 @@ fn protocol(backend: Backend) {
     assert!(!log.contains("secret-marker"), "state content in the log");
 }
 
-#[test]
-fn protocol_local() {
-    protocol(Backend::Local);
-}
-
-#[test]
-fn protocol_s3() {
-    protocol(Backend::S3);
+backend_matrix! {
+    protocol => protocol_local, protocol_s3;
 }
 
 /// Two replicas over one store race for the lock of a fresh stack, again and again: each
@@ -256,14 +250,8 @@ fn lock_race(backend: Backend) {
     }
 }
 
-#[test]
-fn lock_race_between_replicas_local() {
-    lock_race(Backend::Local);
-}
-
-#[test]
-fn lock_race_between_replicas_s3() {
-    lock_race(Backend::S3);
+backend_matrix! {
+    lock_race => lock_race_between_replicas_local, lock_race_between_replicas_s3;
 }
 
 /// The operator's commands work on the storage directly: list, versions, get, rollback, and

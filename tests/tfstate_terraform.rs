@@ -226,12 +226,6 @@ fn terraform(backend: Backend) {
     assert_eq!(unchanged.status.code(), Some(0), "the migrated state should need no changes: {}", text(&unchanged));
 }
 
-#[test]
-fn terraform_local() {
-    terraform(Backend::Local);
-}
-
-#[test]
-fn terraform_s3() {
-    terraform(Backend::S3);
+backend_matrix! {
+    terraform => terraform_local, terraform_s3;
 }

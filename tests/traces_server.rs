@@ -84,25 +84,6 @@ fn stored_traces(server: &Server, cache: &str) -> BTreeMap<String, (u64, [u8; 32
     server.storage_snapshot().into_iter().filter(|(key, _)| key.starts_with(&prefix)).collect()
 }
 
-/// Sends a raw HTTP/1.1 request head (with `Content-Length: announced`), then `body`, and
-/// returns the first bytes of the answer. Reaches what an HTTP client library would not send:
-/// a `..` path segment, a body announced longer than it is.
-fn raw_request(server: &Server, method: &str, path: &str, headers: &[(&str, String)], announced: usize, body: &[u8]) -> String {
-    let addr = server.url.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {announced}\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut answer = vec![0u8; 4096];
-    let n = stream.read(&mut answer).unwrap_or(0);
-    String::from_utf8_lossy(&answer[..n]).into_owned()
-}
-
 /// Sends `len` bytes of body in chunked transfer encoding (no length announced), all of them,
 /// then returns the first bytes of the answer.
 fn raw_chunked_request(server: &Server, path: &str, token: &str, len: usize) -> String {
@@ -225,9 +206,9 @@ fn permissions(backend: Backend) {
     // The token is checked before the body: 1 MiB announced, 1 KiB sent, and the refusal
     // comes anyway (a server reading the body first would wait for the rest).
     let path = "/_flywheel/v1/a/trace/job";
-    let anonymous = raw_request(&server, "PUT", path, &[], 1 << 20, &[b'{'; 1024]);
+    let anonymous = server.raw_request("PUT", path, &[], 1 << 20, &[b'{'; 1024], false);
     assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous:?}");
-    let pull = raw_request(&server, "PUT", path, &[("Authorization", format!("Bearer {pull_a}"))], 1 << 20, &[b'{'; 1024]);
+    let pull = server.raw_request("PUT", path, &[("Authorization", format!("Bearer {pull_a}"))], 1 << 20, &[b'{'; 1024], false);
     assert!(pull.starts_with("HTTP/1.1 403"), "{pull:?}");
 }
 
@@ -258,7 +239,7 @@ fn bad_input_is_refused(backend: Backend) {
     }
     // `..` as a segment, which HTTP clients resolve away before sending.
     let auth = [("Authorization", format!("Bearer {admin}")), ("Content-Type", "application/json".to_string())];
-    let dots = raw_request(&server, "PUT", "/_flywheel/v1/ci/trace/..", &auth, good_body.len(), &good_body);
+    let dots = server.raw_request("PUT", "/_flywheel/v1/ci/trace/..", &auth, good_body.len(), &good_body, false);
     assert!(dots.starts_with("HTTP/1.1 400"), "{dots:?}");
     unchanged("..");
 
@@ -296,7 +277,7 @@ fn bad_input_is_refused(backend: Backend) {
 
     // Past MAX_TRACE_BODY: announced, refused before the body is read; or sent without a
     // length, refused once the server has read past the bound.
-    let over = raw_request(&server, "PUT", "/_flywheel/v1/ci/trace/job", &auth, MAX_TRACE_BODY + 1, &[b' '; 1024]);
+    let over = server.raw_request("PUT", "/_flywheel/v1/ci/trace/job", &auth, MAX_TRACE_BODY + 1, &[b' '; 1024], false);
     assert!(over.starts_with("HTTP/1.1 400"), "{over:?}");
     unchanged("announced over the limit");
     let over = raw_chunked_request(&server, "/_flywheel/v1/ci/trace/job", &admin, MAX_TRACE_BODY + 1);
@@ -418,42 +399,9 @@ fn traces_expire_with_retention(backend: Backend) {
     assert!(server.object_sizes("chunks").is_empty(), "a trace kept a chunk alive: {report}");
 }
 
-#[test]
-fn put_get_and_merge_local() {
-    put_get_and_merge(Backend::Local);
-}
-
-#[test]
-fn put_get_and_merge_s3() {
-    put_get_and_merge(Backend::S3);
-}
-
-#[test]
-fn permissions_local() {
-    permissions(Backend::Local);
-}
-
-#[test]
-fn permissions_s3() {
-    permissions(Backend::S3);
-}
-
-#[test]
-fn bad_input_is_refused_local() {
-    bad_input_is_refused(Backend::Local);
-}
-
-#[test]
-fn bad_input_is_refused_s3() {
-    bad_input_is_refused(Backend::S3);
-}
-
-#[test]
-fn traces_expire_with_retention_local() {
-    traces_expire_with_retention(Backend::Local);
-}
-
-#[test]
-fn traces_expire_with_retention_s3() {
-    traces_expire_with_retention(Backend::S3);
+backend_matrix! {
+    put_get_and_merge => put_get_and_merge_local, put_get_and_merge_s3;
+    permissions => permissions_local, permissions_s3;
+    bad_input_is_refused => bad_input_is_refused_local, bad_input_is_refused_s3;
+    traces_expire_with_retention => traces_expire_with_retention_local, traces_expire_with_retention_s3;
 }

@@ -370,28 +370,21 @@ pub(crate) fn bazel_section(report: &mut Report, work: &Path) {
     ] {
         report.row(figure, format!("{:.0} MB/s", rate(secs)), reference.clone(), ratio(rate(secs) / reference_rate), "");
     }
-    for (kind, reference) in [
-        ("GetActionResult (hit)", "GET /ac (hit)"),
-        ("FindMissingBlobs (10 digests)", "GET /ac (hit)"),
-        ("BatchReadBlobs (2 KB)", "GET /cas (2 KB)"),
+    // Each gRPC call beside the HTTP GET that does its work, each HTTP GET beside its own.
+    for (protocol, load, kind, reference) in [
+        ("gRPC", &grpc_small, "GetActionResult (hit)", "GET /ac (hit)"),
+        ("gRPC", &grpc_small, "FindMissingBlobs (10 digests)", "GET /ac (hit)"),
+        ("gRPC", &grpc_small, "BatchReadBlobs (2 KB)", "GET /cas (2 KB)"),
+        ("HTTP", &http_small, "GET /ac (hit)", "GET /ac (hit)"),
+        ("HTTP", &http_small, "GET /cas (2 KB)", "GET /cas (2 KB)"),
     ] {
-        let ours = grpc_small.get(kind);
+        let ours = load.get(kind);
         let theirs = nginx_small.get(reference);
+        let nginx = if kind == reference { "nginx".to_string() } else { format!("nginx {reference}") };
         report.row(
-            &format!("gRPC {kind}, p50 / p99"),
+            &format!("{protocol} {kind}, p50 / p99"),
             format!("{:.2} / {:.2} ms ({:.0} /s)", pct(ours, 50.0), pct(ours, 99.0), ours.len() as f64 / LOAD_SECS as f64),
-            format!("nginx {reference}: {:.2} / {:.2} ms", pct(theirs, 50.0), pct(theirs, 99.0)),
-            format!("{} p50", ratio(pct(ours, 50.0) / pct(theirs, 50.0))),
-            "zero errors",
-        );
-    }
-    for kind in ["GET /ac (hit)", "GET /cas (2 KB)"] {
-        let ours = http_small.get(kind);
-        let theirs = nginx_small.get(kind);
-        report.row(
-            &format!("HTTP {kind}, p50 / p99"),
-            format!("{:.2} / {:.2} ms ({:.0} /s)", pct(ours, 50.0), pct(ours, 99.0), ours.len() as f64 / LOAD_SECS as f64),
-            format!("nginx: {:.2} / {:.2} ms", pct(theirs, 50.0), pct(theirs, 99.0)),
+            format!("{nginx}: {:.2} / {:.2} ms", pct(theirs, 50.0), pct(theirs, 99.0)),
             format!("{} p50", ratio(pct(ours, 50.0) / pct(theirs, 50.0))),
             "zero errors",
         );

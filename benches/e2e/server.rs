@@ -131,26 +131,22 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
         format!("{attic_ratio}{:.2}x zstd CLI", zstd_cli / ingest_s),
         ">= 10x Attic; >= 1.6x zstd CLI",
     );
-    for (figure, ours, theirs) in [
-        ("first download after ingest, `.nar.zst`", dl_zst_first, attic.map(|a| a.2)),
-        ("later downloads, `.nar.zst` (stored frames)", dl_zst, attic.map(|a| a.3)),
+    let zst_file = ("same NAR as `.nar.zst` file", ng_zst);
+    let zst_target = ">= 4x Attic; >= 0.5x nginx";
+    for (figure, ours, theirs, (file, nginx), target) in [
+        ("first download after ingest, `.nar.zst`", dl_zst_first, attic.map(|a| a.2), zst_file, zst_target),
+        ("later downloads, `.nar.zst` (stored frames)", dl_zst, attic.map(|a| a.3), zst_file, zst_target),
+        ("download, `.nar` (decompressed)", dl_nar, None, ("plain `.nar` file", ng_nar), ""),
     ] {
         let (attic_ref, attic_ratio) = versus_attic(ours, theirs);
         report.row(
             figure,
             format!("{:.0} MB/s", size_mb / ours),
-            format!("{attic_ref}nginx, same NAR as `.nar.zst` file: {:.0} MB/s", size_mb / ng_zst),
-            format!("{attic_ratio}{:.2}x nginx", ng_zst / ours),
-            ">= 4x Attic; >= 0.5x nginx",
+            format!("{attic_ref}nginx, {file}: {:.0} MB/s", size_mb / nginx),
+            format!("{attic_ratio}{:.2}x nginx", nginx / ours),
+            target,
         );
     }
-    report.row(
-        "download, `.nar` (decompressed)",
-        format!("{:.0} MB/s", size_mb / dl_nar),
-        format!("nginx, plain `.nar` file: {:.0} MB/s", size_mb / ng_nar),
-        format!("{:.2}x nginx", ng_nar / dl_nar),
-        "",
-    );
     report.row(
         "server peak RSS during ingest",
         format!("{rss_mb:.0} MB"),

@@ -306,13 +306,22 @@ enum Stored {
     Deduplicated,
 }
 
+/// How an ingester cuts, compresses and stores chunks.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestSettings {
+    /// FastCDC sizes.
+    pub params: ChunkParams,
+    /// zstd level of each stored frame.
+    pub zstd_level: i32,
+    /// Chunks compressed and stored at once, per upload.
+    pub parallelism: usize,
+}
+
 /// Turns NAR uploads into stored chunks.
 #[derive(Clone)]
 pub struct Ingester {
     storage: Storage,
-    params: ChunkParams,
-    zstd_level: i32,
-    parallelism: usize,
+    settings: IngestSettings,
     window: ReuseWindow,
     metrics: Arc<Metrics>,
     /// NAR readers running at once, each on a thread of the blocking pool: without a bound,
@@ -327,20 +336,11 @@ pub struct Ingester {
 
 impl Ingester {
     /// An ingester writing to `storage`, counting on stored chunks within `window`.
-    pub fn new(
-        storage: Storage,
-        params: ChunkParams,
-        zstd_level: i32,
-        parallelism: usize,
-        window: ReuseWindow,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(storage: Storage, settings: IngestSettings, window: ReuseWindow, metrics: Arc<Metrics>) -> Self {
         let limits = crate::config::LimitsConfig::default();
         Ingester {
             storage,
-            params,
-            zstd_level,
-            parallelism,
+            settings,
             window,
             metrics,
             readers: Arc::new(Semaphore::new(0)),
@@ -414,10 +414,10 @@ impl Ingester {
         let first = body.next().await;
         let slot = self.reader_slot().await?;
         let body = futures::stream::iter(first).chain(body);
-        let (chunk_tx, chunk_rx) = mpsc::channel::<(ChunkHash, Vec<u8>)>(self.parallelism);
+        let (chunk_tx, chunk_rx) = mpsc::channel::<(ChunkHash, Vec<u8>)>(self.settings.parallelism);
         let started = self.storage.clock().now_ms();
         let reusable_after = self.window.reusable_after();
-        let reader = spawn_reader(body, compression, Some((self.params, chunk_tx)), slot, consume);
+        let reader = spawn_reader(body, compression, Some((self.settings.params, chunk_tx)), slot, consume);
         let (chunks, stats, refreshed, store_error) = self.store_chunks(chunk_rx, reusable_after).await;
         let read = reader.await.map_err(join_error).and_then(|r| r);
         match (store_error, read) {
@@ -442,7 +442,7 @@ impl Ingester {
                 let task = tokio::spawn(self.clone().store_chunk(hash, data, reusable_after));
                 async move { task.await.map_err(|e| Error::internal(format!("chunk task failed: {e}")))? }
             })
-            .buffered(self.parallelism);
+            .buffered(self.settings.parallelism);
         let mut stored = std::pin::pin!(stored);
         while let Some(result) = stored.next().await {
             match result {
@@ -501,7 +501,7 @@ impl Ingester {
         }
         // Compressing a chunk takes a few hundred microseconds: short enough to do on the
         // worker, and cheaper than a hop to the blocking pool for every chunk.
-        let frame = Bytes::from(chunk::compress(&data, self.zstd_level)?);
+        let frame = Bytes::from(chunk::compress(&data, self.settings.zstd_level)?);
         let stored = frame.len() as u64;
         let version = self.storage.put_chunk(&hash, frame.clone()).await?;
         // Made here from bytes just hashed: it verifies by construction.
@@ -521,9 +521,9 @@ impl Ingester {
         let slot = self.reader_slot().await?;
         let reader = ChunkReader {
             storage: self.storage.clone(),
-            parallelism: self.parallelism,
+            parallelism: self.settings.parallelism,
             // A commit is rare next to downloads: it is held only to its own parallelism.
-            reads: Arc::new(Semaphore::new(self.parallelism)),
+            reads: Arc::new(Semaphore::new(self.settings.parallelism)),
             metrics: self.metrics.clone(),
             verified: self.verified.clone(),
         };

@@ -6,7 +6,7 @@ use axum::response::IntoResponse;
 
 use crate::auth::TokenAuthority;
 use crate::config::ServerConfig;
-use crate::ingest::{ChunkReader, Ingester};
+use crate::ingest::{ChunkReader, IngestSettings, Ingester};
 use crate::metrics::Metrics;
 use crate::narinfo_cache::NarinfoCache;
 use crate::preflight::VerifiedChunks;
@@ -307,11 +307,10 @@ impl AppState {
         let storage = Storage::new(config.open_store()?);
         let tokens = TokenAuthority::from_base64(&config.token_hs256_secret_base64)?;
         let metrics = Arc::new(Metrics::default());
+        let settings = IngestSettings { params: config.chunking, zstd_level: config.zstd_level, parallelism: config.chunk_parallelism };
         let ingester = Ingester::new(
             storage.clone(),
-            config.chunking,
-            config.zstd_level,
-            config.chunk_parallelism,
+            settings,
             storage.reuse_window(config.gc.grace_period),
             metrics.clone(),
         )

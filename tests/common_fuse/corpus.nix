@@ -3,12 +3,7 @@
 { seed ? "0" }:
 let
   bb = "/bin/busybox";
-  mk = name: script: derivation {
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" script ];
-  };
+  mk = import ../derivation.nix;
 in {
   busybox = mk "busybox-${seed}" ''
     ${bb} mkdir -p $out/bin

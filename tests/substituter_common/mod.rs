@@ -138,30 +138,19 @@ impl Substitute {
     pub fn start(server: &str, cache: &str, token_file: &Path, cache_dir: &Path) -> Substitute {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("substitute.log");
-        let mut child = Command::new(FLYWHEEL)
-            .args(["substitute", "--server", server, "--cache", cache, "--token-file"])
-            .arg(token_file)
-            .arg("--cache-dir")
-            .arg(cache_dir)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting flywheel substitute");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(url) = line.strip_prefix("Listening on ") {
-                        break url.to_string();
-                    }
-                }
-                _ => panic!("flywheel substitute exited before listening: {}", std::fs::read_to_string(&log).unwrap_or_default()),
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Substitute { child: Some(KillOnDrop(child)), url, log, _dir: dir }
+        let (child, url) = KillOnDrop::spawn_listening(
+            Command::new(FLYWHEEL)
+                .args(["substitute", "--server", server, "--cache", cache, "--token-file"])
+                .arg(token_file)
+                .arg("--cache-dir")
+                .arg(cache_dir)
+                .args(["--listen", "127.0.0.1:0"])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap()),
+            &log,
+        );
+        Substitute { child: Some(child), url, log, _dir: dir }
     }
 
     pub fn log_text(&self) -> String {

@@ -16,20 +16,58 @@ use crate::cache::CacheStats;
 /// Largest body either side accepts (manifests of huge paths are the big ones).
 const MAX_BODY: u32 = 256 << 20;
 
-const OP_GET: u8 = 1;
-const OP_INSERT: u8 = 2;
-const OP_CONTAINS: u8 = 3;
-const OP_GET_MANIFEST: u8 = 4;
-const OP_PUT_MANIFEST: u8 = 5;
-const OP_MANIFEST_HASHES: u8 = 6;
-const OP_USAGE: u8 = 7;
-const OP_FLUSH: u8 = 8;
-const OP_STATS: u8 = 9;
-const OP_INSERT_MANY: u8 = 10;
+/// The operation a request asks for: the first byte of its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Op {
+    Get = 1,
+    Insert,
+    Contains,
+    GetManifest,
+    PutManifest,
+    ManifestHashes,
+    Usage,
+    Flush,
+    Stats,
+    InsertMany,
+}
 
-const ST_OK: u8 = 0;
-const ST_NONE: u8 = 1;
-const ST_ERR: u8 = 2;
+impl Op {
+    const ALL: [Op; 10] = [
+        Op::Get,
+        Op::Insert,
+        Op::Contains,
+        Op::GetManifest,
+        Op::PutManifest,
+        Op::ManifestHashes,
+        Op::Usage,
+        Op::Flush,
+        Op::Stats,
+        Op::InsertMany,
+    ];
+
+    fn from_byte(byte: u8) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| *op as u8 == byte)
+    }
+}
+
+/// The first byte of a reply: how the owner answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Status {
+    /// Done, or found: the body holds the answer.
+    Found = 0,
+    /// Not found; the body is empty.
+    NotFound,
+    /// The owner failed; the body says why.
+    Failed,
+}
+
+impl Status {
+    fn from_byte(byte: u8) -> Option<Status> {
+        [Status::Found, Status::NotFound, Status::Failed].into_iter().find(|status| *status as u8 == byte)
+    }
+}
 
 /// One operation on the owner's cache.
 #[derive(Debug, Clone)]
@@ -84,9 +122,9 @@ pub(super) struct Malformed;
 impl<'a> Request<'a> {
     /// The operation byte and body.
     pub(super) fn encode(&self) -> (u8, Vec<u8>) {
-        match self {
-            Request::Get(chunk) => (OP_GET, [&chunk.hash.0[..], &chunk.size.to_le_bytes()].concat()),
-            Request::Insert(hash, frame) => (OP_INSERT, [&hash.0[..], frame].concat()),
+        let (op, body) = match self {
+            Request::Get(chunk) => (Op::Get, [&chunk.hash.0[..], &chunk.size.to_le_bytes()].concat()),
+            Request::Insert(hash, frame) => (Op::Insert, [&hash.0[..], frame].concat()),
             Request::InsertMany(frames) => {
                 let mut body = Vec::with_capacity(frames.iter().map(|(_, f)| 36 + f.len()).sum());
                 for (hash, frame) in frames {
@@ -94,36 +132,37 @@ impl<'a> Request<'a> {
                     body.extend_from_slice(&(frame.len() as u32).to_le_bytes());
                     body.extend_from_slice(frame);
                 }
-                (OP_INSERT_MANY, body)
+                (Op::InsertMany, body)
             }
-            Request::Contains(hash) => (OP_CONTAINS, hash.0.to_vec()),
-            Request::GetManifest(hash_part) => (OP_GET_MANIFEST, hash_part.as_bytes().to_vec()),
+            Request::Contains(hash) => (Op::Contains, hash.0.to_vec()),
+            Request::GetManifest(hash_part) => (Op::GetManifest, hash_part.as_bytes().to_vec()),
             Request::PutManifest(hash_part, manifest) => {
                 let mut body = (hash_part.len() as u32).to_le_bytes().to_vec();
                 body.extend_from_slice(hash_part.as_bytes());
                 // Serializing a manifest into a Vec cannot fail.
                 body.extend_from_slice(&serde_json::to_vec(manifest).unwrap_or_default());
-                (OP_PUT_MANIFEST, body)
+                (Op::PutManifest, body)
             }
-            Request::ManifestHashes => (OP_MANIFEST_HASHES, Vec::new()),
-            Request::Usage => (OP_USAGE, Vec::new()),
-            Request::Flush => (OP_FLUSH, Vec::new()),
-            Request::Stats => (OP_STATS, Vec::new()),
-        }
+            Request::ManifestHashes => (Op::ManifestHashes, Vec::new()),
+            Request::Usage => (Op::Usage, Vec::new()),
+            Request::Flush => (Op::Flush, Vec::new()),
+            Request::Stats => (Op::Stats, Vec::new()),
+        };
+        (op as u8, body)
     }
 
     /// Reads a request from its operation byte and body (which it borrows frames from).
     pub(super) fn decode(op: u8, body: &'a [u8]) -> Result<Self, Malformed> {
-        Ok(match op {
-            OP_GET => {
+        Ok(match Op::from_byte(op).ok_or(Malformed)? {
+            Op::Get => {
                 let (hash, rest) = hash_and_rest(body)?;
                 Request::Get(ChunkRef { hash, size: u32::from_le_bytes(*exact::<4>(rest)?) })
             }
-            OP_INSERT => {
+            Op::Insert => {
                 let (hash, frame) = hash_and_rest(body)?;
                 Request::Insert(hash, frame)
             }
-            OP_INSERT_MANY => {
+            Op::InsertMany => {
                 let mut frames = Vec::new();
                 let mut rest = body;
                 while !rest.is_empty() {
@@ -136,31 +175,30 @@ impl<'a> Request<'a> {
                 }
                 Request::InsertMany(frames)
             }
-            OP_CONTAINS => Request::Contains(ChunkHash(*exact::<32>(body)?)),
-            OP_GET_MANIFEST => Request::GetManifest(utf8(body)?),
-            OP_PUT_MANIFEST => {
+            Op::Contains => Request::Contains(ChunkHash(*exact::<32>(body)?)),
+            Op::GetManifest => Request::GetManifest(utf8(body)?),
+            Op::PutManifest => {
                 let (len, rest) = body.split_first_chunk::<4>().ok_or(Malformed)?;
                 let len = u32::from_le_bytes(*len) as usize;
                 let hash_part = utf8(rest.get(..len).ok_or(Malformed)?)?;
                 let manifest = serde_json::from_slice::<PathManifest>(&rest[len..]).map_err(|_| Malformed)?;
                 Request::PutManifest(hash_part, manifest)
             }
-            OP_MANIFEST_HASHES => Request::ManifestHashes,
-            OP_USAGE => Request::Usage,
-            OP_FLUSH => Request::Flush,
-            OP_STATS => Request::Stats,
-            _ => return Err(Malformed),
+            Op::ManifestHashes => Request::ManifestHashes,
+            Op::Usage => Request::Usage,
+            Op::Flush => Request::Flush,
+            Op::Stats => Request::Stats,
         })
     }
 
     /// Reads the owner's answer to this request from its status byte and body.
     pub(super) fn decode_reply(&self, status: u8, body: Vec<u8>) -> Result<Reply, Malformed> {
-        if status == ST_ERR {
+        if status == Status::Failed as u8 {
             return Ok(Reply::Failed(String::from_utf8_lossy(&body).into_owned()));
         }
-        let found = match status {
-            ST_OK => true,
-            ST_NONE => false,
+        let found = match Status::from_byte(status) {
+            Some(Status::Found) => true,
+            Some(Status::NotFound) => false,
             _ => return Err(Malformed),
         };
         Ok(match self {
@@ -191,20 +229,21 @@ impl<'a> Request<'a> {
 impl Reply {
     /// The status byte and body; taken by value so that a chunk's bytes are not copied.
     pub(super) fn encode(self) -> (u8, Vec<u8>) {
-        match self {
-            Reply::Chunk(Some(data)) => (ST_OK, data),
-            Reply::Chunk(None) | Reply::Manifest(None) | Reply::Present(false) => (ST_NONE, Vec::new()),
-            Reply::Present(true) | Reply::Done => (ST_OK, Vec::new()),
+        let (status, body) = match self {
+            Reply::Chunk(Some(data)) => (Status::Found, data),
+            Reply::Chunk(None) | Reply::Manifest(None) | Reply::Present(false) => (Status::NotFound, Vec::new()),
+            Reply::Present(true) | Reply::Done => (Status::Found, Vec::new()),
             // Serializing a manifest into a Vec cannot fail.
-            Reply::Manifest(Some(manifest)) => (ST_OK, serde_json::to_vec(&manifest).unwrap_or_default()),
-            Reply::ManifestHashes(hashes) => (ST_OK, hashes.join("\n").into_bytes()),
-            Reply::Usage { quota, used } => (ST_OK, [quota.to_le_bytes(), used.to_le_bytes()].concat()),
+            Reply::Manifest(Some(manifest)) => (Status::Found, serde_json::to_vec(&manifest).unwrap_or_default()),
+            Reply::ManifestHashes(hashes) => (Status::Found, hashes.join("\n").into_bytes()),
+            Reply::Usage { quota, used } => (Status::Found, [quota.to_le_bytes(), used.to_le_bytes()].concat()),
             Reply::Stats(s) => {
                 let fields = [s.hits, s.misses, s.corrupt, s.evictions, s.write_failures];
-                (ST_OK, fields.iter().flat_map(|f| f.to_le_bytes()).collect())
+                (Status::Found, fields.iter().flat_map(|f| f.to_le_bytes()).collect())
             }
-            Reply::Failed(why) => (ST_ERR, why.as_bytes().to_vec()),
-        }
+            Reply::Failed(why) => (Status::Failed, why.as_bytes().to_vec()),
+        };
+        (status as u8, body)
     }
 
     /// The answer to a request that did not parse.
@@ -314,18 +353,30 @@ mod tests {
     }
 
     #[test]
+    fn operation_and_status_bytes_read_back() {
+        for op in Op::ALL {
+            assert_eq!(Op::from_byte(op as u8), Some(op));
+        }
+        assert_eq!(Op::from_byte(0), None);
+        for status in [Status::Found, Status::NotFound, Status::Failed] {
+            assert_eq!(Status::from_byte(status as u8), Some(status));
+        }
+        assert_eq!(Status::from_byte(3), None);
+    }
+
+    #[test]
     fn malformed_messages_are_refused() {
         let (op, body) = Request::InsertMany(vec![(ChunkHash([1; 32]), b"frame".as_slice())]).encode();
         assert!(Request::decode(op, &body).is_ok());
         assert!(Request::decode(op, &body[..body.len() - 1]).is_err());
         assert!(Request::decode(op, &body[..20]).is_err());
-        assert!(Request::decode(OP_CONTAINS, &[0; 31]).is_err());
-        assert!(Request::decode(OP_GET, &[0; 35]).is_err());
-        assert!(Request::decode(OP_PUT_MANIFEST, &[200, 0, 0, 0, b'x']).is_err());
+        assert!(Request::decode(Op::Contains as u8, &[0; 31]).is_err());
+        assert!(Request::decode(Op::Get as u8, &[0; 35]).is_err());
+        assert!(Request::decode(Op::PutManifest as u8, &[200, 0, 0, 0, b'x']).is_err());
         assert!(Request::decode(99, &[]).is_err());
-        assert!(Request::Usage.decode_reply(ST_OK, vec![0; 15]).is_err());
+        assert!(Request::Usage.decode_reply(Status::Found as u8, vec![0; 15]).is_err());
         assert!(Request::Usage.decode_reply(7, vec![]).is_err());
-        let mut oversized = vec![OP_GET];
+        let mut oversized = vec![Op::Get as u8];
         oversized.extend_from_slice(&(MAX_BODY + 1).to_le_bytes());
         assert!(read_message(&mut oversized.as_slice()).is_err());
     }

@@ -277,31 +277,11 @@ mod tests {
     use crate::nix::DEFAULT_STORE_DIR;
 
     // Written by `nix copy --to 'file:///tmp/fx/cache?secret-key=sec'` of Nix 2.8 (the key is
-    // in signing's tests).
-    const REAL: &str = "StorePath: /nix/store/kznx6z0g1warfx4z4ahb5n062jmx5qqs-b.txt
-URL: nar/0cln22a49yfwsxq5vy3jvpi5v0c4x5x9rpsbrz60wqvb5s19wba2.nar.xz
-Compression: xz
-FileHash: sha256:0cln22a49yfwsxq5vy3jvpi5v0c4x5x9rpsbrz60wqvb5s19wba2
-FileSize: 208
-NarHash: sha256:1g6syx5pq5fhbix3j0ymn6dyxsipm4lj7ql0vxcs87a2aibkwy3x
-NarSize: 216
-References: rkvkm0asz2zpsik1x8nwwdq0xkq1417n-c.txt wzflyq5q9kjg4p27yck2nnispnblxsnh-a.txt
-Sig: test-key-1:kGK/p65/gPTxVBffg2zMKPmq0ACE4mR9/LH4h7JXAtceE2zfhGABvupulZJb9QZzn8icFN+UkFm2poQ366mYBw==
-CA: text:sha256:1wzrcki9ajdf3rv7g9g0rc2lw6vs25127k8a970p61shzrzlx7cf
-";
+    // in signing's tests), kept byte for byte.
+    const REAL: &str = include_str!("testdata/kznx6z0g1warfx4z4ahb5n062jmx5qqs.narinfo");
 
     // Same writer, a path without references: note the space after "References:".
-    const REAL_NO_REFS: &str = "StorePath: /nix/store/rkvkm0asz2zpsik1x8nwwdq0xkq1417n-c.txt
-URL: nar/0w71vfwbravjylyjlhzgp58sbamdjywwrr80k3nc5lzbhjysxjw1.nar.xz
-Compression: xz
-FileHash: sha256:0w71vfwbravjylyjlhzgp58sbamdjywwrr80k3nc5lzbhjysxjw1
-FileSize: 124
-NarHash: sha256:12z1x9q7k15ar03ad8khn6lbsag4l6wvb994x5l9pgvzcb75zbdz
-NarSize: 120
-References: 
-Sig: test-key-1:/Jb2WBjBzbgUvequyD28sEF1l0wct+1d4Pk/JN4A/a3WXpdGyI4O+fM9XiDGEGOwMFnLpoiACufpZUTFIG3tBg==
-CA: text:sha256:0lgi8cqd57s3gjz328z43k52yx940n3d1s7p9is8br619dyvyq2a
-";
+    const REAL_NO_REFS: &str = include_str!("testdata/rkvkm0asz2zpsik1x8nwwdq0xkq1417n.narinfo");
 
     const SECRET: &str = "test-key-1:9RAoO1HCyX60ZsDusS3ol+R5yM2pg7alVUjVxjDW5J6KB4GN5DdBpz69jBmbs7Zbtt6oLJJ5qmMWeYUv0dTZ+g==";
     const PUBLIC: &str = "test-key-1:igeBjeQ3Qac+vYwZm7O2W7beqCySeapjFnmFL9HU2fo=";

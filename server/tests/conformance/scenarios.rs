@@ -13,7 +13,7 @@ use flywheel_core::nix::{SigningKey, StorePath};
 use flywheel_core::ErrorKind;
 use flywheel_server::clock::Clock;
 use flywheel_server::config::GcConfig;
-use flywheel_server::ingest::{Compression, IngestStats, Ingested, Ingester};
+use flywheel_server::ingest::{Compression, IngestSettings, IngestStats, Ingested, Ingester};
 use flywheel_server::metrics::Metrics;
 use flywheel_server::storage::{CacheFile, CacheRecord, PathRecord, Reuse, Storage};
 use object_store::path::Path;
@@ -36,11 +36,10 @@ fn nar(seed: u64, len: usize) -> Vec<u8> {
 /// A NAR's chunks stored through the server's ingester, its manifest not yet (`grace` is the
 /// grace period the reuse window follows).
 async fn ingest(storage: &Storage, grace: u64, nar: &[u8]) -> Ingested {
+    let settings = IngestSettings { params: ChunkParams::default(), zstd_level: flywheel_core::chunk::DEFAULT_ZSTD_LEVEL, parallelism: 8 };
     let ingester = Ingester::new(
         storage.clone(),
-        ChunkParams::default(),
-        flywheel_core::chunk::DEFAULT_ZSTD_LEVEL,
-        8,
+        settings,
         storage.reuse_window(grace),
         Arc::new(Metrics::default()),
     );

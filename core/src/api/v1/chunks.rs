@@ -161,24 +161,30 @@ fn possible_chunk_refs<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<Ch
 }
 
 /// Publishes a store path whose chunks are all stored already.
+///
+/// Its narinfo fields are spelled out here again, as in [`PathManifest`] and Attic's
+/// `UploadPathNarInfo`, rather than flattened in from one shared struct: serde's `flatten`
+/// buffers the whole object first (a chunk list runs to tens of thousands of entries) and
+/// does not work with `deny_unknown_fields`, and Attic's names are snake_case.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CommitRequest {
     /// Full store path.
     pub store_path: String,
-    /// NAR hash, `sha256:...`.
+    /// NAR hash, `sha256:` then nixbase32, hex or base64.
     pub nar_hash: String,
     /// NAR size.
     pub nar_size: u64,
     /// References, full paths or base names.
     pub references: Vec<String>,
-    /// Deriver.
+    /// Deriver, full path or base name; absent, empty or `unknown-deriver` for none.
     #[serde(default)]
     pub deriver: Option<String>,
-    /// Signatures to keep.
+    /// The uploader's signatures (`name:base64`), kept with the path; the server signs
+    /// when it serves.
     #[serde(default)]
     pub sigs: Vec<String>,
-    /// Content address.
+    /// Content address (`text:...` or `fixed:...`), absent or empty for an input-addressed path.
     #[serde(default)]
     pub ca: Option<String>,
     /// The NAR's chunks in order, with their uncompressed sizes. May be left empty when
