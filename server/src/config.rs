@@ -545,6 +545,13 @@ fn default_s3_backoff_max_ms() -> u64 {
 }
 
 impl StorageConfig {
+    /// Whether the store does its work in the calling thread when no async runtime is entered
+    /// there (local files, memory), so that batches of its calls are best run on threads of
+    /// their own (see [`crate::inline_io`]).
+    pub fn works_in_calling_thread(&self) -> bool {
+        matches!(self, StorageConfig::Local { .. } | StorageConfig::Memory {})
+    }
+
     /// The S3 timeouts and retries, or `None` for local storage.
     pub fn s3_retry(&self) -> Option<S3Retry> {
         match self {

@@ -494,16 +494,17 @@ impl Ingester {
     /// Stores a chunk unless a fresh copy is stored already (see [`ReuseWindow`]).
     async fn store_chunk(self, hash: ChunkHash, data: Vec<u8>, reusable_after: u64) -> Result<(ChunkRef, Stored)> {
         let chunk_ref = ChunkRef { hash, size: data.len() as u32 };
-        let reuse = self.storage.chunk_reusable(&hash, reusable_after).await?;
-        if reuse == Reuse::Fresh {
+        // Compressing a chunk takes a few hundred microseconds: short enough to do on the
+        // worker (or the storage I/O thread), and cheaper than a hop to the blocking pool for
+        // every chunk.
+        let level = self.settings.zstd_level;
+        let make_frame = move || chunk::compress(&data, level).map(Bytes::from);
+        let (reuse, written) = self.storage.put_chunk_unless_fresh(hash, reusable_after, make_frame).await?;
+        let Some((frame, version)) = written else {
             self.metrics.chunks_deduplicated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok((chunk_ref, Stored::Deduplicated));
-        }
-        // Compressing a chunk takes a few hundred microseconds: short enough to do on the
-        // worker, and cheaper than a hop to the blocking pool for every chunk.
-        let frame = Bytes::from(chunk::compress(&data, self.settings.zstd_level)?);
+        };
         let stored = frame.len() as u64;
-        let version = self.storage.put_chunk(&hash, frame.clone()).await?;
         // Made here from bytes just hashed: it verifies by construction.
         self.verified.remember(hash, version, &frame);
         self.metrics.stored_bytes.fetch_add(stored, std::sync::atomic::Ordering::Relaxed);
@@ -569,36 +570,84 @@ impl ChunkReader {
     }
 
     fn fetch(&self, refs: Vec<ChunkRef>, needs: Needs) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
+        // A store that works in the calling thread reads a batch of chunks per thread hop;
+        // any other is asked for each chunk at once. Either way about `parallelism` chunks
+        // are read ahead (at least two batches, so that one is read while one is sent).
+        let (batch, batches_ahead) = match self.storage.reads_in_batches() {
+            true => {
+                let batch = (self.parallelism / 2).clamp(1, READ_BATCH);
+                (batch, self.parallelism.div_ceil(batch).max(2))
+            }
+            false => (1, self.parallelism),
+        };
+        let batches: Vec<Vec<ChunkRef>> = refs.chunks(batch).map(<[ChunkRef]>::to_vec).collect();
         let reader = self.clone();
-        futures::stream::iter(refs)
-            .map(move |chunk_ref| {
-                let ChunkReader { storage, reads, metrics, verified, .. } = reader.clone();
-                // A task per chunk spreads verification over the worker threads; the work is
+        futures::stream::iter(batches)
+            .map(move |batch| {
+                // A task per batch spreads verification over the worker threads; the work is
                 // short enough not to need the blocking pool.
-                let task = tokio::spawn(async move {
-                    chunk::check_chunk_len(u64::from(chunk_ref.size))?;
-                    // Never closed, so this only waits.
-                    let permit = reads.acquire_owned().await.ok();
-                    let started = std::time::Instant::now();
-                    let (frame, version) = storage.get_chunk_versioned(&chunk_ref.hash).await?;
-                    drop(permit);
-                    let data = if needs == Needs::Frames && verified.is_known_frame(&chunk_ref.hash, &frame) {
-                        metrics.frames_known.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        Bytes::new()
-                    } else {
-                        let data = chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
-                        verified.remember_read(chunk_ref.hash, version, &frame);
-                        Bytes::from(data)
-                    };
-                    metrics.chunk_fetch_seconds.observe(started.elapsed());
-                    metrics.chunks_fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Ok::<_, Error>((frame, data))
-                });
-                async move { task.await.map_err(|e| Error::internal(format!("chunk task failed: {e}")))? }
+                let task = tokio::spawn(reader.clone().read_batch(batch, needs));
+                async move {
+                    match task.await {
+                        Ok(items) => items,
+                        Err(e) => vec![Err(Error::internal(format!("chunk task failed: {e}")))],
+                    }
+                }
             })
-            .buffered(self.parallelism)
+            .buffered(batches_ahead)
+            .flat_map(futures::stream::iter)
+    }
+
+    /// Reads and verifies `batch`; the items stop at the first that fails.
+    async fn read_batch(self, batch: Vec<ChunkRef>, needs: Needs) -> Vec<Result<(Bytes, Bytes)>> {
+        if let Err(err) = batch.iter().try_for_each(|chunk_ref| chunk::check_chunk_len(u64::from(chunk_ref.size))) {
+            return vec![Err(err)];
+        }
+        // Never closed, so this only waits.
+        let permit = self.reads.acquire_owned().await.ok();
+        let started = std::time::Instant::now();
+        let read = match batch.as_slice() {
+            [one] => self.storage.get_chunk_versioned(&one.hash).await.map(|frame| vec![frame]),
+            _ => self.storage.get_chunks_versioned(batch.iter().map(|c| c.hash).collect()).await,
+        };
+        drop(permit);
+        let frames = match read {
+            Ok(frames) => frames,
+            Err(err) => return vec![Err(err)],
+        };
+        let mut items = Vec::with_capacity(batch.len());
+        for (chunk_ref, (frame, version)) in batch.iter().zip(frames) {
+            let data = if needs == Needs::Frames && self.verified.is_known_frame(&chunk_ref.hash, &frame) {
+                self.metrics.frames_known.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Bytes::new()
+            } else {
+                match chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize) {
+                    Ok(data) => {
+                        self.verified.remember_read(chunk_ref.hash, version, &frame);
+                        Bytes::from(data)
+                    }
+                    Err(err) => {
+                        items.push(Err(err));
+                        return items;
+                    }
+                }
+            };
+            items.push(Ok((frame, data)));
+        }
+        // One read for the batch: each chunk counts its share of the time.
+        let per_chunk = started.elapsed() / batch.len().max(1) as u32;
+        for _ in &batch {
+            self.metrics.chunk_fetch_seconds.observe(per_chunk);
+        }
+        self.metrics.chunks_fetched.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        items
     }
 }
+
+/// Chunks read in one thread hop from a store that works in the calling thread: enough to
+/// make the hop's cost small beside the reads, few enough that the first bytes of a stream
+/// are not held back (16 chunks are about 1 MiB of NAR).
+const READ_BATCH: usize = 16;
 
 /// `stream` once its first item is in, so that a failure there (a first chunk missing from
 /// storage) is an error answer before the status line rather than a 200 cut short.

@@ -27,6 +27,7 @@ pub mod error;
 pub mod fsck;
 pub mod gc;
 pub mod ingest;
+pub mod inline_io;
 pub mod metrics;
 pub mod narinfo_cache;
 pub mod preflight;

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use axum::response::IntoResponse;
 
 use crate::auth::TokenAuthority;
@@ -60,6 +61,10 @@ pub const MANIFEST_CACHE_BYTES: usize = 64 << 20;
 /// Manifests parsed at once: parsing takes memory in proportion to the manifest (a path of
 /// 100,000 files has a manifest of several MB), so distinct manifests wait their turn.
 const MANIFEST_PARSES: usize = 2;
+
+/// Threads that read batches of chunks from a store that works in the calling thread: a few
+/// more than the two cores, so that a read waiting on the disk does not hold up the others.
+const INLINE_IO_THREADS: usize = 4;
 
 /// Parsed manifests by NAR hash. Manifests never change once stored (they are named by the
 /// NAR's hash), so an entry never goes stale; it is only evicted, least recently used first,
@@ -304,7 +309,10 @@ impl AppState {
     /// Opens storage and sets everything up from a config.
     pub fn new(config: ServerConfig) -> anyhow::Result<Self> {
         config.check()?;
-        let storage = Storage::new(config.open_store()?);
+        let mut storage = Storage::new(config.open_store()?);
+        if config.storage.works_in_calling_thread() {
+            storage = storage.with_inline_io(INLINE_IO_THREADS).context("starting the storage I/O threads")?;
+        }
         let tokens = TokenAuthority::from_base64(&config.token_hs256_secret_base64)?;
         let metrics = Arc::new(Metrics::default());
         let settings = IngestSettings { params: config.chunking, zstd_level: config.zstd_level, parallelism: config.chunk_parallelism };

@@ -37,6 +37,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::clock::{Clock, SharedClock, SystemClock};
+use crate::inline_io::InlineIo;
 
 /// A cache's settings as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +235,9 @@ impl CacheFile<'_> {
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
     clock: SharedClock,
+    /// Threads that run batches of calls inline, for a store that works in the calling
+    /// thread (see [`Storage::with_inline_io`]).
+    inline: Option<Arc<InlineIo>>,
 }
 
 fn storage_error(err: object_store::Error, what: &str) -> Error {
@@ -265,7 +269,22 @@ impl Storage {
     /// Wraps an object store; access records, staging markers, the reuse window and garbage
     /// collection read the time from `clock`.
     pub fn with_clock(store: Arc<dyn ObjectStore>, clock: SharedClock) -> Self {
-        Storage { store, clock }
+        Storage { store, clock, inline: None }
+    }
+
+    /// Has batches of chunk reads and lookups run on `threads` threads of their own, a batch
+    /// per thread hop (see [`crate::inline_io`]). Only for a store that does its work in the
+    /// calling thread when no runtime is entered there: `object_store`'s local and in-memory
+    /// stores. (The S3 store needs the runtime, and its requests are better sent at once.)
+    pub fn with_inline_io(mut self, threads: usize) -> std::io::Result<Self> {
+        self.inline = Some(Arc::new(InlineIo::new(threads)?));
+        Ok(self)
+    }
+
+    /// Whether chunk reads are best asked for in batches ([`Storage::get_chunks_versioned`],
+    /// [`Storage::chunk_versions`]) rather than one call per chunk.
+    pub fn reads_in_batches(&self) -> bool {
+        self.inline.is_some()
     }
 
     /// The object store underneath.
@@ -392,6 +411,56 @@ impl Storage {
         let version = version_of(&result.meta);
         let bytes = result.bytes().await.map_err(|e| storage_error(e, "chunk"))?;
         Ok((bytes, version))
+    }
+
+    /// The version of each of `hashes` (`None`: missing), in order, as
+    /// [`Storage::chunk_version`] answers: on one thread of their own when the store runs
+    /// inline, else concurrently.
+    pub async fn chunk_versions(&self, hashes: Vec<ChunkHash>) -> Result<Vec<Option<String>>> {
+        let storage = self.clone();
+        let lookups = async move { futures::future::try_join_all(hashes.iter().map(|hash| storage.chunk_version(hash))).await };
+        match &self.inline {
+            Some(inline) => inline.block_on(move || lookups).await?,
+            None => lookups.await,
+        }
+    }
+
+    /// The stored frames of `hashes` with their versions, in order, as
+    /// [`Storage::get_chunk_versioned`] answers: on one thread of their own when the store
+    /// runs inline, else concurrently.
+    pub async fn get_chunks_versioned(&self, hashes: Vec<ChunkHash>) -> Result<Vec<(Bytes, String)>> {
+        let storage = self.clone();
+        let reads = async move { futures::future::try_join_all(hashes.iter().map(|hash| storage.get_chunk_versioned(hash))).await };
+        match &self.inline {
+            Some(inline) => inline.block_on(move || reads).await?,
+            None => reads.await,
+        }
+    }
+
+    /// Stores the frame `make_frame` makes for a chunk unless a fresh copy is stored already
+    /// (see [`Storage::chunk_reusable`]). Answers what was there, and when it was written, the
+    /// frame and its version token. A store that works in the calling thread does all of it
+    /// in one hop to a thread of its own, compression included.
+    pub async fn put_chunk_unless_fresh(
+        &self,
+        hash: ChunkHash,
+        reusable_after: u64,
+        make_frame: impl FnOnce() -> Result<Bytes> + Send + 'static,
+    ) -> Result<(Reuse, Option<(Bytes, Option<String>)>)> {
+        let storage = self.clone();
+        let work = async move {
+            let reuse = storage.chunk_reusable(&hash, reusable_after).await?;
+            if reuse == Reuse::Fresh {
+                return Ok((reuse, None));
+            }
+            let frame = make_frame()?;
+            let version = storage.put_chunk(&hash, frame.clone()).await?;
+            Ok((reuse, Some((frame, version))))
+        };
+        match &self.inline {
+            Some(inline) => inline.block_on(move || work).await?,
+            None => work.await,
+        }
     }
 
     /// Stores a chunk's zstd frame; answers its version token (see

@@ -38,6 +38,9 @@ pub struct Fixture {
     pub local_root: Option<PathBuf>,
     /// Opens another client of the same objects.
     open: Box<dyn Fn() -> Arc<dyn ObjectStore> + Send + Sync>,
+    /// Whether storage runs batches of calls on threads of its own, as the server has it
+    /// for local and in-memory stores.
+    inline: bool,
     /// What must live as long as the fixture: the temporary directory, s3s-fs.
     _keep: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -47,22 +50,32 @@ impl Fixture {
         open: Box<dyn Fn() -> Arc<dyn ObjectStore> + Send + Sync>,
         local_root: Option<PathBuf>,
         keep: Vec<Box<dyn std::any::Any + Send + Sync>>,
+        inline: bool,
     ) -> Self {
         let clock = ManualClock::starting_now();
-        let storage = Storage::with_clock(open(), clock.clone());
-        Fixture { storage, clock, local_root, open, _keep: keep }
+        let storage = Self::storage(open(), clock.clone(), inline);
+        Fixture { storage, clock, local_root, open, inline, _keep: keep }
+    }
+
+    /// Storage over `store` as the server makes it (see `AppState::new`).
+    fn storage(store: Arc<dyn ObjectStore>, clock: Arc<ManualClock>, inline: bool) -> Storage {
+        let storage = Storage::with_clock(store, clock);
+        match inline {
+            true => storage.with_inline_io(2).expect("starting the storage I/O threads"),
+            false => storage,
+        }
     }
 
     /// Another server over the same objects, through a client of its own where the backend
     /// allows one, on the same clock (replicas run on hosts whose clocks agree).
     pub fn replica(&self) -> Storage {
-        Storage::with_clock((self.open)(), self.clock.clone())
+        Self::storage((self.open)(), self.clock.clone(), self.inline)
     }
 
     fn memory() -> Self {
         // The one store: an in-memory store cannot be reached by a second client.
         let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-        Self::new(Box::new(move || store.clone()), None, Vec::new())
+        Self::new(Box::new(move || store.clone()), None, Vec::new(), true)
     }
 
     fn local() -> Self {
@@ -73,14 +86,14 @@ impl Fixture {
         let open = move || -> Arc<dyn ObjectStore> {
             Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&open_root).expect("opening local storage"))
         };
-        Self::new(Box::new(open), Some(root), vec![Box::new(dir)])
+        Self::new(Box::new(open), Some(root), vec![Box::new(dir)], true)
     }
 
     /// Over a fresh s3s-fs, or `None` (after saying why) when it is not installed outside CI;
     /// over a fresh bucket of the S3 server `FLYWHEEL_TEST_S3_ENDPOINT` names, when it is set.
     fn s3() -> Option<Self> {
         if let Some(external) = external_s3::ExternalS3::from_env() {
-            return Some(Self::new(Box::new(move || Arc::new(external.store())), None, Vec::new()));
+            return Some(Self::new(Box::new(move || Arc::new(external.store())), None, Vec::new(), false));
         }
         let s3s = S3sFs::start()?;
         let endpoint = s3s.endpoint.clone();
@@ -97,7 +110,7 @@ impl Fixture {
                 .expect("configuring the S3 client");
             Arc::new(store)
         };
-        Some(Self::new(Box::new(open), None, vec![Box::new(s3s)]))
+        Some(Self::new(Box::new(open), None, vec![Box::new(s3s)], false))
     }
 }
 
@@ -204,6 +217,7 @@ macro_rules! conformance {
 
 conformance! {
     chunks,
+    chunk_batches,
     manifests_and_paths,
     listings,
     cache_files,

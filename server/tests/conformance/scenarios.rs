@@ -141,6 +141,71 @@ pub async fn chunks(fixture: &Fixture) {
     storage.delete_chunk(&hash).await.expect("deleting a missing chunk is not an error");
 }
 
+/// Chunks asked for in batches answer as they do one by one, in the order asked, and a
+/// conditional write stores a chunk only when no fresh copy is there.
+pub async fn chunk_batches(fixture: &Fixture) {
+    let storage = &fixture.storage;
+    let frames: Vec<(ChunkHash, Bytes)> = (0..20u8)
+        .map(|i| {
+            let data = vec![i; 1000 + usize::from(i)];
+            (ChunkHash::of(&data), Bytes::from(flywheel_core::chunk::compress(&data, 3).expect("compressing")))
+        })
+        .collect();
+    for (hash, frame) in &frames {
+        storage.put_chunk(hash, frame.clone()).await.unwrap();
+    }
+    let absent = ChunkHash::of(b"never stored");
+    let mut asked: Vec<ChunkHash> = frames.iter().map(|(hash, _)| *hash).collect();
+    asked.insert(7, absent);
+    let versions = storage.chunk_versions(asked.clone()).await.unwrap();
+    for (hash, version) in asked.iter().zip(&versions) {
+        assert_eq!(*version, storage.chunk_version(hash).await.unwrap(), "chunk {hash}");
+    }
+    assert_eq!(versions[7], None);
+    assert!(versions.iter().filter(|v| v.is_some()).count() == frames.len());
+
+    let read = storage.get_chunks_versioned(frames.iter().map(|(hash, _)| *hash).collect()).await.unwrap();
+    assert_eq!(read.len(), frames.len());
+    for ((hash, frame), (read_frame, read_version)) in frames.iter().zip(read) {
+        assert_eq!(&read_frame, frame, "chunk {hash}");
+        assert_eq!(Some(read_version), storage.chunk_version(hash).await.unwrap());
+    }
+    let err = storage.get_chunks_versioned(asked).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "a missing chunk in a batch is damage: {err}");
+
+    // A conditional write: stored when missing, left alone while fresh, written again when
+    // older than the reuse window.
+    let data = b"written on condition".repeat(50);
+    let hash = ChunkHash::of(&data);
+    let frame = Bytes::from(flywheel_core::chunk::compress(&data, 3).expect("compressing"));
+    let make = |frame: &Bytes| {
+        let frame = frame.clone();
+        move || Ok(frame)
+    };
+    let window = storage.reuse_window(10);
+    let after = window.reusable_after();
+    let (reuse, written) = storage.put_chunk_unless_fresh(hash, after, make(&frame)).await.unwrap();
+    assert_eq!(reuse, Reuse::Missing);
+    let (written_frame, version) = written.expect("a missing chunk is written");
+    assert_eq!(written_frame, frame);
+    if let Some(version) = version {
+        assert_eq!(Some(version), storage.chunk_version(&hash).await.unwrap(), "the write answers the version a lookup gives");
+    }
+    let never = || -> flywheel_core::Result<Bytes> { panic!("a fresh chunk was compressed again") };
+    let (reuse, written) = storage.put_chunk_unless_fresh(hash, after, never).await.unwrap();
+    assert_eq!((reuse, written.is_none()), (Reuse::Fresh, true));
+    fixture.clock.advance(Duration::from_secs(10));
+    let later = window.reusable_after();
+    let (reuse, written) = storage.put_chunk_unless_fresh(hash, later, make(&frame)).await.unwrap();
+    assert_eq!((reuse, written.is_some()), (Reuse::Stale, true));
+    assert_eq!(storage.get_chunk(&hash).await.unwrap(), frame);
+    let failing = || -> flywheel_core::Result<Bytes> { Err(flywheel_core::Error::internal("compression failed")) };
+    let other = ChunkHash::of(b"not compressible today");
+    let err = storage.put_chunk_unless_fresh(other, later, failing).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert_eq!(storage.chunk_version(&other).await.unwrap(), None, "nothing stored when the frame could not be made");
+}
+
 /// Manifests and path records: written in order by an upload, read back equal, listed, and
 /// taken out again; a path whose manifest is gone reads as damaged.
 pub async fn manifests_and_paths(fixture: &Fixture) {
