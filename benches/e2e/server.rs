@@ -33,6 +33,8 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
         let _ = Command::new("sync").status();
         ingest.push(upload_path(&server, &token, &nar, &nar_hash_hex, nar_size));
         rss.push(server.peak_rss() as f64);
+        // Written back first, for Attic too: the figure is the server's, not the disk's.
+        let _ = Command::new("sync").status();
         first_downloads.push(curl_get(&format!("{}/bench/nar/{}.nar.zst", server.url, "0".repeat(32)), Some(&token)).0);
         stored = server.chunk_bytes();
         servers.push((server, token));
@@ -57,6 +59,7 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
         let attic = attics.pop().unwrap();
         drop(attics);
         let url = attic.nar_url(&"0".repeat(32));
+        let _ = Command::new("sync").status();
         let downloads: Vec<(f64, u64)> = (0..2 * SERVER_RUNS).map(|_| curl_get(&url, Some(&attic.token))).collect();
         // Attic sends its zstd chunks as they are stored (its narinfo says `Compression: zstd`):
         // checked once, untimed, that they decompress to the NAR.
@@ -111,7 +114,7 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
         Some(_) => format!(
             "Attic is atticd built by `scripts/attic.sh` from its repository (commit {}), with SQLite and local storage, the same \
              chunk sizes and zstd, fed the same upload the same way, {SERVER_RUNS} runs on fresh storage; its downloads are of the URL \
-             its narinfo names, the first one after the upload and then {} more.",
+             its narinfo names, the first one after the last upload (and a `sync`) and then {} more.",
             std::env::var("ATTIC_REV").unwrap_or_else(|_| "b7c9056".into()),
             2 * SERVER_RUNS - 1
         ),
@@ -123,9 +126,9 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
         "Server: ingest and download of one NAR",
         &format!(
             "The NAR of this machine's Rust toolchain `lib` directory ({size_mb:.1} MB), uploaded with `curl -T` through \
-             `PUT /_api/v1/upload-path` to a server on local storage, {SERVER_RUNS} runs on fresh storage, each after a `sync` \
-             and followed by the first download; downloaded with `curl -o /dev/null` {} times more. The S3 rows upload it \
-             once to a server on S3 (s3s-fs on this machine, sharing its cores) and download it {SERVER_RUNS} more times \
+             `PUT /_api/v1/upload-path` to a server on local storage, {SERVER_RUNS} runs on fresh storage, each after a \
+             `sync` and followed, after another `sync`, by the first download; downloaded with `curl -o /dev/null` {} times \
+             more. The S3 rows upload it once to a server on S3 (s3s-fs on this machine, sharing its cores) and download it {SERVER_RUNS} more times \
              after the first. Throughput is NAR bytes per second. It stored {:.1} MB of zstd chunks. {attic_note}",
             2 * SERVER_RUNS,
             stored as f64 / MB
