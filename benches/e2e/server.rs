@@ -128,8 +128,8 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
             "The NAR of this machine's Rust toolchain `lib` directory ({size_mb:.1} MB), uploaded with `curl -T` through \
              `PUT /_api/v1/upload-path` to a server on local storage, {SERVER_RUNS} runs on fresh storage, each after a \
              `sync` and followed, after another `sync`, by the first download; downloaded with `curl -o /dev/null` {} times \
-             more. The S3 rows upload it once to a server on S3 (s3s-fs on this machine, sharing its cores) and download it {SERVER_RUNS} more times \
-             after the first. Throughput is NAR bytes per second. It stored {:.1} MB of zstd chunks. {attic_note}",
+             more. The S3 rows upload it once to a server on S3 (s3s-fs on this machine, sharing its cores) and download \
+             it {SERVER_RUNS} more times after the first. Throughput is NAR bytes per second. It stored {:.1} MB of zstd chunks. {attic_note}",
             2 * SERVER_RUNS,
             stored as f64 / MB
         ),
