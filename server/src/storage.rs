@@ -272,8 +272,8 @@ impl Storage {
         Storage { store, clock, inline: None }
     }
 
-    /// Has batches of chunk reads and lookups run on `threads` threads of their own, a batch
-    /// per thread hop (see [`crate::inline_io`]). Only for a store that does its work in the
+    /// Has batches of chunk reads, lookups and writes run on `threads` threads of their own, a
+    /// batch per thread hop (see [`crate::inline_io`]). Only for a store that does its work in the
     /// calling thread when no runtime is entered there: `object_store`'s local and in-memory
     /// stores. (The S3 store needs the runtime, and its requests are better sent at once.)
     pub fn with_inline_io(mut self, threads: usize) -> std::io::Result<Self> {
