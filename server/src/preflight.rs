@@ -107,10 +107,7 @@ impl VerifiedChunks {
     }
 
     async fn check_batch(&self, storage: &Storage, batch: Vec<ChunkRef>) -> Result<()> {
-        let versions = match batch.as_slice() {
-            [one] => vec![storage.chunk_version(&one.hash).await?],
-            _ => storage.chunk_versions(batch.iter().map(|c| c.hash).collect()).await?,
-        };
+        let versions = storage.chunk_versions(batch.iter().map(|c| c.hash).collect()).await?;
         let mut unknown = Vec::new();
         for (chunk_ref, version) in batch.into_iter().zip(versions) {
             let Some(version) = version else {

@@ -35,7 +35,8 @@ pub struct AppState {
     pub verified: Arc<VerifiedChunks>,
     /// Chunk reads in flight against storage, server-wide (`chunk-parallelism`): one big NAR
     /// gets all of them, many streams at once share them, so the object store sees a bounded
-    /// queue however many clients download.
+    /// queue however many clients download. On local storage one permit covers a batch of
+    /// reads (the storage I/O threads bound those reads in any case).
     pub chunk_reads: Arc<tokio::sync::Semaphore>,
     /// When each path's access was last recorded by this process.
     recorded_access: Arc<parking_lot::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>>,

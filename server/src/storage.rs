@@ -413,16 +413,22 @@ impl Storage {
         Ok((bytes, version))
     }
 
+    /// Runs `work` on the storage I/O threads when there are some (see
+    /// [`Storage::with_inline_io`]), else here.
+    async fn on_store_threads<T: Send + 'static>(&self, work: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        match &self.inline {
+            Some(inline) => inline.block_on(move || work).await?,
+            None => work.await,
+        }
+    }
+
     /// The version of each of `hashes` (`None`: missing), in order, as
     /// [`Storage::chunk_version`] answers: on one thread of their own when the store runs
     /// inline, else concurrently.
     pub async fn chunk_versions(&self, hashes: Vec<ChunkHash>) -> Result<Vec<Option<String>>> {
         let storage = self.clone();
         let lookups = async move { futures::future::try_join_all(hashes.iter().map(|hash| storage.chunk_version(hash))).await };
-        match &self.inline {
-            Some(inline) => inline.block_on(move || lookups).await?,
-            None => lookups.await,
-        }
+        self.on_store_threads(lookups).await
     }
 
     /// The stored frames of `hashes` with their versions, in order, as
@@ -431,10 +437,7 @@ impl Storage {
     pub async fn get_chunks_versioned(&self, hashes: Vec<ChunkHash>) -> Result<Vec<(Bytes, String)>> {
         let storage = self.clone();
         let reads = async move { futures::future::try_join_all(hashes.iter().map(|hash| storage.get_chunk_versioned(hash))).await };
-        match &self.inline {
-            Some(inline) => inline.block_on(move || reads).await?,
-            None => reads.await,
-        }
+        self.on_store_threads(reads).await
     }
 
     /// Stores the frame `make_frame` makes for a chunk unless a fresh copy is stored already
@@ -457,10 +460,7 @@ impl Storage {
             let version = storage.put_chunk(&hash, frame.clone()).await?;
             Ok((reuse, Some((frame, version))))
         };
-        match &self.inline {
-            Some(inline) => inline.block_on(move || work).await?,
-            None => work.await,
-        }
+        self.on_store_threads(work).await
     }
 
     /// Stores a chunk's zstd frame; answers its version token (see
