@@ -211,12 +211,12 @@ fn wait_until_crash_safe(cache_dir: &std::path::Path, hash_part: &str) {
     }
 }
 
-/// Copies a cache directory without its chunk frames and whole files, which are plain files
+/// Copies a cache directory without its chunk packs and whole files, which are plain files
 /// outside the database (and many MB).
 fn copy_database(from: &std::path::Path, to: &std::path::Path) {
     for entry in std::fs::read_dir(from).unwrap().flatten() {
         let name = entry.file_name();
-        if name == "chunks" || name == "files" {
+        if name == "packs" || name == "files" {
             continue;
         }
         let target = to.join(&name);
@@ -294,7 +294,7 @@ fn fuse_quota_holds_and_concurrent_readers_get_correct_bytes() {
         assert!(reader.join().unwrap() == expected, "a concurrent reader got wrong bytes");
     }
     assert!(expected.len() as u64 > 2 * quota);
-    assert!(dir_size(&cache_dir.path().join("chunks")) <= quota, "chunk files exceed the quota");
+    assert!(dir_size(&cache_dir.path().join("packs")) <= quota, "chunk packs exceed the quota");
     assert!(mount.terminate());
     let cache = ChunkCache::open(&LocalCacheConfig::new(cache_dir.path(), quota)).unwrap();
     assert!(cache.used_bytes() <= quota);

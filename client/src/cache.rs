@@ -1,26 +1,44 @@
 //! The local chunk cache: zstd frames within a byte quota, evicted least recently used first,
 //! verified on every read, indexed in a sled database.
 //!
-//! Frames are files, `chunks/<first two hex digits>/<hash>`, written to a temporary name and
-//! renamed, so a frame file is always whole. The sled tree `chunks` is the index, in two key
-//! spaces changed together in one atomic batch:
-//! - `m` + hash: the entry's access sequence number (8 bytes, big endian) and frame length;
+//! Frames are appended to pack files, `packs/<id>.pack` (16 hex digits), about a sixteenth of
+//! the quota each, up to 64 MiB. The sled tree `chunks` is the index, in two key spaces changed
+//! together in one atomic batch:
+//! - `m` + hash: the entry's access sequence number, pack, offset and frame length (8 bytes
+//!   each, big endian);
 //! - `l` + sequence + hash: empty; iterating this space visits entries oldest access first.
 //!
 //! Frames live outside sled because sled reclaims the space of removed large values only when it
 //! cleans a segment, so under eviction its files grow far past any quota (measured: 17 MB of
-//! files for a 4 MB quota). With one file per frame, eviction frees the bytes at once and the
-//! quota is what the disk holds.
+//! files for a 4 MB quota). They share pack files rather than having a file each because
+//! creating, renaming and deleting a file per chunk was most of the cost of caching a cold
+//! stream (`cargo bench --bench chunk_cache`: 53 MiB/s with a file per frame).
 //!
-//! A frame is written before its index entry and unindexed before it is deleted, so after a
-//! `kill -9` the only possible leftovers are frame files without an entry; opening the cache
-//! deletes them. An entry whose file is gone is a miss.
+//! The quota holds what the disk holds: pack bytes, evicted frames included, plus a fixed
+//! overhead per entry. Eviction unindexes the least recently used entries; a pack whose last
+//! entry goes is deleted at once. LRU order and write order mostly agree, so old packs empty
+//! out whole; the frames a pack still holds when the dead bytes push the disk over the quota
+//! (chunks that stayed hot) are copied forward into the pack being written, and the old pack
+//! is deleted ("compaction"). Eviction keeps the live entries a pack's size below the quota, so
+//! that there is always dead space to reclaim. While a compaction copies frames, the disk holds
+//! at most those frames (one pack's worth) over the quota.
+//!
+//! Crash safety (`kill -9`) comes from the order of writes, as before packs: a frame is appended
+//! before its index entry, a compaction's index changes reach the disk (a sled flush) before the
+//! old pack is deleted, and packs are never overwritten or their ids reused. A crash can leave
+//! frames without an entry (dead bytes, reclaimed by compaction) and packs without entries
+//! (deleted on open); an entry whose pack or bytes are gone is a miss, and an entry whose bytes
+//! are wrong fails verification and is dropped.
 //!
 //! Manifests of the paths seen so far live in a second tree, keyed by hash part. They are small
 //! metadata and are not counted against the quota.
 
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use flywheel_core::api::v1::chunks::PathManifest;
 use flywheel_core::chunk::{decompress_verified, ChunkHash};
@@ -38,12 +56,20 @@ const BUMP_SLACK: u64 = 64;
 /// Accesses recorded together in one database write.
 const TOUCH_BATCH: usize = 64;
 
+/// Bounds of a pack's size, which is otherwise a sixteenth of the quota: small enough that a
+/// compaction copies little, large enough that a cold stream opens few files.
+const PACK_SIZE_MIN: u64 = 64 * 1024;
+const PACK_SIZE_MAX: u64 = 64 * 1024 * 1024;
+
+/// Open pack files kept for reads; packs beyond this are reopened when read.
+const OPEN_PACKS: usize = 256;
+
 /// How to open a [`ChunkCache`].
 #[derive(Debug, Clone)]
 pub struct LocalCacheConfig {
     /// The directory of the sled database; created if missing.
     pub dir: PathBuf,
-    /// Most bytes of chunk entries kept (frames plus a fixed per-entry overhead).
+    /// Most bytes the cache keeps on disk: pack files plus a fixed per-entry overhead.
     pub quota: u64,
     /// Memory sled may use for its page cache.
     pub memory: u64,
@@ -71,19 +97,84 @@ pub struct CacheStats {
     pub write_failures: u64,
 }
 
+/// Where an indexed frame is, and when it was last used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    seq: u64,
+    pack: u64,
+    offset: u64,
+    len: u64,
+}
+
+impl Entry {
+    fn to_bytes(self) -> [u8; 32] {
+        let mut value = [0u8; 32];
+        for (i, field) in [self.seq, self.pack, self.offset, self.len].into_iter().enumerate() {
+            value[i * 8..(i + 1) * 8].copy_from_slice(&field.to_be_bytes());
+        }
+        value
+    }
+
+    /// `None` for a value of another length, such as the 16-byte entries of the file-per-frame
+    /// layout before packs.
+    fn parse(value: &[u8]) -> Option<Entry> {
+        if value.len() != 32 {
+            return None;
+        }
+        let field = |i: usize| value.get(i * 8..(i + 1) * 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        Some(Entry { seq: field(0)?, pack: field(1)?, offset: field(2)?, len: field(3)? })
+    }
+}
+
+/// A pack's bytes on disk and how many of them indexed entries still use.
+#[derive(Debug, Clone, Copy, Default)]
+struct PackUsage {
+    size: u64,
+    live: u64,
+}
+
+impl PackUsage {
+    fn dead(&self) -> u64 {
+        self.size.saturating_sub(self.live)
+    }
+}
+
+/// The pack being appended to.
+#[derive(Debug)]
+struct ActivePack {
+    id: u64,
+    file: File,
+    size: u64,
+}
+
+/// The writer's view of the packs, behind the cache's write lock.
+#[derive(Debug, Default)]
+struct Packs {
+    usage: HashMap<u64, PackUsage>,
+    active: Option<ActivePack>,
+    next_id: u64,
+}
+
 /// The sled-backed chunk cache as its owning process holds it.
 pub(crate) struct LocalCache {
     db: sled::Db,
-    frames: PathBuf,
+    packs_dir: PathBuf,
     chunks: sled::Tree,
     manifests: sled::Tree,
     quota: u64,
+    pack_size: u64,
+    /// Bytes of indexed entries: their frames plus the per-entry overhead.
     used: AtomicU64,
+    /// Bytes of pack files on disk.
+    packed: AtomicU64,
     entries: AtomicU64,
     next_seq: AtomicU64,
-    /// Serializes changes to the `l` and `m` spaces, so the byte count and the LRU order stay
+    /// Serializes changes to the index and the packs, so the byte counts and the LRU order stay
     /// exact; reads of frames do not take it.
-    write_lock: Mutex<()>,
+    writer: Mutex<Packs>,
+    /// Pack files open for reading. Opening one and deleting one both hold this lock, so a
+    /// deleted pack is never put back here.
+    readers: Mutex<lru::LruCache<u64, Arc<File>>>,
     /// Accesses not yet written to the LRU order: recorded in batches, so a warm read costs no
     /// database write per chunk.
     pending_touches: Mutex<Vec<ChunkHash>>,
@@ -116,21 +207,21 @@ fn lru_key(seq: u64, hash: &ChunkHash) -> [u8; 41] {
     key
 }
 
-fn meta_value(seq: u64, frame_len: u64) -> [u8; 16] {
-    let mut value = [0u8; 16];
-    value[..8].copy_from_slice(&seq.to_be_bytes());
-    value[8..].copy_from_slice(&frame_len.to_be_bytes());
-    value
-}
-
-fn parse_meta(value: &[u8]) -> Option<(u64, u64)> {
-    let seq = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-    let len = u64::from_be_bytes(value.get(8..16)?.try_into().ok()?);
-    Some((seq, len))
+fn hash_of_key(key: &[u8], at: usize) -> Option<ChunkHash> {
+    key.get(at..at + 32).and_then(|h| <[u8; 32]>::try_from(h).ok()).map(ChunkHash)
 }
 
 fn storage_error(err: sled::Error) -> Error {
     Error::internal(format!("chunk cache: {err}"))
+}
+
+fn pack_name(id: u64) -> String {
+    format!("{id:016x}.pack")
+}
+
+fn pack_id(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".pack")?;
+    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
 }
 
 impl LocalCache {
@@ -147,15 +238,46 @@ impl LocalCache {
             .open()
             .map_err(|err| open_error(&config.dir, err))?;
         let chunks = db.open_tree("chunks").map_err(storage_error)?;
-        let frames = config.dir.join("chunks");
         let manifests = db.open_tree("manifests").map_err(storage_error)?;
-        let (mut used, mut entries) = (0u64, 0u64);
+        let packs_dir = config.dir.join("packs");
+        std::fs::create_dir_all(&packs_dir)
+            .map_err(|e| Error::internal(format!("creating {}: {e}", packs_dir.display())))?;
+        drop_file_per_frame_layout(&config.dir, &chunks)?;
+
+        let (mut used, mut entries, mut last_pack) = (0u64, 0u64, None::<u64>);
+        let mut usage: HashMap<u64, PackUsage> = HashMap::new();
         for item in chunks.scan_prefix(b"m") {
             let (_, value) = item.map_err(storage_error)?;
-            if let Some((_, len)) = parse_meta(&value) {
-                used += len + ENTRY_OVERHEAD;
+            if let Some(entry) = Entry::parse(&value) {
+                used += entry.len + ENTRY_OVERHEAD;
                 entries += 1;
+                usage.entry(entry.pack).or_default().live += entry.len;
+                last_pack = last_pack.max(Some(entry.pack));
             }
+        }
+        let mut packed = 0u64;
+        let mut unused = Vec::new();
+        for file in std::fs::read_dir(&packs_dir).map_err(|e| Error::internal(format!("listing {}: {e}", packs_dir.display())))? {
+            let file = file.map_err(|e| Error::internal(format!("listing {}: {e}", packs_dir.display())))?;
+            let Some(id) = file.file_name().to_str().and_then(pack_id) else { continue };
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            last_pack = last_pack.max(Some(id));
+            match usage.get_mut(&id) {
+                Some(pack) => {
+                    pack.size = size;
+                    packed += size;
+                }
+                None => unused.push(file.path()),
+            }
+        }
+        // Packs no entry uses: what a crash between emptying a pack and deleting it leaves.
+        for path in &unused {
+            if let Err(err) = std::fs::remove_file(path) {
+                tracing::warn!(pack = %path.display(), "deleting an unused pack failed: {err}");
+            }
+        }
+        if !unused.is_empty() {
+            tracing::info!(deleted = unused.len(), "deleted packs without an index entry");
         }
         let next_seq = match chunks.scan_prefix(b"l").next_back() {
             Some(item) => {
@@ -166,14 +288,18 @@ impl LocalCache {
         };
         let cache = LocalCache {
             db,
-            frames,
+            packs_dir,
             chunks,
             manifests,
             quota: config.quota,
+            pack_size: (config.quota / 16).clamp(PACK_SIZE_MIN, PACK_SIZE_MAX).min(config.quota / 4).max(1),
             used: AtomicU64::new(used),
+            packed: AtomicU64::new(packed),
             entries: AtomicU64::new(entries),
             next_seq: AtomicU64::new(next_seq),
-            write_lock: Mutex::new(()),
+            // A new pack after a restart: the last one may end in bytes a crash left unindexed.
+            writer: Mutex::new(Packs { usage, active: None, next_id: last_pack.map_or(0, |id| id + 1) }),
+            readers: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(OPEN_PACKS).unwrap_or(std::num::NonZeroUsize::MIN))),
             pending_touches: Mutex::default(),
             write_failed: AtomicBool::new(false),
             hits: AtomicU64::new(0),
@@ -182,13 +308,18 @@ impl LocalCache {
             evictions: AtomicU64::new(0),
             write_failures: AtomicU64::new(0),
         };
-        cache.remove_orphans()?;
         // A quota lowered since the last run takes effect at once.
         {
-            let _guard = cache.write_lock.lock();
-            cache.evict_until(0)?;
+            let mut packs = cache.writer.lock();
+            cache.evict_until(&mut packs, 0)?;
         }
-        tracing::info!(dir = %config.dir.display(), used = cache.used_bytes(), quota = cache.quota, "chunk cache opened");
+        tracing::info!(
+            dir = %config.dir.display(),
+            used = cache.used_bytes(),
+            on_disk = cache.disk_bytes(),
+            quota = cache.quota,
+            "chunk cache opened"
+        );
         Ok(cache)
     }
 
@@ -197,9 +328,15 @@ impl LocalCache {
         self.quota
     }
 
-    /// Bytes counted against the quota now.
+    /// Bytes of the entries cached now: their frames plus a fixed overhead each.
     pub fn used_bytes(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes counted against the quota: pack files, frames no longer indexed included, plus
+    /// the per-entry overhead.
+    pub fn disk_bytes(&self) -> u64 {
+        self.packed.load(Ordering::Relaxed) + self.entries.load(Ordering::Relaxed) * ENTRY_OVERHEAD
     }
 
     /// What the cache did since it was opened.
@@ -211,6 +348,10 @@ impl LocalCache {
             evictions: self.evictions.load(Ordering::Relaxed),
             write_failures: self.write_failures.load(Ordering::Relaxed),
         }
+    }
+
+    fn entry(&self, hash: &ChunkHash) -> Option<Entry> {
+        self.chunks.get(key(b'm', hash)).ok().flatten().and_then(|value| Entry::parse(&value))
     }
 
     /// Whether the cache holds an entry for `hash`, without verifying it.
@@ -232,17 +373,22 @@ impl LocalCache {
         }
         // A miss or a bad entry. Look again under the write lock before dropping anything: an
         // insert of this very chunk may have landed between the read and now (the mount's
-        // readahead and a read race like that), and dropping its fresh entry would lose it.
-        let _guard = self.write_lock.lock();
+        // readahead and a read race like that), or a compaction may have moved it, and
+        // dropping its entry would lose it.
+        let mut packs = self.writer.lock();
         match self.read_verified(chunk) {
             Ok(Some(data)) => {
-                drop(_guard);
+                drop(packs);
                 Some(self.hit(chunk, data))
             }
             Ok(None) => {
-                if self.contains(&chunk.hash) {
-                    // Indexed but its frame is gone: drop the entry so it is fetched again.
-                    let _ = self.remove_locked(&chunk.hash);
+                if let Some(entry) = self.entry(&chunk.hash) {
+                    // Indexed but its pack is gone (deleted behind the cache's back): drop the
+                    // entry so it is fetched again, and stop appending to that pack.
+                    if packs.active.as_ref().is_some_and(|active| active.id == entry.pack) {
+                        packs.active = None;
+                    }
+                    let _ = self.remove_locked(&mut packs, &chunk.hash);
                 }
                 self.misses.fetch_add(1, Ordering::Relaxed);
                 None
@@ -250,7 +396,7 @@ impl LocalCache {
             Err(err) => {
                 tracing::warn!(chunk = %chunk.hash, "dropping a bad cache entry: {err}");
                 self.corrupt.fetch_add(1, Ordering::Relaxed);
-                if let Err(err) = self.remove_locked(&chunk.hash) {
+                if let Err(err) = self.remove_locked(&mut packs, &chunk.hash) {
                     tracing::warn!(chunk = %chunk.hash, "removing a bad cache entry failed: {err}");
                 }
                 None
@@ -264,15 +410,44 @@ impl LocalCache {
         data
     }
 
-    /// The verified contents of a chunk's frame file: `Ok(None)` when there is no file, an
-    /// error when it cannot be read or fails verification.
+    /// The verified contents of a chunk's frame: `Ok(None)` when it has no entry or its pack is
+    /// gone, an error when the frame cannot be read or fails verification.
     fn read_verified(&self, chunk: &ChunkRef) -> Result<Option<Vec<u8>>> {
-        let frame = match std::fs::read(self.frame_path(&chunk.hash)) {
-            Ok(frame) => frame,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(Error::unavailable(format!("reading chunk {}: {err}", chunk.hash))),
+        let Some(value) = self.chunks.get(key(b'm', &chunk.hash)).map_err(storage_error)? else {
+            return Ok(None);
         };
+        let entry = Entry::parse(&value).ok_or_else(|| Error::corrupt(format!("cache entry of chunk {} is malformed", chunk.hash)))?;
+        // The index is not trusted with the size of an allocation: no frame of a chunk is
+        // much larger than the chunk itself (zstd's bound is 1/256 over, plus a header).
+        let bound = chunk.size as u64 + chunk.size as u64 / 128 + 1024;
+        if entry.len > bound {
+            return Err(Error::corrupt(format!("cache entry of chunk {} claims a {}-byte frame", chunk.hash, entry.len)));
+        }
+        let Some(pack) = self.pack_reader(entry.pack)? else { return Ok(None) };
+        let mut frame = vec![0u8; entry.len as usize];
+        pack.read_exact_at(&mut frame, entry.offset).map_err(|err| match err.kind() {
+            std::io::ErrorKind::UnexpectedEof => Error::corrupt(format!("the frame of chunk {} is cut short", chunk.hash)),
+            _ => Error::unavailable(format!("reading chunk {}: {err}", chunk.hash)),
+        })?;
         decompress_verified(&frame, &chunk.hash, chunk.size as usize).map(Some)
+    }
+
+    /// A pack open for reading, or `None` when the pack is gone.
+    fn pack_reader(&self, id: u64) -> Result<Option<Arc<File>>> {
+        let mut readers = self.readers.lock();
+        if let Some(file) = readers.get(&id) {
+            return Ok(Some(file.clone()));
+        }
+        let path = self.packs_dir.join(pack_name(id));
+        match File::open(&path) {
+            Ok(file) => {
+                let file = Arc::new(file);
+                readers.put(id, file.clone());
+                Ok(Some(file))
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(Error::unavailable(format!("opening {}: {err}", path.display()))),
+        }
     }
 
     /// Stores a chunk's zstd frame, evicting the least recently used entries to make room.
@@ -284,7 +459,7 @@ impl LocalCache {
     }
 
     /// Stores several chunks' frames, as [`LocalCache::insert`] does, with one index write for
-    /// all of them: a write to sled costs far more than writing a frame file, so a cold NAR
+    /// all of them: a write to sled costs far more than appending a frame, so a cold NAR
     /// stream, which caches thousands of chunks, indexes them in batches.
     pub fn insert_many(&self, frames: &[(ChunkHash, &[u8])]) {
         if let Err((hash, err)) = self.try_insert_many(frames) {
@@ -301,7 +476,7 @@ impl LocalCache {
     fn try_insert_many(&self, frames: &[(ChunkHash, &[u8])]) -> std::result::Result<(), (ChunkHash, Error)> {
         // Eviction must see every access so far, or it could drop a chunk just read.
         self.apply_pending_touches();
-        let _guard = self.write_lock.lock();
+        let mut packs = self.writer.lock();
         let mut batch = sled::Batch::default();
         let mut batched = 0usize;
         let mut seen = std::collections::HashSet::new();
@@ -312,7 +487,7 @@ impl LocalCache {
             if cost > self.quota || !seen.insert(hash) {
                 continue;
             }
-            if let Err(err) = self.add_locked(&hash, frame, cost, &mut batch, &mut batched) {
+            if let Err(err) = self.add_locked(&mut packs, &hash, frame, cost, &mut batch, &mut batched) {
                 result = Err((hash, err));
                 break;
             }
@@ -325,24 +500,86 @@ impl LocalCache {
         result
     }
 
-    /// Writes one frame and adds its index entry to `batch`; the caller holds `write_lock`.
-    fn add_locked(&self, hash: &ChunkHash, frame: &[u8], cost: u64, batch: &mut sled::Batch, batched: &mut usize) -> Result<()> {
+    /// Appends one frame and adds its index entry to `batch`; the caller holds the write lock.
+    fn add_locked(&self, packs: &mut Packs, hash: &ChunkHash, frame: &[u8], cost: u64, batch: &mut sled::Batch, batched: &mut usize) -> Result<()> {
         // Replacing an entry (a repair after corruption, say) first drops the old one.
-        self.remove_locked(hash)?;
-        if self.used_bytes() + cost > self.quota && *batched > 0 {
-            // Eviction walks the index: the entries batched so far must be in it, and counted.
+        self.remove_locked(packs, hash)?;
+        if self.disk_bytes() + cost > self.quota && *batched > 0 {
+            // Eviction and compaction walk the index: the entries batched so far must be in it,
+            // and counted.
             self.chunks.apply_batch(std::mem::take(batch)).map_err(storage_error)?;
             *batched = 0;
         }
-        self.evict_until(cost)?;
-        self.write_frame(hash, frame)?;
+        self.evict_until(packs, cost)?;
+        let (pack, offset) = self.append_locked(packs, frame)?;
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        batch.insert(&key(b'm', hash)[..], &meta_value(seq, frame.len() as u64)[..]);
+        let entry = Entry { seq, pack, offset, len: frame.len() as u64 };
+        batch.insert(&key(b'm', hash)[..], &entry.to_bytes()[..]);
         batch.insert(&lru_key(seq, hash)[..], &[][..]);
         *batched += 1;
+        packs.usage.entry(pack).or_default().live += entry.len;
         self.used.fetch_add(cost, Ordering::Relaxed);
         self.entries.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Appends a frame to the pack being written, starting a new one when it is full, and
+    /// returns where the frame is; the caller holds the write lock and indexes the frame.
+    fn append_locked(&self, packs: &mut Packs, frame: &[u8]) -> Result<(u64, u64)> {
+        let len = frame.len() as u64;
+        if packs.active.as_ref().is_some_and(|active| active.size > 0 && active.size + len > self.pack_size) {
+            self.seal_locked(packs);
+        }
+        let active = match &mut packs.active {
+            Some(active) => active,
+            none => {
+                let id = packs.next_id;
+                let path = self.packs_dir.join(pack_name(id));
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|e| Error::unavailable(format!("creating {}: {e}", path.display())))?;
+                packs.next_id += 1;
+                packs.usage.insert(id, PackUsage::default());
+                none.insert(ActivePack { id, file, size: 0 })
+            }
+        };
+        let offset = active.size;
+        if let Err(err) = active.file.write_all_at(frame, offset) {
+            // Drop what part of the frame made it, so the pack's size is what is counted.
+            let _ = active.file.set_len(offset);
+            return Err(Error::unavailable(format!("appending to pack {}: {err}", pack_name(active.id))));
+        }
+        active.size += len;
+        let id = active.id;
+        packs.usage.entry(id).or_default().size += len;
+        self.packed.fetch_add(len, Ordering::Relaxed);
+        Ok((id, offset))
+    }
+
+    /// Stops appending to the current pack, deleting it if no entry uses it any more.
+    fn seal_locked(&self, packs: &mut Packs) {
+        if let Some(active) = packs.active.take() {
+            if packs.usage.get(&active.id).is_some_and(|pack| pack.live == 0) {
+                self.delete_pack_locked(packs, active.id);
+            }
+        }
+    }
+
+    /// Deletes a pack file that no entry uses; the caller holds the write lock.
+    fn delete_pack_locked(&self, packs: &mut Packs, id: u64) {
+        let size = packs.usage.remove(&id).map_or(0, |pack| pack.size);
+        let path = self.packs_dir.join(pack_name(id));
+        let mut readers = self.readers.lock();
+        readers.pop(&id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::warn!(pack = %path.display(), "deleting an unused pack failed: {err}"),
+        }
+        drop(readers);
+        self.packed.fetch_sub(size.min(self.packed.load(Ordering::Relaxed)), Ordering::Relaxed);
     }
 
     /// Records an access, moving the entry to the young end of the LRU order; accesses are
@@ -371,119 +608,172 @@ impl LocalCache {
         // One move per entry: a second would remove an order key the batch has not written.
         hashes.sort_unstable();
         hashes.dedup();
-        let _guard = self.write_lock.lock();
+        let _packs = self.writer.lock();
         let slack = BUMP_SLACK.min(self.entries.load(Ordering::Relaxed) / 4);
         let mut batch = sled::Batch::default();
         for hash in &hashes {
-            let Ok(Some(meta)) = self.chunks.get(key(b'm', hash)) else { continue };
-            let Some((old_seq, len)) = parse_meta(&meta) else { continue };
-            if old_seq + slack >= self.next_seq.load(Ordering::Relaxed) {
+            let Ok(Some(value)) = self.chunks.get(key(b'm', hash)) else { continue };
+            let Some(entry) = Entry::parse(&value) else { continue };
+            if entry.seq + slack >= self.next_seq.load(Ordering::Relaxed) {
                 continue;
             }
-            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-            batch.remove(&lru_key(old_seq, hash)[..]);
-            batch.insert(&lru_key(seq, hash)[..], &[][..]);
-            batch.insert(&key(b'm', hash)[..], &meta_value(seq, len)[..]);
+            let moved = Entry { seq: self.next_seq.fetch_add(1, Ordering::Relaxed), ..entry };
+            batch.remove(&lru_key(entry.seq, hash)[..]);
+            batch.insert(&lru_key(moved.seq, hash)[..], &[][..]);
+            batch.insert(&key(b'm', hash)[..], &moved.to_bytes()[..]);
         }
         if let Err(err) = self.chunks.apply_batch(batch) {
             tracing::debug!(chunks = hashes.len(), "recording cache accesses failed: {err}");
         }
     }
 
-    /// Removes one entry; the caller holds `write_lock`.
-    fn remove_locked(&self, hash: &ChunkHash) -> Result<bool> {
-        let Some(meta) = self.chunks.get(key(b'm', hash)).map_err(storage_error)? else {
+    /// Removes one entry, and its pack when no other entry uses it; the caller holds the write
+    /// lock.
+    fn remove_locked(&self, packs: &mut Packs, hash: &ChunkHash) -> Result<bool> {
+        let Some(value) = self.chunks.get(key(b'm', hash)).map_err(storage_error)? else {
             return Ok(false);
-        };
-        let Some((seq, len)) = parse_meta(&meta) else {
-            return Err(Error::corrupt(format!("cache metadata of chunk {hash} is malformed")));
         };
         let mut batch = sled::Batch::default();
         batch.remove(&key(b'm', hash)[..]);
-        batch.remove(&lru_key(seq, hash)[..]);
+        let Some(entry) = Entry::parse(&value) else {
+            // Nothing is counted for a malformed entry: drop it alone.
+            self.chunks.apply_batch(batch).map_err(storage_error)?;
+            return Ok(true);
+        };
+        batch.remove(&lru_key(entry.seq, hash)[..]);
         self.chunks.apply_batch(batch).map_err(storage_error)?;
-        match std::fs::remove_file(self.frame_path(hash)) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => tracing::warn!(chunk = %hash, "deleting an evicted frame failed: {err}"),
+        let emptied = packs.usage.get_mut(&entry.pack).is_some_and(|pack| {
+            pack.live = pack.live.saturating_sub(entry.len);
+            pack.live == 0
+        });
+        if emptied && packs.active.as_ref().is_none_or(|active| active.id != entry.pack) {
+            self.delete_pack_locked(packs, entry.pack);
         }
-        self.used.fetch_sub((len + ENTRY_OVERHEAD).min(self.used_bytes()), Ordering::Relaxed);
+        self.used.fetch_sub((entry.len + ENTRY_OVERHEAD).min(self.used_bytes()), Ordering::Relaxed);
         self.entries.fetch_sub(1.min(self.entries.load(Ordering::Relaxed)), Ordering::Relaxed);
         Ok(true)
     }
 
-    fn frame_path(&self, hash: &ChunkHash) -> PathBuf {
-        let hex = hash.to_hex();
-        self.frames.join(&hex[..2]).join(hex)
-    }
-
-    fn write_frame(&self, hash: &ChunkHash, frame: &[u8]) -> Result<()> {
-        let path = self.frame_path(hash);
-        let io = |what: &str, err: std::io::Error| Error::unavailable(format!("{what} {}: {err}", path.display()));
-        let parent = path.parent().unwrap_or(&self.frames);
-        let tmp = parent.join(format!(".tmp-{}-{}", std::process::id(), self.next_seq.load(Ordering::Relaxed)));
-        // The fan-out directory exists for all but the first few chunks: create it only when
-        // the write says it is missing.
-        let written = match std::fs::write(&tmp, frame) {
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(parent).map_err(|e| io("creating the directory of", e))?;
-                std::fs::write(&tmp, frame)
+    /// Makes room for `incoming` more bytes within the quota; the caller holds the write lock.
+    ///
+    /// Evicts the oldest entries until the live ones leave a pack's size free, then reclaims
+    /// the dead bytes of packs by compaction.
+    fn evict_until(&self, packs: &mut Packs, incoming: u64) -> Result<()> {
+        while self.disk_bytes() + incoming > self.quota {
+            let live_fits = self.used_bytes() + incoming + self.pack_size <= self.quota;
+            if !live_fits && self.entries.load(Ordering::Relaxed) > 0 {
+                self.evict_oldest(packs)?;
+            } else if self.compact_locked(packs)? == 0 {
+                if self.entries.load(Ordering::Relaxed) == 0 {
+                    return Ok(());
+                }
+                self.evict_oldest(packs)?;
             }
-            other => other,
-        };
-        let written = written.and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(err) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io("writing", err));
         }
         Ok(())
     }
 
-    /// Deletes frame files without an index entry and temporary files: what a crash between
-    /// writing a frame and indexing it leaves behind.
-    fn remove_orphans(&self) -> Result<()> {
-        let Ok(dirs) = std::fs::read_dir(&self.frames) else { return Ok(()) };
-        let mut removed = 0u64;
-        for dir in dirs.flatten() {
-            let Ok(files) = std::fs::read_dir(dir.path()) else { continue };
-            for file in files.flatten() {
-                let name = file.file_name();
-                let indexed = name
-                    .to_str()
-                    .and_then(|n| n.parse::<ChunkHash>().ok())
-                    .is_some_and(|hash| self.contains(&hash));
-                if !indexed && std::fs::remove_file(file.path()).is_ok() {
-                    removed += 1;
+    /// Evicts the least recently used entry; the caller holds the write lock.
+    fn evict_oldest(&self, packs: &mut Packs) -> Result<()> {
+        let Some(item) = self.chunks.scan_prefix(b"l").next() else {
+            // Nothing left to evict: the count drifted (it cannot, but never loop forever).
+            self.used.store(0, Ordering::Relaxed);
+            self.entries.store(0, Ordering::Relaxed);
+            return Ok(());
+        };
+        let (lkey, _) = item.map_err(storage_error)?;
+        let hash = hash_of_key(&lkey, 9).ok_or_else(|| Error::corrupt("malformed LRU key in the chunk cache"))?;
+        if !self.remove_locked(packs, &hash)? {
+            // An LRU key without metadata; drop it so the loop moves on.
+            self.chunks.remove(lkey).map_err(storage_error)?;
+        }
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Copies the live frames of the packs with the most dead bytes into the pack being
+    /// written, then deletes those packs; returns the bytes freed. The caller holds the write
+    /// lock.
+    ///
+    /// One pass takes every pack at least half dead (and at least the one with the most dead
+    /// bytes), since finding a pack's entries walks the whole index.
+    fn compact_locked(&self, packs: &mut Packs) -> Result<u64> {
+        let packed_before = self.packed.load(Ordering::Relaxed);
+        let Some((&worst, worst_usage)) = packs.usage.iter().max_by_key(|(_, pack)| pack.dead()) else { return Ok(0) };
+        if worst_usage.dead() == 0 {
+            return Ok(0);
+        }
+        // The pack being written is compacted like any other: seal it first.
+        if packs.active.as_ref().is_some_and(|active| active.id == worst) {
+            self.seal_locked(packs);
+        }
+        let victims: Vec<u64> = packs
+            .usage
+            .iter()
+            .filter(|(&id, pack)| id == worst || (pack.size > 0 && pack.dead() * 2 >= pack.size))
+            .filter(|(&id, _)| packs.active.as_ref().is_none_or(|active| active.id != id))
+            .map(|(&id, _)| id)
+            .collect();
+        let mut moving = Vec::new();
+        for item in self.chunks.scan_prefix(b"m") {
+            let (mkey, value) = item.map_err(storage_error)?;
+            if let (Some(hash), Some(entry)) = (hash_of_key(&mkey, 1), Entry::parse(&value)) {
+                if victims.contains(&entry.pack) {
+                    moving.push((hash, entry));
                 }
             }
         }
-        if removed > 0 {
-            tracing::info!(removed, "deleted chunk files left without an index entry");
-        }
-        Ok(())
-    }
-
-    /// Evicts the oldest entries until `incoming` more bytes fit; the caller holds `write_lock`.
-    fn evict_until(&self, incoming: u64) -> Result<()> {
-        while self.used_bytes() + incoming > self.quota {
-            let Some(item) = self.chunks.scan_prefix(b"l").next() else {
-                // Nothing left to evict: the count drifted (it cannot, but never loop forever).
-                self.used.store(0, Ordering::Relaxed);
-                return Ok(());
+        moving.sort_by_key(|(_, entry)| (entry.pack, entry.offset));
+        let mut batch = sled::Batch::default();
+        let mut frame = Vec::new();
+        let mut failure = None;
+        for (hash, entry) in &moving {
+            frame.resize(entry.len as usize, 0);
+            let read = self.pack_reader(entry.pack).and_then(|pack| {
+                let pack = pack.ok_or_else(|| Error::not_found(format!("pack {} is gone", pack_name(entry.pack))))?;
+                pack.read_exact_at(&mut frame, entry.offset).map_err(|e| Error::unavailable(e.to_string()))
+            });
+            let moved = match read {
+                Ok(()) => match self.append_locked(packs, &frame) {
+                    Ok((pack, offset)) => Some(Entry { pack, offset, ..*entry }),
+                    Err(err) => {
+                        failure = Some(err);
+                        break;
+                    }
+                },
+                // Unreadable where it is, so unreadable anywhere: the entry goes.
+                Err(_) => None,
             };
-            let (lkey, _) = item.map_err(storage_error)?;
-            let hash = lkey
-                .get(9..41)
-                .and_then(|h| <[u8; 32]>::try_from(h).ok())
-                .map(ChunkHash)
-                .ok_or_else(|| Error::corrupt("malformed LRU key in the chunk cache"))?;
-            if !self.remove_locked(&hash)? {
-                // An LRU key without metadata; drop it so the loop moves on.
-                self.chunks.remove(lkey).map_err(storage_error)?;
+            if let Some(old) = packs.usage.get_mut(&entry.pack) {
+                old.live = old.live.saturating_sub(entry.len);
             }
-            self.evictions.fetch_add(1, Ordering::Relaxed);
+            match moved {
+                Some(moved) => {
+                    batch.insert(&key(b'm', hash)[..], &moved.to_bytes()[..]);
+                    packs.usage.entry(moved.pack).or_default().live += moved.len;
+                }
+                None => {
+                    batch.remove(&key(b'm', hash)[..]);
+                    batch.remove(&lru_key(entry.seq, hash)[..]);
+                    self.used.fetch_sub((entry.len + ENTRY_OVERHEAD).min(self.used_bytes()), Ordering::Relaxed);
+                    self.entries.fetch_sub(1.min(self.entries.load(Ordering::Relaxed)), Ordering::Relaxed);
+                }
+            }
         }
-        Ok(())
+        self.chunks.apply_batch(batch).map_err(storage_error)?;
+        // The index must point at the copies on disk before the originals go.
+        self.db.flush().map_err(storage_error)?;
+        for id in victims {
+            if packs.usage.get(&id).is_some_and(|pack| pack.live == 0) {
+                self.delete_pack_locked(packs, id);
+            }
+        }
+        if let Some(err) = failure {
+            return Err(err);
+        }
+        let freed = packed_before.saturating_sub(self.packed.load(Ordering::Relaxed));
+        tracing::debug!(moved = moving.len(), freed, "compacted chunk cache packs");
+        Ok(freed)
     }
 
     /// The manifest of a path seen before, by hash part.
@@ -525,6 +815,32 @@ impl LocalCache {
         self.apply_pending_touches();
         self.db.flush().map(|_| ()).map_err(storage_error)
     }
+}
+
+/// Drops the entries of the layout before packs (a file per frame under `chunks/`), which a
+/// runner's persistent cache directory may still hold: those chunks are fetched again.
+fn drop_file_per_frame_layout(dir: &Path, chunks: &sled::Tree) -> Result<()> {
+    let frames = dir.join("chunks");
+    if !frames.exists() {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    let mut dropped = 0u64;
+    for item in chunks.scan_prefix(b"m") {
+        let (mkey, value) = item.map_err(storage_error)?;
+        if Entry::parse(&value).is_some() {
+            continue;
+        }
+        batch.remove(mkey.clone());
+        if let (Some(hash), Some(seq)) = (hash_of_key(&mkey, 1), value.get(..8).and_then(|s| s.try_into().ok())) {
+            batch.remove(&lru_key(u64::from_be_bytes(seq), &hash)[..]);
+        }
+        dropped += 1;
+    }
+    chunks.apply_batch(batch).map_err(storage_error)?;
+    std::fs::remove_dir_all(&frames).map_err(|e| Error::internal(format!("deleting {}: {e}", frames.display())))?;
+    tracing::info!(dropped, "dropped the chunks of the file-per-frame cache layout");
+    Ok(())
 }
 
 fn open_error(dir: &Path, err: sled::Error) -> Error {
@@ -608,7 +924,7 @@ mod tests {
     #[test]
     fn a_read_racing_an_insert_of_the_same_chunk_never_drops_it() {
         // The mount's readahead inserts a chunk while a read looks it up: the read may see no
-        // frame file and then the fresh index entry, and must not take that for a broken entry.
+        // entry and then the fresh one, and must not take that for a broken entry.
         let dir = tempfile::tempdir().unwrap();
         let cache = std::sync::Arc::new(LocalCache::open(&LocalCacheConfig::new(dir.path(), 100 << 20)).unwrap());
         let chunks: Vec<(ChunkRef, Vec<u8>)> = (0..1000).map(|i| chunk(i, 20_000)).collect();
@@ -654,11 +970,13 @@ mod tests {
         let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), 10 << 20)).unwrap();
         let (c, frame) = chunk(2, 50_000);
         let (_, other_frame) = chunk(3, 50_000);
-        // A frame file that went missing behind the index's back is a miss, not an error.
+        // A pack that went missing behind the index's back is a miss, not an error, and the
+        // cache stops appending to it.
         cache.insert(&c.hash, &frame);
-        std::fs::remove_file(cache.frame_path(&c.hash)).unwrap();
+        std::fs::remove_file(pack_of(&cache, &c.hash)).unwrap();
         assert!(cache.get(&c).is_none());
         assert!(!cache.contains(&c.hash));
+        assert_eq!(cache.stats().corrupt, 0);
         // A frame of other content under this name, and a frame with flipped bits.
         cache.insert(&c.hash, &other_frame);
         assert!(cache.get(&c).is_none());
@@ -672,12 +990,34 @@ mod tests {
         assert!(cache.get(&c).is_none());
         assert_eq!(cache.stats().corrupt, 2);
         cache.insert(&c.hash, &frame);
-        assert_eq!(cache.get(&c).unwrap(), {
+        let expected = {
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(2);
             let mut d = vec![0u8; 50_000];
             rng.fill_bytes(&mut d);
             d
-        });
+        };
+        assert_eq!(cache.get(&c).unwrap(), expected);
+        // Bytes flipped inside the pack, and a pack cut short, are caught by the read.
+        let entry = cache.entry(&c.hash).unwrap();
+        let pack = pack_of(&cache, &c.hash);
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes[(entry.offset + entry.len / 2) as usize] ^= 0x55;
+        std::fs::write(&pack, &bytes).unwrap();
+        assert!(cache.get(&c).is_none());
+        assert_eq!(cache.stats().corrupt, 3);
+        cache.insert(&c.hash, &frame);
+        let entry = cache.entry(&c.hash).unwrap();
+        std::fs::OpenOptions::new().write(true).open(pack_of(&cache, &c.hash)).unwrap().set_len(entry.offset + entry.len - 1).unwrap();
+        assert!(cache.get(&c).is_none());
+        assert_eq!(cache.stats().corrupt, 4);
+        // An entry claiming a frame far larger than its chunk is refused before any allocation.
+        let huge = Entry { len: 1 << 40, ..entry };
+        cache.insert(&c.hash, &frame);
+        cache.chunks.insert(key(b'm', &c.hash), &huge.to_bytes()[..]).unwrap();
+        assert!(cache.get(&c).is_none());
+        assert_eq!(cache.stats().corrupt, 5);
+        cache.insert(&c.hash, &frame);
+        assert_eq!(cache.get(&c).unwrap(), expected);
     }
 
     #[test]
@@ -691,7 +1031,8 @@ mod tests {
         let mut max_used = 0;
         for (i, (c, frame)) in chunks.iter().enumerate() {
             cache.insert(&c.hash, frame);
-            max_used = max_used.max(cache.used_bytes());
+            max_used = max_used.max(cache.disk_bytes());
+            assert_eq!(dir_size(&dir.path().join("packs")) + cache.entries.load(Ordering::Relaxed) * ENTRY_OVERHEAD, cache.disk_bytes());
             if i % 8 == 0 {
                 // Keep one chunk hot: LRU must keep it through the whole workload.
                 assert!(cache.get(&hot).is_some(), "hot chunk evicted at step {i}");
@@ -711,14 +1052,12 @@ mod tests {
         let cache = reopen(&LocalCacheConfig::new(dir.path(), quota / 2));
         assert!(cache.used_bytes() <= quota / 2);
         cache.flush().unwrap();
-        // The frames on disk are within the quota.
-        let on_disk = dir_size(&dir.path().join("chunks"));
-        assert!(on_disk <= quota / 2, "frames use {on_disk} bytes on disk for a {}-byte quota", quota / 2);
-        // An orphaned frame (a crash between file and index) is deleted on open.
-        let (orphan, orphan_frame) = chunk(999, 1000);
-        cache.write_frame(&orphan.hash, &orphan_frame).unwrap();
-        let orphan_path = cache.frame_path(&orphan.hash);
-        assert!(orphan_path.exists());
+        // The packs on disk are within the quota.
+        let on_disk = dir_size(&dir.path().join("packs"));
+        assert!(on_disk <= quota / 2, "packs use {on_disk} bytes on disk for a {}-byte quota", quota / 2);
+        // A pack without entries (a crash between emptying it and deleting it) is deleted on open.
+        let orphan_path = dir.path().join("packs").join(pack_name(cache.writer.lock().next_id + 5));
+        std::fs::write(&orphan_path, b"frames nobody indexed").unwrap();
         drop(cache);
         let cache = reopen(&LocalCacheConfig::new(dir.path(), quota / 2));
         assert!(!orphan_path.exists());
@@ -750,6 +1089,156 @@ mod tests {
         drop(cache);
         let cache = reopen(&LocalCacheConfig::new(dir.path(), quota));
         assert_eq!(cache.used_bytes(), used);
-        assert_eq!(dir_size(&dir.path().join("chunks")), kept.len() as u64 * chunks[0].1.len() as u64);
+        let packs = dir_size(&dir.path().join("packs"));
+        assert_eq!(packs + kept.len() as u64 * ENTRY_OVERHEAD, cache.disk_bytes());
+        assert!(cache.disk_bytes() <= quota);
+        assert!(packs >= kept.len() as u64 * chunks[0].1.len() as u64);
+    }
+
+    fn pack_of(cache: &LocalCache, hash: &ChunkHash) -> PathBuf {
+        cache.packs_dir.join(pack_name(cache.entry(hash).unwrap().pack))
+    }
+
+    /// Chunks read often stay through a workload many times the quota: their packs empty out
+    /// around them, and compaction copies them forward and frees the rest.
+    #[test]
+    fn compaction_keeps_hot_chunks_and_frees_dead_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = 4 << 20;
+        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), quota)).unwrap();
+        let hot: Vec<_> = (0..8).map(|i| chunk(2000 + i, 32 * 1024)).collect();
+        // Each hot chunk shares its pack with chunks that are never read again.
+        for (i, (c, frame)) in hot.iter().enumerate() {
+            cache.insert(&c.hash, frame);
+            for j in 0..4 {
+                let (cold, cold_frame) = chunk(2100 + 4 * i as u64 + j, 32 * 1024);
+                cache.insert(&cold.hash, &cold_frame);
+            }
+        }
+        let first_packs: Vec<u64> = hot.iter().map(|(c, _)| cache.entry(&c.hash).unwrap().pack).collect();
+        for i in 0..400 {
+            let (c, frame) = chunk(3000 + i, 64 * 1024);
+            cache.insert(&c.hash, &frame);
+            for (h, _) in &hot {
+                assert!(cache.get(h).is_some(), "hot chunk evicted at step {i}");
+            }
+            cache.apply_pending_touches();
+            assert!(cache.disk_bytes() <= quota, "{} bytes on disk at step {i}", cache.disk_bytes());
+        }
+        let moved = hot.iter().zip(&first_packs).filter(|((c, _), &first)| cache.entry(&c.hash).unwrap().pack != first).count();
+        assert_eq!(moved, hot.len(), "the hot chunks were not copied forward");
+        assert_eq!(cache.stats().corrupt, 0);
+        assert!(!first_packs.iter().any(|&id| dir.path().join("packs").join(pack_name(id)).exists()), "old packs were kept");
+        // The live entries fill the cache: eviction freed what compaction could not.
+        assert!(cache.used_bytes() > quota / 2, "only {} bytes live", cache.used_bytes());
+    }
+
+    /// Reads of chunks that compaction moves, and evictions, never return wrong bytes or take a
+    /// moved entry for a broken one.
+    #[test]
+    fn reads_racing_eviction_and_compaction_get_right_bytes_or_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), 2 << 20)).unwrap();
+        let hot: Vec<_> = (0..16).map(|i| chunk(4000 + i, 16 * 1024)).collect();
+        let data = |seed: u64| {
+            let mut d = vec![0u8; 16 * 1024];
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed).fill_bytes(&mut d);
+            d
+        };
+        let expected: Vec<Vec<u8>> = (0..16).map(|i| data(4000 + i)).collect();
+        for (c, frame) in &hot {
+            cache.insert(&c.hash, frame);
+        }
+        let done = AtomicBool::new(false);
+        let hits = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                let (cache, hot, expected, done, hits) = (&cache, &hot, &expected, &done, &hits);
+                scope.spawn(move || {
+                    while !done.load(Ordering::Relaxed) {
+                        for ((c, _), want) in hot.iter().zip(expected) {
+                            if let Some(got) = cache.get(c) {
+                                assert!(&got == want, "wrong bytes for a hot chunk");
+                                hits.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            }
+            for i in 0..300 {
+                let (c, frame) = chunk(5000 + i, 48 * 1024);
+                cache.insert(&c.hash, &frame);
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(cache.stats().corrupt, 0, "a moved or evicted entry was taken for a bad one");
+        assert!(hits.load(Ordering::Relaxed) > 0);
+        assert!(cache.disk_bytes() <= 2 << 20);
+    }
+
+    /// What `kill -9` between appending frames and indexing them leaves: bytes in a pack that
+    /// no entry names. They are counted on open, and the next pack is a new one.
+    #[test]
+    fn frames_a_crash_left_unindexed_are_counted_and_reclaimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = 2 << 20;
+        let config = LocalCacheConfig::new(dir.path(), quota);
+        let (kept, kept_frame) = chunk(6000, 1000);
+        let crashed_pack = {
+            let cache = LocalCache::open(&config).unwrap();
+            cache.insert(&kept.hash, &kept_frame);
+            let mut packs = cache.writer.lock();
+            for i in 0..4 {
+                cache.append_locked(&mut packs, &chunk(6001 + i, 20 * 1024).1).unwrap();
+            }
+            let id = packs.active.as_ref().unwrap().id;
+            drop(packs);
+            cache.flush().unwrap();
+            id
+        };
+        let cache = reopen(&config);
+        assert_eq!(cache.used_bytes(), kept_frame.len() as u64 + ENTRY_OVERHEAD);
+        let on_disk = dir_size(&dir.path().join("packs"));
+        assert!(on_disk > 4 * 20 * 1024, "the unindexed frames are gone already: {on_disk}");
+        assert_eq!(cache.disk_bytes(), on_disk + ENTRY_OVERHEAD, "dead bytes are counted against the quota");
+        let (next, next_frame) = chunk(6100, 1000);
+        cache.insert(&next.hash, &next_frame);
+        assert!(cache.entry(&next.hash).unwrap().pack > crashed_pack, "appended after bytes a crash left");
+        for i in 0..100 {
+            let (c, frame) = chunk(6200 + i, 64 * 1024);
+            cache.insert(&c.hash, &frame);
+        }
+        assert!(dir_size(&dir.path().join("packs")) <= quota);
+        assert!(!dir.path().join("packs").join(pack_name(crashed_pack)).exists());
+    }
+
+    /// A cache directory from before packs (a file per frame under `chunks/`) opens: its
+    /// entries are dropped, so those chunks are fetched again, and its files are deleted.
+    #[test]
+    fn the_file_per_frame_layout_is_dropped_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LocalCacheConfig::new(dir.path(), 10 << 20);
+        let (old, old_frame) = chunk(7000, 10_000);
+        let (new, new_frame) = chunk(7001, 10_000);
+        {
+            let cache = LocalCache::open(&config).unwrap();
+            cache.insert(&new.hash, &new_frame);
+            let mut legacy = [0u8; 16];
+            legacy[..8].copy_from_slice(&99u64.to_be_bytes());
+            legacy[8..].copy_from_slice(&(old_frame.len() as u64).to_be_bytes());
+            cache.chunks.insert(key(b'm', &old.hash), &legacy[..]).unwrap();
+            cache.chunks.insert(lru_key(99, &old.hash), &[][..]).unwrap();
+            let hex = old.hash.to_hex();
+            std::fs::create_dir_all(dir.path().join("chunks").join(&hex[..2])).unwrap();
+            std::fs::write(dir.path().join("chunks").join(&hex[..2]).join(&hex), &old_frame).unwrap();
+            cache.flush().unwrap();
+        }
+        let cache = reopen(&config);
+        assert!(!dir.path().join("chunks").exists());
+        assert!(!cache.contains(&old.hash));
+        assert!(cache.chunks.get(lru_key(99, &old.hash)).unwrap().is_none());
+        assert!(cache.get(&old).is_none());
+        assert!(cache.get(&new).is_some(), "entries of the pack layout were dropped too");
+        assert_eq!(cache.used_bytes(), new_frame.len() as u64 + ENTRY_OVERHEAD);
     }
 }
