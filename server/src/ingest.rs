@@ -606,15 +606,15 @@ impl ChunkReader {
         // Never closed, so this only waits.
         let permit = self.reads.acquire().await.ok();
         let started = std::time::Instant::now();
-        let read = self.storage.get_chunks_versioned(batch.iter().map(|c| c.hash).collect()).await;
+        let reads = self.storage.get_chunks_versioned(batch.iter().map(|c| c.hash).collect()).await;
         drop(permit);
-        let frames = match read {
-            Ok(frames) => frames,
-            Err(err) => return vec![Err(err)],
-        };
         let mut items = Vec::with_capacity(batch.len());
-        for (chunk_ref, (frame, version)) in batch.iter().zip(frames) {
-            let item = self.verify(chunk_ref, frame, version, needs);
+        for (i, (chunk_ref, read)) in batch.iter().zip(reads).enumerate() {
+            if i > 0 {
+                // Verifying a batch takes up to a millisecond: let other tasks in between chunks.
+                tokio::task::yield_now().await;
+            }
+            let item = read.and_then(|(frame, version)| self.verify(chunk_ref, frame, version, needs));
             let failed = item.is_err();
             items.push(item);
             if failed {

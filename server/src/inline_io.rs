@@ -21,13 +21,13 @@ pub struct InlineIo {
 }
 
 impl InlineIo {
-    /// Starts `threads` threads (at least one). They end when this is dropped.
-    pub fn new(threads: usize) -> std::io::Result<Self> {
+    /// Starts `threads` threads (at least one), named `name-N`. They end when this is dropped.
+    pub fn new(threads: usize, name: &str) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         for index in 0..threads.max(1) {
             let queue = queue.clone();
-            std::thread::Builder::new().name(format!("storage-io-{index}")).spawn(move || loop {
+            std::thread::Builder::new().name(format!("{name}-{index}")).spawn(move || loop {
                 // The lock is held only while this thread waits for the next job.
                 let job = queue.lock().recv();
                 match job {
@@ -68,7 +68,7 @@ mod tests {
 
     #[tokio::test]
     async fn work_runs_outside_the_runtime_and_answers() {
-        let io = InlineIo::new(2).unwrap();
+        let io = InlineIo::new(2, "test-io").unwrap();
         let outside = io.run(|| tokio::runtime::Handle::try_current().is_err()).await.unwrap();
         assert!(outside, "the job ran where a tokio runtime was entered");
         let sum = io.block_on(|| async { (1..=10u64).sum::<u64>() }).await.unwrap();
@@ -77,7 +77,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_job_fails_alone() {
-        let io = InlineIo::new(1).unwrap();
+        let io = InlineIo::new(1, "test-io").unwrap();
         let err = io.run(|| -> u32 { panic!("a job that fails") }).await.unwrap_err();
         assert_eq!(err.kind(), flywheel_core::ErrorKind::Internal);
         // The one thread is still there for the next job.

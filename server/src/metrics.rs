@@ -89,7 +89,7 @@ impl Collect for Metrics {
         for (name, help, value) in counters {
             out.counter(name, help, value.load(Ordering::Relaxed));
         }
-        out.histogram("flywheel_chunk_fetch_seconds", "Time to read and verify one chunk from storage.", &self.chunk_fetch_seconds);
+        out.histogram("flywheel_chunk_fetch_seconds", "Time to read and verify one chunk from storage; where chunks are read in batches (local storage), a batch's time divided among its chunks.", &self.chunk_fetch_seconds);
         out.histogram("flywheel_tfstate_seconds", "Time the object store took for one state request.", &self.tfstate_seconds);
     }
 }

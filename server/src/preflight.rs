@@ -122,8 +122,9 @@ impl VerifiedChunks {
         }
         // A few frames in memory at a time: after a restart every chunk is read here.
         for group in unknown.chunks(4) {
-            let frames = storage.get_chunks_versioned(group.iter().map(|c| c.hash).collect()).await?;
-            for (chunk_ref, (frame, version)) in group.iter().zip(frames) {
+            let frames = storage.get_chunks_versioned(group.iter().map(|c| c.hash).collect()).await;
+            for (chunk_ref, read) in group.iter().zip(frames) {
+                let (frame, version) = read?;
                 chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
                 self.remember_read(chunk_ref.hash, version, &frame);
             }
@@ -283,5 +284,18 @@ mod tests {
         assert_eq!(items[30].as_ref().unwrap_err().kind(), flywheel_core::ErrorKind::Corrupt);
         let err = verified.check(&storage, &Sha256Hash([4; 32]), &refs, 4).await.unwrap_err();
         assert_eq!(err.kind(), flywheel_core::ErrorKind::Corrupt);
+
+        // Chunk 30 repaired, chunk 41 gone from storage (the second of its batch of four): the
+        // chunks before it come out, chunk 40 included, then the error in its place.
+        let data: Vec<u8> = (0..3030u32).map(|j| (j.wrapping_mul(37) >> 3) as u8).collect();
+        storage.put_chunk(&refs[30].hash, Bytes::from(chunk::compress(&data, 3).unwrap())).await.unwrap();
+        storage.delete_chunk(&refs[41].hash).await.unwrap();
+        let items: Vec<Result<Bytes>> = reader.frames(refs.clone()).collect().await;
+        let good = items.iter().take_while(|item| item.is_ok()).count();
+        assert_eq!(good, 41, "the chunks before the missing one come out");
+        let err = items[41].as_ref().unwrap_err();
+        assert!(err.kind() == flywheel_core::ErrorKind::Corrupt && err.to_string().contains("missing"), "{err}");
+        let err = verified.check(&storage, &Sha256Hash([5; 32]), &refs, 4).await.unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 }

@@ -230,14 +230,21 @@ impl CacheFile<'_> {
     }
 }
 
+/// Requests in flight for one call of [`Storage::chunk_versions`] or
+/// [`Storage::get_chunks_versioned`] on a store that is asked concurrently; callers pass small
+/// batches, and this keeps a large one from opening a request per chunk at once.
+pub const BATCH_CONCURRENCY: usize = 16;
+
 /// Typed access to the object store.
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
     clock: SharedClock,
     /// Threads that run batches of calls inline, for a store that works in the calling
-    /// thread (see [`Storage::with_inline_io`]).
+    /// thread (see [`Storage::with_inline_io`]): reads and lookups.
     inline: Option<Arc<InlineIo>>,
+    /// The same for uploads' chunk writes, which compress on these threads.
+    inline_writes: Option<Arc<InlineIo>>,
 }
 
 fn storage_error(err: object_store::Error, what: &str) -> Error {
@@ -269,15 +276,20 @@ impl Storage {
     /// Wraps an object store; access records, staging markers, the reuse window and garbage
     /// collection read the time from `clock`.
     pub fn with_clock(store: Arc<dyn ObjectStore>, clock: SharedClock) -> Self {
-        Storage { store, clock, inline: None }
+        Storage { store, clock, inline: None, inline_writes: None }
     }
 
     /// Has batches of chunk reads, lookups and writes run on `threads` threads of their own, a
     /// batch per thread hop (see [`crate::inline_io`]). Only for a store that does its work in the
     /// calling thread when no runtime is entered there: `object_store`'s local and in-memory
     /// stores. (The S3 store needs the runtime, and its requests are better sent at once.)
+    ///
+    /// Uploads' chunk writes get `threads` threads apart from the reads': they compress there,
+    /// and at a high zstd level or on a slow disk a shared queue would hold downloads up
+    /// behind them.
     pub fn with_inline_io(mut self, threads: usize) -> std::io::Result<Self> {
-        self.inline = Some(Arc::new(InlineIo::new(threads)?));
+        self.inline = Some(Arc::new(InlineIo::new(threads, "storage-read")?));
+        self.inline_writes = Some(Arc::new(InlineIo::new(threads, "storage-write")?));
         Ok(self)
     }
 
@@ -416,34 +428,67 @@ impl Storage {
     /// Runs `work` on the storage I/O threads when there are some (see
     /// [`Storage::with_inline_io`]), else here.
     async fn on_store_threads<T: Send + 'static>(&self, work: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Result<T> {
-        match &self.inline {
-            Some(inline) => inline.block_on(move || work).await?,
+        Self::on_threads(&self.inline_writes, work).await
+    }
+
+    async fn on_threads<T: Send + 'static>(
+        threads: &Option<Arc<InlineIo>>,
+        work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        match threads {
+            Some(threads) => threads.block_on(move || work).await?,
             None => work.await,
         }
     }
 
     /// The version of each of `hashes` (`None`: missing), in order, as
     /// [`Storage::chunk_version`] answers: on one thread of their own when the store runs
-    /// inline, else concurrently.
+    /// inline, else up to [`BATCH_CONCURRENCY`] at a time.
     pub async fn chunk_versions(&self, hashes: Vec<ChunkHash>) -> Result<Vec<Option<String>>> {
         let storage = self.clone();
-        let lookups = async move { futures::future::try_join_all(hashes.iter().map(|hash| storage.chunk_version(hash))).await };
+        let lookups = async move {
+            futures::stream::iter(hashes)
+                .map(|hash| {
+                    let storage = storage.clone();
+                    async move { storage.chunk_version(&hash).await }
+                })
+                .buffered(BATCH_CONCURRENCY)
+                .try_collect()
+                .await
+        };
         self.on_store_threads(lookups).await
     }
 
     /// The stored frames of `hashes` with their versions, in order, as
-    /// [`Storage::get_chunk_versioned`] answers: on one thread of their own when the store
-    /// runs inline, else concurrently.
-    pub async fn get_chunks_versioned(&self, hashes: Vec<ChunkHash>) -> Result<Vec<(Bytes, String)>> {
+    /// [`Storage::get_chunk_versioned`] answers, up to and including the first that fails
+    /// (so that a reader can pass on the frames before it): on one thread of their own when
+    /// the store runs inline, else up to [`BATCH_CONCURRENCY`] at a time.
+    pub async fn get_chunks_versioned(&self, hashes: Vec<ChunkHash>) -> Vec<Result<(Bytes, String)>> {
         let storage = self.clone();
-        let reads = async move { futures::future::try_join_all(hashes.iter().map(|hash| storage.get_chunk_versioned(hash))).await };
-        self.on_store_threads(reads).await
+        let reads = async move {
+            let mut reads = futures::stream::iter(hashes)
+                .map(|hash| {
+                    let storage = storage.clone();
+                    async move { storage.get_chunk_versioned(&hash).await }
+                })
+                .buffered(BATCH_CONCURRENCY);
+            let mut items = Vec::new();
+            while let Some(item) = reads.next().await {
+                let failed = item.is_err();
+                items.push(item);
+                if failed {
+                    break;
+                }
+            }
+            Ok(items)
+        };
+        self.on_store_threads(reads).await.unwrap_or_else(|err| vec![Err(err)])
     }
 
     /// Stores the frame `make_frame` makes for a chunk unless a fresh copy is stored already
     /// (see [`Storage::chunk_reusable`]). Answers what was there, and when it was written, the
     /// frame and its version token. A store that works in the calling thread does all of it
-    /// in one hop to a thread of its own, compression included.
+    /// in one hop to a write thread of its own, compression included.
     pub async fn put_chunk_unless_fresh(
         &self,
         hash: ChunkHash,
@@ -460,7 +505,7 @@ impl Storage {
             let version = storage.put_chunk(&hash, frame.clone()).await?;
             Ok((reuse, Some((frame, version))))
         };
-        self.on_store_threads(work).await
+        Self::on_threads(&self.inline_writes, work).await
     }
 
     /// Stores a chunk's zstd frame; answers its version token (see
@@ -778,5 +823,52 @@ impl Storage {
     /// Whether a NAR arrived through a Nix PUT to this cache.
     pub async fn has_pending(&self, cache: &str, nar_hash: &Sha256Hash) -> Result<bool> {
         self.exists(&Self::pending_key(cache, nar_hash), "pending upload").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Uploads that compress slowly (a high zstd level, a slow disk) on every write thread do
+    /// not hold up reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_do_not_wait_behind_slow_chunk_writes() {
+        let storage = Storage::new(Arc::new(object_store::memory::InMemory::new())).with_inline_io(2).unwrap();
+        let data = b"read while uploads compress".repeat(10);
+        let hash = ChunkHash::of(&data);
+        storage.put_chunk(&hash, Bytes::from(flywheel_core::chunk::compress(&data, 3).unwrap())).await.unwrap();
+        let (started, mut compressing) = tokio::sync::mpsc::unbounded_channel();
+        let release = Arc::new(std::sync::Barrier::new(3));
+        let mut uploads = Vec::new();
+        for i in 0..2u8 {
+            let (storage, started, release) = (storage.clone(), started.clone(), release.clone());
+            uploads.push(tokio::spawn(async move {
+                let make_frame = move || {
+                    let _ = started.send(());
+                    release.wait();
+                    Ok(Bytes::from(flywheel_core::chunk::compress(&[i; 100], 3)?))
+                };
+                storage.put_chunk_unless_fresh(ChunkHash::of(&[i; 100]), 0, make_frame).await
+            }));
+        }
+        // Both write threads are busy compressing.
+        for _ in 0..2 {
+            compressing.recv().await.unwrap();
+        }
+        let read = tokio::time::timeout(Duration::from_secs(30), storage.get_chunks_versioned(vec![hash]))
+            .await
+            .expect("a read waited behind the uploads' compression");
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].as_ref().unwrap().0, Bytes::from(flywheel_core::chunk::compress(&data, 3).unwrap()));
+        let versions = tokio::time::timeout(Duration::from_secs(30), storage.chunk_versions(vec![hash])).await.expect("a lookup waited");
+        assert!(versions.unwrap()[0].is_some());
+        tokio::task::spawn_blocking(move || release.wait()).await.unwrap();
+        for upload in uploads {
+            let (reuse, written) = upload.await.unwrap().unwrap();
+            assert_eq!(reuse, Reuse::Missing);
+            assert!(written.is_some());
+        }
     }
 }
