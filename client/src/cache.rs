@@ -1037,9 +1037,8 @@ mod tests {
 
     #[test]
     fn quota_holds_under_a_larger_workload_and_evicts_lru() {
-        let dir = tempfile::tempdir().unwrap();
         let quota = 4 << 20;
-        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), quota)).unwrap();
+        let (dir, cache) = fresh(quota);
         let chunks: Vec<_> = (0..200).map(|i| chunk(100 + i, 64 * 1024)).collect();
         let (hot, hot_frame) = chunk(7, 64 * 1024);
         cache.insert(&hot.hash, &hot_frame);
@@ -1084,9 +1083,8 @@ mod tests {
     /// entry counted is one whose frame is on disk.
     #[test]
     fn batched_inserts_keep_the_quota_and_the_count_exact() {
-        let dir = tempfile::tempdir().unwrap();
         let quota = 1 << 20;
-        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), quota)).unwrap();
+        let (dir, cache) = fresh(quota);
         let chunks: Vec<_> = (0..40).map(|i| chunk(500 + i, 64 * 1024)).collect();
         let mut batch: Vec<(ChunkHash, &[u8])> = chunks.iter().map(|(c, f)| (c.hash, f.as_slice())).collect();
         batch.push(batch[39]);
@@ -1110,6 +1108,13 @@ mod tests {
         assert!(packs >= kept.len() as u64 * chunks[0].1.len() as u64);
     }
 
+    /// A cache with `quota` in a new temporary directory.
+    fn fresh(quota: u64) -> (tempfile::TempDir, LocalCache) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), quota)).unwrap();
+        (dir, cache)
+    }
+
     fn pack_of(cache: &LocalCache, hash: &ChunkHash) -> PathBuf {
         cache.packs_dir.join(pack_name(cache.entry(hash).unwrap().pack))
     }
@@ -1118,9 +1123,8 @@ mod tests {
     /// around them, and compaction copies them forward and frees the rest.
     #[test]
     fn compaction_keeps_hot_chunks_and_frees_dead_space() {
-        let dir = tempfile::tempdir().unwrap();
         let quota = 4 << 20;
-        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), quota)).unwrap();
+        let (dir, cache) = fresh(quota);
         let hot: Vec<_> = (0..8).map(|i| chunk(2000 + i, 32 * 1024)).collect();
         // Each hot chunk shares its pack with chunks that are never read again.
         for (i, (c, frame)) in hot.iter().enumerate() {
@@ -1158,9 +1162,8 @@ mod tests {
     /// written and in LRU order alike: eviction empties them whole, and nothing is copied.
     #[test]
     fn a_stream_read_once_is_evicted_pack_by_pack_without_copies() {
-        let dir = tempfile::tempdir().unwrap();
         let quota = 4 << 20;
-        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), quota)).unwrap();
+        let (_dir, cache) = fresh(quota);
         for i in 0..300 {
             let (c, frame) = chunk(8000 + i, 40 * 1024 + i as usize);
             cache.insert(&c.hash, &frame);
@@ -1175,8 +1178,7 @@ mod tests {
     /// moved entry for a broken one.
     #[test]
     fn reads_racing_eviction_and_compaction_get_right_bytes_or_a_miss() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = LocalCache::open(&LocalCacheConfig::new(dir.path(), 2 << 20)).unwrap();
+        let (_dir, cache) = fresh(2 << 20);
         let hot: Vec<_> = (0..16).map(|i| chunk(4000 + i, 16 * 1024)).collect();
         let data = |seed: u64| {
             let mut d = vec![0u8; 16 * 1024];
