@@ -290,7 +290,7 @@ impl ServerArgs {
 struct MountArgs {
     #[command(flatten)]
     server: ServerArgs,
-    /// Directory of the local chunk cache (frame files and their sled index); shared with other processes
+    /// Directory of the local chunk cache (pack files of chunk frames and their sled index); shared with other processes
     /// opening it (the first owns it, the others go through its socket).
     #[arg(long, default_value = "/var/cache/flywheel")]
     cache_dir: PathBuf,
