@@ -428,7 +428,7 @@ impl Storage {
     /// Runs `work` on the storage I/O threads when there are some (see
     /// [`Storage::with_inline_io`]), else here.
     async fn on_store_threads<T: Send + 'static>(&self, work: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Result<T> {
-        Self::on_threads(&self.inline_writes, work).await
+        Self::on_threads(&self.inline, work).await
     }
 
     async fn on_threads<T: Send + 'static>(
