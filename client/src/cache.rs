@@ -164,7 +164,7 @@ pub(crate) struct LocalCache {
     quota: u64,
     pack_size: u64,
     /// Bytes of indexed entries: their frames plus the per-entry overhead.
-    used: AtomicU64,
+    live: AtomicU64,
     /// Bytes of pack files on disk.
     packed: AtomicU64,
     entries: AtomicU64,
@@ -190,7 +190,7 @@ pub(crate) struct LocalCache {
 
 impl std::fmt::Debug for LocalCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalCache").field("quota", &self.quota).field("used", &self.used_bytes()).finish()
+        f.debug_struct("LocalCache").field("quota", &self.quota).field("used", &self.live_bytes()).finish()
     }
 }
 
@@ -246,12 +246,12 @@ impl LocalCache {
             .map_err(|e| Error::internal(format!("creating {}: {e}", packs_dir.display())))?;
         drop_file_per_frame_layout(&config.dir, &chunks)?;
 
-        let (mut used, mut entries, mut last_pack) = (0u64, 0u64, None::<u64>);
+        let (mut live, mut entries, mut last_pack) = (0u64, 0u64, None::<u64>);
         let mut usage: HashMap<u64, PackUsage> = HashMap::new();
         for item in chunks.scan_prefix(b"m") {
             let (_, value) = item.map_err(storage_error)?;
             if let Some(entry) = Entry::parse(&value) {
-                used += entry.len + ENTRY_OVERHEAD;
+                live += entry.len + ENTRY_OVERHEAD;
                 entries += 1;
                 usage.entry(entry.pack).or_default().live += entry.len;
                 last_pack = last_pack.max(Some(entry.pack));
@@ -295,7 +295,7 @@ impl LocalCache {
             manifests,
             quota: config.quota,
             pack_size: (config.quota / 16).clamp(PACK_SIZE_MIN, PACK_SIZE_MAX).min(config.quota / 4).max(1),
-            used: AtomicU64::new(used),
+            live: AtomicU64::new(live),
             packed: AtomicU64::new(packed),
             entries: AtomicU64::new(entries),
             next_seq: AtomicU64::new(next_seq),
@@ -318,8 +318,8 @@ impl LocalCache {
         }
         tracing::info!(
             dir = %config.dir.display(),
-            used = cache.used_bytes(),
-            on_disk = cache.disk_bytes(),
+            live = cache.live_bytes(),
+            on_disk = cache.used_bytes(),
             quota = cache.quota,
             "chunk cache opened"
         );
@@ -332,13 +332,14 @@ impl LocalCache {
     }
 
     /// Bytes of the entries cached now: their frames plus a fixed overhead each.
-    pub fn used_bytes(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
+    fn live_bytes(&self) -> u64 {
+        self.live.load(Ordering::Relaxed)
     }
 
-    /// Bytes counted against the quota: pack files, frames no longer indexed included, plus
-    /// the per-entry overhead.
-    pub fn disk_bytes(&self) -> u64 {
+    /// Bytes the cache takes on disk, which the quota bounds: its pack files (frames evicted
+    /// but not yet reclaimed included) plus a fixed overhead per entry. Up to about one pack
+    /// more than the entries themselves ([`LocalCacheConfig::quota`] / 16, at most 64 MiB).
+    pub fn used_bytes(&self) -> u64 {
         self.packed.load(Ordering::Relaxed) + self.entries.load(Ordering::Relaxed) * ENTRY_OVERHEAD
     }
 
@@ -507,7 +508,7 @@ impl LocalCache {
     fn add_locked(&self, packs: &mut Packs, hash: &ChunkHash, frame: &[u8], cost: u64, batch: &mut sled::Batch, batched: &mut usize) -> Result<()> {
         // Replacing an entry (a repair after corruption, say) first drops the old one.
         self.remove_locked(packs, hash)?;
-        if self.disk_bytes() + cost > self.quota && *batched > 0 {
+        if self.used_bytes() + cost > self.quota && *batched > 0 {
             // Eviction and compaction walk the index: the entries batched so far must be in it,
             // and counted.
             self.chunks.apply_batch(std::mem::take(batch)).map_err(storage_error)?;
@@ -521,7 +522,7 @@ impl LocalCache {
         batch.insert(&lru_key(seq, hash)[..], &[][..]);
         *batched += 1;
         packs.usage.entry(pack).or_default().live += entry.len;
-        self.used.fetch_add(cost, Ordering::Relaxed);
+        self.live.fetch_add(cost, Ordering::Relaxed);
         self.entries.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -652,7 +653,7 @@ impl LocalCache {
         if emptied && packs.active.as_ref().is_none_or(|active| active.id != entry.pack) {
             self.delete_pack_locked(packs, entry.pack);
         }
-        self.used.fetch_sub((entry.len + ENTRY_OVERHEAD).min(self.used_bytes()), Ordering::Relaxed);
+        self.live.fetch_sub((entry.len + ENTRY_OVERHEAD).min(self.live_bytes()), Ordering::Relaxed);
         self.entries.fetch_sub(1.min(self.entries.load(Ordering::Relaxed)), Ordering::Relaxed);
         Ok(true)
     }
@@ -662,8 +663,8 @@ impl LocalCache {
     /// Evicts the oldest entries until the live ones leave a pack's size free, then reclaims
     /// the dead bytes of packs by compaction.
     fn evict_until(&self, packs: &mut Packs, incoming: u64) -> Result<()> {
-        while self.disk_bytes() + incoming > self.quota {
-            let live_fits = self.used_bytes() + incoming + self.pack_size <= self.quota;
+        while self.used_bytes() + incoming > self.quota {
+            let live_fits = self.live_bytes() + incoming + self.pack_size <= self.quota;
             // While the oldest entries lie in the pack with the most dead bytes, evicting them
             // empties that pack and frees it without copying frames that would be evicted next.
             let evict = !live_fits || self.oldest_entry_pack() == Self::most_dead_pack(packs);
@@ -685,15 +686,17 @@ impl LocalCache {
         self.entry(&hash_of_key(&lkey, 9)?).map(|entry| entry.pack)
     }
 
+    /// The pack with the most dead bytes; of equals, the newest, whose live entries are the
+    /// furthest from eviction (copying the oldest would copy what eviction takes next).
     fn most_dead_pack(packs: &Packs) -> Option<u64> {
-        packs.usage.iter().filter(|(_, pack)| pack.dead() > 0).max_by_key(|(_, pack)| pack.dead()).map(|(&id, _)| id)
+        packs.usage.iter().filter(|(_, pack)| pack.dead() > 0).max_by_key(|(&id, pack)| (pack.dead(), id)).map(|(&id, _)| id)
     }
 
     /// Evicts the least recently used entry; the caller holds the write lock.
     fn evict_oldest(&self, packs: &mut Packs) -> Result<()> {
         let Some(item) = self.chunks.scan_prefix(b"l").next() else {
             // Nothing left to evict: the count drifted (it cannot, but never loop forever).
-            self.used.store(0, Ordering::Relaxed);
+            self.live.store(0, Ordering::Relaxed);
             self.entries.store(0, Ordering::Relaxed);
             return Ok(());
         };
@@ -768,7 +771,7 @@ impl LocalCache {
                 None => {
                     batch.remove(&key(b'm', hash)[..]);
                     batch.remove(&lru_key(entry.seq, hash)[..]);
-                    self.used.fetch_sub((entry.len + ENTRY_OVERHEAD).min(self.used_bytes()), Ordering::Relaxed);
+                    self.live.fetch_sub((entry.len + ENTRY_OVERHEAD).min(self.live_bytes()), Ordering::Relaxed);
                     self.entries.fetch_sub(1.min(self.entries.load(Ordering::Relaxed)), Ordering::Relaxed);
                 }
             }
@@ -928,11 +931,11 @@ mod tests {
             assert!(cache.get(&c).is_none());
             cache.insert(&c.hash, &frame);
             assert_eq!(cache.get(&c).unwrap().len(), 100_000);
-            assert_eq!(cache.used_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
+            assert_eq!(cache.live_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
             cache.flush().unwrap();
         }
         let cache = reopen(&config);
-        assert_eq!(cache.used_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
+        assert_eq!(cache.live_bytes(), frame.len() as u64 + ENTRY_OVERHEAD);
         assert!(cache.get(&c).is_some());
     }
 
@@ -997,7 +1000,7 @@ mod tests {
         assert!(cache.get(&c).is_none());
         assert_eq!(cache.stats().corrupt, 1);
         assert!(!cache.contains(&c.hash));
-        assert_eq!(cache.used_bytes(), 0);
+        assert_eq!(cache.live_bytes(), 0);
         let mut flipped = frame.clone();
         let mid = flipped.len() / 2;
         flipped[mid] ^= 0x55;
@@ -1045,8 +1048,8 @@ mod tests {
         let mut max_used = 0;
         for (i, (c, frame)) in chunks.iter().enumerate() {
             cache.insert(&c.hash, frame);
-            max_used = max_used.max(cache.disk_bytes());
-            assert_eq!(dir_size(&dir.path().join("packs")) + cache.entries.load(Ordering::Relaxed) * ENTRY_OVERHEAD, cache.disk_bytes());
+            max_used = max_used.max(cache.used_bytes());
+            assert_eq!(dir_size(&dir.path().join("packs")) + cache.entries.load(Ordering::Relaxed) * ENTRY_OVERHEAD, cache.used_bytes());
             if i % 8 == 0 {
                 // Keep one chunk hot: LRU must keep it through the whole workload.
                 assert!(cache.get(&hot).is_some(), "hot chunk evicted at step {i}");
@@ -1059,12 +1062,12 @@ mod tests {
         assert!(cache.get(&chunks[199].0).is_some(), "the newest chunk should be kept");
         let kept = chunks.iter().filter(|(c, _)| cache.contains(&c.hash)).count() as u64;
         let frame_len = chunks[0].1.len() as u64 + ENTRY_OVERHEAD;
-        assert_eq!(kept + 1, cache.used_bytes() / frame_len);
+        assert_eq!(kept + 1, cache.live_bytes() / frame_len);
         cache.flush().unwrap();
         drop(cache);
         // Reopened with a smaller quota, it shrinks at once.
         let cache = reopen(&LocalCacheConfig::new(dir.path(), quota / 2));
-        assert!(cache.used_bytes() <= quota / 2);
+        assert!(cache.live_bytes() <= quota / 2);
         cache.flush().unwrap();
         // The packs on disk are within the quota.
         let on_disk = dir_size(&dir.path().join("packs"));
@@ -1090,21 +1093,21 @@ mod tests {
         batch.push(batch[39]);
         cache.insert_many(&batch);
         let frame_len = chunks[0].1.len() as u64 + ENTRY_OVERHEAD;
-        assert!(cache.used_bytes() <= quota, "used {} > quota {quota}", cache.used_bytes());
+        assert!(cache.live_bytes() <= quota, "used {} > quota {quota}", cache.live_bytes());
         let kept: Vec<usize> = (0..40).filter(|&i| cache.contains(&chunks[i].0.hash)).collect();
-        assert_eq!(kept.len() as u64, cache.used_bytes() / frame_len);
+        assert_eq!(kept.len() as u64, cache.live_bytes() / frame_len);
         assert!(kept.contains(&39) && !kept.contains(&0), "kept {kept:?}");
         for &i in &kept {
             assert!(cache.get(&chunks[i].0).is_some(), "chunk {i} is indexed but does not read back");
         }
         cache.flush().unwrap();
-        let used = cache.used_bytes();
+        let used = cache.live_bytes();
         drop(cache);
         let cache = reopen(&LocalCacheConfig::new(dir.path(), quota));
-        assert_eq!(cache.used_bytes(), used);
+        assert_eq!(cache.live_bytes(), used);
         let packs = dir_size(&dir.path().join("packs"));
-        assert_eq!(packs + kept.len() as u64 * ENTRY_OVERHEAD, cache.disk_bytes());
-        assert!(cache.disk_bytes() <= quota);
+        assert_eq!(packs + kept.len() as u64 * ENTRY_OVERHEAD, cache.used_bytes());
+        assert!(cache.used_bytes() <= quota);
         assert!(packs >= kept.len() as u64 * chunks[0].1.len() as u64);
     }
 
@@ -1142,20 +1145,21 @@ mod tests {
                 assert!(cache.get(h).is_some(), "hot chunk evicted at step {i}");
             }
             cache.apply_pending_touches();
-            assert!(cache.disk_bytes() <= quota, "{} bytes on disk at step {i}", cache.disk_bytes());
+            assert!(cache.used_bytes() <= quota, "{} bytes on disk at step {i}", cache.used_bytes());
         }
         let moved = hot.iter().zip(&first_packs).filter(|((c, _), &first)| cache.entry(&c.hash).unwrap().pack != first).count();
         assert_eq!(moved, hot.len(), "the hot chunks were not copied forward");
         // Compaction copied the hot chunks (again each time their pack aged: six times over
         // here), not the oldest of the stream around them, which eviction takes next (copying
-        // those too came to ten times the hot bytes).
+        // those too, as compacting whatever pack is most dead does, came to ten times the hot
+        // bytes).
         let copied = cache.copied.load(Ordering::Relaxed);
         let hot_bytes: u64 = hot.iter().map(|(_, frame)| frame.len() as u64).sum();
         assert!(copied > 0 && copied <= 8 * hot_bytes, "{copied} bytes copied for {hot_bytes} hot bytes");
         assert_eq!(cache.stats().corrupt, 0);
         assert!(!first_packs.iter().any(|&id| dir.path().join("packs").join(pack_name(id)).exists()), "old packs were kept");
         // The live entries fill the cache: eviction freed what compaction could not.
-        assert!(cache.used_bytes() > quota / 2, "only {} bytes live", cache.used_bytes());
+        assert!(cache.live_bytes() > quota / 2, "only {} bytes live", cache.live_bytes());
     }
 
     /// A stream of chunks that are never read again leaves packs in the order they were
@@ -1167,11 +1171,11 @@ mod tests {
         for i in 0..300 {
             let (c, frame) = chunk(8000 + i, 40 * 1024 + i as usize);
             cache.insert(&c.hash, &frame);
-            assert!(cache.disk_bytes() <= quota, "{} bytes on disk at step {i}", cache.disk_bytes());
+            assert!(cache.used_bytes() <= quota, "{} bytes on disk at step {i}", cache.used_bytes());
         }
         assert!(cache.stats().evictions > 150);
         assert_eq!(cache.copied.load(Ordering::Relaxed), 0, "compaction copied frames of a stream");
-        assert!(cache.used_bytes() > quota * 3 / 4, "only {} bytes live", cache.used_bytes());
+        assert!(cache.live_bytes() > quota * 3 / 4, "only {} bytes live", cache.live_bytes());
     }
 
     /// Reads of chunks that compaction moves, and evictions, never return wrong bytes or take a
@@ -1213,7 +1217,7 @@ mod tests {
         });
         assert_eq!(cache.stats().corrupt, 0, "a moved or evicted entry was taken for a bad one");
         assert!(hits.load(Ordering::Relaxed) > 0);
-        assert!(cache.disk_bytes() <= 2 << 20);
+        assert!(cache.used_bytes() <= 2 << 20);
     }
 
     /// What `kill -9` between appending frames and indexing them leaves: bytes in a pack that
@@ -1237,10 +1241,10 @@ mod tests {
             id
         };
         let cache = reopen(&config);
-        assert_eq!(cache.used_bytes(), kept_frame.len() as u64 + ENTRY_OVERHEAD);
+        assert_eq!(cache.live_bytes(), kept_frame.len() as u64 + ENTRY_OVERHEAD);
         let on_disk = dir_size(&dir.path().join("packs"));
         assert!(on_disk > 4 * 20 * 1024, "the unindexed frames are gone already: {on_disk}");
-        assert_eq!(cache.disk_bytes(), on_disk + ENTRY_OVERHEAD, "dead bytes are counted against the quota");
+        assert_eq!(cache.used_bytes(), on_disk + ENTRY_OVERHEAD, "dead bytes are counted against the quota");
         let (next, next_frame) = chunk(6100, 1000);
         cache.insert(&next.hash, &next_frame);
         assert!(cache.entry(&next.hash).unwrap().pack > crashed_pack, "appended after bytes a crash left");
@@ -1279,6 +1283,6 @@ mod tests {
         assert!(cache.chunks.get(lru_key(99, &old.hash)).unwrap().is_none());
         assert!(cache.get(&old).is_none());
         assert!(cache.get(&new).is_some(), "entries of the pack layout were dropped too");
-        assert_eq!(cache.used_bytes(), new_frame.len() as u64 + ENTRY_OVERHEAD);
+        assert_eq!(cache.live_bytes(), new_frame.len() as u64 + ENTRY_OVERHEAD);
     }
 }
