@@ -129,7 +129,7 @@ pub(crate) fn fuse_section(report: &mut Report, work: &Path) {
         let logical = format!("/{}", file.strip_prefix(&setup.store_root).unwrap().to_string_lossy());
         read_bytes += read_file(&mount.path(&logical));
     }
-    let fetched = common_fuse::dir_size(&cache_dir.path().join("chunks"));
+    let fetched = common_fuse::dir_size(&cache_dir.path().join("packs"));
     drop(mount);
 
     let mb = |bytes: f64| bytes / MB;
