@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use flywheel_core::api::v1::chunks::PathManifest;
-use flywheel_core::chunk::{decompress_verified, ChunkHash};
+use flywheel_core::chunk::{decompress_verified, max_frame_len, ChunkHash, MAX_CHUNK_LEN};
 use flywheel_core::manifest::ChunkRef;
 use flywheel_core::{Error, ErrorKind, Result};
 use parking_lot::Mutex;
@@ -421,19 +421,23 @@ impl LocalCache {
             return Ok(None);
         };
         let entry = Entry::parse(&value).ok_or_else(|| Error::corrupt(format!("cache entry of chunk {} is malformed", chunk.hash)))?;
-        // The index is not trusted with the size of an allocation: no frame of a chunk is
-        // much larger than the chunk itself (zstd's bound is 1/256 over, plus a header).
-        let bound = chunk.size as u64 + chunk.size as u64 / 128 + 1024;
-        if entry.len > bound {
-            return Err(Error::corrupt(format!("cache entry of chunk {} claims a {}-byte frame", chunk.hash, entry.len)));
+        let Some(frame) = self.read_frame(&chunk.hash, &entry, max_frame_len(u64::from(chunk.size)))? else { return Ok(None) };
+        decompress_verified(&frame, &chunk.hash, chunk.size as usize).map(Some)
+    }
+
+    /// The frame `entry` names, unverified, or `None` when its pack is gone. The index is not
+    /// trusted with the size of an allocation: a frame longer than `max_len` is an error.
+    fn read_frame(&self, hash: &ChunkHash, entry: &Entry, max_len: u64) -> Result<Option<Vec<u8>>> {
+        if entry.len > max_len {
+            return Err(Error::corrupt(format!("cache entry of chunk {hash} claims a {}-byte frame", entry.len)));
         }
         let Some(pack) = self.pack_reader(entry.pack)? else { return Ok(None) };
         let mut frame = vec![0u8; entry.len as usize];
         pack.read_exact_at(&mut frame, entry.offset).map_err(|err| match err.kind() {
-            std::io::ErrorKind::UnexpectedEof => Error::corrupt(format!("the frame of chunk {} is cut short", chunk.hash)),
-            _ => Error::unavailable(format!("reading chunk {}: {err}", chunk.hash)),
+            std::io::ErrorKind::UnexpectedEof => Error::corrupt(format!("the frame of chunk {hash} is cut short")),
+            _ => Error::unavailable(format!("reading chunk {hash}: {err}")),
         })?;
-        decompress_verified(&frame, &chunk.hash, chunk.size as usize).map(Some)
+        Ok(Some(frame))
     }
 
     /// A pack open for reading, or `None` when the pack is gone.
@@ -653,9 +657,14 @@ impl LocalCache {
         if emptied && packs.active.as_ref().is_none_or(|active| active.id != entry.pack) {
             self.delete_pack_locked(packs, entry.pack);
         }
+        self.uncount(&entry);
+        Ok(true)
+    }
+
+    /// Takes an unindexed entry out of the live byte and entry counts.
+    fn uncount(&self, entry: &Entry) {
         self.live.fetch_sub((entry.len + ENTRY_OVERHEAD).min(self.live_bytes()), Ordering::Relaxed);
         self.entries.fetch_sub(1.min(self.entries.load(Ordering::Relaxed)), Ordering::Relaxed);
-        Ok(true)
     }
 
     /// Makes room for `incoming` more bytes within the quota; the caller holds the write lock.
@@ -741,16 +750,10 @@ impl LocalCache {
         }
         moving.sort_by_key(|(_, entry)| (entry.pack, entry.offset));
         let mut batch = sled::Batch::default();
-        let mut frame = Vec::new();
         let mut failure = None;
         for (hash, entry) in &moving {
-            frame.resize(entry.len as usize, 0);
-            let read = self.pack_reader(entry.pack).and_then(|pack| {
-                let pack = pack.ok_or_else(|| Error::not_found(format!("pack {} is gone", pack_name(entry.pack))))?;
-                pack.read_exact_at(&mut frame, entry.offset).map_err(|e| Error::unavailable(e.to_string()))
-            });
-            let moved = match read {
-                Ok(()) => match self.append_locked(packs, &frame) {
+            let moved = match self.read_frame(hash, entry, max_frame_len(MAX_CHUNK_LEN as u64)) {
+                Ok(Some(frame)) => match self.append_locked(packs, &frame) {
                     Ok((pack, offset)) => Some(Entry { pack, offset, ..*entry }),
                     Err(err) => {
                         failure = Some(err);
@@ -758,7 +761,7 @@ impl LocalCache {
                     }
                 },
                 // Unreadable where it is, so unreadable anywhere: the entry goes.
-                Err(_) => None,
+                Ok(None) | Err(_) => None,
             };
             if let Some(old) = packs.usage.get_mut(&entry.pack) {
                 old.live = old.live.saturating_sub(entry.len);
@@ -771,8 +774,7 @@ impl LocalCache {
                 None => {
                     batch.remove(&key(b'm', hash)[..]);
                     batch.remove(&lru_key(entry.seq, hash)[..]);
-                    self.live.fetch_sub((entry.len + ENTRY_OVERHEAD).min(self.live_bytes()), Ordering::Relaxed);
-                    self.entries.fetch_sub(1.min(self.entries.load(Ordering::Relaxed)), Ordering::Relaxed);
+                    self.uncount(entry);
                 }
             }
         }

@@ -425,12 +425,8 @@ impl Storage {
         Ok((bytes, version))
     }
 
-    /// Runs `work` on the storage I/O threads when there are some (see
-    /// [`Storage::with_inline_io`]), else here.
-    async fn on_store_threads<T: Send + 'static>(&self, work: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Result<T> {
-        Self::on_threads(&self.inline, work).await
-    }
-
+    /// Runs `work` on `threads` (the storage I/O threads of [`Storage::with_inline_io`]) when
+    /// there are some, else here.
     async fn on_threads<T: Send + 'static>(
         threads: &Option<Arc<InlineIo>>,
         work: impl std::future::Future<Output = Result<T>> + Send + 'static,
@@ -456,7 +452,7 @@ impl Storage {
                 .try_collect()
                 .await
         };
-        self.on_store_threads(lookups).await
+        Self::on_threads(&self.inline, lookups).await
     }
 
     /// The stored frames of `hashes` with their versions, in order, as
@@ -482,7 +478,7 @@ impl Storage {
             }
             Ok(items)
         };
-        self.on_store_threads(reads).await.unwrap_or_else(|err| vec![Err(err)])
+        Self::on_threads(&self.inline, reads).await.unwrap_or_else(|err| vec![Err(err)])
     }
 
     /// Stores the frame `make_frame` makes for a chunk unless a fresh copy is stored already
