@@ -8,7 +8,7 @@ use std::process::Command;
 
 use common::{hash_part, Backend, Nix, Server, FLYWHEEL, NixVersion};
 use flywheel_core::api::v1::chunks::PathManifest;
-use flywheel_core::nar::{NarWriter, MAX_DEPTH};
+use flywheel_core::nar::{from_flat, parse, FlatIndex, NarWriter, Node, MAX_DEPTH};
 use flywheel_core::nix::Sha256Hash;
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
@@ -101,6 +101,31 @@ fn deep_nar(depth: usize) -> Vec<u8> {
         w.end_directory().unwrap();
     }
     w.into_inner()
+}
+
+/// Core's forms of a tree at the deepest nesting allowed, on a small stack: nothing may
+/// recurse over the tree.
+#[test]
+fn the_deepest_tree_round_trips_through_every_form() {
+    std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(|| {
+            let nar = deep_nar(MAX_DEPTH);
+            let root = parse(&nar[..]).unwrap().root;
+            assert_eq!(root.depth(), MAX_DEPTH);
+            let flat = serde_json::to_vec(&FlatIndex(&root)).unwrap();
+            let back = from_flat(&mut serde_json::Deserializer::from_slice(&flat)).unwrap();
+            let mut listing = Vec::new();
+            back.write_listing(&mut listing).unwrap();
+            assert!(listing.ends_with(&b"}}".repeat(MAX_DEPTH)[..]));
+            assert_eq!(back.lookup(&format!("{}f", "d/".repeat(MAX_DEPTH - 1))).map(|n| matches!(n, Node::Regular { size: 2, .. })), Some(true));
+            drop((root, back));
+            let err = parse(&deep_nar(MAX_DEPTH + 1)[..]).unwrap_err();
+            assert!(err.message().contains("deeper"), "{err}");
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }
 
 /// A small NAR whose contents depend on `seed`.

@@ -6,7 +6,7 @@ mod common_fuse;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use common_fuse::{common, dir_size, local_overlay_url, mount_lower_store, mount_overlay, register_lazily, sha256_file, CountingProxy, NixVersion, Setup};
+use common_fuse::{common, dir_size, local_overlay_url, mount_lower_store, mount_overlay, register_lazily, sha256_file, CountingProxy, NixVersion, OverlayStore, Setup};
 use flywheel_client::{LocalCacheConfig, ChunkCache};
 use flywheel_core::nix::Sha256Hash;
 
@@ -332,16 +332,11 @@ fn fuse_lazy_mode_overlay_dump_db_build_with(version: NixVersion) {
     let paths = setup.push_corpus(&["withRefs"]);
     let cache_dir = tempfile::tempdir().unwrap();
     let mount = setup.mount(&setup.server.url, cache_dir.path(), &[]);
-    let work = tempfile::tempdir().unwrap();
-    let root = work.path().join("root");
-    let store_dir = root.join("nix/store");
-    let upper = work.path().join("upper");
-    let _overlay = mount_overlay(&mount.mountpoint, &upper, &work.path().join("work"), &store_dir);
-    let store = format!("local?root={}", root.display());
-    register_lazily(&setup, &store, &paths);
-    let built = check_lazy_store(&setup.nix, &store, &paths[0], &store_dir);
+    let overlay = OverlayStore::over(&mount.mountpoint);
+    register_lazily(&setup, &overlay.url, &paths);
+    let built = check_lazy_store(&setup.nix, &overlay.url, &paths[0], &overlay.store_dir);
     // What Nix wrote went to the upper layer.
-    assert!(upper.join(built.trim_start_matches("/nix/store/")).exists());
+    assert!(overlay.upper.join(built.trim_start_matches("/nix/store/")).exists());
 }
 
 nix_matrix! {
@@ -355,11 +350,8 @@ fn fuse_lazy_command_registers_closures_with(version: NixVersion) {
     let paths = setup.push_corpus(&["withRefs"]);
     let cache_dir = tempfile::tempdir().unwrap();
     let mount = setup.mount(&setup.server.url, cache_dir.path(), &[]);
-    let work = tempfile::tempdir().unwrap();
-    let root = work.path().join("root");
-    let store_dir = root.join("nix/store");
-    let _overlay = mount_overlay(&mount.mountpoint, &work.path().join("upper"), &work.path().join("work"), &store_dir);
-    let store = format!("local?root={}", root.display());
+    let overlay = OverlayStore::over(&mount.mountpoint);
+    let (store, store_dir) = (overlay.url.as_str(), overlay.store_dir.as_path());
     let lazy = |key: &str, extra: &[&str]| {
         // The settings the tests give Nix, for the nix-store that `flywheel lazy` runs.
         let template = setup.nix.cmd("nix-store");

@@ -88,6 +88,29 @@ impl Eval {
         assert!(syntax.status.success(), "{store_path}: {}", String::from_utf8_lossy(&syntax.stderr));
         path
     }
+
+    /// Directories standing in for systemd's `CREDENTIALS_DIRECTORY` and `RUNTIME_DIRECTORY`.
+    fn service_dirs(&self) -> (PathBuf, PathBuf) {
+        let credentials = self.dir.path().join("credentials");
+        let runtime = self.dir.path().join("runtime");
+        std::fs::create_dir_all(&credentials).unwrap();
+        std::fs::create_dir_all(&runtime).unwrap();
+        (credentials, runtime)
+    }
+}
+
+/// Runs a service's start script as systemd would, with `--check-config` passed through and no
+/// S3 credentials from the test's own environment.
+fn check_config(script: &Path, credentials: &Path, runtime: &Path) -> std::process::Output {
+    Command::new("sh")
+        .arg(script)
+        .arg("--check-config")
+        .env("CREDENTIALS_DIRECTORY", credentials)
+        .env("RUNTIME_DIRECTORY", runtime)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap()
 }
 
 fn service<'a>(eval: &'a Value, name: &str) -> &'a Value {
@@ -234,21 +257,12 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
 
     // Run the service's start script as systemd would, with --check-config passed through.
     let script = nix.script(sc["ExecStart"].as_str().unwrap());
-    let credentials = nix.dir.path().join("credentials");
-    let runtime = nix.dir.path().join("runtime");
-    std::fs::create_dir_all(&credentials).unwrap();
-    std::fs::create_dir_all(&runtime).unwrap();
+    let (credentials, runtime) = nix.service_dirs();
     let secret = random_secret();
     std::fs::write(credentials.join("token-hs256-secret-base64"), format!("{secret}\n")).unwrap();
     let signing_key = flywheel_core::nix::SigningKey::generate("main-1").unwrap().to_nix_string();
     std::fs::write(credentials.join("signing-key-main"), format!("{signing_key}\n")).unwrap();
-    let out = Command::new("sh")
-        .arg(&script)
-        .arg("--check-config")
-        .env("CREDENTIALS_DIRECTORY", &credentials)
-        .env("RUNTIME_DIRECTORY", &runtime)
-        .output()
-        .unwrap();
+    let out = check_config(&script, &credentials, &runtime);
     assert!(
         out.status.success(),
         "flywheel serve --check-config refused the rendered config:\n{}\n{}",
@@ -302,26 +316,14 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
 
     // A signing key file that holds no key is refused by the check.
     std::fs::write(credentials.join("signing-key-main"), "garbage\n").unwrap();
-    let out = Command::new("sh")
-        .arg(&script)
-        .arg("--check-config")
-        .env("CREDENTIALS_DIRECTORY", &credentials)
-        .env("RUNTIME_DIRECTORY", &runtime)
-        .output()
-        .unwrap();
+    let out = check_config(&script, &credentials, &runtime);
     assert!(!out.status.success(), "a bad signing key passed the check");
     assert!(String::from_utf8_lossy(&out.stderr).contains("signing key of cache main"), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::write(credentials.join("signing-key-main"), format!("{signing_key}\n")).unwrap();
 
     // A bad secret file stops the service before the server starts.
     std::fs::write(credentials.join("token-hs256-secret-base64"), "not base64 !\n").unwrap();
-    let out = Command::new("sh")
-        .arg(&script)
-        .arg("--check-config")
-        .env("CREDENTIALS_DIRECTORY", &credentials)
-        .env("RUNTIME_DIRECTORY", &runtime)
-        .output()
-        .unwrap();
+    let out = check_config(&script, &credentials, &runtime);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must hold the base64 token secret"), "{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -352,21 +354,10 @@ fn server_with_s3_storage_renders_a_config_the_binary_accepts_with(version: NixV
     assert_eq!(sc["ReadWritePaths"], serde_json::json!([]));
 
     let script = nix.script(sc["ExecStart"].as_str().unwrap());
-    let credentials = nix.dir.path().join("credentials");
-    let runtime = nix.dir.path().join("runtime");
-    std::fs::create_dir_all(&credentials).unwrap();
-    std::fs::create_dir_all(&runtime).unwrap();
+    let (credentials, runtime) = nix.service_dirs();
     std::fs::write(credentials.join("token-hs256-secret-base64"), random_secret()).unwrap();
     std::fs::write(credentials.join("s3-secret-access-key"), "s3-secret-value\n").unwrap();
-    let out = Command::new("sh")
-        .arg(&script)
-        .arg("--check-config")
-        .env("CREDENTIALS_DIRECTORY", &credentials)
-        .env("RUNTIME_DIRECTORY", &runtime)
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .output()
-        .unwrap();
+    let out = check_config(&script, &credentials, &runtime);
     assert!(out.status.success(), "S3 config refused:\n{}", String::from_utf8_lossy(&out.stderr));
     let rendered = std::fs::read_to_string(runtime.join("server.toml")).unwrap();
     let storage = rendered.split("[storage]\n").nth(1).unwrap_or_else(|| panic!("no [storage] in\n{rendered}"));

@@ -110,16 +110,30 @@ backend_matrix! {
     delete_path => delete_path_local, delete_path_s3;
 }
 
-fn damaged_chunks(backend: Backend) {
-    let nix = Nix::new();
-    let server = Server::start(backend);
-    let key = server.create_cache("ci", false);
+/// Corpus derivations built in a store of their own and pushed to the cache `ci`.
+struct Pushed {
+    src: String,
+    url: String,
+    push: std::path::PathBuf,
+    paths: Vec<String>,
+}
+
+/// Builds the corpus derivations `names` with a fresh seed and pushes them with `nix copy`.
+fn build_and_push(nix: &Nix, server: &Server, seed: &str, names: &[&str]) -> Pushed {
     let src = nix.store("src");
-    let paths = nix.build(&src, &common::unique_seed("fsck"), &["big", "single"]);
+    let paths = nix.build(&src, &common::unique_seed(seed), names);
     let push = server.netrc(&server.mint(&["--push", "ci", "--pull", "ci"]));
     let url = format!("{}/ci", server.url);
     let out = nix.copy_to(&src, &url, &push, &paths);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Pushed { src, url, push, paths }
+}
+
+fn damaged_chunks(backend: Backend) {
+    let nix = Nix::new();
+    let server = Server::start(backend);
+    let key = server.create_cache("ci", false);
+    let Pushed { src, url, push, paths } = build_and_push(&nix, &server, "fsck", &["big", "single"]);
     let client = Client::new();
     let admin = server.admin_token();
     let big = hash_part(&paths[0]);
@@ -235,12 +249,7 @@ fn retention_and_gc(backend: Backend) {
     // No grace: this test wants unreferenced data gone at once. Access records on every read.
     let server = Server::start_with(backend, "[gc]\ninterval = 0\ngrace-period = 0\naccess-record-interval = 0\n");
     let key = server.create_cache("ci", false);
-    let src = nix.store("src");
-    let paths = nix.build(&src, &common::unique_seed("gc"), &["big", "bigNext", "single"]);
-    let push = server.netrc(&server.mint(&["--push", "ci", "--pull", "ci"]));
-    let url = format!("{}/ci", server.url);
-    let out = nix.copy_to(&src, &url, &push, &paths);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let Pushed { url, paths, .. } = build_and_push(&nix, &server, "gc", &["big", "bigNext", "single"]);
     let client = Client::new();
     let admin = server.admin_token();
     let chunks: Vec<_> = paths.iter().map(|p| chunk_files(&server, &admin, "ci", p)).collect();

@@ -264,6 +264,32 @@ pub fn mount_overlay(lower: &std::path::Path, upper: &std::path::Path, work: &st
     Unmount(target.to_path_buf())
 }
 
+/// A Nix store (`local?root=...`) whose store directory is a writable overlay over a mount:
+/// the lazy mode's runner set-up. Unmounted when dropped.
+pub struct OverlayStore {
+    /// The store URL to give Nix.
+    pub url: String,
+    /// The store directory, `<root>/nix/store`.
+    pub store_dir: std::path::PathBuf,
+    /// The overlay's upper layer: what Nix writes.
+    pub upper: std::path::PathBuf,
+    // Declared before `_dir`, so that it is unmounted before the directory goes.
+    _overlay: Unmount,
+    _dir: tempfile::TempDir,
+}
+
+impl OverlayStore {
+    /// Mounts the overlay over `mountpoint` in a new temporary directory.
+    pub fn over(mountpoint: &std::path::Path) -> OverlayStore {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let store_dir = root.join("nix/store");
+        let upper = dir.path().join("upper");
+        let overlay = mount_overlay(mountpoint, &upper, &dir.path().join("work"), &store_dir);
+        OverlayStore { url: format!("local?root={}", root.display()), store_dir, upper, _overlay: overlay, _dir: dir }
+    }
+}
+
 /// Mounts the lower store directory of a `local-overlay` store on `target`: a read-only
 /// overlay of `mount` and a `stub` layer holding an empty `.links`, the directory Nix's local
 /// store creates whenever it opens, which the read-only mount cannot hold.

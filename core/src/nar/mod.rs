@@ -161,49 +161,6 @@ mod tests {
         assert!(parse(&huge_len[..]).is_err());
     }
 
-    /// A NAR of `depth` nested directories named `d`, with a file at the bottom.
-    fn deep_nar(depth: usize) -> Vec<u8> {
-        let mut w = NarWriter::new(Vec::new()).unwrap();
-        for _ in 0..depth - 1 {
-            w.start_directory().unwrap();
-            w.entry(b"d").unwrap();
-        }
-        w.start_directory().unwrap();
-        w.entry(b"f").unwrap();
-        w.regular(true, 2, &mut &b"hi"[..]).unwrap();
-        w.end_entry().unwrap();
-        w.end_directory().unwrap();
-        for _ in 0..depth - 1 {
-            w.end_entry().unwrap();
-            w.end_directory().unwrap();
-        }
-        w.into_inner()
-    }
-
-    #[test]
-    fn the_deepest_tree_round_trips_through_every_form() {
-        // Run on a small stack: nothing may recurse over the tree.
-        std::thread::Builder::new()
-            .stack_size(256 * 1024)
-            .spawn(|| {
-                let nar = deep_nar(MAX_DEPTH);
-                let root = parse(&nar[..]).unwrap().root;
-                assert_eq!(root.depth(), MAX_DEPTH);
-                let flat = serde_json::to_vec(&FlatIndex(&root)).unwrap();
-                let back = from_flat(&mut serde_json::Deserializer::from_slice(&flat)).unwrap();
-                let mut listing = Vec::new();
-                back.write_listing(&mut listing).unwrap();
-                assert!(listing.ends_with(&b"}}".repeat(MAX_DEPTH)[..]));
-                assert_eq!(back.lookup(&format!("{}f", "d/".repeat(MAX_DEPTH - 1))).map(|n| matches!(n, Node::Regular { size: 2, .. })), Some(true));
-                drop((root, back));
-                let err = parse(&deep_nar(MAX_DEPTH + 1)[..]).unwrap_err();
-                assert!(err.message().contains("deeper"), "{err}");
-            })
-            .unwrap()
-            .join()
-            .unwrap();
-    }
-
     #[test]
     fn flat_indexes_are_checked_like_nars() {
         let read = |json: &str| from_flat(&mut serde_json::Deserializer::from_str(json));

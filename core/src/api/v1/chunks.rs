@@ -65,25 +65,14 @@ pub fn decompress_manifest(body: &[u8], max: usize) -> crate::Result<Vec<u8>> {
     Ok(json)
 }
 
-/// A store path's narinfo fields together with its manifest.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PathManifest {
-    /// Full store path.
-    pub store_path: String,
-    /// References, full store paths.
-    pub references: Vec<String>,
-    /// Deriver, full store path.
-    #[serde(default)]
-    pub deriver: Option<String>,
-    /// Signatures, including the cache's own.
-    #[serde(default)]
-    pub sigs: Vec<String>,
-    /// Content address.
-    #[serde(default)]
-    pub ca: Option<String>,
-    /// The NAR's chunks and file index (shared: a server keeps parsed manifests in memory).
-    pub manifest: std::sync::Arc<Manifest>,
+with_path_info_fields! {
+    /// A store path's narinfo fields together with its manifest.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PathManifest {
+        /// The NAR's chunks and file index (shared: a server keeps parsed manifests in memory).
+        pub manifest: std::sync::Arc<Manifest>,
+    }
 }
 
 /// The fields of a [`PathManifest`] but its manifest, borrowed, serialized alike.
@@ -160,54 +149,37 @@ fn possible_chunk_refs<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<Ch
     Ok(chunks)
 }
 
-/// Publishes a store path whose chunks are all stored already.
-///
-/// Its narinfo fields are spelled out here again, as in [`PathManifest`] and Attic's
-/// `UploadPathNarInfo`, rather than flattened in from one shared struct: serde's `flatten`
-/// buffers the whole object first (a chunk list runs to tens of thousands of entries) and
-/// does not work with `deny_unknown_fields`, and Attic's names are snake_case.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct CommitRequest {
-    /// Full store path.
-    pub store_path: String,
-    /// NAR hash, `sha256:` then nixbase32, hex or base64.
-    pub nar_hash: String,
-    /// NAR size.
-    pub nar_size: u64,
-    /// References, full paths or base names.
-    pub references: Vec<String>,
-    /// Deriver, full path or base name; absent, empty or `unknown-deriver` for none.
-    #[serde(default)]
-    pub deriver: Option<String>,
-    /// The uploader's signatures (`name:base64`), kept with the path; the server signs
-    /// when it serves.
-    #[serde(default)]
-    pub sigs: Vec<String>,
-    /// Content address (`text:...` or `fixed:...`), absent or empty for an input-addressed path.
-    #[serde(default)]
-    pub ca: Option<String>,
-    /// The NAR's chunks in order, with their uncompressed sizes. May be left empty when
-    /// `chunks_query` names them instead.
-    #[serde(default)]
-    pub chunks: Vec<crate::manifest::ChunkRef>,
-    /// The `query` of a `missing-chunks` answer: the chunks are the ones asked about then (in
-    /// `chunk_order`, with `chunk_sizes`), so the commit need not list their names again. A
-    /// server that does not know the query (another replica, or expired) refuses the commit,
-    /// and the client sends it again with `chunks`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chunks_query: Option<String>,
-    /// With `chunks_query`: for each chunk of the NAR in order, its index in the list asked
-    /// about; absent when it is that list itself, in order.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chunk_order: Option<Vec<u32>>,
-    /// With `chunks_query`: the uncompressed size of each chunk of the NAR, in order.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub chunk_sizes: Vec<u32>,
-    /// The chunks as changes to a published path's list: what a new version sends instead of
-    /// `chunks`, so that the request grows with the change and not with the NAR.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chunks_delta: Option<ChunkDelta>,
+with_path_info_fields! {
+    /// Publishes a store path whose chunks are all stored already.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    pub struct CommitRequest {
+        /// NAR hash, `sha256:` then nixbase32, hex or base64.
+        pub nar_hash: String,
+        /// NAR size.
+        pub nar_size: u64,
+        /// The NAR's chunks in order, with their uncompressed sizes. May be left empty when
+        /// `chunks_query` names them instead.
+        #[serde(default)]
+        pub chunks: Vec<crate::manifest::ChunkRef>,
+        /// The `query` of a `missing-chunks` answer: the chunks are the ones asked about then (in
+        /// `chunk_order`, with `chunk_sizes`), so the commit need not list their names again. A
+        /// server that does not know the query (another replica, or expired) refuses the commit,
+        /// and the client sends it again with `chunks`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub chunks_query: Option<String>,
+        /// With `chunks_query`: for each chunk of the NAR in order, its index in the list asked
+        /// about; absent when it is that list itself, in order.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub chunk_order: Option<Vec<u32>>,
+        /// With `chunks_query`: the uncompressed size of each chunk of the NAR, in order.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub chunk_sizes: Vec<u32>,
+        /// The chunks as changes to a published path's list: what a new version sends instead of
+        /// `chunks`, so that the request grows with the change and not with the NAR.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub chunks_delta: Option<ChunkDelta>,
+    }
 }
 
 /// The chunk list of the newest path published under a package name (`GET base/{name}`).

@@ -12,33 +12,22 @@ pub const NAR_INFO_PREAMBLE_SIZE_HEADER: &str = "x-attic-nar-info-preamble-size"
 /// Largest metadata accepted, in the header or the preamble.
 pub const MAX_NAR_INFO_SIZE: usize = 1024 * 1024;
 
-/// Metadata of the uploaded path (Attic's `UploadPathNarInfo`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UploadPathNarInfo {
-    /// The cache to upload to.
-    pub cache: String,
-    /// Hash part of the store path.
-    pub store_path_hash: String,
-    /// Full store path.
-    pub store_path: String,
-    /// References, as base names (full paths are accepted too).
-    pub references: Vec<String>,
-    /// System the path was built for.
-    #[serde(default)]
-    pub system: Option<String>,
-    /// Deriver, base name or full path.
-    #[serde(default)]
-    pub deriver: Option<String>,
-    /// Signatures to keep.
-    #[serde(default)]
-    pub sigs: Vec<String>,
-    /// Content address.
-    #[serde(default)]
-    pub ca: Option<String>,
-    /// NAR hash, `sha256:` then hex or nixbase32.
-    pub nar_hash: String,
-    /// NAR size.
-    pub nar_size: u64,
+with_path_info_fields! {
+    /// Metadata of the uploaded path (Attic's `UploadPathNarInfo`).
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct UploadPathNarInfo {
+        /// The cache to upload to.
+        pub cache: String,
+        /// Hash part of the store path.
+        pub store_path_hash: String,
+        /// System the path was built for.
+        #[serde(default)]
+        pub system: Option<String>,
+        /// NAR hash, `sha256:` then hex or nixbase32.
+        pub nar_hash: String,
+        /// NAR size.
+        pub nar_size: u64,
+    }
 }
 
 /// Whether the NAR was stored or already there.
