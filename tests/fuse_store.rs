@@ -364,14 +364,14 @@ fn fuse_lazy_command_registers_closures_with(version: NixVersion) {
         }
         cmd.args(["lazy", "--server", &setup.server.url, "--cache", common_fuse::CACHE, "--token-file"])
             .arg(&setup.token_file)
-            .args(["--store", &store, "--trusted-key", key, "--nix-store"])
+            .args(["--store", store, "--trusted-key", key, "--nix-store"])
             .arg(version.bin_dir().join("nix-store"))
             .args(extra)
             .args(&paths);
         let out = cmd.output().unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let valid = |path: &str| setup.nix.cmd("nix-store").args(["--store", &store, "--check-validity", path]).status().unwrap().success();
+    let valid = |path: &str| setup.nix.cmd("nix-store").args(["--store", store, "--check-validity", path]).status().unwrap().success();
 
     let stranger = flywheel_core::nix::SigningKey::generate("stranger-1").unwrap().verifying_key().to_nix_string();
     let (ok, _, err) = lazy(&stranger, &[]);
@@ -384,7 +384,7 @@ fn fuse_lazy_command_registers_closures_with(version: NixVersion) {
     assert!(ok, "flywheel lazy: {err}");
     assert!(out.contains("registered 3 paths; 0 of the closure's 3 were valid already"), "{out}");
     assert!(out.contains("no trace under \"lazy-job\" yet"), "the mount was asked to prefetch: {out}");
-    check_lazy_store(&setup.nix, &store, &paths[0], &store_dir);
+    check_lazy_store(&setup.nix, store, &paths[0], store_dir);
 
     let (ok, out, err) = lazy(&key, &[]);
     assert!(ok, "{err}");
