@@ -52,8 +52,10 @@ enum Command {
     Status(StatusArgs),
     /// Check every stored chunk; take paths with missing or corrupt chunks out of service.
     Fsck(ops::FsckArgs),
-    /// Expire paths past their retention and delete unreferenced manifests and chunks.
+    /// Expire paths past their retention and delete unreferenced manifests, chunks and packs.
     Gc(ops::GcArgs),
+    /// Pack the chunks of paths nobody has read for a while, compressed together.
+    Compact(ops::CompactArgs),
     /// Inspect OpenTofu/Terraform states, roll one back, or break a stale lock.
     #[command(subcommand)]
     State(ops::StateCommand),
@@ -153,6 +155,7 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => runner::status(args),
         Command::Fsck(args) => ops::fsck(args),
         Command::Gc(args) => ops::gc(args),
+        Command::Compact(args) => ops::compact(args),
         Command::State(command) => ops::state(command),
     }
 }

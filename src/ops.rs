@@ -1,4 +1,4 @@
-//! Subcommands for the operator of the cache host: `fsck`, `gc` and `state`.
+//! Subcommands for the operator of the cache host: `fsck`, `gc`, `compact` and `state`.
 
 use std::path::{Path, PathBuf};
 
@@ -35,12 +35,18 @@ pub fn fsck(args: FsckArgs) -> anyhow::Result<()> {
     let report = runtime
         .block_on(flywheel_server::fsck::fsck(&storage, args.parallelism.max(1), !args.dry_run))
         .context("checking storage")?;
-    println!("checked {} paths, {} Bazel blobs and {} chunks", report.paths, report.blobs, report.chunks_checked);
+    println!(
+        "checked {} paths, {} Bazel blobs, {} chunks and {} packs",
+        report.paths, report.blobs, report.chunks_checked, report.packs_checked
+    );
     for hash in &report.missing {
         println!("missing chunk {hash}");
     }
     for hash in &report.corrupt {
         println!("corrupt chunk {hash}");
+    }
+    for id in &report.damaged_packs {
+        println!("damaged pack {id}");
     }
     for (cache, path) in &report.missing_manifests {
         println!("missing manifest for {cache}: {path}");
@@ -112,6 +118,7 @@ pub fn gc(args: GcArgs) -> anyhow::Result<()> {
         report.chunk_bytes_freed,
         report.chunks_kept
     );
+    println!("{verb} {} packs ({} bytes); kept {} packs", report.packs_deleted, report.pack_bytes_freed, report.packs_kept);
     println!(
         "{verb} {} chunk grants, {} uploaded NAR file names, {} logs and debug info records, {} realisations, {} access traces, {} Bazel records",
         report.grants_deleted,
@@ -121,6 +128,44 @@ pub fn gc(args: GcArgs) -> anyhow::Result<()> {
         report.traces_deleted,
         report.bazel_records_deleted
     );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct CompactArgs {
+    /// The server's config file (its storage and `[compaction]` settings).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Report what would be packed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Treat paths as cold once not read or published for this many seconds, overriding
+    /// `compaction.cold-after`.
+    #[arg(long)]
+    cold_after: Option<u64>,
+}
+
+/// Packs the chunks of cold paths (see `flywheel_server::compact`).
+pub fn compact(args: CompactArgs) -> anyhow::Result<()> {
+    let (mut config, storage, runtime) = open_storage(&args.config)?;
+    if let Some(cold_after) = args.cold_after {
+        config.compaction.cold_after = cold_after;
+    }
+    let report = runtime
+        .block_on(flywheel_server::compact::compact(&storage, &config.compaction, args.dry_run))
+        .context("compacting storage")?;
+    for problem in &report.problems {
+        println!("problem: {problem}");
+    }
+    println!("{} cold NARs looked over, {} hot ones left alone", report.cold_nars, report.hot_nars);
+    if report.dry_run {
+        println!("would pack {} chunks ({} bytes of frames)", report.chunks_packed, report.frame_bytes);
+    } else {
+        println!(
+            "packed {} chunks ({} bytes of frames) into {} packs ({} bytes with their pointers)",
+            report.chunks_packed, report.frame_bytes, report.packs_written, report.pack_bytes
+        );
+    }
     Ok(())
 }
 

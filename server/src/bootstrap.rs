@@ -45,6 +45,7 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(ServerConfig, Option<P
         api_endpoint: None,
         chunk_parallelism: crate::config::DEFAULT_CHUNK_PARALLELISM,
         gc: Default::default(),
+        compaction: Default::default(),
         limits: Default::default(),
         tfstate: Default::default(),
         bazel: Default::default(),

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     /// Garbage collection and retention.
     #[serde(default)]
     pub gc: GcConfig,
+    /// Packing cold chunks (see [`crate::compact`]).
+    #[serde(default)]
+    pub compaction: CompactionConfig,
     /// Timeouts and limits that keep slow or silent clients from holding the server.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -119,6 +122,71 @@ impl Default for GcConfig {
             access_record_interval: default_access_interval(),
         }
     }
+}
+
+/// `[compaction]`: when and how cold chunks are packed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CompactionConfig {
+    /// Seconds between compactions in the server; 0 runs none (use `flywheel compact`).
+    #[serde(default = "default_compaction_interval")]
+    pub interval: u64,
+    /// A path is cold once neither read nor published for this many seconds; a chunk object
+    /// written within it is left loose too (a new upload counts on it).
+    #[serde(default = "default_cold_after")]
+    pub cold_after: u64,
+    /// Uncompressed bytes of chunks per pack (at most 64 MiB: a pack is made in memory).
+    #[serde(default = "default_pack_size")]
+    pub pack_size: u64,
+    /// Uncompressed bytes per zstd frame in a pack: reading one chunk decompresses its whole
+    /// frame; the smaller, the worse the compression.
+    #[serde(default = "default_pack_size")]
+    pub frame_size: u64,
+    /// The zstd level of packs (1 to 22).
+    #[serde(default = "default_pack_zstd_level")]
+    pub zstd_level: i32,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        CompactionConfig {
+            interval: default_compaction_interval(),
+            cold_after: default_cold_after(),
+            pack_size: default_pack_size(),
+            frame_size: default_pack_size(),
+            zstd_level: default_pack_zstd_level(),
+        }
+    }
+}
+
+impl CompactionConfig {
+    fn check(&self) -> anyhow::Result<()> {
+        if !(1..=22).contains(&self.zstd_level) {
+            anyhow::bail!("compaction.zstd-level must be between 1 and 22, not {}", self.zstd_level);
+        }
+        let most = flywheel_core::chunk::pack::MAX_PACK_FRAME_LEN as u64;
+        if self.frame_size == 0 || self.frame_size > most {
+            anyhow::bail!("compaction.frame-size must be between 1 and {most} bytes");
+        }
+        // A pack is made in memory.
+        if self.pack_size == 0 || self.pack_size > 64 << 20 {
+            anyhow::bail!("compaction.pack-size must be between 1 byte and 64 MiB");
+        }
+        Ok(())
+    }
+}
+
+fn default_compaction_interval() -> u64 {
+    24 * 3600
+}
+fn default_cold_after() -> u64 {
+    3 * 24 * 3600
+}
+fn default_pack_size() -> u64 {
+    1 << 20
+}
+fn default_pack_zstd_level() -> i32 {
+    19
 }
 
 fn default_gc_interval() -> u64 {
@@ -646,6 +714,7 @@ impl ServerConfig {
         self.limits.check()?;
         self.tfstate.check()?;
         self.bazel.check()?;
+        self.compaction.check()?;
         if !(1..=19).contains(&self.zstd_level) {
             anyhow::bail!("zstd-level must be between 1 and 19, not {}", self.zstd_level);
         }

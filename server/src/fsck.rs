@@ -26,6 +26,13 @@ pub struct FsckReport {
     pub missing: BTreeSet<ChunkHash>,
     /// Chunks stored with content that does not match their name.
     pub corrupt: BTreeSet<ChunkHash>,
+    /// Packs looked over.
+    pub packs_checked: usize,
+    /// Packs that are missing (a chunk points into them) or whose bytes do not match their
+    /// name, index or chunks. With `repair`, the pointers of their chunks that do not verify
+    /// are deleted like any corrupt chunk, so a re-push stores those chunks again; garbage
+    /// collection deletes such a pack once nothing points into it.
+    pub damaged_packs: BTreeSet<ChunkHash>,
     /// Paths whose manifest is gone.
     pub missing_manifests: Vec<(String, String)>,
     /// `(cache, store path)` of paths whose stored manifest does not parse (or is not
@@ -162,6 +169,13 @@ pub async fn fsck(storage: &Storage, parallelism: usize, repair: bool) -> Result
             Err(err) => report.problem(err),
         }
     }
+    // The packs behind chunks that failed, then every pack on its own.
+    for hash in report.corrupt.clone() {
+        if let Ok(Some(pointer)) = storage.chunk_pointer(&hash).await {
+            report.damaged_packs.insert(pointer.pack);
+        }
+    }
+    check_packs(storage, &mut report).await;
     damaged.extend(report.missing.iter().chain(&report.corrupt).flat_map(|hash| users.get(hash).cloned().unwrap_or_default()));
     report.damaged_paths = damaged.into_iter().collect();
     damaged_blobs
@@ -190,6 +204,35 @@ pub async fn fsck(storage: &Storage, parallelism: usize, repair: bool) -> Result
         report.repaired = true;
     }
     Ok(report)
+}
+
+/// Reads every pack whole: its bytes must hash to its name, and its index and every chunk in it
+/// must check out.
+async fn check_packs(storage: &Storage, report: &mut FsckReport) {
+    let packs = match storage.list_objects("packs").await {
+        Ok(packs) => packs,
+        Err(err) => return report.problem(format!("packs could not be listed: {err}")),
+    };
+    for meta in packs {
+        let Some(id) = Storage::pack_of_key(&meta.location) else { continue };
+        report.packs_checked += 1;
+        let bytes = match storage.get_pack(&id).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => continue,
+            Err(err) => {
+                report.problem(format!("pack {id}: {err}"));
+                continue;
+            }
+        };
+        let sound = ChunkHash::of(&bytes) == id
+            && flywheel_core::chunk::pack::PackIndex::parse(&bytes, bytes.len() as u64)
+                .and_then(|index| index.verify(&bytes))
+                .is_ok_and(|bad| bad.is_empty());
+        if !sound {
+            tracing::warn!(pack = %id, "pack does not match its name or its index");
+            report.damaged_packs.insert(id);
+        }
+    }
 }
 
 /// Reads a cache's Bazel blob records: chunked ones add their chunks to those to verify,

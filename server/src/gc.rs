@@ -54,6 +54,12 @@ pub struct GcReport {
     pub chunk_bytes_freed: u64,
     /// Chunks kept (live or within the grace period).
     pub chunks_kept: usize,
+    /// Packs deleted: no chunk object pointed into them any more.
+    pub packs_deleted: usize,
+    /// Bytes of packs deleted.
+    pub pack_bytes_freed: u64,
+    /// Packs kept.
+    pub packs_kept: usize,
     /// Whether nothing was changed.
     pub dry_run: bool,
     /// Objects that could not be read, or an action that failed, each naming its object.
@@ -267,12 +273,14 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
         report.chunks_deleted += 1;
         report.chunk_bytes_freed += meta.size;
     }
+    sweep_packs(storage, grace_cutoff_ms, dry_run, &mut report).await;
     sweep_cache_records(storage, &caches, &nar_chunks, grace_cutoff_ms, dry_run, &mut report).await;
     tracing::info!(
         expired = report.expired_paths.len(),
         manifests = report.manifests_deleted,
         chunks = report.chunks_deleted,
         bytes = report.chunk_bytes_freed,
+        packs = report.packs_deleted,
         traces = report.traces_deleted,
         bazel = report.bazel_records_deleted,
         problems = report.problems.len(),
@@ -280,6 +288,59 @@ pub async fn collect(storage: &Storage, config: &GcConfig, dry_run: bool) -> Res
         "garbage collection finished"
     );
     Ok(report)
+}
+
+/// Deletes the packs that no chunk object points into any more, once past the grace period (a
+/// compaction points chunks into its pack moments after writing it). A chunk's object is read
+/// only if it has a pointer's size, and a pack is kept as soon as one points into it. Runs
+/// after the chunk sweep, so the pointers of chunks deleted in this run no longer count.
+async fn sweep_packs(storage: &Storage, grace_cutoff_ms: u64, dry_run: bool, report: &mut GcReport) {
+    let packs = match storage.list_objects("packs").await {
+        Ok(packs) => packs,
+        Err(err) => return report.problem(format!("packs could not be listed: {err}; all kept")),
+    };
+    for meta in packs {
+        let Some(id) = Storage::pack_of_key(&meta.location) else { continue };
+        if modified_ms(&meta) > grace_cutoff_ms || report.chunks_sweep_skipped {
+            report.packs_kept += 1;
+            continue;
+        }
+        let index = match storage.get_pack_index(&id, meta.size).await {
+            Ok(index) => index,
+            Err(err) => {
+                report.problem(format!("pack {id}: {err}; kept"));
+                report.packs_kept += 1;
+                continue;
+            }
+        };
+        let mut used = false;
+        for entry in &index.chunks {
+            match storage.chunk_pointer(&entry.hash).await {
+                Ok(Some(pointer)) if pointer.pack == id => used = true,
+                Ok(_) => {}
+                Err(err) => {
+                    report.problem(format!("chunk {}: {err}; pack {id} kept", entry.hash));
+                    used = true;
+                }
+            }
+            if used {
+                break;
+            }
+        }
+        if used {
+            report.packs_kept += 1;
+            continue;
+        }
+        if !dry_run {
+            if let Err(err) = storage.delete_pack(&id).await {
+                report.problem(format!("deleting pack {id}: {err}"));
+                report.packs_kept += 1;
+                continue;
+            }
+        }
+        report.packs_deleted += 1;
+        report.pack_bytes_freed += meta.size;
+    }
 }
 
 /// Marks the chunks of the manifest at `key` live. Only the chunk list is read, so a manifest

@@ -21,6 +21,7 @@ pub mod auth;
 pub mod bazel;
 pub mod bootstrap;
 pub mod clock;
+pub mod compact;
 pub mod config;
 pub mod connections;
 pub mod error;
@@ -59,6 +60,7 @@ pub async fn serve(
         config::StorageConfig::Memory {} | config::StorageConfig::S3 { .. } => None,
     };
     tokio::spawn(gc::periodic(state.storage.clone(), state.config.gc.clone(), local_root));
+    tokio::spawn(compact::periodic(state.storage.clone(), state.config.compaction.clone()));
     let limits = state.config.limits.clone();
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let grpc = match state.config.bazel.grpc_listen {

@@ -1,7 +1,10 @@
 //! What the server keeps in the object store, the source of truth.
 //!
 //! Layout (all keys relative to the store's root):
-//! - `chunks/{hh}/{blake3}`: one zstd frame per chunk, `hh` the first two hex digits;
+//! - `chunks/{hh}/{blake3}`: one zstd frame per chunk, `hh` the first two hex digits, or for a
+//!   chunk that compaction packed, a pointer into its pack (see [`flywheel_core::chunk::pack`]);
+//! - `packs/{hh}/{blake3}.pack`: a pack of chunks, named by the BLAKE3 of its bytes
+//!   (see [`crate::compact`]);
 //! - `manifests/{narhash}.json`: the manifest of a NAR, named by its nixbase32 SHA-256;
 //! - `caches/{cache}/config.json`: a cache's settings and signing key;
 //! - `caches/{cache}/paths/{hash}.json`: a published store path;
@@ -27,6 +30,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use flywheel_core::chunk::pack::{self, PackId, PackIndex, PackPointer};
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::manifest::Manifest;
 use flywheel_core::nix::Sha256Hash;
@@ -245,6 +249,37 @@ pub struct Storage {
     inline: Option<Arc<InlineIo>>,
     /// The same for uploads' chunk writes, which compress on these threads.
     inline_writes: Option<Arc<InlineIo>>,
+    /// Pack frames read lately, decompressed.
+    pack_frames: Arc<parking_lot::Mutex<PackFrames>>,
+}
+
+/// Decompressed pack frames read lately: the chunks of one frame are neighbours in a NAR, so a
+/// download reads and decompresses each frame once for all of them. Bounded by bytes.
+struct PackFrames {
+    frames: lru::LruCache<(PackId, u64), Arc<Vec<u8>>>,
+    bytes: usize,
+}
+
+/// Bytes of decompressed pack frames kept (two frames of the default size, and some).
+const PACK_FRAMES_KEPT: usize = 4 << 20;
+
+impl PackFrames {
+    fn get(&mut self, key: &(PackId, u64)) -> Option<Arc<Vec<u8>>> {
+        self.frames.get(key).cloned()
+    }
+
+    fn put(&mut self, key: (PackId, u64), frame: Arc<Vec<u8>>) {
+        self.bytes += frame.len();
+        if let Some(old) = self.frames.put(key, frame) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > PACK_FRAMES_KEPT {
+            match self.frames.pop_lru() {
+                Some((_, old)) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
 }
 
 fn storage_error(err: object_store::Error, what: &str) -> Error {
@@ -252,6 +287,10 @@ fn storage_error(err: object_store::Error, what: &str) -> Error {
         object_store::Error::NotFound { .. } => Error::not_found(format!("{what} not found")),
         other => Error::unavailable(format!("storage failed on {what}: {other}")),
     }
+}
+
+fn pack_missing(hash: &ChunkHash) -> Error {
+    Error::corrupt(format!("chunk {hash} points into a pack that is missing from storage"))
 }
 
 fn version_of(meta: &object_store::ObjectMeta) -> String {
@@ -276,7 +315,8 @@ impl Storage {
     /// Wraps an object store; access records, staging markers, the reuse window and garbage
     /// collection read the time from `clock`.
     pub fn with_clock(store: Arc<dyn ObjectStore>, clock: SharedClock) -> Self {
-        Storage { store, clock, inline: None, inline_writes: None }
+        let pack_frames = PackFrames { frames: lru::LruCache::unbounded(), bytes: 0 };
+        Storage { store, clock, inline: None, inline_writes: None, pack_frames: Arc::new(parking_lot::Mutex::new(pack_frames)) }
     }
 
     /// Has batches of chunk reads, lookups and writes run on `threads` threads of their own, a
@@ -317,6 +357,16 @@ impl Storage {
     fn chunk_key(hash: &ChunkHash) -> Path {
         let hex = hash.to_hex();
         Path::from(format!("chunks/{}/{hex}", &hex[..2]))
+    }
+
+    fn pack_key(id: &PackId) -> Path {
+        let hex = id.to_hex();
+        Path::from(format!("packs/{}/{hex}.pack", &hex[..2]))
+    }
+
+    /// The pack a key of [`Storage::list_objects`]`("packs")` names.
+    pub fn pack_of_key(key: &Path) -> Option<PackId> {
+        key.filename()?.strip_suffix(".pack")?.parse().ok()
     }
 
     fn manifest_key(nar_hash: &Sha256Hash) -> Path {
@@ -376,6 +426,16 @@ impl Storage {
         }
     }
 
+    /// A chunk object's size and when it was written (milliseconds since the epoch), or `None`
+    /// if it is not stored.
+    pub async fn chunk_meta(&self, hash: &ChunkHash) -> Result<Option<(u64, u64)>> {
+        match self.store.head(&Self::chunk_key(hash)).await {
+            Ok(meta) => Ok(Some((meta.size, modified_ms(&meta)))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(storage_error(err, "chunk")),
+        }
+    }
+
     /// Whether a chunk is stored and written at or after `reusable_after` (milliseconds since
     /// the epoch): only such a chunk may be counted on by a new path (see [`ReuseWindow`]).
     pub async fn chunk_reusable(&self, hash: &ChunkHash, reusable_after: u64) -> Result<Reuse> {
@@ -411,8 +471,23 @@ impl Storage {
         }
     }
 
-    /// A chunk's stored frame with its version token (see [`Storage::chunk_version`]).
+    /// A chunk's stored frame with its version token (see [`Storage::chunk_version`]). A packed
+    /// chunk comes out of its pack verified, in a frame of raw blocks (see
+    /// [`pack::stored_frame`]); its version is its pointer's.
     pub async fn get_chunk_versioned(&self, hash: &ChunkHash) -> Result<(Bytes, String)> {
+        let (object, version) = self.get_chunk_object(hash).await?;
+        match self.resolve_chunk(hash, object).await? {
+            Some(frame) => Ok((frame, version)),
+            // Compaction moved the chunk to a new pack and the old one is gone: once more.
+            None => {
+                let (object, version) = self.get_chunk_object(hash).await?;
+                let frame = self.resolve_chunk(hash, object).await?.ok_or_else(|| pack_missing(hash))?;
+                Ok((frame, version))
+            }
+        }
+    }
+
+    async fn get_chunk_object(&self, hash: &ChunkHash) -> Result<(Bytes, String)> {
         let result = match self.store.get(&Self::chunk_key(hash)).await {
             Ok(result) => result,
             Err(object_store::Error::NotFound { .. }) => {
@@ -423,6 +498,102 @@ impl Storage {
         let version = version_of(&result.meta);
         let bytes = result.bytes().await.map_err(|e| storage_error(e, "chunk"))?;
         Ok((bytes, version))
+    }
+
+    /// A chunk object as a frame: a stored frame as it is, a packed chunk out of its pack
+    /// (`None` when the pack is gone).
+    async fn resolve_chunk(&self, hash: &ChunkHash, object: Bytes) -> Result<Option<Bytes>> {
+        let Some(pointer) = PackPointer::parse(&object).map_err(|err| err.context(format_args!("chunk {hash}")))? else {
+            return Ok(Some(object));
+        };
+        Ok(self.read_packed(hash, &pointer).await?.map(|data| Bytes::from(pack::stored_frame(&data))))
+    }
+
+    /// A packed chunk's bytes, verified; `None` when its pack is gone.
+    pub async fn read_packed(&self, hash: &ChunkHash, pointer: &PackPointer) -> Result<Option<Vec<u8>>> {
+        let key = (pointer.pack, pointer.frame_offset);
+        let cached = self.pack_frames.lock().get(&key);
+        let raw = match cached {
+            Some(raw) => raw,
+            None => {
+                let range = pointer.frame_offset..pointer.frame_offset + u64::from(pointer.frame_len);
+                let frame = match self.store.get_range(&Self::pack_key(&pointer.pack), range).await {
+                    Ok(frame) => frame,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(err) => return Err(storage_error(err, "pack")),
+                };
+                let raw = pack::decompress_frame(&frame, pointer.frame_raw_len as usize)
+                    .map_err(|err| err.context(format_args!("chunk {hash} in pack {}", pointer.pack)))?;
+                let raw = Arc::new(raw);
+                self.pack_frames.lock().put(key, raw.clone());
+                raw
+            }
+        };
+        pointer.slice_verified(&raw, hash).map(|data| Some(data.to_vec()))
+    }
+
+    /// The pointer a packed chunk's object holds; `None` for a chunk stored as a frame of its
+    /// own, or not at all. Only an object of a pointer's length is read.
+    pub async fn chunk_pointer(&self, hash: &ChunkHash) -> Result<Option<PackPointer>> {
+        if self.chunk_size(hash).await? != Some(pack::POINTER_LEN as u64) {
+            return Ok(None);
+        }
+        match self.get_bytes(&Self::chunk_key(hash), "chunk").await? {
+            Some(object) => PackPointer::parse(&object).map_err(|err| err.context(format_args!("chunk {hash}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a chunk's object again as it is (its frame, or its pointer into a pack), which
+    /// makes it young; answers its frame as [`Storage::get_chunk`] does, and its new version
+    /// token when the store gives one.
+    pub async fn rewrite_chunk(&self, hash: &ChunkHash) -> Result<(Bytes, Option<String>)> {
+        let (object, _) = self.get_chunk_object(hash).await?;
+        let frame = self.resolve_chunk(hash, object.clone()).await?.ok_or_else(|| pack_missing(hash))?;
+        let written =
+            self.store.put(&Self::chunk_key(hash), PutPayload::from(object)).await.map_err(|e| storage_error(e, "chunk"))?;
+        Ok((frame, written.e_tag))
+    }
+
+    /// Makes a chunk's object point into a pack (which must hold the chunk, verified).
+    pub async fn put_chunk_pointer(&self, hash: &ChunkHash, pointer: &PackPointer) -> Result<()> {
+        self.store
+            .put(&Self::chunk_key(hash), PutPayload::from(pointer.encode().to_vec()))
+            .await
+            .map_err(|e| storage_error(e, "chunk pointer"))?;
+        Ok(())
+    }
+
+    /// Stores a pack under its name.
+    pub async fn put_pack(&self, id: &PackId, bytes: Bytes) -> Result<()> {
+        self.store.put(&Self::pack_key(id), PutPayload::from(bytes)).await.map_err(|e| storage_error(e, "pack"))?;
+        Ok(())
+    }
+
+    /// A whole pack, or `None` if it is not stored.
+    pub async fn get_pack(&self, id: &PackId) -> Result<Option<Bytes>> {
+        self.get_bytes(&Self::pack_key(id), "pack").await
+    }
+
+    /// A pack's index, read by range, `pack_len` being the pack's size.
+    pub async fn get_pack_index(&self, id: &PackId, pack_len: u64) -> Result<PackIndex> {
+        let key = Self::pack_key(id);
+        let read = |range: std::ops::Range<u64>| {
+            let key = key.clone();
+            async move { self.store.get_range(&key, range).await.map_err(|e| storage_error(e, "pack")) }
+        };
+        let prefix = read(0..(PackIndex::PREFIX as u64).min(pack_len)).await?;
+        let index_len = PackIndex::len_from_prefix(&prefix).map_err(|err| err.context(format_args!("pack {id}")))?;
+        if index_len as u64 > pack_len {
+            return Err(Error::corrupt(format!("pack {id} is shorter than its index")));
+        }
+        let index = read(0..index_len as u64).await?;
+        PackIndex::parse(&index, pack_len).map_err(|err| err.context(format_args!("pack {id}")))
+    }
+
+    /// Removes a pack.
+    pub async fn delete_pack(&self, id: &PackId) -> Result<()> {
+        self.delete(&Self::pack_key(id), "pack").await
     }
 
     /// Runs `work` on `threads` (the storage I/O threads of [`Storage::with_inline_io`]) when
@@ -513,11 +684,10 @@ impl Storage {
         Ok(written.e_tag)
     }
 
-    /// A chunk's stored zstd frame, unverified.
+    /// A chunk's stored zstd frame, unverified (a packed chunk as
+    /// [`Storage::get_chunk_versioned`] gives it, verified).
     pub async fn get_chunk(&self, hash: &ChunkHash) -> Result<Bytes> {
-        self.get_bytes(&Self::chunk_key(hash), "chunk")
-            .await?
-            .ok_or_else(|| Error::corrupt(format!("chunk {hash} is missing from storage")))
+        self.get_chunk_versioned(hash).await.map(|(frame, _)| frame)
     }
 
     /// Removes a chunk.

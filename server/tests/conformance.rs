@@ -217,6 +217,9 @@ macro_rules! conformance {
 
 conformance! {
     chunks,
+    compaction_packs_cold_chunks,
+    compaction_interrupted_loses_nothing,
+    compaction_damaged_pack_is_found_and_repaired,
     chunk_batches,
     manifests_and_paths,
     listings,

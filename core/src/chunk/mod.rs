@@ -1,10 +1,12 @@
-//! The chunk model: FastCDC 2020 boundaries, BLAKE3 names, one zstd frame per stored chunk.
+//! The chunk model: FastCDC 2020 boundaries, BLAKE3 names, one zstd frame per stored chunk
+//! (or, once the server has packed it, a place in a [`pack`]).
 //!
 //! A chunk is named by the BLAKE3 hash of its uncompressed bytes, so every store is idempotent
 //! and every read can be verified against the name it was asked for.
 
 mod chunker;
 mod hash;
+pub mod pack;
 
 pub use chunker::{ChunkParams, Chunker};
 pub use hash::ChunkHash;

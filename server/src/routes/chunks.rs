@@ -456,9 +456,8 @@ pub async fn commit(
     // written again, which makes them young; they were just read and verified.
     let stale: Vec<ChunkHash> = reuse.iter().filter(|(_, r)| *r == Reuse::Stale).map(|(h, _)| *h).collect();
     for hash in &stale {
-        let frame = state.storage.get_chunk(hash).await?;
+        let (frame, version) = state.storage.rewrite_chunk(hash).await?;
         let known = state.verified.is_known_frame(hash, &frame);
-        let version = state.storage.put_chunk(hash, frame.clone()).await?;
         if known {
             state.verified.remember(*hash, version, &frame);
         }

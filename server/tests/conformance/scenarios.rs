@@ -12,7 +12,7 @@ use flywheel_core::nar::NarWriter;
 use flywheel_core::nix::{SigningKey, StorePath};
 use flywheel_core::ErrorKind;
 use flywheel_server::clock::Clock;
-use flywheel_server::config::GcConfig;
+use flywheel_server::config::{CompactionConfig, GcConfig};
 use flywheel_server::ingest::{Compression, IngestSettings, IngestStats, Ingested, Ingester};
 use flywheel_server::metrics::Metrics;
 use flywheel_server::storage::{CacheFile, CacheRecord, PathRecord, Reuse, Storage};
@@ -610,4 +610,174 @@ pub async fn conditional_writes(fixture: &Fixture) {
     storage.put_chunk(&swept, Bytes::from(flywheel_core::chunk::compress(b"damage", 3).unwrap())).await.unwrap();
     let after = storage.chunk_version(&swept).await.unwrap().expect("stored");
     assert_ne!(before, after, "a rewrite with other bytes kept the version token");
+}
+
+/// Seconds past `cold-after` that compaction scenarios move the clock: chunk objects carry the
+/// real time of their write, which on a busy machine runs some seconds past the fixture's
+/// start.
+const COLD_MARGIN: u64 = 600;
+
+fn compaction_config(cold_after: u64) -> CompactionConfig {
+    // Small packs and frames, so that a few hundred kilobytes make several of each.
+    CompactionConfig { interval: 0, cold_after, pack_size: 256 << 10, frame_size: 64 << 10, zstd_level: 19 }
+}
+
+/// Every chunk of `chunks` reads back through `storage` (single reads and a batch), verified
+/// against its name, with the size its manifest gives.
+async fn assert_chunks_read(storage: &Storage, manifest: &Manifest) {
+    for chunk_ref in &manifest.chunks {
+        let frame = storage.get_chunk(&chunk_ref.hash).await.expect("reading a chunk");
+        flywheel_core::chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize).expect("a chunk that verifies");
+    }
+    let batch = storage.get_chunks_versioned(manifest.chunks.iter().map(|c| c.hash).collect()).await;
+    assert_eq!(batch.len(), manifest.chunks.len());
+    for (chunk_ref, read) in manifest.chunks.iter().zip(batch) {
+        let (frame, _) = read.expect("reading a chunk in a batch");
+        flywheel_core::chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize).expect("a chunk that verifies");
+    }
+}
+
+async fn packs(storage: &Storage) -> BTreeSet<String> {
+    let listed = storage.list_objects("packs").await.expect("listing packs");
+    listed.iter().map(|meta| meta.location.to_string()).collect()
+}
+
+/// Compaction packs the chunks of cold paths only; packed chunks read back verified, through
+/// this server and a replica; a second run finds nothing to do; garbage collection keeps packs
+/// that chunks point into, and deletes them with the last path that needs them.
+pub async fn compaction_packs_cold_chunks(fixture: &Fixture) {
+    let storage = &fixture.storage;
+    let (grace, cold_after) = (60, 3600);
+    create_cache(storage, CACHE, None).await;
+    let (cold, cold_chunks) = publish(storage, grace, 80, "cold-1", 700 << 10).await;
+    let (hot, hot_chunks) = publish(storage, grace, 81, "hot-1", 200 << 10).await;
+    let cold_manifest = storage.manifest_of(&cold).await.unwrap();
+    let hot_manifest = storage.manifest_of(&hot).await.unwrap();
+
+    // Nothing is cold yet.
+    let report = flywheel_server::compact::compact(storage, &compaction_config(cold_after), false).await.unwrap();
+    assert_eq!((report.chunks_packed, report.packs_written, report.hot_nars), (0, 0, 2), "{report:?}");
+
+    fixture.clock.advance(Duration::from_secs(cold_after + COLD_MARGIN));
+    storage.put_access(CACHE, hash_part(&hot)).await.unwrap();
+    let dry = flywheel_server::compact::compact(storage, &compaction_config(cold_after), true).await.unwrap();
+    assert_eq!((dry.chunks_packed, dry.packs_written), (cold_chunks.len(), 0));
+    assert!(packs(storage).await.is_empty(), "a dry run wrote a pack");
+
+    let report = flywheel_server::compact::compact(storage, &compaction_config(cold_after), false).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!((report.cold_nars, report.hot_nars, report.chunks_packed), (1, 1, cold_chunks.len()));
+    assert!(report.packs_written >= 3, "700 KiB in packs of 256 KiB: {report:?}");
+    assert_eq!(packs(storage).await.len(), report.packs_written);
+    for hash in &cold_chunks {
+        assert!(storage.chunk_pointer(hash).await.unwrap().is_some(), "cold chunk {hash} is not packed");
+    }
+    for hash in &hot_chunks {
+        assert!(storage.chunk_pointer(hash).await.unwrap().is_none(), "hot chunk {hash} was packed");
+    }
+    // Chunk objects are still listed and looked up by name: dedup and grants see no change.
+    assert_eq!(stored_chunks(storage).await, cold_chunks.union(&hot_chunks).copied().collect());
+    assert_chunks_read(storage, &cold_manifest).await;
+    assert_chunks_read(&fixture.replica(), &cold_manifest).await;
+    assert_chunks_read(storage, &hot_manifest).await;
+
+    let again = flywheel_server::compact::compact(storage, &compaction_config(cold_after), false).await.unwrap();
+    assert_eq!((again.chunks_packed, again.packs_written), (0, 0), "{again:?}");
+
+    // Live packs stay; once the path goes, its chunks go, then their packs.
+    fixture.clock.advance(Duration::from_secs(2 * grace));
+    let kept = flywheel_server::gc::collect(storage, &gc_config(grace), false).await.unwrap();
+    assert!(kept.problems.is_empty(), "{:?}", kept.problems);
+    assert_eq!((kept.packs_deleted, kept.packs_kept), (0, report.packs_written));
+    assert_chunks_read(storage, &cold_manifest).await;
+    storage.delete_path(CACHE, hash_part(&cold)).await.unwrap();
+    let swept = flywheel_server::gc::collect(storage, &gc_config(grace), false).await.unwrap();
+    assert!(swept.problems.is_empty(), "{:?}", swept.problems);
+    assert_eq!(swept.packs_deleted, report.packs_written);
+    assert!(packs(storage).await.is_empty());
+    assert_chunks_read(storage, &hot_manifest).await;
+}
+
+/// What a crash in the middle of a compaction leaves (a pack that nothing points into yet, or
+/// only some chunks pointing into it) reads whole, the next run finishes the job, and garbage
+/// collection removes the pack nothing points into.
+pub async fn compaction_interrupted_loses_nothing(fixture: &Fixture) {
+    let storage = &fixture.storage;
+    let (grace, cold_after) = (60, 3600);
+    create_cache(storage, CACHE, None).await;
+    let (path, _) = publish(storage, grace, 90, "cold-1", 400 << 10).await;
+    let manifest = storage.manifest_of(&path).await.unwrap();
+
+    // A crash after the pack was written: a pack of the first chunks, pointing only the first.
+    let mut builder = flywheel_core::chunk::pack::PackBuilder::new(64 << 10, 3);
+    for chunk_ref in &manifest.chunks[..3] {
+        let frame = storage.get_chunk(&chunk_ref.hash).await.unwrap();
+        let data = flywheel_core::chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize).unwrap();
+        builder.add(chunk_ref.hash, &data).unwrap();
+    }
+    let (bytes, id, index) = builder.finish().unwrap();
+    storage.put_pack(&id, Bytes::from(bytes)).await.unwrap();
+    storage.put_chunk_pointer(&index.chunks[0].hash, &index.pointer(id, &index.chunks[0])).await.unwrap();
+    assert_chunks_read(storage, &manifest).await;
+    assert_chunks_read(&fixture.replica(), &manifest).await;
+
+    // An orphan pack: written, then the crash, nothing points into it.
+    let orphan_data = b"a chunk of a pack nothing points into".repeat(50);
+    let mut orphan = flywheel_core::chunk::pack::PackBuilder::new(64 << 10, 3);
+    orphan.add(ChunkHash::of(&orphan_data), &orphan_data).unwrap();
+    let (orphan_bytes, orphan_id, _) = orphan.finish().unwrap();
+    storage.put_pack(&orphan_id, Bytes::from(orphan_bytes)).await.unwrap();
+
+    fixture.clock.advance(Duration::from_secs(cold_after + COLD_MARGIN));
+    let report = flywheel_server::compact::compact(storage, &compaction_config(cold_after), false).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.chunks_packed, manifest.chunks.len() - 1, "all but the chunk already pointed: {report:?}");
+    assert_chunks_read(storage, &manifest).await;
+
+    let swept = flywheel_server::gc::collect(storage, &gc_config(grace), false).await.unwrap();
+    assert!(swept.problems.is_empty(), "{:?}", swept.problems);
+    // The orphan goes; the first pack stays for the one chunk that points into it.
+    assert_eq!(swept.packs_deleted, 1);
+    assert!(storage.get_pack(&orphan_id).await.unwrap().is_none());
+    assert!(storage.get_pack(&id).await.unwrap().is_some());
+    assert_chunks_read(storage, &manifest).await;
+}
+
+/// A damaged pack never serves a byte: its chunks fail to read, fsck names the pack, takes the
+/// path out of service and deletes the pointers, and a re-push stores the chunks again.
+pub async fn compaction_damaged_pack_is_found_and_repaired(fixture: &Fixture) {
+    let storage = &fixture.storage;
+    let (grace, cold_after) = (60, 3600);
+    create_cache(storage, CACHE, None).await;
+    let contents = nar(95, 300 << 10);
+    let (manifest, _) = upload(storage, grace, &contents).await;
+    let path = record(storage, 95, "damaged-1", &manifest);
+    storage.put_path(CACHE, &path).await.unwrap();
+    fixture.clock.advance(Duration::from_secs(cold_after + COLD_MARGIN));
+    let report = flywheel_server::compact::compact(storage, &compaction_config(cold_after), false).await.unwrap();
+    assert_eq!(report.chunks_packed, manifest.chunks.len());
+
+    // Flip a byte in the middle of the first pack's first frame.
+    let first = manifest.chunks[0].hash;
+    let pointer = storage.chunk_pointer(&first).await.unwrap().unwrap();
+    let key = storage.list_objects("packs").await.unwrap().into_iter().find(|m| Storage::pack_of_key(&m.location) == Some(pointer.pack)).unwrap().location;
+    let mut bytes = storage.get_pack(&pointer.pack).await.unwrap().unwrap().to_vec();
+    let at = (pointer.frame_offset + u64::from(pointer.frame_len) / 2) as usize;
+    bytes[at] ^= 0x40;
+    object_store::ObjectStoreExt::put(storage.object_store().as_ref(), &key, bytes.into()).await.unwrap();
+    // A fresh server (no frame read yet) reads the damage.
+    let reader = fixture.replica();
+    assert_eq!(reader.get_chunk(&first).await.unwrap_err().kind(), ErrorKind::Corrupt);
+
+    let found = flywheel_server::fsck::fsck(&reader, 4, true).await.unwrap();
+    assert!(found.damaged_packs.contains(&pointer.pack), "{found:?}");
+    assert!(found.corrupt.contains(&first));
+    assert_eq!(found.damaged_paths, [(CACHE.to_string(), path.store_path.clone())]);
+    assert!(!storage.has_path(CACHE, hash_part(&path)).await.unwrap());
+    assert_eq!(storage.chunk_size(&first).await.unwrap(), None, "the damaged chunk's pointer is gone");
+
+    // A re-push stores the damaged chunks again, and the path reads whole.
+    let (again, _) = upload(storage, grace, &contents).await;
+    storage.put_path(CACHE, &record(storage, 95, "damaged-1", &again)).await.unwrap();
+    assert_chunks_read(&fixture.replica(), &again).await;
 }

@@ -1,0 +1,238 @@
+//! Compaction: the chunks of paths that nobody has read for a while are rewritten into packs
+//! (see [`flywheel_core::chunk::pack`]): neighbours in a NAR, compressed together at a high
+//! zstd level, which stores them in far fewer bytes than a frame each at the level uploads use.
+//! Uploads stay at their fast level; this runs later, on the server's schedule or as
+//! `flywheel compact`.
+//!
+//! Order of writes, so that a crash or another replica at any point loses nothing:
+//! 1. the pack is written, read back whole and every chunk in it verified;
+//! 2. only then does each chunk's object become a pointer into the pack (the pointer replaces
+//!    the chunk's own frame, which is how the loose copy goes).
+//!
+//! A crash between the two leaves a pack that nothing points into (garbage collection deletes
+//! it) and chunks still loose (the next run packs them). A reader always finds a chunk object
+//! that is either a frame or a pointer into a pack that is stored, verified, and never changed
+//! (packs are named by their hash). An upload that writes a chunk again meanwhile just puts a
+//! frame back in place of a pointer, which is as good.
+//!
+//! What stays as it is: chunks of paths read (or published) within `cold-after`, chunk
+//! objects written within it (a new upload counts on them), chunks that are packed already, and
+//! chunks that only Bazel records use.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use flywheel_core::chunk::pack::{PackBuilder, PackIndex};
+use flywheel_core::chunk::{self, ChunkHash};
+use flywheel_core::manifest::{ChunkRef, ManifestChunks};
+use flywheel_core::nix::Sha256Hash;
+use flywheel_core::{Error, Result};
+use futures::StreamExt;
+
+use crate::config::CompactionConfig;
+use crate::storage::Storage;
+
+/// Lookups and reads in flight at once.
+const PARALLELISM: usize = 16;
+
+/// What a compaction did (or, in a dry run, would do).
+#[derive(Debug, Default, Clone)]
+pub struct CompactReport {
+    /// NARs of cold paths looked over.
+    pub cold_nars: usize,
+    /// NARs left alone because a path of theirs was read or published lately.
+    pub hot_nars: usize,
+    /// Chunks moved into packs.
+    pub chunks_packed: usize,
+    /// Bytes of the chunk frames they replaced.
+    pub frame_bytes: u64,
+    /// Packs written.
+    pub packs_written: usize,
+    /// Bytes of those packs, with the pointers that replaced the frames.
+    pub pack_bytes: u64,
+    /// Whether nothing was changed (the pack figures are then not known).
+    pub dry_run: bool,
+    /// What could not be read or written, each naming its object; compaction carried on past
+    /// it, leaving those chunks as they were.
+    pub problems: Vec<String>,
+}
+
+impl CompactReport {
+    fn problem(&mut self, message: String) {
+        tracing::warn!(problem = %message, "compaction carries on past a problem");
+        self.problems.push(message);
+    }
+}
+
+/// Packs the cold chunks of every published path, as the module describes.
+pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool) -> Result<CompactReport> {
+    let mut report = CompactReport { dry_run, ..Default::default() };
+    let now = storage.clock().now_secs();
+    let cold_before_ms = storage.clock().now_ms().saturating_sub(config.cold_after.saturating_mul(1000));
+
+    // Which NARs are cold: no path of theirs (in any cache) read or published within
+    // `cold-after`. A path whose access record cannot be read counts as hot.
+    let mut hot: HashSet<Sha256Hash> = HashSet::new();
+    let mut cold: Vec<Sha256Hash> = Vec::new();
+    for cache in storage.list_caches().await? {
+        for hash_part in storage.list_paths(&cache).await? {
+            let Some(path) = storage.get_path(&cache, &hash_part).await.unwrap_or(None) else { continue };
+            let accessed = storage.get_access(&cache, &hash_part).await.unwrap_or(Some(u64::MAX)).unwrap_or(0);
+            if now.saturating_sub(path.created_at.max(accessed)) < config.cold_after {
+                hot.insert(path.nar_hash);
+            } else {
+                cold.push(path.nar_hash);
+            }
+        }
+    }
+    cold.retain(|nar| !hot.contains(nar));
+    cold.sort_unstable_by_key(|nar| nar.0);
+    cold.dedup();
+    report.hot_nars = hot.len();
+    report.cold_nars = cold.len();
+
+    // Chunks a hot NAR uses stay loose, and so fast to read.
+    let mut done: HashSet<ChunkHash> = HashSet::new();
+    for nar in &hot {
+        match chunk_list(storage, nar).await {
+            Ok(chunks) => done.extend(chunks.into_iter().map(|c| c.hash)),
+            Err(err) => report.problem(format!("manifest {}: {err}", nar.to_base32_bare())),
+        }
+    }
+
+    let mut pack = PackBuilder::new(config.frame_size as usize, config.zstd_level);
+    for nar in &cold {
+        let chunks = match chunk_list(storage, nar).await {
+            Ok(chunks) => chunks,
+            Err(err) => {
+                report.problem(format!("manifest {}: {err}", nar.to_base32_bare()));
+                continue;
+            }
+        };
+        let wanted: Vec<ChunkRef> = chunks.into_iter().filter(|c| done.insert(c.hash)).collect();
+        // Loose and old enough, in the NAR's order, read and verified.
+        let mut loose = futures::stream::iter(wanted)
+            .map(|chunk_ref| {
+                let storage = storage.clone();
+                async move { (chunk_ref, loose_chunk(&storage, &chunk_ref, cold_before_ms, dry_run).await) }
+            })
+            .buffered(PARALLELISM);
+        while let Some((chunk_ref, found)) = loose.next().await {
+            match found {
+                Ok(Some((frame_len, data))) => {
+                    report.chunks_packed += 1;
+                    report.frame_bytes += frame_len;
+                    if dry_run {
+                        continue;
+                    }
+                    pack.add(chunk_ref.hash, &data)?;
+                    if pack.raw_len() >= config.pack_size {
+                        let full = std::mem::replace(&mut pack, PackBuilder::new(config.frame_size as usize, config.zstd_level));
+                        write_pack(storage, full, &mut report).await;
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => report.problem(format!("chunk {}: {err}; left as it is", chunk_ref.hash)),
+            }
+        }
+    }
+    if pack.chunk_count() > 0 {
+        write_pack(storage, pack, &mut report).await;
+    }
+    tracing::info!(
+        cold_nars = report.cold_nars,
+        chunks = report.chunks_packed,
+        packs = report.packs_written,
+        frame_bytes = report.frame_bytes,
+        pack_bytes = report.pack_bytes,
+        problems = report.problems.len(),
+        dry_run,
+        "compaction finished"
+    );
+    Ok(report)
+}
+
+async fn chunk_list(storage: &Storage, nar: &Sha256Hash) -> Result<Vec<ChunkRef>> {
+    let json = storage
+        .get_manifest_json(nar)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("manifest {} is missing", nar.to_base32_bare())))?;
+    Ok(ManifestChunks::from_json(&json)?.chunks)
+}
+
+/// A chunk stored as a frame of its own and written before `cold_before_ms`: its frame's
+/// length and its bytes, verified (in a dry run, no bytes). `None` for a chunk that is packed
+/// already, young, or not stored (which is fsck's to report).
+async fn loose_chunk(storage: &Storage, chunk_ref: &ChunkRef, cold_before_ms: u64, dry_run: bool) -> Result<Option<(u64, Vec<u8>)>> {
+    let Some((size, written_ms)) = storage.chunk_meta(&chunk_ref.hash).await? else { return Ok(None) };
+    if written_ms >= cold_before_ms || storage.chunk_pointer(&chunk_ref.hash).await?.is_some() {
+        return Ok(None);
+    }
+    if dry_run {
+        return Ok(Some((size, Vec::new())));
+    }
+    let frame = storage.get_chunk(&chunk_ref.hash).await?;
+    let data = chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
+    Ok(Some((frame.len() as u64, data)))
+}
+
+/// Writes a pack, reads it back and verifies it, then points its chunks' objects into it.
+async fn write_pack(storage: &Storage, pack: PackBuilder, report: &mut CompactReport) {
+    // zstd at a high level takes a while: off the runtime's threads.
+    let built = tokio::task::spawn_blocking(move || pack.finish()).await;
+    let (bytes, id, index) = match built {
+        Ok(Ok(built)) => built,
+        Ok(Err(err)) => return report.problem(format!("making a pack: {err}")),
+        Err(err) => return report.problem(format!("making a pack: {err}")),
+    };
+    let pack_len = bytes.len() as u64;
+    if let Err(err) = storage.put_pack(&id, Bytes::from(bytes)).await {
+        return report.problem(format!("writing pack {id}: {err}"));
+    }
+    // What is stored, not what was sent, must hold every chunk before anything points to it.
+    let checked = match storage.get_pack(&id).await {
+        Ok(Some(stored)) if ChunkHash::of(&stored) == id => {
+            PackIndex::parse(&stored, pack_len).and_then(|stored_index| stored_index.verify(&stored).map(|bad| bad.is_empty() && stored_index == index))
+        }
+        Ok(_) => Ok(false),
+        Err(err) => Err(err),
+    };
+    match checked {
+        Ok(true) => {}
+        Ok(false) => return report.problem(format!("pack {id} did not read back as written; nothing points into it")),
+        Err(err) => return report.problem(format!("reading pack {id} back: {err}; nothing points into it")),
+    }
+    report.packs_written += 1;
+    report.pack_bytes += pack_len;
+    let pointers: Vec<_> = index.chunks.iter().map(|entry| (entry.hash, index.pointer(id, entry))).collect();
+    let written: Vec<(ChunkHash, Result<()>)> = futures::stream::iter(pointers)
+        .map(|(hash, pointer)| {
+            let storage = storage.clone();
+            async move { (hash, storage.put_chunk_pointer(&hash, &pointer).await) }
+        })
+        .buffer_unordered(PARALLELISM)
+        .collect()
+        .await;
+    for (hash, result) in written {
+        match result {
+            Ok(()) => report.pack_bytes += flywheel_core::chunk::pack::POINTER_LEN as u64,
+            // The chunk stays a frame of its own: as good, only bigger.
+            Err(err) => report.problem(format!("pointing chunk {hash} into pack {id}: {err}")),
+        }
+    }
+}
+
+/// Compacts every `interval` until the process ends.
+pub async fn periodic(storage: Storage, config: CompactionConfig) {
+    if config.interval == 0 {
+        return;
+    }
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(config.interval));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        if let Err(err) = compact(&storage, &config, false).await {
+            tracing::warn!(error = %err, "compaction failed; it runs again later");
+        }
+    }
+}
