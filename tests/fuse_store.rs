@@ -451,3 +451,21 @@ fn fuse_full_disk_serves_without_caching() {
     assert!(log.contains("serving without caching"), "the full disk was not hit: {log}");
     assert!(mount.terminate(), "the mount survives a full disk and exits cleanly");
 }
+
+/// Paths whose chunks the server has packed (`flywheel compact`) read through the mount bit for
+/// bit, from a server that remembers nothing of their upload.
+#[test]
+fn fuse_reads_packed_paths() {
+    let mut setup = Setup::new();
+    let paths = setup.push_corpus(&["single", "tree", "withRefs", "big"]);
+    let report = setup.server.compact(&["--cold-after", "0"]);
+    assert!(!report.contains("packed 0 chunks") && !setup.server.object_sizes("packs").is_empty(), "{report}");
+    setup.server.restart();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &[]);
+    for path in &paths {
+        let hash = nar_hash_of(&setup, &mount.path(path));
+        assert_eq!(hash, Sha256Hash::parse(&setup.narinfo_hash(path)).unwrap(), "NAR hash of packed {path} through the mount");
+    }
+    assert!(mount.terminate());
+}

@@ -164,3 +164,24 @@ fn fake_wrong_chunks(target: String) -> String {
         substituter_common::forward(&target, method, path, headers, body)
     })
 }
+
+/// Paths whose chunks the server has packed (`flywheel compact`) substitute through our
+/// substituter, from a server that remembers nothing of their upload.
+#[test]
+fn substituter_serves_packed_paths() {
+    let mut setup = Setup::of("ci", NixVersion::V2_8);
+    let paths = setup.build("sub-packed", &["single", "tree", "withRefs", "big"]);
+    setup.nix_copy_to_server(&paths);
+    let report = setup.server.compact(&["--cold-after", "0"]);
+    assert!(!report.contains("packed 0 chunks") && !setup.server.object_sizes("packs").is_empty(), "{report}");
+    setup.server.restart();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sub = setup.substitute(&setup.server.url, cache_dir.path());
+    let dst = setup.nix.store("dst");
+    let out = setup.realise(&dst, &[&sub.url], &[setup.key.as_str()], &paths);
+    assert!(out.status.success(), "substitution failed: {}\n{}", String::from_utf8_lossy(&out.stderr), sub.log_text());
+    for path in &paths {
+        assert!(setup.nix.verify(&dst, path), "{path} does not verify");
+        assert_eq!(setup.nix.dump(&dst, path), setup.nix.dump(&setup.src, path), "{path}");
+    }
+}

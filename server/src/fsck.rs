@@ -201,6 +201,9 @@ pub async fn fsck(storage: &Storage, parallelism: usize, repair: bool) -> Result
                 report.problem(format!("deleting corrupt chunk {hash}: {err}"));
             }
         }
+        for pack in report.damaged_packs.clone() {
+            rescue_pack(storage, &pack, &mut report).await;
+        }
         report.repaired = true;
     }
     Ok(report)
@@ -232,6 +235,51 @@ async fn check_packs(storage: &Storage, report: &mut FsckReport) {
             tracing::warn!(pack = %id, "pack does not match its name or its index");
             report.damaged_packs.insert(id);
         }
+    }
+}
+
+/// Moves every chunk that still verifies out of a damaged pack (each becomes a frame of its own
+/// again), deletes the pointers of those that do not, then the pack: nothing points into it
+/// any more, and fsck stops naming it. A reader holding an old pointer finds the pack gone and
+/// reads the chunk's object again.
+async fn rescue_pack(storage: &Storage, id: &ChunkHash, report: &mut FsckReport) {
+    let index = match storage.get_pack(id).await {
+        Ok(Some(bytes)) => flywheel_core::chunk::pack::PackIndex::parse(&bytes, bytes.len() as u64).ok(),
+        Ok(None) => return,
+        Err(err) => return report.problem(format!("pack {id}: {err}; left as it is")),
+    };
+    for entry in index.map(|index| index.chunks).unwrap_or_default() {
+        match storage.chunk_pointer(&entry.hash).await {
+            Ok(Some(pointer)) if pointer.pack == *id => {}
+            Ok(_) => continue,
+            Err(err) => {
+                report.problem(format!("chunk {}: {err}; pack {id} kept", entry.hash));
+                return;
+            }
+        }
+        let moved = match storage.get_chunk(&entry.hash).await {
+            Ok(frame) => match chunk::decompress_verified(&frame, &entry.hash, entry.len as usize)
+                .and_then(|data| chunk::compress(&data, chunk::DEFAULT_ZSTD_LEVEL))
+            {
+                Ok(own) => storage.put_chunk(&entry.hash, bytes::Bytes::from(own)).await.map(|_| ()),
+                Err(_) => {
+                    report.corrupt.insert(entry.hash);
+                    storage.delete_chunk(&entry.hash).await
+                }
+            },
+            Err(err) if err.kind() == ErrorKind::Corrupt => {
+                report.corrupt.insert(entry.hash);
+                storage.delete_chunk(&entry.hash).await
+            }
+            Err(err) => Err(err),
+        };
+        if let Err(err) = moved {
+            report.problem(format!("moving chunk {} out of damaged pack {id}: {err}; pack kept", entry.hash));
+            return;
+        }
+    }
+    if let Err(err) = storage.delete_pack(id).await {
+        report.problem(format!("deleting damaged pack {id}: {err}"));
     }
 }
 

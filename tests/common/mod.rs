@@ -517,7 +517,21 @@ impl Server {
         self.dir.path().join("server.log")
     }
 
-    /// Stops the server (storage stays).
+    /// Runs `flywheel compact` over this server's storage (with `extra` flags), returning its
+    /// report.
+    pub fn compact(&self, extra: &[&str]) -> String {
+        let out = Command::new(FLYWHEEL).args(["compact", "--config"]).arg(&self.config).args(extra).output().unwrap();
+        assert!(out.status.success(), "compact failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `flywheel fsck` over this server's storage (with `extra` flags), returning its report.
+    pub fn fsck(&self, extra: &[&str]) -> String {
+        let out = Command::new(FLYWHEEL).args(["fsck", "--config"]).arg(&self.config).args(extra).output().unwrap();
+        assert!(out.status.success(), "fsck failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// Runs `flywheel gc` over this server's storage (with `extra` flags), returning its report.
     pub fn gc(&self, extra: &[&str]) -> String {
         let out = Command::new(FLYWHEEL).args(["gc", "--config"]).arg(&self.config).args(extra).output().unwrap();
@@ -525,6 +539,7 @@ impl Server {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Stops the server (storage stays).
     pub fn stop(&mut self) {
         self.child = None;
     }
