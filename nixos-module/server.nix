@@ -33,6 +33,7 @@ let
       inherit (s) listen zstd-level chunk-parallelism api-endpoint;
       chunking = { inherit (s.chunking) min-size avg-size max-size; };
       gc = { inherit (s.gc) default-retention-period interval grace-period access-record-interval; };
+      compaction = { inherit (s.compaction) interval cold-after pack-size frame-size zstd-level; };
       limits = {
         inherit (s.limits) header-read-timeout idle-timeout body-idle-timeout body-min-rate request-timeout
           max-connections max-uploads upload-queue-timeout;
@@ -181,6 +182,18 @@ in
           "Unreferenced chunks and manifests younger than this many seconds are kept, so uploads in flight lose nothing (`gc.grace-period`).";
         access-record-interval = option types.ints.positive 3600
           "Seconds between two access records of one path (`gc.access-record-interval`).";
+      };
+      compaction = {
+        interval = option types.ints.unsigned 86400
+          "Seconds between compactions in the server, which pack the chunks of cold paths; 0 runs none (`compaction.interval`, or run `flywheel compact`).";
+        cold-after = option types.ints.unsigned 259200
+          "A path is cold once neither read nor published for this many seconds (`compaction.cold-after`).";
+        pack-size = option (types.ints.between 1 67108864) 4194304
+          "Bytes of chunks per pack (`compaction.pack-size`).";
+        frame-size = option (types.ints.between 1 16777216) 4194304
+          "Bytes per zstd frame in a pack; reading one chunk decompresses its whole frame (`compaction.frame-size`).";
+        zstd-level = option (types.ints.between 1 22) 19
+          "zstd level of packs (`compaction.zstd-level`).";
       };
       limits = let
         seconds = default: description: mkOption { type = types.ints.between 1 86400; inherit default description; };

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The end-to-end benchmark: installs the reference tools (nginx, zstd, xz, bzip2, brotli, curl, and Attic's
 # server, built from its repository) and the test prerequisites, then runs `cargo bench --bench e2e`, which writes BENCHMARKS.md.
-# Pass section names (server, compression, lazy, job, load, fuse, substituter, tfstate) to run only those.
+# Pass section names (server, packs, compression, lazy, job, load, fuse, substituter, tfstate) to run only those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()

@@ -221,7 +221,7 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
               enable = true;
               tokenSecretFile = "/run/secrets/flywheel-token-secret";
               openFirewall = true;
-              settings = {{ listen = "0.0.0.0:8090"; zstd-level = 5; api-endpoint = "https://cache.example.org/"; storage.path = "{}"; gc.grace-period = 7200; tfstate.keep-versions = 50; bazel.grpc-listen = "0.0.0.0:9092"; bazel.default-instance = "main"; }};
+              settings = {{ listen = "0.0.0.0:8090"; zstd-level = 5; api-endpoint = "https://cache.example.org/"; storage.path = "{}"; gc.grace-period = 7200; compaction.zstd-level = 17; tfstate.keep-versions = 50; bazel.grpc-listen = "0.0.0.0:9092"; bazel.default-instance = "main"; }};
               caches.main = {{
                 signingKeyFile = "/run/secrets/flywheel-main.key"; priority = 30; retentionPeriod = 86400;
                 trustedUploaderKeys = [ "{RUNNER_KEY}" ]; requireUploaderSignature = true;
@@ -279,6 +279,11 @@ fn server_with_local_storage_renders_a_config_the_binary_accepts_with(version: N
     assert!(rendered.lines().any(|l| l == "max-connections = 4096"), "{rendered}");
     let gc = rendered.split("[gc]\n").nth(1).unwrap_or_else(|| panic!("no [gc] in\n{rendered}"));
     assert!(gc.lines().take_while(|l| !l.starts_with('[')).any(|l| l == "grace-period = 7200"), "{rendered}");
+    let compaction = rendered.split("[compaction]\n").nth(1).unwrap_or_else(|| panic!("no [compaction] in\n{rendered}"));
+    let compaction: Vec<&str> = compaction.lines().take_while(|l| !l.starts_with('[')).collect();
+    for line in ["zstd-level = 17", "interval = 86400", "cold-after = 259200", "pack-size = 4194304", "frame-size = 4194304"] {
+        assert!(compaction.contains(&line), "{line:?} missing from [compaction] of\n{rendered}");
+    }
     let tfstate = rendered.split("[tfstate]\n").nth(1).unwrap_or_else(|| panic!("no [tfstate] in\n{rendered}"));
     let tfstate: Vec<&str> = tfstate.lines().take_while(|l| !l.starts_with('[')).collect();
     for line in ["keep-versions = 50", "max-size = 33554432", "locking = \"auto\""] {

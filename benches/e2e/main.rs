@@ -18,6 +18,7 @@ mod fuse;
 mod job;
 mod lazy;
 mod load;
+mod packs;
 mod server;
 mod substituter;
 mod support;
@@ -34,6 +35,7 @@ use fuse::fuse_section;
 use job::job_section;
 use lazy::lazy_section;
 use load::load_section;
+use packs::packs_section;
 use server::server_section;
 use substituter::substituter_section;
 use tfstate::tfstate_section;
@@ -64,7 +66,7 @@ fn main() {
         header: format!(
             "# Benchmarks\n\nWritten by `./scripts/bench.sh` (`cargo bench --bench e2e`) on {} cores. Each section names the \
              commit it was measured at and the load average when the run started: `./scripts/bench.sh SECTION` measures only \
-             the sections whose names contain SECTION (server, compression, lazy, job, load, fuse, substituter, tfstate, bazel) and keeps the others. \
+             the sections whose names contain SECTION (server, packs, compression, lazy, job, load, fuse, substituter, tfstate, bazel) and keeps the others. \
              Medians of several runs; ratios compare figures taken in the same run.\n\
              Per-function figures come from `cargo bench -p flywheel-core` (criterion).\n",
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -73,8 +75,9 @@ fn main() {
         sections: Vec::new(),
     };
     type Section = fn(&mut Report, &Path);
-    let sections: [(&str, Section); 9] = [
+    let sections: [(&str, Section); 10] = [
         ("server", server_section),
+        ("packs", packs_section),
         ("compression", compression_section),
         ("lazy", lazy_section),
         ("job", job_section),

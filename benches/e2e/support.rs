@@ -308,9 +308,14 @@ pub(crate) fn upload_path(server: &Server, token: &str, nar: &Path, nar_hash_hex
 
 /// The same upload to any server of Attic's API (flywheel or atticd) at `base`, into `bench`.
 pub(crate) fn upload_path_to(base: &str, token: &str, nar: &Path, nar_hash_hex: &str, nar_size: u64) -> f64 {
-    let hash = "0".repeat(32);
+    upload_named(base, token, nar, nar_hash_hex, nar_size, &"0".repeat(32), "lib")
+}
+
+/// Uploads `nar` through `upload-path` as `/nix/store/{hash}-{name}` of cache `bench`; returns
+/// the seconds it took.
+pub(crate) fn upload_named(base: &str, token: &str, nar: &Path, nar_hash_hex: &str, nar_size: u64, hash: &str, name: &str) -> f64 {
     let info = serde_json::json!({
-        "cache": "bench", "store_path_hash": hash, "store_path": format!("/nix/store/{hash}-lib"),
+        "cache": "bench", "store_path_hash": hash, "store_path": format!("/nix/store/{hash}-{name}"),
         "references": [], "system": null, "deriver": null, "sigs": [], "ca": null,
         "nar_hash": format!("sha256:{nar_hash_hex}"), "nar_size": nar_size,
     });

@@ -1,6 +1,6 @@
 //! Compaction: the chunks of paths that nobody has read for a while are rewritten into packs
-//! (see [`flywheel_core::chunk::pack`]): neighbours in a NAR, compressed together at a high
-//! zstd level, which stores them in far fewer bytes than a frame each at the level uploads use.
+//! (see [`flywheel_core::chunk::pack`]): neighbours in a NAR, and NARs of one package name (its
+//! versions) one after another, compressed together at a high zstd level, which stores them in far fewer bytes than a frame each at the level uploads use.
 //! Uploads stay at their fast level; this runs later, on the server's schedule or as
 //! `flywheel compact`.
 //!
@@ -73,7 +73,10 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
     // Which NARs are cold: no path of theirs (in any cache) read or published within
     // `cold-after`. A path whose access record cannot be read counts as hot.
     let mut hot: HashSet<Sha256Hash> = HashSet::new();
-    let mut cold: Vec<Sha256Hash> = Vec::new();
+    // By package name (the store path's name), so that versions of one package are packed
+    // next to each other: their files are much alike, and a frame that holds two versions
+    // stores the second for little.
+    let mut cold: Vec<(String, Sha256Hash)> = Vec::new();
     for cache in storage.list_caches().await? {
         for hash_part in storage.list_paths(&cache).await? {
             let Some(path) = storage.get_path(&cache, &hash_part).await.unwrap_or(None) else { continue };
@@ -81,13 +84,15 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
             if now.saturating_sub(path.created_at.max(accessed)) < config.cold_after {
                 hot.insert(path.nar_hash);
             } else {
-                cold.push(path.nar_hash);
+                let name = path.store_path.split_once('-').map_or("", |(_, name)| name).to_string();
+                cold.push((name, path.nar_hash));
             }
         }
     }
-    cold.retain(|nar| !hot.contains(nar));
-    cold.sort_unstable_by_key(|nar| nar.0);
-    cold.dedup();
+    cold.retain(|(_, nar)| !hot.contains(nar));
+    cold.sort_unstable();
+    let mut seen = HashSet::new();
+    let cold: Vec<Sha256Hash> = cold.into_iter().map(|(_, nar)| nar).filter(|nar| seen.insert(*nar)).collect();
     report.hot_nars = hot.len();
     report.cold_nars = cold.len();
 
@@ -100,6 +105,10 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
         }
     }
 
+    // Packs are compressed on as many blocking threads as there are cores, while the next
+    // one is read.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut writing = futures::stream::FuturesUnordered::new();
     let mut pack = PackBuilder::new(config.frame_size as usize, config.zstd_level);
     for nar in &cold {
         let chunks = match chunk_list(storage, nar).await {
@@ -128,7 +137,12 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
                     pack.add(chunk_ref.hash, &data)?;
                     if pack.raw_len() >= config.pack_size {
                         let full = std::mem::replace(&mut pack, PackBuilder::new(config.frame_size as usize, config.zstd_level));
-                        write_pack(storage, full, &mut report).await;
+                        if writing.len() >= workers {
+                            if let Some(outcome) = writing.next().await {
+                                report.add(outcome);
+                            }
+                        }
+                        writing.push(write_pack(storage, full));
                     }
                 }
                 Ok(None) => {}
@@ -137,7 +151,10 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
         }
     }
     if pack.chunk_count() > 0 {
-        write_pack(storage, pack, &mut report).await;
+        writing.push(write_pack(storage, pack));
+    }
+    while let Some(outcome) = writing.next().await {
+        report.add(outcome);
     }
     tracing::info!(
         cold_nars = report.cold_nars,
@@ -176,34 +193,53 @@ async fn loose_chunk(storage: &Storage, chunk_ref: &ChunkRef, cold_before_ms: u6
     Ok(Some((frame.len() as u64, data)))
 }
 
+/// What writing one pack came to.
+#[derive(Default)]
+struct PackOutcome {
+    written: bool,
+    bytes: u64,
+    problems: Vec<String>,
+}
+
+impl CompactReport {
+    fn add(&mut self, outcome: PackOutcome) {
+        self.packs_written += usize::from(outcome.written);
+        self.pack_bytes += outcome.bytes;
+        for problem in outcome.problems {
+            self.problem(problem);
+        }
+    }
+}
+
 /// Writes a pack, reads it back and verifies it, then points its chunks' objects into it.
-async fn write_pack(storage: &Storage, pack: PackBuilder, report: &mut CompactReport) {
+async fn write_pack(storage: &Storage, pack: PackBuilder) -> PackOutcome {
+    let failed = |problem: String| PackOutcome { problems: vec![problem], ..Default::default() };
     // zstd at a high level takes a while: off the runtime's threads.
-    let built = tokio::task::spawn_blocking(move || pack.finish()).await;
-    let (bytes, id, index) = match built {
+    let (bytes, id, index) = match tokio::task::spawn_blocking(move || pack.finish()).await {
         Ok(Ok(built)) => built,
-        Ok(Err(err)) => return report.problem(format!("making a pack: {err}")),
-        Err(err) => return report.problem(format!("making a pack: {err}")),
+        Ok(Err(err)) => return failed(format!("making a pack: {err}")),
+        Err(err) => return failed(format!("making a pack: {err}")),
     };
     let pack_len = bytes.len() as u64;
     if let Err(err) = storage.put_pack(&id, Bytes::from(bytes)).await {
-        return report.problem(format!("writing pack {id}: {err}"));
+        return failed(format!("writing pack {id}: {err}"));
     }
     // What is stored, not what was sent, must hold every chunk before anything points to it.
     let checked = match storage.get_pack(&id).await {
-        Ok(Some(stored)) if ChunkHash::of(&stored) == id => {
-            PackIndex::parse(&stored, pack_len).and_then(|stored_index| stored_index.verify(&stored).map(|bad| bad.is_empty() && stored_index == index))
-        }
+        Ok(Some(stored)) if ChunkHash::of(&stored) == id => tokio::task::spawn_blocking(move || {
+            PackIndex::parse(&stored, pack_len).and_then(|stored_index| stored_index.verify(&stored).map(|bad| bad.is_empty()))
+        })
+        .await
+        .unwrap_or_else(|err| Err(Error::internal(format!("verifying a pack: {err}")))),
         Ok(_) => Ok(false),
         Err(err) => Err(err),
     };
     match checked {
         Ok(true) => {}
-        Ok(false) => return report.problem(format!("pack {id} did not read back as written; nothing points into it")),
-        Err(err) => return report.problem(format!("reading pack {id} back: {err}; nothing points into it")),
+        Ok(false) => return failed(format!("pack {id} did not read back as written; nothing points into it")),
+        Err(err) => return failed(format!("reading pack {id} back: {err}; nothing points into it")),
     }
-    report.packs_written += 1;
-    report.pack_bytes += pack_len;
+    let mut outcome = PackOutcome { written: true, bytes: pack_len, problems: Vec::new() };
     let pointers: Vec<_> = index.chunks.iter().map(|entry| (entry.hash, index.pointer(id, entry))).collect();
     let written: Vec<(ChunkHash, Result<()>)> = futures::stream::iter(pointers)
         .map(|(hash, pointer)| {
@@ -215,11 +251,12 @@ async fn write_pack(storage: &Storage, pack: PackBuilder, report: &mut CompactRe
         .await;
     for (hash, result) in written {
         match result {
-            Ok(()) => report.pack_bytes += flywheel_core::chunk::pack::POINTER_LEN as u64,
+            Ok(()) => outcome.bytes += flywheel_core::chunk::pack::POINTER_LEN as u64,
             // The chunk stays a frame of its own: as good, only bigger.
-            Err(err) => report.problem(format!("pointing chunk {hash} into pack {id}: {err}")),
+            Err(err) => outcome.problems.push(format!("pointing chunk {hash} into pack {id}: {err}")),
         }
     }
+    outcome
 }
 
 /// Compacts every `interval` until the process ends.

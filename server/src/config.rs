@@ -139,7 +139,7 @@ pub struct CompactionConfig {
     #[serde(default = "default_pack_size")]
     pub pack_size: u64,
     /// Uncompressed bytes per zstd frame in a pack: reading one chunk decompresses its whole
-    /// frame; the smaller, the worse the compression.
+    /// frame; the smaller, the worse the compression (see the README's decision).
     #[serde(default = "default_pack_size")]
     pub frame_size: u64,
     /// The zstd level of packs (1 to 22).
@@ -183,7 +183,7 @@ fn default_cold_after() -> u64 {
     3 * 24 * 3600
 }
 fn default_pack_size() -> u64 {
-    1 << 20
+    4 << 20
 }
 fn default_pack_zstd_level() -> i32 {
     19

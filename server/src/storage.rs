@@ -260,8 +260,9 @@ struct PackFrames {
     bytes: usize,
 }
 
-/// Bytes of decompressed pack frames kept (two frames of the default size, and some).
-const PACK_FRAMES_KEPT: usize = 4 << 20;
+/// Bytes of decompressed pack frames kept: four frames of the default size, so that a few
+/// downloads at once each keep the frame they are reading.
+const PACK_FRAMES_KEPT: usize = 16 << 20;
 
 impl PackFrames {
     fn get(&mut self, key: &(PackId, u64)) -> Option<Arc<Vec<u8>>> {
