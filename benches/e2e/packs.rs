@@ -50,7 +50,8 @@ fn corpus(work: &Path) -> Vec<CorpusPath> {
         for entry in std::fs::read_dir(index).unwrap().filter_map(|e| e.ok()) {
             let file_name = entry.file_name().to_string_lossy().into_owned();
             // `name-1.2.3`: the name is everything before the last dash that a digit follows.
-            let Some(at) = file_name.char_indices().filter(|(i, c)| *c == '-' && file_name[i + 1..].starts_with(|d: char| d.is_ascii_digit())).map(|(i, _)| i).last() else {
+            let version_dash = |(i, c): &(usize, char)| *c == '-' && file_name[i + 1..].starts_with(|d: char| d.is_ascii_digit());
+            let Some((at, _)) = file_name.char_indices().rev().find(version_dash) else {
                 continue;
             };
             by_crate.entry(file_name[..at].to_string()).or_default().push(entry.path());
