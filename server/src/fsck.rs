@@ -209,6 +209,10 @@ pub async fn fsck(storage: &Storage, parallelism: usize, repair: bool) -> Result
     Ok(report)
 }
 
+/// Larger than any pack compaction writes (a pack is made in memory, at most 64 MiB of chunks):
+/// such an object is not read into memory.
+const MAX_PACK_OBJECT: u64 = 128 << 20;
+
 /// Reads every pack whole: its bytes must hash to its name, and its index and every chunk in it
 /// must check out.
 async fn check_packs(storage: &Storage, report: &mut FsckReport) {
@@ -219,6 +223,11 @@ async fn check_packs(storage: &Storage, report: &mut FsckReport) {
     for meta in packs {
         let Some(id) = Storage::pack_of_key(&meta.location) else { continue };
         report.packs_checked += 1;
+        if meta.size > MAX_PACK_OBJECT {
+            tracing::warn!(pack = %id, size = meta.size, "pack is larger than any pack compaction writes");
+            report.damaged_packs.insert(id);
+            continue;
+        }
         let bytes = match storage.get_pack(&id).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => continue,
@@ -243,8 +252,9 @@ async fn check_packs(storage: &Storage, report: &mut FsckReport) {
 /// any more, and fsck stops naming it. A reader holding an old pointer finds the pack gone and
 /// reads the chunk's object again.
 async fn rescue_pack(storage: &Storage, id: &ChunkHash, report: &mut FsckReport) {
-    let index = match storage.get_pack(id).await {
-        Ok(Some(bytes)) => flywheel_core::chunk::pack::PackIndex::parse(&bytes, bytes.len() as u64).ok(),
+    let index = match storage.pack_size(id).await {
+        Ok(Some(size)) if size <= MAX_PACK_OBJECT => storage.get_pack_index(id, size).await.ok(),
+        Ok(Some(_)) => None,
         Ok(None) => return,
         Err(err) => return report.problem(format!("pack {id}: {err}; left as it is")),
     };

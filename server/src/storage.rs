@@ -571,6 +571,15 @@ impl Storage {
         Ok(())
     }
 
+    /// A pack's size, or `None` if it is not stored.
+    pub async fn pack_size(&self, id: &PackId) -> Result<Option<u64>> {
+        match self.store.head(&Self::pack_key(id)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(storage_error(err, "pack")),
+        }
+    }
+
     /// A whole pack, or `None` if it is not stored.
     pub async fn get_pack(&self, id: &PackId) -> Result<Option<Bytes>> {
         self.get_bytes(&Self::pack_key(id), "pack").await
