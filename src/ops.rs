@@ -158,6 +158,8 @@ pub fn compact(args: CompactArgs) -> anyhow::Result<()> {
         println!("problem: {problem}");
     }
     println!("{} cold NARs looked over, {} hot ones left alone", report.cold_nars, report.hot_nars);
+    let verb = if report.dry_run { "would write" } else { "wrote" };
+    println!("{verb} {} mostly dead packs anew, moving {} chunks", report.packs_rewritten, report.chunks_repacked);
     if report.dry_run {
         println!("would pack {} chunks ({} bytes of frames)", report.chunks_packed, report.frame_bytes);
     } else {

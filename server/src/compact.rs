@@ -17,12 +17,13 @@
 //!
 //! What stays as it is: chunks of paths read (or published) within `cold-after`, chunk
 //! objects written within it (a new upload counts on them), chunks that are packed already, and
-//! chunks that only Bazel records use.
+//! chunks that only Bazel records use. A pack older than `cold-after` whose chunks mostly went
+//! (less than half its bytes still pointed to) is written anew with the chunks that remain.
 
 use std::collections::HashSet;
 
 use bytes::Bytes;
-use flywheel_core::chunk::pack::{PackBuilder, PackIndex};
+use flywheel_core::chunk::pack::{PackBuilder, PackId, PackIndex, PackPointer};
 use flywheel_core::chunk::{self, ChunkHash};
 use flywheel_core::manifest::{ChunkRef, ManifestChunks};
 use flywheel_core::nix::Sha256Hash;
@@ -30,7 +31,7 @@ use flywheel_core::{Error, Result};
 use futures::StreamExt;
 
 use crate::config::CompactionConfig;
-use crate::storage::Storage;
+use crate::storage::{modified_ms, Storage};
 
 /// Lookups and reads in flight at once.
 const PARALLELISM: usize = 16;
@@ -48,6 +49,10 @@ pub struct CompactReport {
     pub frame_bytes: u64,
     /// Packs written.
     pub packs_written: usize,
+    /// Packs whose chunks were mostly gone, written anew.
+    pub packs_rewritten: usize,
+    /// Chunks moved out of those into new packs.
+    pub chunks_repacked: usize,
     /// Bytes of those packs, with the pointers that replaced the frames.
     pub pack_bytes: u64,
     /// Whether nothing was changed (the pack figures are then not known).
@@ -150,6 +155,61 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
             }
         }
     }
+
+    // Packs whose chunks mostly went (their paths expired or deleted, or the chunks written
+    // loose again by an upload) are written anew: their live chunks join the packs of this
+    // run, and the old pack, with nothing pointing into it any more, goes at the next garbage
+    // collection. A reader holding an old pointer finds the pack gone and reads the chunk's
+    // object again.
+    let packs = match storage.list_objects("packs").await {
+        Ok(packs) => packs,
+        Err(err) => {
+            report.problem(format!("packs could not be listed: {err}; none rewritten"));
+            Vec::new()
+        }
+    };
+    for meta in packs {
+        let Some(id) = Storage::pack_of_key(&meta.location) else { continue };
+        if modified_ms(&meta) >= cold_before_ms {
+            continue;
+        }
+        let live = match live_entries(storage, &id, meta.size).await {
+            Ok(live) => live,
+            Err(err) => {
+                report.problem(format!("pack {id}: {err}; left as it is"));
+                continue;
+            }
+        };
+        // A pack nothing points into is garbage collection's to delete.
+        if live.chunks.is_empty() || live.live_bytes * 2 >= live.total_bytes {
+            continue;
+        }
+        report.packs_rewritten += 1;
+        for (hash, pointer) in live.chunks {
+            report.chunks_repacked += 1;
+            if dry_run {
+                continue;
+            }
+            let data = match storage.read_packed(&hash, &pointer).await {
+                Ok(Some(data)) => data,
+                Ok(None) => continue,
+                Err(err) => {
+                    report.problem(format!("chunk {hash} in pack {id}: {err}; left as it is"));
+                    continue;
+                }
+            };
+            pack.add(hash, &data)?;
+            if pack.raw_len() >= config.pack_size {
+                let full = std::mem::replace(&mut pack, PackBuilder::new(config.frame_size as usize, config.zstd_level));
+                if writing.len() >= workers {
+                    if let Some(outcome) = writing.next().await {
+                        report.add(outcome);
+                    }
+                }
+                writing.push(write_pack(storage, full));
+            }
+        }
+    }
     if pack.chunk_count() > 0 {
         writing.push(write_pack(storage, pack));
     }
@@ -160,6 +220,7 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
         cold_nars = report.cold_nars,
         chunks = report.chunks_packed,
         packs = report.packs_written,
+        rewritten = report.packs_rewritten,
         frame_bytes = report.frame_bytes,
         pack_bytes = report.pack_bytes,
         problems = report.problems.len(),
@@ -167,6 +228,36 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
         "compaction finished"
     );
     Ok(report)
+}
+
+/// The chunks of a pack that still point into it, and its bytes, live and all.
+struct LiveEntries {
+    chunks: Vec<(ChunkHash, PackPointer)>,
+    live_bytes: u64,
+    total_bytes: u64,
+}
+
+async fn live_entries(storage: &Storage, id: &PackId, pack_len: u64) -> Result<LiveEntries> {
+    let index = storage.get_pack_index(id, pack_len).await?;
+    let total_bytes = index.chunks.iter().map(|e| u64::from(e.len)).sum();
+    let hashes: Vec<ChunkHash> = index.chunks.iter().map(|e| e.hash).collect();
+    let pointers: Vec<Result<Option<PackPointer>>> = futures::stream::iter(hashes)
+        .map(|hash| {
+            let storage = storage.clone();
+            async move { storage.chunk_pointer(&hash).await }
+        })
+        .buffered(PARALLELISM)
+        .collect()
+        .await;
+    let mut chunks = Vec::new();
+    let mut live_bytes = 0;
+    for (entry, pointer) in index.chunks.iter().zip(pointers) {
+        if let Some(pointer) = pointer?.filter(|p| p.pack == *id) {
+            live_bytes += u64::from(entry.len);
+            chunks.push((entry.hash, pointer));
+        }
+    }
+    Ok(LiveEntries { chunks, live_bytes, total_bytes })
 }
 
 async fn chunk_list(storage: &Storage, nar: &Sha256Hash) -> Result<Vec<ChunkRef>> {

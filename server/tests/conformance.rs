@@ -220,6 +220,7 @@ conformance! {
     compaction_packs_cold_chunks,
     compaction_interrupted_loses_nothing,
     compaction_damaged_pack_is_found_and_repaired,
+    compaction_rewrites_mostly_dead_packs,
     chunk_batches,
     manifests_and_paths,
     listings,

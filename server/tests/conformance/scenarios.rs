@@ -732,14 +732,18 @@ pub async fn compaction_interrupted_loses_nothing(fixture: &Fixture) {
     let report = flywheel_server::compact::compact(storage, &compaction_config(cold_after), false).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(report.chunks_packed, manifest.chunks.len() - 1, "all but the chunk already pointed: {report:?}");
+    // The first pack, one of its three chunks pointing into it, is mostly dead when that
+    // chunk is the smaller part of its bytes: then its chunk moves to this run's pack too.
+    let first_live = u64::from(index.chunks[0].len) * 2 >= index.chunks.iter().map(|e| u64::from(e.len)).sum::<u64>();
+    assert_eq!((report.packs_rewritten, report.chunks_repacked), if first_live { (0, 0) } else { (1, 1) }, "{report:?}");
     assert_chunks_read(storage, &manifest).await;
 
     let swept = flywheel_server::gc::collect(storage, &gc_config(grace), false).await.unwrap();
     assert!(swept.problems.is_empty(), "{:?}", swept.problems);
-    // The orphan goes; the first pack stays for the one chunk that points into it.
-    assert_eq!(swept.packs_deleted, 1);
+    // The orphan goes, and the first pack unless it was written anew.
+    assert_eq!(swept.packs_deleted, if first_live { 1 } else { 2 });
     assert!(storage.get_pack(&orphan_id).await.unwrap().is_none());
-    assert!(storage.get_pack(&id).await.unwrap().is_some());
+    assert_eq!(storage.get_pack(&id).await.unwrap().is_some(), first_live);
     assert_chunks_read(storage, &manifest).await;
 }
 
@@ -780,4 +784,48 @@ pub async fn compaction_damaged_pack_is_found_and_repaired(fixture: &Fixture) {
     let (again, _) = upload(storage, grace, &contents).await;
     storage.put_path(CACHE, &record(storage, 95, "damaged-1", &again)).await.unwrap();
     assert_chunks_read(&fixture.replica(), &again).await;
+}
+
+/// A pack whose chunks mostly went (their path deleted and collected) is written anew by the
+/// next compaction with the chunks that remain, and garbage collection then deletes the old
+/// one: the space comes back, and the remaining path reads whole throughout.
+pub async fn compaction_rewrites_mostly_dead_packs(fixture: &Fixture) {
+    let storage = &fixture.storage;
+    let (grace, cold_after) = (60, 3600);
+    create_cache(storage, CACHE, None).await;
+    let (gone, _) = publish(storage, grace, 97, "gone-1", 600 << 10).await;
+    let (kept, _) = publish(storage, grace, 98, "kept-1", 150 << 10).await;
+    let kept_manifest = storage.manifest_of(&kept).await.unwrap();
+    // One pack for both paths.
+    let config = CompactionConfig { pack_size: 4 << 20, ..compaction_config(cold_after) };
+    fixture.clock.advance(Duration::from_secs(cold_after + COLD_MARGIN));
+    let first = flywheel_server::compact::compact(storage, &config, false).await.unwrap();
+    assert_eq!((first.packs_written, first.packs_rewritten), (1, 0), "{first:?}");
+    let old_packs = packs(storage).await;
+
+    storage.delete_path(CACHE, hash_part(&gone)).await.unwrap();
+    fixture.clock.advance(Duration::from_secs(2 * grace));
+    let collected = flywheel_server::gc::collect(storage, &gc_config(grace), false).await.unwrap();
+    assert!(collected.problems.is_empty(), "{:?}", collected.problems);
+    assert_eq!(collected.packs_kept, 1, "the pack still holds a live path's chunks");
+    assert_chunks_read(storage, &kept_manifest).await;
+
+    let dry = flywheel_server::compact::compact(storage, &config, true).await.unwrap();
+    assert_eq!((dry.packs_rewritten, dry.chunks_repacked), (1, kept_manifest.chunks.len()));
+    assert_eq!(packs(storage).await, old_packs, "a dry run wrote a pack");
+    let rewritten = flywheel_server::compact::compact(storage, &config, false).await.unwrap();
+    assert!(rewritten.problems.is_empty(), "{:?}", rewritten.problems);
+    assert_eq!((rewritten.packs_rewritten, rewritten.chunks_repacked, rewritten.packs_written), (1, kept_manifest.chunks.len(), 1));
+    assert_chunks_read(storage, &kept_manifest).await;
+    assert_chunks_read(&fixture.replica(), &kept_manifest).await;
+
+    fixture.clock.advance(Duration::from_secs(2 * grace));
+    let swept = flywheel_server::gc::collect(storage, &gc_config(grace), false).await.unwrap();
+    assert_eq!(swept.packs_deleted, 1);
+    let now_packs = packs(storage).await;
+    assert_eq!(now_packs.len(), 1);
+    assert!(now_packs.is_disjoint(&old_packs), "the old pack is gone");
+    assert_chunks_read(storage, &kept_manifest).await;
+    let again = flywheel_server::compact::compact(storage, &config, false).await.unwrap();
+    assert_eq!((again.packs_rewritten, again.packs_written), (0, 0), "{again:?}");
 }
