@@ -161,6 +161,10 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
     // run, and the old pack, with nothing pointing into it any more, goes at the next garbage
     // collection. A reader holding an old pointer finds the pack gone and reads the chunk's
     // object again.
+    // This run's packs first, pointers and all, so that none is taken for a dead one.
+    while let Some(outcome) = writing.next().await {
+        report.add(outcome);
+    }
     let packs = match storage.list_objects("packs").await {
         Ok(packs) => packs,
         Err(err) => {
