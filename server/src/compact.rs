@@ -110,11 +110,7 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
         }
     }
 
-    // Packs are compressed on as many blocking threads as there are cores, while the next
-    // one is read.
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut writing = futures::stream::FuturesUnordered::new();
-    let mut pack = PackBuilder::new(config.frame_size as usize, config.zstd_level);
+    let mut packer = Packer::new(storage, config);
     for nar in &cold {
         let chunks = match chunk_list(storage, nar).await {
             Ok(chunks) => chunks,
@@ -139,16 +135,7 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
                     if dry_run {
                         continue;
                     }
-                    pack.add(chunk_ref.hash, &data)?;
-                    if pack.raw_len() >= config.pack_size {
-                        let full = std::mem::replace(&mut pack, PackBuilder::new(config.frame_size as usize, config.zstd_level));
-                        if writing.len() >= workers {
-                            if let Some(outcome) = writing.next().await {
-                                report.add(outcome);
-                            }
-                        }
-                        writing.push(write_pack(storage, full));
-                    }
+                    packer.add(chunk_ref.hash, &data, &mut report).await?;
                 }
                 Ok(None) => {}
                 Err(err) => report.problem(format!("chunk {}: {err}; left as it is", chunk_ref.hash)),
@@ -162,9 +149,7 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
     // collection. A reader holding an old pointer finds the pack gone and reads the chunk's
     // object again.
     // This run's packs first, pointers and all, so that none is taken for a dead one.
-    while let Some(outcome) = writing.next().await {
-        report.add(outcome);
-    }
+    packer.wait(&mut report).await;
     let packs = match storage.list_objects("packs").await {
         Ok(packs) => packs,
         Err(err) => {
@@ -202,24 +187,10 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
                     continue;
                 }
             };
-            pack.add(hash, &data)?;
-            if pack.raw_len() >= config.pack_size {
-                let full = std::mem::replace(&mut pack, PackBuilder::new(config.frame_size as usize, config.zstd_level));
-                if writing.len() >= workers {
-                    if let Some(outcome) = writing.next().await {
-                        report.add(outcome);
-                    }
-                }
-                writing.push(write_pack(storage, full));
-            }
+            packer.add(hash, &data, &mut report).await?;
         }
     }
-    if pack.chunk_count() > 0 {
-        writing.push(write_pack(storage, pack));
-    }
-    while let Some(outcome) = writing.next().await {
-        report.add(outcome);
-    }
+    packer.finish(&mut report).await;
     tracing::info!(
         cold_nars = report.cold_nars,
         chunks = report.chunks_packed,
@@ -232,6 +203,62 @@ pub async fn compact(storage: &Storage, config: &CompactionConfig, dry_run: bool
         "compaction finished"
     );
     Ok(report)
+}
+
+/// Fills packs and writes each one as it is full: compressed on as many blocking threads as
+/// there are cores, while the next one is read.
+struct Packer<'a> {
+    storage: &'a Storage,
+    config: &'a CompactionConfig,
+    pack: PackBuilder,
+    writing: futures::stream::FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = PackOutcome> + Send + 'a>>>,
+    workers: usize,
+}
+
+impl<'a> Packer<'a> {
+    fn new(storage: &'a Storage, config: &'a CompactionConfig) -> Self {
+        Packer {
+            storage,
+            config,
+            pack: PackBuilder::new(config.frame_size as usize, config.zstd_level),
+            writing: futures::stream::FuturesUnordered::new(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    /// Adds a verified chunk; a full pack goes to be written, once a writer is free.
+    async fn add(&mut self, hash: ChunkHash, data: &[u8], report: &mut CompactReport) -> Result<()> {
+        self.pack.add(hash, data)?;
+        if self.pack.raw_len() >= self.config.pack_size {
+            let fresh = PackBuilder::new(self.config.frame_size as usize, self.config.zstd_level);
+            let full = std::mem::replace(&mut self.pack, fresh);
+            if self.writing.len() >= self.workers {
+                if let Some(outcome) = self.writing.next().await {
+                    report.add(outcome);
+                }
+            }
+            self.writing.push(Box::pin(write_pack(self.storage, full)));
+        }
+        Ok(())
+    }
+
+    /// Waits until every full pack is written.
+    async fn wait(&mut self, report: &mut CompactReport) {
+        while let Some(outcome) = self.writing.next().await {
+            report.add(outcome);
+        }
+    }
+
+    /// Writes the last pack, however full, and waits for all.
+    async fn finish(self, report: &mut CompactReport) {
+        let Packer { storage, pack, mut writing, .. } = self;
+        if pack.chunk_count() > 0 {
+            writing.push(Box::pin(write_pack(storage, pack)));
+        }
+        while let Some(outcome) = writing.next().await {
+            report.add(outcome);
+        }
+    }
 }
 
 /// The chunks of a pack that still point into it, and its bytes, live and all.
@@ -277,7 +304,9 @@ async fn chunk_list(storage: &Storage, nar: &Sha256Hash) -> Result<Vec<ChunkRef>
 /// already, young, or not stored (which is fsck's to report).
 async fn loose_chunk(storage: &Storage, chunk_ref: &ChunkRef, cold_before_ms: u64, dry_run: bool) -> Result<Option<(u64, Vec<u8>)>> {
     let Some((size, written_ms)) = storage.chunk_meta(&chunk_ref.hash).await? else { return Ok(None) };
-    if written_ms >= cold_before_ms || storage.chunk_pointer(&chunk_ref.hash).await?.is_some() {
+    // Only an object of a pointer's length may be one; no second lookup for the others.
+    let pointer_sized = size == flywheel_core::chunk::pack::POINTER_LEN as u64;
+    if written_ms >= cold_before_ms || (pointer_sized && storage.chunk_pointer(&chunk_ref.hash).await?.is_some()) {
         return Ok(None);
     }
     if dry_run {
