@@ -130,7 +130,25 @@ struct MintArgs {
     state: Vec<String>,
 }
 
+/// Has glibc's malloc map every allocation of 1 MiB or more on its own and give it back when
+/// freed. Left to itself, glibc raises that threshold to the size of each large block freed,
+/// after which pack frames, compression tables and buffers of a few MiB come from per-thread
+/// heaps that keep their pages: a compaction's peak RSS was 72 MiB at zstd level 3 and 95 MiB
+/// at level 19 that way, against 32 and 57 MiB with the threshold fixed (measured with
+/// `MALLOC_MMAP_THRESHOLD_`). Chunks (at most 256 KiB) stay below it. An operator's own
+/// `MALLOC_MMAP_THRESHOLD_` is left to rule.
+fn bound_heap_growth() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets a tunable of the allocator; no other thread runs yet.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    bound_heap_growth();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -21,9 +21,10 @@
 //! (less than half its bytes still pointed to) is written anew with the chunks that remain.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use flywheel_core::chunk::pack::{PackBuilder, PackId, PackIndex, PackPointer};
+use flywheel_core::chunk::pack::{self, PackBuilder, PackId, PackIndex, PackPointer};
 use flywheel_core::chunk::{self, ChunkHash};
 use flywheel_core::manifest::{ChunkRef, ManifestChunks};
 use flywheel_core::nix::Sha256Hash;
@@ -213,7 +214,14 @@ struct Packer<'a> {
     pack: PackBuilder,
     writing: futures::stream::FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = PackOutcome> + Send + 'a>>>,
     workers: usize,
+    /// zstd contexts between packs, at most one per writer: kept rather than set up for each
+    /// pack, whose tables (12 MiB at level 19) freed and taken again on other threads only
+    /// fragmented the heap (a compaction's peak RSS was 250 MiB and more).
+    compressors: Compressors,
 }
+
+/// zstd contexts for packs, taken by a writer and given back.
+type Compressors = Arc<parking_lot::Mutex<Vec<zstd::bulk::Compressor<'static>>>>;
 
 impl<'a> Packer<'a> {
     fn new(storage: &'a Storage, config: &'a CompactionConfig) -> Self {
@@ -223,6 +231,7 @@ impl<'a> Packer<'a> {
             pack: PackBuilder::new(config.frame_size as usize, config.zstd_level),
             writing: futures::stream::FuturesUnordered::new(),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            compressors: Compressors::default(),
         }
     }
 
@@ -237,7 +246,7 @@ impl<'a> Packer<'a> {
                     report.add(outcome);
                 }
             }
-            self.writing.push(Box::pin(write_pack(self.storage, full)));
+            self.writing.push(Box::pin(write_pack(self.storage, full, self.compressors.clone())));
         }
         Ok(())
     }
@@ -251,9 +260,9 @@ impl<'a> Packer<'a> {
 
     /// Writes the last pack, however full, and waits for all.
     async fn finish(self, report: &mut CompactReport) {
-        let Packer { storage, pack, mut writing, .. } = self;
+        let Packer { storage, pack, mut writing, compressors, .. } = self;
         if pack.chunk_count() > 0 {
-            writing.push(Box::pin(write_pack(storage, pack)));
+            writing.push(Box::pin(write_pack(storage, pack, compressors)));
         }
         while let Some(outcome) = writing.next().await {
             report.add(outcome);
@@ -336,10 +345,21 @@ impl CompactReport {
 }
 
 /// Writes a pack, reads it back and verifies it, then points its chunks' objects into it.
-async fn write_pack(storage: &Storage, pack: PackBuilder) -> PackOutcome {
+async fn write_pack(storage: &Storage, pack: PackBuilder, compressors: Compressors) -> PackOutcome {
     let failed = |problem: String| PackOutcome { problems: vec![problem], ..Default::default() };
     // zstd at a high level takes a while: off the runtime's threads.
-    let (bytes, id, index) = match tokio::task::spawn_blocking(move || pack.finish()).await {
+    let level = pack.level();
+    let finish = move || {
+        let taken = compressors.lock().pop();
+        let mut compressor = match taken {
+            Some(compressor) => compressor,
+            None => pack::pack_compressor(level)?,
+        };
+        let built = pack.finish_with(&mut compressor);
+        compressors.lock().push(compressor);
+        built
+    };
+    let (bytes, id, index) = match tokio::task::spawn_blocking(finish).await {
         Ok(Ok(built)) => built,
         Ok(Err(err)) => return failed(format!("making a pack: {err}")),
         Err(err) => return failed(format!("making a pack: {err}")),

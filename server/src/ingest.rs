@@ -24,6 +24,7 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::chunk_reader::ChunkReader;
 use crate::metrics::Metrics;
 use crate::preflight::VerifiedChunks;
 use crate::storage::{Reuse, ReuseWindow, Storage};
@@ -528,7 +529,7 @@ impl Ingester {
             metrics: self.metrics.clone(),
             verified: self.verified.clone(),
         };
-        let chunks = reader.chunks(refs.clone()).map(|item| item.map(|(_, data)| data).map_err(io::Error::from));
+        let chunks = reader.chunks(refs.clone()).map(|item| item.map_err(io::Error::from));
         let reader = spawn_nar_reader(chunks, Compression::None, None, slot);
         let (parsed, nar_hash) = reader.await.map_err(join_error)??;
         let manifest =
@@ -536,136 +537,6 @@ impl Ingester {
         manifest.validate()?;
         Ok(manifest)
     }
-}
-
-/// Reads stored chunks back, each verified, `parallelism` ahead of the consumer and within a
-/// shared bound on reads in flight.
-#[derive(Clone)]
-pub struct ChunkReader {
-    /// Where the chunks are.
-    pub storage: Storage,
-    /// Chunks fetched ahead of the one being consumed.
-    pub parallelism: usize,
-    /// Reads in flight against storage, shared with other readers.
-    pub reads: Arc<Semaphore>,
-    /// Counts fetches.
-    pub metrics: Arc<Metrics>,
-    /// Frames known to verify (see [`VerifiedChunks`]).
-    pub verified: Arc<VerifiedChunks>,
-}
-
-impl ChunkReader {
-    /// The chunks of `refs` in order: the stored frame and the uncompressed bytes of each. A
-    /// size no chunk can have (the sizes may come from a request) fails as invalid input
-    /// before storage is asked or memory taken.
-    pub fn chunks(&self, refs: Vec<ChunkRef>) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
-        self.fetch(refs, Needs::Data)
-    }
-
-    /// The stored frames of `refs` in order, as [`ChunkReader::chunks`] reads them. A frame
-    /// whose digest matches one that verified before is passed on without being
-    /// decompressed; any other is decompressed and verified.
-    pub fn frames(&self, refs: Vec<ChunkRef>) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
-        self.fetch(refs, Needs::Frames).map(|item| item.map(|(frame, _)| frame))
-    }
-
-    fn fetch(&self, refs: Vec<ChunkRef>, needs: Needs) -> impl Stream<Item = Result<(Bytes, Bytes)>> + Send + 'static {
-        // A store that works in the calling thread reads a batch of chunks per thread hop;
-        // any other is asked for each chunk at once. Either way about `parallelism` chunks
-        // are read ahead (at least two batches, so that one is read while one is sent).
-        let (batch, batches_ahead) = match self.storage.reads_in_batches() {
-            true => {
-                let batch = (self.parallelism / 2).clamp(1, READ_BATCH);
-                (batch, self.parallelism.div_ceil(batch).max(2))
-            }
-            false => (1, self.parallelism),
-        };
-        let batches: Vec<Vec<ChunkRef>> = refs.chunks(batch).map(<[ChunkRef]>::to_vec).collect();
-        let reader = self.clone();
-        futures::stream::iter(batches)
-            .map(move |batch| {
-                // A task per batch spreads verification over the worker threads; the work is
-                // short enough not to need the blocking pool.
-                let task = tokio::spawn(reader.clone().read_batch(batch, needs));
-                async move {
-                    match task.await {
-                        Ok(items) => items,
-                        Err(e) => vec![Err(Error::internal(format!("chunk task failed: {e}")))],
-                    }
-                }
-            })
-            .buffered(batches_ahead)
-            .flat_map(futures::stream::iter)
-    }
-
-    /// Reads and verifies `batch`; the items stop at the first that fails.
-    async fn read_batch(self, batch: Vec<ChunkRef>, needs: Needs) -> Vec<Result<(Bytes, Bytes)>> {
-        if let Err(err) = batch.iter().try_for_each(|chunk_ref| chunk::check_chunk_len(u64::from(chunk_ref.size))) {
-            return vec![Err(err)];
-        }
-        // Never closed, so this only waits.
-        let permit = self.reads.acquire().await.ok();
-        let started = std::time::Instant::now();
-        let reads = self.storage.get_chunks_versioned(batch.iter().map(|c| c.hash).collect()).await;
-        drop(permit);
-        let mut items = Vec::with_capacity(batch.len());
-        for (i, (chunk_ref, read)) in batch.iter().zip(reads).enumerate() {
-            if i > 0 {
-                // Verifying a batch takes up to a millisecond: let other tasks in between chunks.
-                tokio::task::yield_now().await;
-            }
-            let item = read.and_then(|(frame, version)| self.verify(chunk_ref, frame, version, needs));
-            let failed = item.is_err();
-            items.push(item);
-            if failed {
-                break;
-            }
-        }
-        // One read for the batch: each chunk that came out counts its share of the time.
-        let fetched = items.iter().filter(|item| item.is_ok()).count();
-        let per_chunk = started.elapsed() / batch.len().max(1) as u32;
-        for _ in 0..fetched {
-            self.metrics.chunk_fetch_seconds.observe(per_chunk);
-        }
-        self.metrics.chunks_fetched.fetch_add(fetched as u64, std::sync::atomic::Ordering::Relaxed);
-        items
-    }
-
-    /// A read chunk as [`ChunkReader::fetch`] yields it: a frame known by its digest is passed
-    /// on as it is when only frames are needed; any other is decompressed and verified.
-    fn verify(&self, chunk_ref: &ChunkRef, frame: Bytes, version: String, needs: Needs) -> Result<(Bytes, Bytes)> {
-        if needs == Needs::Frames && self.verified.is_known_frame(&chunk_ref.hash, &frame) {
-            self.metrics.frames_known.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok((frame, Bytes::new()));
-        }
-        let data = chunk::decompress_verified(&frame, &chunk_ref.hash, chunk_ref.size as usize)?;
-        self.verified.remember_read(chunk_ref.hash, version, &frame);
-        Ok((frame, Bytes::from(data)))
-    }
-}
-
-/// Chunks read in one thread hop from a store that works in the calling thread: enough to
-/// make the hop's cost small beside the reads, few enough that the first bytes of a stream
-/// are not held back (16 chunks are about 1 MiB of NAR).
-const READ_BATCH: usize = 16;
-
-/// `stream` once its first item is in, so that a failure there (a first chunk missing from
-/// storage) is an error answer before the status line rather than a 200 cut short.
-pub async fn first_item_in<T: Send + 'static>(
-    stream: impl Stream<Item = Result<T>> + Send + 'static,
-) -> Result<impl Stream<Item = Result<T>> + Send + 'static> {
-    let mut stream = Box::pin(stream);
-    let first = stream.next().await.transpose()?;
-    Ok(futures::stream::iter(first.map(Ok)).chain(stream))
-}
-
-/// What a reader of stored chunks takes from each.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Needs {
-    /// The frame alone: the uncompressed bytes are left empty unless they had to be made.
-    Frames,
-    /// The frame and the uncompressed bytes.
-    Data,
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@
 pub mod auth;
 pub mod bazel;
 pub mod bootstrap;
+pub mod chunk_reader;
 pub mod clock;
 pub mod compact;
 pub mod config;

@@ -20,6 +20,7 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flywheel_core::chunk::pack::PackId;
 use flywheel_core::chunk::{self, ChunkHash};
 use flywheel_core::manifest::ChunkRef;
 use flywheel_core::nix::Sha256Hash;
@@ -35,6 +36,9 @@ const REMEMBERED: usize = 200_000;
 
 /// NARs remembered as checked.
 const REMEMBERED_NARS: usize = 4096;
+
+/// Pack frames remembered as verified: 64 GiB of NAR in frames of the default 4 MiB.
+const REMEMBERED_PACK_FRAMES: usize = 16_384;
 
 /// Chunk versions asked for in one thread hop from a store that works in the calling thread.
 const LOOKUP_BATCH: usize = 256;
@@ -52,10 +56,13 @@ struct KnownFrame {
     digest: blake3::Hash,
 }
 
-/// The chunk frames and NARs verified lately.
+/// The chunk frames, pack frames and NARs verified lately.
 pub struct VerifiedChunks {
     seen: Mutex<LruCache<ChunkHash, KnownFrame>>,
     nars: Mutex<LruCache<Sha256Hash, Instant>>,
+    /// BLAKE3 of each pack frame (by pack and offset) whose chunks all verified, of its
+    /// compressed bytes, as for chunk frames.
+    pack_frames: Mutex<LruCache<(PackId, u64), blake3::Hash>>,
 }
 
 impl Default for VerifiedChunks {
@@ -64,6 +71,7 @@ impl Default for VerifiedChunks {
         VerifiedChunks {
             seen: Mutex::new(LruCache::new(capacity(REMEMBERED))),
             nars: Mutex::new(LruCache::new(capacity(REMEMBERED_NARS))),
+            pack_frames: Mutex::new(LruCache::new(capacity(REMEMBERED_PACK_FRAMES))),
         }
     }
 }
@@ -148,6 +156,21 @@ impl VerifiedChunks {
         self.remember(hash, Some(version), frame);
     }
 
+    /// Records `frame`, the compressed bytes at `offset` of `pack`, as a pack frame whose
+    /// chunks the caller verified, all of them.
+    pub fn remember_pack_frame(&self, pack: PackId, offset: u64, frame: &[u8]) {
+        let digest = blake3::hash(frame);
+        self.pack_frames.lock().put((pack, offset), digest);
+    }
+
+    /// Whether `frame` is, byte for byte, the frame at `offset` of `pack` that verified before.
+    pub fn is_known_pack_frame(&self, pack: PackId, offset: u64, frame: &[u8]) -> bool {
+        let Some(expected) = self.pack_frames.lock().get(&(pack, offset)).copied() else {
+            return false;
+        };
+        blake3::hash(frame) == expected
+    }
+
     /// Whether `frame` is, byte for byte, a frame of `hash` that verified before.
     pub fn is_known_frame(&self, hash: &ChunkHash, frame: &[u8]) -> bool {
         let Some(expected) = self.seen.lock().get(hash).map(|known| known.digest) else {
@@ -165,7 +188,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::ingest::ChunkReader;
+    use crate::chunk_reader::ChunkReader;
     use crate::metrics::Metrics;
 
     struct Fixture {
@@ -269,9 +292,9 @@ mod tests {
         let metrics: Arc<Metrics> = Arc::default();
         let reader = ChunkReader { storage: storage.clone(), parallelism: 8, reads: Arc::new(tokio::sync::Semaphore::new(8)), metrics, verified: verified.clone() };
         verified.check(&storage, &Sha256Hash([3; 32]), &refs, 4).await.unwrap();
-        let chunks: Vec<(Bytes, Bytes)> = reader.chunks(refs.clone()).try_collect().await.unwrap();
+        let chunks: Vec<Bytes> = reader.chunks(refs.clone()).try_collect().await.unwrap();
         assert_eq!(chunks.len(), refs.len());
-        for (chunk_ref, (_, data)) in refs.iter().zip(&chunks) {
+        for (chunk_ref, data) in refs.iter().zip(&chunks) {
             assert_eq!(ChunkHash::of(data), chunk_ref.hash, "chunks out of order");
         }
 

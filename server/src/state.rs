@@ -7,7 +7,8 @@ use axum::response::IntoResponse;
 
 use crate::auth::TokenAuthority;
 use crate::config::ServerConfig;
-use crate::ingest::{ChunkReader, IngestSettings, Ingester};
+use crate::chunk_reader::ChunkReader;
+use crate::ingest::{IngestSettings, Ingester};
 use crate::metrics::Metrics;
 use crate::narinfo_cache::NarinfoCache;
 use crate::preflight::VerifiedChunks;

@@ -501,6 +501,17 @@ impl Storage {
         Ok((bytes, version))
     }
 
+    /// The compressed bytes of the pack frame `pointer` names, unverified; `None` when the
+    /// pack is gone.
+    pub async fn get_pack_frame(&self, pointer: &PackPointer) -> Result<Option<Bytes>> {
+        let range = pointer.frame_offset..pointer.frame_offset + u64::from(pointer.frame_len);
+        match self.store.get_range(&Self::pack_key(&pointer.pack), range).await {
+            Ok(frame) => Ok(Some(frame)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(storage_error(err, "pack")),
+        }
+    }
+
     /// A chunk object as a frame: a stored frame as it is, a packed chunk out of its pack
     /// (`None` when the pack is gone).
     async fn resolve_chunk(&self, hash: &ChunkHash, object: Bytes) -> Result<Option<Bytes>> {
@@ -512,25 +523,27 @@ impl Storage {
 
     /// A packed chunk's bytes, verified; `None` when its pack is gone.
     pub async fn read_packed(&self, hash: &ChunkHash, pointer: &PackPointer) -> Result<Option<Vec<u8>>> {
-        let key = (pointer.pack, pointer.frame_offset);
-        let cached = self.pack_frames.lock().get(&key);
-        let raw = match cached {
-            Some(raw) => raw,
-            None => {
-                let range = pointer.frame_offset..pointer.frame_offset + u64::from(pointer.frame_len);
-                let frame = match self.store.get_range(&Self::pack_key(&pointer.pack), range).await {
-                    Ok(frame) => frame,
-                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                    Err(err) => return Err(storage_error(err, "pack")),
-                };
-                let raw = pack::decompress_frame(&frame, pointer.frame_raw_len as usize)
-                    .map_err(|err| err.context(format_args!("chunk {hash} in pack {}", pointer.pack)))?;
-                let raw = Arc::new(raw);
-                self.pack_frames.lock().put(key, raw.clone());
-                raw
-            }
+        let Some(raw) = self.pack_frame_raw(pointer).await.map_err(|err| err.context(format_args!("chunk {hash}")))? else {
+            return Ok(None);
         };
         pointer.slice_verified(&raw, hash).map(|data| Some(data.to_vec()))
+    }
+
+    /// The uncompressed bytes of the pack frame `pointer` names, unverified (its chunks are
+    /// checked against their names as they are sliced out); `None` when the pack is gone.
+    /// Frames read lately are kept in memory.
+    pub async fn pack_frame_raw(&self, pointer: &PackPointer) -> Result<Option<Arc<Vec<u8>>>> {
+        let key = (pointer.pack, pointer.frame_offset);
+        let cached = self.pack_frames.lock().get(&key);
+        if let Some(raw) = cached {
+            return Ok(Some(raw));
+        }
+        let Some(frame) = self.get_pack_frame(pointer).await? else { return Ok(None) };
+        let raw = pack::decompress_frame(&frame, pointer.frame_raw_len as usize)
+            .map_err(|err| err.context(format_args!("pack {}", pointer.pack)))?;
+        let raw = Arc::new(raw);
+        self.pack_frames.lock().put(key, raw.clone());
+        Ok(Some(raw))
     }
 
     /// The pointer a packed chunk's object holds; `None` for a chunk stored as a frame of its
@@ -641,14 +654,24 @@ impl Storage {
     /// (so that a reader can pass on the frames before it): on one thread of their own when
     /// the store runs inline, else up to [`BATCH_CONCURRENCY`] at a time.
     pub async fn get_chunks_versioned(&self, hashes: Vec<ChunkHash>) -> Vec<Result<(Bytes, String)>> {
+        self.read_in_order(hashes, |storage, hash| async move { storage.get_chunk_versioned(&hash).await }).await
+    }
+
+    /// The objects of `hashes` as stored (a frame, unverified, or a pack pointer) with their
+    /// versions, read as [`Storage::get_chunks_versioned`] reads frames.
+    pub async fn get_chunk_objects(&self, hashes: Vec<ChunkHash>) -> Vec<Result<(Bytes, String)>> {
+        self.read_in_order(hashes, |storage, hash| async move { storage.get_chunk_object(&hash).await }).await
+    }
+
+    async fn read_in_order<F, Fut>(&self, hashes: Vec<ChunkHash>, read: F) -> Vec<Result<(Bytes, String)>>
+    where
+        F: Fn(Storage, ChunkHash) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(Bytes, String)>> + Send + 'static,
+    {
         let storage = self.clone();
         let reads = async move {
-            let mut reads = futures::stream::iter(hashes)
-                .map(|hash| {
-                    let storage = storage.clone();
-                    async move { storage.get_chunk_versioned(&hash).await }
-                })
-                .buffered(BATCH_CONCURRENCY);
+            let mut reads =
+                futures::stream::iter(hashes).map(move |hash| read(storage.clone(), hash)).buffered(BATCH_CONCURRENCY);
             let mut items = Vec::new();
             while let Some(item) = reads.next().await {
                 let failed = item.is_err();

@@ -37,7 +37,8 @@ use prost::Message;
 use sha2::{Digest as _, Sha256};
 
 use crate::config::BazelConfig;
-use crate::ingest::{first_item_in, ChunkReader, Compression, Ingester};
+use crate::chunk_reader::{first_item_in, ChunkReader};
+use crate::ingest::{Compression, Ingester};
 use crate::preflight::VerifiedChunks;
 use crate::storage::{CacheRecord, Storage};
 use flywheel_reapi::execution::{ActionResult, Tree};
@@ -521,7 +522,7 @@ impl BazelStore {
                     .check(&self.storage, &Sha256Hash(digest.sha256), &chunks, self.parallelism)
                     .await?;
                 let data = first_item_in(self.reader.chunks(chunks)).await?;
-                Ok(Box::pin(hashed(data.map(|item| item.map(|(_, data)| data)), digest)))
+                Ok(Box::pin(hashed(data, digest)))
             }
         }
     }

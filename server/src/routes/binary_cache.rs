@@ -15,7 +15,8 @@ use super::{ApiBytes, ApiPath};
 use super::publish::PathMetadata;
 use super::{authorize, Access, Caller, Push};
 use crate::error::ApiError;
-use crate::ingest::{first_item_in, Compression};
+use crate::chunk_reader::first_item_in;
+use crate::ingest::Compression;
 use crate::narinfo_cache::Answer;
 use crate::state::AppState;
 use crate::storage::{CacheRecord, PathRecord};
@@ -254,12 +255,13 @@ pub async fn get_nar(
         std::io::Error::other(err)
     };
     let (body, content_type) = if compression == Compression::Zstd {
-        // The stored frames as they are: checked by digest, decompressed only when unknown.
-        let frames = first_item_in(reader.frames(refs)).await?;
+        // The stored frames as they are, whole pack frames included: checked by digest,
+        // decompressed only when unknown.
+        let frames = first_item_in(reader.nar_frames(refs)).await?;
         (Body::from_stream(frames.map_ok(counted).map_err(cut)), "application/zstd")
     } else {
         let data = first_item_in(reader.chunks(refs)).await?;
-        let data = data.map_ok(|(_, data)| data).map_err(cut);
+        let data = data.map_err(cut);
         match compression {
             Compression::None => (Body::from_stream(data.map_ok(counted)), "application/x-nix-nar"),
             other => (Body::from_stream(send_encoded(data, other).map_ok(counted)), "application/octet-stream"),

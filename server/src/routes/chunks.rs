@@ -22,7 +22,7 @@ use super::binary_cache::{path_record, render_narinfo};
 use super::publish::PathMetadata;
 use super::{Access, ApiJson, Pull, Push};
 use crate::error::ApiError;
-use crate::ingest::first_item_in;
+use crate::chunk_reader::first_item_in;
 use crate::state::AppState;
 use crate::storage::Reuse;
 
