@@ -140,7 +140,8 @@ struct MintArgs {
 fn bound_heap_growth() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-        // SAFETY: mallopt only sets a tunable of the allocator; no other thread runs yet.
+        // SAFETY: mallopt only sets a tunable of the allocator; no other thread runs yet (it is
+        // called before any runtime starts).
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         }
@@ -148,7 +149,6 @@ fn bound_heap_growth() {
 }
 
 fn main() -> anyhow::Result<()> {
-    bound_heap_growth();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -157,6 +157,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The cache host's commands, where it was measured; the runner's keep glibc's defaults.
+    if matches!(cli.command, Command::Serve(_) | Command::Fsck(_) | Command::Gc(_) | Command::Compact(_)) {
+        bound_heap_growth();
+    }
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Token(TokenCommand::Mint(args)) => mint(args),

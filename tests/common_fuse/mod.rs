@@ -180,7 +180,12 @@ impl Mount {
             Some(mut child) => wait_timeout(&mut child, Duration::from_secs(20)).is_some_and(|s| s.success()),
             None => true,
         };
-        ok && !is_mounted(&self.mountpoint)
+        let ok = ok && !is_mounted(&self.mountpoint);
+        if !ok {
+            // What the mount said is the only account of why it did not exit cleanly.
+            eprintln!("mount log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+        ok
     }
 
     /// SIGKILL, then detaches the dead mount.
