@@ -221,6 +221,40 @@ fn push_skips_paths_signed_by_upstream_keys_with(version: NixVersion) {
     assert!(setup.server_has(&paths[0]));
 }
 
+/// A new version pushed over a base whose chunks the server has packed (`flywheel compact`)
+/// goes as changes, sends only its new chunks (`missing-chunks` sees packed chunks as stored),
+/// and real Nix substitutes both bit for bit.
+#[test]
+fn push_of_a_new_version_over_a_packed_base_sends_only_new_chunks() {
+    let mut setup = Setup::new("ci");
+    let paths = setup.build("push-packed", &["big", "bigNext"]);
+    let out = setup.push(&setup.server.url, &paths[..1], &[]);
+    assert!(out.status.success(), "push failed: {}", stderr(&out));
+    let report = setup.server.compact(&["--cold-after", "0"]);
+    assert!(!report.contains("packed 0 chunks"), "{report}");
+    setup.server.restart();
+
+    let (old_nar, new_nar) = (setup.nix.dump(&setup.src, &paths[0]), setup.nix.dump(&setup.src, &paths[1]));
+    let (new_count, new_bytes) = new_chunks(&old_nar, &new_nar);
+    let proxy = CountingProxy::start(&setup.server.url, "ci", None);
+    let received = chunks_received(&setup);
+    let out = setup.push(&proxy.url, &paths[1..2], &[]);
+    assert!(out.status.success(), "push failed: {}", stderr(&out));
+    assert_eq!(chunks_received(&setup) - received, new_count, "uploaded chunks");
+    assert!(stderr(&out).contains("1 as changes to an earlier version"), "{}", stderr(&out));
+    let sent = proxy.bytes_up();
+    assert!(sent <= new_bytes + new_bytes / 20 + 4096, "sent {sent} bytes for {new_bytes} new bytes");
+
+    let netrc = setup.server.netrc(&setup.token);
+    let dst = setup.nix.store("dst");
+    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, &paths);
+    assert!(out.status.success(), "nix copy --from failed: {}", stderr(&out));
+    for path in &paths {
+        assert!(setup.nix.verify(&dst, path), "{path} does not verify");
+        assert_eq!(setup.nix.dump(&setup.src, path), setup.nix.dump(&dst, path), "{path}");
+    }
+}
+
 /// A new version goes as changes to the old one only while the old one's chunks are all
 /// there: with one of them lost from storage, the push falls back to asking about every
 /// chunk, uploads the lost one again, and real Nix substitutes the result.
