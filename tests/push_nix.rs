@@ -15,6 +15,16 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Substitutes `paths` from the server's cache `ci` into a fresh store with real Nix,
+/// signatures required; answers that store.
+fn substitute(setup: &Setup, paths: &[String]) -> String {
+    let netrc = setup.server.netrc(&setup.token);
+    let dst = setup.nix.store("dst");
+    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, paths);
+    assert!(out.status.success(), "nix copy --from failed: {}", stderr(&out));
+    dst
+}
+
 nix_matrix! {
     push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it => push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it_with;
 }
@@ -56,10 +66,7 @@ fn push_of_a_new_version_sends_only_new_chunks_and_nix_substitutes_it_with(versi
     assert!(stderr(&out).contains("pushed 0 of"), "{}", stderr(&out));
 
     // Real Nix substitutes what was pushed, signatures required.
-    let netrc = setup.server.netrc(&setup.token);
-    let dst = setup.nix.store("dst");
-    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, &paths);
-    assert!(out.status.success(), "nix copy --from failed: {}", stderr(&out));
+    let dst = substitute(&setup, &paths);
     for path in &paths {
         assert!(setup.nix.verify(&dst, path), "{path} does not verify");
         let (a, b) = (setup.nix.path_info(&setup.src, path), setup.nix.path_info(&dst, path));
@@ -125,10 +132,7 @@ fn push_hook_pushes_a_real_nix_build_by_flush_with(version: NixVersion) {
     assert!(value("flywheel_push_chunks_uploaded_total") >= 1.0, "{metrics}");
     assert_eq!(value("flywheel_push_queue_length"), 0.0);
     assert_eq!(value("flywheel_push_batches_failed_total"), 0.0);
-    let netrc = setup.server.netrc(&setup.token);
-    let dst = setup.nix.store("dst");
-    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, std::slice::from_ref(&built));
-    assert!(out.status.success(), "{}", stderr(&out));
+    let dst = substitute(&setup, std::slice::from_ref(&built));
     assert!(setup.nix.verify(&dst, &built));
 
     // The hook never fails the build, even with no daemon listening.
@@ -176,10 +180,7 @@ fn push_bad_input_fails_clearly_and_loses_nothing_with(version: NixVersion) {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(chunks_received(&setup) - received < total, "the second push sent all {total} chunks again");
     assert!(setup.server_has(&paths[0]));
-    let netrc = setup.server.netrc(&setup.token);
-    let dst = setup.nix.store("dst");
-    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, &paths[..1]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let dst = substitute(&setup, &paths[..1]);
     assert!(setup.nix.verify(&dst, &paths[0]));
 
     // A path whose files no longer match the Nix database is refused, not pushed.
@@ -245,10 +246,7 @@ fn push_of_a_new_version_over_a_packed_base_sends_only_new_chunks() {
     let sent = proxy.bytes_up();
     assert!(sent <= new_bytes + new_bytes / 20 + 4096, "sent {sent} bytes for {new_bytes} new bytes");
 
-    let netrc = setup.server.netrc(&setup.token);
-    let dst = setup.nix.store("dst");
-    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, &paths);
-    assert!(out.status.success(), "nix copy --from failed: {}", stderr(&out));
+    let dst = substitute(&setup, &paths);
     for path in &paths {
         assert!(setup.nix.verify(&dst, path), "{path} does not verify");
         assert_eq!(setup.nix.dump(&setup.src, path), setup.nix.dump(&dst, path), "{path}");
@@ -277,10 +275,7 @@ fn push_of_a_new_version_over_a_damaged_base_repairs_it() {
     assert!(stderr(&out).contains("pushed 1 of 1 paths"), "{}", stderr(&out));
     assert!(stderr(&out).contains("0 as changes to an earlier version"), "{}", stderr(&out));
     assert!(setup.server.objects.join("chunks").join(&hex[..2]).join(&hex).exists(), "the lost chunk was not uploaded again");
-    let netrc = setup.server.netrc(&setup.token);
-    let dst = setup.nix.store("dst");
-    let out = setup.nix.copy_from(&dst, &format!("{}/ci", setup.server.url), &netrc, &setup.key, &paths[1..]);
-    assert!(out.status.success(), "nix copy --from failed: {}", stderr(&out));
+    let dst = substitute(&setup, &paths[1..]);
     assert!(setup.nix.verify(&dst, &paths[1]));
 }
 
