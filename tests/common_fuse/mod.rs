@@ -234,12 +234,13 @@ pub fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Total size of the files below `dir`.
+/// Total size of the files below `dir`. A file that goes while it is walked (a running mount
+/// deletes evicted packs) counts for nothing.
 pub fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     for entry in entries.flatten() {
-        let meta = entry.metadata().unwrap();
+        let Ok(meta) = entry.metadata() else { continue };
         total += if meta.is_dir() { dir_size(&entry.path()) } else { meta.len() };
     }
     total
