@@ -44,6 +44,23 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
     let (server, token) = servers.pop().unwrap();
     drop(servers);
 
+    // The trade-off a cheaper ingest level would make (compaction recompresses cold chunks at
+    // its own level; hot chunks stay as ingested and go out as stored in `.nar.zst`).
+    let mut ingest_level1 = Vec::new();
+    let mut stored_level1 = 0u64;
+    let mut level1_servers = Vec::new();
+    for _ in 0..SERVER_RUNS {
+        let server = Server::start_with(Backend::Local, "zstd-level = 1");
+        server.create_cache("bench", false);
+        let token = server.admin_token();
+        let _ = Command::new("sync").status();
+        ingest_level1.push(upload_path(&server, &token, &nar, &nar_hash_hex, nar_size));
+        stored_level1 = server.chunk_bytes();
+        level1_servers.push(server);
+    }
+    drop(level1_servers);
+    let ingest_level1_s = median(ingest_level1);
+
     // The same upload and downloads against atticd, when scripts/attic.sh could build it.
     let attic = Attic::available().then(|| {
         let mut ingest = Vec::new();
@@ -109,6 +126,15 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
     let ng_zst = ng("lib.nar.zst");
     let ng_nar = ng("lib.nar");
     drop(nginx);
+    // What s3s-fs itself sends: the same `.nar.zst` file as one object (its bucket is the
+    // directory nginx served), in one GET and in four ranged GETs at once.
+    let s3s = S3sFs::start(work);
+    let s3s_url = format!("{}/static/lib.nar.zst", s3s.url);
+    let zst_len = std::fs::metadata(static_root.join("lib.nar.zst")).unwrap().len();
+    let s3s_one = median((0..SERVER_RUNS).map(|_| curl_get(&s3s_url, None).0).collect());
+    let s3s_four = median((0..SERVER_RUNS).map(|_| ranged_gets_at_once(&s3s_url, zst_len, 4)).collect());
+    drop(s3s);
+    let s3s_best = s3s_one.min(s3s_four);
 
     let attic_note = match &attic {
         Some(_) => format!(
@@ -129,7 +155,9 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
              `PUT /_api/v1/upload-path` to a server on local storage, {SERVER_RUNS} runs on fresh storage, each after a \
              `sync` and followed, after another `sync`, by the first download; downloaded with `curl -o /dev/null` {} times \
              more. The S3 rows upload it once to a server on S3 (s3s-fs on this machine, sharing its cores) and download \
-             it {SERVER_RUNS} more times after the first. Throughput is NAR bytes per second. It stored {:.1} MB of zstd chunks. {attic_note}",
+             it {SERVER_RUNS} more times after the first; s3s-fs's own rows GET the `.nar.zst` file nginx serves from an s3s-fs whose \
+             bucket is nginx's directory, {SERVER_RUNS} times each way. The level 1 row repeats the ingest runs with `zstd-level = 1`. \
+             Throughput is NAR bytes per second. It stored {:.1} MB of zstd chunks. {attic_note}",
             2 * SERVER_RUNS,
             stored as f64 / MB
         ),
@@ -148,6 +176,13 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
         format!("{attic_ratio}{:.2}x zstd CLI", zstd_cli / ingest_s),
         ">= 10x Attic; >= 1.6x zstd CLI",
     );
+    report.row(
+        "ingest at `zstd-level = 1` (not the default)",
+        format!("{:.0} MB/s; stored {:.1} MB", size_mb / ingest_level1_s, stored_level1 as f64 / MB),
+        format!("level 3 (the default): {:.0} MB/s, stored {:.1} MB; `zstd -3 -T1` {:.0} MB/s", size_mb / ingest_s, stored as f64 / MB, size_mb / zstd_cli),
+        format!("{:.2}x zstd CLI; {:.2}x the stored bytes of level 3", zstd_cli / ingest_level1_s, stored_level1 as f64 / stored as f64),
+        "",
+    );
     let zst_file = ("same NAR as `.nar.zst` file", ng_zst);
     let zst_target = ">= 4x Attic; >= 0.5x nginx";
     for (figure, ours, theirs, (file, nginx), target) in [
@@ -164,6 +199,20 @@ pub(crate) fn server_section(report: &mut Report, work: &Path) {
             format!("{attic_ref}nginx, {file}: {:.0} MB/s", size_mb / nginx),
             format!("{attic_ratio}{:.2}x nginx", nginx / ours),
             target,
+        );
+    }
+    for (figure, ours) in [("S3 storage: first download after ingest, against s3s-fs itself", dl_s3_first), ("S3 storage: later downloads, against s3s-fs itself", dl_s3)] {
+        report.row(
+            figure,
+            format!("{:.0} MB/s", size_mb / ours),
+            format!(
+                "s3s-fs sending the same NAR's `.nar.zst` file as one object: {:.0} MB/s in one GET, {:.0} MB/s in 4 ranged GETs at once (nginx {})",
+                size_mb / s3s_one,
+                size_mb / s3s_four,
+                ratio(ng_zst / s3s_best)
+            ),
+            format!("{} s3s-fs", ratio(s3s_best / ours)),
+            "",
         );
     }
     report.row(

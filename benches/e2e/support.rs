@@ -132,6 +132,50 @@ impl Nginx {
     }
 }
 
+/// s3s-fs over `root` (each directory a bucket) with no credentials, so that `curl` can GET
+/// its objects: the S3 server's own speed, as a reference for the server on S3.
+pub(crate) struct S3sFs {
+    _child: common::KillOnDrop,
+    pub(crate) url: String,
+}
+
+impl S3sFs {
+    pub(crate) fn start(root: &Path) -> S3sFs {
+        let port = common::free_port();
+        let child = Command::new(common::require_tool("s3s-fs"))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting s3s-fs");
+        let child = common::KillOnDrop(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return S3sFs { _child: child, url: format!("http://127.0.0.1:{port}") };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("s3s-fs did not start");
+    }
+}
+
+/// Seconds to fetch `url` (`len` bytes) as `parts` ranged GETs sent at once.
+pub(crate) fn ranged_gets_at_once(url: &str, len: u64, parts: u64) -> f64 {
+    let part = len.div_ceil(parts);
+    let start = Instant::now();
+    let children: Vec<_> = (0..parts)
+        .map(|i| {
+            let range = format!("{}-{}", i * part, ((i + 1) * part).min(len) - 1);
+            Command::new("curl").args(["-sf", "-o", "/dev/null", "-r", &range, url]).spawn().unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success(), "ranged GET of {url} failed");
+    }
+    start.elapsed().as_secs_f64()
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM, not SIGKILL: the master then stops its workers too.

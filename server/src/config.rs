@@ -774,6 +774,12 @@ impl ServerConfig {
                     .with_retry(retry.retry_config());
                 if let Some(endpoint) = endpoint {
                     builder = builder.with_endpoint(endpoint);
+                    if endpoint.starts_with("http://") {
+                        builder = builder.with_http_connector(crate::s3_client::QuickAckConnector::new(
+                            Duration::from_secs(retry.connect_timeout),
+                            Duration::from_secs(retry.request_timeout),
+                        ));
+                    }
                 }
                 if let Some(id) = access_key_id {
                     builder = builder.with_access_key_id(id);

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod narinfo_cache;
 pub mod preflight;
 pub mod routes;
+pub mod s3_client;
 pub mod state;
 pub mod storage;
 pub mod tfstate;
