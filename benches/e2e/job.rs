@@ -10,7 +10,8 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
     use common_fuse::{mount_overlay, register_lazily, NixVersion, Setup, Unmount, CACHE};
     const JOB_FILES: usize = 200;
     const JOB_RUNS_SHORT: usize = 5;
-    let setup = Setup::of(NixVersion::V2_8);
+    // The production layout: the server keeps its chunks in S3 (s3s-fs here).
+    let setup = Setup::on(NixVersion::V2_8, Backend::S3);
     let netrc = setup.server.netrc(&setup.token);
     // Adds a directory of this machine to the store and pushes it: (store path, NAR MB).
     let push = |dir: &Path| -> (String, f64) {
@@ -225,7 +226,8 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
              chunks at once). Warm is the same job again on that runner, page cache dropped. Links are the proxy of the \
              substituter section (shared bandwidth limit, no added latency). Over 100 Mbit/s the ratio cells add the ceiling \
              of this run's figures: with a trace, the reference over the warm job; with none, over the warm job plus the \
-             fetched bytes at link speed (the misses come one after the other). Nix 2.8, server on local storage on this machine. \
+             fetched bytes at link speed (the misses come one after the other). Nix 2.8; the server keeps its chunks in S3 \
+             (s3s-fs on this machine, sharing its cores), as in production. \
              On-demand reads alone fetch (compressed): {}.",
             intro_bytes.join(", ")
         ),

@@ -39,9 +39,14 @@ impl Setup {
 
     /// A setup whose Nix is `version`.
     pub fn of(version: NixVersion) -> Setup {
+        Setup::on(version, Backend::Local)
+    }
+
+    /// A setup whose Nix is `version` and whose server keeps its chunks on `backend`.
+    pub fn on(version: NixVersion, backend: Backend) -> Setup {
         require_fuse();
         let nix = Nix::of(version);
-        let server = Server::start(Backend::Local);
+        let server = Server::start(backend);
         server.create_cache(CACHE, false);
         let token = server.mint(&["--pull", "*", "--push", "*"]);
         let token_file = server.dir.path().join("token");
