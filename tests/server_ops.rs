@@ -436,14 +436,33 @@ fn narinfo_answers_follow_publishes_and_deletes() {
     // The other replica held a 404: it sees the path once that has aged out.
     eventually(|| status(&b, &paths[0]), StatusCode::OK, &paths[0]);
 
-    // A delete here is seen here at once, and by the other replica, which held a 200, later.
+    // A delete here is seen here at once, and by the other replica, which held a 200, later;
+    // the same for its NAR and its manifest, whose path records are kept the same way.
+    let nar_status = |server: &Server, path: &str| {
+        client.get(format!("{}/ci/nar/{}.nar.zst", server.url, hash_part(path))).bearer_auth(&admin).send().unwrap().status()
+    };
+    let manifest_status = |server: &Server, path: &str| {
+        let url = format!("{}/_flywheel/v1/ci/manifest/{}", server.url, hash_part(path));
+        client.get(url).bearer_auth(&admin).send().unwrap().status()
+    };
     copy(&paths[1]);
     assert_eq!(status(&a, &paths[1]), StatusCode::OK);
     assert_eq!(status(&b, &paths[1]), StatusCode::OK);
+    for server in [&a, &b] {
+        assert_eq!(nar_status(server, &paths[1]), StatusCode::OK);
+        assert_eq!(manifest_status(server, &paths[1]), StatusCode::OK);
+    }
     let resp = client.delete(format!("{}/ci/{}.narinfo", a.url, hash_part(&paths[1]))).bearer_auth(&admin).send().unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(status(&a, &paths[1]), StatusCode::NOT_FOUND);
+    assert_eq!(nar_status(&a, &paths[1]), StatusCode::NOT_FOUND);
+    assert_eq!(manifest_status(&a, &paths[1]), StatusCode::NOT_FOUND);
     eventually(|| status(&b, &paths[1]), StatusCode::NOT_FOUND, &paths[1]);
+    eventually(|| nar_status(&b, &paths[1]), StatusCode::NOT_FOUND, &paths[1]);
+    eventually(|| manifest_status(&b, &paths[1]), StatusCode::NOT_FOUND, &paths[1]);
+    // Deleting it again through the replica that still remembers it reads storage: a 404.
+    let resp = client.delete(format!("{}/ci/{}.narinfo", b.url, hash_part(&paths[1]))).bearer_auth(&admin).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 
     // A path never asked about is seen at once by both.
     copy(&paths[2]);

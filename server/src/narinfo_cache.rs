@@ -1,9 +1,11 @@
-//! Rendered narinfos, and recent 404s, kept in memory.
+//! Rendered narinfos, recent 404s, and the records of paths read lately, kept in memory.
 //!
 //! A published path's record does not change until a delete or a garbage collection, and Nix
 //! asks for the same narinfos over and over (every runner, every job). Reading the record from
 //! the object store and signing it for each request was most of a narinfo's cost on S3, so a
-//! replica keeps what it answered for a short time.
+//! replica keeps what it answered for a short time. The same goes for the records that NAR
+//! downloads and chunk reads check: a lazy mount's every miss names its path, and on S3 reading
+//! the record again was one GET more in front of the chunk's own.
 //!
 //! Staleness: what this replica itself publishes or deletes is seen by its next request
 //! ([`NarinfoCache::forget`]). A delete, a garbage collection or a publish made through
@@ -17,6 +19,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::clock::SharedClock;
+use crate::storage::PathRecord;
+use std::sync::Arc;
 
 /// How long an answer is served from memory: the bound on how stale a replica's narinfo, or
 /// 404, can be after another replica changed the path. Short, because a Nix client that was
@@ -69,6 +73,19 @@ pub struct NarinfoCache {
 struct Entries {
     by_key: lru::LruCache<(String, String), (u64, Answer)>,
     bytes: usize,
+    /// Path records read for NAR downloads and chunk reads, with the time each was read.
+    records: lru::LruCache<(String, String), (u64, Arc<PathRecord>)>,
+    record_bytes: usize,
+}
+
+/// Bytes counted for a kept path record: its strings, and the same overhead as an answer.
+fn record_cost(record: &PathRecord) -> usize {
+    ENTRY_OVERHEAD
+        + record.store_path.len()
+        + record.references.iter().chain(&record.sigs).map(|s| s.len() + 24).sum::<usize>()
+        + record.deriver.as_ref().map_or(0, String::len)
+        + record.system.as_ref().map_or(0, String::len)
+        + record.ca.as_ref().map_or(0, String::len)
 }
 
 impl NarinfoCache {
@@ -76,7 +93,12 @@ impl NarinfoCache {
     pub fn new(clock: SharedClock) -> Self {
         NarinfoCache {
             clock,
-            entries: Mutex::new(Entries { by_key: lru::LruCache::unbounded(), bytes: 0 }),
+            entries: Mutex::new(Entries {
+                by_key: lru::LruCache::unbounded(),
+                bytes: 0,
+                records: lru::LruCache::unbounded(),
+                record_bytes: 0,
+            }),
             generation: AtomicU64::new(0),
         }
     }
@@ -123,12 +145,52 @@ impl NarinfoCache {
         }
     }
 
+    /// The record of `hash_part` in `cache` as read within [`NARINFO_TTL`], if kept.
+    pub fn record(&self, cache: &str, hash_part: &str) -> Option<Arc<PathRecord>> {
+        let now = self.clock.now_ms();
+        let mut entries = self.entries.lock();
+        let key = (cache.to_string(), hash_part.to_string());
+        let (at, record) = entries.records.get(&key)?;
+        if now.saturating_sub(*at) < NARINFO_TTL.as_millis() as u64 {
+            return Some(record.clone());
+        }
+        if let Some((_, old)) = entries.records.pop(&key) {
+            entries.record_bytes -= record_cost(&old);
+        }
+        None
+    }
+
+    /// Keeps a record read from storage, on the terms of [`NarinfoCache::insert`].
+    pub fn insert_record(&self, cache: &str, hash_part: &str, ticket: Ticket, record: Arc<PathRecord>) {
+        let cost = record_cost(&record);
+        if cost > MAX_ENTRY_BYTES {
+            return;
+        }
+        let now = self.clock.now_ms();
+        let mut entries = self.entries.lock();
+        if self.generation.load(Ordering::Acquire) != ticket.0 {
+            return;
+        }
+        entries.record_bytes += cost;
+        if let Some((_, old)) = entries.records.put((cache.to_string(), hash_part.to_string()), (now, record)) {
+            entries.record_bytes -= record_cost(&old);
+        }
+        while entries.record_bytes > MAX_BYTES {
+            let Some((_, (_, old))) = entries.records.pop_lru() else { break };
+            entries.record_bytes -= record_cost(&old);
+        }
+    }
+
     /// Drops what is kept for one path: called when this replica publishes or deletes it.
     pub fn forget(&self, cache: &str, hash_part: &str) {
         let mut entries = self.entries.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
-        if let Some((_, old)) = entries.by_key.pop(&(cache.to_string(), hash_part.to_string())) {
+        let key = (cache.to_string(), hash_part.to_string());
+        if let Some((_, old)) = entries.by_key.pop(&key) {
             entries.bytes -= old.cost();
+        }
+        if let Some((_, old)) = entries.records.pop(&key) {
+            entries.record_bytes -= record_cost(&old);
         }
     }
 
@@ -141,6 +203,12 @@ impl NarinfoCache {
         for key in keys {
             if let Some((_, old)) = entries.by_key.pop(&key) {
                 entries.bytes -= old.cost();
+            }
+        }
+        let keys: Vec<(String, String)> = entries.records.iter().filter(|((c, _), _)| c == cache).map(|(k, _)| k.clone()).collect();
+        for key in keys {
+            if let Some((_, old)) = entries.records.pop(&key) {
+                entries.record_bytes -= record_cost(&old);
             }
         }
     }
@@ -188,6 +256,51 @@ mod tests {
         cache.forget_cache("main");
         assert_eq!(cache.get("main", "a"), None);
         assert_eq!(cache.get("other", "a"), Some(found("y")));
+    }
+
+    fn record(name: &str) -> Arc<PathRecord> {
+        Arc::new(PathRecord {
+            store_path: format!("{}-{name}", "a".repeat(32)),
+            nar_hash: flywheel_core::nix::Sha256Hash::digest(name.as_bytes()),
+            nar_size: 1,
+            references: vec!["r".repeat(40); 4],
+            deriver: None,
+            system: None,
+            sigs: Vec::new(),
+            ca: None,
+            created_at: 0,
+            nar_file: None,
+        })
+    }
+
+    #[test]
+    fn records_expire_follow_changes_here_and_stay_bounded() {
+        let clock = ManualClock::starting_now();
+        let cache = NarinfoCache::new(clock.clone());
+        cache.insert_record("main", "a", cache.ticket(), record("one"));
+        assert_eq!(cache.record("main", "a").map(|r| r.store_path.clone()), Some(record("one").store_path.clone()));
+        assert!(cache.record("other", "a").is_none(), "records are per cache");
+        clock.advance(NARINFO_TTL);
+        assert!(cache.record("main", "a").is_none(), "a record older than the TTL is read again");
+
+        // A delete here drops it at once; a read that began before the delete is not kept.
+        cache.insert_record("main", "a", cache.ticket(), record("one"));
+        let before = cache.ticket();
+        cache.forget("main", "a");
+        assert!(cache.record("main", "a").is_none());
+        cache.insert_record("main", "a", before, record("one"));
+        assert!(cache.record("main", "a").is_none());
+        cache.insert_record("main", "b", cache.ticket(), record("two"));
+        cache.forget_cache("main");
+        assert!(cache.record("main", "b").is_none());
+
+        for i in 0..100_000 {
+            cache.insert_record("main", &i.to_string(), cache.ticket(), record("many"));
+        }
+        let entries = cache.entries.lock();
+        assert!(entries.record_bytes <= MAX_BYTES, "{}", entries.record_bytes);
+        assert!(entries.records.len() < 100_000);
+        assert_eq!(entries.record_bytes, entries.records.iter().map(|(_, (_, r))| record_cost(r)).sum::<usize>());
     }
 
     #[test]

@@ -5,6 +5,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use flywheel_core::nix::{cache_info, store_path::parse_hash_part, NarInfo, NixCacheInfo, Sha256Hash, SigningKey, StorePath};
 use flywheel_core::{Error, Result};
@@ -42,13 +44,21 @@ pub async fn put_cache_info(_access: Access<Push>, ApiBytes(_body): ApiBytes) ->
 }
 
 /// The record of a path, or 404.
-pub(super) async fn path_record(state: &AppState, cache: &str, hash_part: &str) -> Result<PathRecord> {
+pub(super) async fn path_record(state: &AppState, cache: &str, hash_part: &str) -> Result<Arc<PathRecord>> {
     parse_hash_part(hash_part)?;
-    state
-        .storage
-        .get_path(cache, hash_part)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("{hash_part} is not in cache {cache:?}")))
+    if let Some(record) = state.narinfos.record(cache, hash_part) {
+        return Ok(record);
+    }
+    let ticket = state.narinfos.ticket();
+    let record = Arc::new(
+        state
+            .storage
+            .get_path(cache, hash_part)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("{hash_part} is not in cache {cache:?}")))?,
+    );
+    state.narinfos.insert_record(cache, hash_part, ticket, record.clone());
+    Ok(record)
 }
 
 /// The narinfo of a published path, signed with the cache's key.
@@ -205,7 +215,11 @@ pub async fn delete_file(
     let Some(hash_part) = file.strip_suffix(".narinfo") else {
         return Err(Error::invalid(format!("cannot delete {file:?}: name a path as {{hash}}.narinfo")).into());
     };
-    path_record(&state, &cache, hash_part).await?;
+    // From storage, not memory: a path deleted through another replica a moment ago is a 404.
+    parse_hash_part(hash_part)?;
+    if !state.storage.has_path(&cache, hash_part).await? {
+        return Err(Error::not_found(format!("{hash_part} is not in cache {cache:?}")).into());
+    }
     state.delete_path(&cache, hash_part).await?;
     tracing::info!(hash = hash_part, "path deleted");
     Ok(StatusCode::OK)

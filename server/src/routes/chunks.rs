@@ -60,7 +60,7 @@ pub async fn manifest(
         references: path.references.iter().map(|r| absolute(r)).collect::<Result<_, _>>()?,
         deriver: path.deriver.as_deref().map(absolute).transpose()?,
         sigs: narinfo.sigs,
-        ca: path.ca,
+        ca: path.ca.clone(),
         manifest,
     }, accepts_encoding(&headers, flywheel_core::api::v1::chunks::MANIFEST_ENCODING)).await?)
 }
