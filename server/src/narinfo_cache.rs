@@ -14,13 +14,13 @@
 //! dir) drop all its entries; changed elsewhere, they are seen within the same bound.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::clock::SharedClock;
 use crate::storage::PathRecord;
-use std::sync::Arc;
 
 /// How long an answer is served from memory: the bound on how stale a replica's narinfo, or
 /// 404, can be after another replica changed the path. Short, because a Nix client that was
@@ -29,11 +29,12 @@ use std::sync::Arc;
 /// narinfos many times a second reads each from storage once per period.
 pub const NARINFO_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Bytes of rendered narinfos kept, at most (about 8,000 typical narinfos).
+/// Bytes of rendered narinfos kept, at most (about 8,000 typical narinfos); path records have
+/// a budget of the same size.
 const MAX_BYTES: usize = 8 << 20;
 
 /// A narinfo larger than this (a path with thousands of references) is not kept: a few of them
-/// would push out thousands of ordinary ones.
+/// would push out thousands of ordinary ones. The same bound holds for a record.
 const MAX_ENTRY_BYTES: usize = 64 << 10;
 
 /// Bytes counted for an entry on top of its text: its key and the LRU's bookkeeping.
@@ -48,9 +49,23 @@ pub enum Answer {
     Missing,
 }
 
-impl Answer {
+/// Bytes an entry is counted for against [`MAX_BYTES`].
+trait Cost {
+    fn cost(&self) -> usize;
+}
+
+impl Cost for Answer {
     fn cost(&self) -> usize {
         ENTRY_OVERHEAD + if let Answer::Found(text) = self { text.len() } else { 0 }
+    }
+}
+
+impl Cost for Arc<PathRecord> {
+    fn cost(&self) -> usize {
+        let optional = [&self.deriver, &self.system, &self.ca].into_iter().flatten().map(String::len).sum::<usize>();
+        // A string of a list is counted with its own bookkeeping.
+        let listed = self.references.iter().chain(&self.sigs).map(|s| s.len() + 24).sum::<usize>();
+        ENTRY_OVERHEAD + self.store_path.len() + optional + listed
     }
 }
 
@@ -59,7 +74,8 @@ impl Answer {
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket(u64);
 
-/// Narinfo answers by cache and hash part, least recently used first out, bounded in bytes.
+/// Narinfo answers and path records by cache and hash part, least recently used first out,
+/// bounded in bytes.
 #[derive(Debug)]
 pub struct NarinfoCache {
     clock: SharedClock,
@@ -71,21 +87,61 @@ pub struct NarinfoCache {
 
 #[derive(Debug)]
 struct Entries {
-    by_key: lru::LruCache<(String, String), (u64, Answer)>,
-    bytes: usize,
-    /// Path records read for NAR downloads and chunk reads, with the time each was read.
-    records: lru::LruCache<(String, String), (u64, Arc<PathRecord>)>,
-    record_bytes: usize,
+    answers: Kept<Answer>,
+    /// Path records read for NAR downloads, manifests and chunk reads.
+    records: Kept<Arc<PathRecord>>,
 }
 
-/// Bytes counted for a kept path record: its strings, and the same overhead as an answer.
-fn record_cost(record: &PathRecord) -> usize {
-    ENTRY_OVERHEAD
-        + record.store_path.len()
-        + record.references.iter().chain(&record.sigs).map(|s| s.len() + 24).sum::<usize>()
-        + record.deriver.as_ref().map_or(0, String::len)
-        + record.system.as_ref().map_or(0, String::len)
-        + record.ca.as_ref().map_or(0, String::len)
+/// Entries by (cache, hash part), each with the time it was read from storage.
+#[derive(Debug)]
+struct Kept<V> {
+    by_key: lru::LruCache<(String, String), (u64, V)>,
+    bytes: usize,
+}
+
+impl<V: Cost + Clone> Kept<V> {
+    fn new() -> Self {
+        Kept { by_key: lru::LruCache::unbounded(), bytes: 0 }
+    }
+
+    /// The entry for `key` if it was read less than [`NARINFO_TTL`] before `now`; an older
+    /// one is dropped.
+    fn fresh(&mut self, key: &(String, String), now: u64) -> Option<V> {
+        let (at, value) = self.by_key.get(key)?;
+        if now.saturating_sub(*at) < NARINFO_TTL.as_millis() as u64 {
+            return Some(value.clone());
+        }
+        self.remove(key);
+        None
+    }
+
+    fn put(&mut self, key: (String, String), now: u64, value: V) {
+        self.bytes += value.cost();
+        if let Some((_, old)) = self.by_key.put(key, (now, value)) {
+            self.bytes -= old.cost();
+        }
+        while self.bytes > MAX_BYTES {
+            let Some((_, (_, old))) = self.by_key.pop_lru() else { break };
+            self.bytes -= old.cost();
+        }
+    }
+
+    fn remove(&mut self, key: &(String, String)) {
+        if let Some((_, old)) = self.by_key.pop(key) {
+            self.bytes -= old.cost();
+        }
+    }
+
+    fn remove_cache(&mut self, cache: &str) {
+        let keys: Vec<(String, String)> = self.by_key.iter().filter(|((c, _), _)| c == cache).map(|(k, _)| k.clone()).collect();
+        for key in keys {
+            self.remove(&key);
+        }
+    }
+}
+
+fn key(cache: &str, hash_part: &str) -> (String, String) {
+    (cache.to_string(), hash_part.to_string())
 }
 
 impl NarinfoCache {
@@ -93,12 +149,7 @@ impl NarinfoCache {
     pub fn new(clock: SharedClock) -> Self {
         NarinfoCache {
             clock,
-            entries: Mutex::new(Entries {
-                by_key: lru::LruCache::unbounded(),
-                bytes: 0,
-                records: lru::LruCache::unbounded(),
-                record_bytes: 0,
-            }),
+            entries: Mutex::new(Entries { answers: Kept::new(), records: Kept::new() }),
             generation: AtomicU64::new(0),
         }
     }
@@ -106,16 +157,13 @@ impl NarinfoCache {
     /// The answer kept for `hash_part` in `cache`, if it is younger than [`NARINFO_TTL`].
     pub fn get(&self, cache: &str, hash_part: &str) -> Option<Answer> {
         let now = self.clock.now_ms();
-        let mut entries = self.entries.lock();
-        let key = (cache.to_string(), hash_part.to_string());
-        let (at, answer) = entries.by_key.get(&key)?;
-        if now.saturating_sub(*at) < NARINFO_TTL.as_millis() as u64 {
-            return Some(answer.clone());
-        }
-        if let Some((_, old)) = entries.by_key.pop(&key) {
-            entries.bytes -= old.cost();
-        }
-        None
+        self.entries.lock().answers.fresh(&key(cache, hash_part), now)
+    }
+
+    /// The record of `hash_part` in `cache` as read within [`NARINFO_TTL`], if kept.
+    pub fn record(&self, cache: &str, hash_part: &str) -> Option<Arc<PathRecord>> {
+        let now = self.clock.now_ms();
+        self.entries.lock().records.fresh(&key(cache, hash_part), now)
     }
 
     /// Taken before reading a path from storage, for [`NarinfoCache::insert`].
@@ -126,7 +174,16 @@ impl NarinfoCache {
     /// Keeps what storage answered, unless this replica changed a path since `ticket` was taken
     /// (the answer may then describe the path as it was before).
     pub fn insert(&self, cache: &str, hash_part: &str, ticket: Ticket, answer: Answer) {
-        if answer.cost() > MAX_ENTRY_BYTES {
+        self.keep(ticket, answer.cost(), |entries, now| entries.answers.put(key(cache, hash_part), now, answer));
+    }
+
+    /// Keeps a record read from storage, on the terms of [`NarinfoCache::insert`].
+    pub fn insert_record(&self, cache: &str, hash_part: &str, ticket: Ticket, record: Arc<PathRecord>) {
+        self.keep(ticket, record.cost(), |entries, now| entries.records.put(key(cache, hash_part), now, record));
+    }
+
+    fn keep(&self, ticket: Ticket, cost: usize, put: impl FnOnce(&mut Entries, u64)) {
+        if cost > MAX_ENTRY_BYTES {
             return;
         }
         let now = self.clock.now_ms();
@@ -135,63 +192,16 @@ impl NarinfoCache {
         if self.generation.load(Ordering::Acquire) != ticket.0 {
             return;
         }
-        entries.bytes += answer.cost();
-        if let Some((_, old)) = entries.by_key.put((cache.to_string(), hash_part.to_string()), (now, answer)) {
-            entries.bytes -= old.cost();
-        }
-        while entries.bytes > MAX_BYTES {
-            let Some((_, (_, old))) = entries.by_key.pop_lru() else { break };
-            entries.bytes -= old.cost();
-        }
-    }
-
-    /// The record of `hash_part` in `cache` as read within [`NARINFO_TTL`], if kept.
-    pub fn record(&self, cache: &str, hash_part: &str) -> Option<Arc<PathRecord>> {
-        let now = self.clock.now_ms();
-        let mut entries = self.entries.lock();
-        let key = (cache.to_string(), hash_part.to_string());
-        let (at, record) = entries.records.get(&key)?;
-        if now.saturating_sub(*at) < NARINFO_TTL.as_millis() as u64 {
-            return Some(record.clone());
-        }
-        if let Some((_, old)) = entries.records.pop(&key) {
-            entries.record_bytes -= record_cost(&old);
-        }
-        None
-    }
-
-    /// Keeps a record read from storage, on the terms of [`NarinfoCache::insert`].
-    pub fn insert_record(&self, cache: &str, hash_part: &str, ticket: Ticket, record: Arc<PathRecord>) {
-        let cost = record_cost(&record);
-        if cost > MAX_ENTRY_BYTES {
-            return;
-        }
-        let now = self.clock.now_ms();
-        let mut entries = self.entries.lock();
-        if self.generation.load(Ordering::Acquire) != ticket.0 {
-            return;
-        }
-        entries.record_bytes += cost;
-        if let Some((_, old)) = entries.records.put((cache.to_string(), hash_part.to_string()), (now, record)) {
-            entries.record_bytes -= record_cost(&old);
-        }
-        while entries.record_bytes > MAX_BYTES {
-            let Some((_, (_, old))) = entries.records.pop_lru() else { break };
-            entries.record_bytes -= record_cost(&old);
-        }
+        put(&mut entries, now);
     }
 
     /// Drops what is kept for one path: called when this replica publishes or deletes it.
     pub fn forget(&self, cache: &str, hash_part: &str) {
         let mut entries = self.entries.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
-        let key = (cache.to_string(), hash_part.to_string());
-        if let Some((_, old)) = entries.by_key.pop(&key) {
-            entries.bytes -= old.cost();
-        }
-        if let Some((_, old)) = entries.records.pop(&key) {
-            entries.record_bytes -= record_cost(&old);
-        }
+        let key = key(cache, hash_part);
+        entries.answers.remove(&key);
+        entries.records.remove(&key);
     }
 
     /// Drops everything kept for `cache`: its settings (signing key, store dir) changed, or it
@@ -199,18 +209,8 @@ impl NarinfoCache {
     pub fn forget_cache(&self, cache: &str) {
         let mut entries = self.entries.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
-        let keys: Vec<(String, String)> = entries.by_key.iter().filter(|((c, _), _)| c == cache).map(|(k, _)| k.clone()).collect();
-        for key in keys {
-            if let Some((_, old)) = entries.by_key.pop(&key) {
-                entries.bytes -= old.cost();
-            }
-        }
-        let keys: Vec<(String, String)> = entries.records.iter().filter(|((c, _), _)| c == cache).map(|(k, _)| k.clone()).collect();
-        for key in keys {
-            if let Some((_, old)) = entries.records.pop(&key) {
-                entries.record_bytes -= record_cost(&old);
-            }
-        }
+        entries.answers.remove_cache(cache);
+        entries.records.remove_cache(cache);
     }
 }
 
@@ -235,7 +235,7 @@ mod tests {
         clock.advance(NARINFO_TTL);
         assert_eq!(cache.get("main", "a"), None, "a 200 older than the TTL is read again");
         assert_eq!(cache.get("main", "b"), None, "so is a 404");
-        assert_eq!(cache.entries.lock().bytes, 0);
+        assert_eq!(cache.entries.lock().answers.bytes, 0);
     }
 
     #[test]
@@ -298,9 +298,9 @@ mod tests {
             cache.insert_record("main", &i.to_string(), cache.ticket(), record("many"));
         }
         let entries = cache.entries.lock();
-        assert!(entries.record_bytes <= MAX_BYTES, "{}", entries.record_bytes);
-        assert!(entries.records.len() < 100_000);
-        assert_eq!(entries.record_bytes, entries.records.iter().map(|(_, (_, r))| record_cost(r)).sum::<usize>());
+        assert!(entries.records.bytes <= MAX_BYTES, "{}", entries.records.bytes);
+        assert!(entries.records.by_key.len() < 100_000);
+        assert_eq!(entries.records.bytes, entries.records.by_key.iter().map(|(_, (_, r))| r.cost()).sum::<usize>());
     }
 
     #[test]
@@ -311,8 +311,8 @@ mod tests {
             cache.insert("main", &i.to_string(), cache.ticket(), found(&text));
         }
         let entries = cache.entries.lock();
-        assert!(entries.bytes <= MAX_BYTES, "{}", entries.bytes);
-        assert!(entries.by_key.len() < 10_000);
+        assert!(entries.answers.bytes <= MAX_BYTES, "{}", entries.answers.bytes);
+        assert!(entries.answers.by_key.len() < 10_000);
         drop(entries);
         assert_eq!(cache.get("main", "9999"), Some(found(&text)), "the newest stay");
         cache.insert("main", "huge", cache.ticket(), found(&"x".repeat(MAX_ENTRY_BYTES + 1)));
