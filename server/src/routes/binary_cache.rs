@@ -99,7 +99,12 @@ pub async fn get_file(
             None => {
                 let ticket = state.narinfos.ticket();
                 let answer = match state.storage.get_path(&cache, hash_part).await? {
-                    Some(path) => Answer::Found(Bytes::from(render_narinfo(&path, &record)?)),
+                    Some(path) => {
+                        let text = render_narinfo(&path, &record)?;
+                        // Nix asks for the NAR next: its download need not read the record again.
+                        state.narinfos.insert_record(&cache, hash_part, ticket, Arc::new(path));
+                        Answer::Found(Bytes::from(text))
+                    }
                     None => Answer::Missing,
                 };
                 state.narinfos.insert(&cache, hash_part, ticket, answer.clone());
