@@ -30,7 +30,7 @@ let
   # $CREDENTIALS_DIRECTORY, to the [storage] table, which is rendered last for that.
   settingsToml =
     toTOML {
-      inherit (s) listen zstd-level chunk-parallelism api-endpoint;
+      inherit (s) listen zstd-level chunk-parallelism hot-chunk-bytes api-endpoint;
       chunking = { inherit (s.chunking) min-size avg-size max-size; };
       gc = { inherit (s.gc) default-retention-period interval grace-period access-record-interval; };
       compaction = { inherit (s.compaction) interval cold-after pack-size frame-size zstd-level; };
@@ -164,6 +164,8 @@ in
         "zstd level of stored chunks (`zstd-level`).";
       chunk-parallelism = option (types.ints.between 1 1024) 64
         "Chunks stored or fetched at once per request (`chunk-parallelism`).";
+      hot-chunk-bytes = option types.ints.unsigned 67108864
+        "Bytes of chunks the chunk API sent lately, kept in memory for the next runner that misses them (`hot-chunk-bytes`); 0 keeps none.";
       api-endpoint = nullOrStr ''
         The URL clients reach the server at, for `cache-config` answers (`api-endpoint`); null:
         the request's Host header.

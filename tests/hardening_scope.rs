@@ -52,7 +52,8 @@ fn cross_cache_reads_and_publishes_are_refused(backend: Backend) {
     let first = secret_chunks[0]["hash"].as_str().unwrap().to_string();
     let unknown = ChunkHash::of(format!("never stored {seed}").as_bytes()).to_string();
 
-    // Pull on b reads b's chunks as parts of b's path (the control).
+    // Pull on b reads b's chunks as parts of b's path (the control). The server now keeps them
+    // in memory (`hot-chunk-bytes`): the refusals below hold for kept chunks too.
     let pull_b = server.mint(&["--pull", "b"]);
     let resp = client.get(api("b", &format!("chunk/{first}?path={}", hash_part(secret)))).bearer_auth(&pull_b).send().unwrap();
     assert_eq!(resp.status(), StatusCode::OK);

@@ -72,6 +72,91 @@ backend_matrix! {
     metrics_follow_traffic => metrics_follow_traffic_local, metrics_follow_traffic_s3;
 }
 
+/// The chunk API keeps the frames it sent in memory (`hot-chunk-bytes`): a later read of the
+/// chunk is answered without storage, in order among chunks that come from storage, and only
+/// while the path the reader names is the reader's and lists it.
+fn hot_chunks_answer_reads_of_listed_chunks(backend: Backend) {
+    use flywheel_core::api::v1::chunk_bodies::split_framed_chunks;
+    use flywheel_core::chunk::decompress_verified;
+    use flywheel_core::manifest::ChunkRef;
+
+    let nix = Nix::new();
+    let server = Server::start(backend);
+    server.create_cache("ci", false);
+    server.create_cache("other", false);
+    let src = nix.store("src");
+    let paths = nix.build(&src, &common::unique_seed("hot"), &["big", "single"]);
+    let admin = server.admin_token();
+    for cache in ["ci", "other"] {
+        let cache_paths: &[String] = if cache == "ci" { &paths } else { &paths[1..] };
+        let out = nix.copy_to(&src, &format!("{}/{cache}", server.url), &server.netrc(&admin), cache_paths);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let client = Client::new();
+    let api = |cache: &str, route: &str| format!("{}/_flywheel/v1/{cache}/{route}", server.url);
+    let manifest: serde_json::Value =
+        client.get(api("ci", &format!("manifest/{}", hash_part(&paths[0])))).bearer_auth(&admin).send().unwrap().json().unwrap();
+    let chunks: Vec<ChunkRef> = serde_json::from_value(manifest["manifest"]["chunks"].clone()).unwrap();
+    assert!(chunks.len() >= 3, "the big path has {} chunks", chunks.len());
+    let hot_sent = || common::metric_value(&common::fetch_metrics(&format!("{}/metrics", server.url)), "flywheel_hot_chunks_sent_total");
+    let get_one = |chunk: &ChunkRef| {
+        client.get(api("ci", &format!("chunk/{}?path={}", chunk.hash, hash_part(&paths[0])))).bearer_auth(&admin).send().unwrap()
+    };
+    let check = |frame: &[u8], chunk: &ChunkRef| {
+        decompress_verified(frame, &chunk.hash, chunk.size as usize).unwrap_or_else(|e| panic!("chunk {}: {e}", chunk.hash));
+    };
+
+    let resp = get_one(&chunks[1]);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let first = resp.bytes().unwrap();
+    check(&first, &chunks[1]);
+    assert_eq!(hot_sent(), 0.0);
+    // Storage loses the chunk's object: the frame sent a moment ago is still sent, verified
+    // once already, so the answer comes from memory.
+    let key = format!("chunks/{}/{}", &chunks[1].hash.to_string()[..2], chunks[1].hash);
+    server.rewrite_object(&key, |_| b"gone".to_vec());
+    let resp = get_one(&chunks[1]);
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.bytes().unwrap(), first);
+    assert_eq!(hot_sent(), 1.0);
+
+    // A batch with the kept chunk between two stored ones comes out in request order.
+    let batch = [chunks[0], chunks[1], chunks[2]];
+    let body = serde_json::json!({"path": hash_part(&paths[0]), "chunks": batch});
+    let resp = client.post(api("ci", "chunks")).bearer_auth(&admin).json(&body).send().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.bytes().unwrap();
+    let frames = split_framed_chunks(&body, &batch).expect("three framed chunks");
+    for (frame, chunk) in frames.iter().zip(&batch) {
+        check(frame, chunk);
+    }
+    assert_eq!(hot_sent(), 2.0);
+
+    // Memory answers no one storage would not: another cache's reader, a path that does not
+    // list the chunk, a chunk under another size.
+    let pull_other = server.mint(&["--pull", "other"]);
+    for path in [hash_part(&paths[0]), hash_part(&paths[1])] {
+        let url = api("other", &format!("chunk/{}?path={path}", chunks[1].hash));
+        assert_eq!(client.get(url).bearer_auth(&pull_other).send().unwrap().status(), StatusCode::NOT_FOUND, "other cache, path {path}");
+    }
+    let url = api("ci", &format!("chunk/{}?path={}", chunks[1].hash, hash_part(&paths[1])));
+    assert_eq!(client.get(url).bearer_auth(&admin).send().unwrap().status(), StatusCode::NOT_FOUND);
+    let resized = ChunkRef { hash: chunks[1].hash, size: chunks[1].size + 1 };
+    let body = serde_json::json!({"path": hash_part(&paths[0]), "chunks": [resized]});
+    assert_eq!(client.post(api("ci", "chunks")).bearer_auth(&admin).json(&body).send().unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(hot_sent(), 2.0);
+
+    // Once the path is deleted, its kept chunks go with it (this replica sees its delete at once).
+    let narinfo = format!("{}/ci/{}.narinfo", server.url, hash_part(&paths[0]));
+    assert_eq!(client.delete(narinfo).bearer_auth(&admin).send().unwrap().status(), StatusCode::OK);
+    assert_eq!(get_one(&chunks[1]).status(), StatusCode::NOT_FOUND);
+    assert_eq!(hot_sent(), 2.0);
+}
+
+backend_matrix! {
+    hot_chunks_answer_reads_of_listed_chunks => hot_chunks_answer_reads_of_listed_chunks_local, hot_chunks_answer_reads_of_listed_chunks_s3;
+}
+
 fn delete_path(backend: Backend) {
     let nix = Nix::new();
     let server = Server::start(backend);

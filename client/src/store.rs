@@ -93,7 +93,18 @@ impl ChunkStore {
     /// Chunks missing locally are fetched from the server, in parallel, and cached; a chunk
     /// another caller is already fetching is waited for instead of fetched twice.
     pub async fn get_many(&self, path: &str, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
-        let mut out = self.cached(chunks).await;
+        let found = self.cached(chunks).await;
+        self.get_rest(path, chunks, found).await
+    }
+
+    /// Completes a lookup the caller made itself ([`ChunkStore::cached_here`]): `found` holds
+    /// what the cache had, in the order of `chunks`; the rest is fetched as
+    /// [`ChunkStore::get_many`] fetches it.
+    pub async fn get_rest(&self, path: &str, chunks: &[ChunkRef], found: Vec<Option<Arc<[u8]>>>) -> Result<Vec<Arc<[u8]>>> {
+        let mut out = found;
+        if out.len() != chunks.len() {
+            return Err(Error::internal("a cache lookup answered for other chunks than asked"));
+        }
         let missing: Vec<usize> = (0..chunks.len()).filter(|&i| out[i].is_none()).collect();
         if missing.is_empty() {
             return Ok(out.into_iter().flatten().collect());
@@ -171,6 +182,14 @@ impl ChunkStore {
         Ok(out.into_iter().flatten().collect())
     }
 
+    /// Looks chunks up in the local cache on the calling thread, which may block on the disk
+    /// (or on the process owning the cache): for threads that are allowed to, such as the
+    /// FUSE request threads, which then answer a cached read without handing it to the
+    /// runtime and its blocking pool (two thread switches each way).
+    pub fn cached_here(&self, chunks: &[ChunkRef]) -> Vec<Option<Arc<[u8]>>> {
+        chunks.iter().map(|chunk| self.cache.get(chunk).map(Arc::<[u8]>::from)).collect()
+    }
+
     /// Looks chunks up in the local cache. Reading and verifying a cached chunk is disk I/O and
     /// decompression, so it runs on the blocking pool, split over a few tasks when there are many
     /// (readahead asks for dozens at once): the cores decompress in parallel and the runtime's
@@ -201,17 +220,27 @@ impl ChunkStore {
     /// instead of being fetched twice.
     async fn fetch_claimed(self, path: Arc<str>, chunks: Vec<ChunkRef>) -> Result<(Vec<Arc<[u8]>>, Option<Caching>), (ErrorKind, String)> {
         let cache = self.cache.clone();
-        let lookup = chunks.clone();
         // `contains` first: it costs no verification and counts nothing, and it is false for
-        // almost every claimed chunk.
-        let found: Vec<Option<Arc<[u8]>>> = tokio::task::spawn_blocking(move || {
-            lookup
-                .iter()
-                .map(|c| if cache.contains(&c.hash) { cache.get(c).map(Arc::<[u8]>::from) } else { None })
-                .collect()
-        })
-        .await
-        .unwrap_or_else(|_| vec![None; chunks.len()]);
+        // almost every claimed chunk. In the owning process it reads sled's index in memory, so
+        // it runs here, and only the rare chunk it finds is read on the blocking pool.
+        let present: Vec<ChunkRef> = if cache.is_owner() {
+            chunks.iter().filter(|c| cache.contains(&c.hash)).copied().collect()
+        } else {
+            chunks.clone()
+        };
+        let found: Vec<Option<Arc<[u8]>>> = if present.is_empty() {
+            vec![None; chunks.len()]
+        } else {
+            let lookup = chunks.clone();
+            tokio::task::spawn_blocking(move || {
+                lookup
+                    .iter()
+                    .map(|c| if present.contains(c) && cache.contains(&c.hash) { cache.get(c).map(Arc::<[u8]>::from) } else { None })
+                    .collect()
+            })
+            .await
+            .unwrap_or_else(|_| vec![None; chunks.len()])
+        };
         let missing: Vec<ChunkRef> = chunks.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(c, _)| *c).collect();
         if missing.len() == chunks.len() {
             return self.fetch_from_server(path, chunks).await;

@@ -44,6 +44,7 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(ServerConfig, Option<P
         zstd_level: flywheel_core::chunk::DEFAULT_ZSTD_LEVEL,
         api_endpoint: None,
         chunk_parallelism: crate::config::DEFAULT_CHUNK_PARALLELISM,
+        hot_chunk_bytes: crate::config::DEFAULT_HOT_CHUNK_BYTES,
         gc: Default::default(),
         compaction: Default::default(),
         limits: Default::default(),

@@ -40,6 +40,10 @@ pub struct ServerConfig {
     /// Chunks written or fetched in parallel per request.
     #[serde(default = "default_parallelism")]
     pub chunk_parallelism: usize,
+    /// Bytes of chunk frames that the chunk API sent lately, kept in memory for the next
+    /// runner that misses them (see [`crate::hot_chunks`]); 0 keeps none.
+    #[serde(default = "default_hot_chunk_bytes")]
+    pub hot_chunk_bytes: u64,
     /// Garbage collection and retention.
     #[serde(default)]
     pub gc: GcConfig,
@@ -654,9 +658,14 @@ fn default_zstd_level() -> i32 {
 /// measured against s3s-fs, a 546 MB NAR took 17 s with 16 in flight, 4.6 s with 64 and 2.5 s
 /// with 128. 64 keeps one stream's buffers near 6 MB.
 pub const DEFAULT_CHUNK_PARALLELISM: usize = 64;
+/// The default of `hot-chunk-bytes`: the chunks a fleet's jobs read lately, not whole closures.
+pub const DEFAULT_HOT_CHUNK_BYTES: u64 = 64 << 20;
 
 fn default_parallelism() -> usize {
     DEFAULT_CHUNK_PARALLELISM
+}
+fn default_hot_chunk_bytes() -> u64 {
+    DEFAULT_HOT_CHUNK_BYTES
 }
 fn default_priority() -> i32 {
     41
@@ -720,6 +729,9 @@ impl ServerConfig {
         }
         if self.chunk_parallelism == 0 || self.chunk_parallelism > 1024 {
             anyhow::bail!("chunk-parallelism must be between 1 and 1024");
+        }
+        if self.hot_chunk_bytes > 1 << 40 {
+            anyhow::bail!("hot-chunk-bytes must be at most 1 TiB, not {}", self.hot_chunk_bytes);
         }
         if self.token_hs256_secret_base64.is_empty() {
             anyhow::bail!("set token-hs256-secret-base64 or token-hs256-secret-base64-file");

@@ -28,6 +28,7 @@ pub mod connections;
 pub mod error;
 pub mod fsck;
 pub mod gc;
+pub mod hot_chunks;
 pub mod ingest;
 pub mod inline_io;
 pub mod metrics;

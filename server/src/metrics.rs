@@ -31,6 +31,8 @@ pub struct Metrics {
     pub frames_known: AtomicU64,
     /// Pack frames sent whole, compressed as stored, in `.nar.zst` downloads.
     pub pack_frames_sent: AtomicU64,
+    /// Chunk API frames sent from memory (see [`crate::hot_chunks`]), storage not asked.
+    pub hot_chunks_sent: AtomicU64,
     /// Latency of reading and verifying one chunk from storage.
     pub chunk_fetch_seconds: Histogram,
     /// OpenTofu/Terraform states written (rollbacks included).
@@ -73,7 +75,7 @@ impl Collect for Metrics {
             }),
         );
         drop(requests);
-        let counters: [(&str, &str, &AtomicU64); 14] = [
+        let counters: [(&str, &str, &AtomicU64); 15] = [
             ("flywheel_nar_bytes_received_total", "Uncompressed NAR bytes received by uploads.", &self.nar_bytes_in),
             ("flywheel_bytes_sent_total", "Bytes of NARs and chunks sent.", &self.bytes_out),
             ("flywheel_chunks_deduplicated_total", "Uploaded chunks that were stored already.", &self.chunks_deduplicated),
@@ -82,6 +84,7 @@ impl Collect for Metrics {
             ("flywheel_chunks_fetched_total", "Chunks read from storage and verified.", &self.chunks_fetched),
             ("flywheel_frames_checked_by_digest_total", "Stored frames sent after matching the digest of a frame that verified before, not decompressed.", &self.frames_known),
             ("flywheel_pack_frames_sent_total", "Pack frames sent whole, compressed as stored, in .nar.zst downloads.", &self.pack_frames_sent),
+            ("flywheel_hot_chunks_sent_total", "Chunk API frames sent from memory, storage not asked.", &self.hot_chunks_sent),
             ("flywheel_chunks_received_total", "Chunks received through the chunk API and verified.", &self.chunks_received),
             ("flywheel_tfstate_writes_total", "OpenTofu/Terraform states written, rollbacks included.", &self.tfstate_writes),
             ("flywheel_tfstate_bytes_written_total", "Bytes of the states written.", &self.tfstate_bytes_written),

@@ -34,6 +34,8 @@ pub struct AppState {
     /// Chunk frames verified lately: for the check before a NAR is sent, and so that a frame
     /// read again is checked by its digest rather than decompressed.
     pub verified: Arc<VerifiedChunks>,
+    /// Frames the chunk API sent lately (`hot-chunk-bytes`).
+    pub hot_chunks: Arc<crate::hot_chunks::HotChunks>,
     /// Chunk reads in flight against storage, server-wide (`chunk-parallelism`): one big NAR
     /// gets all of them, many streams at once share them, so the object store sees a bounded
     /// queue however many clients download. On local storage one permit covers a batch of
@@ -342,6 +344,7 @@ impl AppState {
             verified.clone(),
             &config,
         );
+        let hot_chunks = Arc::new(crate::hot_chunks::HotChunks::new(usize::try_from(config.hot_chunk_bytes).unwrap_or(usize::MAX)));
         Ok(AppState {
             bazel,
             config: Arc::new(config),
@@ -349,6 +352,7 @@ impl AppState {
             ingester,
             metrics,
             verified,
+            hot_chunks,
             chunk_reads,
             recorded_access: Arc::default(),
             cache_records: Arc::default(),

@@ -99,6 +99,9 @@ pub enum FillOrder {
     SmallFilesFirst,
 }
 
+/// A chunk's bytes where a lookup found them, or `None`.
+type Found = Option<Arc<[u8]>>;
+
 /// Decompressed chunks in memory, least recently used dropped first, bounded in bytes.
 struct HotChunks {
     map: lru::LruCache<ChunkHash, Arc<[u8]>>,
@@ -179,7 +182,7 @@ pub(crate) struct Inner {
     /// outcome, a failure included, so a server that is down costs them one offline timeout,
     /// not one each.
     resolving: Mutex<HashMap<String, Arc<registry::Lookup>>>,
-    hot: Mutex<HotChunks>,
+    hot: Arc<Mutex<HotChunks>>,
     open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
     /// Tells the kernel to drop what it cached about the root; set once the session exists.
@@ -269,7 +272,21 @@ impl FlywheelFs {
                 None
             }
         });
-        let background = Background::start(store.clone(), config.offline_timeout, config.fill_alongside_reads, &runtime);
+        let hot = Arc::new(Mutex::new(HotChunks { map: lru::LruCache::unbounded(), bytes: 0, limit }));
+        // A trace's chunks are what the job reads next: kept decompressed, its reads need no
+        // disk and no second decompression.
+        let keep_traced = {
+            let hot = Arc::downgrade(&hot);
+            Box::new(move |chunks: &[ChunkRef], data: Vec<Arc<[u8]>>| {
+                if let Some(hot) = hot.upgrade() {
+                    let mut hot = hot.lock();
+                    for (chunk, data) in chunks.iter().zip(data) {
+                        hot.put(chunk.hash, data);
+                    }
+                }
+            })
+        };
+        let background = Background::start(store.clone(), config.offline_timeout, config.fill_alongside_reads, keep_traced, &runtime);
         FlywheelFs {
             inner: Arc::new(Inner {
                 store,
@@ -278,7 +295,7 @@ impl FlywheelFs {
                 paths: RwLock::default(),
                 by_hash: RwLock::default(),
                 resolving: Mutex::default(),
-                hot: Mutex::new(HotChunks { map: lru::LruCache::unbounded(), bytes: 0, limit }),
+                hot,
                 open_files: Mutex::default(),
                 next_fh: AtomicU64::new(1),
                 notifier: std::sync::OnceLock::new(),
@@ -368,30 +385,69 @@ impl Inner {
         }
     }
 
-    /// Chunks of `tree` from memory when there, else from the store (cache or server), bounded
-    /// by the offline timeout.
-    async fn chunks(&self, tree: &PathTree, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
-        let mut out: Vec<Option<Arc<[u8]>>> = {
+    /// What memory holds of `chunks`, in order, and those it lacks.
+    fn hot_lookup(&self, chunks: &[ChunkRef]) -> (Vec<Found>, Vec<ChunkRef>) {
+        let found: Vec<Found> = {
             let mut hot = self.hot.lock();
             chunks.iter().map(|c| hot.get(&c.hash)).collect()
         };
-        let missing: Vec<ChunkRef> =
-            chunks.iter().zip(&out).filter(|(_, d)| d.is_none()).map(|(c, _)| *c).collect();
-        if !missing.is_empty() {
-            let demand = self.background.demand();
-            let fetched = tokio::time::timeout(self.config.offline_timeout, self.store.get_many(tree.hash_part(), &missing))
-                .await
-                .map_err(|_| Error::unavailable("chunks did not arrive within the offline timeout"))??;
-            drop(demand);
-            let mut hot = self.hot.lock();
-            let mut fetched = missing.iter().zip(fetched);
-            for slot in out.iter_mut().filter(|d| d.is_none()) {
-                if let Some((chunk, data)) = fetched.next() {
-                    hot.put(chunk.hash, data.clone());
-                    *slot = Some(data);
-                }
+        let cold = chunks.iter().zip(&found).filter(|(_, d)| d.is_none()).map(|(c, _)| *c).collect();
+        (found, cold)
+    }
+
+    /// Fills the gaps of `found` with what the local cache answered for `cold` (the gaps'
+    /// chunks, in order), keeping those hot.
+    fn take_cached(&self, found: &mut [Found], cold: &[ChunkRef], cached: Vec<Found>) {
+        let mut hot = self.hot.lock();
+        let mut cached = cold.iter().zip(cached);
+        for slot in found.iter_mut().filter(|d| d.is_none()) {
+            if let Some((chunk, Some(data))) = cached.next() {
+                hot.put(chunk.hash, data.clone());
+                *slot = Some(data);
             }
         }
-        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// What memory or the local cache holds of `chunks`, in order, looked up on the calling
+    /// thread, which may block on the disk: a FUSE request thread, or the blocking pool.
+    fn lookup_here(&self, chunks: &[ChunkRef]) -> Vec<Found> {
+        let (mut found, cold) = self.hot_lookup(chunks);
+        if !cold.is_empty() {
+            let cached = self.store.cached_here(&cold);
+            self.take_cached(&mut found, &cold, cached);
+        }
+        found
+    }
+
+    /// Chunks of `tree` from memory, the local cache (read on the blocking pool, in parallel)
+    /// or the server: for the runtime's tasks.
+    async fn chunks(&self, tree: &PathTree, chunks: &[ChunkRef]) -> Result<Vec<Arc<[u8]>>> {
+        let (mut found, cold) = self.hot_lookup(chunks);
+        if !cold.is_empty() {
+            let cached = self.store.cached(&cold).await;
+            self.take_cached(&mut found, &cold, cached);
+        }
+        self.fetch_rest(tree, chunks, found).await
+    }
+
+    /// `chunks` of `tree`, of which `found` holds what [`Inner::lookup_here`] found; the rest
+    /// come from the server, bounded by the offline timeout, and are kept hot.
+    async fn fetch_rest(&self, tree: &PathTree, chunks: &[ChunkRef], found: Vec<Found>) -> Result<Vec<Arc<[u8]>>> {
+        if found.iter().all(Option::is_some) {
+            return Ok(found.into_iter().flatten().collect());
+        }
+        let was_missing: Vec<bool> = found.iter().map(Option::is_none).collect();
+        let demand = self.background.demand();
+        let all = tokio::time::timeout(self.config.offline_timeout, self.store.get_rest(tree.hash_part(), chunks, found))
+            .await
+            .map_err(|_| Error::unavailable("chunks did not arrive within the offline timeout"))??;
+        drop(demand);
+        let mut hot = self.hot.lock();
+        for ((chunk, data), missing) in chunks.iter().zip(&all).zip(was_missing) {
+            if missing {
+                hot.put(chunk.hash, data.clone());
+            }
+        }
+        Ok(all)
     }
 }

@@ -158,19 +158,18 @@ impl Filesystem for FlywheelFs {
         }
         self.inner.path_readahead(&tree, offset == 0, start_nar, end_nar);
         let (covering, first_offset) = tree.covering(start_nar, end_nar);
-        let covering = covering.to_vec();
-        // Hot chunks are answered on this thread; anything else waits on the runtime.
-        let hot: Option<Vec<Arc<[u8]>>> = {
-            let mut hot = self.inner.hot.lock();
-            covering.iter().map(|c| hot.get(&c.hash)).collect()
-        };
-        if let Some(chunks) = hot {
+        // Chunks in memory or the local cache are answered on this thread; only what must come
+        // from the server waits on the runtime.
+        let found = self.inner.lookup_here(covering);
+        if found.iter().all(Option::is_some) {
+            let chunks: Vec<Arc<[u8]>> = found.into_iter().flatten().collect();
             return reply.data(&Inner::assemble(&chunks, first_offset, start_nar, end_nar));
         }
+        let covering = covering.to_vec();
         let inner = self.inner.clone();
         let span = debug_span!("read", store_path = %tree.base_name, rq.inode = ino_.0, offset, size);
         self.inner.runtime.spawn(async move {
-            match inner.chunks(&tree, &covering).await {
+            match inner.fetch_rest(&tree, &covering, found).await {
                 Ok(chunks) => reply.data(&Inner::assemble(&chunks, first_offset, start_nar, end_nar)),
                 Err(err) => {
                     warn!(store_path = %tree.base_name, "read failed: {err}");

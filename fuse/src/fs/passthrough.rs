@@ -125,7 +125,8 @@ impl Inner {
         while at < end {
             let to = (at + READAHEAD).min(end);
             let (covering, first) = tree.covering(at, to);
-            let chunks = self.runtime.block_on(self.chunks(tree, covering))?;
+            let found = self.lookup_here(covering);
+            let chunks = self.runtime.block_on(self.fetch_rest(tree, covering, found))?;
             writer.write(&Inner::assemble(&chunks, first, at, to)).map_err(io)?;
             at = to;
         }

@@ -76,7 +76,8 @@ impl Fixture {
         let NodeKind::File { size, nar_offset, .. } = tree.nodes[node as usize].kind else { panic!("{name} is no file") };
         let (start, end) = (nar_offset + offset, nar_offset + (offset + len).min(size));
         let (covering, first_offset) = tree.covering(start, end);
-        let chunks = self.runtime.block_on(self.fs.inner.chunks(tree, covering))?;
+        let found = self.fs.inner.lookup_here(covering);
+        let chunks = self.runtime.block_on(self.fs.inner.fetch_rest(tree, covering, found))?;
         Ok(Inner::assemble(&chunks, first_offset, start, end))
     }
 }
@@ -189,6 +190,18 @@ fn a_path_is_trace_covered_until_its_trace_is_fetched() {
     }
     let distinct: std::collections::HashSet<_> = tree.chunks.iter().map(|c| c.hash).collect();
     assert_eq!(fixture.source.chunks_served(), distinct.len() as u64, "the trace fetched each chunk once");
+    // What the job reads next is in memory, decompressed: its reads need neither the disk
+    // nor the server.
+    let raw: u64 = tree.chunks.iter().map(|c| u64::from(c.size)).sum();
+    assert!(raw <= inner.config.hot_bytes as u64, "the test path ({raw} bytes) fits in the mount's memory");
+    assert!(distinct.iter().all(|hash| inner.hot.lock().map.contains(hash)), "a traced chunk is not in memory");
+    let before = inner.store.cache().stats();
+    for (name, bytes) in files() {
+        assert_eq!(fixture.read(&tree, name, 0, bytes.len() as u64).unwrap(), bytes, "{name}");
+    }
+    let after = inner.store.cache().stats();
+    assert_eq!((after.hits, after.misses), (before.hits, before.misses), "a read went to the local cache");
+    assert_eq!(fixture.source.chunks_served(), distinct.len() as u64);
 }
 
 #[test]

@@ -165,16 +165,50 @@ pub async fn get_one(
     Ok(([(header::CONTENT_TYPE, "application/zstd")], frame).into_response())
 }
 
-/// The verified frames of `chunks`, in order. The first is fetched and verified before the
-/// stream is handed out, so a batch whose chunks are missing from storage is a 5xx before the
-/// status line. Later chunks are verified as they stream: the runner's client checks every
-/// frame and takes a stream cut short as a failed fetch, so a preflight of the whole batch
-/// (which read every chunk twice, and doubled cold substitution time) buys it nothing.
+/// The verified frames of `chunks`, in order: from memory when the chunk API sent them lately
+/// (see [`crate::hot_chunks`]), else from storage, and then kept. The first is fetched and
+/// verified before the stream is handed out, so a batch whose chunks are missing from storage
+/// is a 5xx before the status line. Later chunks are verified as they stream: the runner's
+/// client checks every frame and takes a stream cut short as a failed fetch, so a preflight of
+/// the whole batch (which read every chunk twice, and doubled cold substitution time) buys it
+/// nothing.
 async fn chunk_frames(
     state: &AppState,
     chunks: Vec<ChunkRef>,
 ) -> Result<impl futures::Stream<Item = Result<Bytes, Error>> + Send + 'static, Error> {
-    first_item_in(state.chunk_reader().frames(chunks)).await
+    let hot = state.hot_chunks.clone();
+    let kept: Vec<Option<Bytes>> = chunks.iter().map(|c| hot.get(&c.hash)).collect();
+    let cold: Vec<ChunkRef> = chunks.iter().zip(&kept).filter(|(_, k)| k.is_none()).map(|(c, _)| *c).collect();
+    let stored = Box::pin(state.chunk_reader().frames(cold));
+    let metrics = state.metrics.clone();
+    let slots = chunks.into_iter().zip(kept);
+    // Each kept frame where it belongs, the stored ones between them in order; nothing after
+    // an error.
+    let merged = futures::stream::unfold((slots, stored, false), move |(mut slots, mut stored, failed)| {
+        let (hot, metrics) = (hot.clone(), metrics.clone());
+        async move {
+            if failed {
+                return None;
+            }
+            let (chunk, kept) = slots.next()?;
+            let item = match kept {
+                Some(frame) => {
+                    metrics.hot_chunks_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok(frame)
+                }
+                None => {
+                    let item = stored.next().await?;
+                    if let Ok(frame) = &item {
+                        hot.put(chunk.hash, frame);
+                    }
+                    item
+                }
+            };
+            let failed = item.is_err();
+            Some((item, (slots, stored, failed)))
+        }
+    });
+    first_item_in(merged).await
 }
 
 /// `POST chunks`: many verified chunks of one path, framed as [`framed_chunk`] says, in
