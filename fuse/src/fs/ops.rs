@@ -3,6 +3,9 @@
 use super::*;
 use crate::errno::FsError;
 
+/// Reads covering at most this many chunks look the local cache up on the FUSE thread.
+const LOOKUP_HERE_MAX_CHUNKS: usize = 2;
+
 impl Filesystem for FlywheelFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1024 * 1024);
@@ -158,18 +161,26 @@ impl Filesystem for FlywheelFs {
         }
         self.inner.path_readahead(&tree, offset == 0, start_nar, end_nar);
         let (covering, first_offset) = tree.covering(start_nar, end_nar);
-        // Chunks in memory or the local cache are answered on this thread; only what must come
-        // from the server waits on the runtime.
-        let found = self.inner.lookup_here(covering);
+        // A small read (a file of a few chunks: what a job's misses mostly are) is looked up in
+        // memory and the local cache on this thread; only what must come from the server waits
+        // on the runtime. A larger one is read from the cache on the blocking pool, its chunks
+        // decompressed in parallel.
+        let found = if covering.len() <= LOOKUP_HERE_MAX_CHUNKS {
+            self.inner.lookup_here(covering)
+        } else {
+            self.inner.hot_lookup(covering).0
+        };
         if found.iter().all(Option::is_some) {
             let chunks: Vec<Arc<[u8]>> = found.into_iter().flatten().collect();
             return reply.data(&Inner::assemble(&chunks, first_offset, start_nar, end_nar));
         }
+        let small = covering.len() <= LOOKUP_HERE_MAX_CHUNKS;
         let covering = covering.to_vec();
         let inner = self.inner.clone();
         let span = debug_span!("read", store_path = %tree.base_name, rq.inode = ino_.0, offset, size);
         self.inner.runtime.spawn(async move {
-            match inner.fetch_rest(&tree, &covering, found).await {
+            let chunks = if small { inner.fetch_rest(&tree, &covering, found).await } else { inner.chunks(&tree, &covering).await };
+            match chunks {
                 Ok(chunks) => reply.data(&Inner::assemble(&chunks, first_offset, start_nar, end_nar)),
                 Err(err) => {
                     warn!(store_path = %tree.base_name, "read failed: {err}");

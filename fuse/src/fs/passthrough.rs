@@ -125,8 +125,7 @@ impl Inner {
         while at < end {
             let to = (at + READAHEAD).min(end);
             let (covering, first) = tree.covering(at, to);
-            let found = self.lookup_here(covering);
-            let chunks = self.runtime.block_on(self.fetch_rest(tree, covering, found))?;
+            let chunks = self.runtime.block_on(self.chunks(tree, covering))?;
             writer.write(&Inner::assemble(&chunks, first, at, to)).map_err(io)?;
             at = to;
         }

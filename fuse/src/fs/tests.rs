@@ -41,6 +41,11 @@ struct Fixture {
 impl Fixture {
     /// A filesystem over `source` with its local cache in `cache_dir`.
     fn new(source: Arc<MemorySource>, cache_dir: &std::path::Path) -> Fixture {
+        Fixture::through(source.clone(), source, cache_dir)
+    }
+
+    /// A filesystem that reaches `source` through `via` (a wrapper that watches or slows it).
+    fn through(via: Arc<dyn flywheel_client::ChunkSource>, source: Arc<MemorySource>, cache_dir: &std::path::Path) -> Fixture {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         // sled lets go of a dropped cache's lock from its own thread, a moment later.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -53,7 +58,7 @@ impl Fixture {
                 Err(err) => panic!("opening the chunk cache: {err}"),
             }
         };
-        let store = ChunkStore::new(source.clone(), cache);
+        let store = ChunkStore::new(via, cache);
         let config = FsConfig {
             offline_timeout: Duration::from_secs(10),
             hot_bytes: 1 << 20,
@@ -202,6 +207,85 @@ fn a_path_is_trace_covered_until_its_trace_is_fetched() {
     let after = inner.store.cache().stats();
     assert_eq!((after.hits, after.misses), (before.hits, before.misses), "a read went to the local cache");
     assert_eq!(fixture.source.chunks_served(), distinct.len() as u64);
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// A source whose chunk requests take a while, counting how many are in flight at once.
+struct SlowChunks {
+    inner: Arc<MemorySource>,
+    in_flight: AtomicU64,
+    most_in_flight: AtomicU64,
+    requests: AtomicU64,
+    /// Every chunk asked for, in the order asked.
+    asked: Mutex<Vec<ChunkHash>>,
+}
+
+impl SlowChunks {
+    async fn slowly<T>(&self, request: impl std::future::Future<Output = T>) -> T {
+        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::AcqRel);
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let answer = request.await;
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        answer
+    }
+}
+
+impl flywheel_client::ChunkSource for SlowChunks {
+    fn manifest<'a>(&'a self, hash_part: &'a str) -> BoxFuture<'a, Result<flywheel_core::api::v1::chunks::PathManifest>> {
+        self.inner.manifest(hash_part)
+    }
+    fn chunk<'a>(&'a self, path: &'a str, chunk: ChunkRef) -> BoxFuture<'a, Result<flywheel_client::FetchedChunk>> {
+        self.asked.lock().push(chunk.hash);
+        Box::pin(self.slowly(self.inner.chunk(path, chunk)))
+    }
+    fn chunks<'a>(&'a self, path: &'a str, chunks: &'a [ChunkRef]) -> BoxFuture<'a, Result<Vec<flywheel_client::FetchedChunk>>> {
+        self.asked.lock().extend(chunks.iter().map(|c| c.hash));
+        Box::pin(self.slowly(self.inner.chunks(path, chunks)))
+    }
+    fn trace<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<flywheel_core::api::v1::traces::Trace>>> {
+        self.inner.trace(key)
+    }
+    fn put_trace<'a>(
+        &'a self,
+        key: &'a str,
+        trace: &'a flywheel_core::api::v1::traces::Trace,
+    ) -> BoxFuture<'a, Result<flywheel_core::api::v1::traces::TraceSummary>> {
+        self.inner.put_trace(key, trace)
+    }
+}
+
+#[test]
+fn a_trace_is_fetched_one_request_at_a_time_in_its_order() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let source = source();
+    let slow = Arc::new(SlowChunks {
+        inner: source.clone(),
+        in_flight: AtomicU64::new(0),
+        most_in_flight: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        asked: Mutex::default(),
+    });
+    let fixture = Fixture::through(slow.clone(), source, cache_dir.path());
+    let tree = fixture.resolve(BASE_NAME).unwrap();
+    let inner = &fixture.fs.inner;
+    // Backwards: the order is the trace's, not the NAR's.
+    let trace = flywheel_core::api::v1::traces::Trace::from_reads(tree.chunks.iter().rev().map(|c| (BASE_NAME, *c)));
+    fixture.runtime.block_on(inner.prefetch_trace(&trace));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tree.trace_covered.load(Ordering::Relaxed) {
+        assert!(std::time::Instant::now() < deadline, "the trace was not fetched");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Several requests (the first ones small), and never two at once: on a slow link each
+    // would arrive later than one alone.
+    assert!(slow.requests.load(Ordering::Acquire) >= 2, "{} requests", slow.requests.load(Ordering::Acquire));
+    assert_eq!(slow.most_in_flight.load(Ordering::Acquire), 1);
+    let mut seen = std::collections::HashSet::new();
+    let expected: Vec<ChunkHash> = tree.chunks.iter().rev().map(|c| c.hash).filter(|h| seen.insert(*h)).collect();
+    assert_eq!(*slow.asked.lock(), expected, "the chunks were not asked for in the trace's order");
 }
 
 #[test]
