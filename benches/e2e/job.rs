@@ -9,7 +9,7 @@ use super::*;
 pub(crate) fn job_section(report: &mut Report, work: &Path) {
     use common_fuse::{mount_overlay, register_lazily, NixVersion, Setup, Unmount, CACHE};
     const JOB_FILES: usize = 200;
-    const JOB_RUNS_SHORT: usize = 5;
+    const JOB_RUNS: usize = 5;
     // The production layout: the server keeps its chunks in S3 (s3s-fs here).
     let setup = Setup::on(NixVersion::V2_8, Backend::S3);
     let netrc = setup.server.netrc(&setup.token);
@@ -160,10 +160,11 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
         // What the job reads, compressed: on-demand reads alone fetch only that (and readahead).
         let (_, _, read_bytes, _) = lazy_run(shape, &setup.server.url, &["--fill-max-nar-size", "0"]);
         intro_bytes.push(format!("{} {:.1} MB", shape.name, read_bytes / MB));
-        // The short jobs move by a tenth of a second when a neighbour of this shared machine
-        // wakes, so they get more runs; and the variants take turns within each round, so a
-        // noisy stretch falls on all of them rather than on one.
-        let runs = if shape.compare_policies { JOB_RUNS_SHORT } else { RUNS };
+        // Jobs move by a tenth of a second when a neighbour of this shared machine wakes (the
+        // warm Python job between 1.38 and 1.75 s within one run of three), so every shape gets
+        // five runs; and the variants take turns within each round, so a noisy stretch falls
+        // on all of them rather than on one.
+        let runs = JOB_RUNS;
         let compared = if shape.compare_policies { &policies[..] } else { &policies[..1] };
         for (name, link) in &link_urls {
             if only_links.as_ref().is_some_and(|only| !only.iter().any(|o| o == name)) {
@@ -232,7 +233,7 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
              reads {JOB_FILES} files spread over the whole path (every 17th), one `sha256sum` process each. *python* runs \
              this machine's Python {python_version} environment from the store ({python_mb:.0} MB of NAR, its site-packages \
              included), importing boto3 and making an S3 client, as a deploy step does. Each figure \
-             is set-up plus job, median of {JOB_RUNS_SHORT} runs (python: {RUNS}), the variants taking turns. The reference substitutes the path first (`nix copy --from` the server, \
+             is set-up plus job, median of {JOB_RUNS} runs, the variants taking turns. The reference substitutes the path first (`nix copy --from` the server, \
              zstd NARs, into a fresh store). The lazy runs mount the cache, mount an overlay over it and register the path \
              (`dump-db | nix-store --load-db`), then run the job: with no trace (on-demand reads, the default), and with the trace an earlier job saved (`flywheel mount --prefetch KEY`, which starts fetching the traced \
              chunks at once). Warm is the same job again on that runner, page cache dropped. Links are the proxy of the \
@@ -253,7 +254,7 @@ pub(crate) fn job_section(report: &mut Report, work: &Path) {
         "Background fill policies",
         &format!(
             "The cold lazy jobs of the section above with no trace, under each fill policy (`--fill-max-nar-size 0`; the \
-             default; `--fill-alongside-reads 1`; `--fill-order small-files-first`): set-up plus job, median of {JOB_RUNS_SHORT} runs, \
+             default; `--fill-alongside-reads 1`; `--fill-order small-files-first`): set-up plus job, median of {JOB_RUNS} runs, \
              and the compressed bytes fetched by the job's end."
         ),
     );
