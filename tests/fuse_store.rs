@@ -471,3 +471,46 @@ fn fuse_reads_packed_paths() {
     }
     assert!(mount.terminate());
 }
+
+/// SIGTERM stops the mount even when a process that unshared its mounts while the store was
+/// mounted (as Nix does for a store under another root) holds a copy of it: the kernel keeps
+/// the filesystem alive for that copy, so the FUSE session alone would never end. The copy is
+/// cut off rather than left answering from a daemon that was told to stop.
+#[test]
+fn fuse_sigterm_stops_the_mount_while_another_namespace_holds_it() {
+    let setup = Setup::new();
+    let path = setup.push_corpus(&["single"]).remove(0);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mut mount = setup.mount(&setup.server.url, cache_dir.path(), &[]);
+    let file = mount.path(&path);
+    let expected = sha256_file(&setup.physical(&path));
+    assert_eq!(sha256_file(&file), expected);
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let holder = Holder(Command::new("unshare").args(["--mount", "--propagation", "private", "sleep", "120"]).spawn().unwrap());
+    let in_holder = |args: &[&str]| {
+        Command::new("nsenter").args(["-t", &holder.0.id().to_string(), "-m", "--"]).args(args).output().unwrap()
+    };
+    // Wait until the holder's namespace exists and has its copy of the mount.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let seen = in_holder(&["cat", "/proc/self/mountinfo"]);
+        if String::from_utf8_lossy(&seen.stdout).contains(&*mount.mountpoint.to_string_lossy()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the holder's namespace never showed the mount");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let through_holder = in_holder(&["sha256sum", &file.to_string_lossy()]);
+    assert!(String::from_utf8_lossy(&through_holder.stdout).starts_with(&expected), "the copy answers while the mount runs");
+    assert!(mount.terminate(), "the mount exits on SIGTERM though another namespace holds it");
+    let log = std::fs::read_to_string(&mount.log).unwrap();
+    assert!(log.contains("another mount namespace still holds the filesystem"), "{log}");
+    let after = in_holder(&["cat", &file.to_string_lossy()]);
+    assert!(!after.status.success(), "the holder's copy still answered after the mount stopped");
+}

@@ -110,7 +110,8 @@ impl MountConfig {
 pub const DEFAULT_FILL_MAX_NAR_SIZE: u64 = 0;
 
 /// Mounts and serves until the filesystem is unmounted or the process gets SIGTERM or SIGINT,
-/// which unmount it (lazily if it is busy, so open files keep being answered).
+/// which unmount it (lazily if it is busy, so open files keep being answered). A copy of the
+/// mount in another mount namespace does not keep it serving more than 2 s after that.
 pub fn mount(config: MountConfig) -> Result<()> {
     limit_malloc_arenas();
     let server = ClientConfig {
@@ -185,16 +186,43 @@ pub fn mount(config: MountConfig) -> Result<()> {
     fs_handle.start_notifications(session.notifier());
     let mut unmounter = session.unmount_callable();
     let mountpoint = config.mountpoint.clone();
+    let (ended, ending) = std::sync::mpsc::channel::<Ending>();
+    let unmounted = ended.clone();
     runtime.spawn(async move {
         wait_for_signal().await;
         tracing::info!(mountpoint = %mountpoint.display(), "signal received, unmounting");
-        if let Err(err) = unmounter.unmount() {
-            tracing::warn!("unmount failed ({err}); detaching lazily");
-            lazy_unmount(&mountpoint);
+        match unmounter.unmount() {
+            Ok(()) => {
+                // The session ends when the kernel drops the filesystem, at once unless a copy
+                // of the mount lives on in another mount namespace: a process that unshared
+                // its mounts while this one was mounted (Nix does, for a store under another
+                // root or a read-only /nix/store) keeps it until that process exits, which may
+                // be never. Asked to stop, the mount stops; the copy then answers ENOTCONN.
+                tokio::time::sleep(UNMOUNTED_GRACE).await;
+                tracing::warn!(
+                    "unmounted here, but another mount namespace still holds the filesystem; exiting anyway, which cuts it off there"
+                );
+                let _ = unmounted.send(Ending::Unmounted);
+            }
+            Err(err) => {
+                tracing::warn!("unmount failed ({err}); detaching lazily");
+                lazy_unmount(&mountpoint);
+            }
         }
     });
     tracing::info!(mountpoint = %config.mountpoint.display(), "mounted");
-    let result = session.run().map_err(|e| Error::internal(format!("FUSE session failed: {e}")));
+    std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let result = session.run().map_err(|e| Error::internal(format!("FUSE session failed: {e}")));
+            let _ = ended.send(Ending::Session(result));
+        })
+        .map_err(|e| Error::internal(format!("starting the FUSE session: {e}")))?;
+    let result = match ending.recv() {
+        Ok(Ending::Session(result)) => result,
+        Ok(Ending::Unmounted) => Ok(()),
+        Err(_) => Err(Error::internal("the FUSE session thread ended without a word")),
+    };
     if let Some(inner) = saver {
         match runtime.block_on(control::save(&inner, None)) {
             Ok(saved) => tracing::info!("{}", saved.message),
@@ -222,6 +250,17 @@ fn limit_malloc_arenas() {
         libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
     }
+}
+
+/// How long the FUSE session may outlive a successful unmount before the mount exits anyway.
+const UNMOUNTED_GRACE: Duration = Duration::from_secs(2);
+
+/// Why [`mount`] stops serving.
+enum Ending {
+    /// The kernel dropped the filesystem and the FUSE session returned.
+    Session(Result<()>),
+    /// The mount point was unmounted, and the session outlived [`UNMOUNTED_GRACE`].
+    Unmounted,
 }
 
 async fn wait_for_signal() {

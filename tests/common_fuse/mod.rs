@@ -181,16 +181,23 @@ impl Mount {
     /// SIGTERM; returns whether the process exited successfully and the mount is gone.
     pub fn terminate(&mut self) -> bool {
         self.signal("-TERM");
-        let ok = match self.child.take() {
-            Some(mut child) => wait_timeout(&mut child, Duration::from_secs(20)).is_some_and(|s| s.success()),
-            None => true,
+        let outcome = match self.child.take() {
+            Some(mut child) => match exit_or_describe(&mut child, Duration::from_secs(20)) {
+                Ok(status) if status.success() => Ok(()),
+                Ok(status) => Err(format!("the mount exited with {status}")),
+                Err(threads) => Err(format!("the mount was still running 20 s after SIGTERM; its threads then:\n{threads}")),
+            },
+            None => Ok(()),
         };
-        let ok = ok && !is_mounted(&self.mountpoint);
-        if !ok {
+        let outcome = outcome.and_then(|()| match is_mounted(&self.mountpoint) {
+            true => Err("the mount exited but its mount point is still mounted".to_string()),
+            false => Ok(()),
+        });
+        if let Err(why) = &outcome {
             // What the mount said is the only account of why it did not exit cleanly.
-            eprintln!("mount log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            eprintln!("{why}\nmount log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
         }
-        ok
+        outcome.is_ok()
     }
 
     /// SIGKILL, then detaches the dead mount.
@@ -201,6 +208,45 @@ impl Mount {
         }
         let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
     }
+}
+
+/// Waits up to `limit` for `child` to exit. If it has not, kills it and describes each of its
+/// threads as they were (name, state, where it waits in the kernel, the kernel stack, readable
+/// as root) and the processes that see a flywheel mount: what tells a hang in the daemon from
+/// one in the kernel or a mount kept alive elsewhere.
+fn exit_or_describe(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus, String> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Ok(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = String::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", child.id())) {
+        for task in tasks.flatten() {
+            let read = |name: &str| std::fs::read_to_string(task.path().join(name)).unwrap_or_default();
+            let state = read("status").lines().find(|l| l.starts_with("State:")).unwrap_or_default().to_string();
+            out += &format!("{} {} {state} wchan={}\n{}", task.file_name().to_string_lossy(), read("comm").trim(), read("wchan"), read("stack"));
+        }
+    }
+    // A copy of the mount in another mount namespace keeps the filesystem alive.
+    let namespace = |dir: &Path| std::fs::read_link(dir.join("ns/mnt")).ok();
+    let ours = namespace(Path::new("/proc/self"));
+    for proc_dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if namespace(&proc_dir.path()) == ours {
+            continue;
+        }
+        let mountinfo = std::fs::read_to_string(proc_dir.path().join("mountinfo")).unwrap_or_default();
+        let copies: Vec<&str> = mountinfo.lines().filter(|l| l.contains(" flywheel:")).collect();
+        if !copies.is_empty() {
+            let cmd = std::fs::read_to_string(proc_dir.path().join("cmdline")).unwrap_or_default().replace('\0', " ");
+            out += &format!("process {} ({cmd}) in another mount namespace sees flywheel mounts:\n  {}\n", proc_dir.file_name().to_string_lossy(), copies.join("\n  "));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(out)
 }
 
 pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
