@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod byte_lru;
 pub mod chunk;
 pub mod error;
 pub mod manifest;
