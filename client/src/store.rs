@@ -223,8 +223,7 @@ impl ChunkStore {
         // `contains` first: it costs no verification and counts nothing, and it is false for
         // almost every claimed chunk. In the owning process it reads sled's index in memory, so
         // it runs here, and only the rare chunk it finds is read on the blocking pool.
-        let checked_here = cache.is_owner();
-        let present: Vec<ChunkRef> = if checked_here {
+        let present: Vec<ChunkRef> = if cache.is_owner() {
             chunks.iter().filter(|c| cache.contains(&c.hash)).copied().collect()
         } else {
             chunks.clone()
@@ -236,10 +235,7 @@ impl ChunkStore {
             tokio::task::spawn_blocking(move || {
                 lookup
                     .iter()
-                    .map(|c| {
-                        let held = present.contains(c) && (checked_here || cache.contains(&c.hash));
-                        if held { cache.get(c).map(Arc::<[u8]>::from) } else { None }
-                    })
+                    .map(|c| if present.contains(c) && cache.contains(&c.hash) { cache.get(c).map(Arc::<[u8]>::from) } else { None })
                     .collect()
             })
             .await

@@ -7,7 +7,6 @@
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod byte_lru;
 pub mod chunk;
 pub mod error;
 pub mod manifest;

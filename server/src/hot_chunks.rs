@@ -11,7 +11,6 @@
 //! list the chunk.
 
 use bytes::Bytes;
-use flywheel_core::byte_lru::ByteLru;
 use flywheel_core::chunk::ChunkHash;
 use parking_lot::Mutex;
 
@@ -21,13 +20,18 @@ const ENTRY_OVERHEAD: usize = 128;
 /// Verified chunk frames, least recently sent dropped first, bounded in bytes.
 pub struct HotChunks {
     limit: usize,
-    kept: Mutex<ByteLru<ChunkHash, Bytes>>,
+    kept: Mutex<Kept>,
+}
+
+struct Kept {
+    frames: lru::LruCache<ChunkHash, Bytes>,
+    bytes: usize,
 }
 
 impl HotChunks {
     /// Keeps up to `limit` bytes of frames; 0 keeps none.
     pub fn new(limit: usize) -> Self {
-        HotChunks { limit, kept: Mutex::new(ByteLru::new(limit, |frame| frame.len() + ENTRY_OVERHEAD)) }
+        HotChunks { limit, kept: Mutex::new(Kept { frames: lru::LruCache::unbounded(), bytes: 0 }) }
     }
 
     /// The frame of `hash`, if kept.
@@ -35,22 +39,34 @@ impl HotChunks {
         if self.limit == 0 {
             return None;
         }
-        self.kept.lock().get(hash).cloned()
+        self.kept.lock().frames.get(hash).cloned()
     }
 
     /// Keeps `frame`, which verified as the frame of `hash`. It is copied, so that a frame cut
     /// from a larger buffer does not keep the whole buffer alive uncounted.
     pub fn put(&self, hash: ChunkHash, frame: &Bytes) {
+        let cost = frame.len() + ENTRY_OVERHEAD;
         // A frame larger than a sixteenth would push out many smaller ones for one chunk.
-        if frame.len() + ENTRY_OVERHEAD > self.limit / 16 {
+        if cost > self.limit / 16 {
             return;
         }
-        self.kept.lock().put(hash, Bytes::copy_from_slice(frame));
+        let frame = Bytes::copy_from_slice(frame);
+        let mut kept = self.kept.lock();
+        if let Some(old) = kept.frames.put(hash, frame) {
+            kept.bytes -= old.len() + ENTRY_OVERHEAD;
+        }
+        kept.bytes += cost;
+        while kept.bytes > self.limit {
+            match kept.frames.pop_lru() {
+                Some((_, dropped)) => kept.bytes -= dropped.len() + ENTRY_OVERHEAD,
+                None => break,
+            }
+        }
     }
 
     /// Bytes kept now, counted as [`HotChunks::new`]'s limit counts them.
     pub fn bytes(&self) -> usize {
-        self.kept.lock().bytes()
+        self.kept.lock().bytes
     }
 }
 

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use flywheel_core::byte_lru::ByteLru;
 use parking_lot::Mutex;
 
 use crate::clock::SharedClock;
@@ -96,12 +95,13 @@ struct Entries {
 /// Entries by (cache, hash part), each with the time it was read from storage.
 #[derive(Debug)]
 struct Kept<V> {
-    by_key: ByteLru<(String, String), (u64, V)>,
+    by_key: lru::LruCache<(String, String), (u64, V)>,
+    bytes: usize,
 }
 
 impl<V: Cost + Clone> Kept<V> {
     fn new() -> Self {
-        Kept { by_key: ByteLru::new(MAX_BYTES, |(_, value)| value.cost()) }
+        Kept { by_key: lru::LruCache::unbounded(), bytes: 0 }
     }
 
     /// The entry for `key` if it was read less than [`NARINFO_TTL`] before `now`; an older
@@ -116,15 +116,27 @@ impl<V: Cost + Clone> Kept<V> {
     }
 
     fn put(&mut self, key: (String, String), now: u64, value: V) {
-        self.by_key.put(key, (now, value));
+        self.bytes += value.cost();
+        if let Some((_, old)) = self.by_key.put(key, (now, value)) {
+            self.bytes -= old.cost();
+        }
+        while self.bytes > MAX_BYTES {
+            let Some((_, (_, old))) = self.by_key.pop_lru() else { break };
+            self.bytes -= old.cost();
+        }
     }
 
     fn remove(&mut self, key: &(String, String)) {
-        self.by_key.remove(key);
+        if let Some((_, old)) = self.by_key.pop(key) {
+            self.bytes -= old.cost();
+        }
     }
 
     fn remove_cache(&mut self, cache: &str) {
-        self.by_key.retain(|(c, _), _| c != cache);
+        let keys: Vec<(String, String)> = self.by_key.iter().filter(|((c, _), _)| c == cache).map(|(k, _)| k.clone()).collect();
+        for key in keys {
+            self.remove(&key);
+        }
     }
 }
 
@@ -223,7 +235,7 @@ mod tests {
         clock.advance(NARINFO_TTL);
         assert_eq!(cache.get("main", "a"), None, "a 200 older than the TTL is read again");
         assert_eq!(cache.get("main", "b"), None, "so is a 404");
-        assert_eq!(cache.entries.lock().answers.by_key.bytes(), 0);
+        assert_eq!(cache.entries.lock().answers.bytes, 0);
     }
 
     #[test]
@@ -286,9 +298,9 @@ mod tests {
             cache.insert_record("main", &i.to_string(), cache.ticket(), record("many"));
         }
         let entries = cache.entries.lock();
-        assert!(entries.records.by_key.bytes() <= MAX_BYTES, "{}", entries.records.by_key.bytes());
+        assert!(entries.records.bytes <= MAX_BYTES, "{}", entries.records.bytes);
         assert!(entries.records.by_key.len() < 100_000);
-        assert_eq!(entries.records.by_key.bytes(), entries.records.by_key.iter().map(|(_, (_, r))| r.cost()).sum::<usize>());
+        assert_eq!(entries.records.bytes, entries.records.by_key.iter().map(|(_, (_, r))| r.cost()).sum::<usize>());
     }
 
     #[test]
@@ -299,7 +311,7 @@ mod tests {
             cache.insert("main", &i.to_string(), cache.ticket(), found(&text));
         }
         let entries = cache.entries.lock();
-        assert!(entries.answers.by_key.bytes() <= MAX_BYTES, "{}", entries.answers.by_key.bytes());
+        assert!(entries.answers.bytes <= MAX_BYTES, "{}", entries.answers.bytes);
         assert!(entries.answers.by_key.len() < 10_000);
         drop(entries);
         assert_eq!(cache.get("main", "9999"), Some(found(&text)), "the newest stay");

@@ -30,7 +30,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use flywheel_core::byte_lru::ByteLru;
 use flywheel_core::chunk::pack::{self, PackId, PackIndex, PackPointer};
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::manifest::Manifest;
@@ -256,11 +255,33 @@ pub struct Storage {
 
 /// Decompressed pack frames read lately: the chunks of one frame are neighbours in a NAR, so a
 /// download reads and decompresses each frame once for all of them. Bounded by bytes.
-type PackFrames = ByteLru<(PackId, u64), Arc<Vec<u8>>>;
+struct PackFrames {
+    frames: lru::LruCache<(PackId, u64), Arc<Vec<u8>>>,
+    bytes: usize,
+}
 
 /// Bytes of decompressed pack frames kept: four frames of the default size, so that a few
 /// downloads at once each keep the frame they are reading.
 const PACK_FRAMES_KEPT: usize = 16 << 20;
+
+impl PackFrames {
+    fn get(&mut self, key: &(PackId, u64)) -> Option<Arc<Vec<u8>>> {
+        self.frames.get(key).cloned()
+    }
+
+    fn put(&mut self, key: (PackId, u64), frame: Arc<Vec<u8>>) {
+        self.bytes += frame.len();
+        if let Some(old) = self.frames.put(key, frame) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > PACK_FRAMES_KEPT {
+            match self.frames.pop_lru() {
+                Some((_, old)) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+}
 
 fn storage_error(err: object_store::Error, what: &str) -> Error {
     match err {
@@ -295,7 +316,7 @@ impl Storage {
     /// Wraps an object store; access records, staging markers, the reuse window and garbage
     /// collection read the time from `clock`.
     pub fn with_clock(store: Arc<dyn ObjectStore>, clock: SharedClock) -> Self {
-        let pack_frames = PackFrames::new(PACK_FRAMES_KEPT, |frame| frame.len());
+        let pack_frames = PackFrames { frames: lru::LruCache::unbounded(), bytes: 0 };
         Storage { store, clock, inline: None, inline_writes: None, pack_frames: Arc::new(parking_lot::Mutex::new(pack_frames)) }
     }
 
@@ -513,7 +534,7 @@ impl Storage {
     /// Frames read lately are kept in memory.
     pub async fn pack_frame_raw(&self, pointer: &PackPointer) -> Result<Option<Arc<Vec<u8>>>> {
         let key = (pointer.pack, pointer.frame_offset);
-        let cached = self.pack_frames.lock().get(&key).cloned();
+        let cached = self.pack_frames.lock().get(&key);
         if let Some(raw) = cached {
             return Ok(Some(raw));
         }

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flywheel_client::ChunkStore;
-use flywheel_core::byte_lru::ByteLru;
 use flywheel_core::chunk::ChunkHash;
 use flywheel_core::manifest::ChunkRef;
 use flywheel_core::metrics::{Collect, Exposition, Kind, Labels};
@@ -104,7 +103,33 @@ pub enum FillOrder {
 type Found = Option<Arc<[u8]>>;
 
 /// Decompressed chunks in memory, least recently used dropped first, bounded in bytes.
-type HotChunks = ByteLru<ChunkHash, Arc<[u8]>>;
+struct HotChunks {
+    map: lru::LruCache<ChunkHash, Arc<[u8]>>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl HotChunks {
+    fn get(&mut self, hash: &ChunkHash) -> Option<Arc<[u8]>> {
+        self.map.get(hash).cloned()
+    }
+
+    fn put(&mut self, hash: ChunkHash, data: Arc<[u8]>) {
+        if data.len() > self.limit {
+            return;
+        }
+        self.bytes += data.len();
+        if let Some(old) = self.map.put(hash, data) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > self.limit {
+            match self.map.pop_lru() {
+                Some((_, old)) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+}
 
 /// Per open file: how far a sequential reader got, how far readahead reached, and which bytes
 /// were served (a file served whole gets materialized).
@@ -247,7 +272,7 @@ impl FlywheelFs {
                 None
             }
         });
-        let hot = Arc::new(Mutex::new(HotChunks::new(limit, |chunk| chunk.len())));
+        let hot = Arc::new(Mutex::new(HotChunks { map: lru::LruCache::unbounded(), bytes: 0, limit }));
         // A trace's chunks are what the job reads next: kept decompressed, its reads need no
         // disk and no second decompression.
         let keep_traced = {
@@ -346,7 +371,7 @@ impl Inner {
         // Those in memory already would only be read and decompressed again.
         let wanted: Vec<ChunkRef> = {
             let hot = self.hot.lock();
-            chunks.iter().filter(|c| !hot.contains(&c.hash)).copied().collect()
+            chunks.iter().filter(|c| !hot.map.contains(&c.hash)).copied().collect()
         };
         if wanted.is_empty() {
             return;
@@ -364,7 +389,7 @@ impl Inner {
     fn hot_lookup(&self, chunks: &[ChunkRef]) -> (Vec<Found>, Vec<ChunkRef>) {
         let found: Vec<Found> = {
             let mut hot = self.hot.lock();
-            chunks.iter().map(|c| hot.get(&c.hash).cloned()).collect()
+            chunks.iter().map(|c| hot.get(&c.hash)).collect()
         };
         let cold = chunks.iter().zip(&found).filter(|(_, d)| d.is_none()).map(|(c, _)| *c).collect();
         (found, cold)

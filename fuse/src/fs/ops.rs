@@ -165,8 +165,7 @@ impl Filesystem for FlywheelFs {
         // memory and the local cache on this thread; only what must come from the server waits
         // on the runtime. A larger one is read from the cache on the blocking pool, its chunks
         // decompressed in parallel.
-        let small = covering.len() <= LOOKUP_HERE_MAX_CHUNKS;
-        let found = if small {
+        let found = if covering.len() <= LOOKUP_HERE_MAX_CHUNKS {
             self.inner.lookup_here(covering)
         } else {
             self.inner.hot_lookup(covering).0
@@ -175,6 +174,7 @@ impl Filesystem for FlywheelFs {
             let chunks: Vec<Arc<[u8]>> = found.into_iter().flatten().collect();
             return reply.data(&Inner::assemble(&chunks, first_offset, start_nar, end_nar));
         }
+        let small = covering.len() <= LOOKUP_HERE_MAX_CHUNKS;
         let covering = covering.to_vec();
         let inner = self.inner.clone();
         let span = debug_span!("read", store_path = %tree.base_name, rq.inode = ino_.0, offset, size);

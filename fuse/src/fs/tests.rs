@@ -199,7 +199,7 @@ fn a_path_is_trace_covered_until_its_trace_is_fetched() {
     // nor the server.
     let raw: u64 = tree.chunks.iter().map(|c| u64::from(c.size)).sum();
     assert!(raw <= inner.config.hot_bytes as u64, "the test path ({raw} bytes) fits in the mount's memory");
-    assert!(distinct.iter().all(|hash| inner.hot.lock().contains(hash)), "a traced chunk is not in memory");
+    assert!(distinct.iter().all(|hash| inner.hot.lock().map.contains(hash)), "a traced chunk is not in memory");
     let before = inner.store.cache().stats();
     for (name, bytes) in files() {
         assert_eq!(fixture.read(&tree, name, 0, bytes.len() as u64).unwrap(), bytes, "{name}");
@@ -297,7 +297,7 @@ fn readahead_of_a_traced_path_loads_from_the_local_cache_alone() {
     let inner = &fixture.fs.inner;
     fixture.runtime.block_on(inner.read_ahead(&tree, &tree.chunks));
     assert_eq!(fixture.source.chunks_served(), 0, "the trace, not readahead, fetches a traced path's chunks");
-    assert!(inner.hot.lock().is_empty());
+    assert!(inner.hot.lock().map.is_empty());
     // A chunk the local cache holds is loaded into memory all the same.
     assert_eq!(fixture.read(&tree, "small", 0, 5).unwrap(), b"hello");
     assert_eq!(fixture.source.chunks_served(), 1);
@@ -309,10 +309,10 @@ fn readahead_of_a_traced_path_loads_from_the_local_cache_alone() {
         assert!(std::time::Instant::now() < deadline, "the fetched chunk never reached the local cache");
         std::thread::sleep(Duration::from_millis(10));
     }
-    inner.hot.lock().remove(&small.hash);
+    inner.hot.lock().map.pop(&small.hash);
     fixture.runtime.block_on(inner.read_ahead(&tree, &tree.chunks));
     assert_eq!(fixture.source.chunks_served(), 1);
-    assert!(inner.hot.lock().contains(&small.hash), "the cached chunk is hot again");
+    assert!(inner.hot.lock().map.contains(&small.hash), "the cached chunk is hot again");
     // Without a trace, readahead fetches what it wants from the server.
     tree.trace_covered.store(false, Ordering::Relaxed);
     fixture.runtime.block_on(inner.read_ahead(&tree, &tree.chunks));
